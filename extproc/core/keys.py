@@ -1,0 +1,81 @@
+"""Virtual keys: how they look, where clients put them, and whether one may be used.
+
+A key is `tg-` + 43 URL-safe characters (32 random bytes, 256 bits). Only its SHA-256 is ever
+stored. Clients present it in one of three headers; `xProxy-Api-Key` means bring-your-own-key:
+the client's own provider credentials in `Authorization`/`x-api-key` then pass through untouched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from extproc.core.decisions import Deny
+from extproc.core.resources import KeyRecord
+
+KEY_PREFIX = "tg-"
+BYOK_HEADER = "xproxy-api-key"
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class PresentedKey:
+    value: str
+    header: str  # where it came from: authorization | x-api-key | xproxy-api-key
+
+    @property
+    def bring_your_own_key(self) -> bool:
+        return self.header == BYOK_HEADER
+
+
+def find_key(headers: Mapping[str, str]) -> PresentedKey | None:
+    """The virtual key a request presents, by header precedence; None when there is none."""
+    byok = headers.get(BYOK_HEADER)
+    if byok:
+        return PresentedKey(byok.strip(), BYOK_HEADER)
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return PresentedKey(token.strip(), "authorization")
+    api_key = headers.get("x-api-key")
+    if api_key and api_key.strip():
+        return PresentedKey(api_key.strip(), "x-api-key")
+    return None
+
+
+def check_key(record: KeyRecord | None, now: float) -> Deny | None:
+    """None when the key may be used at `now` (unix seconds), else the 401 to answer."""
+    if record is None:
+        return Deny(401, "invalid_api_key", "Incorrect API key provided.")
+    if record.revoked:
+        return Deny(401, "invalid_api_key", "This API key has been revoked.")
+    if record.expires_at is not None and now >= record.expires_at:
+        return Deny(401, "invalid_api_key", "This API key has expired.")
+    return None
+
+
+_pattern_cache: dict[tuple[str, ...], re.Pattern[str]] = {}
+
+
+def model_allowed(record: KeyRecord, model: str) -> bool:
+    """A key with no model patterns may use every model."""
+    if not record.models:
+        return True
+    pattern = _pattern_cache.get(record.models)
+    if pattern is None:
+        pattern = re.compile("|".join(fnmatch.translate(p) for p in record.models))
+        if len(_pattern_cache) < 10_000:
+            _pattern_cache[record.models] = pattern
+    return pattern.match(model) is not None

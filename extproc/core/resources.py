@@ -1,0 +1,399 @@
+"""The resource schema: one definition for `tollgate apply` and the Kubernetes custom resources.
+
+Every document is `{apiVersion: tollgate.io/v1alpha1, kind, metadata: {name}, spec}`.
+`validate_document` checks a parsed document strictly (unknown fields are errors, so a typo never
+silently does nothing) and returns a `Resource` whose `spec` is normalised: defaults filled in,
+plain JSON types only. That normalised spec is what gets stored in Redis; the typed views below
+(`KeyRecord`, `UpstreamSpec`, price maps) are built from it when a snapshot is loaded.
+Errors name the document, the resource and the field path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from extproc.core.pricing import ModelPrice, usd_to_micros
+
+API_VERSION = "tollgate.io/v1alpha1"
+GROUP = "tollgate.io"
+PROVIDERS = ("openai", "azure-openai", "anthropic", "openai-compatible")
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+class ResourceError(ValueError):
+    """A document that cannot be applied. `str()` names the document, resource and field."""
+
+    def __init__(self, where: str, field: str, message: str) -> None:
+        self.where = where
+        self.field = field
+        self.message = message
+        super().__init__(f"{where}: field '{field}': {message}" if field else f"{where}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    kind: str
+    name: str
+    spec: dict[str, Any]
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": self.kind,
+            "metadata": {"name": self.name},
+            "spec": self.spec,
+        }
+
+
+class _Fields:
+    """Reads one mapping field by field and reports what was not read as unknown."""
+
+    def __init__(self, where: str, path: str, value: Any) -> None:
+        if not isinstance(value, dict):
+            raise ResourceError(where, path, "must be a mapping")
+        self.where, self.path, self.value = where, path, value
+        self.seen: set[str] = set()
+
+    def _field(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, message: str) -> ResourceError:
+        return ResourceError(self.where, self._field(name), message)
+
+    def get(self, name: str) -> Any:
+        self.seen.add(name)
+        return self.value.get(name)
+
+    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+        value = self.get(name)
+        if value is None:
+            if required:
+                raise self.error(name, "is required")
+            return default if default is not None else ""
+        if not isinstance(value, str):
+            raise self.error(name, f"must be a string, got {type(value).__name__}")
+        return value
+
+    def optional_string(self, name: str) -> str | None:
+        value = self.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.error(name, f"must be a string, got {type(value).__name__}")
+        return value
+
+    def boolean(self, name: str, default: bool = False) -> bool:
+        value = self.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(name, "must be true or false")
+        return value
+
+    def integer(self, name: str, default: int | None = None, minimum: int = 0) -> int | None:
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(name, f"must be an integer >= {minimum}")
+        return value
+
+    def number(self, name: str, *, required: bool = False) -> float | int | None:
+        value = self.get(name)
+        if value is None:
+            if required:
+                raise self.error(name, "is required")
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise self.error(name, "must be a number >= 0")
+        return value
+
+    def strings(self, name: str) -> list[str]:
+        value = self.get(name)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(name, "must be a list of strings")
+        return list(value)
+
+    def mapping(self, name: str) -> _Fields | None:
+        value = self.get(name)
+        if value is None:
+            return None
+        return _Fields(self.where, self._field(name), value)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.value) - self.seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown field")
+
+
+def _timestamp(fields: _Fields, name: str) -> str | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if isinstance(value, datetime):  # YAML parses unquoted timestamps itself
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise fields.error(name, "must be an RFC 3339 timestamp") from None
+    else:
+        raise fields.error(name, "must be an RFC 3339 timestamp")
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _virtual_key(f: _Fields) -> dict[str, Any]:
+    key_hash = f.string("keySha256", required=True).lower()
+    if not _SHA256.match(key_hash):
+        raise f.error("keySha256", "must be 64 hex digits (SHA-256 of the key)")
+    spec = {
+        "keySha256": key_hash,
+        "group": f.string("group"),
+        "user": f.string("user"),
+        "models": f.strings("models"),
+        "tags": f.strings("tags"),
+        "expiresAt": _timestamp(f, "expiresAt"),
+        "revoked": f.boolean("revoked"),
+        "description": f.string("description"),
+    }
+    return spec
+
+
+_PRICE_FIELDS = ("input", "output", "cachedInput", "cacheWrite", "reasoning")
+
+
+def _price_table(f: _Fields) -> dict[str, Any]:
+    currency = f.string("currency", "USD")
+    if currency != "USD":
+        raise f.error("currency", "only USD is supported")
+    models = f.mapping("models")
+    if models is None:
+        raise f.error("models", "is required")
+    out: dict[str, dict[str, float | int]] = {}
+    for model in models.value:
+        entry = models.mapping(str(model))
+        assert entry is not None
+        price: dict[str, float | int] = {}
+        for name in _PRICE_FIELDS:
+            value = entry.number(name, required=name in ("input", "output"))
+            if value is not None:
+                price[name] = value
+        entry.done()
+        out[str(model)] = price
+    return {"currency": currency, "models": out}
+
+
+def _credential(where: str, path: str, value: Any) -> dict[str, Any]:
+    f = _Fields(where, path, value)
+    name = f.string("name", required=True)
+    secret = f.string("secretRef", required=True)
+    if not _ENV_NAME.match(secret):
+        raise f.error("secretRef", "must be an environment variable or secret file name")
+    spec = {
+        "name": name,
+        "secretRef": secret,
+        "rpm": f.integer("rpm"),
+        "tpm": f.integer("tpm"),
+        "isFallback": f.boolean("isFallback"),
+    }
+    f.done()
+    return spec
+
+
+def _upstream(f: _Fields) -> dict[str, Any]:
+    provider = f.string("provider", required=True)
+    if provider not in PROVIDERS:
+        raise f.error("provider", f"must be one of {', '.join(PROVIDERS)}")
+    credentials = f.get("credentials")
+    if credentials is None:
+        credentials = []
+    if not isinstance(credentials, list):
+        raise f.error("credentials", "must be a list")
+    creds = [
+        _credential(f.where, f"{f.path}.credentials[{i}]", c) for i, c in enumerate(credentials)
+    ]
+    names = [c["name"] for c in creds]
+    if len(set(names)) != len(names):
+        raise f.error("credentials", "credential names must be unique")
+    aliases = f.mapping("aliases")
+    alias_map: dict[str, str] = {}
+    if aliases is not None:
+        for alias in aliases.value:
+            alias_map[str(alias)] = aliases.string(str(alias), required=True)
+        aliases.done()
+    azure = f.mapping("azure")
+    azure_spec: dict[str, Any] | None = None
+    if azure is not None:
+        deployments = azure.mapping("deployments")
+        dep_map: dict[str, str] = {}
+        if deployments is not None:
+            for model in deployments.value:
+                dep_map[str(model)] = deployments.string(str(model), required=True)
+            deployments.done()
+        azure_spec = {"apiVersion": azure.string("apiVersion", "2024-10-21"), "deployments": dep_map}
+        azure.done()
+    return {
+        "provider": provider,
+        "cluster": f.string("cluster", required=True),
+        "models": f.strings("models") or ["*"],
+        "priority": f.integer("priority", 100),
+        "aliases": alias_map,
+        "azure": azure_spec,
+        "anthropicVersion": f.string("anthropicVersion", "2023-06-01"),
+        "credentials": creds,
+    }
+
+
+SPEC_READERS: dict[str, Callable[[_Fields], dict[str, Any]]] = {
+    "VirtualKey": _virtual_key,
+    "PriceTable": _price_table,
+    "Upstream": _upstream,
+}
+KINDS = tuple(SPEC_READERS)
+
+
+def validate_document(doc: Any, where: str = "document") -> Resource:
+    if not isinstance(doc, dict):
+        raise ResourceError(where, "", "a resource must be a mapping")
+    top = _Fields(where, "", doc)
+    api_version = top.string("apiVersion", required=True)
+    if api_version != API_VERSION:
+        raise top.error("apiVersion", f"must be {API_VERSION}")
+    kind = top.string("kind", required=True)
+    reader = SPEC_READERS.get(kind)
+    if reader is None:
+        raise top.error("kind", f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    meta = top.mapping("metadata")
+    if meta is None:
+        raise top.error("metadata", "is required")
+    name = meta.string("name", required=True)
+    if not _NAME.match(name):
+        raise meta.error(
+            "name", "must be lower-case letters, digits, '-' or '.', starting and ending with "
+            "a letter or digit"
+        )
+    for ignored in ("namespace", "labels", "annotations", "uid", "resourceVersion",
+                    "generation", "creationTimestamp", "managedFields"):
+        meta.get(ignored)  # Kubernetes bookkeeping: accepted, not used
+    meta.done()
+    top.get("status")  # written by the operator; never read as configuration
+    where = f"{where} ({kind}/{name})"
+    spec = top.mapping("spec")
+    if spec is None:
+        raise ResourceError(where, "spec", "is required")
+    spec.where = where
+    normalised = reader(spec)
+    spec.done()
+    top.done()
+    return Resource(kind, name, normalised)
+
+
+def validate_documents(docs: Iterable[Any], source: str = "input") -> list[Resource]:
+    """Validate every document, failing on the first error; empty documents are skipped."""
+    out = []
+    for i, doc in enumerate(docs, start=1):
+        if doc is None:
+            continue
+        out.append(validate_document(doc, f"{source}: document {i}"))
+    return out
+
+
+# ---- typed views, built when a snapshot is loaded -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    name: str
+    key_sha256: str
+    group: str
+    user: str
+    models: tuple[str, ...]
+    tags: tuple[str, ...]
+    expires_at: float | None  # unix seconds
+    revoked: bool
+
+
+def key_record(resource: Resource) -> KeyRecord:
+    s = resource.spec
+    expires = s.get("expiresAt")
+    return KeyRecord(
+        name=resource.name,
+        key_sha256=s["keySha256"],
+        group=s.get("group", ""),
+        user=s.get("user", ""),
+        models=tuple(s.get("models", ())),
+        tags=tuple(s.get("tags", ())),
+        expires_at=datetime.fromisoformat(expires).timestamp() if expires else None,
+        revoked=bool(s.get("revoked", False)),
+    )
+
+
+def model_prices(resource: Resource) -> dict[str, ModelPrice]:
+    out = {}
+    for model, p in resource.spec["models"].items():
+        optional = {
+            field: usd_to_micros(p[key]) if key in p else None
+            for field, key in (
+                ("cached_input", "cachedInput"),
+                ("cache_write", "cacheWrite"),
+                ("reasoning", "reasoning"),
+            )
+        }
+        out[model] = ModelPrice(
+            input=usd_to_micros(p["input"]), output=usd_to_micros(p["output"]), **optional
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialSpec:
+    name: str
+    secret_ref: str
+    rpm: int | None
+    tpm: int | None
+    is_fallback: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    name: str
+    provider: str
+    cluster: str
+    models: tuple[str, ...]
+    priority: int
+    aliases: dict[str, str]
+    azure_api_version: str | None
+    azure_deployments: dict[str, str]
+    anthropic_version: str
+    credentials: tuple[CredentialSpec, ...]
+
+
+def upstream_spec(resource: Resource) -> UpstreamSpec:
+    s = resource.spec
+    azure = s.get("azure") or {}
+    return UpstreamSpec(
+        name=resource.name,
+        provider=s["provider"],
+        cluster=s["cluster"],
+        models=tuple(s.get("models") or ("*",)),
+        priority=int(s.get("priority", 100)),
+        aliases=dict(s.get("aliases") or {}),
+        azure_api_version=azure.get("apiVersion"),
+        azure_deployments=dict(azure.get("deployments") or {}),
+        anthropic_version=s.get("anthropicVersion", "2023-06-01"),
+        credentials=tuple(
+            CredentialSpec(c["name"], c["secretRef"], c.get("rpm"), c.get("tpm"),
+                           bool(c.get("isFallback")))
+            for c in s.get("credentials", ())
+        ),
+    )

@@ -1,0 +1,101 @@
+"""What a priced response carries back: cost headers and the result object.
+
+Headers are for every client (`x-tollgate-cost` is a decimal USD string, exact to the
+micro-dollar). The result object is added to JSON bodies under `xproxy_result`, shaped after the
+Pay-i proxy's result so existing consumers can read it; it is spliced into the body's bytes rather
+than re-serialising the provider's JSON, so the provider's formatting and key order survive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+from extproc.core.pricing import MICROS_PER_USD, Cost, format_usd
+from extproc.core.usage import Usage
+
+RESULT_FIELD = "xproxy_result"
+
+
+@dataclass(frozen=True, slots=True)
+class Priced:
+    """The outcome of pricing one response."""
+
+    request_id: str
+    model: str
+    upstream: str
+    key_name: str
+    usage: Usage
+    cost: Cost
+    priced: bool  # False when the model has no price (cost is then 0)
+    warnings: tuple[str, ...] = ()
+
+
+def cost_headers(p: Priced) -> tuple[tuple[str, str], ...]:
+    headers = [
+        ("x-tollgate-cost", format_usd(p.cost.total_micros)),
+        ("x-tollgate-cost-input", format_usd(p.cost.input_micros)),
+        ("x-tollgate-cost-output", format_usd(p.cost.output_micros)),
+        ("x-tollgate-input-tokens", str(p.usage.input)),
+        ("x-tollgate-output-tokens", str(p.usage.output)),
+        ("x-tollgate-total-tokens", str(p.usage.total)),
+    ]
+    if p.usage.cached_input:
+        headers.append(("x-tollgate-cached-input-tokens", str(p.usage.cached_input)))
+    if p.usage.cache_write:
+        headers.append(("x-tollgate-cache-write-tokens", str(p.usage.cache_write)))
+    if p.usage.reasoning:
+        headers.append(("x-tollgate-reasoning-tokens", str(p.usage.reasoning)))
+    if p.warnings:
+        headers.append(("x-tollgate-warning", ", ".join(p.warnings)))
+    return tuple(headers)
+
+
+def _usd(micros: int) -> float:
+    return micros / MICROS_PER_USD
+
+
+def result_object(p: Priced) -> dict[str, object]:
+    return {
+        "request_id": p.request_id,
+        "model": p.model,
+        "upstream": p.upstream,
+        "key": p.key_name,
+        "priced": p.priced,
+        "cost": {
+            "currency": "usd",
+            "input": {"base": _usd(p.cost.input_micros)},
+            "output": {"base": _usd(p.cost.output_micros)},
+            "total": {"base": _usd(p.cost.total_micros)},
+        },
+        "cost_micros": {
+            "input": p.cost.input_micros,
+            "output": p.cost.output_micros,
+            "total": p.cost.total_micros,
+        },
+        "usage": {
+            "input_tokens": p.usage.input,
+            "output_tokens": p.usage.output,
+            "cached_input_tokens": p.usage.cached_input,
+            "cache_write_tokens": p.usage.cache_write,
+            "reasoning_tokens": p.usage.reasoning,
+        },
+        "limits": {},
+        "blocked_limit_ids": [],
+        "warnings": list(p.warnings),
+    }
+
+
+def splice_result(body: bytes, result: dict[str, object]) -> bytes | None:
+    """`body` (a JSON object) with `"xproxy_result": result` added as its last member.
+
+    Returns None when the body does not end like a JSON object, so the caller leaves it alone.
+    """
+    end = len(body.rstrip())
+    if end == 0 or body[end - 1 : end] != b"}":
+        return None
+    head = body[: end - 1].rstrip()
+    separator = b"" if head.endswith(b"{") else b","
+    member = b'"' + RESULT_FIELD.encode() + b'":' + orjson.dumps(result)
+    return head + separator + member + b"}"

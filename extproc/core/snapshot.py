@@ -1,0 +1,90 @@
+"""One immutable view of the configuration a replica serves with.
+
+Built from the built-in resources plus everything stored (stored ones replace built-ins of the same
+kind and name). Requests read only the snapshot, never Redis, so a request costs no configuration
+round trip; a reload swaps the whole snapshot at once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from extproc.core.pricing import ModelPrice, PriceBook
+from extproc.core.request import Endpoint
+from extproc.core.resources import (
+    KeyRecord,
+    Resource,
+    UpstreamSpec,
+    key_record,
+    model_prices,
+    upstream_spec,
+)
+
+SecretLookup = Callable[[str], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    generation: int
+    keys_by_hash: dict[str, KeyRecord]
+    prices: PriceBook
+    upstreams: tuple[UpstreamSpec, ...]
+    secrets: dict[str, str]  # secretRef -> value, resolved from env/files at load time
+    resources: dict[tuple[str, str], Resource] = field(default_factory=dict)
+
+    def choose_upstream(self, endpoint: Endpoint, model: str, azure: bool) -> UpstreamSpec | None:
+        """The first upstream (by priority, then name) that speaks this API and serves `model`."""
+        for upstream in self.upstreams:
+            if endpoint.is_anthropic != (upstream.provider == "anthropic"):
+                continue
+            if azure and upstream.provider != "azure-openai":
+                continue
+            if any(fnmatch.fnmatchcase(model, p) for p in upstream.models):
+                return upstream
+        return None
+
+    def price(self, model: str) -> ModelPrice | None:
+        return self.prices.lookup(model)
+
+
+def build_snapshot(
+    generation: int,
+    builtin: Iterable[Resource],
+    stored: Iterable[Resource],
+    secret_lookup: SecretLookup,
+) -> Snapshot:
+    merged: dict[tuple[str, str], Resource] = {}
+    for resource in (*builtin, *stored):
+        merged[(resource.kind, resource.name)] = resource
+
+    keys: dict[str, KeyRecord] = {}
+    prices: dict[str, ModelPrice] = {}
+    upstreams: list[UpstreamSpec] = []
+    # Price tables merge in name order ("default" first), so a later table overrides a model.
+    for (kind, _name), resource in sorted(
+        merged.items(), key=lambda kv: (kv[0][0], kv[0][1] != "default", kv[0][1])
+    ):
+        if kind == "VirtualKey":
+            record = key_record(resource)
+            keys[record.key_sha256] = record
+        elif kind == "PriceTable":
+            prices.update(model_prices(resource))
+        elif kind == "Upstream":
+            upstreams.append(upstream_spec(resource))
+    upstreams.sort(key=lambda u: (u.priority, u.name))
+    secrets: dict[str, str] = {}
+    for upstream in upstreams:
+        for cred in upstream.credentials:
+            value = secret_lookup(cred.secret_ref)
+            if value:
+                secrets[cred.secret_ref] = value
+    return Snapshot(
+        generation=generation,
+        keys_by_hash=keys,
+        prices=PriceBook(prices),
+        upstreams=tuple(upstreams),
+        secrets=secrets,
+        resources=merged,
+    )

@@ -1,0 +1,1 @@
+"""Code generated from protos/ at build time (setup.py). Not checked in."""

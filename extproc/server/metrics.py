@@ -1,0 +1,49 @@
+"""Prometheus metrics. Workers write them in multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by
+the supervisor before a worker starts) and the supervisor serves the sum on /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "tollgate_requests_total",
+    "Requests by decision (allowed, denied, error) and reason code.",
+    ["decision", "reason"],
+)
+PHASE_SECONDS = Histogram(
+    "tollgate_phase_seconds",
+    "Time extproc spends on one ext_proc message, by phase.",
+    ["phase"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+)
+PRICED = Counter(
+    "tollgate_priced_responses_total",
+    "Responses priced, by upstream and whether the model had a price.",
+    ["upstream", "priced"],
+)
+UNPRICED = Counter(
+    "tollgate_unpriced_responses_total",
+    "Responses that could not be priced (unknown model, no usage in the response).",
+    ["reason"],
+)
+COST_MICROS = Counter(
+    "tollgate_cost_micros_total", "Cost of priced responses in micro-dollars.", ["upstream"]
+)
+TOKENS = Counter("tollgate_tokens_total", "Tokens seen in responses, by kind.", ["kind"])
+CONFIG_GENERATION = Gauge(
+    "tollgate_config_generation", "Configuration generation being served.",
+    multiprocess_mode="min",
+)
+CONFIG_RELOADS = Counter("tollgate_config_reloads_total", "Configuration snapshots loaded.")
+REDIS_ERRORS = Counter("tollgate_redis_errors_total", "Failed Redis calls, by operation.", ["op"])
+USAGE_PENDING = Gauge(
+    "tollgate_usage_events_pending", "Usage events not yet written to Redis.",
+    multiprocess_mode="livesum",
+)
+USAGE_WRITTEN = Counter("tollgate_usage_events_written_total", "Usage events written to Redis.")
+KEY_LOOKUPS = Counter(
+    "tollgate_key_lookups_total",
+    "Virtual key lookups by where they were answered (snapshot, negative_cache, redis, "
+    "throttled).",
+    ["source"],
+)

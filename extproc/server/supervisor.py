@@ -1,0 +1,174 @@
+"""`tollgate serve`: starts N worker processes on one gRPC port and serves the HTTP endpoints.
+
+  /healthz  200 while every worker process is alive (liveness)
+  /readyz   200 when every worker has loaded a configuration and is not draining (readiness)
+  /metrics  Prometheus text, summed over the workers (prometheus_client multiprocess mode)
+
+Health is the AND of its parts, as in envoyproxy/ratelimit. A worker that dies is restarted.
+SIGTERM/SIGINT: forward SIGTERM to the workers, wait for them to drain, then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from extproc.settings import Settings
+
+log = logging.getLogger("tollgate.supervisor")
+SETTINGS_ENV = "TOLLGATE_SETTINGS_JSON"
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.own_run_dir = not settings.run_dir
+        run_dir = settings.run_dir or tempfile.mkdtemp(prefix="tollgate-")
+        self.settings = dataclasses.replace(settings, run_dir=run_dir)
+        self.run_dir = Path(run_dir)
+        self.prom_dir = self.run_dir / "prometheus"
+        self.prom_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.prom_dir.glob("*.db"):
+            stale.unlink()
+        self.workers: dict[int, asyncio.subprocess.Process] = {}
+        self.stopping = asyncio.Event()
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(self.prom_dir)
+        env[SETTINGS_ENV] = json.dumps(dataclasses.asdict(self.settings))
+        return env
+
+    async def _spawn(self, index: int) -> None:
+        state = self.run_dir / f"worker-{index}.json"
+        state.unlink(missing_ok=True)
+        self.workers[index] = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "extproc.server.worker", "--index", str(index), env=self._env()
+        )
+
+    def worker_states(self) -> list[dict[str, Any]]:
+        states = []
+        now = time.time()
+        for index, proc in sorted(self.workers.items()):
+            state: dict[str, Any] = {"index": index, "pid": proc.pid, "alive": proc.returncode is None}
+            path = self.run_dir / f"worker-{index}.json"
+            try:
+                data = json.loads(path.read_text())
+                fresh = now - path.stat().st_mtime < 3.0
+                if data.get("pid") == proc.pid:
+                    state.update(data)
+                    state["ready"] = bool(data.get("ready")) and fresh and state["alive"]
+            except (OSError, ValueError):
+                state["ready"] = False
+            state.setdefault("ready", False)
+            states.append(state)
+        return states
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        states = self.worker_states()
+        ok = bool(states) and all(s["alive"] for s in states) and not self.stopping.is_set()
+        return web.json_response({"status": "ok" if ok else "failing", "workers": states},
+                                 status=200 if ok else 503)
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        states = self.worker_states()
+        ok = bool(states) and all(s["ready"] for s in states) and not self.stopping.is_set()
+        return web.json_response({"status": "ready" if ok else "not ready", "workers": states},
+                                 status=200 if ok else 503)
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(self.prom_dir))
+        return web.Response(body=generate_latest(registry),
+                            content_type="text/plain", charset="utf-8")
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
+        await site.start()
+        for index in range(self.settings.workers):
+            await self._spawn(index)
+        log.info(
+            "serving ext_proc on %s:%d with %d worker(s); health on http://%s:%d",
+            self.settings.grpc_host, self.settings.grpc_port, self.settings.workers,
+            self.settings.http_host, self.settings.http_port,
+        )
+        announced = False
+        while not self.stopping.is_set():
+            for index, proc in list(self.workers.items()):
+                if proc.returncode is not None and not self.stopping.is_set():
+                    log.error("worker %d exited with %s; restarting", index, proc.returncode)
+                    self._mark_dead(proc.pid)
+                    await asyncio.sleep(0.5)
+                    await self._spawn(index)
+            if not announced and all(s["ready"] for s in self.worker_states()):
+                print(f"tollgate extproc ready on {self.settings.grpc_host}:"
+                      f"{self.settings.grpc_port}", flush=True)
+                announced = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=0.2)
+        await self._stop_workers()
+        await runner.cleanup()
+        if self.own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return 0
+
+    def _mark_dead(self, pid: int) -> None:
+        from prometheus_client import multiprocess
+
+        with contextlib.suppress(Exception):
+            multiprocess.mark_process_dead(pid, str(self.prom_dir))
+
+    async def _stop_workers(self) -> None:
+        for proc in self.workers.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = self.settings.shutdown_grace_s + 5
+        for proc in self.workers.values():
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=deadline)
+            except TimeoutError:
+                log.error("worker pid %d did not stop in time; killing it", proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+def settings_for_worker() -> Settings | None:
+    raw = os.environ.get(SETTINGS_ENV)
+    return Settings(**json.loads(raw)) if raw else None
+
+
+def serve(settings: Settings) -> int:
+    import uvloop
+
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s")
+    return uvloop.run(Supervisor(settings).run())

@@ -1,0 +1,126 @@
+"""One extproc worker process: the grpc.aio server on the shared port (SO_REUSEPORT).
+
+Envoy opens one HTTP/2 connection per Envoy worker thread, so several worker processes bound to
+one port spread the load across cores. On SIGTERM a worker reports NOT_SERVING, stops accepting
+streams, lets in-flight ones finish (up to the grace period), flushes pending usage and exits.
+A state file in the run directory tells the supervisor whether this worker is ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc.core.exchange import Options
+from extproc.settings import Settings
+from extproc.store.redis_store import Store
+from extproc.server.processor import Processor
+from extproc.server.state import ConfigWatcher, KeyDirectory, UsageRecorder
+
+log = logging.getLogger("tollgate.worker")
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def _write_state(path: Path | None, **state: object) -> None:
+    if path is None:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), **state}))
+    tmp.replace(path)  # atomic: the supervisor never reads half a file
+
+
+async def run_worker(settings: Settings, index: int) -> None:
+    store = Store.from_url(settings.redis_url, settings.redis_tag, settings.redis_timeout_s)
+    watcher = ConfigWatcher(store, settings.secrets_dir, settings.reload_poll_s)
+    keys = KeyDirectory(store)
+    recorder = UsageRecorder(store, settings.usage_stream_maxlen)
+    options = Options(max_body_bytes=settings.max_body_bytes, result_object=settings.result_object)
+
+    limit = settings.grpc_max_message_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_concurrent_streams", 10_000),
+        ]
+    )
+    ep_grpc.add_ExternalProcessorServicer_to_server(
+        Processor(watcher, keys, recorder, options), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    if server.add_insecure_port(address) == 0:
+        raise SystemExit(f"tollgate worker {index}: cannot bind {address}")
+    await server.start()
+
+    state_file = Path(settings.run_dir) / f"worker-{index}.json" if settings.run_dir else None
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    watch_task = asyncio.create_task(watcher.run(), name="config-watcher")
+    usage_task = asyncio.create_task(recorder.run(), name="usage-recorder")
+    serving = False
+    log.info("worker %d (pid %d) listening on %s", index, os.getpid(), address)
+    while not stopping.is_set():
+        ready = watcher.snapshot is not None
+        if ready != serving:
+            status = health_pb2.HealthCheckResponse.SERVING if ready else (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await health_servicer.set("", status)
+            await health_servicer.set(SERVICE, status)
+            serving = ready
+        generation = watcher.snapshot.generation if watcher.snapshot else -1
+        _write_state(state_file, ready=ready, draining=False, redis_ok=watcher.redis_ok,
+                     generation=generation, pending_usage=len(recorder.pending))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=0.5)
+
+    log.info("worker %d draining", index)
+    _write_state(state_file, ready=False, draining=True, redis_ok=watcher.redis_ok,
+                 generation=-1, pending_usage=len(recorder.pending))
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_s)
+    watch_task.cancel()
+    usage_task.cancel()
+    try:
+        await asyncio.wait_for(recorder.flush(), timeout=5)
+    except Exception as exc:  # noqa: BLE001 - report, then exit: nothing else can be done
+        log.error("exiting with %d usage events unwritten: %s", len(recorder.pending), exc)
+    await store.close()
+    log.info("worker %d stopped", index)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tollgate-worker")
+    parser.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+    from extproc.server.supervisor import settings_for_worker
+
+    settings = settings_for_worker() or Settings.from_env()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s worker-{args.index} %(levelname)s %(name)s: %(message)s",
+    )
+    import uvloop
+
+    uvloop.run(run_worker(settings, args.index))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

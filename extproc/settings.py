@@ -1,0 +1,70 @@
+"""Settings: one typed, frozen object built from the environment (and CLI flags) in one place.
+
+Every knob has an environment variable so that the sidecar is configured the Kubernetes way;
+CLI flags override the environment for local use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_tag: str = "llm"  # the {hash tag} every key shares (one Cluster slot)
+    redis_timeout_s: float = 1.0  # background calls: config loads, usage writes
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_host: str = "127.0.0.1"
+    http_port: int = 9464  # /healthz, /readyz, /metrics
+    workers: int = 1
+    max_body_bytes: int = 8 * 1024 * 1024
+    result_object: bool = True
+    reload_poll_s: float = 1.0
+    usage_stream_maxlen: int = 1_000_000
+    secrets_dir: str = "/var/run/secrets/tollgate"
+    grpc_max_message_bytes: int = 64 * 1024 * 1024
+    shutdown_grace_s: float = 20.0
+    log_level: str = "INFO"
+    run_dir: str = ""  # where workers report their state to the supervisor
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        table: dict[str, tuple[str, Any]] = {
+            "REDIS_URL": ("redis_url", str),
+            "TOLLGATE_REDIS_TAG": ("redis_tag", str),
+            "TOLLGATE_REDIS_TIMEOUT_MS": ("redis_timeout_s", lambda v: int(v) / 1000),
+            "TOLLGATE_GRPC_HOST": ("grpc_host", str),
+            "TOLLGATE_GRPC_PORT": ("grpc_port", int),
+            "TOLLGATE_HTTP_HOST": ("http_host", str),
+            "TOLLGATE_HTTP_PORT": ("http_port", int),
+            "TOLLGATE_WORKERS": ("workers", int),
+            "TOLLGATE_MAX_BODY_BYTES": ("max_body_bytes", int),
+            "TOLLGATE_RESULT_OBJECT": ("result_object", _bool),
+            "TOLLGATE_RELOAD_POLL_MS": ("reload_poll_s", lambda v: int(v) / 1000),
+            "TOLLGATE_USAGE_STREAM_MAXLEN": ("usage_stream_maxlen", int),
+            "TOLLGATE_SECRETS_DIR": ("secrets_dir", str),
+            "TOLLGATE_LOG_LEVEL": ("log_level", str),
+            "TOLLGATE_RUN_DIR": ("run_dir", str),
+        }
+        for var, (field, convert) in table.items():
+            raw = env.get(var)
+            if raw not in (None, ""):
+                try:
+                    values[field] = convert(raw)
+                except ValueError:
+                    raise SystemExit(f"tollgate: invalid value for {var}: {raw!r}") from None
+        settings = cls(**values)
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})

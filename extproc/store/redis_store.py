@@ -1,0 +1,185 @@
+"""The async Redis store: resource documents, the key index and the usage stream.
+
+Redis errors never leave this module raw: they become `StoreUnavailable`, and the caller decides
+(from configuration) whether that fails open or closed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from extproc.core.resources import KINDS, Resource, ResourceError, validate_document
+from extproc.store.keyschema import KeySchema
+
+log = logging.getLogger(__name__)
+
+
+class StoreUnavailable(Exception):
+    """Redis could not be reached or answered with an error."""
+
+
+def connect(url: str, timeout_s: float) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=30,
+    )
+
+
+class Store:
+    def __init__(self, client: aioredis.Redis, schema: KeySchema) -> None:
+        self.redis = client
+        self.keys = schema
+
+    @classmethod
+    def from_url(cls, url: str, tag: str = "llm", timeout_s: float = 1.0) -> Store:
+        return cls(connect(url, timeout_s), KeySchema(tag))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    # -- configuration ---------------------------------------------------------------------
+
+    async def generation(self) -> int:
+        try:
+            value = await self.redis.get(self.keys.generation)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return int(value or 0)
+
+    async def load(self) -> tuple[int, list[Resource]]:
+        """The generation and every stored resource, read in one round trip."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.get(self.keys.generation)
+                for kind in KINDS:
+                    pipe.hgetall(self.keys.config(kind))
+                replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        generation = int(replies[0] or 0)
+        resources: list[Resource] = []
+        for kind, docs in zip(KINDS, replies[1:], strict=True):
+            for name, raw in docs.items():
+                resource = _decode(kind, name, raw)
+                if resource is not None:
+                    resources.append(resource)
+        return generation, resources
+
+    async def list_kind(self, kind: str) -> list[Resource]:
+        try:
+            docs = await self.redis.hgetall(self.keys.config(kind))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        found = (_decode(kind, name, raw) for name, raw in docs.items())
+        return sorted((r for r in found if r is not None), key=lambda r: r.name)
+
+    async def get(self, kind: str, name: str) -> Resource | None:
+        try:
+            raw = await self.redis.hget(self.keys.config(kind), name)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return None if raw is None else _decode(kind, name, raw)
+
+    async def apply(self, resources: Sequence[Resource]) -> int:
+        """Store resources atomically, keep the key index in step, bump and announce the
+        generation. Returns the new generation."""
+        try:
+            old_hashes: dict[str, str] = {}
+            keys = [r for r in resources if r.kind == "VirtualKey"]
+            if keys:
+                raws = await self.redis.hmget(self.keys.config("VirtualKey"), [r.name for r in keys])
+                for resource, raw in zip(keys, raws, strict=True):
+                    if raw is not None:
+                        old_hashes[resource.name] = orjson.loads(raw)["spec"]["keySha256"]
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for resource in resources:
+                    pipe.hset(
+                        self.keys.config(resource.kind),
+                        resource.name,
+                        orjson.dumps(resource.document()),
+                    )
+                    if resource.kind == "VirtualKey":
+                        new_hash = resource.spec["keySha256"]
+                        old_hash = old_hashes.get(resource.name)
+                        if old_hash and old_hash != new_hash:
+                            pipe.delete(self.keys.key_index(old_hash))
+                        if resource.spec["revoked"]:
+                            pipe.delete(self.keys.key_index(new_hash))
+                        else:
+                            pipe.set(self.keys.key_index(new_hash), resource.name)
+                pipe.incr(self.keys.generation)
+                replies = await pipe.execute()
+            generation = int(replies[-1])
+            await self.redis.publish(self.keys.config_channel, str(generation))
+            return generation
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def delete(self, kind: str, name: str) -> bool:
+        try:
+            existing = await self.get(kind, name)
+            if existing is None:
+                return False
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(self.keys.config(kind), name)
+                if kind == "VirtualKey":
+                    pipe.delete(self.keys.key_index(existing.spec["keySha256"]))
+                pipe.incr(self.keys.generation)
+                replies = await pipe.execute()
+            await self.redis.publish(self.keys.config_channel, str(replies[-1]))
+            return True
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def key_name(self, key_sha256: str) -> str | None:
+        """Name of the VirtualKey with this hash, straight from the index (cache misses only)."""
+        try:
+            raw = await self.redis.get(self.keys.key_index(key_sha256))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    # -- usage -----------------------------------------------------------------------------
+
+    async def append_usage(self, events: Iterable[bytes], maxlen: int) -> None:
+        """XADD each serialized UsageEvent; the stream is trimmed approximately to `maxlen`."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for event in events:
+                    pipe.xadd(self.keys.usage_stream, {"event": event}, maxlen=maxlen,
+                              approximate=True)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def read_usage(self, count: int = 100) -> list[tuple[str, bytes]]:
+        """The newest `count` usage entries, oldest first: (stream id, event bytes)."""
+        try:
+            entries: Any = await self.redis.xrevrange(self.keys.usage_stream, count=count)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return [(eid.decode(), fields[b"event"]) for eid, fields in reversed(entries)]
+
+
+def _decode(kind: str, name: bytes | str, raw: bytes | str) -> Resource | None:
+    label = name.decode() if isinstance(name, bytes) else name
+    try:
+        return validate_document(orjson.loads(raw), f"redis {kind}/{label}")
+    except (ResourceError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+        # A document edited by hand into something invalid must not stop the others loading.
+        log.error("skipping invalid stored resource: %s", exc)
+        return None
