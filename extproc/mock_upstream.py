@@ -837,8 +837,10 @@ async def start_mock_upstream(host: str, port: int) -> web.AppRunner:
 
     The caller owns the runner and must ``await runner.cleanup()``.
     """
-    # No access log: the mock is the fake provider in a throughput benchmark.
-    runner = web.AppRunner(create_app(), access_log=None, shutdown_timeout=2.0)
+    # No access log: the mock is the fake provider in a throughput benchmark. A short shutdown
+    # timeout: a mock has nothing worth draining, and a slow stream (x-mock-chunk-delay-ms)
+    # still in flight must not hold up a test's teardown for aiohttp's default 60 s.
+    runner = web.AppRunner(create_app(), access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()

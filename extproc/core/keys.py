@@ -42,7 +42,7 @@ class PresentedKey:
 def find_key(headers: Mapping[str, str]) -> PresentedKey | None:
     """The virtual key a request presents, by header precedence; None when there is none."""
     byok = headers.get(BYOK_HEADER)
-    if byok:
+    if byok and byok.strip():
         return PresentedKey(byok.strip(), BYOK_HEADER)
     auth = headers.get("authorization")
     if auth:

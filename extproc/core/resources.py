@@ -182,7 +182,8 @@ def _price_table(f: _Fields) -> dict[str, Any]:
     out: dict[str, dict[str, float | int]] = {}
     for model in models.value:
         entry = models.mapping(str(model))
-        assert entry is not None
+        if entry is None:
+            raise models.error(str(model), "must be a mapping with input and output prices")
         price: dict[str, float | int] = {}
         for name in _PRICE_FIELDS:
             value = entry.number(name, required=name in ("input", "output"))

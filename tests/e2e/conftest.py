@@ -1,0 +1,118 @@
+"""The end-to-end stack: real Redis -> fake upstream -> extproc -> real Envoy, started once per
+session in that order (extproc.launch, the same code `tollgate up` runs), stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from extproc.launch import Stack, free_port, start_stack
+
+OPENAI_UPSTREAM_KEY = "sk-upstream-openai-e2e"
+ANTHROPIC_UPSTREAM_KEY = "sk-upstream-anthropic-e2e"
+
+
+@pytest.fixture(scope="session")
+def e2e_env(redis_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        REDIS_URL=redis_url,
+        TOLLGATE_REDIS_TAG="e2e-" + uuid.uuid4().hex[:8],
+        OPENAI_API_KEY=OPENAI_UPSTREAM_KEY,
+        ANTHROPIC_API_KEY=ANTHROPIC_UPSTREAM_KEY,
+        TOLLGATE_RELOAD_POLL_MS="500",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack(
+    redis_url: str, e2e_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    running = start_stack(
+        log_dir=tmp_path_factory.mktemp("stack"),
+        port=free_port(),
+        redis_url=redis_url,
+        mock_upstream=True,
+        workers=2,
+        envoy_concurrency=2,
+        env=e2e_env,
+    )
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+CliRunner = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="session")
+def cli(e2e_env: dict[str, str]) -> CliRunner:
+    def run(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "extproc", *args],
+            env=e2e_env, capture_output=True, text=True, timeout=60, input=stdin,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"tollgate {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def new_key(cli: CliRunner, stack: Stack) -> Callable[..., str]:
+    """Create a key with the CLI and wait until the gateway accepts it (config reload)."""
+
+    def create(*options: str) -> str:
+        name = "k-" + uuid.uuid4().hex[:10]
+        key = cli("keys", "create", name, *options).stdout.strip().splitlines()[-1]
+        wait_for_status(stack, key, lambda s: s != 401)
+        return key
+
+    return create
+
+
+def chat_body(model: str = "gpt-4o", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "Hello there"}], **extra}
+
+
+def wait_for_status(
+    stack: Stack, key: str, accept: Callable[[int], bool], timeout: float = 5.0,
+    model: str = "gpt-4o",
+) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.post(
+            f"{stack.base_url}/v1/chat/completions",
+            headers={"authorization": f"Bearer {key}"},
+            json=chat_body(model),
+            timeout=10,
+        )
+        if accept(response.status_code) or time.monotonic() > deadline:
+            return response
+        time.sleep(0.05)
+
+
+def upstream_requests(stack: Stack) -> list[dict[str, Any]]:
+    response = httpx.get(f"http://127.0.0.1:{stack.mock_port}/__mock/requests", timeout=5)
+    response.raise_for_status()
+    result: list[dict[str, Any]] = response.json()
+    return result
+
+
+def clear_upstream(stack: Stack) -> None:
+    httpx.delete(f"http://127.0.0.1:{stack.mock_port}/__mock/requests", timeout=5)
+
+
+DATA = Path(__file__).parent.parent / "data"

@@ -1,0 +1,237 @@
+"""The Redis store against a real Redis: documents, key index, generation, usage stream, and the
+replica-side pieces built on it (config reload, key directory, usage writer)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from extproc.core.keys import PresentedKey, generate_key, hash_key
+from extproc.core.resources import Resource, validate_document
+from extproc.core.snapshot import build_snapshot
+from extproc.gen.tollgate.v1 import usage_pb2
+from extproc.launch import free_port, start_process, wait_until
+from extproc.server.state import ConfigWatcher, KeyDirectory, UsageRecorder, builtin_resources
+from extproc.store.redis_store import Store, StoreUnavailable
+
+pytestmark = pytest.mark.redis
+
+
+def virtual_key(name: str, key: str, **spec: object) -> Resource:
+    return validate_document(
+        {
+            "apiVersion": "tollgate.io/v1alpha1",
+            "kind": "VirtualKey",
+            "metadata": {"name": name},
+            "spec": {"keySha256": hash_key(key), **spec},
+        }
+    )
+
+
+@pytest.fixture
+async def store(redis_url: str, tag: str) -> AsyncIterator[Store]:
+    s = Store.from_url(redis_url, tag=tag, timeout_s=2)
+    yield s
+    await s.close()
+
+
+async def test_apply_and_load_round_trip(store: Store) -> None:
+    key = generate_key()
+    prices = validate_document({
+        "apiVersion": "tollgate.io/v1alpha1", "kind": "PriceTable",
+        "metadata": {"name": "custom"},
+        "spec": {"models": {"my-model": {"input": 1.5, "output": 3}}},
+    })
+    gen1 = await store.apply([virtual_key("team-a", key, user="alice"), prices])
+    generation, resources = await store.load()
+    assert generation == gen1 == 1
+    assert {(r.kind, r.name) for r in resources} == {("VirtualKey", "team-a"),
+                                                     ("PriceTable", "custom")}
+    loaded = next(r for r in resources if r.kind == "VirtualKey")
+    assert loaded.spec["user"] == "alice"
+    # The key itself is stored nowhere, only its hash.
+    dump = [v for k in await store.redis.keys(f"tg:{{{store.keys.tag}}}:*")
+            if (await store.redis.type(k)) == b"hash"
+            for v in (await store.redis.hgetall(k)).values()]
+    assert all(key.encode() not in v for v in dump)
+    assert await store.apply([prices]) == 2
+
+
+async def test_key_index_follows_rotation_and_revocation(store: Store) -> None:
+    old, new = generate_key(), generate_key()
+    await store.apply([virtual_key("svc", old)])
+    assert await store.key_name(hash_key(old)) == "svc"
+    await store.apply([virtual_key("svc", new)])
+    assert await store.key_name(hash_key(old)) is None
+    assert await store.key_name(hash_key(new)) == "svc"
+    await store.apply([virtual_key("svc", new, revoked=True)])
+    assert await store.key_name(hash_key(new)) is None
+    assert await store.delete("VirtualKey", "svc") is True
+    assert await store.delete("VirtualKey", "svc") is False
+    assert await store.list_kind("VirtualKey") == []
+
+
+async def test_invalid_stored_document_is_skipped_not_fatal(store: Store) -> None:
+    await store.apply([virtual_key("good", generate_key())])
+    await store.redis.hset(store.keys.config("VirtualKey"), "broken", b"{not json")
+    _, resources = await store.load()
+    assert [r.name for r in resources] == ["good"]
+
+
+async def test_apply_announces_the_generation(store: Store) -> None:
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(store.keys.config_channel)
+    generation = await store.apply([virtual_key("k", generate_key())])
+    message = None
+    deadline = time.monotonic() + 2
+    while message is None and time.monotonic() < deadline:  # the first read may be the
+        message = await pubsub.get_message(timeout=0.5)     # (ignored) subscribe confirmation
+    assert message is not None and int(message["data"]) == generation
+    await pubsub.aclose()
+
+
+async def test_usage_stream_round_trip_and_trim(store: Store) -> None:
+    events = [
+        usage_pb2.UsageEvent(request_id=f"r{i}", key="k", model="gpt-4o",
+                             cost=usage_pb2.Cost(total_micros=i)).SerializeToString()
+        for i in range(300)
+    ]
+    await store.append_usage(events, maxlen=100)
+    newest = await store.read_usage(count=3)
+    decoded = [usage_pb2.UsageEvent.FromString(raw) for _, raw in newest]
+    assert [e.request_id for e in decoded] == ["r297", "r298", "r299"]
+    assert decoded[-1].cost.total_micros == 299
+    # Approximate trimming keeps the stream bounded (Redis trims whole radix-tree nodes).
+    assert await store.redis.xlen(store.keys.usage_stream) < 300
+
+
+async def test_config_watcher_reloads_on_change(store: Store, tmp_path: Path) -> None:
+    watcher = ConfigWatcher(store, str(tmp_path), poll_s=5.0)  # slow poll: pub/sub must do it
+    task = asyncio.create_task(watcher.run())
+    try:
+        for _ in range(100):
+            if watcher.snapshot is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert watcher.snapshot is not None and watcher.snapshot.generation == 0
+        key = generate_key()
+        started = time.monotonic()
+        await store.apply([virtual_key("late", key)])
+        while watcher.snapshot.generation == 0 and time.monotonic() - started < 3:
+            await asyncio.sleep(0.01)
+        assert hash_key(key) in watcher.snapshot.keys_by_hash
+        assert time.monotonic() - started < 1.0  # pub/sub, not the 5 s poll
+    finally:
+        task.cancel()
+
+
+async def test_secret_files_are_read_by_name(store: Store, tmp_path: Path) -> None:
+    (tmp_path / "OPENAI_API_KEY").write_text("sk-from-file\n")
+    watcher = ConfigWatcher(store, str(tmp_path), poll_s=1.0)
+    await watcher.reload()
+    assert watcher.snapshot is not None
+    # The environment wins when set; otherwise the mounted file is used.
+    import os
+
+    expected = os.environ.get("OPENAI_API_KEY") or "sk-from-file"
+    assert watcher.snapshot.secrets["OPENAI_API_KEY"] == expected
+
+
+class CountingStore(Store):
+    lookups = 0
+
+    async def key_name(self, key_sha256: str) -> str | None:
+        self.lookups += 1
+        return await super().key_name(key_sha256)
+
+
+async def test_key_directory_finds_new_keys_and_shields_redis(redis_url: str, tag: str) -> None:
+    store = CountingStore.from_url(redis_url, tag=tag)
+    assert isinstance(store, CountingStore)
+    try:
+        snapshot = build_snapshot(0, builtin_resources(), [], lambda _: None)
+        now = [100.0]
+        directory = KeyDirectory(store, negative_ttl_s=5, misses_per_s=3, clock=lambda: now[0])
+        # A key created after the snapshot was built is found through the index.
+        key = generate_key()
+        await store.apply([virtual_key("fresh", key, user="bob")])
+        record = await directory.resolve(snapshot, PresentedKey(key, "authorization"))
+        assert record is not None and record.name == "fresh" and record.user == "bob"
+        # The same unknown key twice: one Redis lookup, then the negative cache answers.
+        store.lookups = 0
+        now[0] += 1.0  # a new one-second budget window
+        bogus = PresentedKey("tg-not-a-key", "authorization")
+        assert await directory.resolve(snapshot, bogus) is None
+        assert await directory.resolve(snapshot, bogus) is None
+        assert store.lookups == 1
+        # A flood of random keys is capped at misses_per_s Redis lookups per second.
+        for _ in range(50):
+            assert await directory.resolve(snapshot, PresentedKey(generate_key(), "x-api-key")) \
+                is None
+        assert store.lookups == 3
+        now[0] += 1.0
+        await directory.resolve(snapshot, PresentedKey(generate_key(), "x-api-key"))
+        assert store.lookups == 4
+    finally:
+        await store.close()
+
+
+async def test_usage_survives_a_redis_outage(tmp_path: Path) -> None:
+    """Redis killed mid-run: events queue up, nothing is lost, all land once it is back."""
+    from extproc.launch import find_redis_binary
+
+    binary = find_redis_binary(prefer_embedded=False)
+    assert binary is not None
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+    def up() -> object:
+        proc = start_process(f"redis-{time.monotonic_ns()}", argv, tmp_path)
+        wait_until(lambda: _tcp_ping(port), proc, 10, "starting")
+        return proc
+
+    proc = up()
+    store = Store.from_url(f"redis://127.0.0.1:{port}/0", tag="outage", timeout_s=0.2)
+    recorder = UsageRecorder(store, maxlen=10_000)
+    task = asyncio.create_task(recorder.run())
+    try:
+        recorder.record(usage_pb2.UsageEvent(request_id="before").SerializeToString())
+        await _eventually(lambda: not recorder.pending)
+        proc.stop()  # type: ignore[attr-defined]
+        for i in range(20):
+            recorder.record(usage_pb2.UsageEvent(request_id=f"during-{i}").SerializeToString())
+        await asyncio.sleep(0.5)
+        assert len(recorder.pending) == 20  # kept, not dropped
+        with pytest.raises(StoreUnavailable):
+            await store.read_usage()
+        proc = up()
+        await _eventually(lambda: not recorder.pending, timeout=10)
+        # The restarted server is empty (no persistence): exactly the queued events arrived.
+        ids = [usage_pb2.UsageEvent.FromString(raw).request_id
+               for _, raw in await store.read_usage(count=100)]
+        assert ids == [f"during-{i}" for i in range(20)]
+    finally:
+        task.cancel()
+        await store.close()
+        proc.stop()  # type: ignore[attr-defined]
+
+
+def _tcp_ping(port: int) -> bool:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(16).startswith(b"+PONG")
+
+
+async def _eventually(check: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
