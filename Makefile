@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup lint typecheck bench clean
+.PHONY: run run-mock test setup lint typecheck bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard protos/*/*/*.proto)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -19,6 +19,9 @@ setup: $(STAMP)
 ## Add ARGS=--mock-upstream to use the built-in fake OpenAI/Anthropic upstream.
 run: $(STAMP)
 	$(BIN)/tollgate up $(ARGS)
+
+run-mock: $(STAMP)
+	$(BIN)/tollgate up --mock-upstream $(ARGS)
 
 ## The whole test suite (unit, real Redis, real Envoy end-to-end). CI runs exactly this.
 test: $(STAMP)

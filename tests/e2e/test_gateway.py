@@ -32,7 +32,7 @@ pytestmark = pytest.mark.e2e
 
 # gpt-4o list prices from extproc/data/builtin.yaml, in micro-dollars per token * 1e6.
 GPT4O_INPUT, GPT4O_CACHED, GPT4O_OUTPUT = 2_500_000, 1_250_000, 10_000_000
-SONNET_INPUT, SONNET_READ, SONNET_WRITE, SONNET_OUTPUT = 3_000_000, 300_000, 3_750_000, 15_000_000
+HAIKU_INPUT, HAIKU_READ, HAIKU_WRITE, HAIKU_OUTPUT = 1_000_000, 100_000, 1_250_000, 5_000_000
 
 
 def micros(tokens: int, rate_per_million: int) -> int:
@@ -101,15 +101,15 @@ def test_anthropic_sdk_through_the_gateway(stack: Stack, new_key: Callable[..., 
     clear_upstream(stack)
     client = anthropic.Anthropic(base_url=stack.base_url, api_key=key, max_retries=0)
     raw = client.messages.with_raw_response.create(
-        model="claude-sonnet-4-5",
+        model="claude-haiku-4-5",
         max_tokens=64,
         messages=[{"role": "user", "content": "Hello"}],
         extra_headers={"x-mock-cached-tokens": "10", "x-mock-cache-write-tokens": "20"},
     )
     message = raw.parse()
     u = message.usage
-    expected = (micros(u.input_tokens, SONNET_INPUT) + micros(10, SONNET_READ)
-                + micros(20, SONNET_WRITE) + micros(u.output_tokens, SONNET_OUTPUT))
+    expected = (micros(u.input_tokens, HAIKU_INPUT) + micros(10, HAIKU_READ)
+                + micros(20, HAIKU_WRITE) + micros(u.output_tokens, HAIKU_OUTPUT))
     assert raw.headers["x-tollgate-cost"] == format_usd(expected)
     # Input counts every prompt token: uncached + cache reads + cache writes.
     assert raw.headers["x-tollgate-input-tokens"] == str(u.input_tokens + 30)
@@ -124,7 +124,7 @@ def test_anthropic_sdk_through_the_gateway(stack: Stack, new_key: Callable[..., 
 def test_anthropic_errors_are_anthropic_shaped(stack: Stack) -> None:
     client = anthropic.Anthropic(base_url=stack.base_url, api_key="tg-wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError) as err:
-        client.messages.create(model="claude-sonnet-4-5", max_tokens=8,
+        client.messages.create(model="claude-haiku-4-5", max_tokens=8,
                                messages=[{"role": "user", "content": "hi"}])
     body = err.value.body
     assert isinstance(body, dict) and body["type"] == "error"
@@ -230,7 +230,7 @@ def test_model_restrictions_and_model_list(stack: Stack, new_key: Callable[..., 
     assert denied.value.code == "model_not_allowed"
     assert client.chat.completions.create(**chat_body("gpt-4o-mini")).usage is not None
     models = {m.id for m in client.models.list()}
-    assert "gpt-4o-mini" in models and "claude-sonnet-4-5" in models
+    assert "gpt-4o-mini" in models and "claude-haiku-4-5" in models
     assert "gpt-4o" not in models
 
 
