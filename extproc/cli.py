@@ -115,7 +115,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     async def create(store: Store) -> int:
         existing = await store.get("VirtualKey", args.name)
         if existing is not None and not existing.spec.get("revoked"):
-            raise CliError(f"key {args.name!r} already exists; revoke it first or pick another name")
+            raise CliError(
+                f"key {args.name!r} already exists; revoke it first or pick another name"
+            )
         return await store.apply([resource])
 
     generation = with_store(args, create)

@@ -114,7 +114,7 @@ def wait_until(check: Callable[[], bool], proc: Managed, timeout: float, what: s
 
 def http_ok(url: str, expect: bytes | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(url, timeout=1) as resp:
             body: bytes = resp.read()
             return resp.status == 200 and (expect is None or expect in body)
     except urllib.error.URLError:

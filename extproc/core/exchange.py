@@ -66,6 +66,7 @@ class Exchange:
     """State of one request/response pair as it moves through the four phases."""
 
     __slots__ = (
+        "client_anthropic_version",
         "facts",
         "key",
         "options",
@@ -87,6 +88,7 @@ class Exchange:
         self.upstream: UpstreamSpec | None = None
         self.status = 0
         self.priced: Priced | None = None
+        self.client_anthropic_version = False
 
     @property
     def anthropic_style(self) -> bool:
@@ -110,6 +112,7 @@ class Exchange:
         if "accept-encoding" in headers:
             removes.append("accept-encoding")
         path = headers.get(":path", "/")
+        self.client_anthropic_version = "anthropic-version" in headers
         self.route = classify_path(path)
         if self.route is None:
             return Deny(404, "unknown_endpoint", f"Tollgate does not serve {path.split('?')[0]}.")
@@ -200,7 +203,8 @@ class Exchange:
             removes = tuple(
                 n for n in ("authorization", "x-api-key", BYOK_HEADER) if n != auth[0][0]
             )
-        if upstream.provider == "anthropic":
+        if upstream.provider == "anthropic" and not self.client_anthropic_version:
+            # The client's SDK knows which API version it speaks; fill in only when absent.
             sets.append(("anthropic-version", upstream.anthropic_version))
 
         new_body = None
@@ -253,7 +257,9 @@ class Exchange:
         )
         self.priced = priced
         sets = cost_headers(priced)
-        new_body = splice_result(body, result_object(priced)) if self.options.result_object else None
+        new_body = None
+        if self.options.result_object:
+            new_body = splice_result(body, result_object(priced))
         return Continue(HeaderEdit(set=sets), body=new_body)
 
 

@@ -155,10 +155,12 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
         return _bad("Field 'model' must be a non-empty string.")
 
     required = _REQUIRED_FIELDS.get(endpoint)
-    if required is not None and required not in doc:
-        # Responses also accepts a previous_response_id/prompt instead of input.
-        if not (endpoint is Endpoint.RESPONSES and ("prompt" in doc or "previous_response_id" in doc)):
-            return _bad(f"Missing required field '{required}'.")
+    # Responses also accepts a previous_response_id or a stored prompt instead of input.
+    alternative = endpoint is Endpoint.RESPONSES and (
+        "prompt" in doc or "previous_response_id" in doc
+    )
+    if required is not None and required not in doc and not alternative:
+        return _bad(f"Missing required field '{required}'.")
     if endpoint in (Endpoint.CHAT, Endpoint.MESSAGES) and not isinstance(doc["messages"], list):
         return _bad("Field 'messages' must be an array.")
 

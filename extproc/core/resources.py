@@ -241,7 +241,10 @@ def _upstream(f: _Fields) -> dict[str, Any]:
             for model in deployments.value:
                 dep_map[str(model)] = deployments.string(str(model), required=True)
             deployments.done()
-        azure_spec = {"apiVersion": azure.string("apiVersion", "2024-10-21"), "deployments": dep_map}
+        azure_spec = {
+            "apiVersion": azure.string("apiVersion", "2024-10-21"),
+            "deployments": dep_map,
+        }
         azure.done()
     return {
         "provider": provider,

@@ -93,7 +93,7 @@ def splice_result(body: bytes, result: dict[str, object]) -> bytes | None:
     Returns None when the body does not end like a JSON object, so the caller leaves it alone.
     """
     end = len(body.rstrip())
-    if end == 0 or body[end - 1 : end] != b"}":
+    if end == 0 or body[end - 1 : end] != b"}" or not body.lstrip().startswith(b"{"):
         return None
     head = body[: end - 1].rstrip()
     separator = b"" if head.endswith(b"{") else b","

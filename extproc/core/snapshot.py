@@ -39,7 +39,9 @@ class Snapshot:
         for upstream in self.upstreams:
             if endpoint.is_anthropic != (upstream.provider == "anthropic"):
                 continue
-            if azure and upstream.provider != "azure-openai":
+            if azure != (upstream.provider == "azure-openai"):
+                # Azure deployment paths go to Azure upstreams only, and plain /v1 paths never
+                # do: nothing would rewrite them into /openai/deployments/... form.
                 continue
             if any(fnmatch.fnmatchcase(model, p) for p in upstream.models):
                 return upstream

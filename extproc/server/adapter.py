@@ -103,5 +103,8 @@ def deny_response(
     )
 
 
-def reply_response(reply: Reply, extra_headers: tuple[tuple[str, str], ...]) -> ep.ProcessingResponse:
-    return immediate_response(reply.status, reply.body, (*reply.headers, *extra_headers), "tollgate")
+def reply_response(
+    reply: Reply, extra_headers: tuple[tuple[str, str], ...]
+) -> ep.ProcessingResponse:
+    headers = (*reply.headers, *extra_headers)
+    return immediate_response(reply.status, reply.body, headers, "tollgate")

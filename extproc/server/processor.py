@@ -56,7 +56,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.recorder = recorder
         self.options = options
 
-    async def Process(  # noqa: N802 (the generated servicer's method name)
+    async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
     ) -> AsyncIterator[ep.ProcessingResponse]:
         exchange = Exchange(new_request_id(), self.options)

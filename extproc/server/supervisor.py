@@ -62,7 +62,8 @@ class Supervisor:
         states = []
         now = time.time()
         for index, proc in sorted(self.workers.items()):
-            state: dict[str, Any] = {"index": index, "pid": proc.pid, "alive": proc.returncode is None}
+            alive = proc.returncode is None
+            state: dict[str, Any] = {"index": index, "pid": proc.pid, "alive": alive}
             path = self.run_dir / f"worker-{index}.json"
             try:
                 data = json.loads(path.read_text())

@@ -22,10 +22,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.core.exchange import Options
-from extproc.settings import Settings
-from extproc.store.redis_store import Store
 from extproc.server.processor import Processor
 from extproc.server.state import ConfigWatcher, KeyDirectory, UsageRecorder
+from extproc.settings import Settings
+from extproc.store.redis_store import Store
 
 log = logging.getLogger("tollgate.worker")
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -99,7 +99,7 @@ async def run_worker(settings: Settings, index: int) -> None:
     usage_task.cancel()
     try:
         await asyncio.wait_for(recorder.flush(), timeout=5)
-    except Exception as exc:  # noqa: BLE001 - report, then exit: nothing else can be done
+    except Exception as exc:
         log.error("exiting with %d usage events unwritten: %s", len(recorder.pending), exc)
     await store.close()
     log.info("worker %d stopped", index)

@@ -101,7 +101,8 @@ class Store:
             old_hashes: dict[str, str] = {}
             keys = [r for r in resources if r.kind == "VirtualKey"]
             if keys:
-                raws = await self.redis.hmget(self.keys.config("VirtualKey"), [r.name for r in keys])
+                names = [r.name for r in keys]
+                raws = await self.redis.hmget(self.keys.config("VirtualKey"), names)
                 for resource, raw in zip(keys, raws, strict=True):
                     if raw is not None:
                         old_hashes[resource.name] = orjson.loads(raw)["spec"]["keySha256"]

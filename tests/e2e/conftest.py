@@ -58,7 +58,9 @@ CliRunner = Callable[..., subprocess.CompletedProcess[str]]
 
 @pytest.fixture(scope="session")
 def cli(e2e_env: dict[str, str]) -> CliRunner:
-    def run(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "extproc", *args],
             env=e2e_env, capture_output=True, text=True, timeout=60, input=stdin,
