@@ -172,6 +172,13 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(busy, idle) jiffies of the whole machine from /proc/stat (idle includes iowait)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values[:8]) - idle, idle
+
+
 # ---- the benchmark -------------------------------------------------------------------------
 
 
@@ -197,12 +204,14 @@ class Bench:
             "-s", str(self.script), self.url(scenario),
         ]
         before, t0 = cpu_ticks_by_group(self.groups), time.monotonic()
+        busy0, idle0 = machine_ticks()
         wrk_before = _children_cpu_s()
         proc = subprocess.run(
             argv, capture_output=True, text=True, timeout=duration + 60, check=False
         )
         wrk_cpu_s = _children_cpu_s() - wrk_before  # wrk is the only child ending in between
         after, elapsed = cpu_ticks_by_group(self.groups), time.monotonic() - t0
+        busy1, idle1 = machine_ticks()
         result.exit_code = proc.returncode
         parse_wrk(proc.stdout, result)
         result.cpu_pct = {
@@ -210,6 +219,11 @@ class Bench:
             for name in after
         }
         result.cpu_pct["wrk"] = round(100.0 * wrk_cpu_s / elapsed, 1)
+        # Everything else that was busy: kernel network work (softirq) not charged to a process,
+        # this script, and any other load on the machine (which makes the numbers unreliable).
+        busy_pct = 100.0 * (busy1 - busy0) / _clock_ticks() / elapsed
+        result.cpu_pct["other"] = round(max(0.0, busy_pct - sum(result.cpu_pct.values())), 1)
+        result.cpu_pct["idle"] = round(100.0 * (idle1 - idle0) / _clock_ticks() / elapsed, 1)
         if not result.clean:
             sys.stderr.write(
                 f"!! {scenario}/{mode}: {result.problems()}\n{proc.stdout}{proc.stderr}\n"
@@ -338,7 +352,8 @@ def print_report(res: dict[str, WrkResult], derived: dict[str, Any]) -> None:
     for name, ok in derived["checks"].items():
         print(f"  {'PASS' if ok else 'MISS'}  {name}")
     print()
-    print("CPU during load runs (% of one core; 200% = the whole machine):")
+    print(f"CPU during load runs (% of one core; {100 * (os.cpu_count() or 1)}% = the whole "
+          "machine; other = kernel softirq + anything else running):")
     for r in res.values():
         if r.mode == "load":
             parts = ", ".join(f"{k} {v:.0f}%" for k, v in r.cpu_pct.items())

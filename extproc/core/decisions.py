@@ -72,16 +72,25 @@ _ERROR_TYPES = {
 
 @dataclass(frozen=True, slots=True)
 class Deny:
-    """Answer the client now, without calling the upstream."""
+    """Answer the client now, without calling the upstream.
+
+    `type_override` and `code_value` exist for bodies whose shape is fixed elsewhere (the Pay-i
+    seed's `{"type": "LimitExceeded", "code": 429}`); `result` becomes the body's result object.
+    """
 
     status: int
     code: str
     message: str
     headers: tuple[tuple[str, str], ...] = ()
     extra: dict[str, object] = field(default_factory=dict)
+    type_override: str | None = None
+    code_value: int | str | None = None
+    result: dict[str, object] | None = None
 
     @property
     def error_type(self) -> str:
+        if self.type_override is not None:
+            return self.type_override
         return _ERROR_TYPES.get(self.status, "invalid_request_error")
 
     def body(self, anthropic_style: bool = False) -> bytes:
@@ -93,12 +102,14 @@ class Deny:
         error: dict[str, object] = {
             "message": self.message,
             "type": self.error_type,
-            "code": self.code,
+            "code": self.code if self.code_value is None else self.code_value,
         }
         error.update(self.extra)
         doc: dict[str, object] = {"type": "error", "error": error} if anthropic_style else {
             "error": error
         }
+        if self.result is not None:
+            doc["xproxy_result"] = self.result
         return orjson.dumps(doc)
 
 

@@ -1,0 +1,379 @@
+"""Spend limits and rate limits: which apply to a request, what to reserve, what the answer means.
+
+Plan -> execute -> interpret: `plan_reservation` lists what one request must reserve (spend
+holds, rate-window charges, concurrency leases) as plain data; the store runs it in one atomic
+Lua script; `interpret_reservation` turns the script's reply into a decision. Settlement works
+the same way (`interpret_settlement`). Nothing here knows Redis key names: charges carry logical
+identifiers that the store's key schema maps to keys.
+
+Limit states (as in the Pay-i seed): `ok` spend < threshold*max; `exceeded` threshold*max <=
+spend <= max (does NOT block); `overrun` spend > max; `blocked` the request was refused by it.
+Strict enforcement admits only if spent + held + estimate <= max, so concurrent requests on any
+number of replicas can never push a Block limit past max; reactive enforcement (the seed's rule)
+refuses only once spend > max.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from extproc.core.decisions import Deny
+from extproc.core.periods import period_bounds
+from extproc.core.pricing import format_usd
+
+WINDOW_MS = 60_000
+BUCKET_MS = 5_000  # rolling-window granularity: a refusal is at most this early
+BUCKETS = WINDOW_MS // BUCKET_MS
+STATES = ("ok", "exceeded", "overrun")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._@/+-]{1,128}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """Which requests a limit covers. Every non-empty list must match (AND across lists, OR
+    within one); an empty selector covers every request."""
+
+    keys: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+
+    def matches(self, subject: Subject) -> bool:
+        if self.keys and subject.key not in self.keys:
+            return False
+        if self.groups and subject.group not in self.groups:
+            return False
+        if self.users and subject.user not in self.users:
+            return False
+        if self.tags and not set(self.tags) & set(subject.tags):
+            return False
+        return not self.models or any(fnmatch.fnmatchcase(subject.model, p) for p in self.models)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    name: str
+    block: bool  # type Block (enforce) vs Allow (track only)
+    max_micros: int
+    threshold_micros: int
+    period: str
+    time_zone: str
+    strict: bool  # enforcement strict (reservation) vs reactive
+    fail_open: bool  # admit when Redis is unreachable (Block limits fail closed by default)
+    selector: Selector
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSpec:
+    name: str
+    per: str  # key | user | group | model | ip | global
+    selector: Selector
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    concurrent: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Who and what a request is, for matching limits."""
+
+    key: str
+    group: str
+    user: str
+    tags: tuple[str, ...]
+    model: str
+    ip: str
+
+
+def scope_id(rate_limit: RateLimitSpec, subject: Subject) -> str:
+    """The identity a rate limit counts by. Values that are unsafe inside a Redis key name
+    (colons, braces, very long strings) are replaced by a digest."""
+    raw = {
+        "key": subject.key,
+        "user": subject.user,
+        "group": subject.group,
+        "model": subject.model,
+        "ip": subject.ip,
+        "global": "all",
+    }[rate_limit.per]
+    if _SAFE_ID.match(raw):
+        return raw
+    import hashlib
+
+    return "h-" + hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitCharge:
+    limit: LimitSpec
+    period_id: str
+    ttl_ms: int  # state key lifetime: the period plus 35 days, for reporting
+
+
+@dataclass(frozen=True, slots=True)
+class WindowCharge:
+    rate_limit: str
+    scope: str
+    ident: str
+    metric: str  # "requests" | "tokens"
+    limit: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseCharge:
+    rate_limit: str
+    scope: str
+    ident: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationPlan:
+    request_id: str
+    now_ms: int
+    hold_deadline_ms: int
+    lease_deadline_ms: int
+    estimate_micros: int
+    estimate_tokens: int
+    limits: tuple[LimitCharge, ...]
+    windows: tuple[WindowCharge, ...]
+    leases: tuple[LeaseCharge, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.limits or self.windows or self.leases)
+
+    @property
+    def token_windows(self) -> tuple[WindowCharge, ...]:
+        return tuple(w for w in self.windows if w.metric == "tokens")
+
+    @property
+    def bucket(self) -> int:
+        return self.now_ms // BUCKET_MS
+
+
+def applicable(
+    limits: Iterable[LimitSpec], subject: Subject, named: Sequence[str]
+) -> tuple[list[LimitSpec], list[str]]:
+    """Limits that cover this request (by selector, or named in the request header), and the
+    named ids that do not exist."""
+    by_name = {}
+    for limit in limits:
+        by_name[limit.name] = limit
+    chosen = {name: lim for name, lim in by_name.items() if lim.selector.matches(subject)}
+    unknown = []
+    for name in named:
+        if name in by_name:
+            chosen[name] = by_name[name]
+        else:
+            unknown.append(name)
+    return sorted(chosen.values(), key=lambda lim: lim.name), unknown
+
+
+_RETENTION_MS = 35 * 86_400_000
+
+
+def plan_reservation(
+    *,
+    request_id: str,
+    now: float,
+    limits: Sequence[LimitSpec],
+    rate_limits: Iterable[RateLimitSpec],
+    subject: Subject,
+    estimate_micros: int,
+    estimate_tokens: int,
+    hold_seconds: float,
+) -> ReservationPlan:
+    now_ms = int(now * 1000)
+    charges = []
+    for limit in limits:
+        period_id, end = period_bounds(limit.period, limit.time_zone, now)
+        ttl = 0 if end is None else int((end - now) * 1000) + _RETENTION_MS
+        charges.append(LimitCharge(limit, period_id, ttl))
+    windows: list[WindowCharge] = []
+    leases: list[LeaseCharge] = []
+    for rl in rate_limits:
+        if not rl.selector.matches(subject):
+            continue
+        ident = scope_id(rl, subject)
+        if rl.requests_per_minute is not None:
+            windows.append(WindowCharge(rl.name, rl.per, ident, "requests",
+                                        rl.requests_per_minute, 1))
+        if rl.tokens_per_minute is not None:
+            windows.append(WindowCharge(rl.name, rl.per, ident, "tokens", rl.tokens_per_minute,
+                                        estimate_tokens))
+        if rl.concurrent is not None:
+            leases.append(LeaseCharge(rl.name, rl.per, ident, rl.concurrent))
+    deadline = now_ms + int(hold_seconds * 1000)
+    return ReservationPlan(
+        request_id=request_id,
+        now_ms=now_ms,
+        hold_deadline_ms=deadline,
+        lease_deadline_ms=deadline,
+        estimate_micros=estimate_micros,
+        estimate_tokens=estimate_tokens,
+        limits=tuple(charges),
+        windows=tuple(windows),
+        leases=tuple(leases),
+    )
+
+
+# ---- interpreting replies ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LimitStatus:
+    name: str
+    state: str  # ok | exceeded | overrun | blocked
+    spent_micros: int
+    held_micros: int
+    max_micros: int
+    period_id: str
+
+    @property
+    def remaining_micros(self) -> int:
+        return max(0, self.max_micros - self.spent_micros - self.held_micros)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStatus:
+    charge: WindowCharge
+    used: int
+    reset_ms: int
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.charge.limit - self.used)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What the reserve script said. `denial` is None when everything was reserved."""
+
+    plan: ReservationPlan
+    limits: tuple[LimitStatus, ...]
+    windows: tuple[WindowStatus, ...]
+    denial: Deny | None
+    blocked_limit: str | None = None
+
+
+def state_of(spent: int, limit: LimitSpec) -> str:
+    if spent > limit.max_micros:
+        return "overrun"
+    if spent >= limit.threshold_micros:
+        return "exceeded"
+    return "ok"
+
+
+def interpret_reservation(plan: ReservationPlan, reply: Sequence[int]) -> Reservation:
+    allowed, kind, index, retry_ms = (int(v) for v in reply[:4])
+    pos = 4
+    statuses = []
+    for i, charge in enumerate(plan.limits, start=1):
+        spent, held = int(reply[pos]), int(reply[pos + 1])
+        pos += 2
+        state = "blocked" if (not allowed and kind == 1 and index == i) else state_of(
+            spent, charge.limit
+        )
+        statuses.append(LimitStatus(charge.limit.name, state, spent, held,
+                                    charge.limit.max_micros, charge.period_id))
+    windows = []
+    for window in plan.windows:
+        windows.append(WindowStatus(window, int(reply[pos]), int(reply[pos + 1])))
+        pos += 2
+    limit_statuses, window_statuses = tuple(statuses), tuple(windows)
+    if allowed:
+        return Reservation(plan, limit_statuses, window_statuses, None)
+    if kind == 1:
+        limit = plan.limits[index - 1].limit
+        deny = Deny(
+            429, "limit_exceeded", f"Limit exceeded: {limit.name}",
+            type_override="LimitExceeded", code_value=429, extra={"limit_id": limit.name},
+        )
+        return Reservation(plan, limit_statuses, window_statuses, deny, limit.name)
+    retry_after = None if retry_ms < 0 else max(1, -(-retry_ms // 1000))
+    if kind == 2:
+        hit = plan.windows[index - 1]
+        message = (f"Rate limit reached for {hit.metric} per minute "
+                   f"({hit.rate_limit}, per {hit.scope}): limit {hit.limit}.")
+        if retry_after is None:
+            message += " This request alone is larger than the limit."
+    else:
+        lease = plan.leases[index - 1]
+        message = (f"Too many concurrent requests ({lease.rate_limit}, per {lease.scope}): "
+                   f"limit {lease.limit}.")
+        retry_after = retry_after or 1
+    headers = (("retry-after", str(retry_after)),) if retry_after is not None else ()
+    deny = Deny(429, "rate_limit_exceeded", message, headers=headers)
+    return Reservation(plan, limit_statuses, window_statuses, deny)
+
+
+def interpret_settlement(plan: ReservationPlan, reply: Sequence[int]) -> tuple[LimitStatus, ...]:
+    out = []
+    pos = 1
+    for charge in plan.limits:
+        spent, held, code = int(reply[pos]), int(reply[pos + 1]), int(reply[pos + 2])
+        pos += 3
+        out.append(LimitStatus(charge.limit.name, STATES[code], spent, held,
+                               charge.limit.max_micros, charge.period_id))
+    return tuple(out)
+
+
+# ---- what the client sees ----------------------------------------------------------------
+
+
+def _duration(ms: int) -> str:
+    """OpenAI's reset format: `1s`, `6m0s`, `250ms`."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    seconds = -(-ms // 1000)
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
+
+
+def rate_limit_headers(windows: Sequence[WindowStatus]) -> tuple[tuple[str, str], ...]:
+    """OpenAI-convention headers for the most constrained requests and tokens windows."""
+    headers: list[tuple[str, str]] = []
+    for metric in ("requests", "tokens"):
+        relevant = [w for w in windows if w.charge.metric == metric]
+        if not relevant:
+            continue
+        tightest = min(relevant, key=lambda w: (w.remaining, -w.reset_ms))
+        headers += [
+            (f"x-ratelimit-limit-{metric}", str(tightest.charge.limit)),
+            (f"x-ratelimit-remaining-{metric}", str(tightest.remaining)),
+            (f"x-ratelimit-reset-{metric}", _duration(tightest.reset_ms)),
+        ]
+    return tuple(headers)
+
+
+def limit_headers(statuses: Sequence[LimitStatus]) -> tuple[tuple[str, str], ...]:
+    """`x-tollgate-limits: <name>;state=ok;remaining=12.500000;max=100.000000, ...`"""
+    if not statuses:
+        return ()
+    value = ", ".join(
+        f"{s.name};state={s.state};remaining={format_usd(s.remaining_micros)};"
+        f"max={format_usd(s.max_micros)}"
+        for s in statuses
+    )
+    return (("x-tollgate-limits", value),)
+
+
+def limits_result(statuses: Sequence[LimitStatus]) -> dict[str, object]:
+    """The `limits` member of the result object."""
+    return {
+        s.name: {
+            "state": s.state,
+            "period": s.period_id,
+            "spent": s.spent_micros / 1_000_000,
+            "held": s.held_micros / 1_000_000,
+            "max": s.max_micros / 1_000_000,
+            "remaining": s.remaining_micros / 1_000_000,
+        }
+        for s in statuses
+    }

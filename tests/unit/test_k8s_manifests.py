@@ -1,0 +1,564 @@
+"""deploy/k8s stays in step with the code.
+
+The CRDs must describe exactly what `extproc.core.resources.validate_document` accepts and emits
+(fields, types, enums, required fields, defaults), the example resources must be accepted by
+`tollgate apply -f`, and the sidecar example must point its probes, annotations and base URL at the
+ports the settings and the generated Envoy bootstrap actually use.
+
+Field sets are derived by running `validate_document` on small documents, never written down
+here, so neither the CRDs nor this test can drift from the code unnoticed. The CRD schemas are
+checked with a small validator covering the OpenAPI subset the CRDs use (no cluster is needed).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from extproc.core.keys import hash_key
+from extproc.core.resources import (
+    API_VERSION,
+    GROUP,
+    KINDS,
+    PROVIDERS,
+    ResourceError,
+    validate_document,
+    validate_documents,
+)
+from extproc.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+CRDS_YAML = K8S / "crds.yaml"
+SIDECAR_YAML = K8S / "sidecar-example.yaml"
+EXAMPLES_YAML = K8S / "examples" / "resources.yaml"
+ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+BUILTIN_YAML = ROOT / "extproc" / "data" / "builtin.yaml"
+YAML_FILES = sorted({*K8S.rglob("*.yaml"), *K8S.rglob("*.yml")})
+
+# The smallest spec of each kind the code accepts: exactly its required fields.
+MINIMAL: dict[str, dict[str, Any]] = {
+    "VirtualKey": {"keySha256": "0" * 64},
+    "PriceTable": {"models": {}},
+    "Upstream": {"provider": "openai", "cluster": "openai"},
+}
+
+# Every optional field set, so that nested objects (price entries, azure, credentials) show up in
+# the normalised spec with all their fields.
+FULL: dict[str, dict[str, Any]] = {
+    "VirtualKey": {
+        "keySha256": "ab" * 32,
+        "group": "g",
+        "user": "u",
+        "models": ["gpt-*"],
+        "tags": ["t"],
+        "expiresAt": "2030-01-01T00:00:00Z",
+        "revoked": True,
+        "description": "d",
+    },
+    "PriceTable": {
+        "currency": "USD",
+        "models": {
+            "m": {"input": 1, "output": 2.5, "cachedInput": 0.1, "cacheWrite": 1.25,
+                  "reasoning": 3},
+        },
+    },
+    "Upstream": {
+        "provider": "azure-openai",
+        "cluster": "azure-openai",
+        "models": ["gpt-4o"],
+        "priority": 5,
+        "aliases": {"a": "b"},
+        "azure": {"apiVersion": "2025-01-01", "deployments": {"gpt-4o": "dep"}},
+        "anthropicVersion": "2023-06-01",
+        "credentials": [
+            {"name": "c1", "secretRef": "KEY_1", "rpm": 1, "tpm": 2, "isFallback": False},
+            {"name": "c2", "secretRef": "KEY_2", "rpm": 0, "tpm": 0, "isFallback": True},
+        ],
+    },
+}
+
+
+def load_all(path: Path) -> list[Any]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def document(kind: str, spec: Any, name: str = "r1") -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+def normalised(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return validate_document(document(kind, copy.deepcopy(spec))).spec
+
+
+def without_nones(value: Any) -> Any:
+    """The normalised spec as Kubernetes would store it: unset optional fields are absent."""
+    if isinstance(value, dict):
+        return {k: without_nones(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nones(v) for v in value]
+    return value
+
+
+# ---- a validator for the OpenAPI subset the CRDs use -----------------------------------------
+
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+)
+_TYPES: dict[str, Any] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+}
+
+
+def crd_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    """What the API server would reject (strict field validation, as kubectl applies it)."""
+    if schema.get("x-kubernetes-preserve-unknown-fields") and "properties" not in schema:
+        return []
+    kind = schema["type"]
+    if not _TYPES[kind](value):
+        return [f"{path}: expected {kind}, got {type(value).__name__}"]
+    errors: list[str] = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path}: {value!r} not in {schema['enum']}")
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        errors.append(f"{path}: {value!r} does not match {schema['pattern']}")
+    if schema.get("format") == "date-time" and not _RFC3339.match(value):
+        errors.append(f"{path}: {value!r} is not an RFC 3339 date-time")
+    if "minimum" in schema and value < schema["minimum"]:
+        errors.append(f"{path}: {value} < {schema['minimum']}")
+    if kind == "object" and path == ".metadata":
+        return errors  # ObjectMeta: validated by the API server itself, not by the CRD schema
+    if kind == "object":
+        for name in schema.get("required", ()):
+            if name not in value:
+                errors.append(f"{path}.{name}: required")
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for name, item in value.items():
+            if props is not None and name in props:
+                errors += crd_errors(props[name], item, f"{path}.{name}")
+            elif isinstance(extra, dict):
+                errors += crd_errors(extra, item, f"{path}.{name}")
+            elif not schema.get("x-kubernetes-preserve-unknown-fields"):
+                errors.append(f"{path}.{name}: unknown field")
+    if kind == "array":
+        for i, item in enumerate(value):
+            errors += crd_errors(schema["items"], item, f"{path}[{i}]")
+        if schema.get("x-kubernetes-list-type") == "map":
+            keys = [
+                tuple(item.get(k) for k in schema["x-kubernetes-list-map-keys"])
+                for item in value
+                if isinstance(item, dict)
+            ]
+            if len(set(keys)) != len(keys):
+                errors.append(f"{path}: duplicate list-map keys")
+    return errors
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Structural defaulting as the API server does it: absent fields get their `default`."""
+    value = copy.deepcopy(value)
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        for name, sub in props.items():
+            if name not in value and "default" in sub:
+                value[name] = copy.deepcopy(sub["default"])
+        extra = schema.get("additionalProperties")
+        for name in list(value):
+            if name in props:
+                value[name] = apply_defaults(props[name], value[name])
+            elif isinstance(extra, dict):
+                value[name] = apply_defaults(extra, value[name])
+    elif isinstance(value, list) and "items" in schema:
+        value = [apply_defaults(schema["items"], item) for item in value]
+    return value
+
+
+def walk(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    nodes = [(path, schema)]
+    for name, sub in schema.get("properties", {}).items():
+        nodes += walk(sub, f"{path}.{name}")
+    if isinstance(schema.get("additionalProperties"), dict):
+        nodes += walk(schema["additionalProperties"], f"{path}.*")
+    if "items" in schema:
+        nodes += walk(schema["items"], f"{path}[]")
+    return nodes
+
+
+# ---- every file --------------------------------------------------------------------------------
+
+
+def test_expected_files_exist() -> None:
+    for path in (CRDS_YAML, SIDECAR_YAML, EXAMPLES_YAML, K8S / "README.md"):
+        assert path.is_file(), path
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(K8S)))
+def test_yaml_parses(path: Path) -> None:
+    docs = load_all(path)
+    assert docs, f"{path} has no documents"
+    for doc in docs:
+        assert isinstance(doc, dict)
+        assert doc.get("apiVersion") and doc.get("kind"), doc
+        assert doc.get("metadata", {}).get("name"), doc
+
+
+# ---- CRDs --------------------------------------------------------------------------------------
+
+
+def crds() -> dict[str, dict[str, Any]]:
+    return {doc["spec"]["names"]["kind"]: doc for doc in load_all(CRDS_YAML)}
+
+
+def crd_schema(kind: str) -> dict[str, Any]:
+    (version,) = crds()[kind]["spec"]["versions"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def spec_schema(kind: str) -> dict[str, Any]:
+    schema: dict[str, Any] = crd_schema(kind)["properties"]["spec"]
+    return schema
+
+
+def test_one_crd_per_kind_and_nothing_else() -> None:
+    docs = load_all(CRDS_YAML)
+    assert all(d["apiVersion"] == "apiextensions.k8s.io/v1" for d in docs)
+    assert all(d["kind"] == "CustomResourceDefinition" for d in docs)
+    assert sorted(d["spec"]["names"]["kind"] for d in docs) == sorted(KINDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_crd_identity(kind: str) -> None:
+    crd = crds()[kind]
+    spec = crd["spec"]
+    assert spec["group"] == GROUP
+    assert spec["scope"] == "Namespaced"
+    assert spec["names"]["plural"] == kind.lower() + "s"
+    assert spec["names"]["singular"] == kind.lower()
+    assert crd["metadata"]["name"] == f"{spec['names']['plural']}.{GROUP}"
+    (version,) = spec["versions"]
+    assert f"{GROUP}/{version['name']}" == API_VERSION
+    assert version["served"] is True and version["storage"] is True
+    assert version["subresources"] == {"status": {}}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_crd_spec_fields_equal_normalised_spec(kind: str) -> None:
+    assert set(spec_schema(kind)["properties"]) == set(normalised(kind, MINIMAL[kind]))
+    assert set(spec_schema(kind)["properties"]) == set(normalised(kind, FULL[kind]))
+
+
+def test_crd_nested_fields_equal_normalised_spec() -> None:
+    price = spec_schema("PriceTable")["properties"]["models"]["additionalProperties"]
+    (entry,) = normalised("PriceTable", FULL["PriceTable"])["models"].values()
+    assert set(price["properties"]) == set(entry)
+
+    upstream = spec_schema("Upstream")["properties"]
+    full = normalised("Upstream", FULL["Upstream"])
+    assert set(upstream["azure"]["properties"]) == set(full["azure"])
+    for credential in full["credentials"]:
+        assert set(upstream["credentials"]["items"]["properties"]) == set(credential)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_crd_required_fields_equal_code(kind: str) -> None:
+    assert set(spec_schema(kind)["required"]) == set(MINIMAL[kind])
+    assert crd_schema(kind)["required"] == ["spec"]
+    for field in MINIMAL[kind]:
+        spec = {k: v for k, v in MINIMAL[kind].items() if k != field}
+        with pytest.raises(ResourceError, match=field):
+            normalised(kind, spec)
+
+
+def test_crd_nested_required_fields_equal_code() -> None:
+    price = spec_schema("PriceTable")["properties"]["models"]["additionalProperties"]
+    assert set(price["required"]) == {"input", "output"}
+    credential = spec_schema("Upstream")["properties"]["credentials"]["items"]
+    assert set(credential["required"]) == {"name", "secretRef"}
+    for field in price["required"]:
+        entry = {"input": 1, "output": 1}
+        del entry[field]
+        with pytest.raises(ResourceError, match=field):
+            normalised("PriceTable", {"models": {"m": entry}})
+    for field in credential["required"]:
+        cred = {"name": "c", "secretRef": "K"}
+        del cred[field]
+        with pytest.raises(ResourceError, match=field):
+            normalised("Upstream", {**MINIMAL["Upstream"], "credentials": [cred]})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_crd_defaulting_equals_code_normalisation(kind: str) -> None:
+    for spec in (MINIMAL[kind], FULL[kind]):
+        defaulted = apply_defaults(spec_schema(kind), spec)
+        assert defaulted == without_nones(normalised(kind, spec))
+
+
+def test_crd_nested_defaults_equal_code() -> None:
+    # `azure: {}` and a bare credential: the nested defaults must match as well.
+    spec = {**MINIMAL["Upstream"], "azure": {}, "credentials": [{"name": "c", "secretRef": "K"}]}
+    defaulted = apply_defaults(spec_schema("Upstream"), spec)
+    assert defaulted == without_nones(normalised("Upstream", spec))
+
+
+def test_crd_provider_enum_is_providers() -> None:
+    assert tuple(spec_schema("Upstream")["properties"]["provider"]["enum"]) == PROVIDERS
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_crd_schema_is_structural(kind: str) -> None:
+    for path, node in walk(crd_schema(kind)):
+        assert "type" in node, f"{kind}{path}: no type"
+        assert not ("properties" in node and "additionalProperties" in node), f"{kind}{path}"
+        if node.get("x-kubernetes-preserve-unknown-fields"):
+            # Only the status, which the operator will own, is a free-form map.
+            assert path == ".status", f"{kind}{path}: preserve-unknown-fields"
+        if "default" in node:
+            assert crd_errors(node, node["default"]) == [], f"{kind}{path}: invalid default"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_crd_printer_columns_point_at_fields(kind: str) -> None:
+    (version,) = crds()[kind]["spec"]["versions"]
+    columns = version["additionalPrinterColumns"]
+    assert columns
+    props = spec_schema(kind)["properties"]
+    for column in columns:
+        path = column["jsonPath"]
+        assert path == ".metadata.creationTimestamp" or (
+            path.startswith(".spec.") and path.removeprefix(".spec.") in props
+        ), path
+
+
+# Each spec is accepted (or rejected) by both the code and the CRD.
+AGREE: list[tuple[str, dict[str, Any], bool]] = [
+    ("VirtualKey", {"keySha256": "AB" * 32}, True),
+    ("VirtualKey", {"keySha256": "0" * 64, "expiresAt": "2030-01-01T00:00:00+02:00"}, True),
+    ("VirtualKey", {"keySha256": "abc"}, False),
+    ("VirtualKey", {"keySha256": "0" * 64, "revoked": "yes"}, False),
+    ("VirtualKey", {"keySha256": "0" * 64, "models": "gpt-4o"}, False),
+    ("VirtualKey", {"keySha256": "0" * 64, "modles": ["gpt-4o"]}, False),
+    ("VirtualKey", {"keySha256": "0" * 64, "expiresAt": "next tuesday"}, False),
+    ("PriceTable", {"models": {"m": {"input": 1, "output": 0}}}, True),
+    ("PriceTable", {"currency": "EUR", "models": {}}, False),
+    ("PriceTable", {"models": {"m": {"input": 1}}}, False),
+    ("PriceTable", {"models": {"m": {"input": -1, "output": 1}}}, False),
+    ("PriceTable", {"models": {"m": {"input": "1", "output": 1}}}, False),
+    ("PriceTable", {"models": {"m": {"input": 1, "output": 1, "cached": 1}}}, False),
+    ("PriceTable", {"models": {"m": 1.5}}, False),
+    ("Upstream", {"provider": "openai-compatible", "cluster": "x", "priority": 0}, True),
+    ("Upstream", {"provider": "bedrock", "cluster": "x"}, False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "priority": -1}, False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "priority": "high"}, False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "aliases": {"a": 1}}, False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "azure": {"version": "1"}}, False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "azure": {"deployments": {"m": 1}}},
+     False),
+    ("Upstream", {"provider": "openai", "cluster": "x",
+                  "credentials": [{"name": "c", "secretRef": "has space"}]}, False),
+    ("Upstream", {"provider": "openai", "cluster": "x",
+                  "credentials": [{"name": "c", "secretRef": "K", "rpm": -1}]}, False),
+    ("Upstream", {"provider": "openai", "cluster": "x",
+                  "credentials": [{"name": "c", "secretRef": "A"},
+                                  {"name": "c", "secretRef": "B"}]}, False),
+]
+
+
+@pytest.mark.parametrize(("kind", "spec", "valid"), AGREE)
+def test_crd_and_code_agree(kind: str, spec: dict[str, Any], valid: bool) -> None:
+    doc = document(kind, spec)
+    crd_valid = crd_errors(crd_schema(kind), doc) == []
+    try:
+        validate_document(copy.deepcopy(doc))
+        code_valid = True
+    except ResourceError:
+        code_valid = False
+    assert (code_valid, crd_valid) == (valid, valid)
+
+
+# ---- example resources -------------------------------------------------------------------------
+
+
+def test_examples_are_accepted_by_tollgate_apply() -> None:
+    docs = load_all(EXAMPLES_YAML)
+    resources = validate_documents(docs, str(EXAMPLES_YAML))
+    assert len(resources) == len(docs)
+    assert len({(r.kind, r.name) for r in resources}) == len(resources)
+    assert {r.kind for r in resources} == set(KINDS)
+
+
+def test_examples_are_accepted_by_the_crds_and_default_like_the_code() -> None:
+    for doc in load_all(EXAMPLES_YAML):
+        schema = crd_schema(doc["kind"])
+        assert crd_errors(schema, doc) == [], doc["metadata"]["name"]
+        resource = validate_document(copy.deepcopy(doc))
+        defaulted = apply_defaults(schema["properties"]["spec"], doc["spec"])
+        assert defaulted == without_nones(resource.spec), resource.name
+
+
+def test_example_contents() -> None:
+    resources = validate_documents(load_all(EXAMPLES_YAML))
+    (key,) = [r for r in resources if r.kind == "VirtualKey"]
+    assert key.spec["keySha256"] == hash_key("example-key")
+    upstreams = {r.spec["provider"]: r.spec for r in resources if r.kind == "Upstream"}
+    azure = upstreams["azure-openai"]["azure"]
+    assert azure["deployments"] and azure["apiVersion"]
+    credentials = upstreams["openai-compatible"]["credentials"]
+    assert len(credentials) == 2
+    assert [c["isFallback"] for c in credentials].count(True) == 1
+
+
+# ---- sidecar example ---------------------------------------------------------------------------
+
+
+def sidecar_docs() -> list[dict[str, Any]]:
+    return load_all(SIDECAR_YAML)
+
+
+def pod_spec() -> dict[str, Any]:
+    (deployment,) = [d for d in sidecar_docs() if d["kind"] == "Deployment"]
+    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+def containers() -> dict[str, dict[str, Any]]:
+    pod = pod_spec()
+    return {c["name"]: c for c in [*pod.get("initContainers", []), *pod["containers"]]}
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def envoy_bootstrap() -> dict[str, Any]:
+    (config,) = load_all(ENVOY_YAML)
+    assert isinstance(config, dict)
+    return config
+
+
+def envoy_listener_port() -> int:
+    listeners = envoy_bootstrap()["static_resources"]["listeners"]
+    (listener,) = [li for li in listeners if li["name"] == "tollgate"]
+    port: int = listener["address"]["socket_address"]["port_value"]
+    return port
+
+
+def test_sidecars_are_sidecars() -> None:
+    pod = pod_spec()
+    by_name = containers()
+    assert {"tollgate", "envoy"} <= set(by_name)
+    for init in pod.get("initContainers", []):
+        # An init container without restartPolicy Always would block the pod forever.
+        assert init.get("restartPolicy") == "Always", init["name"]
+    for name in ("tollgate", "envoy"):
+        assert by_name[name]["resources"]["requests"], name
+
+
+def test_tollgate_probes_and_metrics_use_the_settings_ports() -> None:
+    settings = Settings()
+    tollgate = containers()["tollgate"]
+    assert tollgate["image"] == "tollgate:0.1.0"
+    assert tollgate["command"] == ["tollgate", "serve"]
+    env = env_of(tollgate)
+    assert "TOLLGATE_HTTP_PORT" not in env and "TOLLGATE_GRPC_PORT" not in env
+    # The kubelet probes the pod IP: the HTTP endpoints must not stay on loopback.
+    assert env["TOLLGATE_HTTP_HOST"]["value"] == "0.0.0.0"
+    assert settings.http_host == "127.0.0.1"
+    assert tollgate["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": settings.http_port}
+    assert tollgate["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": settings.http_port}
+    if "startupProbe" in tollgate:
+        assert tollgate["startupProbe"]["httpGet"]["port"] == settings.http_port
+    assert settings.http_port in {p["containerPort"] for p in tollgate["ports"]}
+
+    (deployment,) = [d for d in sidecar_docs() if d["kind"] == "Deployment"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(settings.http_port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_tollgate_secrets() -> None:
+    settings = Settings()
+    tollgate = containers()["tollgate"]
+    env = env_of(tollgate)
+    assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "REDIS_URL"
+    secrets_dir = env.get("TOLLGATE_SECRETS_DIR", {}).get("value", settings.secrets_dir)
+    assert secrets_dir == settings.secrets_dir == "/var/run/secrets/tollgate"
+    (mount,) = [m for m in tollgate["volumeMounts"] if m["mountPath"] == secrets_dir]
+    (volume,) = [v for v in pod_spec()["volumes"] if v["name"] == mount["name"]]
+    secret_name = volume["secret"]["secretName"]
+
+    secrets = {d["metadata"]["name"]: d for d in sidecar_docs() if d["kind"] == "Secret"}
+    assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] in secrets
+    # Every credential the examples and the built-ins refer to has a file in the mounted Secret.
+    refs = {
+        c["secretRef"]
+        for path in (EXAMPLES_YAML, BUILTIN_YAML)
+        for r in validate_documents(load_all(path))
+        if r.kind == "Upstream"
+        for c in r.spec["credentials"]
+    }
+    assert refs <= set(secrets[secret_name]["stringData"])
+
+
+def test_secret_values_are_placeholders() -> None:
+    real_looking = re.compile(r"sk-[A-Za-z0-9_-]{16,}|tg-[A-Za-z0-9_-]{40,}|[0-9a-f]{32,}")
+    for secret in (d for d in sidecar_docs() if d["kind"] == "Secret"):
+        assert "data" not in secret
+        for name, value in secret["stringData"].items():
+            assert "CHANGE-ME" in value, name
+            assert not real_looking.search(value), name
+
+
+def test_termination_grace_covers_the_extproc_drain() -> None:
+    # The supervisor gives its workers shutdown_grace_s, then kills them 5 s later.
+    assert pod_spec()["terminationGracePeriodSeconds"] > Settings().shutdown_grace_s + 5
+
+
+def test_envoy_sidecar_matches_the_bootstrap() -> None:
+    settings = Settings()
+    port = envoy_listener_port()
+    envoy = containers()["envoy"]
+    assert envoy["image"] == "envoyproxy/envoy:v1.40.0"
+    assert envoy["args"] == ["-c", "/etc/envoy/envoy.yaml", "--disable-hot-restart"]
+    (mount,) = [m for m in envoy["volumeMounts"] if m["mountPath"] == "/etc/envoy"]
+    (volume,) = [v for v in pod_spec()["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == "tollgate-envoy"
+    assert {"key": "envoy.yaml", "path": "envoy.yaml"} in volume["configMap"]["items"]
+    assert port in {p["containerPort"] for p in envoy["ports"]}
+    for probe in ("startupProbe", "readinessProbe"):
+        assert envoy[probe]["tcpSocket"]["port"] == port, probe
+
+    # Envoy reaches the extproc on the pod's loopback at the default gRPC port.
+    clusters = envoy_bootstrap()["static_resources"]["clusters"]
+    (extproc,) = [c for c in clusters if c["name"] == "tollgate_extproc"]
+    (endpoint,) = extproc["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    assert (address["address"], address["port_value"]) == (settings.grpc_host, settings.grpc_port)
+
+
+def test_app_calls_go_through_envoy() -> None:
+    port = envoy_listener_port()
+    env = env_of(containers()["app"])
+    assert env["OPENAI_BASE_URL"]["value"] == f"http://127.0.0.1:{port}/v1"
+    assert env["ANTHROPIC_BASE_URL"]["value"] == f"http://127.0.0.1:{port}"
+
+
+def test_volume_mounts_resolve() -> None:
+    volumes = {v["name"] for v in pod_spec()["volumes"]}
+    for name, container in containers().items():
+        for mount in container.get("volumeMounts", []):
+            assert mount["name"] in volumes, (name, mount["name"])
