@@ -14,9 +14,14 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from extproc.core.periods import PERIODS
 from extproc.core.pricing import ModelPrice, usd_to_micros
+from extproc.core.quota import LimitSpec, RateLimitSpec, Selector
 
 API_VERSION = "tollgate.io/v1alpha1"
 GROUP = "tollgate.io"
@@ -165,6 +170,8 @@ def _virtual_key(f: _Fields) -> dict[str, Any]:
         "expiresAt": _timestamp(f, "expiresAt"),
         "revoked": f.boolean("revoked"),
         "description": f.string("description"),
+        # May requests with this key name extra limits in `x-tollgate-limit-ids`?
+        "allowRequestLimits": f.boolean("allowRequestLimits"),
     }
     return spec
 
@@ -258,10 +265,75 @@ def _upstream(f: _Fields) -> dict[str, Any]:
     }
 
 
+_SELECTOR_FIELDS = ("keys", "groups", "users", "tags", "models")
+
+
+def _selector(f: _Fields) -> dict[str, list[str]]:
+    selector = f.mapping("selector")
+    if selector is None:
+        return {name: [] for name in _SELECTOR_FIELDS}
+    out = {name: selector.strings(name) for name in _SELECTOR_FIELDS}
+    selector.done()
+    return out
+
+
+def _limit(f: _Fields) -> dict[str, Any]:
+    kind = f.string("type", required=True)
+    if kind not in ("Block", "Allow"):
+        raise f.error("type", "must be Block or Allow")
+    maximum = f.number("max", required=True)
+    threshold = f.number("threshold")
+    if threshold is not None and not 0 < threshold <= 1:
+        raise f.error("threshold", "must be a fraction of max, in (0, 1]")
+    period = f.string("period", "none")
+    if period not in PERIODS:
+        raise f.error("period", f"must be one of {', '.join(PERIODS)}")
+    zone = f.string("timeZone", "UTC")
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise f.error("timeZone", f"unknown time zone {zone!r}") from None
+    enforcement = f.string("enforcement", "strict")
+    if enforcement not in ("strict", "reactive"):
+        raise f.error("enforcement", "must be strict or reactive")
+    return {
+        "type": kind,
+        "max": maximum,
+        "threshold": 1.0 if threshold is None else threshold,
+        "period": period,
+        "timeZone": zone,
+        "enforcement": enforcement,
+        "failOpen": f.boolean("failOpen"),
+        "selector": _selector(f),
+    }
+
+
+RATE_SCOPES = ("key", "user", "group", "model", "ip", "global")
+
+
+def _rate_limit(f: _Fields) -> dict[str, Any]:
+    per = f.string("per", required=True)
+    if per not in RATE_SCOPES:
+        raise f.error("per", f"must be one of {', '.join(RATE_SCOPES)}")
+    spec = {
+        "per": per,
+        "selector": _selector(f),
+        "requestsPerMinute": f.integer("requestsPerMinute", minimum=1),
+        "tokensPerMinute": f.integer("tokensPerMinute", minimum=1),
+        "concurrent": f.integer("concurrent", minimum=1),
+    }
+    if all(spec[k] is None for k in ("requestsPerMinute", "tokensPerMinute", "concurrent")):
+        raise f.error("requestsPerMinute",
+                      "set at least one of requestsPerMinute, tokensPerMinute, concurrent")
+    return spec
+
+
 SPEC_READERS: dict[str, Callable[[_Fields], dict[str, Any]]] = {
     "VirtualKey": _virtual_key,
     "PriceTable": _price_table,
     "Upstream": _upstream,
+    "Limit": _limit,
+    "RateLimit": _rate_limit,
 }
 KINDS = tuple(SPEC_READERS)
 
@@ -325,6 +397,7 @@ class KeyRecord:
     tags: tuple[str, ...]
     expires_at: float | None  # unix seconds
     revoked: bool
+    allow_request_limits: bool = False
 
 
 def key_record(resource: Resource) -> KeyRecord:
@@ -339,6 +412,7 @@ def key_record(resource: Resource) -> KeyRecord:
         tags=tuple(s.get("tags", ())),
         expires_at=datetime.fromisoformat(expires).timestamp() if expires else None,
         revoked=bool(s.get("revoked", False)),
+        allow_request_limits=bool(s.get("allowRequestLimits", False)),
     )
 
 
@@ -400,4 +474,39 @@ def upstream_spec(resource: Resource) -> UpstreamSpec:
                            bool(c.get("isFallback")))
             for c in s.get("credentials", ())
         ),
+    )
+
+
+def _selector_of(spec: dict[str, Any]) -> Selector:
+    sel = spec.get("selector") or {}
+    return Selector(*(tuple(sel.get(name) or ()) for name in _SELECTOR_FIELDS))
+
+
+def limit_spec(resource: Resource) -> LimitSpec:
+    s = resource.spec
+    max_micros = usd_to_micros(s["max"])
+    # threshold * max, rounded down to the micro-dollar: "exceeded" starts no later than asked.
+    threshold_micros = int(max_micros * Decimal(str(s.get("threshold", 1.0))))
+    return LimitSpec(
+        name=resource.name,
+        block=s["type"] == "Block",
+        max_micros=max_micros,
+        threshold_micros=threshold_micros,
+        period=s.get("period", "none"),
+        time_zone=s.get("timeZone", "UTC"),
+        strict=s.get("enforcement", "strict") == "strict",
+        fail_open=bool(s.get("failOpen", False)),
+        selector=_selector_of(s),
+    )
+
+
+def rate_limit_spec(resource: Resource) -> RateLimitSpec:
+    s = resource.spec
+    return RateLimitSpec(
+        name=resource.name,
+        per=s["per"],
+        selector=_selector_of(s),
+        requests_per_minute=s.get("requestsPerMinute"),
+        tokens_per_minute=s.get("tokensPerMinute"),
+        concurrent=s.get("concurrent"),
     )

@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 
 from extproc.core.pricing import ModelPrice, PriceBook
 from extproc.core.request import Endpoint
+from extproc.core.quota import LimitSpec, RateLimitSpec
 from extproc.core.resources import (
     KeyRecord,
     Resource,
     UpstreamSpec,
     key_record,
+    limit_spec,
     model_prices,
+    rate_limit_spec,
     upstream_spec,
 )
 
@@ -33,6 +36,8 @@ class Snapshot:
     upstreams: tuple[UpstreamSpec, ...]
     secrets: dict[str, str]  # secretRef -> value, resolved from env/files at load time
     resources: dict[tuple[str, str], Resource] = field(default_factory=dict)
+    limits: tuple[LimitSpec, ...] = ()
+    rate_limits: tuple[RateLimitSpec, ...] = ()
 
     def choose_upstream(self, endpoint: Endpoint, model: str, azure: bool) -> UpstreamSpec | None:
         """The first upstream (by priority, then name) that speaks this API and serves `model`."""
@@ -64,6 +69,8 @@ def build_snapshot(
     keys: dict[str, KeyRecord] = {}
     prices: dict[str, ModelPrice] = {}
     upstreams: list[UpstreamSpec] = []
+    limits: list[LimitSpec] = []
+    rate_limits: list[RateLimitSpec] = []
     # Price tables merge in name order ("default" first), so a later table overrides a model.
     for (kind, _name), resource in sorted(
         merged.items(), key=lambda kv: (kv[0][0], kv[0][1] != "default", kv[0][1])
@@ -75,6 +82,10 @@ def build_snapshot(
             prices.update(model_prices(resource))
         elif kind == "Upstream":
             upstreams.append(upstream_spec(resource))
+        elif kind == "Limit":
+            limits.append(limit_spec(resource))
+        elif kind == "RateLimit":
+            rate_limits.append(rate_limit_spec(resource))
     upstreams.sort(key=lambda u: (u.priority, u.name))
     secrets: dict[str, str] = {}
     for upstream in upstreams:
@@ -89,4 +100,6 @@ def build_snapshot(
         upstreams=tuple(upstreams),
         secrets=secrets,
         resources=merged,
+        limits=tuple(limits),
+        rate_limits=tuple(rate_limits),
     )

@@ -39,3 +39,31 @@ class KeySchema:
     def usage_stream(self) -> str:
         """STREAM: one entry per priced request, field `event` = tollgate.v1.UsageEvent bytes."""
         return f"{self.prefix}usage"
+
+    # -- limits and rate limits (all in the same slot as everything else) --------------------
+
+    def limit_state(self, limit: str, period_id: str) -> str:
+        """HASH: spent, held (micro-dollars) and request counts by state, for one period."""
+        return f"{self.prefix}lim:{limit}:{period_id}"
+
+    def window(self, rate_limit: str, ident: str, metric: str) -> str:
+        """HASH: bucket number -> requests or tokens charged in that bucket."""
+        short = "rpm" if metric == "requests" else "tpm"
+        return f"{self.prefix}rl:{rate_limit}:{ident}:{short}"
+
+    def leases(self, rate_limit: str, ident: str) -> str:
+        """ZSET: request id -> lease deadline (ms) of in-flight requests."""
+        return f"{self.prefix}cc:{rate_limit}:{ident}"
+
+    def hold(self, request_id: str) -> str:
+        """STRING (JSON): what a request reserved, and the keys to correct when it settles."""
+        return f"{self.prefix}hold:{request_id}"
+
+    @property
+    def holds(self) -> str:
+        """ZSET: request id -> hold deadline (ms); the sweeper settles the expired ones."""
+        return f"{self.prefix}holds"
+
+    def done(self, request_id: str) -> str:
+        """STRING: set once a request is settled; makes settlement idempotent."""
+        return f"{self.prefix}done:{request_id}"

@@ -24,13 +24,18 @@ class StoreUnavailable(Exception):
     """Redis could not be reached or answered with an error."""
 
 
-def connect(url: str, timeout_s: float) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
+def connect(url: str, timeout_s: float, max_connections: int = 64) -> aioredis.Redis:
+    # A blocking pool: under a burst, calls wait (up to the timeout) for a free connection
+    # instead of failing with "Too many connections".
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=30,
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 class Store:

@@ -1,0 +1,229 @@
+"""Runs reservation plans and settlements against Redis, one script call each.
+
+A settlement travels as a `SettleCall` (script keys + arguments) so that the exact same call can
+be made inline, batched, written to the journal when Redis is down and replayed later, or rebuilt
+by the sweeper from a hold record. The settle script is idempotent per request id, so replaying a
+call that did land is harmless.
+
+A small circuit breaker stops calling Redis for a moment after consecutive failures: when Redis
+is down every request would otherwise wait out the socket timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass
+from importlib import resources as importlib_resources
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from extproc.core.quota import BUCKET_MS, BUCKETS, ReservationPlan
+from extproc.store.keyschema import KeySchema
+from extproc.store.redis_store import StoreUnavailable
+
+
+def _lua(name: str) -> str:
+    return importlib_resources.files("extproc.store").joinpath(f"lua/{name}").read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class SettleCall:
+    keys: tuple[str, ...]
+    args: tuple[int | str | bytes, ...]
+
+    def to_json(self) -> bytes:
+        args = [
+            {"b": base64.b64encode(a).decode()} if isinstance(a, bytes) else a for a in self.args
+        ]
+        return orjson.dumps({"keys": list(self.keys), "args": args})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> SettleCall:
+        doc = orjson.loads(raw)
+        args = tuple(
+            base64.b64decode(a["b"]) if isinstance(a, dict) else a for a in doc["args"]
+        )
+        return cls(tuple(doc["keys"]), args)
+
+    @property
+    def request_id(self) -> str:
+        return str(self.args[0])
+
+
+class CircuitBreaker:
+    def __init__(self, failures: int = 3, open_s: float = 1.0) -> None:
+        self.threshold = failures
+        self.open_s = open_s
+        self.failures = 0
+        self.open_until = 0.0
+
+    def check(self) -> None:
+        if self.failures >= self.threshold and time.monotonic() < self.open_until:
+            raise StoreUnavailable("circuit open after repeated Redis failures")
+
+    def success(self) -> None:
+        self.failures = 0
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.open_until = time.monotonic() + self.open_s
+
+
+class QuotaStore:
+    def __init__(
+        self, client: aioredis.Redis, schema: KeySchema, stream_maxlen: int
+    ) -> None:
+        self.redis = client
+        self.keys = schema
+        self.stream_maxlen = stream_maxlen
+        self.breaker = CircuitBreaker()
+        self._reserve = client.register_script(_lua("reserve.lua"))
+        self._settle = client.register_script(_lua("settle.lua"))
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> list[Any]:
+        self.breaker.check()
+        try:
+            reply = await script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            self.breaker.failure()
+            raise StoreUnavailable(str(exc)) from exc
+        self.breaker.success()
+        return list(reply)
+
+    # -- reserve ---------------------------------------------------------------------------
+
+    def _limit_keys(self, plan: ReservationPlan) -> list[str]:
+        return [self.keys.limit_state(c.limit.name, c.period_id) for c in plan.limits]
+
+    def _window_keys(self, plan: ReservationPlan, tokens_only: bool = False) -> list[str]:
+        return [
+            self.keys.window(w.rate_limit, w.ident, w.metric)
+            for w in plan.windows
+            if not tokens_only or w.metric == "tokens"
+        ]
+
+    def _lease_keys(self, plan: ReservationPlan) -> list[str]:
+        return [self.keys.leases(lease.rate_limit, lease.ident) for lease in plan.leases]
+
+    async def reserve(self, plan: ReservationPlan, base_event: bytes) -> list[int]:
+        keys = [
+            self.keys.hold(plan.request_id),
+            self.keys.holds,
+            *self._limit_keys(plan),
+            *self._window_keys(plan),
+            *self._lease_keys(plan),
+        ]
+        # What the sweeper needs to settle this hold at its estimate if nobody else does.
+        expired = self.settle_call(plan, plan.estimate_micros, plan.estimate_tokens, base_event,
+                                   reserved=True)
+        args: list[Any] = [
+            plan.request_id,
+            plan.now_ms,
+            plan.hold_deadline_ms,
+            len(plan.limits),
+            len(plan.windows),
+            len(plan.leases),
+            plan.estimate_micros,
+            expired.to_json(),
+        ]
+        for c in plan.limits:
+            mode = 0 if not c.limit.block else (1 if c.limit.strict else 2)
+            args += [mode, c.limit.max_micros, c.ttl_ms, 0]
+        for w in plan.windows:
+            args += [w.limit, w.amount, BUCKET_MS, BUCKETS]
+        for _lease in plan.leases:
+            args += [_lease.limit, plan.lease_deadline_ms]
+        return [int(v) for v in await self._run(self._reserve, keys, args)]
+
+    # -- settle ----------------------------------------------------------------------------
+
+    def settle_call(
+        self,
+        plan: ReservationPlan | None,
+        actual_micros: int,
+        actual_tokens: int,
+        event: bytes,
+        reserved: bool,
+        request_id: str | None = None,
+        now_ms: int | None = None,
+    ) -> SettleCall:
+        """The settle script call for a request. `reserved` is False when the reservation was
+        admitted without Redis (fail-open): then there is no hold and no held amount to release,
+        only the actual spend to record."""
+        rid = request_id or (plan.request_id if plan else "")
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        if plan is None:
+            keys = [self.keys.done(rid), self.keys.hold(rid), self.keys.holds,
+                    self.keys.usage_stream]
+            args: list[Any] = [rid, now, actual_micros, actual_tokens, event,
+                               self.stream_maxlen, 0, 0, 0, 0, 0]
+            return SettleCall(tuple(keys), tuple(args))
+        token_windows = plan.token_windows if reserved else ()
+        keys = [
+            self.keys.done(rid),
+            self.keys.hold(rid),
+            self.keys.holds,
+            self.keys.usage_stream,
+            *self._limit_keys(plan),
+            *[self.keys.window(w.rate_limit, w.ident, w.metric) for w in token_windows],
+            *(self._lease_keys(plan) if reserved else []),
+        ]
+        args = [
+            rid, now, actual_micros, actual_tokens, event, self.stream_maxlen,
+            len(plan.limits), len(token_windows), len(plan.leases) if reserved else 0,
+            plan.estimate_micros if reserved else 0,
+            plan.estimate_tokens if reserved else 0,
+        ]
+        for c in plan.limits:
+            args += [c.limit.max_micros, c.limit.threshold_micros, c.ttl_ms]
+        for _w in token_windows:
+            args.append(plan.bucket)
+        return SettleCall(tuple(keys), tuple(args))
+
+    async def settle(self, call: SettleCall) -> list[int]:
+        return [int(v) for v in await self._run(self._settle, list(call.keys), list(call.args))]
+
+    async def settle_many(self, calls: list[SettleCall]) -> None:
+        """Several settlements in one pipelined round trip (usage of unlimited requests)."""
+        self.breaker.check()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for call in calls:
+                    await self._settle(keys=list(call.keys), args=list(call.args), client=pipe)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.breaker.failure()
+            raise StoreUnavailable(str(exc)) from exc
+        self.breaker.success()
+
+    # -- sweeping --------------------------------------------------------------------------
+
+    async def expired_holds(self, now_ms: int, count: int = 100) -> list[SettleCall]:
+        """Settle calls (at the estimate) for holds whose deadline has passed."""
+        try:
+            ids = await self.redis.zrangebyscore(self.keys.holds, "-inf", now_ms, 0, count)
+            if not ids:
+                return []
+            rids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+            payloads = await self.redis.mget([self.keys.hold(r) for r in rids])
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        calls = []
+        stale = []
+        for rid, payload in zip(rids, payloads, strict=True):
+            if payload is None:
+                stale.append(rid)  # settled between the two reads, or the record expired
+            else:
+                calls.append(SettleCall.from_json(payload))
+        if stale:
+            try:
+                await self.redis.zrem(self.keys.holds, *stale)
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(str(exc)) from exc
+        return calls
+
