@@ -7,6 +7,7 @@ CLI flags override the environment for local use.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -37,6 +38,11 @@ class Settings:
     shutdown_grace_s: float = 20.0
     log_level: str = "INFO"
     run_dir: str = ""  # where workers report their state to the supervisor
+    redis_hot_timeout_s: float = 0.25  # reserve/settle on the request path
+    journal_dir: str = os.path.join(tempfile.gettempdir(), "tollgate-journal")
+    default_max_output_tokens: int = 4096  # reservation estimate when a request sets no cap
+    hold_seconds: float = 600.0  # reservations not settled by then are settled at the estimate
+    sweep_interval_s: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -58,6 +64,10 @@ class Settings:
             "TOLLGATE_SECRETS_DIR": ("secrets_dir", str),
             "TOLLGATE_LOG_LEVEL": ("log_level", str),
             "TOLLGATE_RUN_DIR": ("run_dir", str),
+            "TOLLGATE_REDIS_HOT_TIMEOUT_MS": ("redis_hot_timeout_s", lambda v: int(v) / 1000),
+            "TOLLGATE_JOURNAL_DIR": ("journal_dir", str),
+            "TOLLGATE_DEFAULT_MAX_TOKENS": ("default_max_output_tokens", int),
+            "TOLLGATE_HOLD_SECONDS": ("hold_seconds", float),
         }
         for var, (field, convert) in table.items():
             raw = env.get(var)

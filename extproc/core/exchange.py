@@ -17,25 +17,44 @@ request headers
 request body
   * malformed body -> 400; model not allowed for the key -> 403; no upstream serves the model
     -> 404; no credential -> 503;
+  * when limits or rate limits apply, the decision is `Reserve(plan)`: the edge runs the plan
+    (one Redis script) and hands the answer to `on_reserved` (or `on_reserve_failed` when Redis
+    is unreachable), which refuses (429/503) or lets the request go;
   * otherwise: swap the virtual key for the upstream credential (not when bring-your-own-key),
     set the routing header and clear the route cache so Envoy routes on it.
 response headers
-  * always add `x-tollgate-request-id`; a 2xx JSON response switches the response body to
-    BUFFERED so it can be priced; anything else passes through untouched.
+  * always add `x-tollgate-request-id` and the rate-limit headers; a 2xx JSON response switches
+    the response body to BUFFERED so it can be priced; any other response is settled here
+    (errors at zero cost, other 2xx at the estimate) and passes through.
 response body
-  * read usage, price it, add cost headers and (unless disabled) the result object.
+  * read usage and price it (`on_response_body`); the edge settles; `response_body_reply` adds
+    cost and limit headers and (unless disabled) the result object.
+Settlement is described by `due` (set by the phases above, taken by the edge exactly once); a
+stream that ends early is settled by the edge with `settlement_on_abort`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 
 from extproc.core.decisions import CONTINUE, BodyMode, Continue, Decision, Deny, HeaderEdit
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
-from extproc.core.pricing import Cost, price_usage
+from extproc.core.pricing import Cost, estimate_cost, price_usage
+from extproc.core.quota import (
+    LimitStatus,
+    LocalWindows,
+    Reservation,
+    ReservationPlan,
+    Subject,
+    applicable,
+    limit_headers,
+    limits_result,
+    plan_reservation,
+    rate_limit_headers,
+)
 from extproc.core.request import Endpoint, RequestFacts, Route, classify_path, parse_request
 from extproc.core.resources import KeyRecord, UpstreamSpec
 from extproc.core.result import Priced, cost_headers, result_object, splice_result
@@ -47,10 +66,34 @@ REQUEST_ID_HEADER = "x-tollgate-request-id"
 INTERNAL_PREFIX = "x-tollgate-"
 
 
+LIMIT_IDS_HEADERS = ("x-tollgate-limit-ids", "xproxy-limit-ids")
+TAGS_HEADERS = ("x-tollgate-tags", "xproxy-request-tags")
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     max_body_bytes: int = 8 * 1024 * 1024
     result_object: bool = True
+    default_max_output_tokens: int = 4096  # estimate cap when a request sets none
+    hold_seconds: float = 600.0  # a reservation not settled by then is settled at its estimate
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    """Run `plan` atomically, then call `on_reserved` (or `on_reserve_failed`)."""
+
+    plan: ReservationPlan
+    proceed: Continue
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What to record for this request: its real cost and tokens (or the best known)."""
+
+    cost_micros: int
+    tokens: int
+    status: int
+    reason: str  # priced | upstream_error | unpriced_response | aborted
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,15 +109,26 @@ class Exchange:
     """State of one request/response pair as it moves through the four phases."""
 
     __slots__ = (
+        "admitted",
         "client_anthropic_version",
+        "client_ip",
+        "due",
         "facts",
         "key",
+        "limit_statuses",
+        "named_limits",
+        "offline",
         "options",
+        "plan",
         "presented",
         "priced",
         "request_id",
+        "request_tags",
+        "reservation",
         "route",
+        "settled",
         "status",
+        "unknown_limits",
         "upstream",
     )
 
@@ -89,7 +143,46 @@ class Exchange:
         self.status = 0
         self.priced: Priced | None = None
         self.client_anthropic_version = False
+        self.named_limits: tuple[str, ...] = ()
+        self.request_tags: tuple[str, ...] = ()
+        self.client_ip = ""
+        self.plan: ReservationPlan | None = None
+        self.reservation: Reservation | None = None
+        self.offline = False  # admitted without Redis: nothing is held there
+        self.unknown_limits: tuple[str, ...] = ()
+        self.limit_statuses: tuple[LimitStatus, ...] = ()
+        self.due: Settlement | None = None
+        self.settled = False
+        self.admitted = False  # set by the edge once the request is on its way upstream
 
+    @property
+    def holds_reservation(self) -> bool:
+        """True when a plan was admitted and must be settled, whatever happens next."""
+        return self.plan is not None and not self.plan.empty and (
+            self.reservation is not None or self.offline
+        ) and (self.reservation is None or self.reservation.denial is None)
+
+    def take_due(self) -> Settlement | None:
+        """The settlement to perform now, handed out once."""
+        due, self.due = self.due, None
+        if due is not None:
+            self.settled = True
+        return due
+
+    def settlement_on_abort(self) -> Settlement | None:
+        """The stream ended before a normal settlement (client gone, upstream reset, Envoy
+        timeout). Without a response the provider may still have charged: record the estimate,
+        the conservative choice (a budget can be overcharged by one estimate, never undercharged).
+        """
+        if self.settled or not self.admitted:
+            return None
+        if self.status and not 200 <= self.status < 300:
+            return Settlement(0, 0, self.status, "upstream_error")
+        plan = self.plan
+        estimate = plan.estimate_micros if plan else 0
+        tokens = plan.estimate_tokens if plan else 0
+        self.settled = True
+        return Settlement(estimate, tokens, self.status, "aborted")
     @property
     def anthropic_style(self) -> bool:
         return self.route is not None and self.route.endpoint.is_anthropic
@@ -128,6 +221,21 @@ class Exchange:
             return refusal
         assert record is not None
         self.presented, self.key = presented, record
+        for name in LIMIT_IDS_HEADERS:
+            if headers.get(name):
+                self.named_limits += _csv(headers[name])
+        if self.named_limits and not record.allow_request_limits:
+            return Deny(
+                403, "limit_ids_not_allowed",
+                "This API key may not name limits in x-tollgate-limit-ids.",
+            )
+        for name in TAGS_HEADERS:
+            if headers.get(name):
+                self.request_tags += _csv(headers[name])
+        forwarded = headers.get("x-forwarded-for", "")
+        self.client_ip = forwarded.split(",")[0].strip() or headers.get(
+            "x-envoy-external-address", ""
+        )
 
         method = headers.get(":method", "GET")
         if self.route.endpoint is Endpoint.MODELS:
@@ -167,7 +275,9 @@ class Exchange:
 
     # -- request body ----------------------------------------------------------------------
 
-    def on_request_body(self, body: bytes, snapshot: Snapshot) -> Decision:
+    def on_request_body(
+        self, body: bytes, snapshot: Snapshot, now: float
+    ) -> Decision | Reserve:
         assert self.route is not None and self.key is not None and self.presented is not None
         if len(body) > self.options.max_body_bytes:
             return self._too_large()
@@ -213,39 +323,137 @@ class Exchange:
             doc = orjson.loads(body)
             doc["model"] = alias
             new_body = orjson.dumps(doc)
-        return Continue(HeaderEdit(tuple(sets), removes), body=new_body, clear_route_cache=True)
+        proceed = Continue(HeaderEdit(tuple(sets), removes), body=new_body, clear_route_cache=True)
+        plan = self._plan(snapshot, facts, now)
+        if plan.empty:
+            return proceed
+        return Reserve(plan, proceed)
+
+    def _plan(self, snapshot: Snapshot, facts: RequestFacts, now: float) -> ReservationPlan:
+        assert self.key is not None and self.upstream is not None
+        price = snapshot.price(self.priced_model)
+        out_tokens = 0 if facts.endpoint is Endpoint.EMBEDDINGS else (
+            facts.max_output_tokens or self.options.default_max_output_tokens
+        )
+        prompt_tokens = facts.prompt_tokens_estimate
+        estimate = estimate_cost(price, prompt_tokens, out_tokens).total_micros if price else 0
+        subject = Subject(
+            key=self.key.name,
+            group=self.key.group,
+            user=self.key.user or facts.user or "",
+            tags=tuple(dict.fromkeys(self.key.tags + self.request_tags)),
+            model=facts.model,
+            ip=self.client_ip,
+        )
+        limits, unknown = applicable(snapshot.limits, subject, self.named_limits)
+        self.unknown_limits = tuple(unknown)
+        self.plan = plan_reservation(
+            request_id=self.request_id,
+            now=now,
+            limits=limits,
+            rate_limits=snapshot.rate_limits,
+            subject=subject,
+            estimate_micros=estimate,
+            estimate_tokens=prompt_tokens + out_tokens,
+            hold_seconds=self.options.hold_seconds,
+        )
+        return self.plan
+
+    @property
+    def priced_model(self) -> str:
+        """The model the provider bills: the alias target when the body is rewritten."""
+        assert self.facts is not None
+        if self.upstream is not None:
+            return self.upstream.aliases.get(self.facts.model, self.facts.model)
+        return self.facts.model
+
+    def on_reserved(self, reserve: Reserve, reservation: Reservation) -> Decision:
+        self.reservation = reservation
+        self.limit_statuses = reservation.limits
+        if reservation.denial is None:
+            return reserve.proceed
+        deny = reservation.denial
+        return replace(
+            deny,
+            headers=deny.headers + rate_limit_headers(reservation.windows)
+            + limit_headers(reservation.limits),
+            result={
+                "request_id": self.request_id,
+                "blocked_limit_ids": [reservation.blocked_limit] if reservation.blocked_limit
+                else [],
+                "unknown_limit_ids": list(self.unknown_limits),
+                "limits": limits_result(reservation.limits),
+            },
+        )
+
+    def on_reserve_failed(self, reserve: Reserve, local: LocalWindows) -> Decision:
+        """Redis is unreachable. Allow limits never block; Block limits fail closed unless
+        configured `failOpen`; rate limits fall back to this replica's own windows."""
+        closed = [c.limit.name for c in reserve.plan.limits if c.limit.block
+                  and not c.limit.fail_open]
+        if closed:
+            return Deny(
+                503, "limits_unavailable",
+                "Spend limits cannot be checked right now (limit store unreachable); "
+                "retry shortly.",
+                headers=(("retry-after", "1"),),
+                extra={"limit_ids": closed},
+            )
+        refusal = local.admit(reserve.plan)
+        if refusal is not None:
+            return refusal
+        self.offline = True
+        return reserve.proceed
 
     # -- response headers ------------------------------------------------------------------
 
     def on_response_headers(self, headers: Mapping[str, str]) -> Continue:
         status = headers.get(":status", "0")
         self.status = int(status) if status.isdigit() else 0
-        edit = HeaderEdit(set=((REQUEST_ID_HEADER, self.request_id),))
+        sets: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, self.request_id),)
+        if self.reservation is not None:
+            sets += rate_limit_headers(self.reservation.windows)
         content_type = headers.get("content-type", "")
-        if (
-            200 <= self.status < 300
-            and self.facts is not None
-            and content_type.startswith("application/json")
-        ):
-            return Continue(edit, response_body_mode=BodyMode.BUFFERED)
-        return Continue(edit)
+        if self.facts is None or self.upstream is None:
+            return Continue(HeaderEdit(set=sets))  # not an admitted LLM call (e.g. Envoy's 404)
+        if 200 <= self.status < 300 and content_type.startswith("application/json"):
+            return Continue(HeaderEdit(set=sets), response_body_mode=BodyMode.BUFFERED)
+        if 200 <= self.status < 300:
+            # A successful response Tollgate cannot read (a stream, for now): charge the
+            # estimate, so that nothing reserved is left behind or recorded as free.
+            plan = self.plan
+            self.due = Settlement(plan.estimate_micros if plan else 0,
+                                  plan.estimate_tokens if plan else 0,
+                                  self.status, "unpriced_response")
+        else:
+            # The provider refused or failed: release the reservation at zero cost.
+            self.due = Settlement(0, 0, self.status, "upstream_error")
+        return Continue(HeaderEdit(set=sets))
+
+    def after_settlement(self, statuses: tuple[LimitStatus, ...] | None) -> HeaderEdit:
+        """Headers that report limit states once the settlement is recorded. `None` means it
+        could not be written yet (journaled): the states seen at reservation are reported."""
+        if statuses is not None:
+            self.limit_statuses = statuses
+        return HeaderEdit(set=limit_headers(self.limit_statuses))
 
     # -- response body ---------------------------------------------------------------------
 
-    def on_response_body(self, body: bytes, snapshot: Snapshot) -> Continue:
+    def on_response_body(self, body: bytes, snapshot: Snapshot) -> Settlement:
+        """Price the buffered response; the returned settlement is also `due`."""
         assert self.facts is not None and self.key is not None and self.upstream is not None
         warnings: list[str] = []
         usage = parse_response_usage(self.facts.endpoint, body)
         if usage is None:
             usage = Usage()
             warnings.append("no-usage-in-response")
-        price = snapshot.price(self.facts.model)
+        price = snapshot.price(self.priced_model)
         if price is None:
             warnings.append("unknown-model-priced-at-zero")
             cost = Cost()
         else:
             cost = price_usage(price, usage)
-        priced = Priced(
+        self.priced = Priced(
             request_id=self.request_id,
             model=self.facts.model,
             upstream=self.upstream.name,
@@ -255,12 +463,25 @@ class Exchange:
             priced=price is not None,
             warnings=tuple(warnings),
         )
-        self.priced = priced
-        sets = cost_headers(priced)
+        self.due = Settlement(cost.total_micros, usage.total, self.status, "priced")
+        return self.due
+
+    def response_body_reply(
+        self, body: bytes, statuses: tuple[LimitStatus, ...] | None
+    ) -> Continue:
+        assert self.priced is not None
+        edit = HeaderEdit(set=cost_headers(self.priced)).plus(self.after_settlement(statuses))
         new_body = None
         if self.options.result_object:
-            new_body = splice_result(body, result_object(priced))
-        return Continue(HeaderEdit(set=sets), body=new_body)
+            result = result_object(self.priced)
+            result["limits"] = limits_result(self.limit_statuses)
+            result["unknown_limit_ids"] = list(self.unknown_limits)
+            new_body = splice_result(body, result)
+        return Continue(edit, body=new_body)
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 def _credential_secret(upstream: UpstreamSpec, snapshot: Snapshot) -> str | None:

@@ -377,3 +377,41 @@ def limits_result(statuses: Sequence[LimitStatus]) -> dict[str, object]:
         }
         for s in statuses
     }
+
+
+class LocalWindows:
+    """Per-replica rate limiting used while Redis is unreachable (rate limits fail open to it).
+
+    Same bucketed rolling windows as the Redis script, but counted in this process only, so with
+    N replicas the effective limit is up to N times the configured one during an outage.
+    Concurrency leases are not tracked locally (in-flight requests cannot be known without the
+    shared store); they fail open.
+    """
+
+    def __init__(self, max_windows: int = 50_000) -> None:
+        self._windows: dict[tuple[str, str, str], dict[int, int]] = {}
+        self.max_windows = max_windows
+
+    def admit(self, plan: ReservationPlan) -> Deny | None:
+        bucket = plan.now_ms // BUCKET_MS
+        checked = []
+        for w in plan.windows:
+            key = (w.rate_limit, w.ident, w.metric)
+            counts = self._windows.get(key)
+            if counts is None:
+                if len(self._windows) >= self.max_windows:
+                    self._windows.clear()  # bounded memory beats precision during an outage
+                counts = self._windows[key] = {}
+            for old in [b for b in counts if b < bucket - BUCKETS]:
+                del counts[old]
+            if sum(counts.values()) + w.amount > w.limit:
+                return Deny(
+                    429, "rate_limit_exceeded",
+                    f"Rate limit reached for {w.metric} per minute ({w.rate_limit}, per "
+                    f"{w.scope}): limit {w.limit}.",
+                    headers=(("retry-after", str(BUCKET_MS // 1000)),),
+                )
+            checked.append(counts)
+        for w, counts in zip(plan.windows, checked, strict=True):
+            counts[bucket] = counts.get(bucket, 0) + w.amount
+        return None

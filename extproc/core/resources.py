@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
-
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from extproc.core.periods import PERIODS

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from extproc.core.pricing import ModelPrice, PriceBook
-from extproc.core.request import Endpoint
 from extproc.core.quota import LimitSpec, RateLimitSpec
+from extproc.core.request import Endpoint
 from extproc.core.resources import (
     KeyRecord,
     Resource,

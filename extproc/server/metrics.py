@@ -47,3 +47,22 @@ KEY_LOOKUPS = Counter(
     "throttled).",
     ["source"],
 )
+JOURNALED = Counter(
+    "tollgate_settlements_journaled_total",
+    "Settlements that could not be written to Redis at once and were journaled for replay.",
+)
+JOURNAL_PENDING = Gauge(
+    "tollgate_settlements_pending", "Journaled settlements not yet replayed.",
+    multiprocess_mode="livesum",
+)
+HOLDS_SWEPT = Counter(
+    "tollgate_holds_swept_total", "Reservations settled at their estimate after their deadline."
+)
+FAIL_OPEN = Counter(
+    "tollgate_fail_open_total",
+    "Requests admitted without the limit store (Redis unreachable), by what was skipped.",
+    ["kind"],
+)
+LIMIT_DENIALS = Counter(
+    "tollgate_limit_denials_total", "Requests refused by a spend limit.", ["limit"]
+)

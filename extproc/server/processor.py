@@ -1,14 +1,20 @@
 """The ext_proc servicer: one gRPC stream per HTTP request, driven through `core.exchange`.
 
 This is glue: decode a message (adapter), ask the core, do the I/O the core cannot (key lookups
-on a snapshot miss, queueing the usage event), encode the answer (adapter). A bug in a request
-phase becomes a clean JSON 500 for that request, never a broken stream; a bug in a response phase
-lets the response through unpriced (and is logged), because the upstream call already happened.
+on a snapshot miss, the reserve and settle scripts), encode the answer (adapter). At most two
+Redis round trips per allowed request (reserve, settle) and one per refused one; none at all for
+a request no limit applies to (its usage event is written in a batch, off the request path).
+
+A bug in a request phase becomes a clean JSON 500 for that request, never a broken stream; a bug
+in a response phase lets the response through (and is logged), because the upstream call already
+happened. However a stream ends, an admitted request is settled: normally in its response phase,
+else from the `finally` below, in a task that the stream's cancellation cannot interrupt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -18,13 +24,22 @@ from typing import Any
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-from extproc.core.decisions import Continue, Deny
-from extproc.core.exchange import REQUEST_ID_HEADER, Exchange, Options, Reply
+from extproc.core.decisions import Continue, Decision, Deny
+from extproc.core.exchange import Exchange, Options, Reply, Reserve, Settlement
 from extproc.core.keys import find_key
+from extproc.core.quota import (
+    LimitStatus,
+    LocalWindows,
+    interpret_reservation,
+    interpret_settlement,
+)
 from extproc.core.snapshot import Snapshot
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.server import adapter, metrics
-from extproc.server.state import ConfigWatcher, KeyDirectory, UsageRecorder
+from extproc.server.settlement import Settler
+from extproc.server.state import ConfigWatcher, KeyDirectory
+from extproc.store.quota_store import QuotaStore, SettleCall
+from extproc.store.redis_store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +63,16 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self,
         watcher: ConfigWatcher,
         keys: KeyDirectory,
-        recorder: UsageRecorder,
+        quota: QuotaStore,
+        settler: Settler,
         options: Options,
     ) -> None:
         self.watcher = watcher
         self.keys = keys
-        self.recorder = recorder
+        self.quota = quota
+        self.settler = settler
         self.options = options
+        self.local = LocalWindows()
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
@@ -71,7 +89,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 yield response
         except asyncio.CancelledError:
             # Envoy cancels streams at request end unless graceful close is on: a normal end.
-            return
+            pass
+        finally:
+            due = exchange.settlement_on_abort()
+            if due is not None:
+                self.settler.settle_later(self._settle_call(exchange, due, started))
 
     async def _handle(
         self,
@@ -93,19 +115,25 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             if phase == "request_headers":
                 return await self._request_headers(request, exchange, snapshot)
             if phase == "request_body":
-                decision = exchange.on_request_body(request.request_body.body, snapshot)
-                if isinstance(decision, Deny):
-                    return self._deny(exchange, decision)
-                metrics.REQUESTS.labels("allowed", "ok").inc()
-                return adapter.continue_response(phase, decision)
+                return await self._request_body(request, exchange, snapshot, started)
             if phase == "response_headers":
                 headers = adapter.header_map(request.response_headers)
-                return adapter.continue_response(phase, exchange.on_response_headers(headers))
-            if phase == "response_body":
-                decision = exchange.on_response_body(request.response_body.body, snapshot)
-                if exchange.priced is not None:
-                    self._record(exchange, started)
+                decision = exchange.on_response_headers(headers)
+                due = exchange.take_due()
+                if due is not None:
+                    statuses = await self._settle(exchange, due, started)
+                    edit = decision.headers.plus(exchange.after_settlement(statuses))
+                    decision = dataclasses.replace(decision, headers=edit)
                 return adapter.continue_response(phase, decision)
+            if phase == "response_body" and exchange.admitted:
+                body = request.response_body.body
+                exchange.on_response_body(body, snapshot)
+                due = exchange.take_due()
+                assert due is not None
+                statuses = await self._settle(exchange, due, started)
+                self._count_priced(exchange)
+                reply = exchange.response_body_reply(body, statuses)
+                return adapter.continue_response(phase, reply)
             return adapter.continue_response(phase, Continue())
         except Exception:
             log.exception("bug while handling %s (request %s)", phase, exchange.request_id)
@@ -135,49 +163,107 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return adapter.reply_response(decision, exchange.deny_headers())
         return adapter.continue_response("request_headers", decision)
 
+    async def _request_body(
+        self,
+        request: ep.ProcessingRequest,
+        exchange: Exchange,
+        snapshot: Snapshot,
+        started: float,
+    ) -> ep.ProcessingResponse:
+        decision: Decision | Reserve = exchange.on_request_body(
+            request.request_body.body, snapshot, time.time()
+        )
+        if isinstance(decision, Reserve):
+            decision = await self._reserve(exchange, decision, started)
+        if isinstance(decision, Deny):
+            return self._deny(exchange, decision)
+        exchange.admitted = True
+        metrics.REQUESTS.labels("allowed", "ok").inc()
+        return adapter.continue_response("request_body", decision)
+
+    async def _reserve(self, exchange: Exchange, reserve: Reserve, started: float) -> Decision:
+        plan = reserve.plan
+        # Recorded by the sweeper if this request is never settled: priced at the estimate.
+        base = self._event(exchange, Settlement(plan.estimate_micros, plan.estimate_tokens, 0,
+                                                "expired"), started)
+        try:
+            reply = await self.quota.reserve(plan, base)
+        except StoreUnavailable:
+            metrics.REDIS_ERRORS.labels("reserve").inc()
+            decision = exchange.on_reserve_failed(reserve, self.local)
+            if not isinstance(decision, Deny):
+                metrics.FAIL_OPEN.labels("limits" if plan.limits else "rate_limits").inc()
+            return decision
+        reservation = interpret_reservation(plan, reply)
+        if reservation.blocked_limit:
+            metrics.LIMIT_DENIALS.labels(reservation.blocked_limit).inc()
+        return exchange.on_reserved(reserve, reservation)
+
+    def _settle_call(self, exchange: Exchange, due: Settlement, started: float) -> SettleCall:
+        event = self._event(exchange, due, started)
+        plan = exchange.plan
+        if plan is None or plan.empty:
+            return self.quota.settle_call(None, due.cost_micros, due.tokens, event, False,
+                                          request_id=exchange.request_id)
+        return self.quota.settle_call(plan, due.cost_micros, due.tokens, event,
+                                      reserved=not exchange.offline)
+
+    async def _settle(
+        self, exchange: Exchange, due: Settlement, started: float
+    ) -> tuple[LimitStatus, ...] | None:
+        call = self._settle_call(exchange, due, started)
+        plan = exchange.plan
+        if plan is None or plan.empty:
+            self.settler.enqueue(call)  # nothing to report back: write it in a batch
+            return ()
+        reply = await self.settler.settle_now(call)
+        return None if reply is None else interpret_settlement(plan, reply)
+
     def _deny(self, exchange: Exchange, deny: Deny) -> ep.ProcessingResponse:
         metrics.REQUESTS.labels("denied", deny.code).inc()
         return adapter.deny_response(deny, exchange.anthropic_style, exchange.deny_headers())
 
-    def _record(self, exchange: Exchange, started: float) -> None:
-        priced = exchange.priced
-        assert priced is not None and exchange.key is not None and exchange.facts is not None
-        upstream = exchange.upstream
+    def _event(self, exchange: Exchange, due: Settlement, started: float) -> bytes:
+        key, facts, upstream, priced = (exchange.key, exchange.facts, exchange.upstream,
+                                        exchange.priced)
+        assert key is not None and facts is not None
         event = usage_pb2.UsageEvent(
-            request_id=priced.request_id,
-            key=priced.key_name,
-            user=exchange.facts.user or exchange.key.user,
-            group=exchange.key.group,
-            tags=list(exchange.key.tags),
-            model=priced.model,
+            request_id=exchange.request_id,
+            key=key.name,
+            user=key.user or facts.user or "",
+            group=key.group,
+            tags=list(dict.fromkeys(key.tags + exchange.request_tags)),
+            model=facts.model,
             provider=upstream.provider if upstream else "",
-            upstream=priced.upstream,
-            endpoint=exchange.facts.endpoint.value,
-            tokens=usage_pb2.TokenCounts(
-                input=priced.usage.input,
-                output=priced.usage.output,
-                cached_input=priced.usage.cached_input,
-                cache_write=priced.usage.cache_write,
-                reasoning=priced.usage.reasoning,
-            ),
-            cost=usage_pb2.Cost(
-                input_micros=priced.cost.input_micros,
-                output_micros=priced.cost.output_micros,
-                total_micros=priced.cost.total_micros,
-            ),
-            status=exchange.status,
+            upstream=upstream.name if upstream else "",
+            endpoint=facts.endpoint.value,
+            status=due.status,
             latency_ms=int((time.monotonic() - started) * 1000),
             timestamp_ms=int(time.time() * 1000),
-            priced=priced.priced,
-            streamed=exchange.facts.stream,
+            priced=priced is not None and priced.priced and due.reason == "priced",
+            streamed=facts.stream,
         )
-        self.recorder.record(event.SerializeToString())
+        if priced is not None and due.reason == "priced":
+            u, c = priced.usage, priced.cost
+            event.tokens.CopyFrom(usage_pb2.TokenCounts(
+                input=u.input, output=u.output, cached_input=u.cached_input,
+                cache_write=u.cache_write, reasoning=u.reasoning))
+            event.cost.CopyFrom(usage_pb2.Cost(input_micros=c.input_micros,
+                                               output_micros=c.output_micros,
+                                               total_micros=c.total_micros))
+        else:
+            event.tokens.input = due.tokens
+            event.cost.total_micros = due.cost_micros
+        raw: bytes = event.SerializeToString()
+        return raw
+
+    def _count_priced(self, exchange: Exchange) -> None:
+        priced = exchange.priced
+        if priced is None:
+            return
         metrics.PRICED.labels(priced.upstream, "yes" if priced.priced else "no").inc()
         if not priced.priced:
             metrics.UNPRICED.labels("unknown_model").inc()
         metrics.COST_MICROS.labels(priced.upstream).inc(priced.cost.total_micros)
         metrics.TOKENS.labels("input").inc(priced.usage.input)
         metrics.TOKENS.labels("output").inc(priced.usage.output)
-
-
-__all__ = ["REQUEST_ID_HEADER", "Processor"]

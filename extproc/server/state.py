@@ -1,5 +1,5 @@
 """Live state a worker holds outside the per-request path: the configuration snapshot (reloaded
-when the generation moves), the virtual-key directory, and the usage writer."""
+when the generation moves) and the virtual-key directory."""
 
 from __future__ import annotations
 
@@ -165,50 +165,3 @@ class KeyDirectory:
             self._late.clear()
         self._late[digest] = (snapshot.generation, record)
         return record
-
-
-class UsageRecorder:
-    """Writes usage events to the Redis stream in small batches, off the request path.
-
-    Events that cannot be written (Redis down) stay queued and are retried with backoff, so a
-    Redis outage delays accounting but does not lose it while the process lives; shutdown flushes
-    what is left.
-    """
-
-    def __init__(self, store: Store, maxlen: int, max_batch: int = 500) -> None:
-        self.store = store
-        self.maxlen = maxlen
-        self.max_batch = max_batch
-        self.pending: collections.deque[bytes] = collections.deque()
-        self._wake = asyncio.Event()
-
-    def record(self, event: bytes) -> None:
-        self.pending.append(event)
-        metrics.USAGE_PENDING.inc()
-        self._wake.set()
-
-    async def flush(self) -> None:
-        while self.pending:
-            batch = [self.pending[i] for i in range(min(self.max_batch, len(self.pending)))]
-            await self.store.append_usage(batch, self.maxlen)
-            for _ in batch:
-                self.pending.popleft()
-            metrics.USAGE_PENDING.dec(len(batch))
-            metrics.USAGE_WRITTEN.inc(len(batch))
-
-    async def run(self) -> None:
-        backoff = 0.05
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            # A short pause lets concurrent requests share one pipeline round trip.
-            await asyncio.sleep(0.002)
-            try:
-                await self.flush()
-                backoff = 0.05
-            except StoreUnavailable as exc:
-                metrics.REDIS_ERRORS.labels("usage").inc()
-                log.warning("usage write failed (%d pending), retrying: %s", len(self.pending), exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                self._wake.set()

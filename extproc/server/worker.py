@@ -2,7 +2,7 @@
 
 Envoy opens one HTTP/2 connection per Envoy worker thread, so several worker processes bound to
 one port spread the load across cores. On SIGTERM a worker reports NOT_SERVING, stops accepting
-streams, lets in-flight ones finish (up to the grace period), flushes pending usage and exits.
+streams, lets in-flight ones finish (up to the grace period), flushes pending settlements and exits.
 A state file in the run directory tells the supervisor whether this worker is ready.
 """
 
@@ -23,9 +23,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.core.exchange import Options
 from extproc.server.processor import Processor
-from extproc.server.state import ConfigWatcher, KeyDirectory, UsageRecorder
+from extproc.server.settlement import Settler
+from extproc.server.state import ConfigWatcher, KeyDirectory
 from extproc.settings import Settings
-from extproc.store.redis_store import Store
+from extproc.store.quota_store import QuotaStore
+from extproc.store.redis_store import Store, connect
 
 log = logging.getLogger("tollgate.worker")
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -43,8 +45,17 @@ async def run_worker(settings: Settings, index: int) -> None:
     store = Store.from_url(settings.redis_url, settings.redis_tag, settings.redis_timeout_s)
     watcher = ConfigWatcher(store, settings.secrets_dir, settings.reload_poll_s)
     keys = KeyDirectory(store)
-    recorder = UsageRecorder(store, settings.usage_stream_maxlen)
-    options = Options(max_body_bytes=settings.max_body_bytes, result_object=settings.result_object)
+    # The request path gets its own client with a short timeout: a slow Redis must cost a
+    # request tens of milliseconds, not the second that a configuration load may take.
+    hot = connect(settings.redis_url, settings.redis_hot_timeout_s)
+    quota = QuotaStore(hot, store.keys, settings.usage_stream_maxlen)
+    settler = Settler(quota, settings.journal_dir)
+    options = Options(
+        max_body_bytes=settings.max_body_bytes,
+        result_object=settings.result_object,
+        default_max_output_tokens=settings.default_max_output_tokens,
+        hold_seconds=settings.hold_seconds,
+    )
 
     limit = settings.grpc_max_message_bytes
     server = grpc.aio.server(
@@ -56,7 +67,7 @@ async def run_worker(settings: Settings, index: int) -> None:
         ]
     )
     ep_grpc.add_ExternalProcessorServicer_to_server(
-        Processor(watcher, keys, recorder, options), server
+        Processor(watcher, keys, quota, settler, options), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -72,7 +83,8 @@ async def run_worker(settings: Settings, index: int) -> None:
         loop.add_signal_handler(sig, stopping.set)
 
     watch_task = asyncio.create_task(watcher.run(), name="config-watcher")
-    usage_task = asyncio.create_task(recorder.run(), name="usage-recorder")
+    settle_task = asyncio.create_task(settler.run(), name="settler")
+    sweep_task = asyncio.create_task(settler.sweep(settings.sweep_interval_s), name="sweeper")
     serving = False
     log.info("worker %d (pid %d) listening on %s", index, os.getpid(), address)
     while not stopping.is_set():
@@ -86,21 +98,20 @@ async def run_worker(settings: Settings, index: int) -> None:
             serving = ready
         generation = watcher.snapshot.generation if watcher.snapshot else -1
         _write_state(state_file, ready=ready, draining=False, redis_ok=watcher.redis_ok,
-                     generation=generation, pending_usage=len(recorder.pending))
+                     generation=generation, pending_usage=settler.pending)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=0.5)
 
     log.info("worker %d draining", index)
     _write_state(state_file, ready=False, draining=True, redis_ok=watcher.redis_ok,
-                 generation=-1, pending_usage=len(recorder.pending))
+                 generation=-1, pending_usage=settler.pending)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_s)
     watch_task.cancel()
-    usage_task.cancel()
-    try:
-        await asyncio.wait_for(recorder.flush(), timeout=5)
-    except Exception as exc:
-        log.error("exiting with %d usage events unwritten: %s", len(recorder.pending), exc)
+    sweep_task.cancel()
+    settle_task.cancel()
+    await settler.close(timeout=5)
+    await hot.aclose()
     await store.close()
     log.info("worker %d stopped", index)
 

@@ -4,11 +4,12 @@ extproc and Envoy, prints `ready`, serves the SDKs, and stops everything on SIGT
 from __future__ import annotations
 
 import os
-import selectors
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,20 +30,31 @@ def _port_open(port: int) -> bool:
 
 
 def _read_until(proc: subprocess.Popen[str], needle: str, timeout: float) -> list[str]:
+    """Lines of output up to the first containing `needle`. A reader thread, because select()
+    on a buffered pipe misses lines already pulled into Python's buffer."""
     assert proc.stdout is not None
-    lines: list[str] = []
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
+    stream = proc.stdout
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line.rstrip())
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if selector.select(timeout=0.5):
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line.rstrip())
-            if needle in line:
-                return lines
-    raise AssertionError(f"no {needle!r} line; output so far:\n" + "\n".join(lines))
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"no {needle!r} line; output so far:\n" + "\n".join(seen))
 
 
 def test_up_with_embedded_redis_and_mock_upstream(tmp_path: Path) -> None:

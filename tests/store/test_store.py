@@ -15,7 +15,7 @@ from extproc.core.resources import Resource, validate_document
 from extproc.core.snapshot import build_snapshot
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.launch import free_port, start_process, wait_until
-from extproc.server.state import ConfigWatcher, KeyDirectory, UsageRecorder, builtin_resources
+from extproc.server.state import ConfigWatcher, KeyDirectory, builtin_resources
 from extproc.store.redis_store import Store, StoreUnavailable
 
 pytestmark = pytest.mark.redis
@@ -180,44 +180,66 @@ async def test_key_directory_finds_new_keys_and_shields_redis(redis_url: str, ta
         await store.close()
 
 
-async def test_usage_survives_a_redis_outage(tmp_path: Path) -> None:
-    """Redis killed mid-run: events queue up, nothing is lost, all land once it is back."""
+async def test_settlements_survive_a_redis_outage(tmp_path: Path) -> None:
+    """Redis killed mid-run: settlements are journaled, nothing is lost, every one lands once
+    it is back, and a worker that dies with a journal hands it to the next one."""
     from extproc.launch import find_redis_binary
+    from extproc.server.settlement import Settler
+    from extproc.store.keyschema import KeySchema
+    from extproc.store.quota_store import QuotaStore
+    from extproc.store.redis_store import connect
 
     binary = find_redis_binary(prefer_embedded=False)
     assert binary is not None
     port = free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
 
-    def up() -> object:
+    def up():  # type: ignore[no-untyped-def]
         proc = start_process(f"redis-{time.monotonic_ns()}", argv, tmp_path)
         wait_until(lambda: _tcp_ping(port), proc, 10, "starting")
         return proc
 
     proc = up()
-    store = Store.from_url(f"redis://127.0.0.1:{port}/0", tag="outage", timeout_s=0.2)
-    recorder = UsageRecorder(store, maxlen=10_000)
-    task = asyncio.create_task(recorder.run())
+    client = connect(f"redis://127.0.0.1:{port}/0", 0.2)
+    quota = QuotaStore(client, KeySchema("outage"), stream_maxlen=10_000)
+    journal = tmp_path / "journal"
+
+    def call(rid: str):  # type: ignore[no-untyped-def]
+        event = usage_pb2.UsageEvent(request_id=rid).SerializeToString()
+        return quota.settle_call(None, 10, 1, event, False, request_id=rid)
+
+    settler = Settler(quota, str(journal))
+    task = asyncio.create_task(settler.run())
     try:
-        recorder.record(usage_pb2.UsageEvent(request_id="before").SerializeToString())
-        await _eventually(lambda: not recorder.pending)
-        proc.stop()  # type: ignore[attr-defined]
-        for i in range(20):
-            recorder.record(usage_pb2.UsageEvent(request_id=f"during-{i}").SerializeToString())
-        await asyncio.sleep(0.5)
-        assert len(recorder.pending) == 20  # kept, not dropped
+        settler.enqueue(call("before"))
+        await _eventually(lambda: settler.pending == 0)
+        proc.stop()
+        for i in range(10):
+            settler.enqueue(call(f"during-{i}"))
+        assert await settler.settle_now(call("inline")) is None  # journaled, not lost
+        await _eventually(lambda: len(settler.journal) == 11)
+        assert len(settler.path.read_bytes().splitlines()) == 11  # on disk too
         with pytest.raises(StoreUnavailable):
-            await store.read_usage()
+            await quota.settle(call("probe"))
         proc = up()
-        await _eventually(lambda: not recorder.pending, timeout=10)
-        # The restarted server is empty (no persistence): exactly the queued events arrived.
-        ids = [usage_pb2.UsageEvent.FromString(raw).request_id
-               for _, raw in await store.read_usage(count=100)]
-        assert ids == [f"during-{i}" for i in range(20)]
+        await _eventually(lambda: settler.pending == 0, timeout=10)
+        ids = sorted(usage_pb2.UsageEvent.FromString(raw).request_id
+                     for _, raw in await Store(client, KeySchema("outage")).read_usage(100))
+        assert ids == sorted([f"during-{i}" for i in range(10)] + ["inline"])
+        assert settler.path.read_bytes() == b""
     finally:
         task.cancel()
-        await store.close()
-        proc.stop()  # type: ignore[attr-defined]
+
+    # A worker that died with journaled settlements: the next worker adopts and replays them.
+    (journal / "journal-999999999.jsonl").write_bytes(call("orphan").to_json() + b"\n")
+    adopter = Settler(quota, str(journal))
+    assert [c.request_id for c in adopter.journal] == ["orphan"]
+    await adopter.flush()
+    assert not (journal / "journal-999999999.jsonl").exists()
+    # Replaying what already landed changes nothing: settlement is idempotent per request id.
+    assert (await quota.settle(call("orphan")))[0] == 0
+    await client.aclose()
+    proc.stop()
 
 
 def _tcp_ping(port: int) -> bool:

@@ -129,7 +129,7 @@ def send_request(
 ) -> tuple[Exchange, Decision]:
     exchange, first = open_exchange(snapshot, headers, options=options)
     assert isinstance(first, Continue), first
-    return exchange, exchange.on_request_body(body, snapshot)
+    return exchange, exchange.on_request_body(body, snapshot, NOW)
 
 
 def _with_model(body: bytes, model: str) -> bytes:
@@ -157,8 +157,9 @@ def test_spoofed_internal_headers_and_accept_encoding_are_removed(snapshot: Snap
     assert set(decision.headers.remove) == set(spoofed)
     assert decision.headers.set == ()
     # the routing header is then set by Tollgate itself, to the real upstream's cluster
-    body_decision = exchange.on_request_body(orjson.dumps({"model": "gpt-4o", "messages": MSG}),
-                                             snapshot)
+    body_decision = exchange.on_request_body(
+        orjson.dumps({"model": "gpt-4o", "messages": MSG}), snapshot, NOW
+    )
     assert isinstance(body_decision, Continue)
     assert dict(body_decision.headers.set)[ROUTING_HEADER] == "openai"
 
@@ -449,7 +450,10 @@ def _respond(
     assert isinstance(decision, Continue), decision
     head = exchange.on_response_headers({":status": "200", "content-type": "application/json"})
     assert head.response_body_mode is BodyMode.BUFFERED
-    return exchange, exchange.on_response_body(response_body, snapshot)
+    exchange.admitted = True
+    exchange.on_response_body(response_body, snapshot)
+    # No limits apply in these snapshots: the settlement reports no limit states.
+    return exchange, exchange.response_body_reply(response_body, ())
 
 
 @pytest.mark.parametrize(

@@ -21,11 +21,13 @@ import pytest
 import yaml
 
 from extproc.core.keys import hash_key
+from extproc.core.periods import PERIODS
 from extproc.core.resources import (
     API_VERSION,
     GROUP,
     KINDS,
     PROVIDERS,
+    RATE_SCOPES,
     ResourceError,
     validate_document,
     validate_documents,
@@ -43,12 +45,24 @@ ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
 BUILTIN_YAML = ROOT / "extproc" / "data" / "builtin.yaml"
 YAML_FILES = sorted({*K8S.rglob("*.yaml"), *K8S.rglob("*.yml")})
 
-# The smallest spec of each kind the code accepts: exactly its required fields.
+# The smallest spec of each kind the code accepts: its required fields (for RateLimit, plus one
+# of the rates, which the CRD requires with `anyOf`).
 MINIMAL: dict[str, dict[str, Any]] = {
     "VirtualKey": {"keySha256": "0" * 64},
     "PriceTable": {"models": {}},
     "Upstream": {"provider": "openai", "cluster": "openai"},
+    "Limit": {"type": "Block", "max": 10},
+    "RateLimit": {"per": "key", "requestsPerMinute": 60},
 }
+# Fields of which at least one must be set (the CRD's `anyOf` of `required` lists).
+ONE_OF: dict[str, tuple[str, ...]] = {
+    "RateLimit": ("requestsPerMinute", "tokensPerMinute", "concurrent"),
+}
+# The fields every spec must have: MINIMAL without the `anyOf` ones.
+REQUIRED: dict[str, set[str]] = {
+    kind: set(spec) - set(ONE_OF.get(kind, ())) for kind, spec in MINIMAL.items()
+}
+SELECTOR = {"keys": ["k"], "groups": ["g"], "users": ["u"], "tags": ["t"], "models": ["gpt-*"]}
 
 # Every optional field set, so that nested objects (price entries, azure, credentials) show up in
 # the normalised spec with all their fields.
@@ -62,6 +76,7 @@ FULL: dict[str, dict[str, Any]] = {
         "expiresAt": "2030-01-01T00:00:00Z",
         "revoked": True,
         "description": "d",
+        "allowRequestLimits": True,
     },
     "PriceTable": {
         "currency": "USD",
@@ -82,6 +97,23 @@ FULL: dict[str, dict[str, Any]] = {
             {"name": "c1", "secretRef": "KEY_1", "rpm": 1, "tpm": 2, "isFallback": False},
             {"name": "c2", "secretRef": "KEY_2", "rpm": 0, "tpm": 0, "isFallback": True},
         ],
+    },
+    "Limit": {
+        "type": "Allow",
+        "max": 12.5,
+        "threshold": 0.75,
+        "period": "week",
+        "timeZone": "Europe/Berlin",
+        "enforcement": "reactive",
+        "failOpen": True,
+        "selector": SELECTOR,
+    },
+    "RateLimit": {
+        "per": "group",
+        "selector": SELECTOR,
+        "requestsPerMinute": 600,
+        "tokensPerMinute": 200_000,
+        "concurrent": 20,
     },
 }
 
@@ -136,14 +168,23 @@ def crd_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
         errors.append(f"{path}: {value!r} does not match {schema['pattern']}")
     if schema.get("format") == "date-time" and not _RFC3339.match(value):
         errors.append(f"{path}: {value!r} is not an RFC 3339 date-time")
-    if "minimum" in schema and value < schema["minimum"]:
-        errors.append(f"{path}: {value} < {schema['minimum']}")
+    if "minimum" in schema:
+        if schema.get("exclusiveMinimum") and value <= schema["minimum"]:
+            errors.append(f"{path}: {value} <= {schema['minimum']}")
+        elif value < schema["minimum"]:
+            errors.append(f"{path}: {value} < {schema['minimum']}")
+    if "maximum" in schema and value > schema["maximum"]:
+        errors.append(f"{path}: {value} > {schema['maximum']}")
     if kind == "object" and path == ".metadata":
         return errors  # ObjectMeta: validated by the API server itself, not by the CRD schema
     if kind == "object":
         for name in schema.get("required", ()):
             if name not in value:
                 errors.append(f"{path}.{name}: required")
+        if "anyOf" in schema and not any(
+            all(name in value for name in branch["required"]) for branch in schema["anyOf"]
+        ):
+            errors.append(f"{path}: none of {[b['required'] for b in schema['anyOf']]} is set")
         props = schema.get("properties")
         extra = schema.get("additionalProperties")
         for name, item in value.items():
@@ -262,6 +303,10 @@ def test_crd_spec_fields_equal_normalised_spec(kind: str) -> None:
 
 
 def test_crd_nested_fields_equal_normalised_spec() -> None:
+    for kind in ("Limit", "RateLimit"):
+        selector = spec_schema(kind)["properties"]["selector"]
+        assert set(selector["properties"]) == set(normalised(kind, FULL[kind])["selector"])
+
     price = spec_schema("PriceTable")["properties"]["models"]["additionalProperties"]
     (entry,) = normalised("PriceTable", FULL["PriceTable"])["models"].values()
     assert set(price["properties"]) == set(entry)
@@ -275,12 +320,30 @@ def test_crd_nested_fields_equal_normalised_spec() -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_crd_required_fields_equal_code(kind: str) -> None:
-    assert set(spec_schema(kind)["required"]) == set(MINIMAL[kind])
+    assert set(spec_schema(kind)["required"]) == REQUIRED[kind]
     assert crd_schema(kind)["required"] == ["spec"]
-    for field in MINIMAL[kind]:
+    for field in REQUIRED[kind]:
         spec = {k: v for k, v in MINIMAL[kind].items() if k != field}
         with pytest.raises(ResourceError, match=field):
             normalised(kind, spec)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_crd_any_of_equals_code(kind: str) -> None:
+    schema = spec_schema(kind)
+    fields = ONE_OF.get(kind, ())
+    assert [b["required"] for b in schema.get("anyOf", [])] == [[f] for f in fields]
+    for branch in schema.get("anyOf", []):
+        assert set(branch) == {"required"}  # structural: no types or defaults inside anyOf
+    base = {k: v for k, v in MINIMAL[kind].items() if k not in fields}
+    if fields:
+        assert crd_errors(schema, base) != []
+        with pytest.raises(ResourceError, match="set at least one of"):
+            normalised(kind, base)
+    for field in fields:
+        spec = {**base, field: 1}
+        assert crd_errors(schema, spec) == []
+        normalised(kind, spec)
 
 
 def test_crd_nested_required_fields_equal_code() -> None:
@@ -316,6 +379,33 @@ def test_crd_nested_defaults_equal_code() -> None:
 
 def test_crd_provider_enum_is_providers() -> None:
     assert tuple(spec_schema("Upstream")["properties"]["provider"]["enum"]) == PROVIDERS
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "values"),
+    [
+        ("Upstream", "provider", PROVIDERS),
+        ("Limit", "type", ("Block", "Allow")),
+        ("Limit", "period", PERIODS),
+        ("Limit", "enforcement", ("strict", "reactive")),
+        ("RateLimit", "per", RATE_SCOPES),
+    ],
+)
+def test_crd_enums_equal_code(kind: str, field: str, values: tuple[str, ...]) -> None:
+    assert tuple(spec_schema(kind)["properties"][field]["enum"]) == values
+    for value in values:
+        normalised(kind, {**MINIMAL[kind], field: value})
+    with pytest.raises(ResourceError, match=field):
+        normalised(kind, {**MINIMAL[kind], field: "nope"})
+
+
+@pytest.mark.parametrize("kind", ["Limit", "RateLimit"])
+def test_crd_selector_equals_code(kind: str) -> None:
+    selector = spec_schema(kind)["properties"]["selector"]
+    assert set(selector["properties"]) == set(normalised(kind, MINIMAL[kind])["selector"])
+    # partial selectors default like the code
+    spec = {**MINIMAL[kind], "selector": {"keys": ["a"]}}
+    assert apply_defaults(spec_schema(kind), spec) == without_nones(normalised(kind, spec))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -374,6 +464,38 @@ AGREE: list[tuple[str, dict[str, Any], bool]] = [
     ("Upstream", {"provider": "openai", "cluster": "x",
                   "credentials": [{"name": "c", "secretRef": "A"},
                                   {"name": "c", "secretRef": "B"}]}, False),
+    ("VirtualKey", {"keySha256": "0" * 64, "allowRequestLimits": True}, True),
+    ("VirtualKey", {"keySha256": "0" * 64, "allowRequestLimits": "yes"}, False),
+    ("Limit", {"type": "Allow", "max": 0}, True),
+    ("Limit", {"type": "Block", "max": 100.0, "threshold": 1}, True),
+    ("Limit", {"type": "Block", "max": 1, "threshold": 0.001, "period": "hour",
+               "timeZone": "America/New_York", "enforcement": "reactive", "failOpen": True,
+               "selector": {"groups": ["g"], "models": ["gpt-*"]}}, True),
+    ("Limit", {"max": 1}, False),
+    ("Limit", {"type": "Block"}, False),
+    ("Limit", {"type": "block", "max": 1}, False),
+    ("Limit", {"type": "Block", "max": -1}, False),
+    ("Limit", {"type": "Block", "max": "100"}, False),
+    ("Limit", {"type": "Block", "max": 1, "threshold": 0}, False),
+    ("Limit", {"type": "Block", "max": 1, "threshold": 1.5}, False),
+    ("Limit", {"type": "Block", "max": 1, "threshold": -0.5}, False),
+    ("Limit", {"type": "Block", "max": 1, "period": "year"}, False),
+    ("Limit", {"type": "Block", "max": 1, "enforcement": "lazy"}, False),
+    ("Limit", {"type": "Block", "max": 1, "failOpen": "no"}, False),
+    ("Limit", {"type": "Block", "max": 1, "selector": {"key": ["a"]}}, False),
+    ("Limit", {"type": "Block", "max": 1, "selector": {"keys": "a"}}, False),
+    ("Limit", {"type": "Block", "max": 1, "selector": ["a"]}, False),
+    ("Limit", {"type": "Block", "max": 1, "maximum": 2}, False),
+    ("RateLimit", {"per": "global", "concurrent": 1}, True),
+    ("RateLimit", {"per": "ip", "tokensPerMinute": 1000, "selector": {"tags": ["t"]}}, True),
+    ("RateLimit", {"per": "key"}, False),
+    ("RateLimit", {"requestsPerMinute": 1}, False),
+    ("RateLimit", {"per": "tenant", "requestsPerMinute": 1}, False),
+    ("RateLimit", {"per": "key", "requestsPerMinute": 0}, False),
+    ("RateLimit", {"per": "key", "tokensPerMinute": -5}, False),
+    ("RateLimit", {"per": "key", "concurrent": 1.5}, False),
+    ("RateLimit", {"per": "key", "concurrent": True}, False),
+    ("RateLimit", {"per": "key", "rpm": 60}, False),
 ]
 
 
@@ -419,6 +541,12 @@ def test_example_contents() -> None:
     credentials = upstreams["openai-compatible"]["credentials"]
     assert len(credentials) == 2
     assert [c["isFallback"] for c in credentials].count(True) == 1
+    # the Limit and the RateLimit select the example key by name
+    (limit,) = [r for r in resources if r.kind == "Limit"]
+    (rate,) = [r for r in resources if r.kind == "RateLimit"]
+    assert limit.spec["selector"]["keys"] == rate.spec["selector"]["keys"] == [key.name]
+    assert (limit.spec["type"], limit.spec["period"], limit.spec["max"]) == ("Block", "month", 100)
+    assert rate.spec["per"] == "key"
 
 
 # ---- sidecar example ---------------------------------------------------------------------------

@@ -9,11 +9,14 @@ import pytest
 import yaml
 
 from extproc.core.pricing import ModelPrice
+from extproc.core.quota import LimitSpec, RateLimitSpec, Selector
 from extproc.core.resources import (
     Resource,
     ResourceError,
     key_record,
+    limit_spec,
     model_prices,
+    rate_limit_spec,
     upstream_spec,
     validate_document,
     validate_documents,
@@ -41,6 +44,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "keySha256": SHA, "group": "", "user": "", "models": [], "tags": [],
                 "expiresAt": None, "revoked": False, "description": "",
+                "allowRequestLimits": False,
             },
         ),
         (
@@ -53,7 +57,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "keySha256": SHA, "group": "team-a", "user": "alice", "models": ["gpt-4o*"],
                 "tags": ["ci"], "expiresAt": "2026-01-01T00:00:00Z", "revoked": True,
-                "description": "CI key",
+                "description": "CI key", "allowRequestLimits": False,
             },
         ),
         (
@@ -101,6 +105,69 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                     {"name": "b", "secretRef": "AZURE_KEY_2", "rpm": 60, "tpm": 0,
                      "isFallback": True},
                 ],
+            },
+        ),
+        (
+            "VirtualKey",
+            {"keySha256": SHA, "allowRequestLimits": True},
+            {
+                "keySha256": SHA, "group": "", "user": "", "models": [], "tags": [],
+                "expiresAt": None, "revoked": False, "description": "",
+                "allowRequestLimits": True,
+            },
+        ),
+        (
+            "Limit",
+            {"type": "Block", "max": 100},
+            {
+                "type": "Block", "max": 100, "threshold": 1.0, "period": "none",
+                "timeZone": "UTC", "enforcement": "strict", "failOpen": False,
+                "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": []},
+            },
+        ),
+        (
+            "Limit",
+            {"type": "Allow", "max": 0, "selector": {}},
+            {
+                "type": "Allow", "max": 0, "threshold": 1.0, "period": "none",
+                "timeZone": "UTC", "enforcement": "strict", "failOpen": False,
+                "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": []},
+            },
+        ),
+        (
+            "Limit",
+            {
+                "type": "Allow", "max": 12.5, "threshold": 0.5, "period": "week",
+                "timeZone": "Europe/Berlin", "enforcement": "reactive", "failOpen": True,
+                "selector": {"groups": ["team-a"], "models": ["gpt-4o*"]},
+            },
+            {
+                "type": "Allow", "max": 12.5, "threshold": 0.5, "period": "week",
+                "timeZone": "Europe/Berlin", "enforcement": "reactive", "failOpen": True,
+                "selector": {"keys": [], "groups": ["team-a"], "users": [], "tags": [],
+                             "models": ["gpt-4o*"]},
+            },
+        ),
+        (
+            "RateLimit",
+            {"per": "key", "requestsPerMinute": 60},
+            {
+                "per": "key",
+                "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": []},
+                "requestsPerMinute": 60, "tokensPerMinute": None, "concurrent": None,
+            },
+        ),
+        (
+            "RateLimit",
+            {
+                "per": "global", "selector": {"keys": ["a"], "tags": ["ci"]},
+                "requestsPerMinute": 1, "tokensPerMinute": 200_000, "concurrent": 20,
+            },
+            {
+                "per": "global",
+                "selector": {"keys": ["a"], "groups": [], "users": [], "tags": ["ci"],
+                             "models": []},
+                "requestsPerMinute": 1, "tokensPerMinute": 200_000, "concurrent": 20,
             },
         ),
     ],
@@ -291,6 +358,188 @@ def test_invalid_document_names_document_and_field(
     if field:
         assert f"field '{field}'" in text
     assert message in text
+
+
+# ---- Limit and RateLimit ---------------------------------------------------------------------
+
+LIMIT = {"type": "Block", "max": 100}
+RATE = {"per": "key", "requestsPerMinute": 60}
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("type", "Allow"),
+    ("max", 0),
+    ("max", 0.01),
+    ("threshold", 1),
+    ("threshold", 0.000001),
+    *[("period", p) for p in ("none", "hour", "day", "week", "month")],
+    ("timeZone", "America/New_York"),
+    ("timeZone", "Etc/GMT+5"),
+    ("enforcement", "reactive"),
+    ("failOpen", True),
+])
+def test_limit_accepts(field: str, value: Any) -> None:
+    spec = validate_document(doc("Limit", _with(LIMIT, **{field: value}))).spec
+    assert spec[field] == value
+
+
+@pytest.mark.parametrize("per", ["key", "user", "group", "model", "ip", "global"])
+@pytest.mark.parametrize("rate", ["requestsPerMinute", "tokensPerMinute", "concurrent"])
+def test_rate_limit_accepts_any_one_rate(per: str, rate: str) -> None:
+    spec = validate_document(doc("RateLimit", {"per": per, rate: 1})).spec
+    assert (spec["per"], spec[rate]) == (per, 1)
+    others = {"requestsPerMinute", "tokensPerMinute", "concurrent"} - {rate}
+    assert all(spec[name] is None for name in others)
+
+
+LIMIT_WHERE = "document (Limit/r1)"
+RATE_WHERE = "document (RateLimit/r1)"
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "field", "message"),
+    [
+        # Limit: type and max are required
+        ("Limit", {"max": 1}, "spec.type", "is required"),
+        ("Limit", {"type": "Block"}, "spec.max", "is required"),
+        ("Limit", _with(LIMIT, type="Deny"), "spec.type", "must be Block or Allow"),
+        ("Limit", _with(LIMIT, type="block"), "spec.type", "must be Block or Allow"),
+        ("Limit", _with(LIMIT, type=1), "spec.type", "must be a string"),
+        ("Limit", _with(LIMIT, max=-1), "spec.max", "must be a number >= 0"),
+        ("Limit", _with(LIMIT, max=-0.01), "spec.max", "must be a number >= 0"),
+        ("Limit", _with(LIMIT, max="100"), "spec.max", "must be a number >= 0"),
+        ("Limit", _with(LIMIT, max=True), "spec.max", "must be a number >= 0"),
+        ("Limit", _with(LIMIT, threshold=0), "spec.threshold", "in (0, 1]"),
+        ("Limit", _with(LIMIT, threshold=0.0), "spec.threshold", "in (0, 1]"),
+        ("Limit", _with(LIMIT, threshold=1.5), "spec.threshold", "in (0, 1]"),
+        ("Limit", _with(LIMIT, threshold=-0.5), "spec.threshold", "must be a number >= 0"),
+        ("Limit", _with(LIMIT, threshold="0.8"), "spec.threshold", "must be a number >= 0"),
+        ("Limit", _with(LIMIT, period="year"), "spec.period",
+         "must be one of none, hour, day, week, month"),
+        ("Limit", _with(LIMIT, period="monthly"), "spec.period", "must be one of"),
+        ("Limit", _with(LIMIT, timeZone="Mars/Olympus"), "spec.timeZone",
+         "unknown time zone 'Mars/Olympus'"),
+        ("Limit", _with(LIMIT, timeZone=""), "spec.timeZone", "unknown time zone"),
+        ("Limit", _with(LIMIT, timeZone="../etc/passwd"), "spec.timeZone", "unknown time zone"),
+        ("Limit", _with(LIMIT, enforcement="lazy"), "spec.enforcement",
+         "must be strict or reactive"),
+        ("Limit", _with(LIMIT, failOpen="yes"), "spec.failOpen", "true or false"),
+        ("Limit", _with(LIMIT, selector={"key": ["a"]}), "spec.selector.key", "unknown field"),
+        ("Limit", _with(LIMIT, selector={"keys": ["a"], "ips": []}), "spec.selector.ips",
+         "unknown field"),
+        ("Limit", _with(LIMIT, selector={"keys": "a"}), "spec.selector.keys",
+         "must be a list of strings"),
+        ("Limit", _with(LIMIT, selector=["a"]), "spec.selector", "must be a mapping"),
+        ("Limit", _with(LIMIT, per="key"), "spec.per", "unknown field"),
+        # RateLimit
+        ("RateLimit", {"per": "key"}, "spec.requestsPerMinute",
+         "set at least one of requestsPerMinute, tokensPerMinute, concurrent"),
+        ("RateLimit", {"per": "key", "selector": {"keys": ["a"]}}, "spec.requestsPerMinute",
+         "set at least one of"),
+        ("RateLimit", {"requestsPerMinute": 1}, "spec.per", "is required"),
+        ("RateLimit", _with(RATE, per="tenant"), "spec.per",
+         "must be one of key, user, group, model, ip, global"),
+        ("RateLimit", _with(RATE, per="Key"), "spec.per", "must be one of"),
+        ("RateLimit", _with(RATE, requestsPerMinute=0), "spec.requestsPerMinute",
+         "must be an integer >= 1"),
+        ("RateLimit", _with(RATE, tokensPerMinute=0), "spec.tokensPerMinute",
+         "must be an integer >= 1"),
+        ("RateLimit", _with(RATE, concurrent=0), "spec.concurrent", "must be an integer >= 1"),
+        ("RateLimit", _with(RATE, concurrent=-3), "spec.concurrent", "must be an integer >= 1"),
+        ("RateLimit", _with(RATE, concurrent=2.5), "spec.concurrent", "must be an integer >= 1"),
+        ("RateLimit", _with(RATE, requestsPerMinute="60"), "spec.requestsPerMinute",
+         "must be an integer >= 1"),
+        ("RateLimit", _with(RATE, requestsPerMinute=True), "spec.requestsPerMinute",
+         "must be an integer >= 1"),
+        ("RateLimit", _with(RATE, selector={"model": ["m"]}), "spec.selector.model",
+         "unknown field"),
+        ("RateLimit", _with(RATE, rpm=60), "spec.rpm", "unknown field"),
+    ],
+)
+def test_invalid_limits_name_the_field(
+    kind: str, spec: dict[str, Any], field: str, message: str
+) -> None:
+    with pytest.raises(ResourceError) as caught:
+        validate_document(doc(kind, spec))
+    error = caught.value
+    assert error.where == {"Limit": LIMIT_WHERE, "RateLimit": RATE_WHERE}[kind]
+    assert error.field == field
+    assert message in error.message
+    assert str(error) == f"{error.where}: field '{field}': {error.message}"
+
+
+@pytest.mark.parametrize(
+    ("max_usd", "threshold", "max_micros", "threshold_micros"),
+    [
+        (100.00, 0.8, 100_000_000, 80_000_000),
+        (100, None, 100_000_000, 100_000_000),  # no threshold: the whole of max
+        (100, 1, 100_000_000, 100_000_000),
+        (0.1, 0.7, 100_000, 70_000),  # no float error: 0.1 * 0.7 is 0.06999... in binary
+        (1, 0.3333333, 1_000_000, 333_333),  # rounded down to the micro-dollar
+        (0.000001, 0.5, 1, 0),
+        (0, 0.8, 0, 0),
+        (12.345678, 0.9, 12_345_678, 11_111_110),  # floor(11_111_110.2)
+    ],
+)
+def test_limit_spec_threshold_micros(
+    max_usd: float, threshold: float | None, max_micros: int, threshold_micros: int
+) -> None:
+    spec: dict[str, Any] = {"type": "Block", "max": max_usd}
+    if threshold is not None:
+        spec["threshold"] = threshold
+    limit = limit_spec(validate_document(doc("Limit", spec)))
+    assert (limit.max_micros, limit.threshold_micros) == (max_micros, threshold_micros)
+
+
+def test_limit_spec_maps_fields() -> None:
+    resource = validate_document(doc("Limit", {
+        "type": "Block", "max": 100.00, "threshold": 0.8, "period": "month", "timeZone": "UTC",
+        "selector": {"keys": ["team-a-ci"], "groups": [], "users": [], "tags": [], "models": []},
+    }, name="team-a-monthly"))
+    assert limit_spec(resource) == LimitSpec(
+        name="team-a-monthly", block=True, max_micros=100_000_000, threshold_micros=80_000_000,
+        period="month", time_zone="UTC", strict=True, fail_open=False,
+        selector=Selector(keys=("team-a-ci",)),
+    )
+    allow = limit_spec(validate_document(doc("Limit", {
+        "type": "Allow", "max": 5, "period": "day", "timeZone": "Asia/Tokyo",
+        "enforcement": "reactive", "failOpen": True,
+        "selector": {"groups": ["g"], "users": ["u"], "tags": ["t"], "models": ["m*"]},
+    })))
+    assert allow == LimitSpec(
+        name="r1", block=False, max_micros=5_000_000, threshold_micros=5_000_000,
+        period="day", time_zone="Asia/Tokyo", strict=False, fail_open=True,
+        selector=Selector(groups=("g",), users=("u",), tags=("t",), models=("m*",)),
+    )
+
+
+def test_rate_limit_spec_maps_fields() -> None:
+    resource = validate_document(doc("RateLimit", {
+        "per": "key", "selector": {"keys": ["team-a-ci"]},
+        "requestsPerMinute": 600, "tokensPerMinute": 200_000, "concurrent": 20,
+    }, name="per-key"))
+    assert rate_limit_spec(resource) == RateLimitSpec(
+        name="per-key", per="key", selector=Selector(keys=("team-a-ci",)),
+        requests_per_minute=600, tokens_per_minute=200_000, concurrent=20,
+    )
+    only_tokens = rate_limit_spec(validate_document(doc("RateLimit", {
+        "per": "model", "tokensPerMinute": 1000,
+    })))
+    assert only_tokens == RateLimitSpec(
+        name="r1", per="model", selector=Selector(), requests_per_minute=None,
+        tokens_per_minute=1000, concurrent=None,
+    )
+
+
+def test_key_record_allow_request_limits() -> None:
+    default = key_record(validate_document(doc("VirtualKey", {"keySha256": SHA})))
+    assert default.allow_request_limits is False
+    allowed = key_record(validate_document(doc("VirtualKey", {
+        "keySha256": SHA, "allowRequestLimits": True,
+    })))
+    assert allowed.allow_request_limits is True
+    with pytest.raises(ResourceError, match=r"spec\.allowRequestLimits"):
+        validate_document(doc("VirtualKey", {"keySha256": SHA, "allowRequestLimits": "yes"}))
 
 
 # ---- validate_documents ----------------------------------------------------------------------

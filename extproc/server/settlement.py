@@ -1,0 +1,181 @@
+"""Settlement off and on the request path, the journal, and the hold sweeper.
+
+* `settle_now`: inline, when the response must report limit states. If Redis cannot take it the
+  call is journaled and the response reports the states seen at reservation.
+* `enqueue`: requests without limits only need their usage event written: such calls are sent in
+  pipelined batches off the request path.
+* The journal: every call that could not be written is appended to a file (one JSON line each)
+  and kept in memory; a replayer retries with backoff. On start a worker adopts the journal files
+  of workers that died, so a crash loses nothing either. Replays are safe because the settle
+  script is idempotent per request id.
+* The sweeper settles holds whose deadline passed (a request whose stream vanished without a
+  trace) at their estimate. Every replica sweeps; idempotency makes that harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+from extproc.server import metrics
+from extproc.store.quota_store import QuotaStore, SettleCall
+from extproc.store.redis_store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Settler:
+    def __init__(self, quota: QuotaStore, journal_dir: str, max_batch: int = 200) -> None:
+        self.quota = quota
+        self.max_batch = max_batch
+        self.batch: collections.deque[SettleCall] = collections.deque()
+        self.journal: collections.deque[SettleCall] = collections.deque()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[list[int] | None]] = set()
+        self.dir = Path(journal_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / f"journal-{os.getpid()}.jsonl"
+        self._adopt_orphans()
+
+    # -- journal ---------------------------------------------------------------------------
+
+    def _adopt_orphans(self) -> None:
+        for path in sorted(self.dir.glob("journal-*.jsonl")):
+            try:
+                pid = int(path.stem.split("-", 1)[1])
+            except ValueError:
+                continue
+            if pid != os.getpid() and _alive(pid):
+                continue
+            try:
+                lines = path.read_bytes().splitlines()
+            except OSError:
+                continue
+            adopted = 0
+            for line in lines:
+                with contextlib.suppress(ValueError, KeyError):
+                    self._journal(SettleCall.from_json(line))
+                    adopted += 1
+            if path != self.path:
+                path.unlink(missing_ok=True)
+            if adopted:
+                log.warning("adopted %d unwritten settlements from %s", adopted, path.name)
+
+    def _journal(self, call: SettleCall) -> None:
+        with open(self.path, "ab") as fh:
+            fh.write(call.to_json() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.journal.append(call)
+        metrics.JOURNALED.inc()
+        metrics.JOURNAL_PENDING.inc()
+        self._wake.set()
+
+    async def _replay(self) -> None:
+        while self.journal:
+            call = self.journal[0]
+            await self.quota.settle(call)
+            self.journal.popleft()
+            metrics.JOURNAL_PENDING.dec()
+        with contextlib.suppress(OSError):
+            self.path.write_bytes(b"")  # everything landed: start the file afresh
+
+    # -- paths -----------------------------------------------------------------------------
+
+    async def settle_now(self, call: SettleCall) -> list[int] | None:
+        try:
+            return await self.quota.settle(call)
+        except StoreUnavailable as exc:
+            metrics.REDIS_ERRORS.labels("settle").inc()
+            log.warning("settlement of %s journaled: %s", call.request_id, exc)
+            self._journal(call)
+            return None
+
+    def settle_later(self, call: SettleCall) -> None:
+        """Settle inline but off this coroutine: used from `finally` blocks of cancelled streams,
+        where the cancellation must not cut the settlement short."""
+        task = asyncio.create_task(self.settle_now(call))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def enqueue(self, call: SettleCall) -> None:
+        self.batch.append(call)
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self.batch) + len(self.journal)
+
+    async def flush(self) -> None:
+        while self.batch:
+            calls = [self.batch[i] for i in range(min(self.max_batch, len(self.batch)))]
+            try:
+                await self.quota.settle_many(calls)
+                metrics.USAGE_WRITTEN.inc(len(calls))
+            except StoreUnavailable:
+                metrics.REDIS_ERRORS.labels("usage").inc()
+                for call in calls:
+                    self._journal(call)
+            for _ in calls:
+                self.batch.popleft()
+        if self.journal:
+            await self._replay()
+
+    async def run(self) -> None:
+        backoff = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(0.002)  # let concurrent requests share one round trip
+            try:
+                await self.flush()
+                backoff = 0.05
+            except StoreUnavailable as exc:
+                log.warning("%d settlements waiting for Redis: %s", len(self.journal), exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                self._wake.set()
+
+    async def close(self, timeout: float) -> None:
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
+        try:
+            await asyncio.wait_for(self.flush(), timeout=timeout)
+        except (StoreUnavailable, TimeoutError) as exc:
+            # Still journaled on disk: the next worker to start here replays it.
+            log.error("stopping with %d settlements journaled: %s", len(self.journal), exc)
+
+    # -- sweeper ---------------------------------------------------------------------------
+
+    async def sweep_once(self, now_ms: int | None = None) -> int:
+        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        calls = await self.quota.expired_holds(now_ms)
+        for call in calls:
+            reply = await self.quota.settle(call)
+            if reply and reply[0] == 1:
+                metrics.HOLDS_SWEPT.inc()
+                log.warning("hold %s expired; settled at its estimate", call.request_id)
+        return len(calls)
+
+    async def sweep(self, interval_s: float = 1.0) -> None:
+        while True:
+            # Jitter keeps replicas from sweeping in lockstep.
+            await asyncio.sleep(interval_s * (0.5 + random.random()))
+            with contextlib.suppress(StoreUnavailable):
+                await self.sweep_once()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
