@@ -175,7 +175,8 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 _KIND_ALIASES = {k.lower(): k for k in KINDS}
 _KIND_ALIASES.update({k.lower() + "s": k for k in KINDS})
-_KIND_ALIASES.update({"keys": "VirtualKey", "key": "VirtualKey", "prices": "PriceTable"})
+_KIND_ALIASES.update({"keys": "VirtualKey", "key": "VirtualKey", "prices": "PriceTable",
+                      "ratelimit": "RateLimit", "rate-limits": "RateLimit"})
 
 
 def resolve_kind(name: str) -> str:
@@ -226,6 +227,9 @@ def _summary(r: Resource) -> tuple[str, ...]:
                 _key_status(s, datetime.now(UTC)))
     if r.kind == "PriceTable":
         return (r.name, str(len(s["models"])))
+    if r.kind == "RateLimit":
+        return (r.name, s["per"], str(s["requestsPerMinute"] or "-"),
+                str(s["tokensPerMinute"] or "-"), str(s["concurrent"] or "-"))
     if r.kind == "Upstream":
         creds = ",".join(c["name"] + ("(fallback)" if c["isFallback"] else "")
                          for c in s["credentials"])
@@ -238,11 +242,52 @@ _HEADERS = {
     "VirtualKey": ("NAME", "GROUP", "USER", "MODELS", "STATUS"),
     "PriceTable": ("NAME", "MODELS"),
     "Upstream": ("NAME", "PROVIDER", "CLUSTER", "MODELS", "PRIORITY", "CREDENTIALS"),
+    "RateLimit": ("NAME", "PER", "RPM", "TPM", "CONCURRENT"),
 }
+
+
+def _limit_rows(store: Store, found: list[Resource]) -> Awaitable[list[tuple[str, ...]]]:
+    from extproc.core.periods import period_bounds
+    from extproc.core.pricing import format_usd
+    from extproc.core.quota import state_of
+    from extproc.core.resources import limit_spec
+
+    async def rows() -> list[tuple[str, ...]]:
+        now = time.time()
+        specs = [limit_spec(r) for r in found]
+        periods = [period_bounds(s.period, s.time_zone, now)[0] for s in specs]
+        states = await store.limit_states([(s.name, p) for s, p in zip(specs, periods,
+                                                                         strict=True)])
+        out: list[tuple[str, ...]] = []
+        for spec, period, state in zip(specs, periods, states, strict=True):
+            spent, held = state.get("spent", 0), state.get("held", 0)
+            remaining = max(0, spec.max_micros - spent - held)
+            counts = "/".join(str(state.get(k, 0)) for k in ("ok", "exceeded", "overrun",
+                                                              "blocked"))
+            out.append((spec.name, "Block" if spec.block else "Allow", format_usd(spec.max_micros),
+                        format_usd(spent), format_usd(held), format_usd(remaining),
+                        state_of(spent, spec), period, counts))
+        return out
+
+    return rows()
 
 
 def cmd_get(args: argparse.Namespace) -> int:
     kind = resolve_kind(args.kind)
+    if kind == "Limit" and args.output == "table":
+        async def limits(store: Store) -> list[tuple[str, ...]]:
+            found = await store.list_kind(kind)
+            if args.name:
+                found = [r for r in found if r.name == args.name]
+            return await _limit_rows(store, found)
+
+        rows = with_store(args, limits)
+        if not rows:
+            print("no Limit resources")
+            return 0
+        print(_table([("NAME", "TYPE", "MAX", "SPENT", "HELD", "REMAINING", "STATE", "PERIOD",
+                       "REQUESTS(ok/exceeded/overrun/blocked)"), *rows]))
+        return 0
     found = with_store(args, lambda store: store.list_kind(kind))
     if args.name:
         found = [r for r in found if r.name == args.name]

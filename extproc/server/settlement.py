@@ -25,7 +25,7 @@ from pathlib import Path
 
 from extproc.server import metrics
 from extproc.store.quota_store import QuotaStore, SettleCall
-from extproc.store.redis_store import StoreUnavailable
+from extproc.store.redis_store import StoreRejected, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class Settler:
         self.dir = Path(journal_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / f"journal-{os.getpid()}.jsonl"
+        self.dead_path = self.dir / "rejected.jsonl"
         self._adopt_orphans()
 
     # -- journal ---------------------------------------------------------------------------
@@ -77,10 +78,22 @@ class Settler:
         metrics.JOURNAL_PENDING.inc()
         self._wake.set()
 
+    def _dead_letter(self, call: SettleCall, reason: str) -> None:
+        """A call Redis refuses (not one it could not take): kept aside for an operator rather
+        than blocking every settlement queued behind it."""
+        log.error("settlement %s rejected by Redis, kept in %s: %s", call.request_id,
+                  self.dead_path.name, reason)
+        with open(self.dead_path, "ab") as fh:
+            fh.write(call.to_json() + b"\n")
+        metrics.REDIS_ERRORS.labels("settle_rejected").inc()
+
     async def _replay(self) -> None:
         while self.journal:
             call = self.journal[0]
-            await self.quota.settle(call)
+            try:
+                await self.quota.settle(call)
+            except StoreRejected as exc:
+                self._dead_letter(call, str(exc))
             self.journal.popleft()
             metrics.JOURNAL_PENDING.dec()
         with contextlib.suppress(OSError):
@@ -91,6 +104,9 @@ class Settler:
     async def settle_now(self, call: SettleCall) -> list[int] | None:
         try:
             return await self.quota.settle(call)
+        except StoreRejected as exc:
+            self._dead_letter(call, str(exc))
+            return None
         except StoreUnavailable as exc:
             metrics.REDIS_ERRORS.labels("settle").inc()
             log.warning("settlement of %s journaled: %s", call.request_id, exc)
@@ -118,7 +134,8 @@ class Settler:
             try:
                 await self.quota.settle_many(calls)
                 metrics.USAGE_WRITTEN.inc(len(calls))
-            except StoreUnavailable:
+            except (StoreUnavailable, StoreRejected):
+                # Journaled one by one: a rejected call is then set aside alone on replay.
                 metrics.REDIS_ERRORS.labels("usage").inc()
                 for call in calls:
                     self._journal(call)
@@ -157,7 +174,12 @@ class Settler:
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
         calls = await self.quota.expired_holds(now_ms)
         for call in calls:
-            reply = await self.quota.settle(call)
+            try:
+                reply = await self.quota.settle(call)
+            except StoreRejected as exc:
+                self._dead_letter(call, str(exc))
+                await self.quota.drop_hold(call.request_id)
+                continue
             if reply and reply[0] == 1:
                 metrics.HOLDS_SWEPT.inc()
                 log.warning("hold %s expired; settled at its estimate", call.request_id)
@@ -167,8 +189,12 @@ class Settler:
         while True:
             # Jitter keeps replicas from sweeping in lockstep.
             await asyncio.sleep(interval_s * (0.5 + random.random()))
-            with contextlib.suppress(StoreUnavailable):
+            try:
                 await self.sweep_once()
+            except StoreUnavailable:
+                pass
+            except Exception:  # the sweeper must outlive any single bad hold
+                log.exception("sweep failed")
 
 
 def _alive(pid: int) -> bool:

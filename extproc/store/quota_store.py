@@ -19,11 +19,11 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from extproc.core.quota import BUCKET_MS, BUCKETS, ReservationPlan
 from extproc.store.keyschema import KeySchema
-from extproc.store.redis_store import StoreUnavailable
+from extproc.store.redis_store import StoreRejected, StoreUnavailable
 
 
 def _lua(name: str) -> str:
@@ -89,6 +89,8 @@ class QuotaStore:
         self.breaker.check()
         try:
             reply = await script(keys=keys, args=args)
+        except ResponseError as exc:
+            raise StoreRejected(str(exc)) from exc
         except (RedisError, OSError) as exc:
             self.breaker.failure()
             raise StoreUnavailable(str(exc)) from exc
@@ -200,6 +202,13 @@ class QuotaStore:
             self.breaker.failure()
             raise StoreUnavailable(str(exc)) from exc
         self.breaker.success()
+
+    async def drop_hold(self, request_id: str) -> None:
+        try:
+            await self.redis.zrem(self.keys.holds, request_id)
+            await self.redis.delete(self.keys.hold(request_id))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
     # -- sweeping --------------------------------------------------------------------------
 

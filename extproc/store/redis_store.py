@@ -21,7 +21,11 @@ log = logging.getLogger(__name__)
 
 
 class StoreUnavailable(Exception):
-    """Redis could not be reached or answered with an error."""
+    """Redis could not be reached or did not answer in time: retrying later may help."""
+
+
+class StoreRejected(Exception):
+    """Redis answered with an error for this call (e.g. a script error): retrying will not help."""
 
 
 def connect(url: str, timeout_s: float, max_connections: int = 64) -> aioredis.Redis:
@@ -158,6 +162,17 @@ class Store:
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    async def limit_states(self, names_periods: list[tuple[str, str]]) -> list[dict[str, int]]:
+        """Live state of limits for the given periods: spent, held and request counts."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name, period in names_periods:
+                    pipe.hgetall(self.keys.limit_state(name, period))
+                replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return [{k.decode(): int(v) for k, v in reply.items()} for reply in replies]
 
     # -- usage -----------------------------------------------------------------------------
 

@@ -73,14 +73,23 @@ def cli(e2e_env: dict[str, str]) -> CliRunner:
 
 
 @pytest.fixture(scope="session")
-def new_key(cli: CliRunner, stack: Stack) -> Callable[..., str]:
-    """Create a key with the CLI and wait until the gateway accepts it (config reload)."""
+def new_named_key(cli: CliRunner, stack: Stack) -> Callable[..., tuple[str, str]]:
+    """Create a key with the CLI and wait until the gateway accepts it (config reload).
+    Returns (name, key). The probe request uses a model no limit in the tests selects."""
 
-    def create(*options: str) -> str:
+    def create(*options: str) -> tuple[str, str]:
         name = "k-" + uuid.uuid4().hex[:10]
         key = cli("keys", "create", name, *options).stdout.strip().splitlines()[-1]
-        wait_for_status(stack, key, lambda s: s != 401)
-        return key
+        wait_for_status(stack, key, lambda s: s != 401, model="probe-model")
+        return name, key
+
+    return create
+
+
+@pytest.fixture(scope="session")
+def new_key(new_named_key: Callable[..., tuple[str, str]]) -> Callable[..., str]:
+    def create(*options: str) -> str:
+        return new_named_key(*options)[1]
 
     return create
 

@@ -209,3 +209,67 @@ async def test_concurrency_leases_expire(quota: QuotaStore) -> None:
     # Nobody settles b or the third one: their leases run out and the slots come back.
     later = plan(rate_limits=[conc], now=NOW + 31)
     assert (await reserve(quota, later)).denial is None
+
+
+_WORKER = r"""
+import asyncio, sys, uuid
+from extproc.core.quota import LimitSpec, Selector, Subject, plan_reservation
+from extproc.store.keyschema import KeySchema
+from extproc.store.quota_store import QuotaStore
+from extproc.store.redis_store import connect
+
+async def main(url, tag, n):
+    client = connect(url, 5.0)
+    quota = QuotaStore(client, KeySchema(tag), 1000)
+    budget = LimitSpec("shared", True, 1_000_000, 1_000_000, "none", "UTC", True, False,
+                       Selector())
+    subject = Subject("k", "", "", (), "m", "")
+    async def one():
+        plan = plan_reservation(request_id=uuid.uuid4().hex, now=1_800_000_000.0,
+                                limits=[budget], rate_limits=[], subject=subject,
+                                estimate_micros=40_000, estimate_tokens=1, hold_seconds=60)
+        reply = await quota.reserve(plan, b"")
+        return reply[0]
+    results = await asyncio.gather(*(one() for _ in range(n)))
+    print(sum(results))
+    await client.aclose()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def test_two_processes_sharing_one_redis_never_overspend(
+    redis_url: str, tag: str, quota: QuotaStore
+) -> None:
+    """Two separate processes, 100 concurrent reservations each, one Block limit that fits
+    exactly 25 estimates: exactly 25 are admitted in total."""
+    import sys
+
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _WORKER, redis_url, tag, "100",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    outputs = [await asyncio.wait_for(p.communicate(), timeout=60) for p in procs]
+    admitted = [int(out.decode().strip()) for out, _ in outputs]
+    assert sum(admitted) == 25
+    state = await quota.redis.hgetall(quota.keys.limit_state("shared", "all"))
+    assert int(state[b"held"]) == 25 * 40_000 == 1_000_000
+    assert int(state[b"blocked"]) == 175
+
+
+async def test_settling_an_offline_admission_records_spend_only(quota: QuotaStore) -> None:
+    """A request admitted while Redis was down (fail-open) held nothing: its settlement adds
+    the spend and leaves `held` alone. (A regression: releasing a zero hold used to send "-0"
+    to HINCRBY and abort the script half way.)"""
+    tracker = limit("tracker", max_micros=10_000_000, block=False)
+    holder = plan([tracker], estimate=500)
+    await reserve(quota, holder)  # someone else's live hold
+    offline = plan([tracker], estimate=700)
+    call = quota.settle_call(offline, 1234, 10, EVENT, reserved=False, now_ms=offline.now_ms)
+    reply = await quota.settle(SettleCall.from_json(call.to_json()))
+    assert reply[0] == 1
+    state = await quota.redis.hgetall(quota.keys.limit_state("tracker", "month:2026-11"))
+    assert int(state[b"spent"]) == 1234 and int(state[b"held"]) == 500

@@ -51,7 +51,9 @@ for i = 1, nl do
   local key = KEYS[klim + i]
   local spent, held
   if first then
-    held = redis.call('HINCRBY', key, 'held', -estimate)
+    -- `0 - estimate`, not `-estimate`: Lua's -0 would reach Redis as "-0", which HINCRBY
+    -- rejects (and a script error after the writes above would leave them half done).
+    held = redis.call('HINCRBY', key, 'held', 0 - estimate)
     if held < 0 then  -- never negative, whatever happened to the hold (e.g. a manual reset)
       redis.call('HSET', key, 'held', 0)
       held = 0
