@@ -35,7 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from extproc.launch import Stack, free_port, start_stack
+from extproc.launch import Stack, StartupError, free_port, start_stack
 
 BODY = {
     "model": "gpt-4o-mini",
@@ -51,6 +51,9 @@ KEY_READY_TIMEOUT_S = 20.0
 TARGET_RPS = 1000.0
 TARGET_PCT_OF_DIRECT = 25.0
 TARGET_ADDED_P50_MS = 2.0
+# Busy CPU not charged to the stack or wrk above this (% of one core) means something else was
+# running on the machine; loopback softirq alone stays well below it.
+NOISY_OTHER_PCT = 25.0
 
 _TIME_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 _SIZE = r"([\d.]+)(us|ms|s|m|h)"
@@ -332,7 +335,9 @@ def derive(res: dict[str, WrkResult]) -> dict[str, Any]:
             added is not None and added <= TARGET_ADDED_P50_MS,
         "no errors / non-2xx in any run": clean,
     }
+    noisy = [k for k, r in res.items() if r.cpu_pct.get("other", 0.0) > NOISY_OTHER_PCT]
     return {
+        "noisy_runs": noisy,
         "tollgate_pct_of_direct": round(pct, 1),
         "added_p50_c1_ms": None if added is None else round(added, 3),
         "checks": checks,
@@ -358,6 +363,10 @@ def print_report(res: dict[str, WrkResult], derived: dict[str, Any]) -> None:
         if r.mode == "load":
             parts = ", ".join(f"{k} {v:.0f}%" for k, v in r.cpu_pct.items())
             print(f"  {r.scenario:<9} {parts}")
+    if derived["noisy_runs"]:
+        print(f"WARNING: other load on the machine during {', '.join(derived['noisy_runs'])} "
+              f"(other > {NOISY_OTHER_PCT:.0f}% of a core): numbers are less reliable; rerun "
+              "on a quiet machine")
 
 
 def print_phases(phases: dict[str, dict[str, float]]) -> None:
@@ -406,63 +415,83 @@ def main(argv: list[str] | None = None) -> int:
     redis_url = os.environ.get("REDIS_URL") or None
     print(f"starting stack (workers={args.workers}, envoy concurrency={args.envoy_concurrency}, "
           f"redis={'$REDIS_URL' if redis_url else 'embedded'}; logs in {log_dir}) ...", flush=True)
-    stack = start_stack(
-        log_dir=log_dir,
-        port=free_port(),
-        redis_url=redis_url,
-        mock_upstream=True,
-        bypass=True,
-        workers=args.workers,
-        envoy_concurrency=args.envoy_concurrency,
-    )
     try:
-        key = create_key(stack.redis_url)
-        groups = {p.pid: p.name for p in stack.processes}
-        bench = Bench(stack, wrk, args.duration, args.connections,
-                      write_lua_script(log_dir / "post.lua", json.dumps(BODY).encode(),
-                                       {"Content-Type": "application/json",
-                                        "Authorization": f"Bearer {key}"}),
-                      groups)
-        wait_for_key(bench.url("tollgate"), key)
-        check = check_paths(bench, key)
-        print(f"paths checked: tollgate adds {COST_HEADER}: {check['tollgate_cost_header']}, "
-              "direct does not", flush=True)
-
-        results: dict[str, WrkResult] = {}
-        for scenario in ("direct", "tollgate"):
-            print(f"{scenario}: warm-up {WARMUP_S}s ...", flush=True)
-            bench.run(scenario, "load", WARMUP_S)
-            for mode in ("load", "c1"):
-                print(f"{scenario}: {mode} run {args.duration}s ...", flush=True)
-                results[f"{scenario}/{mode}"] = bench.run(scenario, mode, args.duration)
-        dead = stack.dead()
-        if dead:
-            raise RuntimeError(f"{dead[0].name} died during the run:\n{dead[0].log_tail()}")
-
-        derived = derive(results)
-        print_report(results, derived)
-        phases = phase_means(f"http://127.0.0.1:{stack.extproc.http}/metrics")
-        print_phases(phases)
-
-        if args.json:
-            doc = {
-                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                            "processor": platform.processor() or platform.machine()},
-                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                "config": {"duration_s": args.duration, "connections": args.connections,
-                           "workers": args.workers,
-                           "envoy_concurrency": args.envoy_concurrency,
-                           "redis": "REDIS_URL" if redis_url else "embedded"},
-                "results": {k: {**asdict(r), "clean": r.clean} for k, r in results.items()},
-                "derived": derived,
-                "phases_us": phases,
-            }
-            args.json.write_text(json.dumps(doc, indent=2) + "\n")
-            print(f"\nwrote {args.json}")
-        return 0 if derived["all_runs_clean"] else 1
+        stack = start_stack(
+            log_dir=log_dir,
+            port=free_port(),
+            redis_url=redis_url,
+            mock_upstream=True,
+            bypass=True,
+            workers=args.workers,
+            envoy_concurrency=args.envoy_concurrency,
+        )
+    except StartupError as exc:
+        print(f"bench: the stack did not start: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run_bench(args, stack, wrk, log_dir, redis_url)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        print(f"bench failed: {exc}\nlogs in {log_dir}; extproc log tail:", file=sys.stderr)
+        extproc = next((p for p in stack.processes if p.name == "extproc"), None)
+        if extproc is not None:
+            print(extproc.log_tail(15), file=sys.stderr)
+        return 2
     finally:
         stack.stop()
+
+
+def run_bench(
+    args: argparse.Namespace, stack: Stack, wrk: str, log_dir: Path, redis_url: str | None
+) -> int:
+    key = create_key(stack.redis_url)
+    groups = {p.pid: p.name for p in stack.processes}
+    bench = Bench(stack, wrk, args.duration, args.connections,
+                  write_lua_script(log_dir / "post.lua", json.dumps(BODY).encode(),
+                                   {"Content-Type": "application/json",
+                                    "Authorization": f"Bearer {key}"}),
+                  groups)
+    wait_for_key(bench.url("tollgate"), key)
+    check = check_paths(bench, key)
+    print(f"paths checked: tollgate adds {COST_HEADER}: {check['tollgate_cost_header']}, "
+          "direct does not", flush=True)
+
+    results: dict[str, WrkResult] = {}
+    for scenario in ("direct", "tollgate"):
+        print(f"{scenario}: warm-up {WARMUP_S}s ...", flush=True)
+        bench.run(scenario, "load", WARMUP_S)
+        for mode in ("load", "c1"):
+            print(f"{scenario}: {mode} run {args.duration}s ...", flush=True)
+            results[f"{scenario}/{mode}"] = bench.run(scenario, mode, args.duration)
+    dead = stack.dead()
+    if dead:
+        raise RuntimeError(f"{dead[0].name} died during the run:\n{dead[0].log_tail()}")
+
+    derived = derive(results)
+    print_report(results, derived)
+    try:
+        phases = phase_means(f"http://127.0.0.1:{stack.extproc.http}/metrics")
+    except OSError as exc:
+        print(f"\ncould not read extproc /metrics: {exc}")
+        phases = {}
+    print_phases(phases)
+
+    if args.json:
+        doc = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "processor": platform.processor() or platform.machine()},
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "config": {"duration_s": args.duration, "connections": args.connections,
+                       "workers": args.workers,
+                       "envoy_concurrency": args.envoy_concurrency,
+                       "redis": "REDIS_URL" if redis_url else "embedded"},
+            "results": {k: {**asdict(r), "clean": r.clean} for k, r in results.items()},
+            "derived": derived,
+            "phases_us": phases,
+        }
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0 if derived["all_runs_clean"] else 1
 
 
 if __name__ == "__main__":

@@ -80,6 +80,18 @@ class Managed:
             os.killpg(self.popen.pid, signal.SIGKILL)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent dies, so a `tollgate
+    up` killed with SIGKILL does not leave Envoy, extproc and Redis running."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the supervisor's own signal handling still stops everything
+
+
 def start_process(
     name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None
 ) -> Managed:
@@ -93,6 +105,7 @@ def start_process(
         stdin=subprocess.DEVNULL,
         env=dict(env) if env is not None else None,
         start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
     log_file.close()
     return Managed(name, popen, log_path)

@@ -176,7 +176,10 @@ class Exchange:
         """
         if self.settled or not self.admitted:
             return None
+        if self.due is not None:  # decided by a phase but not yet taken: hand that out, once
+            return self.take_due()
         if self.status and not 200 <= self.status < 300:
+            self.settled = True
             return Settlement(0, 0, self.status, "upstream_error")
         plan = self.plan
         estimate = plan.estimate_micros if plan else 0

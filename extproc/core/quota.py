@@ -170,7 +170,7 @@ def applicable(
     for name in named:
         if name in by_name:
             chosen[name] = by_name[name]
-        else:
+        elif name not in unknown:  # named twice (e.g. in both limit-ids headers): report once
             unknown.append(name)
     return sorted(chosen.values(), key=lambda lim: lim.name), unknown
 

@@ -102,6 +102,10 @@ def test_up_with_embedded_redis_and_mock_upstream(tmp_path: Path) -> None:
         assert not _port_open(port)
         assert not _port_open(redis_port)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # a failed assertion: stop it the polite way first
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

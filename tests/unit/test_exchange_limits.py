@@ -1,0 +1,637 @@
+"""Spend limits and rate limits driven through the Exchange phases, with hand-built store replies.
+
+The snapshot is the shipped builtin.yaml plus the keys, limits and rate limits below. The store is
+never called: reservation and settlement replies are written by hand in the layouts documented at
+the top of `extproc/store/lua/reserve.lua` and `settle.lua`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from extproc.core.decisions import BodyMode, Continue, Decision, Deny
+from extproc.core.exchange import (
+    REQUEST_ID_HEADER,
+    ROUTING_HEADER,
+    Exchange,
+    Options,
+    Reply,
+    Reserve,
+    Settlement,
+)
+from extproc.core.keys import find_key, hash_key
+from extproc.core.pricing import estimate_cost
+from extproc.core.quota import (
+    LimitStatus,
+    LocalWindows,
+    Reservation,
+    ReservationPlan,
+    interpret_reservation,
+    limit_headers,
+    limits_result,
+    rate_limit_headers,
+)
+from extproc.core.resources import Resource, validate_document
+from extproc.core.snapshot import Snapshot, build_snapshot
+
+pytestmark = pytest.mark.unit
+
+SECRETS = {"OPENAI_API_KEY": "sk-up", "ANTHROPIC_API_KEY": "sk-ant"}
+NOW = datetime(2026, 11, 14, 13, 45, 30, tzinfo=UTC).timestamp()
+REQUEST_ID = "req-lim"
+USD = 1_000_000
+
+CAPPED = "tg-" + "c" * 43  # Block + Allow limit + rate limit
+ALLOW_ONLY = "tg-" + "a" * 43  # Allow limit + rate limit
+OPEN = "tg-" + "o" * 43  # a Block limit that fails open
+FREE = "tg-" + "f" * 43  # nothing applies
+NAMER = "tg-" + "n" * 43  # may name limits in x-tollgate-limit-ids
+
+CHAT_PATH = "/v1/chat/completions"
+DEFAULT = Options()
+
+
+def _resource(kind: str, name: str, spec: dict[str, Any]) -> Resource:
+    return validate_document(
+        {"apiVersion": "tollgate.io/v1alpha1", "kind": kind, "metadata": {"name": name},
+         "spec": spec}
+    )
+
+
+STORED = [
+    _resource("VirtualKey", "capped", {"keySha256": hash_key(CAPPED), "tags": ["team-a"],
+                                       "group": "eng", "user": "alice"}),
+    _resource("VirtualKey", "allow-only", {"keySha256": hash_key(ALLOW_ONLY),
+                                           "tags": ["team-a"]}),
+    _resource("VirtualKey", "open", {"keySha256": hash_key(OPEN)}),
+    _resource("VirtualKey", "free", {"keySha256": hash_key(FREE)}),
+    _resource("VirtualKey", "namer", {"keySha256": hash_key(NAMER),
+                                      "allowRequestLimits": True}),
+    _resource("Upstream", "fast", {
+        "provider": "openai", "cluster": "openai-fast", "models": ["fast"], "priority": 10,
+        "aliases": {"fast": "gpt-4o-mini"},
+        "credentials": [{"name": "d", "secretRef": "OPENAI_API_KEY"}],
+    }),
+    _resource("Limit", "block-monthly", {
+        "type": "Block", "max": 10, "threshold": 0.8, "period": "month",
+        "selector": {"keys": ["capped"]},
+    }),
+    _resource("Limit", "allow-daily", {
+        "type": "Allow", "max": 5, "period": "day", "timeZone": "America/New_York",
+        "selector": {"tags": ["team-a"]},
+    }),
+    _resource("Limit", "open-block", {
+        "type": "Block", "max": 1, "failOpen": True, "selector": {"keys": ["open"]},
+    }),
+    _resource("Limit", "spare", {  # selects nobody: applies only when named
+        "type": "Block", "max": 100, "selector": {"keys": ["nobody"]},
+    }),
+    _resource("RateLimit", "team-rl", {
+        "per": "key", "selector": {"tags": ["team-a"]}, "requestsPerMinute": 2,
+        "tokensPerMinute": 100_000, "concurrent": 3,
+    }),
+]
+
+
+@pytest.fixture(scope="module")
+def snapshot(builtin_resources: list[Resource]) -> Snapshot:
+    return build_snapshot(1, builtin_resources, STORED, SECRETS.get)
+
+
+def headers_for(
+    key: str, path: str = CHAT_PATH, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    headers = {":path": path, ":method": "POST", "content-type": "application/json",
+               "authorization": f"Bearer {key}"}
+    headers.update(extra or {})
+    return headers
+
+
+def open_exchange(
+    snapshot: Snapshot, headers: Mapping[str, str], options: Options = DEFAULT
+) -> tuple[Exchange, Decision | Reply]:
+    exchange = Exchange(REQUEST_ID, options)
+    presented = find_key(headers)
+    record = snapshot.keys_by_hash.get(hash_key(presented.value)) if presented else None
+    return exchange, exchange.on_request_headers(headers, presented, record, snapshot, False, NOW)
+
+
+def send(
+    snapshot: Snapshot,
+    key: str,
+    body: dict[str, Any],
+    *,
+    path: str = CHAT_PATH,
+    extra: Mapping[str, str] | None = None,
+    options: Options = DEFAULT,
+) -> tuple[Exchange, Decision | Reserve]:
+    exchange, first = open_exchange(snapshot, headers_for(key, path, extra), options)
+    assert isinstance(first, Continue), first
+    return exchange, exchange.on_request_body(orjson.dumps(body), snapshot, NOW)
+
+
+def chat(model: str = "gpt-4o", chars: int = 40, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "x" * chars}], **extra}
+
+
+def reserve_for(snapshot: Snapshot, key: str = CAPPED, **extra: Any) -> tuple[Exchange, Reserve]:
+    exchange, decision = send(snapshot, key, chat(max_tokens=100, **extra))
+    assert isinstance(decision, Reserve), decision
+    return exchange, decision
+
+
+def reply_for(
+    plan: ReservationPlan,
+    allowed: int = 1,
+    kind: int = 0,
+    index: int = 0,
+    retry: int = 0,
+    spent: Mapping[str, int] | None = None,
+    used: tuple[int, ...] | None = None,
+) -> list[int]:
+    """A reserve.lua reply: allowed, kind, index, retry ms, per limit spent/held, per window
+    used/reset ms. Held is the estimate once reserved (0 on a denial)."""
+    out = [allowed, kind, index, retry]
+    for charge in plan.limits:
+        out += [(spent or {}).get(charge.limit.name, 0), plan.estimate_micros if allowed else 0]
+    for i, window in enumerate(plan.windows):
+        out += [used[i] if used else window.amount, 30_000]
+    return out
+
+
+def reserved(
+    snapshot: Snapshot, key: str = CAPPED, **reply: Any
+) -> tuple[Exchange, Reserve, Reservation, Decision]:
+    exchange, reserve = reserve_for(snapshot, key)
+    reservation = interpret_reservation(reserve.plan, reply_for(reserve.plan, **reply))
+    return exchange, reserve, reservation, exchange.on_reserved(reserve, reservation)
+
+
+# ---- request body: the plan ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "options", "model", "prompt", "output", "micros"),
+    [
+        # gpt-4o {input: 2.50, output: 10.00}; 40 chars -> 10 tokens
+        # 10 * 2.5 = 25; 100 * 10 = 1000
+        (CHAT_PATH, chat(max_tokens=100), DEFAULT, "gpt-4o", 10, 100, 1_025),
+        (CHAT_PATH, chat(max_completion_tokens=50, max_tokens=999), DEFAULT, "gpt-4o", 10, 50,
+         525),
+        # no cap in the request: the configured default (4096 -> 40960)
+        (CHAT_PATH, chat(), DEFAULT, "gpt-4o", 10, 4096, 40_985),
+        (CHAT_PATH, chat(), Options(default_max_output_tokens=200), "gpt-4o", 10, 200, 2_025),
+        # 41 chars round up to 11 tokens: 27.5 -> 28
+        (CHAT_PATH, chat(chars=41, max_tokens=1), DEFAULT, "gpt-4o", 11, 1, 38),
+        # the alias target is priced: gpt-4o-mini {0.15, 0.60}: 1.5 -> 2; 60
+        (CHAT_PATH, chat("fast", max_tokens=100), DEFAULT, "gpt-4o-mini", 10, 100, 62),
+        # embeddings have no output: text-embedding-3-large {0.13}: 1000 * 0.13 = 130
+        ("/v1/embeddings", {"model": "text-embedding-3-large", "input": "x" * 4000}, DEFAULT,
+         "text-embedding-3-large", 1000, 0, 130),
+        ("/v1/embeddings", {"model": "text-embedding-3-large", "input": "x" * 4000},
+         Options(default_max_output_tokens=10), "text-embedding-3-large", 1000, 0, 130),
+        # claude-sonnet-4-5 {3.00, 15.00}: messages + system = 48 chars -> 12 tokens: 36 + 1500
+        ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 100, "system": "y" * 8,
+                          "messages": [{"role": "user", "content": "x" * 40}]}, DEFAULT,
+         "claude-sonnet-4-5", 12, 100, 1_536),
+        # unknown model: routed (the catch-all upstream), not priced: estimate 0
+        (CHAT_PATH, chat("mystery-model", max_tokens=100), DEFAULT, None, 10, 100, 0),
+    ],
+)
+def test_reserve_plan_estimate(
+    snapshot: Snapshot,
+    path: str,
+    body: dict[str, Any],
+    options: Options,
+    model: str | None,
+    prompt: int,
+    output: int,
+    micros: int,
+) -> None:
+    exchange, decision = send(snapshot, CAPPED, body, path=path, options=options)
+    assert isinstance(decision, Reserve), decision
+    plan = decision.plan
+    assert plan.estimate_micros == micros
+    assert plan.estimate_tokens == prompt + output
+    if model is None:
+        assert snapshot.price(body["model"]) is None
+    else:
+        price = snapshot.price(model)
+        assert price is not None
+        assert plan.estimate_micros == estimate_cost(price, prompt, output).total_micros
+    assert exchange.plan is plan
+    assert plan.request_id == REQUEST_ID
+
+
+def test_reserve_plan_contents(snapshot: Snapshot) -> None:
+    exchange, reserve = reserve_for(snapshot)
+    plan = reserve.plan
+    # sorted by name; periods in each limit's zone
+    assert [(c.limit.name, c.limit.block, c.period_id) for c in plan.limits] == [
+        ("allow-daily", False, "day:2026-11-14"),
+        ("block-monthly", True, "month:2026-11"),
+    ]
+    assert [(w.rate_limit, w.scope, w.ident, w.metric, w.limit, w.amount)
+            for w in plan.windows] == [
+        ("team-rl", "key", "capped", "requests", 2, 1),
+        ("team-rl", "key", "capped", "tokens", 100_000, 110),
+    ]
+    assert [(lease.rate_limit, lease.ident, lease.limit) for lease in plan.leases] == [
+        ("team-rl", "capped", 3)
+    ]
+    assert plan.now_ms == int(NOW * 1000)
+    assert plan.hold_deadline_ms == plan.now_ms + int(DEFAULT.hold_seconds * 1000)
+    assert exchange.unknown_limits == ()
+    # the decision to carry out once admitted: the same as for a key without limits
+    _, free = send(snapshot, FREE, chat(max_tokens=100))
+    assert isinstance(free, Continue)
+    assert reserve.proceed == free
+    assert dict(reserve.proceed.headers.set) == {ROUTING_HEADER: "openai",
+                                                 "authorization": "Bearer sk-up"}
+    assert reserve.proceed.clear_route_cache is True
+
+
+def test_no_limits_is_a_plain_continue(snapshot: Snapshot) -> None:
+    exchange, decision = send(snapshot, FREE, chat(max_tokens=100))
+    assert isinstance(decision, Continue)
+    assert not isinstance(decision, Reserve)
+    assert exchange.plan is not None and exchange.plan.empty
+
+
+def test_allow_only_key_reserves_without_block_limits(snapshot: Snapshot) -> None:
+    _, reserve = reserve_for(snapshot, ALLOW_ONLY)
+    assert [c.limit.name for c in reserve.plan.limits] == ["allow-daily"]
+    assert [w.ident for w in reserve.plan.windows] == ["allow-only", "allow-only"]
+
+
+def test_request_tags_can_bring_limits_in(snapshot: Snapshot) -> None:
+    _, decision = send(snapshot, FREE, chat(max_tokens=100),
+                       extra={"x-tollgate-tags": "team-a, other"})
+    assert isinstance(decision, Reserve)
+    assert [c.limit.name for c in decision.plan.limits] == ["allow-daily"]
+    assert {w.rate_limit for w in decision.plan.windows} == {"team-rl"}
+
+
+# ---- named limits ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"x-tollgate-limit-ids": "spare"},
+        {"xproxy-limit-ids": "spare"},
+        {"x-tollgate-limit-ids": "block-monthly, nope"},
+    ],
+)
+@pytest.mark.parametrize("key", [CAPPED, FREE, ALLOW_ONLY])
+def test_naming_limits_needs_allow_request_limits(
+    snapshot: Snapshot, key: str, extra: dict[str, str]
+) -> None:
+    _, decision = open_exchange(snapshot, headers_for(key, extra=extra))
+    assert isinstance(decision, Deny)
+    assert (decision.status, decision.code) == (403, "limit_ids_not_allowed")
+
+
+@pytest.mark.parametrize("value", ["", " , ", ","])
+def test_empty_limit_ids_header_is_not_a_request_for_limits(
+    snapshot: Snapshot, value: str
+) -> None:
+    _, decision = open_exchange(snapshot, headers_for(FREE, extra={"x-tollgate-limit-ids": value}))
+    assert isinstance(decision, Continue)
+
+
+def test_named_limits_are_added_and_unknown_ones_reported(snapshot: Snapshot) -> None:
+    extra = {"x-tollgate-limit-ids": "spare, nope", "xproxy-limit-ids": "nope,spare"}
+    exchange, first = open_exchange(snapshot, headers_for(NAMER, extra=extra))
+    assert isinstance(first, Continue)
+    assert "x-tollgate-limit-ids" in first.headers.remove  # never forwarded upstream
+    decision = exchange.on_request_body(orjson.dumps(chat(max_tokens=100)), snapshot, NOW)
+    assert isinstance(decision, Reserve)
+    assert [c.limit.name for c in decision.plan.limits] == ["spare"]
+    assert decision.plan.windows == ()
+    assert exchange.unknown_limits == ("nope",)
+
+
+def test_only_unknown_names_reserve_nothing(snapshot: Snapshot) -> None:
+    exchange, decision = send(snapshot, NAMER, chat(max_tokens=100),
+                              extra={"x-tollgate-limit-ids": "nope"})
+    assert isinstance(decision, Continue)
+    assert exchange.unknown_limits == ("nope",)
+
+
+# ---- on_reserved -----------------------------------------------------------------------------
+
+
+def test_reserved_proceeds(snapshot: Snapshot) -> None:
+    exchange, reserve, reservation, decision = reserved(snapshot, spent={"block-monthly": USD})
+    assert decision is reserve.proceed
+    assert exchange.reservation is reservation
+    assert exchange.limit_statuses == reservation.limits
+    assert exchange.holds_reservation
+    assert not exchange.offline
+
+
+def test_denied_by_block_limit(snapshot: Snapshot) -> None:
+    spent = {"block-monthly": 9_999_000, "allow-daily": 5 * USD}  # at max: exceeded
+    exchange, _, reservation, decision = reserved(snapshot, allowed=0, kind=1, index=2,
+                                                  retry=-1, spent=spent)
+    assert isinstance(decision, Deny)
+    assert (decision.status, decision.code) == (429, "limit_exceeded")
+    assert not exchange.holds_reservation
+    doc = orjson.loads(decision.body(exchange.anthropic_style))
+    assert doc["error"] == {"message": "Limit exceeded: block-monthly", "type": "LimitExceeded",
+                            "code": 429, "limit_id": "block-monthly"}
+    result = doc["xproxy_result"]
+    assert result["request_id"] == REQUEST_ID
+    assert result["blocked_limit_ids"] == ["block-monthly"]
+    assert result["unknown_limit_ids"] == []
+    assert {name: v["state"] for name, v in result["limits"].items()} == {
+        "allow-daily": "exceeded", "block-monthly": "blocked"
+    }
+    assert result["limits"]["block-monthly"]["spent"] == 9.999
+    headers = dict(decision.headers)
+    assert "retry-after" not in headers
+    assert headers["x-ratelimit-limit-requests"] == "2"
+    assert headers["x-ratelimit-limit-tokens"] == "100000"
+    assert headers["x-tollgate-limits"] == limit_headers(reservation.limits)[0][1]
+    assert "block-monthly;state=blocked;remaining=0.001000;max=10.000000" in (
+        headers["x-tollgate-limits"]
+    )
+    assert decision.headers == rate_limit_headers(reservation.windows) + limit_headers(
+        reservation.limits
+    )
+
+
+def test_denied_by_rate_window(snapshot: Snapshot) -> None:
+    exchange, _, _, decision = reserved(snapshot, allowed=0, kind=2, index=1, retry=1_500,
+                                        used=(2, 50))
+    assert isinstance(decision, Deny)
+    assert (decision.status, decision.code) == (429, "rate_limit_exceeded")
+    headers = dict(decision.headers)
+    assert headers["retry-after"] == "2"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-ratelimit-remaining-tokens"] == str(100_000 - 50)
+    assert headers["x-ratelimit-reset-requests"] == "30s"
+    assert "x-tollgate-limits" in headers
+    doc = orjson.loads(decision.body())
+    assert doc["xproxy_result"]["blocked_limit_ids"] == []
+    assert doc["error"]["code"] == "rate_limit_exceeded"
+    assert not exchange.holds_reservation
+
+
+# ---- on_reserve_failed (the store is unreachable) --------------------------------------------
+
+
+def test_block_limit_fails_closed(snapshot: Snapshot) -> None:
+    exchange, reserve = reserve_for(snapshot, CAPPED)
+    decision = exchange.on_reserve_failed(reserve, LocalWindows())
+    assert isinstance(decision, Deny)
+    assert (decision.status, decision.code) == (503, "limits_unavailable")
+    assert decision.headers == (("retry-after", "1"),)
+    assert orjson.loads(decision.body())["error"]["limit_ids"] == ["block-monthly"]
+    assert not exchange.offline
+    assert not exchange.holds_reservation
+
+
+@pytest.mark.parametrize("key", [ALLOW_ONLY, OPEN])
+def test_allow_limits_rate_limits_and_fail_open_blocks_are_admitted(
+    snapshot: Snapshot, key: str
+) -> None:
+    exchange, reserve = reserve_for(snapshot, key)
+    assert reserve.plan.limits  # something was to be reserved
+    decision = exchange.on_reserve_failed(reserve, LocalWindows())
+    assert decision is reserve.proceed
+    assert exchange.offline is True
+    assert exchange.holds_reservation
+
+
+def test_local_windows_refuse_once_full(snapshot: Snapshot) -> None:
+    local = LocalWindows()  # one per replica, shared by its streams
+    for _ in range(2):  # team-rl: 2 requests per minute
+        exchange, reserve = reserve_for(snapshot, ALLOW_ONLY)
+        assert exchange.on_reserve_failed(reserve, local) is reserve.proceed
+    exchange, reserve = reserve_for(snapshot, ALLOW_ONLY)
+    decision = exchange.on_reserve_failed(reserve, local)
+    assert isinstance(decision, Deny)
+    assert (decision.status, decision.code) == (429, "rate_limit_exceeded")
+    assert dict(decision.headers)["retry-after"] == "5"
+    assert not exchange.offline
+    # another key's window is its own (the open key has no rate limit at all)
+    exchange, reserve = reserve_for(snapshot, OPEN)
+    assert exchange.on_reserve_failed(reserve, local) is reserve.proceed
+
+
+# ---- response headers ------------------------------------------------------------------------
+
+ESTIMATE = 1_025  # gpt-4o, 10 prompt tokens + max_tokens 100 (see test_reserve_plan_estimate)
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "due", "buffered"),
+    [
+        ("500", "application/json", Settlement(0, 0, 500, "upstream_error"), False),
+        ("503", "text/plain", Settlement(0, 0, 503, "upstream_error"), False),
+        ("429", "application/json", Settlement(0, 0, 429, "upstream_error"), False),
+        ("400", "application/json", Settlement(0, 0, 400, "upstream_error"), False),
+        ("200", "text/event-stream", Settlement(ESTIMATE, 110, 200, "unpriced_response"), False),
+        ("200", "", Settlement(ESTIMATE, 110, 200, "unpriced_response"), False),
+        ("200", "application/json", None, True),
+        ("201", "application/json; charset=utf-8", None, True),
+    ],
+)
+def test_response_headers_decide_the_settlement(
+    snapshot: Snapshot, status: str, content_type: str, due: Settlement | None, buffered: bool
+) -> None:
+    exchange, _, reservation, _ = reserved(snapshot)
+    exchange.admitted = True
+    decision = exchange.on_response_headers({":status": status, "content-type": content_type})
+    assert exchange.due == due
+    assert decision.response_body_mode is (BodyMode.BUFFERED if buffered else None)
+    assert decision.headers.set == (
+        (REQUEST_ID_HEADER, REQUEST_ID), *rate_limit_headers(reservation.windows)
+    )
+    assert dict(decision.headers.set)["x-ratelimit-remaining-requests"] == "1"
+
+
+def test_response_headers_without_a_reservation(snapshot: Snapshot) -> None:
+    exchange, reserve = reserve_for(snapshot, ALLOW_ONLY)
+    exchange.on_reserve_failed(reserve, LocalWindows())
+    decision = exchange.on_response_headers({":status": "200", "content-type": "text/plain"})
+    assert decision.headers.set == ((REQUEST_ID_HEADER, REQUEST_ID),)  # nothing to report
+    assert exchange.due == Settlement(ESTIMATE, 110, 200, "unpriced_response")
+
+
+# ---- response body ---------------------------------------------------------------------------
+
+RESPONSE = orjson.dumps({
+    "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o", "choices": [],
+    "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
+})
+PRICED = Settlement(225, 30, 200, "priced")  # 10 * 2.5 + 20 * 10
+
+
+def priced_exchange(
+    snapshot: Snapshot, options: Options = DEFAULT
+) -> tuple[Exchange, Reservation]:
+    exchange, reserve = send(snapshot, CAPPED, chat(max_tokens=100), options=options)
+    assert isinstance(reserve, Reserve)
+    reservation = interpret_reservation(
+        reserve.plan, reply_for(reserve.plan, spent={"block-monthly": 8 * USD})
+    )
+    exchange.on_reserved(reserve, reservation)
+    exchange.admitted = True
+    head = exchange.on_response_headers({":status": "200", "content-type": "application/json"})
+    assert head.response_body_mode is BodyMode.BUFFERED
+    assert exchange.due is None  # the body phase prices
+    assert exchange.on_response_body(RESPONSE, snapshot) == PRICED
+    assert exchange.due == PRICED
+    return exchange, reservation
+
+
+SETTLED = (
+    LimitStatus("allow-daily", "ok", 225, 0, 5 * USD, "day:2026-11-14"),
+    LimitStatus("block-monthly", "exceeded", 8 * USD + 225, 0, 10 * USD, "month:2026-11"),
+)
+
+
+def test_response_body_reports_settled_states(snapshot: Snapshot) -> None:
+    exchange, _ = priced_exchange(snapshot)
+    assert exchange.take_due() == PRICED
+    reply = exchange.response_body_reply(RESPONSE, SETTLED)
+    headers = dict(reply.headers.set)
+    assert headers["x-tollgate-cost"] == "0.000225"
+    assert headers["x-tollgate-limits"] == (
+        "allow-daily;state=ok;remaining=4.999775;max=5.000000, "
+        "block-monthly;state=exceeded;remaining=1.999775;max=10.000000"
+    )
+    assert reply.body is not None
+    result = orjson.loads(reply.body)["xproxy_result"]
+    assert result["limits"] == limits_result(SETTLED)
+    assert result["limits"]["block-monthly"]["state"] == "exceeded"
+    assert result["unknown_limit_ids"] == []
+    assert exchange.limit_statuses == SETTLED
+
+
+def test_response_body_journaled_reports_reservation_states(snapshot: Snapshot) -> None:
+    exchange, reservation = priced_exchange(snapshot)
+    exchange.take_due()
+    reply = exchange.response_body_reply(RESPONSE, None)
+    headers = dict(reply.headers.set)
+    assert headers["x-tollgate-limits"] == limit_headers(reservation.limits)[0][1]
+    # at reservation: 8 spent + the estimate held against a 10 max, threshold 8 -> exceeded
+    assert "block-monthly;state=exceeded;remaining=1.998975;max=10.000000" in (
+        headers["x-tollgate-limits"]
+    )
+    assert reply.body is not None
+    result = orjson.loads(reply.body)["xproxy_result"]
+    assert result["limits"] == limits_result(reservation.limits)
+    assert result["limits"]["block-monthly"]["held"] == ESTIMATE / USD
+
+
+def test_response_body_without_result_object_still_has_limit_headers(
+    snapshot: Snapshot,
+) -> None:
+    exchange, _ = priced_exchange(snapshot, Options(result_object=False))
+    reply = exchange.response_body_reply(RESPONSE, SETTLED)
+    assert reply.body is None
+    assert dict(reply.headers.set)["x-tollgate-limits"] == limit_headers(SETTLED)[0][1]
+
+
+def test_named_unknown_limits_reach_the_result(snapshot: Snapshot) -> None:
+    exchange, decision = send(snapshot, NAMER, chat("gpt-4o", max_tokens=100),
+                              extra={"x-tollgate-limit-ids": "nope"})
+    assert isinstance(decision, Continue)
+    exchange.admitted = True
+    exchange.on_response_headers({":status": "200", "content-type": "application/json"})
+    exchange.on_response_body(RESPONSE, snapshot)
+    reply = exchange.response_body_reply(RESPONSE, ())
+    assert "x-tollgate-limits" not in dict(reply.headers.set)
+    assert reply.body is not None
+    result = orjson.loads(reply.body)["xproxy_result"]
+    assert result["unknown_limit_ids"] == ["nope"]
+    assert result["limits"] == {}
+
+
+# ---- settlement: take_due and settlement_on_abort --------------------------------------------
+
+
+def test_take_due_hands_out_once(snapshot: Snapshot) -> None:
+    exchange, _, _, _ = reserved(snapshot)
+    exchange.admitted = True
+    assert exchange.take_due() is None  # nothing decided yet
+    assert not exchange.settled
+    exchange.on_response_headers({":status": "502", "content-type": "text/html"})
+    assert exchange.take_due() == Settlement(0, 0, 502, "upstream_error")
+    assert exchange.settled
+    assert exchange.take_due() is None
+    assert exchange.settlement_on_abort() is None
+
+
+def test_abort_when_not_admitted(snapshot: Snapshot) -> None:
+    exchange, _, _, decision = reserved(snapshot, allowed=0, kind=1, index=2, retry=-1)
+    assert isinstance(decision, Deny)
+    assert exchange.settlement_on_abort() is None
+    # nor before the request got anywhere
+    fresh = Exchange(REQUEST_ID, DEFAULT)
+    assert fresh.settlement_on_abort() is None
+
+
+def test_abort_without_a_response_records_the_estimate(snapshot: Snapshot) -> None:
+    exchange, _, _, _ = reserved(snapshot)
+    exchange.admitted = True
+    assert exchange.settlement_on_abort() == Settlement(ESTIMATE, 110, 0, "aborted")
+    assert exchange.settled
+    assert exchange.settlement_on_abort() is None
+
+
+def test_abort_after_2xx_headers_before_the_body_records_the_estimate(
+    snapshot: Snapshot,
+) -> None:
+    exchange, _, _, _ = reserved(snapshot)
+    exchange.admitted = True
+    exchange.on_response_headers({":status": "200", "content-type": "application/json"})
+    assert exchange.settlement_on_abort() == Settlement(ESTIMATE, 110, 200, "aborted")
+    assert exchange.settlement_on_abort() is None
+
+
+def test_abort_after_an_error_status_records_zero_once(snapshot: Snapshot) -> None:
+    exchange, _, _, _ = reserved(snapshot)
+    exchange.admitted = True
+    exchange.on_response_headers({":status": "500", "content-type": "application/json"})
+    # the edge did not take the settlement before the stream ended
+    assert exchange.settlement_on_abort() == Settlement(0, 0, 500, "upstream_error")
+    assert exchange.settlement_on_abort() is None
+    assert exchange.take_due() is None
+
+
+def test_abort_after_settlement_is_nothing(snapshot: Snapshot) -> None:
+    exchange, _ = priced_exchange(snapshot)
+    assert exchange.take_due() == PRICED
+    assert exchange.settlement_on_abort() is None
+
+
+def test_abort_with_a_priced_settlement_pending_hands_that_out(snapshot: Snapshot) -> None:
+    exchange, _ = priced_exchange(snapshot)
+    assert exchange.settlement_on_abort() == PRICED
+    assert exchange.take_due() is None
+    assert exchange.settlement_on_abort() is None
+
+
+def test_abort_offline_records_the_estimate(snapshot: Snapshot) -> None:
+    exchange, reserve = reserve_for(snapshot, ALLOW_ONLY)
+    exchange.on_reserve_failed(reserve, LocalWindows())
+    exchange.admitted = True
+    assert exchange.settlement_on_abort() == Settlement(ESTIMATE, 110, 0, "aborted")
+
+
+def test_abort_without_limits_still_records_the_estimate(snapshot: Snapshot) -> None:
+    # no plan to settle, but the usage event is still written, conservatively
+    exchange, decision = send(snapshot, FREE, chat(max_tokens=100))
+    assert isinstance(decision, Continue)
+    exchange.admitted = True
+    assert exchange.settlement_on_abort() == Settlement(ESTIMATE, 110, 0, "aborted")
