@@ -50,6 +50,7 @@ class Continue:
     body: bytes | None = None
     clear_route_cache: bool = False
     response_body_mode: BodyMode | None = None
+    streamed_chunk: bool = False  # `body` replaces one chunk of a STREAMED body (no headers)
 
 
 CONTINUE = Continue()

@@ -42,7 +42,7 @@ import orjson
 
 from extproc.core.decisions import CONTINUE, BodyMode, Continue, Decision, Deny, HeaderEdit
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
-from extproc.core.pricing import Cost, estimate_cost, price_usage
+from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
 from extproc.core.quota import (
     LimitStatus,
     LocalWindows,
@@ -59,6 +59,7 @@ from extproc.core.request import Endpoint, RequestFacts, Route, classify_path, p
 from extproc.core.resources import KeyRecord, UpstreamSpec
 from extproc.core.result import Priced, cost_headers, result_object, splice_result
 from extproc.core.snapshot import Snapshot
+from extproc.core.streams import StreamMeter, StreamStep
 from extproc.core.usage import Usage, parse_response_usage
 
 ROUTING_HEADER = "x-tollgate-cluster"
@@ -114,13 +115,16 @@ class Exchange:
         "client_ip",
         "due",
         "facts",
+        "hide_usage_chunk",
         "key",
         "limit_statuses",
+        "meter",
         "named_limits",
         "offline",
         "options",
         "plan",
         "presented",
+        "price",
         "priced",
         "request_id",
         "request_tags",
@@ -154,6 +158,9 @@ class Exchange:
         self.due: Settlement | None = None
         self.settled = False
         self.admitted = False  # set by the edge once the request is on its way upstream
+        self.price: ModelPrice | None = None
+        self.hide_usage_chunk = False  # Tollgate turned include_usage on for this stream
+        self.meter: StreamMeter | None = None
 
     @property
     def holds_reservation(self) -> bool:
@@ -178,6 +185,14 @@ class Exchange:
             return None
         if self.due is not None:  # decided by a phase but not yet taken: hand that out, once
             return self.take_due()
+        if self.meter is not None:
+            # Cut short mid-stream: price what was produced so far, never zero.
+            self._price_stream(self.meter.usage_so_far(self._prompt_estimate()),
+                               ("stream-ended-early",))
+            self.settled = True
+            assert self.priced is not None
+            return Settlement(self.priced.cost.total_micros, self.priced.usage.total,
+                              self.status, "stream_cut")
         if self.status and not 200 <= self.status < 300:
             self.settled = True
             return Settlement(0, 0, self.status, "upstream_error")
@@ -322,10 +337,25 @@ class Exchange:
 
         new_body = None
         alias = upstream.aliases.get(facts.model)
-        if alias is not None:
+        wants_usage = (
+            facts.stream
+            and not facts.include_usage
+            and facts.endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS)
+        )
+        if alias is not None or wants_usage:
+            # Re-serialise only when the body must change; `content-length` is fixed by the
+            # adapter in the same reply.
             doc = orjson.loads(body)
-            doc["model"] = alias
+            if alias is not None:
+                doc["model"] = alias
+            if wants_usage:
+                # Without it an OpenAI stream carries no usage at all. The extra chunk it adds
+                # is taken out again on the way back (StreamMeter), so the client never sees it.
+                options = doc.get("stream_options") or {}
+                doc["stream_options"] = {**options, "include_usage": True}
+                self.hide_usage_chunk = True
             new_body = orjson.dumps(doc)
+        self.price = snapshot.price(self.priced_model)
         proceed = Continue(HeaderEdit(tuple(sets), removes), body=new_body, clear_route_cache=True)
         plan = self._plan(snapshot, facts, now)
         if plan.empty:
@@ -334,7 +364,7 @@ class Exchange:
 
     def _plan(self, snapshot: Snapshot, facts: RequestFacts, now: float) -> ReservationPlan:
         assert self.key is not None and self.upstream is not None
-        price = snapshot.price(self.priced_model)
+        price = self.price
         out_tokens = 0 if facts.endpoint is Endpoint.EMBEDDINGS else (
             facts.max_output_tokens or self.options.default_max_output_tokens
         )
@@ -421,8 +451,12 @@ class Exchange:
             return Continue(HeaderEdit(set=sets))  # not an admitted LLM call (e.g. Envoy's 404)
         if 200 <= self.status < 300 and content_type.startswith("application/json"):
             return Continue(HeaderEdit(set=sets), response_body_mode=BodyMode.BUFFERED)
+        if 200 <= self.status < 300 and content_type.startswith("text/event-stream"):
+            # Chunks flow through one by one (STREAMED), metered on the way.
+            self.meter = StreamMeter(self.facts.endpoint, self.hide_usage_chunk)
+            return Continue(HeaderEdit(set=sets), response_body_mode=BodyMode.STREAMED)
         if 200 <= self.status < 300:
-            # A successful response Tollgate cannot read (a stream, for now): charge the
+            # A successful response Tollgate cannot read (neither JSON nor SSE): charge the
             # estimate, so that nothing reserved is left behind or recorded as free.
             plan = self.plan
             self.due = Settlement(plan.estimate_micros if plan else 0,
@@ -468,6 +502,56 @@ class Exchange:
         )
         self.due = Settlement(cost.total_micros, usage.total, self.status, "priced")
         return self.due
+
+    # -- streamed response body -------------------------------------------------------------
+
+    def on_stream_chunk(self, chunk: bytes, end_of_stream: bool) -> StreamStep:
+        """Meter one chunk. When the stream has reached its end, the call is priced and `due`
+        is set: settle, then send `step.forward + stream_closing(...)`."""
+        assert self.meter is not None
+        step = self.meter.feed(chunk, end_of_stream)
+        if step.finished and not self.settled and self.due is None:
+            usage = self.meter.usage
+            warnings: tuple[str, ...] = ()
+            if usage is None:
+                usage = self.meter.usage_so_far(self._prompt_estimate())
+                warnings = ("no-usage-in-stream",)
+            self._price_stream(usage, warnings)
+            assert self.priced is not None
+            self.due = Settlement(self.priced.cost.total_micros, self.priced.usage.total,
+                                  self.status, "priced")
+        return step
+
+    def stream_closing(self, statuses: tuple[LimitStatus, ...] | None) -> bytes:
+        assert self.meter is not None and self.priced is not None
+        if statuses is not None:
+            self.limit_statuses = statuses
+        result = None
+        if self.options.result_object:
+            doc = result_object(self.priced)
+            doc["limits"] = limits_result(self.limit_statuses)
+            doc["unknown_limit_ids"] = list(self.unknown_limits)
+            result = orjson.dumps(doc)
+        return self.meter.closing(result)
+
+    def _prompt_estimate(self) -> int:
+        return self.facts.prompt_tokens_estimate if self.facts is not None else 0
+
+    def _price_stream(self, usage: Usage, warnings: tuple[str, ...]) -> None:
+        assert self.facts is not None and self.key is not None and self.upstream is not None
+        if self.price is None:
+            warnings += ("unknown-model-priced-at-zero",)
+        cost = price_usage(self.price, usage) if self.price is not None else Cost()
+        self.priced = Priced(
+            request_id=self.request_id,
+            model=self.facts.model,
+            upstream=self.upstream.name,
+            key_name=self.key.name,
+            usage=usage,
+            cost=cost,
+            priced=self.price is not None,
+            warnings=warnings,
+        )
 
     def response_body_reply(
         self, body: bytes, statuses: tuple[LimitStatus, ...] | None

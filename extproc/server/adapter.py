@@ -49,6 +49,13 @@ def _fill_mutation(mutation: Any, edit: HeaderEdit) -> None:
 
 def _fill_common(common: Any, decision: Continue) -> None:
     edit = decision.headers
+    if decision.streamed_chunk:
+        # A chunk of a streamed body: headers are long gone, only the bytes change.
+        if decision.body:
+            common.body_mutation.body = decision.body
+        else:
+            common.body_mutation.clear_body = True
+        return
     if decision.body is not None:
         edit = edit.plus(HeaderEdit(set=(("content-length", str(len(decision.body))),)))
         common.body_mutation.body = decision.body

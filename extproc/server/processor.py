@@ -125,6 +125,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     edit = decision.headers.plus(exchange.after_settlement(statuses))
                     decision = dataclasses.replace(decision, headers=edit)
                 return adapter.continue_response(phase, decision)
+            if phase == "response_body" and exchange.meter is not None:
+                return await self._stream_chunk(request, exchange, started)
             if phase == "response_body" and exchange.admitted:
                 body = request.response_body.body
                 exchange.on_response_body(body, snapshot)
@@ -145,6 +147,25 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                          f"Tollgate failed on this request (id {exchange.request_id})."),
                 )
             return adapter.continue_response(phase, Continue())
+
+    async def _stream_chunk(
+        self, request: ep.ProcessingRequest, exchange: Exchange, started: float
+    ) -> ep.ProcessingResponse:
+        message = request.response_body
+        step = exchange.on_stream_chunk(message.body, message.end_of_stream)
+        data = step.forward
+        if step.finished:
+            due = exchange.take_due()
+            if due is not None:
+                statuses = await self._settle(exchange, due, started)
+                self._count_priced(exchange)
+            else:
+                statuses = None
+            data += exchange.stream_closing(statuses)
+        if data == message.body:
+            return adapter.continue_response("response_body", Continue())
+        return adapter.continue_response("response_body", Continue(body=data,
+                                                                   streamed_chunk=True))
 
     async def _request_headers(
         self, request: ep.ProcessingRequest, exchange: Exchange, snapshot: Snapshot
@@ -240,10 +261,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             status=due.status,
             latency_ms=int((time.monotonic() - started) * 1000),
             timestamp_ms=int(time.time() * 1000),
-            priced=priced is not None and priced.priced and due.reason == "priced",
+            priced=priced is not None and priced.priced and due.reason in ("priced",
+                                                                           "stream_cut"),
             streamed=facts.stream,
         )
-        if priced is not None and due.reason == "priced":
+        if priced is not None and due.reason in ("priced", "stream_cut"):
             u, c = priced.usage, priced.cost
             event.tokens.CopyFrom(usage_pb2.TokenCounts(
                 input=u.input, output=u.output, cached_input=u.cached_input,

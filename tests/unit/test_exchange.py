@@ -413,27 +413,29 @@ def test_alias_rewrites_the_model_in_the_body(snapshot: Snapshot) -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "content_type", "buffered"),
+    ("status", "content_type", "mode"),
     [
-        ("200", "application/json", True),
-        ("200", "application/json; charset=utf-8", True),
-        ("201", "application/json", True),
-        ("200", "text/event-stream", False),
-        ("200", "", False),
-        ("400", "application/json", False),
-        ("429", "application/json", False),
-        ("500", "application/json", False),
-        ("abc", "application/json", False),
+        ("200", "application/json", BodyMode.BUFFERED),
+        ("200", "application/json; charset=utf-8", BodyMode.BUFFERED),
+        ("201", "application/json", BodyMode.BUFFERED),
+        ("200", "text/event-stream", BodyMode.STREAMED),
+        ("200", "text/event-stream; charset=utf-8", BodyMode.STREAMED),
+        ("200", "", None),
+        ("400", "application/json", None),
+        ("429", "application/json", None),
+        ("500", "application/json", None),
+        ("500", "text/event-stream", None),
+        ("abc", "application/json", None),
     ],
 )
 def test_response_headers(
     snapshot: Snapshot, golden: Callable[[str], bytes], status: str, content_type: str,
-    buffered: bool,
+    mode: BodyMode | None,
 ) -> None:
     exchange, _ = send_request(snapshot, request_headers(), golden("openai_chat.request.json"))
     decision = exchange.on_response_headers({":status": status, "content-type": content_type})
     assert (REQUEST_ID_HEADER, REQUEST_ID) in decision.headers.set
-    assert decision.response_body_mode is (BodyMode.BUFFERED if buffered else None)
+    assert decision.response_body_mode is mode
 
 
 # ---- response body ---------------------------------------------------------------------------

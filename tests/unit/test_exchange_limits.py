@@ -438,7 +438,7 @@ ESTIMATE = 1_025  # gpt-4o, 10 prompt tokens + max_tokens 100 (see test_reserve_
         ("503", "text/plain", Settlement(0, 0, 503, "upstream_error"), False),
         ("429", "application/json", Settlement(0, 0, 429, "upstream_error"), False),
         ("400", "application/json", Settlement(0, 0, 400, "upstream_error"), False),
-        ("200", "text/event-stream", Settlement(ESTIMATE, 110, 200, "unpriced_response"), False),
+        ("200", "text/plain", Settlement(ESTIMATE, 110, 200, "unpriced_response"), False),
         ("200", "", Settlement(ESTIMATE, 110, 200, "unpriced_response"), False),
         ("200", "application/json", None, True),
         ("201", "application/json; charset=utf-8", None, True),
