@@ -283,6 +283,7 @@ def start_stack(
     bypass: bool = False,
     redis_data_dir: Path | None = None,
     azure_host: str = envoyconf.DEFAULT_AZURE_HOST,
+    extra_clusters: tuple[envoyconf.ClusterSpec, ...] = (),
 ) -> Stack:
     processes: list[Managed] = []
     try:
@@ -306,7 +307,7 @@ def start_stack(
         admin_port = free_port()
         bypass_port = free_port() if bypass else None
         config = envoyconf.render_bootstrap(
-            clusters=clusters,
+            clusters=[*clusters, *extra_clusters],
             listen_port=port,
             admin_port=admin_port,
             extproc_port=ports.grpc,

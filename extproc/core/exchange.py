@@ -110,6 +110,7 @@ class Exchange:
     """State of one request/response pair as it moves through the four phases."""
 
     __slots__ = (
+        "path",
         "admitted",
         "client_anthropic_version",
         "client_ip",
@@ -159,6 +160,7 @@ class Exchange:
         self.settled = False
         self.admitted = False  # set by the edge once the request is on its way upstream
         self.price: ModelPrice | None = None
+        self.path = "/"
         self.hide_usage_chunk = False  # Tollgate turned include_usage on for this stream
         self.meter: StreamMeter | None = None
 
@@ -223,6 +225,7 @@ class Exchange:
         if "accept-encoding" in headers:
             removes.append("accept-encoding")
         path = headers.get(":path", "/")
+        self.path = path
         self.client_anthropic_version = "anthropic-version" in headers
         self.route = classify_path(path)
         if self.route is None:
@@ -231,8 +234,8 @@ class Exchange:
             return Deny(
                 401,
                 "missing_api_key",
-                "Missing API key: send it as 'Authorization: Bearer <key>', 'x-api-key: <key>' "
-                "or 'xProxy-Api-Key: <key>'.",
+                "Missing API key: send it as 'Authorization: Bearer <key>', 'x-api-key: <key>', "
+                "'api-key: <key>' or 'xProxy-Api-Key: <key>'.",
             )
         refusal = check_key(record, now)
         if refusal is not None:
@@ -329,8 +332,11 @@ class Exchange:
             # with the upstream credential (a remove and a set of one name in one mutation is
             # order-dependent in Envoy).
             removes = tuple(
-                n for n in ("authorization", "x-api-key", BYOK_HEADER) if n != auth[0][0]
+                n for n in ("authorization", "x-api-key", "api-key", BYOK_HEADER)
+                if n != auth[0][0]
             )
+        if upstream.provider == "azure-openai":
+            sets.extend(self._azure_path(upstream, facts))
         if upstream.provider == "anthropic" and not self.client_anthropic_version:
             # The client's SDK knows which API version it speaks; fill in only when absent.
             sets.append(("anthropic-version", upstream.anthropic_version))
@@ -361,6 +367,22 @@ class Exchange:
         if plan.empty:
             return proceed
         return Reserve(plan, proceed)
+
+    def _azure_path(self, upstream: UpstreamSpec, facts: RequestFacts) -> list[tuple[str, str]]:
+        """Azure OpenAI wants `/openai/deployments/<deployment>/<operation>?api-version=...`.
+        An OpenAI-style call routed to Azure is rewritten into that form; an Azure-style call
+        keeps its path and only gains the configured api-version if it has none."""
+        assert self.route is not None
+        version = upstream.azure_api_version or "2024-10-21"
+        if self.route.azure_deployment is not None:
+            if "api-version=" in self.path:
+                return []
+            joiner = "&" if "?" in self.path else "?"
+            return [(":path", f"{self.path}{joiner}api-version={version}")]
+        deployment = upstream.azure_deployments.get(facts.model, facts.model)
+        operation = {Endpoint.CHAT: "chat/completions", Endpoint.COMPLETIONS: "completions",
+                     Endpoint.EMBEDDINGS: "embeddings"}[facts.endpoint]
+        return [(":path", f"/openai/deployments/{deployment}/{operation}?api-version={version}")]
 
     def _plan(self, snapshot: Snapshot, facts: RequestFacts, now: float) -> ReservationPlan:
         assert self.key is not None and self.upstream is not None

@@ -32,7 +32,7 @@ def hash_key(key: str) -> str:
 @dataclass(frozen=True, slots=True)
 class PresentedKey:
     value: str
-    header: str  # where it came from: authorization | x-api-key | xproxy-api-key
+    header: str  # where it came from: authorization | x-api-key | api-key | xproxy-api-key
 
     @property
     def bring_your_own_key(self) -> bool:
@@ -49,9 +49,10 @@ def find_key(headers: Mapping[str, str]) -> PresentedKey | None:
         scheme, _, token = auth.strip().partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return PresentedKey(token.strip(), "authorization")
-    api_key = headers.get("x-api-key")
-    if api_key and api_key.strip():
-        return PresentedKey(api_key.strip(), "x-api-key")
+    for header in ("x-api-key", "api-key"):  # Anthropic SDK style, Azure OpenAI SDK style
+        value = headers.get(header)
+        if value and value.strip():
+            return PresentedKey(value.strip(), header)
     return None
 
 

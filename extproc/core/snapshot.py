@@ -26,6 +26,7 @@ from extproc.core.resources import (
 )
 
 SecretLookup = Callable[[str], str | None]
+AZURE_REWRITABLE = (Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +45,11 @@ class Snapshot:
         for upstream in self.upstreams:
             if endpoint.is_anthropic != (upstream.provider == "anthropic"):
                 continue
-            if azure != (upstream.provider == "azure-openai"):
-                # Azure deployment paths go to Azure upstreams only, and plain /v1 paths never
-                # do: nothing would rewrite them into /openai/deployments/... form.
-                continue
+            is_azure = upstream.provider == "azure-openai"
+            if azure and not is_azure:
+                continue  # an Azure deployment path only makes sense to Azure
+            if is_azure and not azure and endpoint not in AZURE_REWRITABLE:
+                continue  # plain /v1 calls reach Azure only where the path can be rewritten
             if any(fnmatch.fnmatchcase(model, p) for p in upstream.models):
                 return upstream
         return None

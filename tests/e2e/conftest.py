@@ -15,10 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from extproc.launch import Stack, free_port, start_stack
+from extproc.envoyconf import ClusterSpec
+from extproc.launch import Stack, free_port, start_mock_upstream, start_stack
 
 OPENAI_UPSTREAM_KEY = "sk-upstream-openai-e2e"
 ANTHROPIC_UPSTREAM_KEY = "sk-upstream-anthropic-e2e"
+AZURE_UPSTREAM_KEY = "azure-upstream-e2e"
+SECOND_UPSTREAM_KEY = "sk-second-e2e"
 
 
 @pytest.fixture(scope="session")
@@ -29,14 +32,29 @@ def e2e_env(redis_url: str) -> dict[str, str]:
         TOLLGATE_REDIS_TAG="e2e-" + uuid.uuid4().hex[:8],
         OPENAI_API_KEY=OPENAI_UPSTREAM_KEY,
         ANTHROPIC_API_KEY=ANTHROPIC_UPSTREAM_KEY,
+        AZURE_OPENAI_API_KEY=AZURE_UPSTREAM_KEY,
+        SECOND_API_KEY=SECOND_UPSTREAM_KEY,
         TOLLGATE_RELOAD_POLL_MS="500",
     )
     return env
 
 
 @pytest.fixture(scope="session")
+def second_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A second fake provider, behind its own Envoy cluster `second`, for routing tests."""
+    proc, port = start_mock_upstream(tmp_path_factory.mktemp("second"))
+    try:
+        yield port
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
 def stack(
-    redis_url: str, e2e_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    redis_url: str,
+    e2e_env: dict[str, str],
+    second_upstream: int,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     running = start_stack(
         log_dir=tmp_path_factory.mktemp("stack"),
@@ -46,6 +64,7 @@ def stack(
         workers=2,
         envoy_concurrency=2,
         env=e2e_env,
+        extra_clusters=(ClusterSpec("second", "127.0.0.1", second_upstream),),
     )
     try:
         yield running

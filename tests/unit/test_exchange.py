@@ -260,11 +260,11 @@ def test_models_lists_every_priced_model_for_an_unrestricted_key(
 # ---- request body ----------------------------------------------------------------------------
 
 OPENAI_SETS = {ROUTING_HEADER: "openai", "authorization": "Bearer sk-up"}
-OPENAI_REMOVES = {"x-api-key", "xproxy-api-key"}
+OPENAI_REMOVES = {"x-api-key", "api-key", "xproxy-api-key"}
 ANTHROPIC_SETS = {
     ROUTING_HEADER: "anthropic", "x-api-key": "sk-ant", "anthropic-version": "2023-06-01"
 }
-ANTHROPIC_REMOVES = {"authorization", "xproxy-api-key"}
+ANTHROPIC_REMOVES = {"authorization", "api-key", "xproxy-api-key"}
 
 
 @pytest.mark.parametrize(
