@@ -110,7 +110,6 @@ class Exchange:
     """State of one request/response pair as it moves through the four phases."""
 
     __slots__ = (
-        "path",
         "admitted",
         "client_anthropic_version",
         "client_ip",
@@ -123,6 +122,7 @@ class Exchange:
         "named_limits",
         "offline",
         "options",
+        "path",
         "plan",
         "presented",
         "price",
