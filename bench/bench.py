@@ -288,10 +288,39 @@ def check_paths(bench: Bench, key: str) -> dict[str, str]:
     return {"tollgate_cost_header": headers[COST_HEADER]}
 
 
-def phase_means(metrics_url: str) -> dict[str, dict[str, float]]:
+# Counters that should stay at zero on this path (a valid key, no limits, a healthy Redis): when
+# they move, the run did not measure the normal path (e.g. Redis calls failing and settlements
+# being journaled), whatever the status codes said.
+TROUBLE_METRICS = (
+    "tollgate_redis_errors_total",
+    "tollgate_settlements_journaled_total",
+    "tollgate_fail_open_total",
+    "tollgate_unpriced_responses_total",
+    "tollgate_limit_denials_total",
+)
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)", re.M)
+
+
+def fetch_metrics(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text: str = resp.read().decode()
+    return text
+
+
+def trouble_counters(text: str) -> dict[str, float]:
+    """Non-zero samples of TROUBLE_METRICS and of non-"allowed" request decisions."""
+    found: dict[str, float] = {}
+    for name, labels, value in _SAMPLE.findall(text):
+        bad = name in TROUBLE_METRICS or (
+            name == "tollgate_requests_total" and 'decision="allowed"' not in labels
+        )
+        if bad and float(value) > 0:
+            found[name + labels] = float(value)
+    return found
+
+
+def phase_means(text: str) -> dict[str, dict[str, float]]:
     """Mean microseconds per ext_proc message, by phase, from tollgate_phase_seconds."""
-    with urllib.request.urlopen(metrics_url, timeout=5) as resp:
-        text = resp.read().decode()
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     pattern = re.compile(r'^tollgate_phase_seconds_(sum|count)\{phase="([^"]+)"\}\s+(\S+)', re.M)
@@ -322,7 +351,7 @@ def table(results: list[WrkResult]) -> str:
     return "\n".join(rows)
 
 
-def derive(res: dict[str, WrkResult]) -> dict[str, Any]:
+def derive(res: dict[str, WrkResult], trouble: dict[str, float] | None) -> dict[str, Any]:
     direct, toll = res["direct/load"], res["tollgate/load"]
     d1, t1 = res["direct/c1"], res["tollgate/c1"]
     pct = 100.0 * toll.rps / direct.rps if direct.rps else 0.0
@@ -334,6 +363,8 @@ def derive(res: dict[str, WrkResult]) -> dict[str, Any]:
         f"added p50 at c=1 <= {TARGET_ADDED_P50_MS:.0f} ms":
             added is not None and added <= TARGET_ADDED_P50_MS,
         "no errors / non-2xx in any run": clean,
+        "extproc counters clean (no Redis errors, journaling, fail-open, denials)":
+            trouble == {},
     }
     noisy = [k for k, r in res.items() if r.cpu_pct.get("other", 0.0) > NOISY_OTHER_PCT]
     return {
@@ -342,6 +373,7 @@ def derive(res: dict[str, WrkResult]) -> dict[str, Any]:
         "added_p50_c1_ms": None if added is None else round(added, 3),
         "checks": checks,
         "all_runs_clean": clean,
+        "extproc_trouble": trouble,
     }
 
 
@@ -363,6 +395,10 @@ def print_report(res: dict[str, WrkResult], derived: dict[str, Any]) -> None:
         if r.mode == "load":
             parts = ", ".join(f"{k} {v:.0f}%" for k, v in r.cpu_pct.items())
             print(f"  {r.scenario:<9} {parts}")
+    if derived["extproc_trouble"]:
+        print("WARNING: extproc counters that should be zero moved (see the extproc log):")
+        for name, value in derived["extproc_trouble"].items():
+            print(f"  {name} = {value:.0f}")
     if derived["noisy_runs"]:
         print(f"WARNING: other load on the machine during {', '.join(derived['noisy_runs'])} "
               f"(other > {NOISY_OTHER_PCT:.0f}% of a core): numbers are less reliable; rerun "
@@ -466,13 +502,15 @@ def run_bench(
     if dead:
         raise RuntimeError(f"{dead[0].name} died during the run:\n{dead[0].log_tail()}")
 
-    derived = derive(results)
-    print_report(results, derived)
     try:
-        phases = phase_means(f"http://127.0.0.1:{stack.extproc.http}/metrics")
+        metrics_text: str | None = fetch_metrics(f"http://127.0.0.1:{stack.extproc.http}/metrics")
     except OSError as exc:
         print(f"\ncould not read extproc /metrics: {exc}")
-        phases = {}
+        metrics_text = None
+    trouble = trouble_counters(metrics_text) if metrics_text is not None else None
+    derived = derive(results, trouble)
+    print_report(results, derived)
+    phases = phase_means(metrics_text) if metrics_text is not None else {}
     print_phases(phases)
 
     if args.json:
@@ -491,7 +529,7 @@ def run_bench(
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nwrote {args.json}")
-    return 0 if derived["all_runs_clean"] else 1
+    return 0 if derived["all_runs_clean"] and derived["extproc_trouble"] == {} else 1
 
 
 if __name__ == "__main__":

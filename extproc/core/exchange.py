@@ -44,6 +44,7 @@ from extproc.core.decisions import CONTINUE, BodyMode, Continue, Decision, Deny,
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
 from extproc.core.quota import (
+    CredentialCharge,
     LimitStatus,
     LocalWindows,
     Reservation,
@@ -110,8 +111,13 @@ class Exchange:
     """State of one request/response pair as it moves through the four phases."""
 
     __slots__ = (
+        "_snapshot",
         "admitted",
         "client_anthropic_version",
+        "cooldown_due",
+        "credential",
+        "credential_secret",
+        "pool",
         "client_ip",
         "due",
         "facts",
@@ -161,6 +167,11 @@ class Exchange:
         self.admitted = False  # set by the edge once the request is on its way upstream
         self.price: ModelPrice | None = None
         self.path = "/"
+        self.pool: tuple[CredentialCharge, ...] = ()  # candidates, when a pool decides
+        self.credential: CredentialCharge | None = None  # the credential the call went out with
+        self.credential_secret = ""
+        self.cooldown_due: int | None = None  # Retry-After ms (0 = none) when it must rest
+        self._snapshot: Snapshot | None = None
         self.hide_usage_chunk = False  # Tollgate turned include_usage on for this stream
         self.meter: StreamMeter | None = None
 
@@ -302,6 +313,7 @@ class Exchange:
         assert self.route is not None and self.key is not None and self.presented is not None
         if len(body) > self.options.max_body_bytes:
             return self._too_large()
+        self._snapshot = snapshot
         facts = parse_request(self.route, body)
         if isinstance(facts, Deny):
             return facts
@@ -320,20 +332,26 @@ class Exchange:
         if self.presented.bring_your_own_key:
             removes: tuple[str, ...] = (BYOK_HEADER,)
         else:
-            secret = _credential_secret(upstream, snapshot)
-            if secret is None:
+            candidates = _candidates(upstream, snapshot, self.priced_model)
+            if not candidates:
                 return Deny(
                     503, "upstream_credential_unavailable",
                     f"No credential is configured for upstream '{upstream.name}'.",
                 )
-            auth = _auth_headers(upstream, secret)
-            sets.extend(auth)
+            if len(candidates) > 1 or any(c.rpm or c.tpm for c in candidates):
+                # A pool: the reserve script picks the credential (round robin, caps,
+                # cooldowns); its header is added in `on_reserved`.
+                self.pool = tuple(candidates)
+            else:
+                self.credential = candidates[0]
+                sets.extend(self._auth(candidates[0], snapshot))
             # Drop every header that may carry the virtual key, except the one being overwritten
             # with the upstream credential (a remove and a set of one name in one mutation is
             # order-dependent in Envoy).
+            auth_name = _AUTH_HEADER.get(upstream.provider, "authorization")
             removes = tuple(
                 n for n in ("authorization", "x-api-key", "api-key", BYOK_HEADER)
-                if n != auth[0][0]
+                if n != auth_name
             )
         if upstream.provider == "azure-openai":
             sets.extend(self._azure_path(upstream, facts))
@@ -411,6 +429,7 @@ class Exchange:
             estimate_micros=estimate,
             estimate_tokens=prompt_tokens + out_tokens,
             hold_seconds=self.options.hold_seconds,
+            credentials=self.pool,
         )
         return self.plan
 
@@ -422,10 +441,25 @@ class Exchange:
             return self.upstream.aliases.get(self.facts.model, self.facts.model)
         return self.facts.model
 
+    def _auth(self, credential: CredentialCharge, snapshot: Snapshot | None) -> list[
+        tuple[str, str]
+    ]:
+        assert self.upstream is not None
+        if snapshot is not None:
+            self.credential_secret = snapshot.secrets.get(credential.secret_ref, "")
+        return _auth_headers(self.upstream, self.credential_secret)
+
+    def _with_credential(self, proceed: Continue, credential: CredentialCharge) -> Continue:
+        self.credential = credential
+        auth = HeaderEdit(set=tuple(self._auth(credential, self._snapshot)))
+        return replace(proceed, headers=proceed.headers.plus(auth))
+
     def on_reserved(self, reserve: Reserve, reservation: Reservation) -> Decision:
         self.reservation = reservation
         self.limit_statuses = reservation.limits
         if reservation.denial is None:
+            if reservation.credential is not None:
+                return self._with_credential(reserve.proceed, reservation.credential)
             return reserve.proceed
         deny = reservation.denial
         return replace(
@@ -458,6 +492,9 @@ class Exchange:
         if refusal is not None:
             return refusal
         self.offline = True
+        if self.pool:
+            # No shared view of caps or cooldowns: go with the first primary.
+            return self._with_credential(reserve.proceed, self.pool[0])
         return reserve.proceed
 
     # -- response headers ------------------------------------------------------------------
@@ -487,6 +524,10 @@ class Exchange:
         else:
             # The provider refused or failed: release the reservation at zero cost.
             self.due = Settlement(0, 0, self.status, "upstream_error")
+            if self.pool and self.credential is not None and (
+                self.status in self.upstream.cooldown_statuses
+            ):
+                self.cooldown_due = _retry_after_ms(headers)
         return Continue(HeaderEdit(set=sets))
 
     def after_settlement(self, statuses: tuple[LimitStatus, ...] | None) -> HeaderEdit:
@@ -589,8 +630,36 @@ class Exchange:
         return Continue(edit, body=new_body)
 
 
+def _retry_after_ms(headers: Mapping[str, str]) -> int:
+    """The provider's Retry-After in ms (`retry-after-ms`, or `retry-after` in seconds), 0 when
+    absent or unreadable (an HTTP-date is treated as absent: the default cooldown applies)."""
+    for name, scale in (("retry-after-ms", 1.0), ("retry-after", 1000.0)):
+        value = headers.get(name, "").strip()
+        try:
+            parsed = float(value)
+        except ValueError:
+            continue
+        if parsed > 0:
+            return int(parsed * scale)
+    return 0
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+_AUTH_HEADER = {"anthropic": "x-api-key", "azure-openai": "api-key"}
+
+
+def _candidates(upstream: UpstreamSpec, snapshot: Snapshot, model: str) -> list[CredentialCharge]:
+    """Credentials that have a secret, primaries first (each group in configured order)."""
+    out = [
+        CredentialCharge(upstream.name, c.name, c.secret_ref, model, not c.is_fallback,
+                         c.rpm, c.tpm)
+        for c in upstream.credentials
+        if snapshot.secrets.get(c.secret_ref)
+    ]
+    return sorted(out, key=lambda c: not c.primary)
 
 
 def _credential_secret(upstream: UpstreamSpec, snapshot: Snapshot) -> str | None:

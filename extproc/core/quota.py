@@ -133,6 +133,19 @@ class LeaseCharge:
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialCharge:
+    """One candidate credential of the chosen upstream, in the order they may be tried."""
+
+    upstream: str
+    name: str
+    secret_ref: str
+    model: str
+    primary: bool
+    rpm: int | None
+    tpm: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class ReservationPlan:
     request_id: str
     now_ms: int
@@ -143,10 +156,11 @@ class ReservationPlan:
     limits: tuple[LimitCharge, ...]
     windows: tuple[WindowCharge, ...]
     leases: tuple[LeaseCharge, ...]
+    credentials: tuple[CredentialCharge, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not (self.limits or self.windows or self.leases)
+        return not (self.limits or self.windows or self.leases or self.credentials)
 
     @property
     def token_windows(self) -> tuple[WindowCharge, ...]:
@@ -188,6 +202,7 @@ def plan_reservation(
     estimate_micros: int,
     estimate_tokens: int,
     hold_seconds: float,
+    credentials: Sequence[CredentialCharge] = (),
 ) -> ReservationPlan:
     now_ms = int(now * 1000)
     charges = []
@@ -220,6 +235,7 @@ def plan_reservation(
         limits=tuple(charges),
         windows=tuple(windows),
         leases=tuple(leases),
+        credentials=tuple(credentials),
     )
 
 
@@ -260,6 +276,9 @@ class Reservation:
     windows: tuple[WindowStatus, ...]
     denial: Deny | None
     blocked_limit: str | None = None
+    credential: CredentialCharge | None = None
+    credential_requests: int = 0  # in the credential's current window, this one included
+    credential_tokens: int = 0
 
 
 def state_of(spent: int, limit: LimitSpec) -> str:
@@ -287,8 +306,23 @@ def interpret_reservation(plan: ReservationPlan, reply: Sequence[int]) -> Reserv
         windows.append(WindowStatus(window, int(reply[pos]), int(reply[pos + 1])))
         pos += 2
     limit_statuses, window_statuses = tuple(statuses), tuple(windows)
+    chosen = int(reply[pos]) if len(reply) > pos else 0
+    credential = plan.credentials[chosen - 1] if chosen > 0 else None
+    used = (int(reply[pos + 1]), int(reply[pos + 2])) if len(reply) > pos + 2 else (0, 0)
     if allowed:
-        return Reservation(plan, limit_statuses, window_statuses, None)
+        return Reservation(plan, limit_statuses, window_statuses, None,
+                           credential=credential, credential_requests=used[0],
+                           credential_tokens=used[1])
+    if kind == 4:
+        upstream = plan.credentials[0].upstream if plan.credentials else "?"
+        wait = max(1, -(-retry_ms // 1000)) if retry_ms > 0 else 1
+        deny = Deny(
+            503, "no_credential_available",
+            f"Every credential of upstream '{upstream}' is cooling down or at its rate cap; "
+            "retry shortly.",
+            headers=(("retry-after", str(wait)),),
+        )
+        return Reservation(plan, limit_statuses, window_statuses, deny)
     if kind == 1:
         limit = plan.limits[index - 1].limit
         deny = Deny(

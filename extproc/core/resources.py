@@ -25,6 +25,8 @@ from extproc.core.quota import LimitSpec, RateLimitSpec, Selector
 API_VERSION = "tollgate.io/v1alpha1"
 GROUP = "tollgate.io"
 PROVIDERS = ("openai", "azure-openai", "anthropic", "openai-compatible")
+# A credential answering one of these is put in cooldown (rate limited, refused, or failing).
+DEFAULT_COOLDOWN_STATUSES = (401, 403, 429, 500, 502, 503, 504)
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -252,6 +254,21 @@ def _upstream(f: _Fields) -> dict[str, Any]:
             "deployments": dep_map,
         }
         azure.done()
+    cooldown = f.mapping("cooldown")
+    cooldown_spec: dict[str, Any] = {"seconds": 30, "maxSeconds": 600,
+                                     "statuses": list(DEFAULT_COOLDOWN_STATUSES)}
+    if cooldown is not None:
+        cooldown_spec["seconds"] = cooldown.integer("seconds", 30)
+        cooldown_spec["maxSeconds"] = cooldown.integer("maxSeconds", 600)
+        statuses = cooldown.get("statuses")
+        if statuses is not None:
+            if not isinstance(statuses, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 400 <= x <= 599
+                for x in statuses
+            ):
+                raise cooldown.error("statuses", "must be a list of HTTP status codes 400-599")
+            cooldown_spec["statuses"] = statuses
+        cooldown.done()
     return {
         "provider": provider,
         "cluster": f.string("cluster", required=True),
@@ -261,6 +278,7 @@ def _upstream(f: _Fields) -> dict[str, Any]:
         "azure": azure_spec,
         "anthropicVersion": f.string("anthropicVersion", "2023-06-01"),
         "credentials": creds,
+        "cooldown": cooldown_spec,
     }
 
 
@@ -453,6 +471,9 @@ class UpstreamSpec:
     azure_deployments: dict[str, str]
     anthropic_version: str
     credentials: tuple[CredentialSpec, ...]
+    cooldown_ms: int = 30_000
+    cooldown_max_ms: int = 600_000
+    cooldown_statuses: tuple[int, ...] = DEFAULT_COOLDOWN_STATUSES
 
 
 def upstream_spec(resource: Resource) -> UpstreamSpec:
@@ -473,6 +494,10 @@ def upstream_spec(resource: Resource) -> UpstreamSpec:
                            bool(c.get("isFallback")))
             for c in s.get("credentials", ())
         ),
+        cooldown_ms=int((s.get("cooldown") or {}).get("seconds", 30)) * 1000,
+        cooldown_max_ms=int((s.get("cooldown") or {}).get("maxSeconds", 600)) * 1000,
+        cooldown_statuses=tuple((s.get("cooldown") or {}).get(
+            "statuses", DEFAULT_COOLDOWN_STATUSES)),
     )
 
 

@@ -66,3 +66,29 @@ FAIL_OPEN = Counter(
 LIMIT_DENIALS = Counter(
     "tollgate_limit_denials_total", "Requests refused by a spend limit.", ["limit"]
 )
+CRED_REQUESTS = Counter(
+    "tollgate_credential_requests_total", "Requests sent with a pooled credential.",
+    ["upstream", "credential"],
+)
+CRED_TOKENS = Counter(
+    "tollgate_credential_tokens_total", "Tokens used through a credential.",
+    ["upstream", "credential"],
+)
+CRED_ERRORS = Counter(
+    "tollgate_credential_errors_total", "Failed responses per pooled credential, by status.",
+    ["upstream", "credential", "status"],
+)
+CRED_COOLDOWNS = Counter(
+    "tollgate_credential_cooldowns_total", "Times a credential was put in cooldown.",
+    ["upstream", "credential"],
+)
+CRED_RPM = Gauge(
+    "tollgate_credential_requests_per_minute",
+    "Requests in the credential's current rolling minute (as last seen by a worker).",
+    ["upstream", "credential"], multiprocess_mode="mostrecent",
+)
+CRED_TPM = Gauge(
+    "tollgate_credential_tokens_per_minute",
+    "Tokens in the credential's current rolling minute (as last seen by a worker).",
+    ["upstream", "credential"], multiprocess_mode="mostrecent",
+)

@@ -39,7 +39,7 @@ from extproc.server import adapter, metrics
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
 from extproc.store.quota_store import QuotaStore, SettleCall
-from extproc.store.redis_store import StoreUnavailable
+from extproc.store.redis_store import StoreRejected, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             if phase == "response_headers":
                 headers = adapter.header_map(request.response_headers)
                 decision = exchange.on_response_headers(headers)
+                if exchange.cooldown_due is not None:
+                    await self._cool_down(exchange, exchange.cooldown_due)
                 due = exchange.take_due()
                 if due is not None:
                     statuses = await self._settle(exchange, due, started)
@@ -216,6 +218,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 metrics.FAIL_OPEN.labels("limits" if plan.limits else "rate_limits").inc()
             return decision
         reservation = interpret_reservation(plan, reply)
+        if reservation.credential is not None:
+            cred = reservation.credential
+            metrics.CRED_REQUESTS.labels(cred.upstream, cred.name).inc()
+            metrics.CRED_RPM.labels(cred.upstream, cred.name).set(reservation.credential_requests)
+            metrics.CRED_TPM.labels(cred.upstream, cred.name).set(reservation.credential_tokens)
         if reservation.blocked_limit:
             metrics.LIMIT_DENIALS.labels(reservation.blocked_limit).inc()
         return exchange.on_reserved(reserve, reservation)
@@ -226,8 +233,26 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if plan is None or plan.empty:
             return self.quota.settle_call(None, due.cost_micros, due.tokens, event, False,
                                           request_id=exchange.request_id)
-        return self.quota.settle_call(plan, due.cost_micros, due.tokens, event,
-                                      reserved=not exchange.offline)
+        return self.quota.settle_call(
+            plan, due.cost_micros, due.tokens, event, reserved=not exchange.offline,
+            credential=exchange.credential if exchange.pool else None,
+            success=200 <= due.status < 300,
+        )
+
+    async def _cool_down(self, exchange: Exchange, retry_after_ms: int) -> None:
+        credential, upstream = exchange.credential, exchange.upstream
+        assert credential is not None and upstream is not None
+        metrics.CRED_ERRORS.labels(upstream.name, credential.name, str(exchange.status)).inc()
+        try:
+            ms, errors = await self.quota.cool_down(
+                credential, upstream.cooldown_ms, upstream.cooldown_max_ms, retry_after_ms)
+        except (StoreUnavailable, StoreRejected):
+            metrics.REDIS_ERRORS.labels("cooldown").inc()
+            return
+        metrics.CRED_COOLDOWNS.labels(upstream.name, credential.name).inc()
+        log.warning("credential %s/%s answered %d: resting %d ms for %s (%d errors in a row)",
+                    upstream.name, credential.name, exchange.status, ms, credential.model,
+                    errors)
 
     async def _settle(
         self, exchange: Exchange, due: Settlement, started: float
@@ -287,5 +312,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if not priced.priced:
             metrics.UNPRICED.labels("unknown_model").inc()
         metrics.COST_MICROS.labels(priced.upstream).inc(priced.cost.total_micros)
+        if exchange.credential is not None:
+            metrics.CRED_TOKENS.labels(priced.upstream, exchange.credential.name).inc(
+                priced.usage.total)
         metrics.TOKENS.labels("input").inc(priced.usage.input)
         metrics.TOKENS.labels("output").inc(priced.usage.output)

@@ -67,3 +67,22 @@ class KeySchema:
     def done(self, request_id: str) -> str:
         """STRING: set once a request is settled; makes settlement idempotent."""
         return f"{self.prefix}done:{request_id}"
+
+    # -- upstream credentials -------------------------------------------------------------
+
+    def round_robin(self, upstream: str) -> str:
+        """INT: counter that rotates the first primary credential tried."""
+        return f"{self.prefix}rr:{upstream}"
+
+    def cooldown(self, upstream: str, credential: str, model: str) -> str:
+        """STRING with TTL: present while the credential rests for this model."""
+        return f"{self.prefix}cool:{upstream}:{credential}:{model}"
+
+    def credential_errors(self, upstream: str, credential: str) -> str:
+        """INT: consecutive failures of a credential; a success deletes it."""
+        return f"{self.prefix}err:{upstream}:{credential}"
+
+    def credential_window(self, upstream: str, credential: str, metric: str) -> str:
+        """HASH: bucket -> requests or tokens sent with this credential."""
+        short = "rpm" if metric == "requests" else "tpm"
+        return f"{self.prefix}cred:{upstream}:{credential}:{short}"

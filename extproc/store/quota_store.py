@@ -21,7 +21,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from extproc.core.quota import BUCKET_MS, BUCKETS, ReservationPlan
+from extproc.core.quota import BUCKET_MS, BUCKETS, CredentialCharge, ReservationPlan
 from extproc.store.keyschema import KeySchema
 from extproc.store.redis_store import StoreRejected, StoreUnavailable
 
@@ -84,6 +84,7 @@ class QuotaStore:
         self.breaker = CircuitBreaker()
         self._reserve = client.register_script(_lua("reserve.lua"))
         self._settle = client.register_script(_lua("settle.lua"))
+        self._cooldown = client.register_script(_lua("cooldown.lua"))
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> list[Any]:
         self.breaker.check()
@@ -120,6 +121,14 @@ class QuotaStore:
             *self._window_keys(plan),
             *self._lease_keys(plan),
         ]
+        if plan.credentials:
+            keys.append(self.keys.round_robin(plan.credentials[0].upstream))
+            for cred in plan.credentials:
+                keys += [
+                    self.keys.cooldown(cred.upstream, cred.name, cred.model),
+                    self.keys.credential_window(cred.upstream, cred.name, "requests"),
+                    self.keys.credential_window(cred.upstream, cred.name, "tokens"),
+                ]
         # What the sweeper needs to settle this hold at its estimate if nobody else does.
         expired = self.settle_call(plan, plan.estimate_micros, plan.estimate_tokens, base_event,
                                    reserved=True)
@@ -140,6 +149,10 @@ class QuotaStore:
             args += [w.limit, w.amount, BUCKET_MS, BUCKETS]
         for _lease in plan.leases:
             args += [_lease.limit, plan.lease_deadline_ms]
+        primaries = sum(1 for c in plan.credentials if c.primary)
+        args += [len(plan.credentials), primaries, BUCKET_MS, BUCKETS, plan.estimate_tokens]
+        for cred in plan.credentials:
+            args += [cred.rpm or 0, cred.tpm or 0]
         return [int(v) for v in await self._run(self._reserve, keys, args)]
 
     # -- settle ----------------------------------------------------------------------------
@@ -153,6 +166,8 @@ class QuotaStore:
         reserved: bool,
         request_id: str | None = None,
         now_ms: int | None = None,
+        credential: CredentialCharge | None = None,
+        success: bool = False,
     ) -> SettleCall:
         """The settle script call for a request. `reserved` is False when the reservation was
         admitted without Redis (fail-open): then there is no hold and no held amount to release,
@@ -163,29 +178,48 @@ class QuotaStore:
             keys = [self.keys.done(rid), self.keys.hold(rid), self.keys.holds,
                     self.keys.usage_stream]
             args: list[Any] = [rid, now, actual_micros, actual_tokens, event,
-                               self.stream_maxlen, 0, 0, 0, 0, 0]
+                               self.stream_maxlen, 0, 0, 0, 0, 0, 0]
             return SettleCall(tuple(keys), tuple(args))
-        token_windows = plan.token_windows if reserved else ()
+        token_windows = [self.keys.window(w.rate_limit, w.ident, w.metric)
+                         for w in plan.token_windows] if reserved else []
+        if reserved and credential is not None and credential.tpm:
+            # The credential's token window was charged the estimate too: correct it as well.
+            token_windows.append(
+                self.keys.credential_window(credential.upstream, credential.name, "tokens"))
+        deletes = []
+        if success and credential is not None:
+            deletes.append(self.keys.credential_errors(credential.upstream, credential.name))
+        leases = self._lease_keys(plan) if reserved else []
         keys = [
             self.keys.done(rid),
             self.keys.hold(rid),
             self.keys.holds,
             self.keys.usage_stream,
             *self._limit_keys(plan),
-            *[self.keys.window(w.rate_limit, w.ident, w.metric) for w in token_windows],
-            *(self._lease_keys(plan) if reserved else []),
+            *token_windows,
+            *leases,
+            *deletes,
         ]
         args = [
             rid, now, actual_micros, actual_tokens, event, self.stream_maxlen,
-            len(plan.limits), len(token_windows), len(plan.leases) if reserved else 0,
+            len(plan.limits), len(token_windows), len(leases),
             plan.estimate_micros if reserved else 0,
             plan.estimate_tokens if reserved else 0,
+            len(deletes),
         ]
         for c in plan.limits:
             args += [c.limit.max_micros, c.limit.threshold_micros, c.ttl_ms]
         for _w in token_windows:
             args.append(plan.bucket)
         return SettleCall(tuple(keys), tuple(args))
+
+    async def cool_down(self, credential: CredentialCharge, base_ms: int, max_ms: int,
+                        retry_after_ms: int) -> tuple[int, int]:
+        """Rest a credential for a model after a failure. Returns (cooldown ms, errors)."""
+        keys = [self.keys.cooldown(credential.upstream, credential.name, credential.model),
+                self.keys.credential_errors(credential.upstream, credential.name)]
+        reply = await self._run(self._cooldown, keys, [base_ms, max_ms, retry_after_ms])
+        return int(reply[0]), int(reply[1])
 
     async def settle(self, call: SettleCall) -> list[int]:
         return [int(v) for v in await self._run(self._settle, list(call.keys), list(call.args))]

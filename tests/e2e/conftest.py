@@ -34,6 +34,7 @@ def e2e_env(redis_url: str) -> dict[str, str]:
         ANTHROPIC_API_KEY=ANTHROPIC_UPSTREAM_KEY,
         AZURE_OPENAI_API_KEY=AZURE_UPSTREAM_KEY,
         SECOND_API_KEY=SECOND_UPSTREAM_KEY,
+        POOL_KEY_1="sk-pool-1", POOL_KEY_2="sk-pool-2", POOL_FALLBACK="sk-pool-fallback",
         TOLLGATE_RELOAD_POLL_MS="500",
     )
     return env

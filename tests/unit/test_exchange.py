@@ -13,9 +13,17 @@ import orjson
 import pytest
 
 from extproc.core.decisions import BodyMode, Continue, Decision, Deny
-from extproc.core.exchange import REQUEST_ID_HEADER, ROUTING_HEADER, Exchange, Options, Reply
+from extproc.core.exchange import (
+    REQUEST_ID_HEADER,
+    ROUTING_HEADER,
+    Exchange,
+    Options,
+    Reply,
+    Reserve,
+)
 from extproc.core.keys import find_key, hash_key
 from extproc.core.pricing import format_usd
+from extproc.core.quota import interpret_reservation
 from extproc.core.resources import Resource, validate_document
 from extproc.core.snapshot import Snapshot, build_snapshot
 from extproc.core.usage import Usage
@@ -340,18 +348,32 @@ def test_bring_your_own_key_passes_client_credentials_through(
     assert not any(KEY in value for value in _all_set_values(decision))
 
 
-@pytest.mark.parametrize(
-    ("model", "authorization"),
-    [("spare-1", "Bearer sk-ant"), ("primary-1", "Bearer sk-up")],
-)
-def test_primary_credential_first_then_fallback(
-    snapshot: Snapshot, model: str, authorization: str
-) -> None:
+def test_a_lone_usable_credential_is_used_directly(snapshot: Snapshot) -> None:
+    # "spare": the primary has no secret, so the fallback is the only candidate: no pool,
+    # no reservation, its key goes out at once.
     _, decision = send_request(
-        snapshot, request_headers(), orjson.dumps({"model": model, "messages": MSG})
+        snapshot, request_headers(), orjson.dumps({"model": "spare-1", "messages": MSG})
     )
     assert isinstance(decision, Continue), decision
-    assert dict(decision.headers.set)["authorization"] == authorization
+    assert dict(decision.headers.set)["authorization"] == "Bearer sk-ant"
+
+
+def test_a_pool_lets_the_reservation_choose_primary_first(snapshot: Snapshot) -> None:
+    # "primary": two usable credentials make a pool. Candidates are ordered primaries first,
+    # whatever the configured order, and no credential is chosen before the reservation.
+    exchange, decision = send_request(
+        snapshot, request_headers(), orjson.dumps({"model": "primary-1", "messages": MSG})
+    )
+    assert isinstance(decision, Reserve), decision
+    assert [(c.name, c.primary) for c in decision.plan.credentials] == [("p", True),
+                                                                         ("fb", False)]
+    assert "authorization" not in dict(decision.proceed.headers.set)
+    # The script chose the fallback (say every primary was cooling down): its key goes out.
+    reply = [1, 0, 0, 0, 2, 1, 0]
+    proceed = exchange.on_reserved(decision, interpret_reservation(decision.plan, reply))
+    assert isinstance(proceed, Continue)
+    assert dict(proceed.headers.set)["authorization"] == "Bearer sk-ant"
+    assert exchange.credential is not None and exchange.credential.name == "fb"
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ KEYS
   3 .. 2+L     spend limit state, one per limit   (hash: spent, held, ok, exceeded, overrun, blocked)
   next W       rate windows                       (hash: bucket number -> count)
   next C       concurrency lease sets             (zset: request id -> lease deadline ms)
+  next 1       round-robin counter of the upstream (only when K > 0)
+  next 3*K     per credential candidate: cooldown marker, requests window, tokens window
 ARGV
   1  request id
   2  now, unix ms
@@ -18,11 +20,19 @@ ARGV
                              max micro-dollars, state key TTL ms (0 = none), unused
   then per window  (4 each): limit, amount to charge, bucket width ms, buckets per window
   then per lease   (2 each): limit, lease deadline ms
+  then K, P (candidates, of which the first P are primaries), bucket width ms, buckets, tokens
+  then per candidate (2 each): requests per minute, tokens per minute (0 = no cap)
 Reply
   { allowed (1/0), denied kind (0 none, 1 limit, 2 window, 3 lease), denied index (1-based),
     retry after ms (-1 = never, with this estimate),
     then per limit: spent, held        (after this reservation)
-    then per window: used, reset ms    (used after this reservation; ms until it next frees up) }
+    then per window: used, reset ms    (used after this reservation; ms until it next frees up)
+    then chosen credential candidate (1-based, 0 = none), its requests used, its tokens used }
+  Denied kind 4: no credential candidate is available (all cooling down or at their caps).
+
+Credentials: primaries are tried round robin (the counter picks the first one to try), each
+skipped while its cooldown marker exists or its windows are full; fallbacks only after every
+primary, in order.
 
 Window semantics (rolling, conservative): the window is `buckets` buckets wide and the sum covers
 the current bucket plus `buckets` older ones, so the oldest bucket, which is only partly inside
@@ -41,6 +51,12 @@ local lbase, wbase = 8, 8 + 4 * nl
 local cbase = wbase + 4 * nw
 local klim, kwin = 2, 2 + nl
 local kcon = kwin + nw
+local kcred = kcon + nc
+local pbase = cbase + 2 * nc
+local nk = tonumber(ARGV[pbase + 1]) or 0
+local np = tonumber(ARGV[pbase + 2]) or 0
+local cwidth, ccount = tonumber(ARGV[pbase + 3]) or 1, tonumber(ARGV[pbase + 4]) or 1
+local ctokens = tonumber(ARGV[pbase + 5]) or 0
 
 local denied_kind, denied_index, retry = 0, 0, 0
 local window_used, window_reset = {}, {}
@@ -108,6 +124,45 @@ for i = 1, nl do
   end
 end
 
+-- Credential choice comes last: a request refused for any other reason moves no counter.
+local chosen, chosen_req, chosen_tok = 0, 0, 0
+local function window_sum(key, current)
+  local fields = {}
+  for b = current - ccount, current do fields[#fields + 1] = tostring(b) end
+  local total = 0
+  for _, v in ipairs(redis.call('HMGET', key, unpack(fields))) do total = total + (tonumber(v) or 0) end
+  return total
+end
+if denied_kind == 0 and nk > 0 then
+  local rr = redis.call('INCR', KEYS[kcred + 1])
+  redis.call('PEXPIRE', KEYS[kcred + 1], 86400000)
+  local order = {}
+  for k = 0, np - 1 do order[#order + 1] = ((rr - 1 + k) % np) + 1 end
+  for k = np + 1, nk do order[#order + 1] = k end
+  local current = math.floor(now / cwidth)
+  local soonest = -1
+  for _, idx in ipairs(order) do
+    local base = kcred + 1 + 3 * (idx - 1)
+    local rpm = tonumber(ARGV[pbase + 5 + 2 * (idx - 1) + 1])
+    local tpm = tonumber(ARGV[pbase + 5 + 2 * (idx - 1) + 2])
+    local cool = redis.call('PTTL', KEYS[base + 1])
+    if cool > 0 then
+      if soonest < 0 or cool < soonest then soonest = cool end
+    else
+      local req = window_sum(KEYS[base + 2], current)
+      local tok = window_sum(KEYS[base + 3], current)
+      if (rpm == 0 or req + 1 <= rpm) and (tpm == 0 or tok + ctokens <= tpm) then
+        chosen, chosen_req, chosen_tok = idx, req + 1, tok + ctokens
+        break
+      end
+      if soonest < 0 or cwidth < soonest then soonest = cwidth end
+    end
+  end
+  if chosen == 0 then
+    denied_kind, denied_index, retry = 4, 0, soonest
+  end
+end
+
 local reply = {}
 if denied_kind ~= 0 then
   if denied_kind == 1 then
@@ -138,10 +193,23 @@ else
     if ttl > 0 then redis.call('PEXPIRE', KEYS[klim + i], ttl) end
     held[i] = held[i] + estimate
   end
+  if chosen > 0 then
+    local base = kcred + 1 + 3 * (chosen - 1)
+    local current = tostring(math.floor(now / cwidth))
+    redis.call('HINCRBY', KEYS[base + 2], current, 1)
+    redis.call('PEXPIRE', KEYS[base + 2], (ccount + 2) * cwidth)
+    if ctokens > 0 then
+      redis.call('HINCRBY', KEYS[base + 3], current, ctokens)
+      redis.call('PEXPIRE', KEYS[base + 3], (ccount + 2) * cwidth)
+    end
+  end
   redis.call('SET', KEYS[1], payload, 'PX', math.max(deadline - now, 0) + 86400000)
   redis.call('ZADD', KEYS[2], deadline, rid)
   reply = {1, 0, 0, 0}
 end
 for i = 1, nl do reply[#reply + 1] = spent[i]; reply[#reply + 1] = held[i] end
 for i = 1, nw do reply[#reply + 1] = window_used[i]; reply[#reply + 1] = window_reset[i] end
+reply[#reply + 1] = chosen
+reply[#reply + 1] = chosen_req
+reply[#reply + 1] = chosen_tok
 return reply

@@ -10,6 +10,7 @@ KEYS
   5 .. 4+L     spend limit state, one per limit  (hash: spent, held, ok, exceeded, overrun, blocked)
   next W       token windows to correct          (hash: bucket number -> tokens)
   next C       concurrency lease sets            (zset)
+  next D       keys to delete once settled (e.g. the credential's error count after a success)
 ARGV
   1  request id
   2  now, unix ms
@@ -20,6 +21,7 @@ ARGV
   7  L    8  W    9  C
   10 held estimate, micro-dollars, to release (0 when nothing was reserved)
   11 estimated tokens charged to the token windows at reservation
+  12 D
   then per limit  (3 each): max micro-dollars, threshold micro-dollars, state key TTL ms
   then per window (1 each): bucket number charged at reservation
 Reply
@@ -33,7 +35,8 @@ local tokens = tonumber(ARGV[4])
 local nl, nw, nc = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local estimate = tonumber(ARGV[10])
 local est_tokens = tonumber(ARGV[11])
-local lbase, wbase = 11, 11 + 3 * nl
+local nd = tonumber(ARGV[12])
+local lbase, wbase = 12, 12 + 3 * nl
 local klim, kwin = 4, 4 + nl
 local kcon = kwin + nw
 
@@ -85,6 +88,7 @@ if first then
     end
   end
   for i = 1, nc do redis.call('ZREM', KEYS[kcon + i], rid) end
+  for i = 1, nd do redis.call('DEL', KEYS[kcon + nc + i]) end
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[5])
 end
 return reply

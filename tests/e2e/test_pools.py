@@ -1,0 +1,143 @@
+"""Credential pools through real Envoy: round robin among primaries within their RPM caps,
+fallback only when every primary is exhausted, 503 when nothing is left, and a 429 from the
+provider puts a credential in a cooldown that a second, separate gateway respects."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from extproc import envoyconf
+from extproc.launch import Managed, Stack, free_port, start_envoy, start_extproc
+from tests.e2e.conftest import CliRunner, chat_body
+
+pytestmark = pytest.mark.e2e
+
+
+def second_requests(port: int) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = httpx.get(f"http://127.0.0.1:{port}/__mock/requests",
+                                             timeout=5).json()
+    return result
+
+
+def clear_second(port: int) -> None:
+    httpx.delete(f"http://127.0.0.1:{port}/__mock/requests", timeout=5)
+
+
+def keys_used(port: int) -> list[str]:
+    return [r["headers"]["authorization"].removeprefix("Bearer ") for r in second_requests(port)]
+
+
+def upstream_doc(name: str, model: str, credentials: str) -> str:
+    return f"""apiVersion: tollgate.io/v1alpha1
+kind: Upstream
+metadata: {{name: {name}}}
+spec:
+  provider: openai-compatible
+  cluster: second
+  models: ["{model}"]
+  priority: 5
+  cooldown: {{seconds: 30}}
+  credentials:
+{credentials}"""
+
+
+def wait_routed(client: openai.OpenAI, model: str, port: int) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        clear_second(port)
+        try:
+            client.chat.completions.create(**chat_body(model))
+        except openai.APIStatusError:
+            pass
+        if second_requests(port):
+            clear_second(port)
+            return
+        time.sleep(0.1)
+    raise AssertionError("the Upstream never reached the gateway")
+
+
+def test_round_robin_within_caps_then_fallback_then_503(
+    stack: Stack, cli: CliRunner, new_key: Callable[..., str], second_upstream: int
+) -> None:
+    model = "pool-" + uuid.uuid4().hex[:6]
+    cli("apply", "-f", "-", stdin=upstream_doc("pool-" + model[-6:], model, """\
+    - {name: p1, secretRef: POOL_KEY_1, rpm: 3}
+    - {name: p2, secretRef: POOL_KEY_2, rpm: 3}
+    - {name: fb, secretRef: POOL_FALLBACK, isFallback: true, rpm: 2}
+"""))
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=new_key(), max_retries=0)
+    wait_routed(client, model, second_upstream)  # used one request of p1 or p2
+    for _ in range(5):
+        client.chat.completions.create(**chat_body(model))
+    used = keys_used(second_upstream)
+    # Primaries alternate while both have room (6 requests in all fit 3 + 3).
+    assert set(used) == {"sk-pool-1", "sk-pool-2"}
+    assert sorted(Counter(used).values()) == [2, 3]
+    assert all(a != b for a, b in zip(used, used[1:], strict=False))
+    # Both primaries are at their cap: the fallback takes over, until it is full too.
+    clear_second(second_upstream)
+    for _ in range(2):
+        client.chat.completions.create(**chat_body(model))
+    assert keys_used(second_upstream) == ["sk-pool-fallback"] * 2
+    with pytest.raises(openai.APIStatusError) as none_left:
+        client.chat.completions.create(**chat_body(model))
+    assert none_left.value.status_code == 503
+    assert none_left.value.code == "no_credential_available"
+    assert int(none_left.value.response.headers["retry-after"]) >= 1
+
+
+@pytest.fixture
+def second_gateway(
+    stack: Stack, e2e_env: dict[str, str], tmp_path: Path, second_upstream: int
+) -> Iterator[str]:
+    """Another extproc + Envoy pair on the same Redis: a second replica of the sidecar."""
+    procs: list[Managed] = []
+    try:
+        extproc, ports = start_extproc(tmp_path, stack.redis_url, 1, e2e_env)
+        procs.append(extproc)
+        admin, port = free_port(), free_port()
+        clusters = [*envoyconf.mock_clusters("127.0.0.1", stack.mock_port or 0),
+                    envoyconf.ClusterSpec("second", "127.0.0.1", second_upstream)]
+        config = envoyconf.render_bootstrap(clusters=clusters, listen_port=port,
+                                            admin_port=admin, extproc_port=ports.grpc)
+        procs.append(start_envoy(tmp_path, config, admin, concurrency=1))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def test_cooldown_is_shared_by_every_replica(
+    stack: Stack, cli: CliRunner, new_key: Callable[..., str], second_upstream: int,
+    second_gateway: str,
+) -> None:
+    model = "cool-" + uuid.uuid4().hex[:6]
+    cli("apply", "-f", "-", stdin=upstream_doc("cool-" + model[-6:], model, """\
+    - {name: c1, secretRef: POOL_KEY_1}
+    - {name: c2, secretRef: POOL_KEY_2}
+"""))
+    key = new_key()
+    here = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+    there = openai.OpenAI(base_url=f"{second_gateway}/v1", api_key=key, max_retries=0)
+    wait_routed(here, model, second_upstream)
+    wait_routed(there, model, second_upstream)
+    # The provider rate-limits one credential on the first gateway ...
+    with pytest.raises(openai.RateLimitError):
+        here.chat.completions.create(**chat_body(model), extra_headers={
+            "x-mock-status": "429", "x-mock-retry-after": "20"})
+    (resting,) = keys_used(second_upstream)
+    clear_second(second_upstream)
+    # ... and the second gateway no longer uses it, for this model.
+    for _ in range(4):
+        there.chat.completions.create(**chat_body(model))
+    used = keys_used(second_upstream)
+    assert len(used) == 4 and resting not in used
