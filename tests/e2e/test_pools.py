@@ -4,6 +4,8 @@ provider puts a credential in a cooldown that a second, separate gateway respect
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 import uuid
 from collections import Counter
@@ -54,10 +56,8 @@ def wait_routed(client: openai.OpenAI, model: str, port: int) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         clear_second(port)
-        try:
+        with contextlib.suppress(openai.APIStatusError):
             client.chat.completions.create(**chat_body(model))
-        except openai.APIStatusError:
-            pass
         if second_requests(port):
             clear_second(port)
             return
@@ -82,7 +82,7 @@ def test_round_robin_within_caps_then_fallback_then_503(
     # Primaries alternate while both have room (6 requests in all fit 3 + 3).
     assert set(used) == {"sk-pool-1", "sk-pool-2"}
     assert sorted(Counter(used).values()) == [2, 3]
-    assert all(a != b for a, b in zip(used, used[1:], strict=False))
+    assert all(a != b for a, b in itertools.pairwise(used))
     # Both primaries are at their cap: the fallback takes over, until it is full too.
     clear_second(second_upstream)
     for _ in range(2):
