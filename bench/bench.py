@@ -451,9 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     redis_url = os.environ.get("REDIS_URL") or None
     print(f"starting stack (workers={args.workers}, envoy concurrency={args.envoy_concurrency}, "
           f"redis={'$REDIS_URL' if redis_url else 'embedded'}; logs in {log_dir}) ...", flush=True)
+    # A journal of this run's own: never adopt settlements another stack left in the shared default
+    # directory (they belong to another Redis), nor leave ours for the next `tollgate up`.
+    env = dict(os.environ, TOLLGATE_JOURNAL_DIR=str(log_dir / "journal"))
     try:
         stack = start_stack(
             log_dir=log_dir,
+            env=env,
             port=free_port(),
             redis_url=redis_url,
             mock_upstream=True,
