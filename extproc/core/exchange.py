@@ -200,7 +200,7 @@ class Exchange:
             return self.take_due()
         if self.meter is not None:
             # Cut short mid-stream: price what was produced so far, never zero.
-            self._price_stream(self.meter.usage_so_far(self._prompt_estimate()),
+            self._price(self.meter.usage_so_far(self._prompt_estimate()),
                                ("stream-ended-early",))
             self.settled = True
             assert self.priced is not None
@@ -547,22 +547,9 @@ class Exchange:
         if usage is None:
             usage = Usage()
             warnings.append("no-usage-in-response")
-        price = snapshot.price(self.priced_model)
-        if price is None:
-            warnings.append("unknown-model-priced-at-zero")
-            cost = Cost()
-        else:
-            cost = price_usage(price, usage)
-        self.priced = Priced(
-            request_id=self.request_id,
-            model=self.facts.model,
-            upstream=self.upstream.name,
-            key_name=self.key.name,
-            usage=usage,
-            cost=cost,
-            priced=price is not None,
-            warnings=tuple(warnings),
-        )
+        self._price(usage, tuple(warnings))
+        assert self.priced is not None
+        cost = self.priced.cost
         self.due = Settlement(cost.total_micros, usage.total, self.status, "priced")
         return self.due
 
@@ -579,7 +566,7 @@ class Exchange:
             if usage is None:
                 usage = self.meter.usage_so_far(self._prompt_estimate())
                 warnings = ("no-usage-in-stream",)
-            self._price_stream(usage, warnings)
+            self._price(usage, warnings)
             assert self.priced is not None
             self.due = Settlement(self.priced.cost.total_micros, self.priced.usage.total,
                                   self.status, "priced")
@@ -600,7 +587,8 @@ class Exchange:
     def _prompt_estimate(self) -> int:
         return self.facts.prompt_tokens_estimate if self.facts is not None else 0
 
-    def _price_stream(self, usage: Usage, warnings: tuple[str, ...]) -> None:
+    def _price(self, usage: Usage, warnings: tuple[str, ...]) -> None:
+        """Price `usage` at the billed model's rates into `self.priced`."""
         assert self.facts is not None and self.key is not None and self.upstream is not None
         if self.price is None:
             warnings += ("unknown-model-priced-at-zero",)
