@@ -24,6 +24,7 @@ from extproc.core.keys import hash_key
 from extproc.core.periods import PERIODS
 from extproc.core.resources import (
     API_VERSION,
+    DEFAULT_COOLDOWN_STATUSES,
     GROUP,
     KINDS,
     PROVIDERS,
@@ -97,6 +98,7 @@ FULL: dict[str, dict[str, Any]] = {
             {"name": "c1", "secretRef": "KEY_1", "rpm": 1, "tpm": 2, "isFallback": False},
             {"name": "c2", "secretRef": "KEY_2", "rpm": 0, "tpm": 0, "isFallback": True},
         ],
+        "cooldown": {"seconds": 10, "maxSeconds": 300, "statuses": [429, 503]},
     },
     "Limit": {
         "type": "Allow",
@@ -314,6 +316,7 @@ def test_crd_nested_fields_equal_normalised_spec() -> None:
     upstream = spec_schema("Upstream")["properties"]
     full = normalised("Upstream", FULL["Upstream"])
     assert set(upstream["azure"]["properties"]) == set(full["azure"])
+    assert set(upstream["cooldown"]["properties"]) == set(full["cooldown"])
     for credential in full["credentials"]:
         assert set(upstream["credentials"]["items"]["properties"]) == set(credential)
 
@@ -371,10 +374,42 @@ def test_crd_defaulting_equals_code_normalisation(kind: str) -> None:
 
 
 def test_crd_nested_defaults_equal_code() -> None:
-    # `azure: {}` and a bare credential: the nested defaults must match as well.
-    spec = {**MINIMAL["Upstream"], "azure": {}, "credentials": [{"name": "c", "secretRef": "K"}]}
+    # `azure: {}`, `cooldown: {}` and a bare credential: the nested defaults must match as well.
+    spec = {**MINIMAL["Upstream"], "azure": {}, "cooldown": {},
+            "credentials": [{"name": "c", "secretRef": "K"}]}
     defaulted = apply_defaults(spec_schema("Upstream"), spec)
     assert defaulted == without_nones(normalised("Upstream", spec))
+    # a partly set cooldown keeps the defaults of the fields left out
+    partial: list[dict[str, Any]] = [
+        {"seconds": 0}, {"maxSeconds": 60}, {"statuses": [429]}, {"statuses": []},
+    ]
+    for cooldown in partial:
+        spec = {**MINIMAL["Upstream"], "cooldown": cooldown}
+        defaulted = apply_defaults(spec_schema("Upstream"), spec)
+        assert defaulted == without_nones(normalised("Upstream", spec)), cooldown
+
+
+def test_crd_cooldown_equals_code() -> None:
+    cooldown = spec_schema("Upstream")["properties"]["cooldown"]
+    props = cooldown["properties"]
+    assert cooldown["type"] == "object" and cooldown["default"] == {}
+    defaults = normalised("Upstream", MINIMAL["Upstream"])["cooldown"]
+    assert {name: sub["default"] for name, sub in props.items()} == defaults
+    assert props["statuses"]["default"] == list(DEFAULT_COOLDOWN_STATUSES)
+    for name in ("seconds", "maxSeconds"):
+        assert (props[name]["type"], props[name]["minimum"]) == ("integer", 0)
+        assert "maximum" not in props[name]
+    assert props["statuses"]["type"] == "array"
+    assert props["statuses"]["items"] == {"type": "integer", "minimum": 400, "maximum": 599}
+    # the bounds of a status code, at and just past each edge
+    for status, valid in ((399, False), (400, True), (599, True), (600, False)):
+        spec = {**MINIMAL["Upstream"], "cooldown": {"statuses": [status]}}
+        assert (crd_errors(spec_schema("Upstream"), spec) == []) is valid, status
+        if valid:
+            normalised("Upstream", spec)
+        else:
+            with pytest.raises(ResourceError, match=r"spec\.cooldown\.statuses"):
+                normalised("Upstream", spec)
 
 
 def test_crd_provider_enum_is_providers() -> None:
@@ -464,6 +499,32 @@ AGREE: list[tuple[str, dict[str, Any], bool]] = [
     ("Upstream", {"provider": "openai", "cluster": "x",
                   "credentials": [{"name": "c", "secretRef": "A"},
                                   {"name": "c", "secretRef": "B"}]}, False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "cooldown": {}}, True),
+    ("Upstream", {"provider": "openai", "cluster": "x",
+                  "cooldown": {"seconds": 0, "maxSeconds": 0, "statuses": []}}, True),
+    ("Upstream", {"provider": "openai", "cluster": "x",
+                  "cooldown": {"seconds": 5, "maxSeconds": 3600, "statuses": [400, 429, 599]}},
+     True),
+    ("Upstream", {"provider": "openai", "cluster": "x", "cooldown": {"statuses": [200]}},
+     False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "cooldown": {"statuses": [600]}},
+     False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "cooldown": {"statuses": "429"}},
+     False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "cooldown": {"statuses": [True]}},
+     False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "cooldown": {"statuses": ["429"]}},
+     False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "cooldown": {"statuses": [429.5]}},
+     False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "cooldown": {"seconds": -1}}, False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "cooldown": {"seconds": 1.5}}, False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "cooldown": {"maxSeconds": -1}},
+     False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "cooldown": {"maxSeconds": "600"}},
+     False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "cooldown": {"max": 60}}, False),
+    ("Upstream", {"provider": "openai", "cluster": "x", "cooldown": 30}, False),
     ("VirtualKey", {"keySha256": "0" * 64, "allowRequestLimits": True}, True),
     ("VirtualKey", {"keySha256": "0" * 64, "allowRequestLimits": "yes"}, False),
     ("Limit", {"type": "Allow", "max": 0}, True),

@@ -11,6 +11,7 @@ import yaml
 from extproc.core.pricing import ModelPrice
 from extproc.core.quota import LimitSpec, RateLimitSpec, Selector
 from extproc.core.resources import (
+    DEFAULT_COOLDOWN_STATUSES,
     Resource,
     ResourceError,
     key_record,
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.unit
 
 API = "tollgate.io/v1alpha1"
 SHA = "ab" * 32
+COOLDOWN = {"seconds": 30, "maxSeconds": 600, "statuses": [401, 403, 429, 500, 502, 503, 504]}
 
 
 def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
@@ -82,7 +84,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
                 "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
-                "credentials": [],
+                "credentials": [], "cooldown": COOLDOWN,
             },
         ),
         (
@@ -105,6 +107,37 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                     {"name": "b", "secretRef": "AZURE_KEY_2", "rpm": 60, "tpm": 0,
                      "isFallback": True},
                 ],
+                "cooldown": COOLDOWN,
+            },
+        ),
+        (
+            "Upstream",
+            {"provider": "openai", "cluster": "openai", "cooldown": {}},
+            {
+                "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
+                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "credentials": [], "cooldown": COOLDOWN,
+            },
+        ),
+        (
+            "Upstream",
+            {"provider": "anthropic", "cluster": "anthropic",
+             "cooldown": {"seconds": 5, "maxSeconds": 120, "statuses": [429, 529]}},
+            {
+                "provider": "anthropic", "cluster": "anthropic", "models": ["*"],
+                "priority": 100, "aliases": {}, "azure": None,
+                "anthropicVersion": "2023-06-01", "credentials": [],
+                "cooldown": {"seconds": 5, "maxSeconds": 120, "statuses": [429, 529]},
+            },
+        ),
+        (
+            "Upstream",
+            {"provider": "openai", "cluster": "openai", "cooldown": {"seconds": 0}},
+            {
+                "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
+                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "credentials": [],
+                "cooldown": {**COOLDOWN, "seconds": 0},
             },
         ),
         (
@@ -225,6 +258,30 @@ def test_typed_views() -> None:
     assert [c.secret_ref for c in upstream.credentials] == ["ANTHROPIC_API_KEY"]
 
 
+def test_upstream_spec_cooldown() -> None:
+    default = upstream_spec(validate_document(doc("Upstream", UP)))
+    assert (default.cooldown_ms, default.cooldown_max_ms) == (30_000, 600_000)
+    assert default.cooldown_statuses == (401, 403, 429, 500, 502, 503, 504)
+    assert default.cooldown_statuses == DEFAULT_COOLDOWN_STATUSES
+    custom = upstream_spec(validate_document(doc("Upstream", _with(UP, cooldown={
+        "seconds": 5, "maxSeconds": 90, "statuses": [429, 503],
+    }))))
+    assert (custom.cooldown_ms, custom.cooldown_max_ms) == (5_000, 90_000)
+    assert custom.cooldown_statuses == (429, 503)
+    assert isinstance(custom.cooldown_statuses, tuple)
+    # partly set: the rest keeps its default
+    partial = upstream_spec(validate_document(doc("Upstream", _with(UP, cooldown={
+        "maxSeconds": 0,
+    }))))
+    assert (partial.cooldown_ms, partial.cooldown_max_ms) == (30_000, 0)
+    assert partial.cooldown_statuses == DEFAULT_COOLDOWN_STATUSES
+    # an empty list is accepted: no status puts a credential in cooldown
+    none = upstream_spec(validate_document(doc("Upstream", _with(UP, cooldown={
+        "statuses": [],
+    }))))
+    assert none.cooldown_statuses == ()
+
+
 # ---- errors ----------------------------------------------------------------------------------
 
 KEY = {"keySha256": SHA}
@@ -296,6 +353,29 @@ def _with(base: dict[str, Any], **fields: Any) -> dict[str, Any]:
          "spec.aliases.fast", "must be a string"),
         (doc("Upstream", _with(UP, azure={"deployment": {}})), "document (Upstream/r1)",
          "spec.azure.deployment", "unknown field"),
+        # cooldown
+        (doc("Upstream", _with(UP, cooldown={"statuses": [200]})), "document (Upstream/r1)",
+         "spec.cooldown.statuses", "must be a list of HTTP status codes 400-599"),
+        (doc("Upstream", _with(UP, cooldown={"statuses": [429, 600]})),
+         "document (Upstream/r1)", "spec.cooldown.statuses", "HTTP status codes 400-599"),
+        (doc("Upstream", _with(UP, cooldown={"statuses": "429"})), "document (Upstream/r1)",
+         "spec.cooldown.statuses", "must be a list of HTTP status codes 400-599"),
+        (doc("Upstream", _with(UP, cooldown={"statuses": [True]})), "document (Upstream/r1)",
+         "spec.cooldown.statuses", "must be a list of HTTP status codes 400-599"),
+        (doc("Upstream", _with(UP, cooldown={"statuses": ["429"]})), "document (Upstream/r1)",
+         "spec.cooldown.statuses", "must be a list of HTTP status codes 400-599"),
+        (doc("Upstream", _with(UP, cooldown={"seconds": -1})), "document (Upstream/r1)",
+         "spec.cooldown.seconds", "must be an integer >= 0"),
+        (doc("Upstream", _with(UP, cooldown={"seconds": 1.5})), "document (Upstream/r1)",
+         "spec.cooldown.seconds", "must be an integer >= 0"),
+        (doc("Upstream", _with(UP, cooldown={"maxSeconds": -600})), "document (Upstream/r1)",
+         "spec.cooldown.maxSeconds", "must be an integer >= 0"),
+        (doc("Upstream", _with(UP, cooldown={"maxSeconds": "600"})), "document (Upstream/r1)",
+         "spec.cooldown.maxSeconds", "must be an integer >= 0"),
+        (doc("Upstream", _with(UP, cooldown={"seconds": 30, "max": 60})),
+         "document (Upstream/r1)", "spec.cooldown.max", "unknown field"),
+        (doc("Upstream", _with(UP, cooldown=30)), "document (Upstream/r1)", "spec.cooldown",
+         "must be a mapping"),
         # keySha256
         (doc("VirtualKey", {}), "document (VirtualKey/r1)", "spec.keySha256", "is required"),
         (doc("VirtualKey", {"keySha256": "abc"}), "document (VirtualKey/r1)", "spec.keySha256",
