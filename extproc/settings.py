@@ -6,6 +6,7 @@ CLI flags override the environment for local use.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -39,10 +40,17 @@ class Settings:
     log_level: str = "INFO"
     run_dir: str = ""  # where workers report their state to the supervisor
     redis_hot_timeout_s: float = 0.25  # reserve/settle on the request path
+    # Settlements waiting for Redis. A subfolder per Redis target is used inside it (see
+    # `journal_path`), so two stacks on one machine never replay each other's journals.
     journal_dir: str = os.path.join(tempfile.gettempdir(), "tollgate-journal")
     default_max_output_tokens: int = 4096  # reservation estimate when a request sets no cap
     hold_seconds: float = 600.0  # reservations not settled by then are settled at the estimate
     sweep_interval_s: float = 1.0
+
+    @property
+    def journal_path(self) -> str:
+        target = hashlib.sha256(f"{self.redis_url}|{self.redis_tag}".encode()).hexdigest()[:16]
+        return os.path.join(self.journal_dir, target)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

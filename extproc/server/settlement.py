@@ -91,7 +91,7 @@ class Settler:
         while self.journal:
             call = self.journal[0]
             try:
-                await self.quota.settle(call)
+                await self.quota.settle(call, background=True)
             except StoreRejected as exc:
                 self._dead_letter(call, str(exc))
             self.journal.popleft()
@@ -175,7 +175,7 @@ class Settler:
         calls = await self.quota.expired_holds(now_ms)
         for call in calls:
             try:
-                reply = await self.quota.settle(call)
+                reply = await self.quota.settle(call, background=True)
             except StoreRejected as exc:
                 self._dead_letter(call, str(exc))
                 await self.quota.drop_hold(call.request_id)

@@ -48,8 +48,8 @@ async def run_worker(settings: Settings, index: int) -> None:
     # The request path gets its own client with a short timeout: a slow Redis must cost a
     # request tens of milliseconds, not the second that a configuration load may take.
     hot = connect(settings.redis_url, settings.redis_hot_timeout_s)
-    quota = QuotaStore(hot, store.keys, settings.usage_stream_maxlen)
-    settler = Settler(quota, settings.journal_dir)
+    quota = QuotaStore(hot, store.keys, settings.usage_stream_maxlen, background=store.redis)
+    settler = Settler(quota, settings.journal_path)
     options = Options(
         max_body_bytes=settings.max_body_bytes,
         result_object=settings.result_object,

@@ -30,6 +30,11 @@ def _lua(name: str) -> str:
     return importlib_resources.files("extproc.store").joinpath(f"lua/{name}").read_text()
 
 
+# The settle script's argument layout. Journals and hold records outlive a process, so every
+# serialized call says which layout it was written in; older layouts are upgraded on load.
+SETTLE_LAYOUT = 2
+
+
 @dataclass(frozen=True, slots=True)
 class SettleCall:
     keys: tuple[str, ...]
@@ -39,15 +44,16 @@ class SettleCall:
         args = [
             {"b": base64.b64encode(a).decode()} if isinstance(a, bytes) else a for a in self.args
         ]
-        return orjson.dumps({"keys": list(self.keys), "args": args})
+        return orjson.dumps({"v": SETTLE_LAYOUT, "keys": list(self.keys), "args": args})
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> SettleCall:
         doc = orjson.loads(raw)
-        args = tuple(
-            base64.b64decode(a["b"]) if isinstance(a, dict) else a for a in doc["args"]
-        )
-        return cls(tuple(doc["keys"]), args)
+        args = [base64.b64decode(a["b"]) if isinstance(a, dict) else a for a in doc["args"]]
+        if doc.get("v", 1) == 1:
+            # Layout 1 had no "keys to delete" count (ARGV[12]): insert a zero.
+            args.insert(11, 0)
+        return cls(tuple(doc["keys"]), tuple(args))
 
     @property
     def request_id(self) -> str:
@@ -76,9 +82,17 @@ class CircuitBreaker:
 
 class QuotaStore:
     def __init__(
-        self, client: aioredis.Redis, schema: KeySchema, stream_maxlen: int
+        self,
+        client: aioredis.Redis,
+        schema: KeySchema,
+        stream_maxlen: int,
+        background: aioredis.Redis | None = None,
     ) -> None:
+        # Two clients: `client` for the request path (short timeout, behind the breaker) and
+        # `background` for batched settlements, journal replay and sweeping, which may wait
+        # longer and must not trip the breaker that protects request latency.
         self.redis = client
+        self.background = background or client
         self.keys = schema
         self.stream_maxlen = stream_maxlen
         self.breaker = CircuitBreaker()
@@ -86,7 +100,16 @@ class QuotaStore:
         self._settle = client.register_script(_lua("settle.lua"))
         self._cooldown = client.register_script(_lua("cooldown.lua"))
 
-    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> list[Any]:
+    async def _run(
+        self, script: Any, keys: list[str], args: list[Any], background: bool = False
+    ) -> list[Any]:
+        if background:
+            try:
+                return list(await script(keys=keys, args=args, client=self.background))
+            except ResponseError as exc:
+                raise StoreRejected(str(exc)) from exc
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(str(exc)) from exc
         self.breaker.check()
         try:
             reply = await script(keys=keys, args=args)
@@ -221,26 +244,24 @@ class QuotaStore:
         reply = await self._run(self._cooldown, keys, [base_ms, max_ms, retry_after_ms])
         return int(reply[0]), int(reply[1])
 
-    async def settle(self, call: SettleCall) -> list[int]:
-        return [int(v) for v in await self._run(self._settle, list(call.keys), list(call.args))]
+    async def settle(self, call: SettleCall, background: bool = False) -> list[int]:
+        reply = await self._run(self._settle, list(call.keys), list(call.args), background)
+        return [int(v) for v in reply]
 
     async def settle_many(self, calls: list[SettleCall]) -> None:
         """Several settlements in one pipelined round trip (usage of unlimited requests)."""
-        self.breaker.check()
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.background.pipeline(transaction=False) as pipe:
                 for call in calls:
                     await self._settle(keys=list(call.keys), args=list(call.args), client=pipe)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            self.breaker.failure()
             raise StoreUnavailable(str(exc)) from exc
-        self.breaker.success()
 
     async def drop_hold(self, request_id: str) -> None:
         try:
-            await self.redis.zrem(self.keys.holds, request_id)
-            await self.redis.delete(self.keys.hold(request_id))
+            await self.background.zrem(self.keys.holds, request_id)
+            await self.background.delete(self.keys.hold(request_id))
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 
@@ -249,11 +270,11 @@ class QuotaStore:
     async def expired_holds(self, now_ms: int, count: int = 100) -> list[SettleCall]:
         """Settle calls (at the estimate) for holds whose deadline has passed."""
         try:
-            ids = await self.redis.zrangebyscore(self.keys.holds, "-inf", now_ms, 0, count)
+            ids = await self.background.zrangebyscore(self.keys.holds, "-inf", now_ms, 0, count)
             if not ids:
                 return []
             rids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
-            payloads = await self.redis.mget([self.keys.hold(r) for r in rids])
+            payloads = await self.background.mget([self.keys.hold(r) for r in rids])
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         calls = []
@@ -265,7 +286,7 @@ class QuotaStore:
                 calls.append(SettleCall.from_json(payload))
         if stale:
             try:
-                await self.redis.zrem(self.keys.holds, *stale)
+                await self.background.zrem(self.keys.holds, *stale)
             except (RedisError, OSError) as exc:
                 raise StoreUnavailable(str(exc)) from exc
         return calls

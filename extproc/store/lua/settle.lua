@@ -40,6 +40,19 @@ local lbase, wbase = 12, 12 + 3 * nl
 local klim, kwin = 4, 4 + nl
 local kcon = kwin + nw
 
+-- Validate everything before the first write: a Lua error after a write would leave the
+-- settlement half applied (scripts are atomic, not transactional).
+local function bad(what) return redis.error_reply('ERR settle.lua: bad ' .. what) end
+if not (actual and tokens and nl and nw and nc and estimate and est_tokens and nd) then
+  return bad('header arguments')
+end
+if #KEYS ~= 4 + nl + nw + nc + nd or #ARGV ~= 12 + 3 * nl + nw then
+  return bad('key or argument count')
+end
+for i = 13, #ARGV do
+  if not tonumber(ARGV[i]) then return bad('argument ' .. i) end
+end
+
 local first = redis.call('SET', KEYS[1], '1', 'NX', 'PX', 172800000)
 local reply = {first and 1 or 0}
 
