@@ -198,13 +198,17 @@ class Bench:
         port = self.stack.bypass_port if scenario == "direct" else self.stack.port
         return f"http://127.0.0.1:{port}{PATH}"
 
-    def run(self, scenario: str, mode: str, duration: int) -> WrkResult:
-        connections = 1 if mode == "c1" else self.connections
+    def run(
+        self, scenario: str, mode: str, duration: int, script: Path | None = None,
+        connections: int | None = None,
+    ) -> WrkResult:
+        if connections is None:
+            connections = 1 if mode == "c1" else self.connections
         threads = 1 if mode == "c1" else min(2, connections)
         result = WrkResult(scenario, mode, threads, connections, duration)
         argv = [
             self.wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
-            "-s", str(self.script), self.url(scenario),
+            "-s", str(script or self.script), self.url(scenario),
         ]
         before, t0 = cpu_ticks_by_group(self.groups), time.monotonic()
         busy0, idle0 = machine_ticks()
@@ -429,6 +433,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="extproc worker processes (2)")
     p.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads (2)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="only direct vs tollgate (skip limits, refusals and streaming)")
     args = p.parse_args(argv)
     if args.duration < 1 or args.connections < 1 or args.workers < 1 or args.envoy_concurrency < 1:
         p.error("--duration, --connections, --workers and --envoy-concurrency must be >= 1")
@@ -517,6 +523,11 @@ def run_bench(
     phases = phase_means(metrics_text) if metrics_text is not None else {}
     print_phases(phases)
 
+    # Issues 3 and 4: the full limits path, refusals, and streaming (bench/extended.py).
+    import extended
+
+    extra = {} if args.quick else extended.run_all(bench, stack, args.duration, log_dir)
+
     if args.json:
         doc = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -530,6 +541,7 @@ def run_bench(
             "results": {k: {**asdict(r), "clean": r.clean} for k, r in results.items()},
             "derived": derived,
             "phases_us": phases,
+            "extended": extra,
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nwrote {args.json}")

@@ -13,11 +13,29 @@ from zoneinfo import ZoneInfo
 PERIODS = ("none", "hour", "day", "week", "month")
 
 
+_cache: dict[tuple[str, str], tuple[float, float, str]] = {}
+
+
 def period_bounds(period: str, time_zone: str, now: float) -> tuple[str, float | None]:
     """(period id, end of the period as unix seconds) for `now` (unix seconds).
 
-    `none` never ends: its id is `all` and its end None.
+    `none` never ends: its id is `all` and its end None. Results are remembered per period and
+    zone until the period ends: calendar arithmetic in a time zone is the slow part of planning
+    a reservation, and the answer only changes at a boundary.
     """
+    cached = _cache.get((period, time_zone))
+    if cached is not None and cached[0] <= now < cached[1]:
+        return cached[2], cached[1]
+    period_id, end = _compute(period, time_zone, now)
+    if end is not None:
+        start = now  # conservative: valid from the first time it was computed
+        if len(_cache) > 1000:
+            _cache.clear()
+        _cache[(period, time_zone)] = (start, end, period_id)
+    return period_id, end
+
+
+def _compute(period: str, time_zone: str, now: float) -> tuple[str, float | None]:
     if period == "none":
         return "all", None
     local = datetime.fromtimestamp(now, ZoneInfo(time_zone))

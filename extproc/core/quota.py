@@ -449,3 +449,23 @@ class LocalWindows:
         for w, counts in zip(plan.windows, checked, strict=True):
             counts[bucket] = counts.get(bucket, 0) + w.amount
         return None
+
+
+def project_settlement(
+    statuses: Sequence[LimitStatus], plan: ReservationPlan, actual_micros: int, limits: Sequence[
+        LimitSpec]
+) -> tuple[LimitStatus, ...]:
+    """Limit states after this request settles, as seen from its own reservation: its hold is
+    released and its actual cost added. Concurrent requests settling in between are not
+    reflected (the settle script, which runs off the request path, keeps the exact numbers and
+    state counts); this is what the response reports."""
+    by_name = {lim.name: lim for lim in limits}
+    out = []
+    for status in statuses:
+        limit = by_name.get(status.name)
+        spent = status.spent_micros + actual_micros
+        held = max(0, status.held_micros - plan.estimate_micros)
+        state = state_of(spent, limit) if limit is not None else status.state
+        out.append(LimitStatus(status.name, state, spent, held, status.max_micros,
+                               status.period_id))
+    return tuple(out)

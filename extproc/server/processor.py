@@ -31,7 +31,7 @@ from extproc.core.quota import (
     LimitStatus,
     LocalWindows,
     interpret_reservation,
-    interpret_settlement,
+    project_settlement,
 )
 from extproc.core.snapshot import Snapshot
 from extproc.gen.tollgate.v1 import usage_pb2
@@ -259,11 +259,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     ) -> tuple[LimitStatus, ...] | None:
         call = self._settle_call(exchange, due, started)
         plan = exchange.plan
-        if plan is None or plan.empty:
-            self.settler.enqueue(call)  # nothing to report back: write it in a batch
+        # Written in a pipelined batch, off the request path: the response reports the states
+        # projected from this request's own reservation (exact spend and state counts are kept
+        # by the script). One Redis round trip per request on the request path, not two.
+        self.settler.enqueue(call)
+        if plan is None or plan.empty or exchange.reservation is None:
             return ()
-        reply = await self.settler.settle_now(call)
-        return None if reply is None else interpret_settlement(plan, reply)
+        return project_settlement(exchange.reservation.limits, plan, due.cost_micros,
+                                  [c.limit for c in plan.limits])
 
     def _deny(self, exchange: Exchange, deny: Deny) -> ep.ProcessingResponse:
         metrics.REQUESTS.labels("denied", deny.code).inc()

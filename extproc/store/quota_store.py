@@ -37,8 +37,22 @@ SETTLE_LAYOUT = 2
 
 @dataclass(frozen=True, slots=True)
 class SettleCall:
+    """One settle script call: its keys and its positional values (see settle.lua). On the wire
+    the values travel as ONE JSON argument plus the event bytes: redis-py packs every argument
+    in Python, and dozens of small ones cost more than the script itself."""
+
     keys: tuple[str, ...]
-    args: tuple[int | str | bytes, ...]
+    args: tuple[int | str | bytes, ...]  # positional, item 5 (index 4) the event bytes
+
+    @property
+    def request_id(self) -> str:
+        return str(self.args[0])
+
+    def wire_args(self) -> list[bytes]:
+        values = list(self.args)
+        event = values[4]
+        values[4] = 0
+        return [orjson.dumps(values), event if isinstance(event, bytes) else str(event).encode()]
 
     def to_json(self) -> bytes:
         args = [
@@ -54,10 +68,6 @@ class SettleCall:
             # Layout 1 had no "keys to delete" count (ARGV[12]): insert a zero.
             args.insert(11, 0)
         return cls(tuple(doc["keys"]), tuple(args))
-
-    @property
-    def request_id(self) -> str:
-        return str(self.args[0])
 
 
 class CircuitBreaker:
@@ -163,7 +173,7 @@ class QuotaStore:
             len(plan.windows),
             len(plan.leases),
             plan.estimate_micros,
-            expired.to_json(),
+            0,  # placeholder: the hold payload travels as the second argument
         ]
         for c in plan.limits:
             mode = 0 if not c.limit.block else (1 if c.limit.strict else 2)
@@ -176,7 +186,8 @@ class QuotaStore:
         args += [len(plan.credentials), primaries, BUCKET_MS, BUCKETS, plan.estimate_tokens]
         for cred in plan.credentials:
             args += [cred.rpm or 0, cred.tpm or 0]
-        return [int(v) for v in await self._run(self._reserve, keys, args)]
+        wire = [orjson.dumps(args), expired.to_json()]
+        return [int(v) for v in await self._run(self._reserve, keys, wire)]
 
     # -- settle ----------------------------------------------------------------------------
 
@@ -245,7 +256,7 @@ class QuotaStore:
         return int(reply[0]), int(reply[1])
 
     async def settle(self, call: SettleCall, background: bool = False) -> list[int]:
-        reply = await self._run(self._settle, list(call.keys), list(call.args), background)
+        reply = await self._run(self._settle, list(call.keys), call.wire_args(), background)
         return [int(v) for v in reply]
 
     async def settle_many(self, calls: list[SettleCall]) -> None:
@@ -253,7 +264,7 @@ class QuotaStore:
         try:
             async with self.background.pipeline(transaction=False) as pipe:
                 for call in calls:
-                    await self._settle(keys=list(call.keys), args=list(call.args), client=pipe)
+                    await self._settle(keys=list(call.keys), args=call.wire_args(), client=pipe)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc

@@ -9,7 +9,9 @@ KEYS
   next C       concurrency lease sets             (zset: request id -> lease deadline ms)
   next 1       round-robin counter of the upstream (only when K > 0)
   next 3*K     per credential candidate: cooldown marker, requests window, tokens window
-ARGV
+ARGV (1: a JSON array holding the positional values below, so that the client encodes one
+      argument instead of dozens; 2: the hold record payload, item 8 of the array being a
+      placeholder)
   1  request id
   2  now, unix ms
   3  hold deadline, unix ms (the sweeper settles the hold at the estimate after it)
@@ -40,23 +42,24 @@ the last `buckets * width` ms, is counted in full. No rolling window of that len
 more than `limit`; the price is that a refused request might have fitted up to one bucket width
 earlier than the reported reset.
 ]]
+local A = cjson.decode(ARGV[1])
 
-local rid = ARGV[1]
-local now = tonumber(ARGV[2])
-local deadline = tonumber(ARGV[3])
-local nl, nw, nc = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local estimate = tonumber(ARGV[7])
-local payload = ARGV[8]
+local rid = A[1]
+local now = tonumber(A[2])
+local deadline = tonumber(A[3])
+local nl, nw, nc = tonumber(A[4]), tonumber(A[5]), tonumber(A[6])
+local estimate = tonumber(A[7])
+local payload = ARGV[2]
 local lbase, wbase = 8, 8 + 4 * nl
 local cbase = wbase + 4 * nw
 local klim, kwin = 2, 2 + nl
 local kcon = kwin + nw
 local kcred = kcon + nc
 local pbase = cbase + 2 * nc
-local nk = tonumber(ARGV[pbase + 1]) or 0
-local np = tonumber(ARGV[pbase + 2]) or 0
-local cwidth, ccount = tonumber(ARGV[pbase + 3]) or 1, tonumber(ARGV[pbase + 4]) or 1
-local ctokens = tonumber(ARGV[pbase + 5]) or 0
+local nk = tonumber(A[pbase + 1]) or 0
+local np = tonumber(A[pbase + 2]) or 0
+local cwidth, ccount = tonumber(A[pbase + 3]) or 1, tonumber(A[pbase + 4]) or 1
+local ctokens = tonumber(A[pbase + 5]) or 0
 
 local denied_kind, denied_index, retry = 0, 0, 0
 local window_used, window_reset = {}, {}
@@ -64,7 +67,7 @@ local window_used, window_reset = {}, {}
 -- Concurrency leases first: expired leases are dropped, so a lost request frees its slot.
 for i = 1, nc do
   local key = KEYS[kcon + i]
-  local limit = tonumber(ARGV[cbase + 2 * (i - 1) + 1])
+  local limit = tonumber(A[cbase + 2 * (i - 1) + 1])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   if denied_kind == 0 and redis.call('ZCARD', key) >= limit then
     denied_kind, denied_index = 3, i
@@ -75,8 +78,8 @@ end
 
 for i = 1, nw do
   local a = wbase + 4 * (i - 1)
-  local limit, amount = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local width, count = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local limit, amount = tonumber(A[a + 1]), tonumber(A[a + 2])
+  local width, count = tonumber(A[a + 3]), tonumber(A[a + 4])
   local current = math.floor(now / width)
   local fields = {}
   for b = current - count, current do fields[#fields + 1] = tostring(b) end
@@ -114,7 +117,7 @@ end
 local spent, held = {}, {}
 for i = 1, nl do
   local a = lbase + 4 * (i - 1)
-  local mode, max = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local mode, max = tonumber(A[a + 1]), tonumber(A[a + 2])
   local state = redis.call('HMGET', KEYS[klim + i], 'spent', 'held')
   spent[i], held[i] = tonumber(state[1]) or 0, tonumber(state[2]) or 0
   if denied_kind == 0 then
@@ -143,8 +146,8 @@ if denied_kind == 0 and nk > 0 then
   local soonest = -1
   for _, idx in ipairs(order) do
     local base = kcred + 1 + 3 * (idx - 1)
-    local rpm = tonumber(ARGV[pbase + 5 + 2 * (idx - 1) + 1])
-    local tpm = tonumber(ARGV[pbase + 5 + 2 * (idx - 1) + 2])
+    local rpm = tonumber(A[pbase + 5 + 2 * (idx - 1) + 1])
+    local tpm = tonumber(A[pbase + 5 + 2 * (idx - 1) + 2])
     local cool = redis.call('PTTL', KEYS[base + 1])
     if cool > 0 then
       if soonest < 0 or cool < soonest then soonest = cool end
@@ -171,12 +174,12 @@ if denied_kind ~= 0 then
   reply = {0, denied_kind, denied_index, retry}
 else
   for i = 1, nc do
-    redis.call('ZADD', KEYS[kcon + i], tonumber(ARGV[cbase + 2 * (i - 1) + 2]), rid)
+    redis.call('ZADD', KEYS[kcon + i], tonumber(A[cbase + 2 * (i - 1) + 2]), rid)
     redis.call('PEXPIRE', KEYS[kcon + i], 3600000)
   end
   for i = 1, nw do
     local a = wbase + 4 * (i - 1)
-    local amount, width, count = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+    local amount, width, count = tonumber(A[a + 2]), tonumber(A[a + 3]), tonumber(A[a + 4])
     local current = math.floor(now / width)
     if amount > 0 then
       redis.call('HINCRBY', KEYS[kwin + i], tostring(current), amount)
@@ -188,7 +191,7 @@ else
   end
   for i = 1, nl do
     local a = lbase + 4 * (i - 1)
-    local ttl = tonumber(ARGV[a + 3])
+    local ttl = tonumber(A[a + 3])
     redis.call('HINCRBY', KEYS[klim + i], 'held', estimate)
     if ttl > 0 then redis.call('PEXPIRE', KEYS[klim + i], ttl) end
     held[i] = held[i] + estimate

@@ -11,7 +11,8 @@ KEYS
   next W       token windows to correct          (hash: bucket number -> tokens)
   next C       concurrency lease sets            (zset)
   next D       keys to delete once settled (e.g. the credential's error count after a success)
-ARGV
+ARGV (1: a JSON array holding the positional values below; 2: the usage event bytes, item 5 of
+      the array being a placeholder)
   1  request id
   2  now, unix ms
   3  actual cost, micro-dollars
@@ -28,14 +29,15 @@ Reply
   { settled (1 first time, 0 already settled), then per limit: spent, held, state code
     (0 ok, 1 exceeded, 2 overrun) }
 ]]
+local A = cjson.decode(ARGV[1])
 
-local rid = ARGV[1]
-local actual = tonumber(ARGV[3])
-local tokens = tonumber(ARGV[4])
-local nl, nw, nc = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local estimate = tonumber(ARGV[10])
-local est_tokens = tonumber(ARGV[11])
-local nd = tonumber(ARGV[12])
+local rid = A[1]
+local actual = tonumber(A[3])
+local tokens = tonumber(A[4])
+local nl, nw, nc = tonumber(A[7]), tonumber(A[8]), tonumber(A[9])
+local estimate = tonumber(A[10])
+local est_tokens = tonumber(A[11])
+local nd = tonumber(A[12])
 local lbase, wbase = 12, 12 + 3 * nl
 local klim, kwin = 4, 4 + nl
 local kcon = kwin + nw
@@ -46,11 +48,11 @@ local function bad(what) return redis.error_reply('ERR settle.lua: bad ' .. what
 if not (actual and tokens and nl and nw and nc and estimate and est_tokens and nd) then
   return bad('header arguments')
 end
-if #KEYS ~= 4 + nl + nw + nc + nd or #ARGV ~= 12 + 3 * nl + nw then
+if #KEYS ~= 4 + nl + nw + nc + nd or #A ~= 12 + 3 * nl + nw then
   return bad('key or argument count')
 end
-for i = 13, #ARGV do
-  if not tonumber(ARGV[i]) then return bad('argument ' .. i) end
+for i = 13, #A do
+  if not tonumber(A[i]) then return bad('argument ' .. i) end
 end
 
 local first = redis.call('SET', KEYS[1], '1', 'NX', 'PX', 172800000)
@@ -63,7 +65,7 @@ end
 
 for i = 1, nl do
   local a = lbase + 3 * (i - 1)
-  local max, threshold, ttl = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local max, threshold, ttl = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
   local key = KEYS[klim + i]
   local spent, held
   if first then
@@ -93,7 +95,7 @@ end
 if first then
   local delta = tokens - est_tokens
   for i = 1, nw do
-    local bucket = ARGV[wbase + i]
+    local bucket = A[wbase + i]
     -- Correct the bucket the estimate went into, if it is still inside the window.
     if delta ~= 0 and redis.call('HEXISTS', KEYS[kwin + i], bucket) == 1 then
       local value = redis.call('HINCRBY', KEYS[kwin + i], bucket, delta)
@@ -102,6 +104,6 @@ if first then
   end
   for i = 1, nc do redis.call('ZREM', KEYS[kcon + i], rid) end
   for i = 1, nd do redis.call('DEL', KEYS[kcon + nc + i]) end
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[5])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', A[6], '*', 'event', ARGV[2])
 end
 return reply

@@ -1,0 +1,181 @@
+"""The benchmark's second half: the full limits path, refusals, and streaming.
+
+Run from bench.py (same stack, same run). Three measurements:
+
+* `limits`: the same request through a key under a requests-per-minute and a tokens-per-minute
+  RateLimit, one Block and one Allow Limit (all far from full), so every request reserves and
+  settles in Redis. Reported: req/s and latency as for `tollgate`, and the Redis script calls
+  per request (from Redis' own INFO commandstats), which is the number of round trips.
+* `refused`: a key whose Block limit is exhausted: every request is answered 429 by extproc.
+  Reported: script calls per refused request.
+* streaming: 50-chunk SSE responses at concurrency 1, direct vs through Tollgate: time to first
+  byte, total time, and the time Tollgate adds per chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from bench import BODY, PATH, Bench, WrkResult, post, table, write_lua_script
+from extproc.launch import Stack
+
+CHUNKS = 50
+STREAM_REQUESTS = 60
+
+
+def _cli(stack: Stack, *args: str, stdin: str | None = None) -> str:
+    argv = [sys.executable, "-m", "extproc", *args, "--redis-url", stack.redis_url]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, input=stdin,
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"tollgate {' '.join(args)}: {proc.stderr}")
+    return proc.stdout
+
+
+def _script_calls(redis_url: str) -> int:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stats: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]
+    finally:
+        client.close()
+    return sum(int(v["calls"]) for k, v in stats.items()
+               if k in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro"))
+
+
+def _wait_status(bench: Bench, key: str, want: int, header: str | None = None) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        status, headers = post(bench.url("tollgate"), key)
+        if status == want and (header is None or header in headers):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"limits never applied (wanted {want} with {header})")
+
+
+def _setup_keys(bench: Bench, stack: Stack) -> tuple[str, str]:
+    limited = _cli(stack, "keys", "create", "bench-limited").strip().splitlines()[-1]
+    blocked = _cli(stack, "keys", "create", "bench-blocked").strip().splitlines()[-1]
+    _cli(stack, "apply", "-f", "-", stdin="""
+apiVersion: tollgate.io/v1alpha1
+kind: RateLimit
+metadata: {name: bench-rates}
+spec: {per: key, selector: {keys: [bench-limited]}, requestsPerMinute: 100000000,
+       tokensPerMinute: 1000000000}
+---
+apiVersion: tollgate.io/v1alpha1
+kind: Limit
+metadata: {name: bench-block}
+spec: {type: Block, max: 1000000, period: month, selector: {keys: [bench-limited]}}
+---
+apiVersion: tollgate.io/v1alpha1
+kind: Limit
+metadata: {name: bench-allow}
+spec: {type: Allow, max: 1, threshold: 0.5, period: day, selector: {keys: [bench-limited]}}
+---
+apiVersion: tollgate.io/v1alpha1
+kind: Limit
+metadata: {name: bench-empty}
+spec: {type: Block, max: 0, selector: {keys: [bench-blocked]}}
+""")
+    _wait_status(bench, limited, 200, "x-tollgate-limits")
+    _wait_status(bench, blocked, 429)
+    return limited, blocked
+
+
+def run_limits(bench: Bench, stack: Stack, duration: int, log_dir: Path) -> dict[str, Any]:
+    limited, blocked = _setup_keys(bench, stack)
+    headers = {"Content-Type": "application/json"}
+    limited_script = write_lua_script(log_dir / "limited.lua", json.dumps(BODY).encode(),
+                                      {**headers, "Authorization": f"Bearer {limited}"})
+    blocked_script = write_lua_script(log_dir / "blocked.lua", json.dumps(BODY).encode(),
+                                      {**headers, "Authorization": f"Bearer {blocked}"})
+    print("limits: warm-up 2s ...", flush=True)
+    bench.run("limits", "load", 2, script=limited_script)
+    results: dict[str, WrkResult] = {}
+    calls: dict[str, float] = {}
+    for mode in ("load", "c1"):
+        print(f"limits: {mode} run {duration}s ...", flush=True)
+        before = _script_calls(stack.redis_url)
+        result = bench.run("limits", mode, duration, script=limited_script)
+        time.sleep(0.5)  # let the last settlements land
+        calls[mode] = (_script_calls(stack.redis_url) - before) / max(1, result.requests)
+        results[f"limits/{mode}"] = result
+    print("refused: 3s run ...", flush=True)
+    before = _script_calls(stack.redis_url)
+    refused = bench.run("refused", "load", 3, script=blocked_script, connections=8)
+    calls["refused"] = (_script_calls(stack.redis_url) - before) / max(1, refused.requests)
+    print()
+    print("full limits path (RPM + TPM + Block + Allow + cost headers), latency in ms")
+    print(table(list(results.values())))
+    print(f"Redis script calls (round trips) per allowed request: {calls['load']:.2f} "
+          f"(load), {calls['c1']:.2f} (c=1); per refused request: {calls['refused']:.2f} "
+          f"({refused.requests} refused at {refused.rps:.0f} req/s, all non-2xx as intended: "
+          f"{refused.non_2xx == refused.requests})")
+    return {
+        **{k: {"rps": r.rps, "p50_ms": r.p50_ms, "p90_ms": r.p90_ms, "p99_ms": r.p99_ms,
+               "clean": r.clean} for k, r in results.items()},
+        "script_calls_per_allowed_request": round(calls["load"], 3),
+        "script_calls_per_allowed_request_c1": round(calls["c1"], 3),
+        "script_calls_per_refused_request": round(calls["refused"], 3),
+        "refused_rps": refused.rps,
+    }
+
+
+def _stream_once(url: str, key: str) -> tuple[float, float, int]:
+    body = {**BODY, "stream": True}
+    headers = {"authorization": f"Bearer {key}", "x-mock-words": str(CHUNKS)}
+    t0 = time.perf_counter()
+    first = 0.0
+    events = 0
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=30) as response:
+        for chunk in response.iter_raw():
+            if not first:
+                first = time.perf_counter() - t0
+            events += chunk.count(b"data: ")
+    return first, time.perf_counter() - t0, events
+
+
+def run_stream(bench: Bench, stack: Stack) -> dict[str, Any]:
+    key = _cli(stack, "keys", "create", "bench-stream").strip().splitlines()[-1]
+    _wait_status(bench, key, 200)
+    out: dict[str, Any] = {}
+    print(f"\nstreaming: {STREAM_REQUESTS} x {CHUNKS}-chunk responses at c=1 per path ...",
+          flush=True)
+    for scenario in ("direct", "tollgate"):
+        url = bench.url(scenario)
+        for _ in range(5):
+            _stream_once(url, key)  # warm-up
+        samples = [_stream_once(url, key) for _ in range(STREAM_REQUESTS)]
+        out[scenario] = {
+            "ttfb_ms": round(1000 * statistics.median(s[0] for s in samples), 3),
+            "total_ms": round(1000 * statistics.median(s[1] for s in samples), 3),
+            "events": statistics.median(s[2] for s in samples),
+        }
+    d, t = out["direct"], out["tollgate"]
+    body_d, body_t = d["total_ms"] - d["ttfb_ms"], t["total_ms"] - t["ttfb_ms"]
+    out["added_ttfb_ms"] = round(t["ttfb_ms"] - d["ttfb_ms"], 3)
+    out["added_per_chunk_us"] = round(1000 * (body_t - body_d) / CHUNKS, 1)
+    print(f"  {'path':<9} {'TTFB ms':>9} {'total ms':>9} {'events':>7}")
+    for name in ("direct", "tollgate"):
+        r = out[name]
+        print(f"  {name:<9} {r['ttfb_ms']:>9.2f} {r['total_ms']:>9.2f} {r['events']:>7.0f}")
+    print(f"  added time to first byte: {out['added_ttfb_ms']:.2f} ms; added per chunk: "
+          f"{out['added_per_chunk_us']:.0f} us (body time difference / {CHUNKS} chunks)")
+    return out
+
+
+def run_all(bench: Bench, stack: Stack, duration: int, log_dir: Path) -> dict[str, Any]:
+    return {"limits": run_limits(bench, stack, duration, log_dir),
+            "streaming": run_stream(bench, stack)}
+
+
+__all__ = ["PATH", "run_all"]
