@@ -130,13 +130,18 @@ def run_limits(bench: Bench, stack: Stack, duration: int, log_dir: Path) -> dict
     }
 
 
-def _stream_once(url: str, key: str) -> tuple[float, float, int]:
-    body = {**BODY, "stream": True}
-    headers = {"authorization": f"Bearer {key}", "x-mock-words": str(CHUNKS)}
+CHUNK_GAP_MS = 2  # the fake upstream writes one event every 2 ms: each is its own chunk
+
+
+def _stream_once(client: httpx.Client, url: str, key: str) -> tuple[float, float, int]:
+    body = {k: v for k, v in BODY.items() if k != "max_tokens"}
+    body["stream"] = True
+    headers = {"authorization": f"Bearer {key}", "x-mock-words": str(CHUNKS),
+               "x-mock-chunk-delay-ms": str(CHUNK_GAP_MS)}
     t0 = time.perf_counter()
     first = 0.0
     events = 0
-    with httpx.stream("POST", url, json=body, headers=headers, timeout=30) as response:
+    with client.stream("POST", url, json=body, headers=headers, timeout=30) as response:
         for chunk in response.iter_raw():
             if not first:
                 first = time.perf_counter() - t0
@@ -148,13 +153,14 @@ def run_stream(bench: Bench, stack: Stack) -> dict[str, Any]:
     key = _cli(stack, "keys", "create", "bench-stream").strip().splitlines()[-1]
     _wait_status(bench, key, 200)
     out: dict[str, Any] = {}
-    print(f"\nstreaming: {STREAM_REQUESTS} x {CHUNKS}-chunk responses at c=1 per path ...",
-          flush=True)
+    print(f"\nstreaming: {STREAM_REQUESTS} x {CHUNKS}-chunk responses (one event every "
+          f"{CHUNK_GAP_MS} ms) at c=1 per path ...", flush=True)
     for scenario in ("direct", "tollgate"):
         url = bench.url(scenario)
-        for _ in range(5):
-            _stream_once(url, key)  # warm-up
-        samples = [_stream_once(url, key) for _ in range(STREAM_REQUESTS)]
+        with httpx.Client() as client:  # one keep-alive connection, like an SDK client
+            for _ in range(5):
+                _stream_once(client, url, key)  # warm-up
+            samples = [_stream_once(client, url, key) for _ in range(STREAM_REQUESTS)]
         out[scenario] = {
             "ttfb_ms": round(1000 * statistics.median(s[0] for s in samples), 3),
             "total_ms": round(1000 * statistics.median(s[1] for s in samples), 3),
