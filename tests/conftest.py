@@ -35,3 +35,91 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def tag() -> str:
     return "t-" + uuid.uuid4().hex[:12]
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster-bus twin (port + 10000) is free too; cluster nodes refuse ports
+    above 55535, which the kernel's ephemeral range often hands out."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _ping(port: int) -> bool:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(16).startswith(b"+PONG")
+
+
+def _start_cluster(tmp: Path) -> tuple[list[object], str]:
+    """Three `redis-server --cluster-enabled yes` nodes on free ports, the 16384 slots split
+    between them and the nodes introduced to each other with plain commands (no redis-cli
+    needed). Returns the processes and a `redis+cluster://` URL."""
+    import time
+
+    import redis
+
+    from extproc.launch import find_redis_binary, start_process, wait_until
+
+    binary = find_redis_binary(prefer_embedded=False)
+    assert binary is not None, "no redis-server binary"
+    ports = [_cluster_port() for _ in range(3)]
+    procs = []
+    for port in ports:
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{port}.conf", "--dir", str(tmp)]
+        proc = start_process(f"cluster-{port}", argv, tmp)
+        procs.append(proc)
+        wait_until(lambda port=port: _ping(port), proc, 10, "starting")
+    clients = [redis.Redis(host="127.0.0.1", port=port) for port in ports]
+    bounds = [(0, 5460), (5461, 10922), (10923, 16383)]
+    for client, (low, high) in zip(clients, bounds, strict=True):
+        client.execute_command("CLUSTER ADDSLOTSRANGE", low, high)
+    for port in ports[1:]:
+        clients[0].execute_command("CLUSTER MEET", "127.0.0.1", port)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        infos = [c.cluster("info") for c in clients]  # parsed into a dict by redis-py
+        if all(str(i.get("cluster_state")) == "ok" and int(i.get("cluster_known_nodes", 0)) == 3
+               for i in infos):
+            break
+        time.sleep(0.1)
+    else:
+        raise RuntimeError("the 3-node cluster never became ready")
+    for client in clients:
+        client.close()
+    return procs, f"redis+cluster://127.0.0.1:{ports[0]}"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("REDIS_CLUSTER_URL"):
+        yield os.environ["REDIS_CLUSTER_URL"]
+        return
+    procs, url = _start_cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield url
+    finally:
+        for proc in procs:
+            proc.stop()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """The same test body against a standalone Redis and a 3-node Redis Cluster."""
+    name = "redis_url" if request.param == "standalone" else "redis_cluster_url"
+    url: str = request.getfixturevalue(name)
+    return url

@@ -18,6 +18,7 @@ import signal
 from pathlib import Path
 
 import grpc
+from redis.exceptions import RedisError
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -27,7 +28,7 @@ from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
 from extproc.settings import Settings
 from extproc.store.quota_store import QuotaStore
-from extproc.store.redis_store import Store, connect
+from extproc.store.redis_store import Store, connect, ready
 
 log = logging.getLogger("tollgate.worker")
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -75,6 +76,11 @@ async def run_worker(settings: Settings, index: int) -> None:
     if server.add_insecure_port(address) == 0:
         raise SystemExit(f"tollgate worker {index}: cannot bind {address}")
     await server.start()
+    for client in (store.redis, hot):
+        try:
+            await ready(client)
+        except (RedisError, OSError) as exc:  # Redis down at start: the watcher keeps trying
+            log.warning("redis not reachable yet: %s", exc)
 
     state_file = Path(settings.run_dir) / f"worker-{index}.json" if settings.run_dir else None
     stopping = asyncio.Event()

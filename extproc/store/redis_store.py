@@ -28,7 +28,30 @@ class StoreRejected(Exception):
     """Redis answered with an error for this call (e.g. a script error): retrying will not help."""
 
 
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEMES)
+
+
 def connect(url: str, timeout_s: float, max_connections: int = 64) -> aioredis.Redis:
+    """A client for `url`. `redis+cluster://host:port` (or `rediss+cluster://`) means a Redis
+    Cluster reached through any of its nodes: every key Tollgate uses shares one hash tag, so
+    each script and transaction lands on a single slot and runs there unchanged."""
+    if is_cluster_url(url):
+        from redis.asyncio.cluster import RedisCluster
+
+        plain = url.replace("+cluster", "", 1)
+        # The cluster client has no blocking pool: allow enough connections per node for a
+        # burst (every Tollgate key lives on one node, so one node takes all the traffic).
+        cluster = RedisCluster.from_url(
+            plain,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=max(1024, max_connections),
+        )
+        return cluster  # type: ignore[return-value]  # same command surface for our use
     # A blocking pool: under a burst, calls wait (up to the timeout) for a free connection
     # instead of failing with "Too many connections".
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -40,6 +63,20 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> aioredis.R
         health_check_interval=30,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+async def ready(client: aioredis.Redis) -> None:
+    """Finish connecting before concurrent use: a cluster client discovers the topology on its
+    first command, and many first commands at once race each other doing it."""
+    init = getattr(client, "initialize", None)
+    if init is not None and is_cluster_client(client):
+        await init()
+
+
+def is_cluster_client(client: object) -> bool:
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
 
 
 class Store:

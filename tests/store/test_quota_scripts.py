@@ -24,7 +24,7 @@ from extproc.core.quota import (
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.store.keyschema import KeySchema
 from extproc.store.quota_store import QuotaStore, SettleCall
-from extproc.store.redis_store import connect
+from extproc.store.redis_store import connect, ready
 
 pytestmark = pytest.mark.redis
 
@@ -52,8 +52,9 @@ EVENT = usage_pb2.UsageEvent(key="team-a-ci").SerializeToString()
 
 
 @pytest.fixture
-async def quota(redis_url: str, tag: str) -> AsyncIterator[QuotaStore]:
-    client = connect(redis_url, 2.0)
+async def quota(any_redis_url: str, tag: str) -> AsyncIterator[QuotaStore]:
+    client = connect(any_redis_url, 2.0)
+    await ready(client)
     yield QuotaStore(client, KeySchema(tag), stream_maxlen=10_000)
     await client.aclose()
 
@@ -216,10 +217,11 @@ import asyncio, sys, uuid
 from extproc.core.quota import LimitSpec, Selector, Subject, plan_reservation
 from extproc.store.keyschema import KeySchema
 from extproc.store.quota_store import QuotaStore
-from extproc.store.redis_store import connect
+from extproc.store.redis_store import connect, ready
 
 async def main(url, tag, n):
     client = connect(url, 5.0)
+    await ready(client)
     quota = QuotaStore(client, KeySchema(tag), 1000)
     budget = LimitSpec("shared", True, 1_000_000, 1_000_000, "none", "UTC", True, False,
                        Selector())
@@ -239,7 +241,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 
 
 async def test_two_processes_sharing_one_redis_never_overspend(
-    redis_url: str, tag: str, quota: QuotaStore
+    any_redis_url: str, tag: str, quota: QuotaStore
 ) -> None:
     """Two separate processes, 100 concurrent reservations each, one Block limit that fits
     exactly 25 estimates: exactly 25 are admitted in total."""
@@ -247,7 +249,7 @@ async def test_two_processes_sharing_one_redis_never_overspend(
 
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _WORKER, redis_url, tag, "100",
+            sys.executable, "-c", _WORKER, any_redis_url, tag, "100",
             stdout=asyncio.subprocess.PIPE,
         )
         for _ in range(2)

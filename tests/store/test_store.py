@@ -16,7 +16,7 @@ from extproc.core.snapshot import build_snapshot
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.launch import free_port, start_process, wait_until
 from extproc.server.state import ConfigWatcher, KeyDirectory, builtin_resources
-from extproc.store.redis_store import Store, StoreUnavailable
+from extproc.store.redis_store import Store, StoreUnavailable, ready
 
 pytestmark = pytest.mark.redis
 
@@ -33,8 +33,9 @@ def virtual_key(name: str, key: str, **spec: object) -> Resource:
 
 
 @pytest.fixture
-async def store(redis_url: str, tag: str) -> AsyncIterator[Store]:
-    s = Store.from_url(redis_url, tag=tag, timeout_s=2)
+async def store(any_redis_url: str, tag: str) -> AsyncIterator[Store]:
+    s = Store.from_url(any_redis_url, tag=tag, timeout_s=2)
+    await ready(s.redis)
     yield s
     await s.close()
 

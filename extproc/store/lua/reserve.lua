@@ -62,6 +62,13 @@ local cwidth, ccount = tonumber(A[pbase + 3]) or 1, tonumber(A[pbase + 4]) or 1
 local ctokens = tonumber(A[pbase + 5]) or 0
 
 local denied_kind, denied_index, retry = 0, 0, 0
+
+-- Idempotent per request id: a client retry of a call that already ran must not hold twice.
+-- Kind -1 skips every check and charge below and answers "allowed" with the current states.
+-- A retried refusal is answered again, but counted once ("denied" marks the hold key briefly).
+local prior = redis.call('GET', KEYS[1])
+local denied_before = prior == 'denied'
+if prior and not denied_before then denied_kind = -1 end
 local window_used, window_reset = {}, {}
 
 -- Concurrency leases first: expired leases are dropped, so a lost request frees its slot.
@@ -167,10 +174,13 @@ if denied_kind == 0 and nk > 0 then
 end
 
 local reply = {}
-if denied_kind ~= 0 then
-  if denied_kind == 1 then
+if denied_kind == -1 then
+  reply = {1, 0, 0, 0}
+elseif denied_kind ~= 0 then
+  if denied_kind == 1 and not denied_before then
     redis.call('HINCRBY', KEYS[klim + denied_index], 'blocked', 1)
   end
+  redis.call('SET', KEYS[1], 'denied', 'PX', 60000)
   reply = {0, denied_kind, denied_index, retry}
 else
   for i = 1, nc do
