@@ -18,9 +18,9 @@ import signal
 from pathlib import Path
 
 import grpc
-from redis.exceptions import RedisError
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from redis.exceptions import RedisError
 
 from extproc.core.exchange import Options
 from extproc.server.processor import Processor
