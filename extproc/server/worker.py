@@ -28,7 +28,8 @@ from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
 from extproc.settings import Settings
 from extproc.store.quota_store import QuotaStore
-from extproc.store.redis_store import Store, connect, ready
+from extproc.store.redis_store import Store, connect
+from extproc.store.redis_store import ready as connect_ready
 
 log = logging.getLogger("tollgate.worker")
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -78,7 +79,7 @@ async def run_worker(settings: Settings, index: int) -> None:
     await server.start()
     for client in (store.redis, hot):
         try:
-            await ready(client)
+            await connect_ready(client)
         except (RedisError, OSError) as exc:  # Redis down at start: the watcher keeps trying
             log.warning("redis not reachable yet: %s", exc)
 
