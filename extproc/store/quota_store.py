@@ -23,7 +23,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from extproc.core.quota import BUCKET_MS, BUCKETS, CredentialCharge, ReservationPlan
 from extproc.store.keyschema import KeySchema
-from extproc.store.redis_store import StoreRejected, StoreUnavailable
+from extproc.store.redis_store import StoreRejected, StoreUnavailable, is_cluster_client
 
 
 def _lua(name: str) -> str:
@@ -136,12 +136,8 @@ class QuotaStore:
     def _limit_keys(self, plan: ReservationPlan) -> list[str]:
         return [self.keys.limit_state(c.limit.name, c.period_id) for c in plan.limits]
 
-    def _window_keys(self, plan: ReservationPlan, tokens_only: bool = False) -> list[str]:
-        return [
-            self.keys.window(w.rate_limit, w.ident, w.metric)
-            for w in plan.windows
-            if not tokens_only or w.metric == "tokens"
-        ]
+    def _window_keys(self, plan: ReservationPlan) -> list[str]:
+        return [self.keys.window(w.rate_limit, w.ident, w.metric) for w in plan.windows]
 
     def _lease_keys(self, plan: ReservationPlan) -> list[str]:
         return [self.keys.leases(lease.rate_limit, lease.ident) for lease in plan.leases]
@@ -260,7 +256,13 @@ class QuotaStore:
         return [int(v) for v in reply]
 
     async def settle_many(self, calls: list[SettleCall]) -> None:
-        """Several settlements in one pipelined round trip (usage of unlimited requests)."""
+        """Several settlements in one pipelined round trip. A cluster client refuses scripts in
+        a pipeline, so there they go one after the other, in order (off the request path)."""
+        if is_cluster_client(self.background):
+            for call in calls:
+                # A failure part way is safe to replay whole: settlement is idempotent.
+                await self.settle(call, background=True)
+            return
         try:
             async with self.background.pipeline(transaction=False) as pipe:
                 for call in calls:

@@ -7,7 +7,7 @@ Redis errors never leave this module raw: they become `StoreUnavailable`, and th
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -212,17 +212,6 @@ class Store:
         return [{k.decode(): int(v) for k, v in reply.items()} for reply in replies]
 
     # -- usage -----------------------------------------------------------------------------
-
-    async def append_usage(self, events: Iterable[bytes], maxlen: int) -> None:
-        """XADD each serialized UsageEvent; the stream is trimmed approximately to `maxlen`."""
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for event in events:
-                    pipe.xadd(self.keys.usage_stream, {"event": event}, maxlen=maxlen,
-                              approximate=True)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
 
     async def read_usage(self, count: int = 100) -> list[tuple[str, bytes]]:
         """The newest `count` usage entries, oldest first: (stream id, event bytes)."""

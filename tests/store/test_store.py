@@ -14,7 +14,7 @@ from extproc.core.keys import PresentedKey, generate_key, hash_key
 from extproc.core.resources import Resource, validate_document
 from extproc.core.snapshot import build_snapshot
 from extproc.gen.tollgate.v1 import usage_pb2
-from extproc.launch import free_port, start_process, wait_until
+from extproc.launch import free_port, redis_ping, start_process, wait_until
 from extproc.server.state import ConfigWatcher, KeyDirectory, builtin_resources
 from extproc.store.redis_store import Store, StoreUnavailable, ready
 
@@ -101,7 +101,14 @@ async def test_usage_stream_round_trip_and_trim(store: Store) -> None:
                              cost=usage_pb2.Cost(total_micros=i)).SerializeToString()
         for i in range(300)
     ]
-    await store.append_usage(events, maxlen=100)
+    # Events are written by the settle script, in pipelined batches, as the settler does.
+    from extproc.store.quota_store import QuotaStore
+
+    quota = QuotaStore(store.redis, store.keys, stream_maxlen=100)
+    await quota.settle_many([
+        quota.settle_call(None, 0, 0, event, False, request_id=f"r{i}")
+        for i, event in enumerate(events)
+    ])
     newest = await store.read_usage(count=3)
     decoded = [usage_pb2.UsageEvent.FromString(raw) for _, raw in newest]
     assert [e.request_id for e in decoded] == ["r297", "r298", "r299"]
@@ -197,7 +204,7 @@ async def test_settlements_survive_a_redis_outage(tmp_path: Path) -> None:
 
     def up():  # type: ignore[no-untyped-def]
         proc = start_process(f"redis-{time.monotonic_ns()}", argv, tmp_path)
-        wait_until(lambda: _tcp_ping(port), proc, 10, "starting")
+        wait_until(lambda: redis_ping(port), proc, 10, "starting")
         return proc
 
     proc = up()
@@ -241,14 +248,6 @@ async def test_settlements_survive_a_redis_outage(tmp_path: Path) -> None:
     assert (await quota.settle(call("orphan")))[0] == 0
     await client.aclose()
     proc.stop()
-
-
-def _tcp_ping(port: int) -> bool:
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-        sock.sendall(b"PING\r\n")
-        return sock.recv(16).startswith(b"+PONG")
 
 
 async def _eventually(check: object, timeout: float = 5.0) -> None:
