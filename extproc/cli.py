@@ -246,30 +246,27 @@ _HEADERS = {
 }
 
 
-def _limit_rows(store: Store, found: list[Resource]) -> Awaitable[list[tuple[str, ...]]]:
+async def _limit_rows(store: Store, found: list[Resource]) -> list[tuple[str, ...]]:
+    """One row per Limit with its live state in the current period."""
     from extproc.core.periods import period_bounds
     from extproc.core.pricing import format_usd
-    from extproc.core.quota import state_of
+    from extproc.core.quota import LimitStatus, state_of
     from extproc.core.resources import limit_spec
 
-    async def rows() -> list[tuple[str, ...]]:
-        now = time.time()
-        specs = [limit_spec(r) for r in found]
-        periods = [period_bounds(s.period, s.time_zone, now)[0] for s in specs]
-        states = await store.limit_states([(s.name, p) for s, p in zip(specs, periods,
-                                                                         strict=True)])
-        out: list[tuple[str, ...]] = []
-        for spec, period, state in zip(specs, periods, states, strict=True):
-            spent, held = state.get("spent", 0), state.get("held", 0)
-            remaining = max(0, spec.max_micros - spent - held)
-            counts = "/".join(str(state.get(k, 0)) for k in ("ok", "exceeded", "overrun",
-                                                              "blocked"))
-            out.append((spec.name, "Block" if spec.block else "Allow", format_usd(spec.max_micros),
-                        format_usd(spent), format_usd(held), format_usd(remaining),
-                        state_of(spent, spec), period, counts))
-        return out
-
-    return rows()
+    now = time.time()
+    specs = [limit_spec(r) for r in found]
+    periods = [period_bounds(s.period, s.time_zone, now)[0] for s in specs]
+    states = await store.limit_states([(s.name, p) for s, p in zip(specs, periods, strict=True)])
+    out: list[tuple[str, ...]] = []
+    for spec, period, state in zip(specs, periods, states, strict=True):
+        spent = state.get("spent", 0)
+        status = LimitStatus(spec.name, state_of(spent, spec), spent, state.get("held", 0),
+                             spec.max_micros, period)
+        counts = "/".join(str(state.get(k, 0)) for k in ("ok", "exceeded", "overrun", "blocked"))
+        out.append((spec.name, "Block" if spec.block else "Allow", format_usd(spec.max_micros),
+                    format_usd(spent), format_usd(status.held_micros),
+                    format_usd(status.remaining_micros), status.state, period, counts))
+    return out
 
 
 def cmd_get(args: argparse.Namespace) -> int:

@@ -154,7 +154,8 @@ def find_redis_binary(prefer_embedded: bool) -> str | None:
     return next((b for b in order if b), None)
 
 
-def _redis_ping(port: int) -> bool:
+def redis_ping(port: int) -> bool:
+    """True once a Redis-compatible server on 127.0.0.1:`port` answers PING."""
     with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
         sock.sendall(b"PING\r\n")
         return sock.recv(16).startswith(b"+PONG")
@@ -175,7 +176,7 @@ def start_redis(
     else:
         argv += ["--appendonly", "no"]
     proc = start_process("redis", argv, log_dir)
-    wait_until(lambda: _redis_ping(port), proc, 15, "waiting for PING")
+    wait_until(lambda: redis_ping(port), proc, 15, "waiting for PING")
     return proc, f"redis://127.0.0.1:{port}/0"
 
 

@@ -55,14 +55,6 @@ def _cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def _ping(port: int) -> bool:
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-        sock.sendall(b"PING\r\n")
-        return sock.recv(16).startswith(b"+PONG")
-
-
 def _start_cluster(tmp: Path) -> tuple[list[object], str]:
     """Three `redis-server --cluster-enabled yes` nodes on free ports, the 16384 slots split
     between them and the nodes introduced to each other with plain commands (no redis-cli
@@ -71,7 +63,7 @@ def _start_cluster(tmp: Path) -> tuple[list[object], str]:
 
     import redis
 
-    from extproc.launch import find_redis_binary, start_process, wait_until
+    from extproc.launch import find_redis_binary, redis_ping, start_process, wait_until
 
     binary = find_redis_binary(prefer_embedded=False)
     assert binary is not None, "no redis-server binary"
@@ -83,7 +75,7 @@ def _start_cluster(tmp: Path) -> tuple[list[object], str]:
                 "--cluster-config-file", f"nodes-{port}.conf", "--dir", str(tmp)]
         proc = start_process(f"cluster-{port}", argv, tmp)
         procs.append(proc)
-        wait_until(lambda port=port: _ping(port), proc, 10, "starting")
+        wait_until(lambda port=port: redis_ping(port), proc, 10, "starting")
     clients = [redis.Redis(host="127.0.0.1", port=port) for port in ports]
     bounds = [(0, 5460), (5461, 10922), (10923, 16383)]
     for client, (low, high) in zip(clients, bounds, strict=True):

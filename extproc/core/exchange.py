@@ -117,7 +117,6 @@ class Exchange:
         "client_ip",
         "cooldown_due",
         "credential",
-        "credential_secret",
         "due",
         "facts",
         "hide_usage_chunk",
@@ -169,7 +168,6 @@ class Exchange:
         self.path = "/"
         self.pool: tuple[CredentialCharge, ...] = ()  # candidates, when a pool decides
         self.credential: CredentialCharge | None = None  # the credential the call went out with
-        self.credential_secret = ""
         self.cooldown_due: int | None = None  # Retry-After ms (0 = none) when it must rest
         self._snapshot: Snapshot | None = None
         self.hide_usage_chunk = False  # Tollgate turned include_usage on for this stream
@@ -344,7 +342,7 @@ class Exchange:
                 self.pool = tuple(candidates)
             else:
                 self.credential = candidates[0]
-                sets.extend(self._auth(candidates[0], snapshot))
+                sets.extend(self._auth(candidates[0]))
             # Drop every header that may carry the virtual key, except the one being overwritten
             # with the upstream credential (a remove and a set of one name in one mutation is
             # order-dependent in Envoy).
@@ -441,17 +439,15 @@ class Exchange:
             return self.upstream.aliases.get(self.facts.model, self.facts.model)
         return self.facts.model
 
-    def _auth(self, credential: CredentialCharge, snapshot: Snapshot | None) -> list[
-        tuple[str, str]
-    ]:
-        assert self.upstream is not None
-        if snapshot is not None:
-            self.credential_secret = snapshot.secrets.get(credential.secret_ref, "")
-        return _auth_headers(self.upstream, self.credential_secret)
+    def _auth(self, credential: CredentialCharge) -> list[tuple[str, str]]:
+        """The provider's auth header carrying this credential's secret (candidates only
+        exist for credentials whose secret the snapshot holds)."""
+        assert self.upstream is not None and self._snapshot is not None
+        return _auth_headers(self.upstream, self._snapshot.secrets[credential.secret_ref])
 
     def _with_credential(self, proceed: Continue, credential: CredentialCharge) -> Continue:
         self.credential = credential
-        auth = HeaderEdit(set=tuple(self._auth(credential, self._snapshot)))
+        auth = HeaderEdit(set=tuple(self._auth(credential)))
         return replace(proceed, headers=proceed.headers.plus(auth))
 
     def on_reserved(self, reserve: Reserve, reservation: Reservation) -> Decision:
@@ -539,7 +535,7 @@ class Exchange:
 
     # -- response body ---------------------------------------------------------------------
 
-    def on_response_body(self, body: bytes, snapshot: Snapshot) -> Settlement:
+    def on_response_body(self, body: bytes) -> Settlement:
         """Price the buffered response; the returned settlement is also `due`."""
         assert self.facts is not None and self.key is not None and self.upstream is not None
         warnings: list[str] = []
@@ -650,20 +646,6 @@ def _candidates(upstream: UpstreamSpec, snapshot: Snapshot, model: str) -> list[
     return sorted(out, key=lambda c: not c.primary)
 
 
-def _credential_secret(upstream: UpstreamSpec, snapshot: Snapshot) -> str | None:
-    """The first primary credential with a secret, else the first fallback with one."""
-    for fallback in (False, True):
-        for cred in upstream.credentials:
-            if cred.is_fallback == fallback:
-                secret = snapshot.secrets.get(cred.secret_ref)
-                if secret:
-                    return secret
-    return None
-
-
 def _auth_headers(upstream: UpstreamSpec, secret: str) -> list[tuple[str, str]]:
-    if upstream.provider == "anthropic":
-        return [("x-api-key", secret)]
-    if upstream.provider == "azure-openai":
-        return [("api-key", secret)]
-    return [("authorization", "Bearer " + secret)]
+    name = _AUTH_HEADER.get(upstream.provider, "authorization")
+    return [(name, "Bearer " + secret if name == "authorization" else secret)]

@@ -150,7 +150,6 @@ class ReservationPlan:
     request_id: str
     now_ms: int
     hold_deadline_ms: int
-    lease_deadline_ms: int
     estimate_micros: int
     estimate_tokens: int
     limits: tuple[LimitCharge, ...]
@@ -161,6 +160,12 @@ class ReservationPlan:
     @property
     def empty(self) -> bool:
         return not (self.limits or self.windows or self.leases or self.credentials)
+
+    @property
+    def lease_deadline_ms(self) -> int:
+        """Concurrency leases end with the hold: a lost request frees its slot when the sweeper
+        would settle it."""
+        return self.hold_deadline_ms
 
     @property
     def token_windows(self) -> tuple[WindowCharge, ...]:
@@ -229,7 +234,6 @@ def plan_reservation(
         request_id=request_id,
         now_ms=now_ms,
         hold_deadline_ms=deadline,
-        lease_deadline_ms=deadline,
         estimate_micros=estimate_micros,
         estimate_tokens=estimate_tokens,
         limits=tuple(charges),

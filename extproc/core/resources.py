@@ -86,14 +86,6 @@ class _Fields:
             raise self.error(name, f"must be a string, got {type(value).__name__}")
         return value
 
-    def optional_string(self, name: str) -> str | None:
-        value = self.get(name)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise self.error(name, f"must be a string, got {type(value).__name__}")
-        return value
-
     def boolean(self, name: str, default: bool = False) -> bool:
         value = self.get(name)
         if value is None:

@@ -36,10 +36,6 @@ CONFIG_GENERATION = Gauge(
 )
 CONFIG_RELOADS = Counter("tollgate_config_reloads_total", "Configuration snapshots loaded.")
 REDIS_ERRORS = Counter("tollgate_redis_errors_total", "Failed Redis calls, by operation.", ["op"])
-USAGE_PENDING = Gauge(
-    "tollgate_usage_events_pending", "Usage events not yet written to Redis.",
-    multiprocess_mode="livesum",
-)
 USAGE_WRITTEN = Counter("tollgate_usage_events_written_total", "Usage events written to Redis.")
 KEY_LOOKUPS = Counter(
     "tollgate_key_lookups_total",

@@ -131,7 +131,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 return await self._stream_chunk(request, exchange, started)
             if phase == "response_body" and exchange.admitted:
                 body = request.response_body.body
-                exchange.on_response_body(body, snapshot)
+                exchange.on_response_body(body)
                 due = exchange.take_due()
                 assert due is not None
                 statuses = await self._settle(exchange, due, started)

@@ -4,30 +4,27 @@ made during the outage lands once Redis is back: no spend is lost."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 import time
-import uuid
 from decimal import Decimal
 from pathlib import Path
 
 import openai
 import pytest
 
-from extproc.launch import find_redis_binary, free_port, start_process, start_stack, wait_until
+from extproc.launch import (
+    find_redis_binary,
+    free_port,
+    redis_ping,
+    start_process,
+    start_stack,
+    wait_until,
+)
 from tests.e2e.conftest import chat_body
 
 pytestmark = pytest.mark.e2e
-
-
-def _ping(port: int) -> bool:
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-        sock.sendall(b"PING\r\n")
-        return sock.recv(16).startswith(b"+PONG")
 
 
 def test_redis_outage_fail_closed_fail_open_and_no_lost_spend(tmp_path: Path) -> None:
@@ -40,7 +37,7 @@ def test_redis_outage_fail_closed_fail_open_and_no_lost_spend(tmp_path: Path) ->
 
     def start_redis():  # type: ignore[no-untyped-def]
         proc = start_process(f"redis-{time.monotonic_ns()}", argv, tmp_path / "logs")
-        wait_until(lambda: _ping(port), proc, 10, "starting")
+        wait_until(lambda: redis_ping(port), proc, 10, "starting")
         return proc
 
     redis_proc = start_redis()
@@ -131,6 +128,3 @@ spec: {per: key, selector: {keys: [open]}, requestsPerMinute: 4}
         stack.stop()
         redis_proc.stop()
 
-
-def _unused() -> None:  # keep imports honest for linters
-    hashlib.sha256(uuid.uuid4().bytes)

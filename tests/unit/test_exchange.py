@@ -475,7 +475,7 @@ def _respond(
     head = exchange.on_response_headers({":status": "200", "content-type": "application/json"})
     assert head.response_body_mode is BodyMode.BUFFERED
     exchange.admitted = True
-    exchange.on_response_body(response_body, snapshot)
+    exchange.on_response_body(response_body)
     # No limits apply in these snapshots: the settlement reports no limit states.
     return exchange, exchange.response_body_reply(response_body, ())
 

@@ -488,7 +488,7 @@ def priced_exchange(
     head = exchange.on_response_headers({":status": "200", "content-type": "application/json"})
     assert head.response_body_mode is BodyMode.BUFFERED
     assert exchange.due is None  # the body phase prices
-    assert exchange.on_response_body(RESPONSE, snapshot) == PRICED
+    assert exchange.on_response_body(RESPONSE) == PRICED
     assert exchange.due == PRICED
     return exchange, reservation
 
@@ -548,7 +548,7 @@ def test_named_unknown_limits_reach_the_result(snapshot: Snapshot) -> None:
     assert isinstance(decision, Continue)
     exchange.admitted = True
     exchange.on_response_headers({":status": "200", "content-type": "application/json"})
-    exchange.on_response_body(RESPONSE, snapshot)
+    exchange.on_response_body(RESPONSE)
     reply = exchange.response_body_reply(RESPONSE, ())
     assert "x-tollgate-limits" not in dict(reply.headers.set)
     assert reply.body is not None
