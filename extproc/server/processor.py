@@ -141,12 +141,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return adapter.continue_response(phase, Continue())
         except Exception:
             log.exception("bug while handling %s (request %s)", phase, exchange.request_id)
+            # Counted here once, as an error; the 500 below is not counted again as a denial.
             metrics.REQUESTS.labels("error", "internal").inc()
             if phase.startswith("request"):
                 return self._deny(
                     exchange,
                     Deny(500, "internal_error",
                          f"Tollgate failed on this request (id {exchange.request_id})."),
+                    counted=True,
                 )
             return adapter.continue_response(phase, Continue())
 
@@ -268,8 +270,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         return project_settlement(exchange.reservation.limits, plan, due.cost_micros,
                                   [c.limit for c in plan.limits])
 
-    def _deny(self, exchange: Exchange, deny: Deny) -> ep.ProcessingResponse:
-        metrics.REQUESTS.labels("denied", deny.code).inc()
+    def _deny(
+        self, exchange: Exchange, deny: Deny, counted: bool = False
+    ) -> ep.ProcessingResponse:
+        if not counted:
+            metrics.REQUESTS.labels("denied", deny.code).inc()
         return adapter.deny_response(deny, exchange.anthropic_style, exchange.deny_headers())
 
     def _event(self, exchange: Exchange, due: Settlement, started: float) -> bytes:
