@@ -112,6 +112,7 @@ class LimitCharge:
     limit: LimitSpec
     period_id: str
     ttl_ms: int  # state key lifetime: the period plus 35 days, for reporting
+    ends_ms: int | None = None  # when the period ends (None: `period: none` never resets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +215,8 @@ def plan_reservation(
     for limit in limits:
         period_id, end = period_bounds(limit.period, limit.time_zone, now)
         ttl = 0 if end is None else int((end - now) * 1000) + _RETENTION_MS
-        charges.append(LimitCharge(limit, period_id, ttl))
+        charges.append(LimitCharge(limit, period_id, ttl,
+                                   None if end is None else int(end * 1000)))
     windows: list[WindowCharge] = []
     leases: list[LeaseCharge] = []
     for rl in rate_limits:
@@ -328,10 +330,12 @@ def interpret_reservation(plan: ReservationPlan, reply: Sequence[int]) -> Reserv
         )
         return Reservation(plan, limit_statuses, window_statuses, deny)
     if kind == 1:
-        limit = plan.limits[index - 1].limit
+        charge = plan.limits[index - 1]
+        limit = charge.limit
         deny = Deny(
             429, "limit_exceeded", f"Limit exceeded: {limit.name}",
             type_override="LimitExceeded", code_value=429, extra={"limit_id": limit.name},
+            headers=_budget_refusal_headers(charge, plan.now_ms),
         )
         return Reservation(plan, limit_statuses, window_statuses, deny, limit.name)
     retry_after = None if retry_ms < 0 else max(1, -(-retry_ms // 1000))
@@ -349,6 +353,17 @@ def interpret_reservation(plan: ReservationPlan, reply: Sequence[int]) -> Reserv
     headers = (("retry-after", str(retry_after)),) if retry_after is not None else ()
     deny = Deny(429, "rate_limit_exceeded", message, headers=headers)
     return Reservation(plan, limit_statuses, window_statuses, deny)
+
+
+def _budget_refusal_headers(charge: LimitCharge, now_ms: int) -> tuple[tuple[str, str], ...]:
+    """A budget refusal cannot succeed before the period resets: `x-should-retry: false` stops
+    the openai/anthropic SDKs' automatic retries (they read it before anything else), and
+    `Retry-After` says when the period ends (absent for `period: none`, which never resets)."""
+    headers: tuple[tuple[str, str], ...] = (("x-should-retry", "false"),)
+    if charge.ends_ms is not None:
+        seconds = max(1, -(-(charge.ends_ms - now_ms) // 1000))
+        headers += (("retry-after", str(seconds)),)
+    return headers
 
 
 def interpret_settlement(plan: ReservationPlan, reply: Sequence[int]) -> tuple[LimitStatus, ...]:

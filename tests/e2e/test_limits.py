@@ -194,3 +194,35 @@ def test_limit_ids_header_needs_permission(
     result = raw.parse().model_extra["xproxy_result"]
     assert result["unknown_limit_ids"] == ["no-such-limit"]
     clear_upstream(stack)
+
+
+def test_budget_refusal_is_not_retried_by_the_openai_sdk(
+    stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
+) -> None:
+    """A Block limit refusal cannot succeed until the period resets: the SDK, with its default
+    retries on, sends the request exactly once and learns when the period ends."""
+    import httpx
+
+    name, key = new_named_key()
+    limit = "noretry-" + uuid.uuid4().hex[:6]
+    apply(cli, "Limit", limit, f"  type: Block\n  max: 0.000001\n  period: day\n"
+                               f"  selector: {{keys: [{name}]}}\n")
+    sent: list[str] = []
+    http = httpx.Client(event_hooks={"request": [lambda request: sent.append(request.url.path)]})
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, http_client=http)
+    assert client.max_retries == 2  # the SDK's default: it would retry a plain 429 twice
+    deadline = time.monotonic() + 5
+    while True:  # the limit reaches the workers within about a second
+        sent.clear()
+        try:
+            call(client)
+        except openai.RateLimitError as exc:
+            refused = exc
+            break
+        assert time.monotonic() < deadline, "the Block limit never refused"
+        time.sleep(0.1)
+    assert sent == ["/v1/chat/completions"]  # exactly one request, no retry
+    assert refused.response.headers["x-should-retry"] == "false"
+    # Seconds until the day (UTC) ends: positive and at most a day.
+    assert 0 < int(refused.response.headers["retry-after"]) <= 86_400
+    http.close()

@@ -355,15 +355,18 @@ def test_denied_by_block_limit(snapshot: Snapshot) -> None:
     }
     assert result["limits"]["block-monthly"]["spent"] == 9.999
     headers = dict(decision.headers)
-    assert "retry-after" not in headers
+    # Not before the month ends (2026-12-01, 16 d 10 h 14 min 30 s away), so no SDK retries.
+    assert headers["retry-after"] == "1419270"
+    assert headers["x-should-retry"] == "false"
     assert headers["x-ratelimit-limit-requests"] == "2"
     assert headers["x-ratelimit-limit-tokens"] == "100000"
     assert headers["x-tollgate-limits"] == limit_headers(reservation.limits)[0][1]
     assert "block-monthly;state=blocked;remaining=0.001000;max=10.000000" in (
         headers["x-tollgate-limits"]
     )
-    assert decision.headers == rate_limit_headers(reservation.windows) + limit_headers(
-        reservation.limits
+    assert decision.headers == (
+        ("x-should-retry", "false"), ("retry-after", "1419270"),
+        *rate_limit_headers(reservation.windows), *limit_headers(reservation.limits),
     )
 
 

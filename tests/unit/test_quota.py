@@ -416,15 +416,22 @@ def test_reservation_states_from_spent(spent: int, state: str) -> None:
     assert reservation.limits[0].state == state  # held does not count towards the state
 
 
-@pytest.mark.parametrize(("index", "name"), [(1, "a-block"), (3, "c-block")])
-def test_denied_by_limit(index: int, name: str) -> None:
+@pytest.mark.parametrize(
+    ("index", "name", "wait"),
+    [
+        (1, "a-block", "1419270"),  # month: 2026-11-14T13:45:30.250 -> 2026-12-01, rounded up
+        (3, "c-block", "36870"),  # day: -> 2026-11-15T00:00
+    ],
+)
+def test_denied_by_limit(index: int, name: str, wait: str) -> None:
     limits = ((9 * USD, 2 * USD), (1 * USD, 0), (1 * USD, 999_000))
     reservation = interpret_reservation(PLAN, reply(0, 1, index, -1, limits=limits))
     assert reservation.blocked_limit == name
     deny = reservation.denial
     assert deny is not None
     assert (deny.status, deny.code) == (429, "limit_exceeded")
-    assert deny.headers == ()  # waiting does not help
+    # Retrying cannot help before the period ends: the SDKs are told not to, and when it ends.
+    assert deny.headers == (("x-should-retry", "false"), ("retry-after", wait))
     assert orjson.loads(deny.body()) == {
         "error": {
             "message": f"Limit exceeded: {name}",
@@ -734,3 +741,12 @@ def test_local_leases_fail_open() -> None:
     only_leases = (rate_limit("c", concurrent=1),)
     for _ in range(5):
         assert local.admit(local_plan(T0, rate_limits=only_leases)) is None
+
+
+def test_denied_by_a_limit_that_never_resets_says_do_not_retry_and_no_when() -> None:
+    forever = limit("forever", max_micros=1 * USD, period="none")
+    plan_ = plan((forever,))
+    reservation = interpret_reservation(plan_, reply(0, 1, 1, -1, limits=((USD, 0),),
+                                                     windows=()))
+    assert reservation.denial is not None
+    assert reservation.denial.headers == (("x-should-retry", "false"),)
