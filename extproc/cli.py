@@ -1,9 +1,10 @@
 """The `tollgate` command line: run the gateway, manage keys and resources.
 
 Every command that talks to Redis finds it the same way: `--redis-url`, else `$REDIS_URL`, else
-the Redis of a `tollgate up` running on this machine, else redis://127.0.0.1:6379/0.
-Errors go to stderr with exit status 1 (2 for usage errors); nothing prints a traceback for
-input the user got wrong.
+the Redis of a `tollgate up` running on this machine; with none of these it refuses (it never
+guesses a Redis on the default port, which on a shared machine may be someone else's). The Redis
+used is named on stderr. Exit status: 0 ok, 1 error, 2 usage error; nothing prints a traceback
+for input the user got wrong.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ from typing import Any, TypeVar
 import orjson
 import yaml
 
+from extproc.cli_output import (
+    BUILTIN_ANNOTATION,
+    OUTPUTS,
+    note,
+    print_documents,
+    print_rows,
+    redacted,
+    short_time,
+)
 from extproc.core.keys import generate_key, hash_key
 from extproc.core.resources import (
     KINDS,
@@ -32,7 +42,7 @@ from extproc.core.resources import (
     validate_document,
     validate_documents,
 )
-from extproc.settings import DEFAULT_REDIS_URL, Settings
+from extproc.settings import Settings
 from extproc.store.redis_store import Store, StoreUnavailable
 
 T = TypeVar("T")
@@ -43,13 +53,26 @@ class CliError(Exception):
 
 
 def redis_url(explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    if os.environ.get("REDIS_URL"):
-        return os.environ["REDIS_URL"]
-    from extproc.launch import running_up_redis_url
+    url, source = _find_redis(explicit)
+    note(f"using Redis {redacted(url)} ({source})")
+    return url
 
-    return running_up_redis_url() or DEFAULT_REDIS_URL
+
+def _find_redis(explicit: str | None) -> tuple[str, str]:
+    if explicit:
+        return explicit, "--redis-url"
+    if os.environ.get("REDIS_URL"):
+        return os.environ["REDIS_URL"], "$REDIS_URL"
+    from extproc.launch import running_up_state, state_file
+
+    state = running_up_state()
+    if state is not None:
+        return str(state["redis_url"]), f"the running `tollgate up`, pid {state['pid']}"
+    raise CliError(
+        "no Redis given: pass --redis-url or set REDIS_URL, or start `tollgate up` first "
+        f"(its Redis is found through {state_file()}). Tollgate does not guess "
+        "redis://127.0.0.1:6379/0: on a shared machine that may be someone else's."
+    )
 
 
 def with_store(args: argparse.Namespace, action: Callable[[Store], Awaitable[T]]) -> T:
@@ -88,7 +111,15 @@ def parse_expiry(value: str, now: datetime) -> str:
             ) from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if when <= now:
+        raise CliError(f"--expires {value!r} is in the past: the key would be dead on arrival")
+    return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _patterns(values: Sequence[str] | None) -> list[str]:
+    """`--models a,b --models c` -> [a, b, c]: one value per flag keeps a NAME after the flag
+    from being read as one more pattern."""
+    return [p.strip() for v in values or () for p in v.split(",") if p.strip()]
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
@@ -97,8 +128,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         "keySha256": hash_key(key),
         "group": args.group or "",
         "user": args.user or "",
-        "models": args.models or [],
-        "tags": args.tags or [],
+        "models": _patterns(args.models),
+        "tags": _patterns(args.tags),
         "description": args.description or "",
     }
     if args.expires:
@@ -114,14 +145,16 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
     async def create(store: Store) -> int:
         existing = await store.get("VirtualKey", args.name)
-        if existing is not None and not existing.spec.get("revoked"):
-            raise CliError(
-                f"key {args.name!r} already exists; revoke it first or pick another name"
-            )
+        if existing is not None and existing.spec.get("revoked"):
+            raise CliError(f"key {args.name!r} was revoked; its record is kept (usage and "
+                           "limits refer to it by name), so pick another name")
+        if existing is not None:
+            raise CliError(f"key {args.name!r} already exists; pick another name")
         return await store.apply([resource])
 
     generation = with_store(args, create)
-    expires = resource.spec.get("expiresAt") or "never"
+    expires = short_time(resource.spec.get("expiresAt")) if resource.spec.get("expiresAt") \
+        else "never"
     models = ", ".join(resource.spec["models"]) or "all"
     print(f"created virtual key {args.name!r} (models: {models}; expires: {expires}; "
           f"generation {generation})", file=sys.stderr)
@@ -149,12 +182,13 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     keys = with_store(args, lambda store: store.list_kind("VirtualKey"))
     now = datetime.now(UTC)
-    rows = [("NAME", "GROUP", "USER", "MODELS", "EXPIRES", "STATUS")]
+    rows = []
     for r in keys:
         s = r.spec
         rows.append((r.name, s["group"] or "-", s["user"] or "-", ",".join(s["models"]) or "*",
-                     s.get("expiresAt") or "-", _key_status(s, now)))
-    print(_table(rows))
+                     short_time(s.get("expiresAt")), _key_status(s, now)))
+    print_rows(("NAME", "GROUP", "USER", "MODELS", "EXPIRES", "STATUS"), rows,
+               getattr(args, "output", "table"), "no keys")
     return 0
 
 
@@ -163,6 +197,8 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         existing = await store.get("VirtualKey", args.name)
         if existing is None:
             raise CliError(f"no key named {args.name!r}")
+        if existing.spec.get("revoked"):
+            raise CliError(f"key {args.name!r} is already revoked")
         spec = dict(existing.spec, revoked=True)
         return await store.apply([Resource("VirtualKey", args.name, spec)])
 
@@ -279,26 +315,49 @@ def cmd_get(args: argparse.Namespace) -> int:
             return await _limit_rows(store, found)
 
         rows = with_store(args, limits)
+        if not rows and args.name:
+            raise CliError(f"{kind}/{args.name} not found")
         if not rows:
             print("no Limit resources")
             return 0
         print(_table([("NAME", "TYPE", "MAX", "SPENT", "HELD", "REMAINING", "STATE", "PERIOD",
                        "REQUESTS(ok/exceeded/overrun/blocked)"), *rows]))
         return 0
-    found = with_store(args, lambda store: store.list_kind(kind))
+    found, builtin = with_store(args, lambda store: _stored_and_builtin(store, kind))
     if args.name:
         found = [r for r in found if r.name == args.name]
         if not found:
             raise CliError(f"{kind}/{args.name} not found")
-    if args.output == "yaml":
-        print(yaml.safe_dump_all([r.document() for r in found], sort_keys=False), end="")
-    elif args.output == "json":
-        print(orjson.dumps([r.document() for r in found], option=orjson.OPT_INDENT_2).decode())
+    if args.output in ("yaml", "json"):
+        print_documents([_document(r, r.name in builtin) for r in found], args.output,
+                        single=bool(args.name))
     elif not found:
         print(f"no {kind} resources")
     else:
-        print(_table([_HEADERS.get(kind, ("NAME",)), *(_summary(r) for r in found)]))
+        rows = [_summary(r) for r in found]
+        # Shipped defaults serve traffic too; mark them instead of hiding them.
+        rows = [(row[0] + (" (built-in)" if row[0] in builtin else ""), *row[1:])
+                for row in rows]
+        print(_table([_HEADERS.get(kind, ("NAME",)), *rows]))
     return 0
+
+
+async def _stored_and_builtin(store: Store, kind: str) -> tuple[list[Resource], set[str]]:
+    """Stored resources of `kind` plus the built-in ones no stored resource replaces, and the
+    names of the latter."""
+    from extproc.server.state import builtin_resources
+
+    stored = await store.list_kind(kind)
+    names = {r.name for r in stored}
+    extra = [r for r in builtin_resources() if r.kind == kind and r.name not in names]
+    return sorted([*stored, *extra], key=lambda r: r.name), {r.name for r in extra}
+
+
+def _document(resource: Resource, builtin: bool) -> dict[str, Any]:
+    doc = resource.document()
+    if builtin:
+        doc["metadata"]["annotations"] = {BUILTIN_ANNOTATION: "true"}
+    return doc
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -314,11 +373,29 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
     from extproc.gen.tollgate.v1 import usage_pb2
 
-    entries = with_store(args, lambda store: store.read_usage(args.count))
+    if args.count < 0:
+        raise CliError("--count must be 0 or more")
+    entries = with_store(args, lambda store: store.read_usage(args.count)) if args.count else []
+    docs = []
     for entry_id, raw in entries:
         event = usage_pb2.UsageEvent.FromString(raw)
-        doc = MessageToDict(event, preserving_proto_field_name=True)
-        print(orjson.dumps({"id": entry_id, **doc}).decode())
+        docs.append({"id": entry_id, **MessageToDict(event, preserving_proto_field_name=True)})
+    output = getattr(args, "output", "jsonl")
+    if output == "jsonl":  # the default: one JSON object per line, for pipes
+        for doc in docs:
+            print(orjson.dumps(doc).decode())
+    elif output == "table":
+        rows = [(short_time(datetime.fromtimestamp(int(d.get("timestamp_ms", 0)) / 1000,
+                                                   UTC).isoformat()),
+                 str(d.get("key", "-")), str(d.get("model", "-")), str(d.get("status", "-")),
+                 str(d.get("cost", {}).get("total_micros", 0)),
+                 str(d.get("tokens", {}).get("input", 0)),
+                 str(d.get("tokens", {}).get("output", 0)), str(d.get("request_id", "")))
+                for d in docs]
+        print_rows(("TIME", "KEY", "MODEL", "STATUS", "COST_MICROS", "INPUT", "OUTPUT",
+                    "REQUEST_ID"), rows, "table", "no usage events")
+    else:
+        print_documents(docs, output, single=False)
     return 0
 
 
@@ -389,10 +466,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_envoy_config(args: argparse.Namespace) -> int:
+def cmd_envoy_config(args: argparse.Namespace) -> int:  # reached only through `main`
     from extproc import envoyconf
 
-    return envoyconf.main(args.rest)
+    return envoyconf.main(args.rest, prog="tollgate envoy-config")
 
 
 # ---- parser ------------------------------------------------------------------------------
@@ -402,16 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tollgate", description="Budgets, rate limits and cost accounting for LLM APIs."
     )
+    parser.add_argument("--version", action="version", version=f"tollgate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def redis_opt(p: argparse.ArgumentParser) -> None:
         p.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL, else the Redis of "
-                       "a running `tollgate up`, else redis://127.0.0.1:6379/0)")
+                       "a running `tollgate up`; with neither the command refuses)")
 
     up = sub.add_parser("up", help="run Redis (embedded unless --redis-url/$REDIS_URL), "
                         "extproc and Envoy locally")
     up.add_argument("--port", type=int, default=10000, help="Envoy listener port (10000)")
-    redis_opt(up)
+    up.add_argument("--redis-url", help="use this Redis (default: $REDIS_URL, else start an "
+                    "embedded one with its data in ~/.tollgate/data)")
     up.add_argument("--mock-upstream", action="store_true",
                     help="send calls to a built-in fake OpenAI/Anthropic upstream")
     up.add_argument("--workers", type=int, default=1, help="extproc worker processes (1)")
@@ -435,14 +514,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--group")
     create.add_argument("--user")
-    create.add_argument("--models", nargs="+", metavar="PATTERN",
-                        help="model patterns this key may use (default: every model)")
-    create.add_argument("--tags", nargs="+", metavar="TAG")
+    create.add_argument("--models", action="append", metavar="PATTERN[,PATTERN...]",
+                        help="model patterns this key may use, comma-separated or the flag "
+                        "repeated (default: every model)")
+    create.add_argument("--tags", action="append", metavar="TAG[,TAG...]",
+                        help="tags, comma-separated or the flag repeated")
     create.add_argument("--expires", help="30d, 12h, 90m, 2w or an RFC 3339 timestamp")
     create.add_argument("--description")
     redis_opt(create)
     create.set_defaults(func=cmd_keys_create)
     klist = keys_sub.add_parser("list", help="list keys (never shows the secret)")
+    klist.add_argument("-o", "--output", choices=OUTPUTS, default="table")
     redis_opt(klist)
     klist.set_defaults(func=cmd_keys_list)
     revoke = keys_sub.add_parser("revoke", help="revoke a key (takes effect within ~1 s)")
@@ -470,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     delete.set_defaults(func=cmd_delete)
 
     usage = sub.add_parser("usage", help="print the newest usage events as JSON lines")
-    usage.add_argument("--count", type=int, default=20)
+    usage.add_argument("--count", type=int, default=20, help="how many events (20)")
+    usage.add_argument("-o", "--output", choices=("jsonl", *OUTPUTS), default="jsonl",
+                       help="jsonl (default: one object per line), table, json or yaml")
     redis_opt(usage)
     usage.set_defaults(func=cmd_usage)
 
@@ -480,7 +564,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tollgate")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["envoy-config"]:
+        # Its flags belong to the generator; argparse.REMAINDER would not pass leading options.
+        from extproc import envoyconf
+
+        return envoyconf.main(argv[1:], prog="tollgate envoy-config")
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)

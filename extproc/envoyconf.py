@@ -530,9 +530,9 @@ def _host_port(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m extproc.envoyconf") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m extproc.envoyconf",
+        prog=prog,
         description="Print the Tollgate Envoy bootstrap (YAML) to stdout.",
     )
     parser.add_argument(

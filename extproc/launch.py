@@ -345,3 +345,25 @@ def running_up_redis_url() -> str | None:
         return str(state["redis_url"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def running_up_state() -> dict[str, object] | None:
+    """The state file of a `tollgate up` still running on this machine (`pid`, `redis_url`,
+    `base_url`), or None when there is none or its process is gone."""
+    try:
+        state = json.loads(state_file().read_text())
+        os.kill(int(state["pid"]), 0)
+        str(state["redis_url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return dict(state)
+
+
+def remove_up_state() -> None:
+    """Forget this process's `tollgate up` (only if the state file is still ours)."""
+    path = state_file()
+    try:
+        if int(json.loads(path.read_text())["pid"]) == os.getpid():
+            path.unlink()
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
