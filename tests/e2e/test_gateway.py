@@ -223,7 +223,7 @@ def test_unknown_endpoint_and_wrong_method(stack: Stack, new_key: Callable[..., 
 
 
 def test_model_restrictions_and_model_list(stack: Stack, new_key: Callable[..., str]) -> None:
-    key = new_key("--models", "gpt-4o-mini", "claude-*")
+    key = new_key("--models", "gpt-4o-mini,claude-*")
     client = openai_client(stack, key)
     with pytest.raises(openai.PermissionDeniedError) as denied:
         client.chat.completions.create(**chat_body("gpt-4o"))
