@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -75,8 +76,10 @@ def _find_redis(explicit: str | None) -> tuple[str, str]:
     )
 
 
-def with_store(args: argparse.Namespace, action: Callable[[Store], Awaitable[T]]) -> T:
-    url = redis_url(args.redis_url)
+def with_store(
+    args: argparse.Namespace, action: Callable[[Store], Awaitable[T]], quiet: bool = False
+) -> T:
+    url = args.redis_url if quiet else redis_url(args.redis_url)
 
     async def run() -> T:
         store = Store.from_url(url, tag=os.environ.get("TOLLGATE_REDIS_TAG", "llm"), timeout_s=5)
@@ -249,11 +252,37 @@ def cmd_apply(args: argparse.Namespace) -> int:
     resources = load_files(args.filename)
     if not resources:
         raise CliError("no resources found in " + ", ".join(args.filename))
+    for warning in _config_warnings(resources, os.environ.get("TOLLGATE_SECRETS_DIR")):
+        print(f"tollgate: warning: {warning}", file=sys.stderr)
+    if getattr(args, "dry_run", False):
+        for r in resources:
+            print(f"{r.kind.lower()}/{r.name} valid (dry run: nothing stored)")
+        return 0
     generation = with_store(args, lambda store: store.apply(resources))
     for r in resources:
         print(f"{r.kind.lower()}/{r.name} configured")
     print(f"configuration generation {generation}", file=sys.stderr)
     return 0
+
+
+def _config_warnings(resources: Sequence[Resource], secrets_dir: str | None,
+                     extra_secrets: dict[str, str] | None = None) -> list[str]:
+    """Upstreams whose secrets this machine cannot find, or whose Envoy cluster the generated
+    Envoy configuration lacks (see extproc/checks.py)."""
+    from extproc import envoyconf
+    from extproc.checks import cluster_warnings, credential_warnings
+    from extproc.server.state import secret_reader
+    from extproc.settings import Settings
+
+    folder = secrets_dir or Settings().secrets_dir
+    read = secret_reader(folder)
+
+    def lookup(name: str) -> str | None:
+        return (extra_secrets or {}).get(name) or read(name)
+
+    known = {c.name for c in envoyconf.provider_clusters()}
+    return [*credential_warnings(resources, lookup, f"the environment or {folder}"),
+            *cluster_warnings(resources, known)]
 
 
 def _summary(r: Resource) -> tuple[str, ...]:
@@ -417,10 +446,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from extproc.launch import StartupError, start_stack, tollgate_home, write_up_state
+    from extproc.launch import (
+        MOCK_SECRETS,
+        StartupError,
+        remove_up_state,
+        start_stack,
+        tollgate_home,
+        write_up_state,
+    )
 
     explicit = args.redis_url or os.environ.get("REDIS_URL") or None
-    log_dir = Path(tempfile.mkdtemp(prefix="tollgate-up-"))
+    # A temporary log folder is removed on exit (failures print the log's tail first);
+    # --log-dir keeps the logs.
+    keep_logs = getattr(args, "log_dir", None) is not None
+    log_dir = Path(args.log_dir) if keep_logs else Path(tempfile.mkdtemp(prefix="tollgate-up-"))
     stop = {"signal": 0}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -441,6 +480,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             azure_host=args.azure_host,
         )
     except StartupError as exc:
+        if not keep_logs:
+            shutil.rmtree(log_dir, ignore_errors=True)
         raise CliError(str(exc)) from None
     write_up_state(stack)
     upstream = f"mock upstream on 127.0.0.1:{stack.mock_port}" if stack.mock_port else (
@@ -450,6 +491,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"extproc: grpc 127.0.0.1:{stack.extproc.grpc}, "
           f"health/metrics http://127.0.0.1:{stack.extproc.http}")
     print(f"upstream: {upstream}")
+    try:
+        for warning in _up_warnings(stack.redis_url, MOCK_SECRETS if args.mock_upstream else {}):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+    except (CliError, StoreUnavailable) as exc:  # the check is advice; never block start-up
+        print(f"warning: could not check upstream credentials: {exc}", file=sys.stderr)
     print(f"tollgate ready: {stack.base_url} (OpenAI base_url {stack.base_url}/v1)", flush=True)
     try:
         while not stop["signal"]:
@@ -459,11 +505,29 @@ def cmd_up(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return 1
             time.sleep(0.2)
+        # Envoy stops accepting and finishes what is in flight (bounded), then everything stops.
+        print(f"draining (up to {args.drain_seconds:g} s) ...", flush=True)
+        stack.drain(args.drain_seconds)
     finally:
         print("stopping Tollgate ...", flush=True)
         stack.stop()
+        remove_up_state()
+        if not keep_logs:
+            shutil.rmtree(log_dir, ignore_errors=True)
     print("stopped")
     return 0
+
+
+def _up_warnings(url: str, extra_secrets: dict[str, str]) -> list[str]:
+    """Upstreams (built-in and stored) that `up`'s extproc cannot serve for lack of a secret."""
+
+    async def upstreams(store: Store) -> list[Resource]:
+        found, _ = await _stored_and_builtin(store, "Upstream")
+        return found
+
+    args = argparse.Namespace(redis_url=url)
+    found = with_store(args, upstreams, quiet=True)
+    return _config_warnings(found, os.environ.get("TOLLGATE_SECRETS_DIR"), extra_secrets)
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:  # reached only through `main`
@@ -497,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads (2)")
     up.add_argument("--azure-host", default="YOUR-RESOURCE.openai.azure.com",
                     help="Azure OpenAI resource host for the azure-openai cluster")
+    up.add_argument("--log-dir", help="keep the components' logs in this folder (default: a "
+                    "temporary folder, removed on exit)")
+    up.add_argument("--drain-seconds", type=float, default=20.0,
+                    help="on Ctrl-C/SIGTERM, how long in-flight requests may take to finish "
+                    "before everything stops (20)")
     up.set_defaults(func=cmd_up)
 
     serve = sub.add_parser("serve", help="run the ext_proc gRPC server (the sidecar process)")
@@ -535,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     apply = sub.add_parser("apply", help="validate and store resources from YAML files")
     apply.add_argument("-f", "--filename", action="append", required=True,
                        help="YAML file with one or more documents ('-' for stdin)")
+    apply.add_argument("--dry-run", action="store_true",
+                       help="validate and warn (missing secrets, unknown clusters); store nothing")
     redis_opt(apply)
     apply.set_defaults(func=cmd_apply)
 

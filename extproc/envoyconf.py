@@ -394,8 +394,12 @@ def render_bootstrap(
     buffer_limit_bytes: int = 32 * 1024 * 1024,
     bypass_port: int | None = None,
     bypass_cluster: str | None = None,
+    reuse_port: bool = True,
 ) -> dict[str, Any]:
     """Build a complete Envoy v3 bootstrap as a plain dict.
+
+    ``reuse_port=False`` turns off Envoy's default SO_REUSEPORT on the listeners, so a second
+    process on the same port fails to start instead of receiving part of the traffic.
 
     ``bypass_port`` adds a second listener without the ext_proc filter that sends every request
     straight to ``bypass_cluster``; the benchmark uses it to measure Envoy → upstream alone in
@@ -444,6 +448,9 @@ def render_bootstrap(
             )
         )
 
+    if not reuse_port:
+        for listener in listeners:
+            listener["enable_reuse_port"] = False
     return {
         # Admin exposes /quitquitquit and config dumps: keep it on loopback unless told otherwise.
         "admin": {"address": _socket_address(admin_address, admin_port)},

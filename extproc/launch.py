@@ -28,6 +28,7 @@ from typing import IO
 import yaml
 
 from extproc import envoyconf
+from extproc.ports import port_in_use
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,6 +43,14 @@ def tollgate_home() -> Path:
 
 class StartupError(RuntimeError):
     pass
+
+
+# Secrets extproc gets with --mock-upstream (unless already set): the fake accepts any key.
+MOCK_SECRETS = {
+    "OPENAI_API_KEY": "sk-mock-openai",
+    "ANTHROPIC_API_KEY": "sk-mock-anthropic",
+    "AZURE_OPENAI_API_KEY": "mock-azure",
+}
 
 
 @dataclass
@@ -268,6 +277,40 @@ class Stack:
         for proc in reversed(self.processes):  # Envoy first, Redis last
             proc.stop()
 
+    def drain(self, grace_s: float) -> int:
+        """Stop accepting connections, then wait up to `grace_s` for the requests in flight to
+        finish. Returns how many were still active when it gave up (0: a clean drain).
+        `stop()` follows: Envoy, then extproc (whose workers settle and flush), then Redis."""
+        admin = f"http://127.0.0.1:{self.admin_port}"
+        try:
+            # Closes the listeners; connections already open carry on to their end.
+            request = urllib.request.Request(f"{admin}/drain_listeners", method="POST")
+            with urllib.request.urlopen(request, timeout=2):
+                pass
+        except OSError:
+            return 0  # Envoy is gone already: nothing in flight to wait for
+        deadline = time.monotonic() + grace_s
+        active = self.active_requests()
+        while active and time.monotonic() < deadline:
+            time.sleep(0.1)
+            active = self.active_requests()
+        return active
+
+    def active_requests(self) -> int:
+        """Requests Envoy is serving on the gateway listener right now (its own gauge)."""
+        url = (f"http://127.0.0.1:{self.admin_port}/stats?filter="
+               r"^http\.tollgate\.downstream_rq_active$")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                text: str = resp.read().decode()
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "http.tollgate.downstream_rq_active":
+                return int(value.strip() or 0)
+        return 0
+
     def dead(self) -> list[Managed]:
         return [p for p in self.processes if not p.alive()]
 
@@ -286,6 +329,9 @@ def start_stack(
     azure_host: str = envoyconf.DEFAULT_AZURE_HOST,
     extra_clusters: tuple[envoyconf.ClusterSpec, ...] = (),
 ) -> Stack:
+    if port_in_use("127.0.0.1", port):  # fail before starting anything
+        raise StartupError(f"port 127.0.0.1:{port} is already in use{_port_owner_hint(port)}; "
+                           "stop that process or choose another --port")
     processes: list[Managed] = []
     try:
         if redis_url is None:
@@ -297,9 +343,8 @@ def start_stack(
             mock, mock_port = start_mock_upstream(log_dir)
             processes.append(mock)
             # The fake upstream accepts any key; give the default Upstreams one to inject.
-            child_env.setdefault("OPENAI_API_KEY", "sk-mock-openai")
-            child_env.setdefault("ANTHROPIC_API_KEY", "sk-mock-anthropic")
-            child_env.setdefault("AZURE_OPENAI_API_KEY", "mock-azure")
+            for name, value in MOCK_SECRETS.items():
+                child_env.setdefault(name, value)
             clusters = envoyconf.mock_clusters("127.0.0.1", mock_port)
         else:
             clusters = envoyconf.provider_clusters(azure_host)
@@ -314,6 +359,9 @@ def start_stack(
             extproc_port=ports.grpc,
             bypass_port=bypass_port,
             bypass_cluster="openai" if bypass else None,
+            # Never share the listener with another Envoy through SO_REUSEPORT: a clash that
+            # slips past the check above (a race) then fails Envoy's bind instead.
+            reuse_port=False,
         )
         processes.append(start_envoy(log_dir, config, admin_port, envoy_concurrency))
     except BaseException:
@@ -321,6 +369,13 @@ def start_stack(
             proc.stop()
         raise
     return Stack(port, redis_url, ports, admin_port, log_dir, mock_port, bypass_port, processes)
+
+
+def _port_owner_hint(port: int) -> str:
+    state = running_up_state()
+    if state is not None and str(state.get("base_url", "")).endswith(f":{port}"):
+        return f" by the `tollgate up` with pid {state['pid']}"
+    return ""
 
 
 # ---- where `tollgate up` left its Redis --------------------------------------------------

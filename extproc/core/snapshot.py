@@ -50,7 +50,10 @@ class Snapshot:
                 continue  # an Azure deployment path only makes sense to Azure
             if is_azure and not azure and endpoint not in AZURE_REWRITABLE:
                 continue  # plain /v1 calls reach Azure only where the path can be rewritten
-            if any(fnmatch.fnmatchcase(model, p) for p in upstream.models):
+            # An alias is a model the upstream serves by definition (it rewrites it).
+            if model in upstream.aliases or any(
+                fnmatch.fnmatchcase(model, p) for p in upstream.models
+            ):
                 return upstream
         return None
 

@@ -101,7 +101,24 @@ class Supervisor:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def busy_ports(self) -> list[str]:
+        """Ports this server needs that someone already listens on. The workers share the gRPC
+        port through SO_REUSEPORT, which would let them join another server's port unnoticed."""
+        from extproc.ports import port_in_use
+
+        s = self.settings
+        wanted = (("gRPC", s.grpc_host, s.grpc_port), ("HTTP", s.http_host, s.http_port))
+        return [f"{what} port {host}:{port}" for what, host, port in wanted
+                if port_in_use(host, port)]
+
     async def run(self) -> int:
+        busy = self.busy_ports()
+        if busy:
+            print(f"tollgate: error: {' and '.join(busy)} already in use; stop the other "
+                  "server or choose other ports", file=sys.stderr, flush=True)
+            if self.own_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            return 1
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
