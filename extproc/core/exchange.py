@@ -323,6 +323,10 @@ class Exchange:
         azure = self.route.azure_deployment is not None
         upstream = snapshot.choose_upstream(facts.endpoint, facts.model, azure)
         if upstream is None:
+            if azure and not any(u.provider == "azure-openai" for u in snapshot.upstreams):
+                return Deny(404, "model_not_found",
+                            "No Azure OpenAI upstream is configured: Azure deployment paths "
+                            "need an Upstream with provider azure-openai.")
             return Deny(404, "model_not_found", f"No upstream serves model '{facts.model}'.")
         self.upstream = upstream
 

@@ -163,3 +163,35 @@ def test_envoy_config_takes_the_generators_flags(tg: Run) -> None:
     helped = tg("envoy-config", "--help")
     assert helped.returncode == 0 and "tollgate envoy-config" in helped.stdout
     assert tg("envoy-config", "--no-such-flag").returncode == 2
+
+
+AZURE_EAST = """\
+apiVersion: tollgate.io/v1alpha1
+kind: Upstream
+metadata: {name: azure-east}
+spec:
+  provider: azure-openai
+  cluster: azure-openai-east
+  models: ["gpt-4o"]
+  priority: 10
+  credentials:
+    - {name: east-1, secretRef: AZURE_EAST_KEY_1}
+"""
+
+
+def test_apply_dry_run_warns_and_stores_nothing(tg: Run, env: dict[str, str],
+                                                tmp_path: Path) -> None:
+    bare = {k: v for k, v in env.items() if k != "AZURE_EAST_KEY_1"}
+    bare["TOLLGATE_SECRETS_DIR"] = str(tmp_path / "secrets")
+    result = tg("apply", "--dry-run", "-f", "-", stdin=AZURE_EAST, environ=bare)
+    assert result.returncode == 0, result.stderr
+    assert "upstream/azure-east valid (dry run: nothing stored)" in result.stdout
+    assert "AZURE_EAST_KEY_1 not found" in result.stderr
+    assert "gpt-4o get 503" in result.stderr
+    assert "cluster 'azure-openai-east'" in result.stderr
+    assert tg("get", "upstreams", "azure-east").returncode == 1  # nothing was stored
+    # With the secret available as a mounted file, the credential warning goes away.
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "AZURE_EAST_KEY_1").write_text("k\n")
+    quiet = tg("apply", "--dry-run", "-f", "-", stdin=AZURE_EAST, environ=bare)
+    assert "AZURE_EAST_KEY_1" not in quiet.stderr

@@ -629,3 +629,32 @@ def test_client_anthropic_version_is_kept(
     assert isinstance(decision, Continue), decision
     assert "anthropic-version" not in dict(decision.headers.set)
     assert "anthropic-version" not in decision.headers.remove
+
+
+def test_azure_client_without_an_azure_upstream_is_told_so(
+    builtin_resources: list[Resource],
+) -> None:
+    keys_only = [r for r in STORED if r.kind == "VirtualKey"]
+    plain = build_snapshot(1, builtin_resources, keys_only, SECRETS.get)
+    _, decision = send_request(
+        plain, request_headers(AZURE_PATH.format("gpt-4o")), orjson.dumps({"messages": MSG})
+    )
+    assert isinstance(decision, Deny)
+    assert (decision.status, decision.code) == (404, "model_not_found")
+    assert "No Azure OpenAI upstream is configured" in decision.message
+
+
+def test_an_alias_is_served_without_listing_it_in_models(
+    builtin_resources: list[Resource],
+) -> None:
+    aliased = _resource("Upstream", "east", {
+        "provider": "openai", "cluster": "east", "models": ["gpt-4o", "gpt-4o-mini"],
+        "priority": 10, "aliases": {"quick": "gpt-4o-mini"},
+        "credentials": [_cred("d", "OPENAI_API_KEY")],
+    })
+    snap = build_snapshot(1, builtin_resources, [*STORED[:1], aliased], SECRETS.get)
+    _, decision = send_request(snap, request_headers(),
+                               orjson.dumps({"model": "quick", "messages": MSG}))
+    assert isinstance(decision, Continue), decision
+    assert dict(decision.headers.set)[ROUTING_HEADER] == "east"
+    assert decision.body is not None and orjson.loads(decision.body)["model"] == "gpt-4o-mini"
