@@ -7,11 +7,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run run-mock test setup lint typecheck bench clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard protos/*/*/*.proto)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+$(STAMP): pyproject.toml setup.py scripts/ensure-venv.sh $(wildcard protos/*/*/*.proto)
+	@scripts/ensure-venv.sh $(VENV) $(PYTHON)
+	@echo "installing Tollgate and its dependencies into $(VENV) (about a minute the first time) ..."
+	@$(BIN)/pip install --quiet --upgrade pip
+	@$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+	@echo "installed: $(BIN)/tollgate"
 
 setup: $(STAMP)
 

@@ -1,7 +1,10 @@
-"""Build hook: compile protos/ into extproc/gen/ with grpcio-tools on every build.
+"""Build hook: compile protos/ into extproc/gen/ with grpcio-tools before setuptools looks for
+packages.
 
-pyproject.toml holds the metadata; this file only adds the protoc step so that
-`pip install .` and `pip install -e .` both produce the generated modules.
+pyproject.toml holds the metadata. The protos are compiled when this file is loaded, before
+`setup()` runs package discovery, so the generated `extproc.gen.tollgate...` packages are found
+like any other (compiling later, in build_py, made setuptools warn about every generated package
+it had not discovered). `pip install .` and `pip install -e .` both produce the modules.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from setuptools import setup
-from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
 
@@ -29,10 +31,5 @@ def compile_protos() -> None:
             d = d.parent
 
 
-class BuildWithProtos(build_py):
-    def run(self) -> None:
-        compile_protos()
-        super().run()
-
-
-setup(cmdclass={"build_py": BuildWithProtos})
+compile_protos()
+setup()
