@@ -435,12 +435,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.server.supervisor import serve
 
     settings = Settings.from_env(
-        redis_url=redis_url(args.redis_url),
+        redis_url=_find_redis(args.redis_url)[0],  # named in the server's own start-up log
         grpc_host=args.grpc_host,
         grpc_port=args.grpc_port,
         http_host=args.http_host,
         http_port=args.http_port,
         workers=args.workers,
+        log_format=getattr(args, "log_format", None),
     )
     return serve(settings)
 
@@ -456,6 +457,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
 
     explicit = args.redis_url or os.environ.get("REDIS_URL") or None
+    if getattr(args, "log_format", None):
+        os.environ["TOLLGATE_LOG_FORMAT"] = args.log_format  # read by the extproc it starts
     # A temporary log folder is removed on exit (failures print the log's tail first);
     # --log-dir keeps the logs.
     keep_logs = getattr(args, "log_dir", None) is not None
@@ -561,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads (2)")
     up.add_argument("--azure-host", default="YOUR-RESOURCE.openai.azure.com",
                     help="Azure OpenAI resource host for the azure-openai cluster")
+    up.add_argument("--log-format", choices=("text", "json"),
+                    help="extproc's log format: text (default) or json, one object per line "
+                    "($TOLLGATE_LOG_FORMAT)")
     up.add_argument("--log-dir", help="keep the components' logs in this folder (default: a "
                     "temporary folder, removed on exit)")
     up.add_argument("--drain-seconds", type=float, default=20.0,
@@ -575,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-host")
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--workers", type=int)
+    serve.add_argument("--log-format", choices=("text", "json"),
+                       help="text (default) or json: one object per line "
+                       "($TOLLGATE_LOG_FORMAT)")
     serve.set_defaults(func=cmd_serve)
 
     keys = sub.add_parser("keys", help="create, list and revoke virtual keys")

@@ -20,6 +20,12 @@ def _bool(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _log_format(value: str) -> str:
+    if value.strip().lower() not in ("text", "json"):
+        raise ValueError(value)
+    return value.strip().lower()
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
@@ -38,6 +44,8 @@ class Settings:
     grpc_max_message_bytes: int = 64 * 1024 * 1024
     shutdown_grace_s: float = 20.0
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one object per line
+    access_log: bool = True  # one line per request (extproc's; Envoy has none configured)
     run_dir: str = ""  # where workers report their state to the supervisor
     redis_hot_timeout_s: float = 0.25  # reserve/settle on the request path
     # Settlements waiting for Redis. A subfolder per Redis target is used inside it (see
@@ -71,6 +79,8 @@ class Settings:
             "TOLLGATE_USAGE_STREAM_MAXLEN": ("usage_stream_maxlen", int),
             "TOLLGATE_SECRETS_DIR": ("secrets_dir", str),
             "TOLLGATE_LOG_LEVEL": ("log_level", str),
+            "TOLLGATE_LOG_FORMAT": ("log_format", _log_format),
+            "TOLLGATE_ACCESS_LOG": ("access_log", _bool),
             "TOLLGATE_RUN_DIR": ("run_dir", str),
             "TOLLGATE_REDIS_HOT_TIMEOUT_MS": ("redis_hot_timeout_s", lambda v: int(v) / 1000),
             "TOLLGATE_JOURNAL_DIR": ("journal_dir", str),

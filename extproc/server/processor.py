@@ -35,7 +35,7 @@ from extproc.core.quota import (
 )
 from extproc.core.snapshot import Snapshot
 from extproc.gen.tollgate.v1 import usage_pb2
-from extproc.server import adapter, metrics
+from extproc.server import adapter, logs, metrics, tracing
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
 from extproc.store.quota_store import QuotaStore, SettleCall
@@ -80,12 +80,18 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         exchange = Exchange(new_request_id(), self.options)
         started = time.monotonic()
         snapshot = self.watcher.snapshot  # one snapshot for the whole request
+        answered: tuple[int, str] | None = None  # (status, details) when Tollgate answered
         try:
             async for request in request_iterator:
                 phase = request.WhichOneof("request")
                 t0 = time.perf_counter()
-                response = await self._handle(phase, request, exchange, snapshot, started)
+                with tracing.span(f"ext_proc.{phase}", {"tollgate.request_id":
+                                                        exchange.request_id}):
+                    response = await self._handle(phase, request, exchange, snapshot, started)
                 _PHASE_TIMERS[phase].observe(time.perf_counter() - t0)
+                if response.HasField("immediate_response"):
+                    immediate = response.immediate_response
+                    answered = (immediate.status.code, immediate.details)
                 yield response
         except asyncio.CancelledError:
             # Envoy cancels streams at request end unless graceful close is on: a normal end.
@@ -94,6 +100,28 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             due = exchange.settlement_on_abort()
             if due is not None:
                 self.settler.settle_later(self._settle_call(exchange, due, started))
+            if exchange.path != "/" or answered is not None:  # a request, not an empty stream
+                self._access(exchange, answered, started)
+
+    def _access(
+        self, exchange: Exchange, answered: tuple[int, str] | None, started: float
+    ) -> None:
+        """The access log line: names, numbers and codes only, never a prompt or a key."""
+        priced = exchange.priced
+        logs.access({
+            "request_id": exchange.request_id,
+            "path": exchange.path,
+            "key": exchange.key.name if exchange.key else None,
+            "model": exchange.facts.model if exchange.facts else None,
+            "upstream": exchange.upstream.name if exchange.upstream else None,
+            "status": answered[0] if answered else exchange.status,
+            "code": answered[1].removeprefix("tollgate_") if answered else None,
+            "stream": bool(exchange.facts and exchange.facts.stream),
+            "cost_micros": priced.cost.total_micros if priced else 0,
+            "input_tokens": priced.usage.input if priced else 0,
+            "output_tokens": priced.usage.output if priced else 0,
+            "latency_ms": round((time.monotonic() - started) * 1000, 1),
+        })
 
     async def _handle(
         self,
@@ -212,7 +240,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         base = self._event(exchange, Settlement(plan.estimate_micros, plan.estimate_tokens, 0,
                                                 "expired"), started)
         try:
-            reply = await self.quota.reserve(plan, base)
+            with tracing.span("redis.reserve", {"tollgate.request_id": exchange.request_id,
+                                                "tollgate.limits": len(plan.limits),
+                                                "tollgate.windows": len(plan.windows)}):
+                reply = await self.quota.reserve(plan, base)
         except StoreUnavailable:
             metrics.REDIS_ERRORS.labels("reserve").inc()
             decision = exchange.on_reserve_failed(reserve, self.local)
@@ -246,8 +277,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         assert credential is not None and upstream is not None
         metrics.CRED_ERRORS.labels(upstream.name, credential.name, str(exchange.status)).inc()
         try:
-            ms, errors = await self.quota.cool_down(
-                credential, upstream.cooldown_ms, upstream.cooldown_max_ms, retry_after_ms)
+            with tracing.span("redis.cool_down", {"tollgate.request_id": exchange.request_id,
+                                                  "tollgate.upstream": upstream.name}):
+                ms, errors = await self.quota.cool_down(
+                    credential, upstream.cooldown_ms, upstream.cooldown_max_ms, retry_after_ms)
         except (StoreUnavailable, StoreRejected):
             metrics.REDIS_ERRORS.labels("cooldown").inc()
             return

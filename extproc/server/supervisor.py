@@ -132,10 +132,12 @@ class Supervisor:
         await site.start()
         for index in range(self.settings.workers):
             await self._spawn(index)
+        from extproc.cli_output import redacted
+
         log.info(
-            "serving ext_proc on %s:%d with %d worker(s); health on http://%s:%d",
+            "serving ext_proc on %s:%d with %d worker(s); health on http://%s:%d; Redis %s",
             self.settings.grpc_host, self.settings.grpc_port, self.settings.workers,
-            self.settings.http_host, self.settings.http_port,
+            self.settings.http_host, self.settings.http_port, redacted(self.settings.redis_url),
         )
         announced = False
         while not self.stopping.is_set():
@@ -146,8 +148,8 @@ class Supervisor:
                     await asyncio.sleep(0.5)
                     await self._spawn(index)
             if not announced and all(s["ready"] for s in self.worker_states()):
-                print(f"tollgate extproc ready on {self.settings.grpc_host}:"
-                      f"{self.settings.grpc_port}", flush=True)
+                log.info("tollgate extproc ready on %s:%d", self.settings.grpc_host,
+                         self.settings.grpc_port)
                 announced = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=0.2)
@@ -187,6 +189,7 @@ def settings_for_worker() -> Settings | None:
 def serve(settings: Settings) -> int:
     import uvloop
 
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s")
+    from extproc.server.logs import configure
+
+    configure(settings.log_level, settings.log_format, "supervisor")
     return uvloop.run(Supervisor(settings).run())

@@ -130,10 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     from extproc.server.supervisor import settings_for_worker
 
     settings = settings_for_worker() or Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s worker-{args.index} %(levelname)s %(name)s: %(message)s",
-    )
+    from extproc.server.logs import configure
+
+    configure(settings.log_level, settings.log_format, f"worker-{args.index}")
+    if not settings.access_log:
+        logging.getLogger("tollgate.access").setLevel(logging.WARNING)
+    from extproc.server import tracing
+
+    tracing.enable_from_env()  # off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
     import uvloop
 
     uvloop.run(run_worker(settings, args.index))

@@ -3,6 +3,7 @@ extproc and Envoy, prints `ready`, serves the SDKs, and stops everything on SIGT
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -237,3 +238,33 @@ def test_up_warns_drains_on_sigterm_and_cleans_up(redis_url: str, tmp_path: Path
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def test_json_logs_have_one_access_line_per_request(redis_url: str, tmp_path: Path) -> None:
+    from extproc.launch import start_stack
+
+    env = dict(os.environ, TOLLGATE_LOG_FORMAT="json", OPENAI_API_KEY="sk-provider-secret",
+               TOLLGATE_REDIS_TAG="json-" + uuid.uuid4().hex[:8])
+    created = subprocess.run(
+        [sys.executable, "-m", "extproc", "keys", "create", "logged", "--redis-url", redis_url],
+        env=env, capture_output=True, text=True, timeout=30, check=True)
+    key = created.stdout.strip().splitlines()[-1]
+    stack = start_stack(log_dir=tmp_path, port=free_port(), redis_url=redis_url,
+                        mock_upstream=True, env=env)
+    try:
+        client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "the secret plan"}])
+        request_id = raw.headers["x-tollgate-request-id"]
+        cost = float(raw.headers["x-tollgate-cost"])
+    finally:
+        stack.stop()
+    text = (tmp_path / "extproc.log").read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]  # all JSON
+    access = [line for line in lines if line["logger"] == "tollgate.access"]
+    assert [a["request_id"] for a in access] == [request_id]  # exactly one, for this request
+    (entry,) = access
+    assert (entry["key"], entry["model"], entry["status"]) == ("logged", "gpt-4o-mini", 200)
+    assert entry["cost_micros"] == round(cost * 1_000_000)
+    assert entry["latency_ms"] >= 0
+    assert "the secret plan" not in text and key not in text and "sk-provider-secret" not in text
