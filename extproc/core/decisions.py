@@ -75,8 +75,9 @@ _ERROR_TYPES = {
 class Deny:
     """Answer the client now, without calling the upstream.
 
-    `type_override` and `code_value` exist for bodies whose shape is fixed elsewhere (the Pay-i
-    seed's `{"type": "LimitExceeded", "code": 429}`); `result` becomes the body's result object.
+    `type_override` and `code_value` exist for bodies whose shape is fixed elsewhere (the
+    compatible budget refusal `{"type": "LimitExceeded", "code": 429}`); `result` becomes the
+    body's result object.
     """
 
     status: int

@@ -6,11 +6,11 @@ Lua script; `interpret_reservation` turns the script's reply into a decision. Se
 the same way (`interpret_settlement`). Nothing here knows Redis key names: charges carry logical
 identifiers that the store's key schema maps to keys.
 
-Limit states (as in the Pay-i seed): `ok` spend < threshold*max; `exceeded` threshold*max <=
+Limit states: `ok` spend < threshold*max; `exceeded` threshold*max <=
 spend <= max (does NOT block); `overrun` spend > max; `blocked` the request was refused by it.
 Strict enforcement admits only if spent + held + estimate <= max, so concurrent requests on any
-number of replicas can never push a Block limit past max; reactive enforcement (the seed's rule)
-refuses only once spend > max.
+number of replicas can never push a Block limit past max; reactive enforcement (the looser rule some
+users prefer) refuses only once spend > max.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """What a priced response carries back: cost headers and the result object.
 
 Headers are for every client (`x-tollgate-cost` is a decimal USD string, exact to the
-micro-dollar). The result object is added to JSON bodies under `xproxy_result`, shaped after the
-Pay-i proxy's result so existing consumers can read it; it is spliced into the body's bytes rather
-than re-serialising the provider's JSON, so the provider's formatting and key order survive.
+micro-dollar). The result object is added to JSON bodies under `xproxy_result`, in the
+Pay-i-compatible shape (see the README) so existing consumers can read it; it is spliced into the
+body's bytes rather than re-serialising the provider's JSON, so the provider's formatting and
+key order survive.
 """
 
 from __future__ import annotations

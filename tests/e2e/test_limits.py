@@ -48,7 +48,7 @@ def limit_states(raw: Any) -> dict[str, dict[str, str]]:
     return out
 
 
-def test_block_limit_refuses_with_the_seed_body_and_never_overspends(
+def test_block_limit_refuses_with_the_compatible_body_and_never_overspends(
     stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
 ) -> None:
     name, key = new_named_key()

@@ -84,7 +84,7 @@ async def test_concurrent_reservations_never_overspend(quota: QuotaStore) -> Non
     assert int(state[b"spent"]) == 1_000_000 and int(state[b"held"]) == 0
     assert int(state[b"blocked"]) == 190
     assert int(state[b"exceeded"]) >= 1  # the last settlement reached max = threshold
-    # Full: the next one is refused with the seed's body.
+    # Full: the next one is refused with the budget refusal body.
     nxt = await reserve(quota, plan([budget], estimate=1))
     assert nxt.denial is not None
     body = nxt.denial.body()
