@@ -326,7 +326,7 @@ def _name_of(cli: CliRunner, key: str, names: list[str]) -> str:
 
     digest = hashlib.sha256(key.encode()).hexdigest()
     for name in names:
-        doc = orjson.loads(cli("get", "VirtualKey", name, "-o", "json").stdout)[0]
+        doc = orjson.loads(cli("get", "VirtualKey", name, "-o", "json").stdout)  # one object
         if doc["spec"]["keySha256"] == digest:
             return name
     raise AssertionError("key not found")
