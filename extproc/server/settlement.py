@@ -23,7 +23,7 @@ import random
 import time
 from pathlib import Path
 
-from extproc.server import metrics
+from extproc.server import metrics, tracing
 from extproc.store.quota_store import QuotaStore, SettleCall
 from extproc.store.redis_store import StoreRejected, StoreUnavailable
 
@@ -132,7 +132,8 @@ class Settler:
         while self.batch:
             calls = [self.batch[i] for i in range(min(self.max_batch, len(self.batch)))]
             try:
-                await self.quota.settle_many(calls)
+                with tracing.span("redis.settle_batch", {"tollgate.settlements": len(calls)}):
+                    await self.quota.settle_many(calls)
                 metrics.USAGE_WRITTEN.inc(len(calls))
             except (StoreUnavailable, StoreRejected):
                 # Journaled one by one: a rejected call is then set aside alone on replay.

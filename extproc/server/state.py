@@ -18,7 +18,7 @@ import yaml
 from extproc.core.keys import PresentedKey, hash_key
 from extproc.core.resources import KeyRecord, Resource, key_record, validate_documents
 from extproc.core.snapshot import Snapshot, build_snapshot
-from extproc.server import metrics
+from extproc.server import metrics, tracing
 from extproc.store.redis_store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,9 @@ class KeyDirectory:
         self._spent += 1
         metrics.KEY_LOOKUPS.labels("redis").inc()
         try:
-            name = await self.store.key_name(digest)
-            resource = await self.store.get("VirtualKey", name) if name else None
+            with tracing.span("redis.key_lookup", {}):
+                name = await self.store.key_name(digest)
+                resource = await self.store.get("VirtualKey", name) if name else None
         except StoreUnavailable:
             metrics.REDIS_ERRORS.labels("key_lookup").inc()
             return None

@@ -46,7 +46,11 @@ def _headers(pairs: dict[str, str]) -> ep.HttpHeaders:
     return message
 
 
-async def _messages(key: str, body: bool = True) -> AsyncIterator[ep.ProcessingRequest]:
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+async def _messages(key: str, body: bool = True,
+                    response: bool = False) -> AsyncIterator[ep.ProcessingRequest]:
     yield ep.ProcessingRequest(request_headers=_headers({
         ":path": "/v1/chat/completions", ":method": "POST", "content-type": "application/json",
         "authorization": f"Bearer {key}"}))
@@ -55,6 +59,11 @@ async def _messages(key: str, body: bool = True) -> AsyncIterator[ep.ProcessingR
     body = orjson.dumps({"model": "gpt-4o", "max_tokens": 10,
                          "messages": [{"role": "user", "content": PROMPT}]})
     yield ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True))
+    if response:
+        yield ep.ProcessingRequest(response_headers=_headers({
+            ":status": "200", "content-type": "application/json"}))
+        golden = (DATA / "openai_chat.response.json").read_bytes()
+        yield ep.ProcessingRequest(response_body=ep.HttpBody(body=golden, end_of_stream=True))
 
 
 @pytest.fixture
@@ -99,15 +108,18 @@ async def test_a_request_is_logged_once_and_traced(
     settler = Settler(quota, str(tmp_path / "journal"))
     processor = Processor(watcher, KeyDirectory(store), quota, settler, Options())
     try:
-        replies = [r async for r in processor.Process(_messages(key), None)]
+        replies = [r async for r in processor.Process(_messages(key, response=True), None)]
     finally:
-        await settler.close(timeout=5)
+        await settler.close(timeout=5)  # writes the queued settlement
         await hot.aclose()
         await store.close()
-    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body"]
+    assert [r.WhichOneof("response") for r in replies] == [
+        "request_headers", "request_body", "response_headers", "response_body"]
 
     names = [s.name for s in spans.get_finished_spans()]
-    assert names == ["ext_proc.request_headers", "redis.reserve", "ext_proc.request_body"]
+    assert names == ["ext_proc.request_headers", "redis.reserve", "ext_proc.request_body",
+                     "ext_proc.response_headers", "ext_proc.response_body",
+                     "redis.settle_batch"]
     by_name = {s.name: s for s in spans.get_finished_spans()}
     request_id = by_name["ext_proc.request_body"].attributes["tollgate.request_id"]
     assert by_name["redis.reserve"].attributes["tollgate.limits"] == 1
@@ -119,14 +131,15 @@ async def test_a_request_is_logged_once_and_traced(
     line = json.loads(lines[0])
     assert line["request_id"] == request_id
     assert (line["key"], line["model"], line["upstream"]) == ("obs-app", "gpt-4o", "openai")
-    assert line["status"] == 0 and line["cost_micros"] == 0  # no response yet in this test
+    assert line["status"] == 200 and line["cost_micros"] > 0
+    assert line["input_tokens"] > 0 and line["output_tokens"] > 0
     assert isinstance(line["latency_ms"], float)
     text = access_lines.getvalue()
     assert PROMPT not in text and key not in text and "sk-provider-secret" not in text
 
 
 async def test_a_refusal_is_logged_with_its_status_and_code(
-    redis_url: str, tmp_path: Path, access_lines: io.StringIO,
+    redis_url: str, tmp_path: Path, access_lines: io.StringIO, spans: InMemorySpanExporter,
 ) -> None:
     store = Store.from_url(redis_url, "obs-" + uuid.uuid4().hex[:8])
     watcher = ConfigWatcher(store, str(tmp_path), 1.0)
@@ -142,3 +155,6 @@ async def test_a_refusal_is_logged_with_its_status_and_code(
     (line,) = [json.loads(x) for x in access_lines.getvalue().splitlines()]
     assert (line["status"], line["code"], line["key"]) == (401, "invalid_api_key", None)
     assert "tg-xxx" not in access_lines.getvalue()
+    # The unknown key was looked up in Redis, inside the headers phase.
+    assert [s.name for s in spans.get_finished_spans()] == [
+        "redis.key_lookup", "ext_proc.request_headers"]
