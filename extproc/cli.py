@@ -481,6 +481,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             envoy_concurrency=args.envoy_concurrency,
             redis_data_dir=None if explicit else tollgate_home() / "data",
             azure_host=args.azure_host,
+            progress=lambda what: print(f"  {what} ...", flush=True),
         )
     except StartupError as exc:
         if not keep_logs:

@@ -328,18 +328,22 @@ def start_stack(
     redis_data_dir: Path | None = None,
     azure_host: str = envoyconf.DEFAULT_AZURE_HOST,
     extra_clusters: tuple[envoyconf.ClusterSpec, ...] = (),
+    progress: Callable[[str], None] | None = None,
 ) -> Stack:
+    step = progress or (lambda _what: None)  # `tollgate up` prints each step as it starts
     if port_in_use("127.0.0.1", port):  # fail before starting anything
         raise StartupError(f"port 127.0.0.1:{port} is already in use{_port_owner_hint(port)}; "
                            "stop that process or choose another --port")
     processes: list[Managed] = []
     try:
         if redis_url is None:
+            step("starting Redis (embedded)")
             redis, redis_url = start_redis(log_dir, prefer_embedded=True, data_dir=redis_data_dir)
             processes.append(redis)
         mock_port = None
         child_env = dict(os.environ if env is None else env)
         if mock_upstream:
+            step("starting the mock upstream")
             mock, mock_port = start_mock_upstream(log_dir)
             processes.append(mock)
             # The fake upstream accepts any key; give the default Upstreams one to inject.
@@ -348,6 +352,7 @@ def start_stack(
             clusters = envoyconf.mock_clusters("127.0.0.1", mock_port)
         else:
             clusters = envoyconf.provider_clusters(azure_host)
+        step(f"starting extproc ({workers} worker{'s' if workers != 1 else ''})")
         extproc, ports = start_extproc(log_dir, redis_url, workers, child_env)
         processes.append(extproc)
         admin_port = free_port()
@@ -363,6 +368,7 @@ def start_stack(
             # slips past the check above (a race) then fails Envoy's bind instead.
             reuse_port=False,
         )
+        step("starting Envoy")
         processes.append(start_envoy(log_dir, config, admin_port, envoy_concurrency))
     except BaseException:
         for proc in reversed(processes):

@@ -71,6 +71,10 @@ def test_up_with_embedded_redis_and_mock_upstream(tmp_path: Path) -> None:
     )
     try:
         lines = _read_until(proc, "ready", timeout=90)
+        # Progress while it starts, one line per component.
+        assert [line.strip() for line in lines if line.startswith("  starting")] == [
+            "starting Redis (embedded) ...", "starting the mock upstream ...",
+            "starting extproc (1 worker) ...", "starting Envoy ..."]
         redis_line = next(line for line in lines if line.startswith("redis:"))
         assert "(embedded)" in redis_line
         redis_port = int(redis_line.split("127.0.0.1:")[1].split("/")[0])
