@@ -534,6 +534,13 @@ def _up_warnings(url: str, extra_secrets: dict[str, str]) -> list[str]:
     return _config_warnings(found, os.environ.get("TOLLGATE_SECRETS_DIR"), extra_secrets)
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
 def cmd_envoy_config(args: argparse.Namespace) -> int:  # reached only through `main`
     from extproc import envoyconf
 
@@ -638,6 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="jsonl (default: one object per line), table, json or yaml")
     redis_opt(usage)
     usage.set_defaults(func=cmd_usage)
+
+    completion = sub.add_parser("completion", help="print a shell completion script, e.g. "
+                                "`source <(tollgate completion bash)`")
+    completion.add_argument("shell", choices=("bash", "zsh", "tcsh"))
+    completion.set_defaults(func=cmd_completion)
 
     envoy = sub.add_parser("envoy-config", help="print an Envoy bootstrap (see envoy/README.md)")
     envoy.add_argument("rest", nargs=argparse.REMAINDER)

@@ -195,3 +195,16 @@ def test_apply_dry_run_warns_and_stores_nothing(tg: Run, env: dict[str, str],
     (tmp_path / "secrets" / "AZURE_EAST_KEY_1").write_text("k\n")
     quiet = tg("apply", "--dry-run", "-f", "-", stdin=AZURE_EAST, environ=bare)
     assert "AZURE_EAST_KEY_1" not in quiet.stderr
+
+
+def test_bash_completion_script_completes_the_commands(tg: Run, tmp_path: Path) -> None:
+    script = tg("completion", "bash")
+    assert script.returncode == 0
+    (tmp_path / "tollgate.bash").write_text(script.stdout)
+    probe = subprocess.run(
+        ["bash", "-c", f"source {tmp_path / 'tollgate.bash'} && complete -p tollgate"],
+        capture_output=True, text=True, timeout=30)
+    assert probe.returncode == 0, probe.stderr
+    assert "tollgate" in probe.stdout
+    for command in ("keys", "apply", "get", "usage", "envoy-config"):
+        assert command in script.stdout
