@@ -27,7 +27,7 @@ def credential_warnings(resources: Iterable[Resource], lookup: SecretLookup,
                        "their own provider key (xProxy-Api-Key) can use it")
         elif len(missing) == len(creds):
             out.append(f"upstream {r.name!r} has no credential: {', '.join(missing)} not found "
-                       f"in {where}; calls for {models} get 503 until it is set")
+                       f"in {where}; calls for models {models} get 503 until it is set")
         elif missing:
             out.append(f"upstream {r.name!r}: secret(s) {', '.join(missing)} not found in "
                        f"{where}; those credentials are skipped")
