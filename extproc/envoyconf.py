@@ -51,8 +51,14 @@ __all__ = [
 #: extproc may set it: it strips every client-sent ``x-tollgate-*`` header before routing.
 ROUTING_HEADER = "x-tollgate-cluster"
 
+#: Response header carrying the request id (set by the extproc; on Envoy's own errors too).
+REQUEST_ID_HEADER = "x-tollgate-request-id"
+
 #: Name of the cluster Envoy uses to reach the ext_proc gRPC server.
 EXTPROC_CLUSTER = "tollgate_extproc"
+
+#: Dynamic-metadata namespace the extproc writes its request id into (key ``request_id``).
+METADATA_NAMESPACE = "tollgate"
 
 #: Placeholder Azure OpenAI resource host; operators pass ``--azure-host`` to set theirs.
 DEFAULT_AZURE_HOST = "YOUR-RESOURCE.openai.azure.com"
@@ -243,6 +249,13 @@ def _ext_proc_filter(message_timeout_ms: int) -> dict[str, Any]:
             # Fail closed: if the extproc is unreachable, letting requests through would bypass
             # every budget and rate limit (and forward the virtual key to the provider).
             "failure_mode_allow": False,
+            # The client address Envoy derived (the TCP peer, or the address `xff_num_trusted_hops`
+            # trusted proxies put in X-Forwarded-For), sent with the request headers. `per: ip`
+            # rate limits count by it; a client header never decides it.
+            "request_attributes": ["source.address"],
+            # The extproc names its request id in dynamic metadata (namespace `tollgate`) so that
+            # errors Envoy itself generates later can carry it (see _local_reply_config).
+            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
             # The default 200 ms per message is too tight for a buffered body plus a Redis round
             # trip under load and shows up as 504s.
             "message_timeout": _duration(message_timeout_ms),
@@ -272,10 +285,109 @@ def _router_filter() -> dict[str, Any]:
     }
 
 
-def _http_connection_manager(
-    *, stat_prefix: str, route_config: dict[str, Any], http_filters: list[dict[str, Any]]
-) -> dict[str, Any]:
+def _metadata_present() -> dict[str, Any]:
+    """An access-log filter: the extproc has named its request id for this stream."""
     return {
+        "metadata_filter": {
+            "matcher": {
+                "filter": METADATA_NAMESPACE,
+                "path": [{"key": "request_id"}],
+                "value": {"present_match": True},
+            },
+            "match_if_key_not_found": False,
+        }
+    }
+
+
+def _server_error() -> dict[str, Any]:
+    return {
+        "status_code_filter": {
+            "comparison": {
+                "op": "GE",
+                "value": {"default_value": 500, "runtime_key": "tollgate.local_reply.min_5xx"},
+            }
+        }
+    }
+
+
+def _error_body(error_type: str, request_id: str) -> dict[str, Any]:
+    """The project's error shape for a reply Envoy makes itself: `message` is Envoy's text
+    ("no healthy upstream", "Payload Too Large", ...), `code` its response-code details."""
+    return {
+        "json_format": {
+            "error": {
+                "message": "%LOCAL_REPLY_BODY%",
+                "type": error_type,
+                "code": "%RESPONSE_CODE_DETAILS%",
+                "request_id": request_id,
+            }
+        },
+        "content_type": "application/json",
+    }
+
+
+def _local_reply_config() -> dict[str, Any]:
+    """Errors Envoy generates itself (ext_proc unreachable or timed out, no healthy upstream,
+    upstream reset, overflow, 413 from buffer limits, 431 too many headers) come back as JSON in
+    the same shape as Tollgate's own errors, not as Envoy's plain-text or empty bodies.
+
+    The first mapper keeps replies that are already JSON as they are: the extproc's
+    ImmediateResponses (their details start with `tollgate`) and the route's direct response.
+    The request id is the extproc's (from dynamic metadata) once it has seen the request, else
+    Envoy's stream id (the request never reached Tollgate, nothing was charged).
+    """
+    tollgate_id = f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:request_id)%"
+    id_header = {
+        "header": {"key": REQUEST_ID_HEADER, "value": tollgate_id},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
+    passthrough = {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": _type_url(
+                    "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+                ),
+                "expression": "response.code_details.startsWith('tollgate') || "
+                "response.code_details == 'direct_response'",
+            },
+        }
+    }
+    mappers: list[dict[str, Any]] = [
+        {
+            "filter": passthrough,
+            "body_format_override": {
+                "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                "content_type": "application/json",
+            },
+        }
+    ]
+    for error_type, classes in (("api_error", [_server_error()]), ("invalid_request_error", [])):
+        mappers.append({
+            "filter": {"and_filter": {"filters": [*classes, _metadata_present()]}}
+            if classes else _metadata_present(),
+            "headers_to_add": [id_header],
+            "body_format_override": _error_body(error_type, tollgate_id),
+        })
+    mappers.append({
+        "filter": _server_error(),
+        "body_format_override": _error_body("api_error", "%STREAM_ID%"),
+    })
+    return {
+        "mappers": mappers,
+        "body_format": _error_body("invalid_request_error", "%STREAM_ID%"),
+    }
+
+
+def _http_connection_manager(
+    *,
+    stat_prefix: str,
+    route_config: dict[str, Any],
+    http_filters: list[dict[str, Any]],
+    xff_num_trusted_hops: int = 0,
+    local_reply: bool = False,
+) -> dict[str, Any]:
+    hcm: dict[str, Any] = {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
             "@type": _type_url(
@@ -289,10 +401,20 @@ def _http_connection_manager(
             "stream_idle_timeout": "300s",
             # No cap on the total request duration: long generations are legitimate.
             "request_timeout": "0s",
+            # The client address is the TCP peer, or, behind `xff_num_trusted_hops` trusted
+            # proxies, the address the nearest of them saw (the Nth entry from the right of
+            # X-Forwarded-For). Entries a client wrote itself further left are never used.
+            "use_remote_address": True,
+            "xff_num_trusted_hops": xff_num_trusted_hops,
+            # The provider has no use for the addresses of the caller's network.
+            "skip_xff_append": True,
             "route_config": route_config,
             "http_filters": http_filters,
         },
     }
+    if local_reply:
+        hcm["typed_config"]["local_reply_config"] = _local_reply_config()
+    return hcm
 
 
 def _listener(
@@ -394,9 +516,12 @@ def render_bootstrap(
     buffer_limit_bytes: int = 32 * 1024 * 1024,
     bypass_port: int | None = None,
     bypass_cluster: str | None = None,
+    xff_num_trusted_hops: int = 0,
 ) -> dict[str, Any]:
     """Build a complete Envoy v3 bootstrap as a plain dict.
 
+    ``xff_num_trusted_hops`` is the number of trusted proxies (load balancers) in front of the
+    sidecar whose X-Forwarded-For entries are believed; 0 means the TCP peer is the client.
     ``bypass_port`` adds a second listener without the ext_proc filter that sends every request
     straight to ``bypass_cluster``; the benchmark uses it to measure Envoy → upstream alone in
     the same Envoy process.
@@ -415,6 +540,8 @@ def render_bootstrap(
             raise ValueError(f"bypass_cluster {bypass_cluster!r} is not one of {names}")
     elif bypass_cluster is not None:
         raise ValueError("bypass_cluster given without bypass_port")
+    if xff_num_trusted_hops < 0:
+        raise ValueError("xff_num_trusted_hops must be >= 0")
 
     listeners = [
         _listener(
@@ -426,6 +553,8 @@ def render_bootstrap(
                 stat_prefix="tollgate",
                 route_config=_main_route_config(),
                 http_filters=[_ext_proc_filter(message_timeout_ms), _router_filter()],
+                xff_num_trusted_hops=xff_num_trusted_hops,
+                local_reply=True,
             ),
         )
     ]
@@ -497,6 +626,7 @@ def sidecar_config(
     mock_upstream: tuple[str, int] | None = None,
     bypass_port: int | None = None,
     bypass_cluster: str | None = None,
+    xff_num_trusted_hops: int = 0,
 ) -> dict[str, Any]:
     """The config ``main()`` prints; with no arguments, the checked-in ``envoy/envoy.yaml``."""
     clusters = (
@@ -512,6 +642,7 @@ def sidecar_config(
         extproc_port=extproc_port,
         bypass_port=bypass_port,
         bypass_cluster=bypass_cluster,
+        xff_num_trusted_hops=xff_num_trusted_hops,
     )
 
 
@@ -554,6 +685,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bypass-cluster", default="openai", help="cluster the bypass listener routes to"
     )
+    parser.add_argument(
+        "--xff-trusted-hops",
+        type=int,
+        default=0,
+        help="trusted proxies in front of Envoy whose X-Forwarded-For entries are believed (0)",
+    )
     args = parser.parse_args(argv)
     try:
         config = sidecar_config(
@@ -565,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
             mock_upstream=args.mock_upstream,
             bypass_port=args.bypass_port,
             bypass_cluster=args.bypass_cluster if args.bypass_port is not None else None,
+            xff_num_trusted_hops=args.xff_trusted_hops,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -34,6 +34,7 @@ from extproc.core.quota import (
     project_settlement,
 )
 from extproc.core.snapshot import Snapshot
+from extproc.envoyconf import METADATA_NAMESPACE
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.server import adapter, metrics
 from extproc.server.settlement import Settler
@@ -177,14 +178,17 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         presented = find_key(headers)
         record = await self.keys.resolve(snapshot, presented) if presented else None
         decision = exchange.on_request_headers(
-            headers, presented, record, snapshot, message.end_of_stream, time.time()
+            headers, presented, record, snapshot, message.end_of_stream, time.time(),
+            client_ip=adapter.client_address(request),
         )
         if isinstance(decision, Deny):
             return self._deny(exchange, decision)
         if isinstance(decision, Reply):
             metrics.REQUESTS.labels("answered", "models").inc()
             return adapter.reply_response(decision, exchange.deny_headers())
-        return adapter.continue_response("request_headers", decision)
+        response = adapter.continue_response("request_headers", decision)
+        adapter.name_request(response, METADATA_NAMESPACE, exchange.request_id)
+        return response
 
     async def _request_body(
         self,
@@ -279,7 +283,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         event = usage_pb2.UsageEvent(
             request_id=exchange.request_id,
             key=key.name,
-            user=key.user or facts.user or "",
+            user=exchange.user,
             group=key.group,
             tags=list(dict.fromkeys(key.tags + exchange.request_tags)),
             model=facts.model,

@@ -172,4 +172,5 @@ def serve(settings: Settings) -> int:
 
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s")
+    logfilter.install()
     return uvloop.run(Supervisor(settings).run())

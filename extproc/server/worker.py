@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
 from extproc.core.exchange import Options
+from extproc.server import logfilter
 from extproc.server.processor import Processor
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format=f"%(asctime)s worker-{args.index} %(levelname)s %(name)s: %(message)s",
     )
+    logfilter.install()  # bounded logs whatever clients send
     import uvloop
 
     uvloop.run(run_worker(settings, args.index))
