@@ -100,6 +100,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         "models": args.models or [],
         "tags": args.tags or [],
         "description": args.description or "",
+        "allowClientUser": args.allow_client_user,
+        "allowedRequestTags": args.allowed_request_tags or [],
     }
     if args.expires:
         spec["expiresAt"] = parse_expiry(args.expires, datetime.now(UTC))
@@ -362,6 +364,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             envoy_concurrency=args.envoy_concurrency,
             redis_data_dir=None if explicit else tollgate_home() / "data",
             azure_host=args.azure_host,
+            xff_num_trusted_hops=Settings.from_env().xff_trusted_hops
+            if args.xff_trusted_hops is None else args.xff_trusted_hops,
         )
     except StartupError as exc:
         raise CliError(str(exc)) from None
@@ -418,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads (2)")
     up.add_argument("--azure-host", default="YOUR-RESOURCE.openai.azure.com",
                     help="Azure OpenAI resource host for the azure-openai cluster")
+    up.add_argument("--xff-trusted-hops", type=int,
+                    help="trusted proxies in front of Envoy whose X-Forwarded-For entries "
+                    "decide the client address ($TOLLGATE_XFF_TRUSTED_HOPS, else 0)")
     up.set_defaults(func=cmd_up)
 
     serve = sub.add_parser("serve", help="run the ext_proc gRPC server (the sidecar process)")
@@ -440,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--tags", nargs="+", metavar="TAG")
     create.add_argument("--expires", help="30d, 12h, 90m, 2w or an RFC 3339 timestamp")
     create.add_argument("--description")
+    create.add_argument("--allow-client-user", action="store_true",
+                        help="let requests name their user (body `user`, x-tollgate-user)")
+    create.add_argument("--allowed-request-tags", nargs="+", metavar="PATTERN",
+                        help="request tags (x-tollgate-tags) that may select limits (globs)")
     redis_opt(create)
     create.set_defaults(func=cmd_keys_create)
     klist = keys_sub.add_parser("list", help="list keys (never shows the secret)")

@@ -285,40 +285,55 @@ def _router_filter() -> dict[str, Any]:
     }
 
 
-def _metadata_present() -> dict[str, Any]:
-    """An access-log filter: the extproc has named its request id for this stream."""
+def _cel(expression: str) -> dict[str, Any]:
+    """An access-log filter (as local-reply mappers use them) written in CEL."""
     return {
-        "metadata_filter": {
-            "matcher": {
-                "filter": METADATA_NAMESPACE,
-                "path": [{"key": "request_id"}],
-                "value": {"present_match": True},
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": _type_url(
+                    "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+                ),
+                "expression": expression,
             },
-            "match_if_key_not_found": False,
         }
     }
 
 
-def _server_error() -> dict[str, Any]:
-    return {
-        "status_code_filter": {
-            "comparison": {
-                "op": "GE",
-                "value": {"default_value": 500, "runtime_key": "tollgate.local_reply.min_5xx"},
-            }
-        }
-    }
+# Replies that are already in Tollgate's JSON shape: the extproc's ImmediateResponses (Envoy
+# takes their `details`, which start with `tollgate`) and the route's direct response.
+_OWN_REPLY = "response.code_details.startsWith('tollgate') || " \
+    "response.code_details == 'direct_response'"
+_HAS_REQUEST_ID = "has(metadata.filter_metadata.tollgate.request_id)"
+_EXT_PROC_FAILED = "response.code_details.startsWith('ext_proc')"
+
+# (CEL condition, status to answer with (0 = keep), error type, code, message); the first that
+# matches is used. The message of the last rows is Envoy's own text ("no healthy upstream",
+# "Payload Too Large", ...).
+_ENVOY_ERRORS: tuple[tuple[str, int, str, str, str], ...] = (
+    # The client's headers plus the few Tollgate sets exceed Envoy's header count: the
+    # client's doing, so a 4xx (Envoy says 500).
+    ("response.code_details == 'header_mutation_result_exceeds_limit'", 431,
+     "invalid_request_error", "too_many_headers",
+     "Too many request headers: Envoy accepts 100 in all, including the few Tollgate adds."),
+    (_EXT_PROC_FAILED, 0, "api_error", "gateway_processing_failed",
+     "Tollgate could not process this request (its processor failed or did not answer in "
+     "time); retry shortly."),
+    ("response.code >= 500", 0, "api_error", "gateway_error", "%LOCAL_REPLY_BODY%"),
+    ("true", 0, "invalid_request_error", "invalid_request", "%LOCAL_REPLY_BODY%"),
+)
 
 
-def _error_body(error_type: str, request_id: str) -> dict[str, Any]:
-    """The project's error shape for a reply Envoy makes itself: `message` is Envoy's text
-    ("no healthy upstream", "Payload Too Large", ...), `code` its response-code details."""
+def _error_body(error_type: str, code: str, message: str, request_id: str) -> dict[str, Any]:
+    """The project's error shape for a reply Envoy makes itself; `details` are Envoy's
+    response-code details (which part failed and why)."""
     return {
         "json_format": {
             "error": {
-                "message": "%LOCAL_REPLY_BODY%",
+                "message": message,
                 "type": error_type,
-                "code": "%RESPONSE_CODE_DETAILS%",
+                "code": code,
+                "details": "%RESPONSE_CODE_DETAILS%",
                 "request_id": request_id,
             }
         },
@@ -327,56 +342,43 @@ def _error_body(error_type: str, request_id: str) -> dict[str, Any]:
 
 
 def _local_reply_config() -> dict[str, Any]:
-    """Errors Envoy generates itself (ext_proc unreachable or timed out, no healthy upstream,
-    upstream reset, overflow, 413 from buffer limits, 431 too many headers) come back as JSON in
-    the same shape as Tollgate's own errors, not as Envoy's plain-text or empty bodies.
+    """Errors Envoy generates itself (ext_proc unreachable, failing or timed out, no healthy
+    upstream, upstream reset, overflow, 413 from buffer limits) come back as JSON in the same
+    shape as Tollgate's own errors, not as Envoy's plain-text or empty bodies.
 
-    The first mapper keeps replies that are already JSON as they are: the extproc's
-    ImmediateResponses (their details start with `tollgate`) and the route's direct response.
-    The request id is the extproc's (from dynamic metadata) once it has seen the request, else
-    Envoy's stream id (the request never reached Tollgate, nothing was charged).
+    Mappers are tried in order. The first keeps replies that are already JSON as they are. The
+    request id is the extproc's (dynamic metadata, also set as `x-tollgate-request-id`) once it
+    has seen the request, else Envoy's stream id (the request never reached Tollgate, so nothing
+    was charged for it).
     """
     tollgate_id = f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:request_id)%"
     id_header = {
         "header": {"key": REQUEST_ID_HEADER, "value": tollgate_id},
         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
     }
-    passthrough = {
-        "extension_filter": {
-            "name": "envoy.access_loggers.extension_filters.cel",
-            "typed_config": {
-                "@type": _type_url(
-                    "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
-                ),
-                "expression": "response.code_details.startsWith('tollgate') || "
-                "response.code_details == 'direct_response'",
-            },
-        }
-    }
     mappers: list[dict[str, Any]] = [
         {
-            "filter": passthrough,
+            "filter": _cel(_OWN_REPLY),
             "body_format_override": {
                 "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                 "content_type": "application/json",
             },
         }
     ]
-    for error_type, classes in (("api_error", [_server_error()]), ("invalid_request_error", [])):
-        mappers.append({
-            "filter": {"and_filter": {"filters": [*classes, _metadata_present()]}}
-            if classes else _metadata_present(),
+    for condition, status, error_type, code, message in _ENVOY_ERRORS:
+        known: dict[str, Any] = {
+            "filter": _cel(f"({condition}) && {_HAS_REQUEST_ID}"),
             "headers_to_add": [id_header],
-            "body_format_override": _error_body(error_type, tollgate_id),
-        })
-    mappers.append({
-        "filter": _server_error(),
-        "body_format_override": _error_body("api_error", "%STREAM_ID%"),
-    })
-    return {
-        "mappers": mappers,
-        "body_format": _error_body("invalid_request_error", "%STREAM_ID%"),
-    }
+            "body_format_override": _error_body(error_type, code, message, tollgate_id),
+        }
+        unknown: dict[str, Any] = {
+            "filter": _cel(condition),
+            "body_format_override": _error_body(error_type, code, message, "%STREAM_ID%"),
+        }
+        if status:
+            known["status_code"] = unknown["status_code"] = status
+        mappers += [known, unknown]
+    return {"mappers": mappers}
 
 
 def _http_connection_manager(

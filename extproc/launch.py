@@ -285,6 +285,7 @@ def start_stack(
     redis_data_dir: Path | None = None,
     azure_host: str = envoyconf.DEFAULT_AZURE_HOST,
     extra_clusters: tuple[envoyconf.ClusterSpec, ...] = (),
+    xff_num_trusted_hops: int = 0,
 ) -> Stack:
     processes: list[Managed] = []
     try:
@@ -314,6 +315,7 @@ def start_stack(
             extproc_port=ports.grpc,
             bypass_port=bypass_port,
             bypass_cluster="openai" if bypass else None,
+            xff_num_trusted_hops=xff_num_trusted_hops,
         )
         processes.append(start_envoy(log_dir, config, admin_port, envoy_concurrency))
     except BaseException:

@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from extproc.server import logfilter
 from extproc.settings import Settings
 
 log = logging.getLogger("tollgate.supervisor")
