@@ -256,3 +256,34 @@ def test_own_errors_pass_through_envoy_unchanged(
     assert response.json() == {"error": {"message": "Missing required field 'messages'.",
                                          "type": "invalid_request_error",
                                          "code": "invalid_request"}}
+
+
+def test_trusted_proxy_hops_decide_which_forwarded_address_counts(
+    stack: Stack, cli: CliRunner, new_named_key: NewKey, tmp_path: Path
+) -> None:
+    """A second Envoy in front of the same extproc, configured for one trusted proxy: the
+    address that proxy appended (the last X-Forwarded-For entry) is the client; whatever the
+    client wrote before it is not."""
+    assert stack.mock_port is not None
+    port, admin = free_port(), free_port()
+    config = envoyconf.render_bootstrap(
+        clusters=envoyconf.mock_clusters("127.0.0.1", stack.mock_port), listen_port=port,
+        admin_port=admin, extproc_port=stack.extproc.grpc, xff_num_trusted_hops=1)
+    envoy = start_envoy(tmp_path, config, admin, concurrency=1)
+    try:
+        name, key = new_named_key()
+        apply(cli, "RateLimit", "hop-" + uuid.uuid4().hex[:6],
+              f"  per: ip\n  selector: {{keys: [{name}]}}\n  requestsPerMinute: 2\n")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key,
+                               max_retries=0)
+        proxy = "10.9.8.7"
+        wait_for_rate_limit(client, extra_headers={"x-forwarded-for": f"1.1.1.1, {proxy}"})
+        spoofed = admitted(client, 5, lambda n: {
+            "extra_headers": {"x-forwarded-for": f"1.1.1.{n + 2}, {proxy}"}})
+        assert spoofed == 1  # same client per the trusted proxy: 2 per minute in all
+        # Different clients as the trusted proxy reports them: a bucket each.
+        others = admitted(client, 4, lambda n: {
+            "extra_headers": {"x-forwarded-for": f"10.9.9.{n}"}})
+        assert others == 4
+    finally:
+        envoy.stop()
