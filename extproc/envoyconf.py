@@ -316,6 +316,8 @@ _ENVOY_ERRORS: tuple[tuple[str, int, str, str, str], ...] = (
     ("response.code_details == 'header_mutation_result_exceeds_limit'", 431,
      "invalid_request_error", "too_many_headers",
      "Too many request headers: Envoy accepts 100 in all, including the few Tollgate adds."),
+    ("response.code == 413", 0, "request_too_large", "request_too_large",
+     "Request body is larger than the gateway's buffer limit."),
     (_EXT_PROC_FAILED, 0, "api_error", "gateway_processing_failed",
      "Tollgate could not process this request (its processor failed or did not answer in "
      "time); retry shortly."),

@@ -287,3 +287,19 @@ def test_trusted_proxy_hops_decide_which_forwarded_address_counts(
         assert others == 4
     finally:
         envoy.stop()
+
+
+def test_envoy_buffer_overflow_is_a_json_413(stack: Stack, new_key: Callable[..., str]) -> None:
+    """A chunked body (no content-length for Tollgate to check first) past Envoy's 32 MiB
+    buffer: Envoy refuses it itself, in the same error shape."""
+    def chunks() -> Any:
+        for _ in range(40):
+            yield b" " * (1024 * 1024)
+
+    response = httpx.post(f"{stack.base_url}/v1/chat/completions", content=chunks(),
+                          headers={"authorization": f"Bearer {new_key()}",
+                                   "content-type": "application/json"}, timeout=30)
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("request_too_large", "request_too_large")
+    assert error["request_id"] == response.headers["x-tollgate-request-id"]
