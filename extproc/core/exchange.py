@@ -12,6 +12,9 @@ request headers
     routing header `x-tollgate-cluster` is one of them), and `accept-encoding` too, so that the
     upstream answers uncompressed and its usage can be read;
   * unknown path -> 404; no key -> 401; unknown/revoked/expired key -> 401;
+  * limit ids, request tags and a client-named user are read within their bounds (400 beyond);
+    limit ids need `allowRequestLimits`, a user header `allowClientUser` (403); the client
+    address is the one Envoy derived, never a header (see `attribution`);
   * `GET /v1/models` is answered here; other endpoints need POST (405), an identity-encoded body
     (415) no larger than the configured maximum (413) and a non-empty body (400).
 request body
@@ -68,8 +71,6 @@ from extproc.core.usage import Usage, parse_response_usage
 ROUTING_HEADER = "x-tollgate-cluster"
 REQUEST_ID_HEADER = "x-tollgate-request-id"
 INTERNAL_PREFIX = "x-tollgate-"
-
-
 
 
 @dataclass(frozen=True, slots=True)
