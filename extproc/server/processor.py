@@ -74,6 +74,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.settler = settler
         self.options = options
         self.local = LocalWindows()
+        self.warned_no_address = False
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
@@ -177,9 +178,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         headers = adapter.header_map(message)
         presented = find_key(headers)
         record = await self.keys.resolve(snapshot, presented) if presented else None
+        client_ip = adapter.client_address(request)
+        if not client_ip and not self.warned_no_address:
+            self.warned_no_address = True
+            log.warning("Envoy sends no client address (ext_proc request_attributes lacks "
+                        "source.address): every request shares one `per: ip` window")
         decision = exchange.on_request_headers(
             headers, presented, record, snapshot, message.end_of_stream, time.time(),
-            client_ip=adapter.client_address(request),
+            client_ip=client_ip,
         )
         if isinstance(decision, Deny):
             return self._deny(exchange, decision)

@@ -6,6 +6,7 @@ Each test creates its own keys and limits that select only those keys.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -84,12 +85,16 @@ def test_rotating_x_forwarded_for_does_not_pass_a_per_ip_limit(
 def test_rotating_body_user_does_not_pass_a_per_user_limit(
     stack: Stack, cli: CliRunner, new_named_key: NewKey
 ) -> None:
-    name, key = new_named_key("--user", "alice")
-    apply(cli, "RateLimit", "user-" + uuid.uuid4().hex[:6],
-          f"  per: user\n  selector: {{keys: [{name}]}}\n  requestsPerMinute: 3\n")
-    client = client_for(stack, key)
-    wait_for_rate_limit(client)
-    assert admitted(client, 10, lambda n: {"user": f"rotating-{n}"}) == 2
+    # A key without a user (the case a rotating body `user` used to pass) and one with a user.
+    for options, user in (((), ""), (("--user", "alice"), "alice")):
+        name, key = new_named_key(*options)
+        apply(cli, "RateLimit", "user-" + uuid.uuid4().hex[:6],
+              f"  per: user\n  selector: {{keys: [{name}]}}\n  requestsPerMinute: 3\n")
+        client = client_for(stack, key)
+        wait_for_rate_limit(client)
+        assert admitted(client, 10, lambda n: {"user": f"rotating-{n}"}) == 2
+        # The usage events attribute the calls to the key's user, not to the body's claims.
+        assert usage_users(cli, name, 3) == {user}
     with pytest.raises(openai.PermissionDeniedError) as denied:  # nor by header
         client.chat.completions.create(**chat_body(max_tokens=5),
                                        extra_headers={"x-tollgate-user": "someone-else"})
@@ -101,6 +106,18 @@ def test_rotating_body_user_does_not_pass_a_per_user_limit(
     client = client_for(stack, key)
     wait_for_rate_limit(client, user="u-0")
     assert admitted(client, 3, lambda n: {"user": f"u-{n + 1}"}) == 3
+    assert {"u-1", "u-2", "u-3"} <= usage_users(cli, name, 3)
+
+
+def usage_users(cli: CliRunner, key_name: str, at_least: int) -> set[str]:
+    """Users of this key's newest usage events (settlements land in batches: wait for them)."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = cli("usage", "--count", "200").stdout.splitlines()
+        events = [e for e in map(json.loads, lines) if e.get("key") == key_name]
+        if len(events) >= at_least or time.monotonic() > deadline:
+            return {e.get("user", "") for e in events}
+        time.sleep(0.2)
 
 
 def limit_row(cli: CliRunner, name: str) -> tuple[float, float]:
