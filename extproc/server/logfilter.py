@@ -69,8 +69,10 @@ class LogLimiter(logging.Filter):
         record.exc_text = text  # the Formatter uses it as is instead of formatting again
 
 
-def install(burst: int = 5, interval_s: float = 10.0) -> None:
-    """Put one limiter on every handler of the root logger (after `logging.basicConfig`)."""
+def install(logger: logging.Logger | None = None, burst: int = 5,
+            interval_s: float = 10.0) -> None:
+    """Put one limiter on every handler of `logger` (the root logger by default, after
+    `logging.basicConfig`)."""
     limiter = LogLimiter(burst, interval_s)
-    for handler in logging.getLogger().handlers:
+    for handler in (logger or logging.getLogger()).handlers:
         handler.addFilter(limiter)

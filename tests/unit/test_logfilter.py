@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from extproc.server.logfilter import LogLimiter
+from extproc.server.logfilter import LogLimiter, install
 
 pytestmark = pytest.mark.unit
 
@@ -80,3 +80,17 @@ def test_a_huge_traceback_is_cut_to_its_ends(
     assert text.startswith("bug\nTraceback (most recent call last):")
     assert "characters of traceback cut" in text
     assert text.rstrip().endswith("ValueError: deep")
+
+
+def test_install_puts_one_limiter_on_every_handler() -> None:
+    logger = logging.getLogger("test.logfilter.install")
+    handlers = [logging.StreamHandler(io.StringIO()), logging.StreamHandler(io.StringIO())]
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        install(logger)
+        limiters = [f for h in handlers for f in h.filters if isinstance(f, LogLimiter)]
+        assert len(limiters) == 2 and limiters[0] is limiters[1]
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
