@@ -458,8 +458,9 @@ def _main_route_config() -> dict[str, Any]:
                             # sidecar's address the SDK used. No-op for STATIC mock clusters.
                             "auto_host_rewrite": True,
                         },
-                        # The routing header is internal: never let it reach the provider.
-                        "request_headers_to_remove": [ROUTING_HEADER],
+                        # The routing header is internal: never let it reach the provider;
+                        # nor the client address Envoy records (use_remote_address).
+                        "request_headers_to_remove": [ROUTING_HEADER, "x-envoy-external-address"],
                     },
                     {
                         "name": "no_upstream",

@@ -185,7 +185,8 @@ def test_routes_on_routing_header_and_strips_it() -> None:
     assert selected["route"]["cluster_header"] == "x-tollgate-cluster"
     assert selected["route"]["timeout"] == "0s"
     assert selected["route"]["auto_host_rewrite"] is True
-    assert selected["request_headers_to_remove"] == ["x-tollgate-cluster"]
+    assert selected["request_headers_to_remove"] == ["x-tollgate-cluster",
+                                                     "x-envoy-external-address"]
 
     assert fallback["match"] == {"prefix": "/"}
     assert fallback["direct_response"]["status"] == 404

@@ -20,7 +20,7 @@ import redis
 
 from extproc import envoyconf
 from extproc.launch import Stack, free_port, start_envoy
-from tests.e2e.conftest import CliRunner, chat_body
+from tests.e2e.conftest import CliRunner, chat_body, clear_upstream, upstream_requests
 
 pytestmark = pytest.mark.e2e
 
@@ -320,3 +320,17 @@ def test_envoy_buffer_overflow_is_a_json_413(stack: Stack, new_key: Callable[...
     error = response.json()["error"]
     assert (error["type"], error["code"]) == ("request_too_large", "request_too_large")
     assert error["request_id"] == response.headers["x-tollgate-request-id"]
+
+
+def test_the_provider_is_not_told_the_client_address(
+    stack: Stack, new_key: Callable[..., str]
+) -> None:
+    client = client_for(stack, new_key(), source="127.0.0.4")
+    clear_upstream(stack)
+    client.chat.completions.create(**chat_body(max_tokens=5))
+    client.chat.completions.create(**chat_body(max_tokens=5),
+                                   extra_headers={"x-forwarded-for": "192.0.2.1"})
+    first, second = (r["headers"] for r in upstream_requests(stack)[-2:])
+    assert "x-envoy-external-address" not in first and "x-forwarded-for" not in first
+    assert second["x-forwarded-for"] == "192.0.2.1"  # the client's own header, nothing added
+    assert "127.0.0.4" not in str(first) + str(second)
