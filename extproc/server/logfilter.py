@@ -71,8 +71,7 @@ class LogLimiter(logging.Filter):
 
 def install(logger: logging.Logger | None = None, burst: int = 5,
             interval_s: float = 10.0) -> None:
-    """Put one limiter on every handler of `logger` (the root logger by default, after
-    `logging.basicConfig`)."""
-    limiter = LogLimiter(burst, interval_s)
+    """Put a limiter on every handler of `logger` (the root logger by default, after
+    `logging.basicConfig`); one each, because a handler filter sees every record once."""
     for handler in (logger or logging.getLogger()).handlers:
-        handler.addFilter(limiter)
+        handler.addFilter(LogLimiter(burst, interval_s))
