@@ -134,6 +134,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         "models": _patterns(args.models),
         "tags": _patterns(args.tags),
         "description": args.description or "",
+        "allowClientUser": args.allow_client_user,
+        "allowedRequestTags": _patterns(args.allowed_request_tags),
     }
     if args.expires:
         spec["expiresAt"] = parse_expiry(args.expires, datetime.now(UTC))
@@ -482,6 +484,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             redis_data_dir=None if explicit else tollgate_home() / "data",
             azure_host=args.azure_host,
             progress=lambda what: print(f"  {what} ...", flush=True),
+            xff_num_trusted_hops=Settings.from_env().xff_trusted_hops
+            if args.xff_trusted_hops is None else args.xff_trusted_hops,
         )
     except StartupError as exc:
         if not keep_logs:
@@ -580,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--drain-seconds", type=float, default=20.0,
                     help="on Ctrl-C/SIGTERM, how long in-flight requests may take to finish "
                     "before everything stops (20)")
+    up.add_argument("--xff-trusted-hops", type=int,
+                    help="trusted proxies in front of Envoy whose X-Forwarded-For entries "
+                    "decide the client address ($TOLLGATE_XFF_TRUSTED_HOPS, else 0)")
     up.set_defaults(func=cmd_up)
 
     serve = sub.add_parser("serve", help="run the ext_proc gRPC server (the sidecar process)")
@@ -607,6 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tags, comma-separated or the flag repeated")
     create.add_argument("--expires", help="30d, 12h, 90m, 2w or an RFC 3339 timestamp")
     create.add_argument("--description")
+    create.add_argument("--allow-client-user", action="store_true",
+                        help="let requests name their user (body `user`, x-tollgate-user)")
+    create.add_argument("--allowed-request-tags", action="append", metavar="PATTERN[,PATTERN...]",
+                        help="request tags (x-tollgate-tags) that may select limits (globs), "
+                        "comma-separated or the flag repeated")
     redis_opt(create)
     create.set_defaults(func=cmd_keys_create)
     klist = keys_sub.add_parser("list", help="list keys (never shows the secret)")

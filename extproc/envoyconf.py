@@ -51,8 +51,14 @@ __all__ = [
 #: extproc may set it: it strips every client-sent ``x-tollgate-*`` header before routing.
 ROUTING_HEADER = "x-tollgate-cluster"
 
+#: Response header carrying the request id (set by the extproc; on Envoy's own errors too).
+REQUEST_ID_HEADER = "x-tollgate-request-id"
+
 #: Name of the cluster Envoy uses to reach the ext_proc gRPC server.
 EXTPROC_CLUSTER = "tollgate_extproc"
+
+#: Dynamic-metadata namespace the extproc writes its request id into (key ``request_id``).
+METADATA_NAMESPACE = "tollgate"
 
 #: Placeholder Azure OpenAI resource host; operators pass ``--azure-host`` to set theirs.
 DEFAULT_AZURE_HOST = "YOUR-RESOURCE.openai.azure.com"
@@ -243,6 +249,13 @@ def _ext_proc_filter(message_timeout_ms: int) -> dict[str, Any]:
             # Fail closed: if the extproc is unreachable, letting requests through would bypass
             # every budget and rate limit (and forward the virtual key to the provider).
             "failure_mode_allow": False,
+            # The client address Envoy derived (the TCP peer, or the address `xff_num_trusted_hops`
+            # trusted proxies put in X-Forwarded-For), sent with the request headers. `per: ip`
+            # rate limits count by it; a client header never decides it.
+            "request_attributes": ["source.address"],
+            # The extproc names its request id in dynamic metadata (namespace `tollgate`) so that
+            # errors Envoy itself generates later can carry it (see _local_reply_config).
+            "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
             # The default 200 ms per message is too tight for a buffered body plus a Redis round
             # trip under load and shows up as 504s.
             "message_timeout": _duration(message_timeout_ms),
@@ -272,10 +285,113 @@ def _router_filter() -> dict[str, Any]:
     }
 
 
-def _http_connection_manager(
-    *, stat_prefix: str, route_config: dict[str, Any], http_filters: list[dict[str, Any]]
-) -> dict[str, Any]:
+def _cel(expression: str) -> dict[str, Any]:
+    """An access-log filter (as local-reply mappers use them) written in CEL."""
     return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": _type_url(
+                    "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+                ),
+                "expression": expression,
+            },
+        }
+    }
+
+
+# Replies that are already in Tollgate's JSON shape: the extproc's ImmediateResponses (Envoy
+# takes their `details`, which start with `tollgate`) and the route's direct response.
+_OWN_REPLY = "response.code_details.startsWith('tollgate') || " \
+    "response.code_details == 'direct_response'"
+_HAS_REQUEST_ID = "has(metadata.filter_metadata.tollgate.request_id)"
+_EXT_PROC_FAILED = "response.code_details.startsWith('ext_proc')"
+
+# (CEL condition, status to answer with (0 = keep), error type, code, message); the first that
+# matches is used. The message of the last rows is Envoy's own text ("no healthy upstream",
+# "Payload Too Large", ...).
+_ENVOY_ERRORS: tuple[tuple[str, int, str, str, str], ...] = (
+    # The client's headers plus the few Tollgate sets exceed Envoy's header count: the
+    # client's doing, so a 4xx (Envoy says 500).
+    ("response.code_details == 'header_mutation_result_exceeds_limit'", 431,
+     "invalid_request_error", "too_many_headers",
+     "Too many request headers: Envoy accepts 100 in all, including the few Tollgate adds."),
+    ("response.code == 413", 0, "request_too_large", "request_too_large",
+     "Request body is larger than the gateway's buffer limit."),
+    (_EXT_PROC_FAILED, 0, "api_error", "gateway_processing_failed",
+     "Tollgate could not process this request (its processor failed or did not answer in "
+     "time); retry shortly."),
+    ("response.code >= 500", 0, "api_error", "gateway_error", "%LOCAL_REPLY_BODY%"),
+    ("true", 0, "invalid_request_error", "invalid_request", "%LOCAL_REPLY_BODY%"),
+)
+
+
+def _error_body(error_type: str, code: str, message: str, request_id: str) -> dict[str, Any]:
+    """The project's error shape for a reply Envoy makes itself; `details` are Envoy's
+    response-code details (which part failed and why)."""
+    return {
+        "json_format": {
+            "error": {
+                "message": message,
+                "type": error_type,
+                "code": code,
+                "details": "%RESPONSE_CODE_DETAILS%",
+                "request_id": request_id,
+            }
+        },
+        "content_type": "application/json",
+    }
+
+
+def _local_reply_config() -> dict[str, Any]:
+    """Errors Envoy generates itself (ext_proc unreachable, failing or timed out, no healthy
+    upstream, upstream reset, overflow, 413 from buffer limits) come back as JSON in the same
+    shape as Tollgate's own errors, not as Envoy's plain-text or empty bodies.
+
+    Mappers are tried in order. The first keeps replies that are already JSON as they are. The
+    request id is the extproc's (dynamic metadata, also set as `x-tollgate-request-id`) once it
+    has seen the request, else Envoy's stream id (the request never reached Tollgate, so nothing
+    was charged for it).
+    """
+    tollgate_id = f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:request_id)%"
+    id_header = {
+        "header": {"key": REQUEST_ID_HEADER, "value": tollgate_id},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
+    mappers: list[dict[str, Any]] = [
+        {
+            "filter": _cel(_OWN_REPLY),
+            "body_format_override": {
+                "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                "content_type": "application/json",
+            },
+        }
+    ]
+    for condition, status, error_type, code, message in _ENVOY_ERRORS:
+        known: dict[str, Any] = {
+            "filter": _cel(f"({condition}) && {_HAS_REQUEST_ID}"),
+            "headers_to_add": [id_header],
+            "body_format_override": _error_body(error_type, code, message, tollgate_id),
+        }
+        unknown: dict[str, Any] = {
+            "filter": _cel(condition),
+            "body_format_override": _error_body(error_type, code, message, "%STREAM_ID%"),
+        }
+        if status:
+            known["status_code"] = unknown["status_code"] = status
+        mappers += [known, unknown]
+    return {"mappers": mappers}
+
+
+def _http_connection_manager(
+    *,
+    stat_prefix: str,
+    route_config: dict[str, Any],
+    http_filters: list[dict[str, Any]],
+    xff_num_trusted_hops: int = 0,
+    local_reply: bool = False,
+) -> dict[str, Any]:
+    hcm: dict[str, Any] = {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
             "@type": _type_url(
@@ -289,10 +405,20 @@ def _http_connection_manager(
             "stream_idle_timeout": "300s",
             # No cap on the total request duration: long generations are legitimate.
             "request_timeout": "0s",
+            # The client address is the TCP peer, or, behind `xff_num_trusted_hops` trusted
+            # proxies, the address the nearest of them saw (the Nth entry from the right of
+            # X-Forwarded-For). Entries a client wrote itself further left are never used.
+            "use_remote_address": True,
+            "xff_num_trusted_hops": xff_num_trusted_hops,
+            # The provider has no use for the addresses of the caller's network.
+            "skip_xff_append": True,
             "route_config": route_config,
             "http_filters": http_filters,
         },
     }
+    if local_reply:
+        hcm["typed_config"]["local_reply_config"] = _local_reply_config()
+    return hcm
 
 
 def _listener(
@@ -332,8 +458,9 @@ def _main_route_config() -> dict[str, Any]:
                             # sidecar's address the SDK used. No-op for STATIC mock clusters.
                             "auto_host_rewrite": True,
                         },
-                        # The routing header is internal: never let it reach the provider.
-                        "request_headers_to_remove": [ROUTING_HEADER],
+                        # The routing header is internal: never let it reach the provider;
+                        # nor the client address Envoy records (use_remote_address).
+                        "request_headers_to_remove": [ROUTING_HEADER, "x-envoy-external-address"],
                     },
                     {
                         "name": "no_upstream",
@@ -395,12 +522,15 @@ def render_bootstrap(
     bypass_port: int | None = None,
     bypass_cluster: str | None = None,
     reuse_port: bool = True,
+    xff_num_trusted_hops: int = 0,
 ) -> dict[str, Any]:
     """Build a complete Envoy v3 bootstrap as a plain dict.
 
     ``reuse_port=False`` turns off Envoy's default SO_REUSEPORT on the listeners, so a second
     process on the same port fails to start instead of receiving part of the traffic.
 
+    ``xff_num_trusted_hops`` is the number of trusted proxies (load balancers) in front of the
+    sidecar whose X-Forwarded-For entries are believed; 0 means the TCP peer is the client.
     ``bypass_port`` adds a second listener without the ext_proc filter that sends every request
     straight to ``bypass_cluster``; the benchmark uses it to measure Envoy → upstream alone in
     the same Envoy process.
@@ -419,6 +549,8 @@ def render_bootstrap(
             raise ValueError(f"bypass_cluster {bypass_cluster!r} is not one of {names}")
     elif bypass_cluster is not None:
         raise ValueError("bypass_cluster given without bypass_port")
+    if xff_num_trusted_hops < 0:
+        raise ValueError("xff_num_trusted_hops must be >= 0")
 
     listeners = [
         _listener(
@@ -430,6 +562,8 @@ def render_bootstrap(
                 stat_prefix="tollgate",
                 route_config=_main_route_config(),
                 http_filters=[_ext_proc_filter(message_timeout_ms), _router_filter()],
+                xff_num_trusted_hops=xff_num_trusted_hops,
+                local_reply=True,
             ),
         )
     ]
@@ -504,6 +638,7 @@ def sidecar_config(
     mock_upstream: tuple[str, int] | None = None,
     bypass_port: int | None = None,
     bypass_cluster: str | None = None,
+    xff_num_trusted_hops: int = 0,
 ) -> dict[str, Any]:
     """The config ``main()`` prints; with no arguments, the checked-in ``envoy/envoy.yaml``."""
     clusters = (
@@ -519,6 +654,7 @@ def sidecar_config(
         extproc_port=extproc_port,
         bypass_port=bypass_port,
         bypass_cluster=bypass_cluster,
+        xff_num_trusted_hops=xff_num_trusted_hops,
     )
 
 
@@ -561,6 +697,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m extproc.envoyconf
     parser.add_argument(
         "--bypass-cluster", default="openai", help="cluster the bypass listener routes to"
     )
+    parser.add_argument(
+        "--xff-trusted-hops",
+        type=int,
+        default=0,
+        help="trusted proxies in front of Envoy whose X-Forwarded-For entries are believed (0)",
+    )
     args = parser.parse_args(argv)
     try:
         config = sidecar_config(
@@ -572,6 +714,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m extproc.envoyconf
             mock_upstream=args.mock_upstream,
             bypass_port=args.bypass_port,
             bypass_cluster=args.bypass_cluster if args.bypass_port is not None else None,
+            xff_num_trusted_hops=args.xff_trusted_hops,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -329,6 +329,7 @@ def start_stack(
     azure_host: str = envoyconf.DEFAULT_AZURE_HOST,
     extra_clusters: tuple[envoyconf.ClusterSpec, ...] = (),
     progress: Callable[[str], None] | None = None,
+    xff_num_trusted_hops: int = 0,
 ) -> Stack:
     step = progress or (lambda _what: None)  # `tollgate up` prints each step as it starts
     if port_in_use("127.0.0.1", port):  # fail before starting anything
@@ -367,6 +368,7 @@ def start_stack(
             # Never share the listener with another Envoy through SO_REUSEPORT: a clash that
             # slips past the check above (a race) then fails Envoy's bind instead.
             reuse_port=False,
+            xff_num_trusted_hops=xff_num_trusted_hops,
         )
         step("starting Envoy")
         processes.append(start_envoy(log_dir, config, admin_port, envoy_concurrency))

@@ -54,6 +54,8 @@ class Settings:
     default_max_output_tokens: int = 4096  # reservation estimate when a request sets no cap
     hold_seconds: float = 600.0  # reservations not settled by then are settled at the estimate
     sweep_interval_s: float = 1.0
+    # Proxies in front of Envoy whose X-Forwarded-For entries are believed (`tollgate up`).
+    xff_trusted_hops: int = 0
 
     @property
     def journal_path(self) -> str:
@@ -86,6 +88,7 @@ class Settings:
             "TOLLGATE_JOURNAL_DIR": ("journal_dir", str),
             "TOLLGATE_DEFAULT_MAX_TOKENS": ("default_max_output_tokens", int),
             "TOLLGATE_HOLD_SECONDS": ("hold_seconds", float),
+            "TOLLGATE_XFF_TRUSTED_HOPS": ("xff_trusted_hops", int),
         }
         for var, (field, convert) in table.items():
             raw = env.get(var)

@@ -12,6 +12,9 @@ request headers
     routing header `x-tollgate-cluster` is one of them), and `accept-encoding` too, so that the
     upstream answers uncompressed and its usage can be read;
   * unknown path -> 404; no key -> 401; unknown/revoked/expired key -> 401;
+  * limit ids, request tags and a client-named user are read within their bounds (400 beyond);
+    limit ids need `allowRequestLimits`, a user header `allowClientUser` (403); the client
+    address is the one Envoy derived, never a header (see `attribution`);
   * `GET /v1/models` is answered here; other endpoints need POST (405), an identity-encoded body
     (415) no larger than the configured maximum (413) and a non-empty body (400).
 request body
@@ -40,6 +43,8 @@ from dataclasses import dataclass, replace
 
 import orjson
 
+from extproc.core import attribution
+from extproc.core.attribution import LIMIT_IDS_HEADERS, TAGS_HEADERS, USER_HEADERS
 from extproc.core.decisions import CONTINUE, BodyMode, Continue, Decision, Deny, HeaderEdit
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
@@ -66,10 +71,6 @@ from extproc.core.usage import Usage, parse_response_usage
 ROUTING_HEADER = "x-tollgate-cluster"
 REQUEST_ID_HEADER = "x-tollgate-request-id"
 INTERNAL_PREFIX = "x-tollgate-"
-
-
-LIMIT_IDS_HEADERS = ("x-tollgate-limit-ids", "xproxy-limit-ids")
-TAGS_HEADERS = ("x-tollgate-tags", "xproxy-request-tags")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +141,7 @@ class Exchange:
         "status",
         "unknown_limits",
         "upstream",
+        "user",
     )
 
     def __init__(self, request_id: str, options: Options) -> None:
@@ -156,6 +158,7 @@ class Exchange:
         self.named_limits: tuple[str, ...] = ()
         self.request_tags: tuple[str, ...] = ()
         self.client_ip = ""
+        self.user = ""  # who limits and usage events see (`attribution.effective_user`)
         self.plan: ReservationPlan | None = None
         self.reservation: Reservation | None = None
         self.offline = False  # admitted without Redis: nothing is held there
@@ -229,6 +232,7 @@ class Exchange:
         snapshot: Snapshot,
         end_of_stream: bool,
         now: float,
+        client_ip: str = "",
     ) -> Decision | Reply:
         removes = [name for name in headers if name.startswith(INTERNAL_PREFIX)]
         if "accept-encoding" in headers:
@@ -251,21 +255,12 @@ class Exchange:
             return refusal
         assert record is not None
         self.presented, self.key = presented, record
-        for name in LIMIT_IDS_HEADERS:
-            if headers.get(name):
-                self.named_limits += _csv(headers[name])
-        if self.named_limits and not record.allow_request_limits:
-            return Deny(
-                403, "limit_ids_not_allowed",
-                "This API key may not name limits in x-tollgate-limit-ids.",
-            )
-        for name in TAGS_HEADERS:
-            if headers.get(name):
-                self.request_tags += _csv(headers[name])
-        forwarded = headers.get("x-forwarded-for", "")
-        self.client_ip = forwarded.split(",")[0].strip() or headers.get(
-            "x-envoy-external-address", ""
-        )
+        refusal = self._attribution(headers, record)
+        if refusal is not None:
+            return refusal
+        # The address Envoy derived from the connection (and trusted proxy hops), never a
+        # client header: X-Forwarded-For is the client's to write.
+        self.client_ip = client_ip
 
         method = headers.get(":method", "GET")
         if self.route.endpoint is Endpoint.MODELS:
@@ -286,6 +281,36 @@ class Exchange:
         if end_of_stream:
             return Deny(400, "invalid_request", "Request body is empty; a JSON object is required.")
         return Continue(HeaderEdit(remove=tuple(removes))) if removes else CONTINUE
+
+    def _attribution(self, headers: Mapping[str, str], record: KeyRecord) -> Deny | None:
+        """Read limit ids, tags and the user the client names, within their bounds."""
+        named = attribution.header_list(
+            [headers[n] for n in LIMIT_IDS_HEADERS if n in headers], "x-tollgate-limit-ids",
+            attribution.MAX_LIMIT_IDS, attribution.MAX_LIMIT_ID_CHARS)
+        if isinstance(named, Deny):
+            return named
+        self.named_limits = named
+        if self.named_limits and not record.allow_request_limits:
+            return Deny(
+                403, "limit_ids_not_allowed",
+                "This API key may not name limits in x-tollgate-limit-ids.",
+            )
+        tags = attribution.header_list(
+            [headers[n] for n in TAGS_HEADERS if n in headers], "x-tollgate-tags",
+            attribution.MAX_REQUEST_TAGS, attribution.MAX_TAG_CHARS)
+        if isinstance(tags, Deny):
+            return tags
+        self.request_tags = tags
+        header_user = next((headers[n].strip() for n in USER_HEADERS if headers.get(n)), "")
+        if header_user:
+            if not record.allow_client_user:
+                return Deny(403, "client_user_not_allowed",
+                            "This API key may not name a user in x-tollgate-user.")
+            checked = attribution.client_user(header_user, "Header 'x-tollgate-user'")
+            if isinstance(checked, Deny):
+                return checked
+        self.user = header_user  # completed with the body's `user` in `on_request_body`
+        return None
 
     def _too_large(self) -> Deny:
         return Deny(
@@ -316,6 +341,8 @@ class Exchange:
         if isinstance(facts, Deny):
             return facts
         self.facts = facts
+        self.user = attribution.effective_user(self.key.user, self.key.allow_client_user,
+                                               self.user, facts.user)
         if not model_allowed(self.key, facts.model):
             return Deny(
                 403, "model_not_allowed", f"This API key may not use model '{facts.model}'."
@@ -415,8 +442,9 @@ class Exchange:
         subject = Subject(
             key=self.key.name,
             group=self.key.group,
-            user=self.key.user or facts.user or "",
-            tags=tuple(dict.fromkeys(self.key.tags + self.request_tags)),
+            user=self.user,
+            tags=attribution.limit_tags(self.key.tags, self.key.allowed_request_tags,
+                                        self.request_tags),
             model=facts.model,
             ip=self.client_ip,
         )
@@ -630,10 +658,6 @@ def _retry_after_ms(headers: Mapping[str, str]) -> int:
         if parsed > 0:
             return int(parsed * scale)
     return 0
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 _AUTH_HEADER = {"anthropic": "x-api-key", "azure-openai": "api-key"}

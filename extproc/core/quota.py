@@ -94,7 +94,9 @@ def scope_id(rate_limit: RateLimitSpec, subject: Subject) -> str:
     (colons, braces, very long strings) are replaced by a digest."""
     raw = {
         "key": subject.key,
-        "user": subject.user,
+        # A request with no user counts as its key's own user: requests of different keys
+        # without users must not share (and exhaust) one window.
+        "user": subject.user or f"key/{subject.key}",
         "group": subject.group,
         "model": subject.model,
         "ip": subject.ip,

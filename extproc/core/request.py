@@ -8,10 +8,12 @@ anything malformed becomes a `Deny(400, ...)` whose message says what is wrong.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import orjson
 
+from extproc.core.attribution import MAX_USER_CHARS
 from extproc.core.decisions import Deny
 
 
@@ -96,6 +98,34 @@ class RequestFacts:
         return (self.prompt_chars + 3) // 4
 
 
+# Bounds on what a client may send (each beyond is a 400 naming the bound). Nesting: orjson
+# parses up to 1024 levels but serialises only 255, and every recursive walk of a body must stay
+# far below Python's recursion limit; real requests (messages, tool schemas) nest a few dozen.
+MAX_JSON_DEPTH = 128
+MAX_MODEL_CHARS = 256
+# An output cap above any model's; keeps every estimate far inside int64 and Lua's 2^53.
+MAX_OUTPUT_TOKENS = 100_000_000
+
+
+def _nested_deeper(body: bytes, doc: object, limit: int) -> bool:
+    """True when `doc` nests containers more than `limit` deep. Iterative (a recursive walk is
+    what deep input breaks). The depth is at most the number of opening brackets in the body,
+    so most bodies are cleared by two C-speed byte counts without a walk."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    stack: list[tuple[object, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        assert isinstance(children, Iterable)
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 def _bad(message: str) -> Deny:
     return Deny(400, "invalid_request", message)
 
@@ -147,12 +177,16 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
         return _bad(f"Request body is not valid JSON (or not valid UTF-8): {exc}")
     if not isinstance(doc, dict):
         return _bad("Request body must be a JSON object.")
+    if _nested_deeper(body, doc, MAX_JSON_DEPTH):
+        return _bad(f"Request body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels.")
 
     model = doc.get("model", route.azure_deployment)
     if model is None:
         return _bad("Missing required field 'model'.")
     if not isinstance(model, str) or not model.strip():
         return _bad("Field 'model' must be a non-empty string.")
+    if len(model) > MAX_MODEL_CHARS:
+        return _bad(f"Field 'model' must be at most {MAX_MODEL_CHARS} characters.")
 
     required = _REQUIRED_FIELDS.get(endpoint)
     # Responses also accepts a previous_response_id or a stored prompt instead of input.
@@ -169,8 +203,10 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
         value = doc.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return _bad(f"Field '{name}' must be a positive integer.")
+        if isinstance(value, bool) or not isinstance(value, int) or not (
+            1 <= value <= MAX_OUTPUT_TOKENS
+        ):
+            return _bad(f"Field '{name}' must be an integer from 1 to {MAX_OUTPUT_TOKENS}.")
         max_output = value
         break
 
@@ -194,6 +230,9 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
         metadata = doc.get("metadata")
         if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
             user = metadata["user_id"]
+    if user is not None and len(user) > MAX_USER_CHARS:
+        # It may end up in usage events: a client must not be able to fill Redis with it.
+        return _bad(f"Field 'user' must be at most {MAX_USER_CHARS} characters.")
 
     prompt_chars = sum(_text_chars(doc.get(name)) for name in _PROMPT_FIELDS[endpoint])
     return RequestFacts(

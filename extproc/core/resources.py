@@ -165,6 +165,12 @@ def _virtual_key(f: _Fields) -> dict[str, Any]:
         "description": f.string("description"),
         # May requests with this key name extra limits in `x-tollgate-limit-ids`?
         "allowRequestLimits": f.boolean("allowRequestLimits"),
+        # May requests name their own user (body `user`, `x-tollgate-user`)? Otherwise limits
+        # and usage events see the key's `user` only.
+        "allowClientUser": f.boolean("allowClientUser"),
+        # Request tags (`x-tollgate-tags`) that may select limits, as glob patterns; the key's
+        # own `tags` always may. Other request tags are recorded, never matched.
+        "allowedRequestTags": f.strings("allowedRequestTags"),
     }
     return spec
 
@@ -407,6 +413,8 @@ class KeyRecord:
     expires_at: float | None  # unix seconds
     revoked: bool
     allow_request_limits: bool = False
+    allow_client_user: bool = False
+    allowed_request_tags: tuple[str, ...] = ()
 
 
 def key_record(resource: Resource) -> KeyRecord:
@@ -422,6 +430,8 @@ def key_record(resource: Resource) -> KeyRecord:
         expires_at=datetime.fromisoformat(expires).timestamp() if expires else None,
         revoked=bool(s.get("revoked", False)),
         allow_request_limits=bool(s.get("allowRequestLimits", False)),
+        allow_client_user=bool(s.get("allowClientUser", False)),
+        allowed_request_tags=tuple(s.get("allowedRequestTags", ())),
     )
 
 

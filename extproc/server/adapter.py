@@ -17,6 +17,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from extproc.core.attribution import host_of
 from extproc.core.decisions import BodyMode, Continue, Deny, HeaderEdit
 from extproc.core.exchange import Reply
 
@@ -35,6 +36,26 @@ def header_map(http_headers: Any) -> dict[str, str]:
         raw = h.raw_value
         out[h.key] = raw.decode("latin-1") if raw else h.value
     return out
+
+
+_ATTRIBUTES = "envoy.filters.http.ext_proc"
+
+
+def client_address(request: Any) -> str:
+    """The client address Envoy derived (`source.address` request attribute, sent with the
+    request headers when the filter lists it in `request_attributes`), without the port; ""
+    when Envoy sent none."""
+    attributes = request.attributes.get(_ATTRIBUTES)
+    if attributes is None:
+        return ""
+    value = attributes.fields.get("source.address")
+    return host_of(value.string_value) if value is not None else ""
+
+
+def name_request(response: ep.ProcessingResponse, namespace: str, request_id: str) -> None:
+    """Put the request id into Envoy's dynamic metadata, for the errors Envoy makes itself."""
+    response.dynamic_metadata.fields[namespace].struct_value.fields[
+        "request_id"].string_value = request_id
 
 
 def _fill_mutation(mutation: Any, edit: HeaderEdit) -> None:

@@ -34,6 +34,7 @@ from extproc.core.quota import (
     project_settlement,
 )
 from extproc.core.snapshot import Snapshot
+from extproc.envoyconf import METADATA_NAMESPACE
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.server import adapter, logs, metrics, tracing
 from extproc.server.settlement import Settler
@@ -73,6 +74,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.settler = settler
         self.options = options
         self.local = LocalWindows()
+        self.warned_no_address = False
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
@@ -206,15 +208,23 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         headers = adapter.header_map(message)
         presented = find_key(headers)
         record = await self.keys.resolve(snapshot, presented) if presented else None
+        client_ip = adapter.client_address(request)
+        if not client_ip and not self.warned_no_address:
+            self.warned_no_address = True
+            log.warning("Envoy sends no client address (ext_proc request_attributes lacks "
+                        "source.address): every request shares one `per: ip` window")
         decision = exchange.on_request_headers(
-            headers, presented, record, snapshot, message.end_of_stream, time.time()
+            headers, presented, record, snapshot, message.end_of_stream, time.time(),
+            client_ip=client_ip,
         )
         if isinstance(decision, Deny):
             return self._deny(exchange, decision)
         if isinstance(decision, Reply):
             metrics.REQUESTS.labels("answered", "models").inc()
             return adapter.reply_response(decision, exchange.deny_headers())
-        return adapter.continue_response("request_headers", decision)
+        response = adapter.continue_response("request_headers", decision)
+        adapter.name_request(response, METADATA_NAMESPACE, exchange.request_id)
+        return response
 
     async def _request_body(
         self,
@@ -317,7 +327,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         event = usage_pb2.UsageEvent(
             request_id=exchange.request_id,
             key=key.name,
-            user=key.user or facts.user or "",
+            user=exchange.user,
             group=key.group,
             tags=list(dict.fromkeys(key.tags + exchange.request_tags)),
             model=facts.model,

@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from extproc.server import logfilter
 from extproc.settings import Settings
 
 log = logging.getLogger("tollgate.supervisor")
@@ -192,4 +193,5 @@ def serve(settings: Settings) -> int:
     from extproc.server.logs import configure
 
     configure(settings.log_level, settings.log_format, "supervisor")
+    logfilter.install()  # bounded logs whatever clients send
     return uvloop.run(Supervisor(settings).run())

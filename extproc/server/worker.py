@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
 from extproc.core.exchange import Options
+from extproc.server import logfilter
 from extproc.server.processor import Processor
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     from extproc.server.logs import configure
 
     configure(settings.log_level, settings.log_format, f"worker-{args.index}")
+    logfilter.install()  # bounded logs whatever clients send
     if not settings.access_log:
         logging.getLogger("tollgate.access").setLevel(logging.WARNING)
     from extproc.server import tracing

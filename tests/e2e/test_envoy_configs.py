@@ -107,6 +107,9 @@ RENDERED: dict[str, dict[str, Any]] = {
         clusters=envoyconf.mock_clusters("localhost", 18080)
     ),
     "providers": envoyconf.render_bootstrap(clusters=envoyconf.provider_clusters()),
+    "behind_two_proxies": envoyconf.render_bootstrap(
+        clusters=envoyconf.provider_clusters(), xff_num_trusted_hops=2
+    ),
     "providers_azure_host": envoyconf.render_bootstrap(
         clusters=envoyconf.provider_clusters("contoso.openai.azure.com"),
         message_timeout_ms=250,
@@ -182,7 +185,8 @@ def test_routes_on_routing_header_and_strips_it() -> None:
     assert selected["route"]["cluster_header"] == "x-tollgate-cluster"
     assert selected["route"]["timeout"] == "0s"
     assert selected["route"]["auto_host_rewrite"] is True
-    assert selected["request_headers_to_remove"] == ["x-tollgate-cluster"]
+    assert selected["request_headers_to_remove"] == ["x-tollgate-cluster",
+                                                     "x-envoy-external-address"]
 
     assert fallback["match"] == {"prefix": "/"}
     assert fallback["direct_response"]["status"] == 404
@@ -212,6 +216,41 @@ def test_ext_proc_filter_settings() -> None:
     runtime = cfg["layered_runtime"]["layers"][0]["static_layer"]
     assert runtime["envoy.reloadable_features.ext_proc_graceful_grpc_close"] is True
     assert _listener(cfg, "tollgate")["per_connection_buffer_limit_bytes"] == 32 * 1024 * 1024
+
+
+def test_client_address_comes_from_envoy_with_configurable_trusted_hops() -> None:
+    cfg = envoyconf.render_bootstrap(clusters=envoyconf.provider_clusters())
+    hcm = _hcm(_listener(cfg, "tollgate"))
+    assert hcm["use_remote_address"] is True
+    assert hcm["xff_num_trusted_hops"] == 0
+    assert hcm["skip_xff_append"] is True
+    ext_proc = hcm["http_filters"][0]["typed_config"]
+    assert ext_proc["request_attributes"] == ["source.address"]
+    assert ext_proc["metadata_options"] == {"receiving_namespaces": {"untyped": ["tollgate"]}}
+    two = _hcm(_listener(RENDERED["behind_two_proxies"], "tollgate"))
+    assert two["xff_num_trusted_hops"] == 2
+    with pytest.raises(ValueError):
+        envoyconf.render_bootstrap(clusters=[], xff_num_trusted_hops=-1)
+    text = envoyconf.to_yaml(envoyconf.sidecar_config(xff_num_trusted_hops=1))
+    assert "xff_num_trusted_hops: 1" in text
+    assert envoyconf.main(["--xff-trusted-hops", "3"]) == 0
+
+
+def test_local_replies_keep_own_json_and_wrap_envoys() -> None:
+    cfg = envoyconf.render_bootstrap(clusters=envoyconf.provider_clusters())
+    local = _hcm(_listener(cfg, "tollgate"))["local_reply_config"]
+    first, *rest = local["mappers"]
+    # The extproc's own (already JSON) replies and the direct response pass unchanged.
+    assert "startsWith('tollgate')" in json.dumps(first["filter"])
+    assert first["body_format_override"]["text_format_source"] == {
+        "inline_string": "%LOCAL_REPLY_BODY%"}
+    # Every other mapper writes the error shape; the catch-all comes last.
+    for mapper in rest:
+        error = mapper["body_format_override"]["json_format"]["error"]
+        assert set(error) == {"message", "type", "code", "details", "request_id"}
+    assert rest[-1]["filter"]["extension_filter"]["typed_config"]["expression"] == "true"
+    # The bypass listener (benchmark baseline) stays plain Envoy.
+    assert "local_reply_config" not in _hcm(_listener(RENDERED["mock_with_bypass"], "bypass"))
 
 
 def test_message_timeout_formatting() -> None:

@@ -51,6 +51,9 @@ ALLOW_ONLY = "tg-" + "a" * 43  # Allow limit + rate limit
 OPEN = "tg-" + "o" * 43  # a Block limit that fails open
 FREE = "tg-" + "f" * 43  # nothing applies
 NAMER = "tg-" + "n" * 43  # may name limits in x-tollgate-limit-ids
+TAGGER = "tg-" + "t" * 43  # may select limits with request tags team-*
+PROXY = "tg-" + "p" * 43  # a backend naming its end users (allowClientUser)
+USERED = "tg-" + "u" * 43  # a key with a user, under a per-user rate limit
 
 CHAT_PATH = "/v1/chat/completions"
 DEFAULT = Options()
@@ -72,6 +75,14 @@ STORED = [
     _resource("VirtualKey", "free", {"keySha256": hash_key(FREE)}),
     _resource("VirtualKey", "namer", {"keySha256": hash_key(NAMER),
                                       "allowRequestLimits": True}),
+    _resource("VirtualKey", "tagger", {"keySha256": hash_key(TAGGER),
+                                       "allowedRequestTags": ["team-*"]}),
+    _resource("VirtualKey", "proxy", {"keySha256": hash_key(PROXY), "user": "svc",
+                                      "allowClientUser": True}),
+    _resource("VirtualKey", "usered", {"keySha256": hash_key(USERED), "user": "bob"}),
+    _resource("RateLimit", "per-user", {
+        "per": "user", "selector": {"keys": ["proxy", "usered"]}, "requestsPerMinute": 5,
+    }),
     _resource("Upstream", "fast", {
         "provider": "openai", "cluster": "openai-fast", "models": ["fast"], "priority": 10,
         "aliases": {"fast": "gpt-4o-mini"},
@@ -269,12 +280,98 @@ def test_allow_only_key_reserves_without_block_limits(snapshot: Snapshot) -> Non
     assert [w.ident for w in reserve.plan.windows] == ["allow-only", "allow-only"]
 
 
-def test_request_tags_can_bring_limits_in(snapshot: Snapshot) -> None:
-    _, decision = send(snapshot, FREE, chat(max_tokens=100),
+def test_request_tags_bring_limits_in_only_for_keys_allowed_to_use_them(
+    snapshot: Snapshot,
+) -> None:
+    _, decision = send(snapshot, TAGGER, chat(max_tokens=100),
                        extra={"x-tollgate-tags": "team-a, other"})
     assert isinstance(decision, Reserve)
     assert [c.limit.name for c in decision.plan.limits] == ["allow-daily"]
     assert {w.rate_limit for w in decision.plan.windows} == {"team-rl"}
+    # An unrelated key naming the same tag is recorded with it, but selects nothing.
+    exchange, decision = send(snapshot, FREE, chat(max_tokens=100),
+                              extra={"x-tollgate-tags": "team-a, other"})
+    assert not isinstance(decision, Reserve)
+    assert exchange.request_tags == ("team-a", "other")
+
+
+@pytest.mark.parametrize(
+    ("key", "headers", "body_user", "expected"),
+    [
+        (USERED, {}, "mallory", "bob"),  # the key's user, whatever the body says
+        (FREE, {}, "mallory", ""),  # a key without a user stays without one
+        (PROXY, {}, "end-user-1", "end-user-1"),  # allowed: the body names the user
+        (PROXY, {"x-tollgate-user": "end-user-2"}, "end-user-1", "end-user-2"),  # header first
+        (PROXY, {"xproxy-user-id": "end-user-3"}, None, "end-user-3"),
+        (PROXY, {}, None, "svc"),  # allowed, but nobody named one: the key's
+    ],
+)
+def test_user_comes_from_the_key_unless_the_key_allows_client_users(
+    snapshot: Snapshot, key: str, headers: dict[str, str], body_user: str | None,
+    expected: str,
+) -> None:
+    body = chat(max_tokens=100, **({"user": body_user} if body_user else {}))
+    exchange, _ = send(snapshot, key, body, extra=headers)
+    assert exchange.user == expected
+
+
+def test_rotating_body_users_share_one_per_user_window_unless_allowed(
+    snapshot: Snapshot,
+) -> None:
+    idents = set()
+    for n in range(3):
+        _, decision = send(snapshot, USERED, chat(max_tokens=10, user=f"u{n}"))
+        assert isinstance(decision, Reserve)
+        idents |= {w.ident for w in decision.plan.windows if w.rate_limit == "per-user"}
+    assert idents == {"bob"}
+    for n in range(3):  # a key allowed to name users gets one window per user
+        _, decision = send(snapshot, PROXY, chat(max_tokens=10, user=f"u{n}"))
+        assert isinstance(decision, Reserve)
+        idents |= {w.ident for w in decision.plan.windows if w.rate_limit == "per-user"}
+    assert idents == {"bob", "u0", "u1", "u2"}
+
+
+def test_user_header_needs_allow_client_user(snapshot: Snapshot) -> None:
+    _, decision = open_exchange(snapshot, headers_for(USERED, extra={"x-tollgate-user": "eve"}))
+    assert isinstance(decision, Deny)
+    assert (decision.status, decision.code) == (403, "client_user_not_allowed")
+
+
+@pytest.mark.parametrize(
+    ("key", "extra", "fragment"),
+    [
+        (PROXY, {"x-tollgate-user": "u" * 257}, "at most 256 characters"),
+        (FREE, {"x-tollgate-tags": ",".join(f"t{n}" for n in range(33))}, "at most 32"),
+        (FREE, {"x-tollgate-tags": "t" * 129}, "at most 128 characters"),
+        (NAMER, {"x-tollgate-limit-ids": ",".join(f"l{n}" for n in range(17))}, "at most 16"),
+        (NAMER, {"x-tollgate-limit-ids": "l" * 254}, "at most 253 characters"),
+    ],
+)
+def test_client_strings_beyond_their_bounds_are_400(
+    snapshot: Snapshot, key: str, extra: dict[str, str], fragment: str
+) -> None:
+    _, decision = open_exchange(snapshot, headers_for(key, extra=extra))
+    assert isinstance(decision, Deny)
+    assert decision.status == 400 and fragment in decision.message
+
+
+def test_client_strings_at_their_bounds_pass(snapshot: Snapshot) -> None:
+    extra = {"x-tollgate-user": "u" * 256,
+             "x-tollgate-tags": ",".join(f"t{n:03d}" + "x" * 124 for n in range(32))}
+    exchange, decision = open_exchange(snapshot, headers_for(PROXY, extra=extra))
+    assert isinstance(decision, Continue)
+    assert len(exchange.request_tags) == 32
+
+
+def test_client_ip_is_the_address_envoy_gives_never_a_header(snapshot: Snapshot) -> None:
+    exchange = Exchange(REQUEST_ID, DEFAULT)
+    headers = headers_for(FREE, extra={"x-forwarded-for": "6.6.6.6",
+                                       "x-envoy-external-address": "7.7.7.7"})
+    presented = find_key(headers)
+    record = snapshot.keys_by_hash[hash_key(FREE)]
+    exchange.on_request_headers(headers, presented, record, snapshot, False, NOW,
+                                client_ip="10.1.2.3")
+    assert exchange.client_ip == "10.1.2.3"
 
 
 # ---- named limits ----------------------------------------------------------------------------

@@ -220,7 +220,6 @@ def _digest(raw: str) -> str:
         ("user", "user", "x" * 300, False),
         ("user", "user", "x" * 129, False),
         ("user", "user", "a b", False),
-        ("user", "user", "", False),
         ("user", "user", "ünïcode", False),
         ("model", "model", "ft:gpt-4o:org:1", False),
         ("ip", "ip", "2001:db8::1", False),
@@ -244,6 +243,12 @@ def test_scope_id_unsafe_identities_are_digested(
     assert scope_id(rl, _with(field, raw)) == got  # deterministic
     assert scope_id(rl, _with(field, raw + "!")) != got
     assert not set(got) & set(":{} ")
+
+
+def test_scope_id_a_request_without_user_counts_as_its_keys_user() -> None:
+    rl = rate_limit("r", per="user", rpm=1)
+    assert scope_id(rl, replace(SUBJECT, user="")) == "key/k1"
+    assert scope_id(rl, replace(SUBJECT, user="", key="k2")) == "key/k2"
 
 
 # ---- plan_reservation ------------------------------------------------------------------------

@@ -9,7 +9,15 @@ import orjson
 import pytest
 
 from extproc.core.decisions import Deny
-from extproc.core.request import Endpoint, RequestFacts, Route, classify_path, parse_request
+from extproc.core.request import (
+    MAX_JSON_DEPTH,
+    MAX_OUTPUT_TOKENS,
+    Endpoint,
+    RequestFacts,
+    Route,
+    classify_path,
+    parse_request,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -299,3 +307,85 @@ def test_malformed_request_is_400_naming_the_problem(
     assert result.status == 400
     assert result.error_type == "invalid_request_error"
     assert named in result.message
+
+
+# ---- bounds on what a client sends -----------------------------------------------------------
+
+
+def _nested_body(depth: int, opener: bytes = b"[", closer: bytes = b"]") -> bytes:
+    """A chat body whose deepest container is `depth` levels down (the top object is 1)."""
+    inner = depth - 3  # object > messages list > message object > content
+    return (b'{"model":"gpt-4o","messages":[{"role":"user","content":'
+            + opener * inner + b"1" + closer * inner + b"}]}")
+
+
+@pytest.mark.parametrize(
+    ("depth", "ok"),
+    [(10, True), (MAX_JSON_DEPTH, True), (MAX_JSON_DEPTH + 1, False), (600, False),
+     (1000, False), (2000, False)],  # 2000 is past orjson's own limit: still a clear 400
+)
+def test_nesting_depth_is_bounded(depth: int, ok: bool) -> None:
+    result = parse_request(CHAT, _nested_body(depth))
+    if ok:
+        assert isinstance(result, RequestFacts)
+    else:
+        assert isinstance(result, Deny) and result.status == 400
+        assert "deeper than" in result.message or "depth limit" in result.message
+
+
+def test_nesting_through_objects_is_bounded_too() -> None:
+    body = _nested_body(600, b'{"a":', b"}")
+    result = parse_request(CHAT, body)
+    assert isinstance(result, Deny) and "deeper than 128 levels" in result.message
+
+
+def test_many_shallow_brackets_are_fine() -> None:
+    """More brackets than the bound, none deep: the walk runs and finds nothing."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "[{"}]}] * 200
+    assert isinstance(parse_request(CHAT, _body({"model": "gpt-4o", "messages": messages})),
+                      RequestFacts)
+
+
+@pytest.mark.parametrize(
+    ("route", "field", "value", "ok"),
+    [
+        (CHAT, "max_tokens", MAX_OUTPUT_TOKENS, True),
+        (CHAT, "max_tokens", MAX_OUTPUT_TOKENS + 1, False),
+        (CHAT, "max_tokens", 10**17, False),
+        (CHAT, "max_tokens", 2**63 - 1, False),
+        (CHAT, "max_completion_tokens", 10**17, False),
+        (MESSAGES, "max_tokens", 10**17, False),
+        (RESPONSES, "max_output_tokens", 10**17, False),
+    ],
+)
+def test_output_cap_range(route: Route, field: str, value: int, ok: bool) -> None:
+    doc: dict[str, Any] = {"model": "m", field: value}
+    doc.update({"input": "i"} if route is RESPONSES else {"messages": MSG})
+    result = parse_request(route, _body(doc))
+    if ok:
+        assert isinstance(result, RequestFacts) and result.max_output_tokens == value
+    else:
+        assert isinstance(result, Deny) and result.status == 400
+        assert f"'{field}' must be an integer from 1 to {MAX_OUTPUT_TOKENS}" in result.message
+
+
+@pytest.mark.parametrize(
+    ("route", "doc", "fragment"),
+    [
+        (CHAT, {"model": "gpt-4o", "messages": MSG, "user": "u" * 257}, "'user'"),
+        (MESSAGES, {"model": "c", "messages": MSG, "max_tokens": 1,
+                    "metadata": {"user_id": "u" * 257}}, "'user'"),
+        (CHAT, {"model": "m" * 257, "messages": MSG}, "'model'"),
+    ],
+)
+def test_client_strings_are_length_bounded(
+    route: Route, doc: dict[str, Any], fragment: str
+) -> None:
+    result = parse_request(route, _body(doc))
+    assert isinstance(result, Deny) and result.status == 400
+    assert fragment in result.message and "at most 256 characters" in result.message
+
+
+def test_client_strings_at_the_bound_pass() -> None:
+    result = parse_request(CHAT, _body({"model": "m" * 256, "messages": MSG, "user": "u" * 256}))
+    assert isinstance(result, RequestFacts) and result.user == "u" * 256

@@ -46,7 +46,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "keySha256": SHA, "group": "", "user": "", "models": [], "tags": [],
                 "expiresAt": None, "revoked": False, "description": "",
-                "allowRequestLimits": False,
+                "allowRequestLimits": False, "allowClientUser": False, "allowedRequestTags": [],
             },
         ),
         (
@@ -59,7 +59,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "keySha256": SHA, "group": "team-a", "user": "alice", "models": ["gpt-4o*"],
                 "tags": ["ci"], "expiresAt": "2026-01-01T00:00:00Z", "revoked": True,
-                "description": "CI key", "allowRequestLimits": False,
+                "description": "CI key", "allowRequestLimits": False, "allowClientUser": False,
+                "allowedRequestTags": [],
             },
         ),
         (
@@ -142,11 +143,13 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
         ),
         (
             "VirtualKey",
-            {"keySha256": SHA, "allowRequestLimits": True},
+            {"keySha256": SHA, "allowRequestLimits": True, "allowClientUser": True,
+             "allowedRequestTags": ["team-*"]},
             {
                 "keySha256": SHA, "group": "", "user": "", "models": [], "tags": [],
                 "expiresAt": None, "revoked": False, "description": "",
-                "allowRequestLimits": True,
+                "allowRequestLimits": True, "allowClientUser": True,
+                "allowedRequestTags": ["team-*"],
             },
         ),
         (
