@@ -46,6 +46,8 @@ class Settings:
     default_max_output_tokens: int = 4096  # reservation estimate when a request sets no cap
     hold_seconds: float = 600.0  # reservations not settled by then are settled at the estimate
     sweep_interval_s: float = 1.0
+    image_tokens: int = 6240  # strict bound of one image, for models without `imageTokens`
+    unpriced: str = "default"  # unpriced models: default | refuse | zero | price-as: <model>
 
     @property
     def journal_path(self) -> str:
@@ -76,6 +78,8 @@ class Settings:
             "TOLLGATE_JOURNAL_DIR": ("journal_dir", str),
             "TOLLGATE_DEFAULT_MAX_TOKENS": ("default_max_output_tokens", int),
             "TOLLGATE_HOLD_SECONDS": ("hold_seconds", float),
+            "TOLLGATE_IMAGE_TOKENS": ("image_tokens", int),
+            "TOLLGATE_UNPRICED": ("unpriced", _unpriced),
         }
         for var, (field, convert) in table.items():
             raw = env.get(var)
@@ -86,3 +90,9 @@ class Settings:
                     raise SystemExit(f"tollgate: invalid value for {var}: {raw!r}") from None
         settings = cls(**values)
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _unpriced(value: str) -> str:
+    if value in ("default", "refuse", "zero") or value.startswith("price-as:"):
+        return value
+    raise ValueError(value)

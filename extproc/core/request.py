@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import orjson
 
 from extproc.core.decisions import Deny
+from extproc.core.shape import PromptShape, prompt_shape
 
 
 class Endpoint(enum.Enum):
@@ -89,6 +90,7 @@ class RequestFacts:
     include_usage: bool
     user: str | None
     prompt_chars: int
+    shape: PromptShape | None = None  # what the strict bound needs (core/estimate.py)
 
     @property
     def prompt_tokens_estimate(self) -> int:
@@ -204,4 +206,5 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
         include_usage=include_usage,
         user=user,
         prompt_chars=prompt_chars,
+        shape=prompt_shape(endpoint.value, doc, body),
     )
