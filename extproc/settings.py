@@ -46,7 +46,7 @@ class Settings:
     default_max_output_tokens: int = 4096  # reservation estimate when a request sets no cap
     hold_seconds: float = 600.0  # reservations not settled by then are settled at the estimate
     sweep_interval_s: float = 1.0
-    image_tokens: int = 6240  # strict bound of one image, for models without `imageTokens`
+    image_tokens: int = 4096  # strict bound of one image, for models without `imageTokens`
     unpriced: str = "default"  # unpriced models: default | refuse | zero | price-as: <model>
 
     @property

@@ -42,7 +42,7 @@ MAX_ESTIMATE_MICROS = 10**15
 class Bounds:
     """Knobs that are not per model (settings)."""
 
-    image_tokens: int = 6_240  # per image, for models without `imageTokens`
+    image_tokens: int = 4_096  # per image, for models without `imageTokens`
     unbounded_prompt_tokens: int = 2_000_000  # when a model has no context window
     default_max_output_tokens: int = 4_096  # when a model has neither field
 

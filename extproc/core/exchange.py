@@ -86,7 +86,7 @@ class Options:
     result_object: bool = True
     default_max_output_tokens: int = 4096  # estimate cap for models without output limits
     hold_seconds: float = 600.0  # a reservation not settled by then is settled at its estimate
-    image_tokens: int = 6240  # strict bound of one image for models without `imageTokens`
+    image_tokens: int = 4096  # strict bound of one image for models without `imageTokens`
     unpriced: str = "default"  # unpriced models, unless the Upstream says: see `_unpriced`
 
     @property

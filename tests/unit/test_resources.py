@@ -83,7 +83,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {"provider": "openai", "cluster": "openai"},
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
-                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01", "unpriced": "default",
                 "credentials": [], "cooldown": COOLDOWN,
             },
         ),
@@ -100,7 +100,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "provider": "azure-openai", "cluster": "azure-openai", "models": ["gpt-4o"],
                 "priority": 5, "aliases": {"fast": "gpt-4o-mini"},
                 "azure": {"apiVersion": "2024-10-21", "deployments": {}},
-                "anthropicVersion": "2023-06-01",
+                "anthropicVersion": "2023-06-01", "unpriced": "default",
                 "credentials": [
                     {"name": "a", "secretRef": "AZURE_KEY", "rpm": None, "tpm": None,
                      "isFallback": False},
@@ -115,7 +115,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {"provider": "openai", "cluster": "openai", "cooldown": {}},
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
-                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01", "unpriced": "default",
                 "credentials": [], "cooldown": COOLDOWN,
             },
         ),
@@ -126,7 +126,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "provider": "anthropic", "cluster": "anthropic", "models": ["*"],
                 "priority": 100, "aliases": {}, "azure": None,
-                "anthropicVersion": "2023-06-01", "credentials": [],
+                "anthropicVersion": "2023-06-01", "unpriced": "default", "credentials": [],
                 "cooldown": {"seconds": 5, "maxSeconds": 120, "statuses": [429, 529]},
             },
         ),
@@ -135,7 +135,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {"provider": "openai", "cluster": "openai", "cooldown": {"seconds": 0}},
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
-                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01", "unpriced": "default",
                 "credentials": [],
                 "cooldown": {**COOLDOWN, "seconds": 0},
             },
@@ -155,6 +155,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "type": "Block", "max": 100, "threshold": 1.0, "period": "none",
                 "timeZone": "UTC", "enforcement": "strict", "failOpen": False,
+                "onInsufficient": "refuse", "minOutputTokens": 16,
                 "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": []},
             },
         ),
@@ -164,6 +165,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "type": "Allow", "max": 0, "threshold": 1.0, "period": "none",
                 "timeZone": "UTC", "enforcement": "strict", "failOpen": False,
+                "onInsufficient": "refuse", "minOutputTokens": 16,
                 "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": []},
             },
         ),
@@ -177,6 +179,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "type": "Allow", "max": 12.5, "threshold": 0.5, "period": "week",
                 "timeZone": "Europe/Berlin", "enforcement": "reactive", "failOpen": True,
+                "onInsufficient": "refuse", "minOutputTokens": 16,
                 "selector": {"keys": [], "groups": ["team-a"], "users": [], "tags": [],
                              "models": ["gpt-4o*"]},
             },
