@@ -80,8 +80,7 @@ def affordable_output(
 ) -> int:
     """The largest output cap per choice whose strict estimate fits `budget_micros` (0 if
     none). Used to clamp a request to what its limits can still pay for."""
-    tier = price.tier(prompt_tokens)
-    rate = tier.highest_output
+    rate = price.bound_rates(prompt_tokens)[1]
     input_micros = estimate_cost(price, prompt_tokens, 0).total_micros
     room = budget_micros - input_micros - 1  # estimate_cost adds 1 for the rounded output part
     if rate <= 0 or room <= 0:

@@ -84,12 +84,22 @@ class ModelPrice:
 
     @property
     def highest_input(self) -> int:
-        """The most one prompt token can cost at this tier: plain, or written to a cache."""
-        return max(self.input, self.cache_write or 0, self.cache_write_1h or 0)
+        """The most one prompt token can cost at this tier: plain, read from or written to a
+        cache (a table may price any of them highest)."""
+        return max(self.input, self.cached_input or 0, self.cache_write or 0,
+                   self.cache_write_1h or 0)
 
     @property
     def highest_output(self) -> int:
         return max(self.output, self.reasoning or 0)
+
+    def bound_rates(self, prompt_tokens: int) -> tuple[int, int]:
+        """The highest input and output rates a call with at most `prompt_tokens` prompt tokens
+        can be billed at: the base rates, and the long-context ones when the prompt may cross
+        the threshold (its real size may still fall below it)."""
+        tier = self.tier(prompt_tokens)
+        return (max(self.highest_input, tier.highest_input),
+                max(self.highest_output, tier.highest_output))
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +143,8 @@ def estimate_cost(price: ModelPrice, prompt_tokens: int, max_output_tokens: int)
     threshold, every prompt token at the highest input rate (a cache write costs more than a
     plain read), every output token at the higher of the output and reasoning rates. Rounded
     up, so that the estimate is never below what `price_usage` can return for such a call."""
-    tier = price.tier(prompt_tokens)
-    return Cost(_part_up(prompt_tokens, tier.highest_input),
-                _part_up(max_output_tokens, tier.highest_output))
+    input_rate, output_rate = price.bound_rates(prompt_tokens)
+    return Cost(_part_up(prompt_tokens, input_rate), _part_up(max_output_tokens, output_rate))
 
 
 def _part_up(tokens: int, rate: int) -> int:

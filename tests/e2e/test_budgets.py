@@ -172,10 +172,10 @@ def test_unpriced_model_priced_as_another_under_an_upstream_policy(
     key_name, key = new_named_key()
     upstream = "priced-as-" + uuid.uuid4().hex[:6]
     model = "o9-pro-" + upstream
-    apply(cli, "Upstream", upstream, f"  provider: openai\n  cluster: openai\n"
-                                     f"  models: [{model}]\n  priority: 5\n"
-                                     f"  unpriced: 'price-as: o1-pro'\n"
-                                     f"  credentials: [{{name: main, secretRef: OPENAI_API_KEY}}]\n")
+    apply(cli, "Upstream", upstream,
+          f"  provider: openai\n  cluster: openai\n  models: [{model}]\n  priority: 5\n"
+          f"  unpriced: 'price-as: o1-pro'\n"
+          f"  credentials: [{{name: main, secretRef: OPENAI_API_KEY}}]\n")
     limit = block_limit(cli, key_name, "0.5")
     client = client_for(stack, key)
 
@@ -184,11 +184,15 @@ def test_unpriced_model_priced_as_another_under_an_upstream_policy(
             model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=80,
             extra_headers=WORST)
 
-    admitted, refused, errors = hammer(call)
+    raw = call()
+    assert raw.status_code == 200
+    assert "unknown-model-priced-as-o1-pro" in raw.headers["x-tollgate-warning"]
+    result = raw.parse().model_extra["xproxy_result"]
+    assert result["priced_as"] == "o1-pro" and result["priced"] is True
+    admitted, _, errors = hammer(call)
     assert not errors, errors[:3]
-    raw = call() if admitted == 0 else None
-    assert raw is None or raw.status_code == 200
-    assert_budget_held(cli, limit, key_name, admitted)
+    assert_budget_held(cli, limit, key_name, admitted + 1)
+    admitted += 1
     # o1-pro's rates ($150 / $600 per 1M): 80 output tokens alone cost 48,000 micro-dollars
     _, micros = usage_spend(cli, key_name)
     assert micros >= admitted * 48_000

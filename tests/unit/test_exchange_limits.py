@@ -8,7 +8,6 @@ the top of `extproc/store/lua/reserve.lua` and `settle.lua`.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +26,6 @@ from extproc.core.exchange import (
     Settlement,
 )
 from extproc.core.keys import find_key, hash_key
-from extproc.core.pricing import estimate_cost
 from extproc.core.quota import (
     LimitStatus,
     LocalWindows,

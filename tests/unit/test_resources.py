@@ -83,7 +83,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {"provider": "openai", "cluster": "openai"},
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
-                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01", "unpriced": "default",
+                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "unpriced": "default",
                 "credentials": [], "cooldown": COOLDOWN,
             },
         ),
@@ -100,7 +101,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "provider": "azure-openai", "cluster": "azure-openai", "models": ["gpt-4o"],
                 "priority": 5, "aliases": {"fast": "gpt-4o-mini"},
                 "azure": {"apiVersion": "2024-10-21", "deployments": {}},
-                "anthropicVersion": "2023-06-01", "unpriced": "default",
+                "anthropicVersion": "2023-06-01",
+                "unpriced": "default",
                 "credentials": [
                     {"name": "a", "secretRef": "AZURE_KEY", "rpm": None, "tpm": None,
                      "isFallback": False},
@@ -115,7 +117,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {"provider": "openai", "cluster": "openai", "cooldown": {}},
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
-                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01", "unpriced": "default",
+                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "unpriced": "default",
                 "credentials": [], "cooldown": COOLDOWN,
             },
         ),
@@ -135,7 +138,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {"provider": "openai", "cluster": "openai", "cooldown": {"seconds": 0}},
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
-                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01", "unpriced": "default",
+                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "unpriced": "default",
                 "credentials": [],
                 "cooldown": {**COOLDOWN, "seconds": 0},
             },
