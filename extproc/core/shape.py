@@ -1,8 +1,8 @@
 """The shape of a request body that the strict bound needs (see core/estimate.py).
 
-Cheap by design, because it runs on every request: the body's length, and a walk of the parsed
-JSON only when the body mentions an image, a document or a file (a substring test first), so the
-common request costs no extra pass over the JSON.
+Cheap by design, because it runs on every request: the body's length, and what the one walk over
+the prompt fields (which the closer estimate needs anyway) finds on its way: image and document
+parts. No second pass over the JSON.
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ from typing import Any
 
 import orjson
 
-# Substrings that mean the body may carry media priced by a formula rather than by bytes.
-_MEDIA_MARKERS = (b"image", b"document", b"file")
 _IMAGE_TYPES = frozenset({"image_url", "input_image", "image"})
 _DOCUMENT_TYPES = frozenset({"document", "file", "input_file"})
+_TEXT_TYPES = frozenset({"text", "input_text"})
+# For the closer estimate, a non-text content part (image, audio, file) counts as this many
+# characters of prompt: about 1k tokens, a middle-of-the-road image cost.
+NON_TEXT_PART_CHARS = 4000
+_MAX_DEPTH = 64  # deeper structures are not searched for media (their bytes still count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,38 +28,16 @@ class PromptShape:
     body_bytes: int
     images: int = 0
     image_bytes: int = 0  # bytes of the image parts' JSON, replaced by the per-image bound
-    unbounded: bool = False  # input that the body does not carry (see module docstring)
+    unbounded: bool = False  # input that the body does not carry (see core/estimate.py)
     tools: bool = False
     choices: int = 1  # `n` / `best_of`: each choice writes up to the output cap
 
 
-_UNBOUNDED_FIELDS = ("previous_response_id", "conversation", "prompt")
-
-
-def prompt_shape(endpoint_name: str, doc: dict[str, Any], body: bytes) -> PromptShape:
-    """Read the shape from the parsed body. `endpoint_name` is `Endpoint.value`."""
-    choices = 1
-    for name in ("n", "best_of"):
-        value = doc.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > choices:
-            choices = value
-    unbounded = endpoint_name == "responses" and any(
-        doc.get(name) is not None for name in _UNBOUNDED_FIELDS
-    )
-    tools = "tools" in doc or "functions" in doc
-    if not any(marker in body for marker in _MEDIA_MARKERS):
-        return PromptShape(len(body), unbounded=unbounded, tools=tools, choices=choices)
-    counter = _MediaCounter()
-    counter.walk(doc, 0)
-    return PromptShape(
-        len(body), counter.images, counter.image_bytes, unbounded or counter.documents,
-        tools, choices,
-    )
-
-
-class _MediaCounter:
-    """Finds image parts (to price them by formula) and documents (to bound them by the
-    context window). Depth is limited: a body nested deeper is refused by the parser first."""
+class PromptScan:
+    """One walk over the prompt fields (messages, input, system, ...): the characters of text
+    they hold (for the closer estimate), and the image and document parts among them (for the
+    strict bound). Text parts end the descent at once; only typed non-text parts (tool results,
+    function call outputs) are searched further for media inside them."""
 
     __slots__ = ("documents", "image_bytes", "images")
 
@@ -65,26 +46,70 @@ class _MediaCounter:
         self.image_bytes = 0
         self.documents = False
 
-    def walk(self, value: Any, depth: int) -> None:
-        if depth > 64:
+    def chars(self, value: Any, depth: int = 0) -> int:
+        """Characters of text in a prompt-like value: str, list of parts/messages, or dict."""
+        if isinstance(value, str):
+            return len(value)
+        if depth > _MAX_DEPTH:
+            return 0
+        if isinstance(value, list):
+            if value and type(value[0]) is int:
+                # A token array (completions, embeddings): one token per id, as 4 characters.
+                return 4 * len(value)
+            return sum(self.chars(item, depth + 1) for item in value)
+        if isinstance(value, dict):
+            kind = value.get("type")
+            if self._media(value, kind):
+                return NON_TEXT_PART_CHARS
+            if "text" in value and isinstance(value["text"], str):
+                return len(value["text"])
+            if "content" in value:
+                return self.chars(value["content"], depth + 1)
+            if isinstance(kind, str) and kind not in _TEXT_TYPES:
+                self._search(value, depth + 1)
+                return NON_TEXT_PART_CHARS
+        return 0
+
+    def _media(self, value: dict[str, Any], kind: Any) -> bool:
+        if kind in _IMAGE_TYPES or (kind is None and "image_url" in value):
+            self.images += 1
+            self.image_bytes += len(orjson.dumps(value))  # never more than its bytes in the body
+            return True
+        if kind in _DOCUMENT_TYPES or "file_id" in value:
+            self.documents = True
+            return True
+        return False
+
+    def _search(self, value: Any, depth: int) -> None:
+        """Media nested anywhere inside a non-text part."""
+        if depth > _MAX_DEPTH:
             return
         if isinstance(value, list):
             for item in value:
-                self.walk(item, depth + 1)
+                self._search(item, depth + 1)
         elif isinstance(value, dict):
-            kind = value.get("type")
-            if kind in _IMAGE_TYPES or (kind is None and "image_url" in value):
-                self.images += 1
-                self.image_bytes += _json_len(value)
-                return
-            if kind in _DOCUMENT_TYPES or "file_id" in value:
-                self.documents = True
+            if depth and self._media(value, value.get("type")):
                 return
             for item in value.values():
                 if isinstance(item, list | dict):
-                    self.walk(item, depth + 1)
+                    self._search(item, depth + 1)
 
 
-def _json_len(value: Any) -> int:
-    """Bytes of a value's compact JSON: never more than its bytes in the body."""
-    return len(orjson.dumps(value))
+_UNBOUNDED_FIELDS = ("previous_response_id", "conversation", "prompt")
+
+
+def prompt_shape(
+    endpoint_name: str, doc: dict[str, Any], body: bytes, scan: PromptScan
+) -> PromptShape:
+    """The shape of a parsed body whose prompt fields `scan` has walked. `endpoint_name` is
+    `Endpoint.value`."""
+    choices = 1
+    for name in ("n", "best_of"):
+        value = doc.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > choices:
+            choices = value
+    unbounded = scan.documents or (endpoint_name == "responses" and any(
+        doc.get(name) is not None for name in _UNBOUNDED_FIELDS
+    ))
+    tools = "tools" in doc or "functions" in doc
+    return PromptShape(len(body), scan.images, scan.image_bytes, unbounded, tools, choices)
