@@ -286,10 +286,15 @@ def cmd_get(args: argparse.Namespace) -> int:
                        "REQUESTS(ok/exceeded/overrun/blocked)"), *rows]))
         return 0
     found = with_store(args, lambda store: store.list_kind(kind))
+    if kind == "PriceTable":
+        found = _with_builtin_prices(found)
     if args.name:
         found = [r for r in found if r.name == args.name]
         if not found:
             raise CliError(f"{kind}/{args.name} not found")
+    if kind == "PriceTable" and args.name and args.output == "table":
+        print(_table([_PRICE_HEADERS, *_price_rows(found[0])]))
+        return 0
     if args.output == "yaml":
         print(yaml.safe_dump_all([r.document() for r in found], sort_keys=False), end="")
     elif args.output == "json":
@@ -299,6 +304,34 @@ def cmd_get(args: argparse.Namespace) -> int:
     else:
         print(_table([_HEADERS.get(kind, ("NAME",)), *(_summary(r) for r in found)]))
     return 0
+
+
+def _with_builtin_prices(stored: list[Resource]) -> list[Resource]:
+    """Stored price tables plus the shipped ones they do not replace (same name)."""
+    from extproc.server.state import builtin_resources
+
+    names = {r.name for r in stored}
+    shipped = [r for r in builtin_resources() if r.kind == "PriceTable" and r.name not in names]
+    return sorted([*shipped, *stored], key=lambda r: (r.name != "default", r.name))
+
+
+_PRICE_HEADERS = ("MODEL", "INPUT", "CACHED", "CACHE-WRITE", "OUTPUT", "LONG-CONTEXT",
+                  "MAX-OUTPUT", "CONTEXT")
+
+
+def _price_rows(table: Resource) -> list[tuple[str, ...]]:
+    """One row per model: USD per 1M tokens, and the model limits strict estimates use."""
+    def usd(entry: dict[str, Any], name: str) -> str:
+        return "-" if entry.get(name) is None else f"{entry[name]:g}"
+
+    rows: list[tuple[str, ...]] = []
+    for model, p in table.spec["models"].items():
+        lc = p.get("longContext")
+        rows.append((model, usd(p, "input"), usd(p, "cachedInput"), usd(p, "cacheWrite"),
+                     usd(p, "output"),
+                     f">{lc['above']}: {lc['input']:g}/{lc['output']:g}" if lc else "-",
+                     str(p.get("maxOutputTokens", "-")), str(p.get("contextWindow", "-"))))
+    return rows
 
 
 def cmd_delete(args: argparse.Namespace) -> int:

@@ -264,3 +264,18 @@ def test_dated_model_names_count_against_the_base_models_limit(
     events = [orjson.loads(line) for line in cli("usage", "--count", "200").stdout.splitlines()]
     mine = [e for e in events if e.get("key") == key_name]
     assert mine and mine[-1]["model"] == "gpt-4o-mini"  # reports use the model's identity
+
+
+def test_get_pricetables_shows_the_shipped_prices(cli: CliRunner) -> None:
+    tables = cli("get", "pricetables").stdout.splitlines()
+    assert tables[0].split() == ["NAME", "MODELS"]
+    assert tables[1].split()[0] == "default" and int(tables[1].split()[1]) > 40
+    rows = {line.split()[0]: line for line in cli("get", "pricetables", "default").stdout
+            .splitlines()[1:]}
+    sonnet = rows["claude-sonnet-4-5"].split()
+    # input, cached, cache write, output, long-context tier, max output, context window
+    assert sonnet[1:5] == ["3", "0.3", "3.75", "15"]
+    assert ">200000:" in rows["claude-sonnet-4-5"] and sonnet[-2:] == ["64000", "1000000"]
+    assert "o1-pro" in rows
+    shipped = orjson.loads(cli("get", "pricetables", "default", "-o", "json").stdout)
+    assert shipped[0]["spec"]["models"]["gpt-4o"]["maxOutputTokens"] == 16384
