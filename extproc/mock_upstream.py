@@ -724,7 +724,9 @@ async def _messages(ctx: _Ctx) -> web.StreamResponse:
     words, truncated = _apply_limit(c.words, body.get("max_tokens"))
     stop_reason = "max_tokens" if truncated else "end_turn"
     usage = {
-        "input_tokens": worst_prompt_tokens(body) if c.worst
+        # Anthropic reports cache reads and writes apart from input_tokens: at its worst, the
+        # three add up to the worst prompt count.
+        "input_tokens": max(0, worst_prompt_tokens(body) - c.cached - c.cache_write) if c.worst
         else count_input_tokens(body.get("system"), body.get("messages")),
         "cache_creation_input_tokens": c.cache_write,
         "cache_read_input_tokens": c.cached,

@@ -12,11 +12,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import anthropic
 import openai
 import orjson
 import pytest
 
 from extproc.launch import Stack
+from extproc.mock_upstream import worst_prompt_tokens
 from tests.e2e.conftest import CliRunner, upstream_requests
 
 pytestmark = pytest.mark.e2e
@@ -75,7 +77,7 @@ def hammer(call: Callable[[], Any]) -> tuple[int, int, list[BaseException]]:
         try:
             call()
             return "ok"
-        except openai.RateLimitError:
+        except (openai.RateLimitError, anthropic.RateLimitError):
             return "429"
         except Exception as exc:
             return exc
@@ -108,8 +110,10 @@ TOOL_HISTORY = [
 @pytest.mark.parametrize(
     ("shape", "max_usd"),
     [
-        # 400 characters and max_tokens fully used (old estimate: a quarter of the characters)
-        ("chat-400-chars", "0.0045"),
+        # 400 characters and max_tokens fully used (old estimate: a quarter of the characters,
+        # 1,250 micro-dollars for a call that bills 2,028: even one request at a time, the third
+        # one was admitted and overspent this max)
+        ("chat-400-chars", "0.0055"),
         # 40 KB of tool_calls arguments in the history (old estimate: not counted at all)
         ("tool-call-history", "0.02"),
         # a token-array prompt on /v1/completions (old estimate: 0 prompt tokens)
@@ -139,6 +143,27 @@ def test_strict_block_limit_is_never_overspent_by_worst_case_bills(
     admitted, refused, errors = hammer(call)
     assert not errors, errors[:3]
     assert refused >= 1  # the budget ran out: what matters is that it was not overrun
+    assert_budget_held(cli, limit, key_name, admitted)
+
+
+def test_cache_writes_are_reserved_at_their_higher_rate(
+    stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
+) -> None:
+    """Every prompt token written to Anthropic's cache ($3.75 per 1M for claude-sonnet-4-5,
+    above the $3.00 input rate) and every output token used: the reservation still covers it
+    (the old estimate priced the prompt at the input rate)."""
+    key_name, key = new_named_key()
+    limit = block_limit(cli, key_name, "0.05")
+    client = anthropic.Anthropic(base_url=stack.base_url, api_key=key, max_retries=0)
+    messages = [{"role": "user", "content": "z" * 1000}]
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": messages}
+    headers = {**WORST, "x-mock-cache-write-tokens": str(worst_prompt_tokens(body))}
+
+    admitted, refused, errors = hammer(lambda: client.messages.create(
+        model="claude-sonnet-4-5", max_tokens=100, messages=messages,  # type: ignore[arg-type]
+        extra_headers=headers))
+    assert not errors, errors[:3]
+    assert refused >= 1
     assert_budget_held(cli, limit, key_name, admitted)
 
 
