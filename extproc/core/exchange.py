@@ -634,6 +634,11 @@ class Exchange:
             return self._with_credential(reserve.proceed, self.pool[0])
         return reserve.proceed
 
+    def clamp_failed(self, reserve: Reserve) -> None:
+        """The clamped request could not be reserved either: the first refusal stands."""
+        self.clamped = None
+        self.plan = reserve.plan
+
     # -- response headers ------------------------------------------------------------------
 
     def on_response_headers(self, headers: Mapping[str, str]) -> Continue:

@@ -233,7 +233,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 if retry is not None:
                     reserve, reservation = clamped, retry
                 else:
-                    exchange.clamped = None
+                    exchange.clamp_failed(reserve)
         if reservation.blocked_limit:
             metrics.LIMIT_DENIALS.labels(reservation.blocked_limit).inc()
         return exchange.on_reserved(reserve, reservation)
