@@ -260,6 +260,25 @@ def test_clamp_lowers_the_output_cap_to_the_remaining_budget(
     assert_budget_held(cli, limit, key_name, admitted + 1)
 
 
+def test_a_clamped_stream_says_so_in_its_headers_and_result(
+    stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
+) -> None:
+    key_name, key = new_named_key()
+    limit = block_limit(cli, key_name, "0.005", "  onInsufficient: clamp\n")
+    client = client_for(stack, key)
+    with client.chat.completions.with_streaming_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "stream a long story"}],
+        max_completion_tokens=5000, stream=True, extra_headers=WORST,
+    ) as response:
+        header = response.headers["x-tollgate-clamped"]
+        lines = list(response.iter_lines())
+    assert header.startswith("max_completion_tokens=") and header.endswith(f"limit={limit}")
+    (result_line,) = [line for line in lines if line.startswith(": xproxy_result ")]
+    clamped = orjson.loads(result_line.removeprefix(": xproxy_result "))["clamped"]
+    assert clamped["granted"] == int(header.split(";")[0].split("=")[1]) < 5000
+    assert_budget_held(cli, limit, key_name, 1)
+
+
 def test_dated_model_names_count_against_the_base_models_limit(
     stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
 ) -> None:
