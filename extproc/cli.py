@@ -359,6 +359,9 @@ def cmd_get(args: argparse.Namespace) -> int:
         found = [r for r in found if r.name == args.name]
         if not found:
             raise CliError(f"{kind}/{args.name} not found")
+    if kind == "PriceTable" and args.name and args.output == "table":
+        print(_table([_PRICE_HEADERS, *_price_rows(found[0])]))
+        return 0
     if args.output in ("yaml", "json"):
         print_documents([_document(r, r.name in builtin) for r in found], args.output,
                         single=bool(args.name))
@@ -389,6 +392,25 @@ def _document(resource: Resource, builtin: bool) -> dict[str, Any]:
     if builtin:
         doc["metadata"]["annotations"] = {BUILTIN_ANNOTATION: "true"}
     return doc
+
+
+_PRICE_HEADERS = ("MODEL", "INPUT", "CACHED", "CACHE-WRITE", "OUTPUT", "LONG-CONTEXT",
+                  "MAX-OUTPUT", "CONTEXT")
+
+
+def _price_rows(table: Resource) -> list[tuple[str, ...]]:
+    """One row per model: USD per 1M tokens, and the model limits strict estimates use."""
+    def usd(entry: dict[str, Any], name: str) -> str:
+        return "-" if entry.get(name) is None else f"{entry[name]:g}"
+
+    rows: list[tuple[str, ...]] = []
+    for model, p in table.spec["models"].items():
+        lc = p.get("longContext")
+        rows.append((model, usd(p, "input"), usd(p, "cachedInput"), usd(p, "cacheWrite"),
+                     usd(p, "output"),
+                     f">{lc['above']}: {lc['input']:g}/{lc['output']:g}" if lc else "-",
+                     str(p.get("maxOutputTokens", "-")), str(p.get("contextWindow", "-"))))
+    return rows
 
 
 def cmd_delete(args: argparse.Namespace) -> int:

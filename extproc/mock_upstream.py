@@ -21,6 +21,12 @@ Everything it returns is deterministic so tests can predict the usage Tollgate w
 * a ``max_tokens`` style limit in the body truncates the reply to that many words and reports
   ``finish_reason: "length"`` / ``stop_reason: "max_tokens"`` / ``status: "incomplete"``.
 
+Worst-case billing (``x-mock-bill: worst``), for tests that check a budget cannot be overspent:
+prompt tokens = every UTF-8 byte of every string the provider reads plus one per token id in
+token arrays plus 4 per message and 3 per call (a tokenizer at its worst, one byte per token),
+and completion tokens = the request's output cap times ``n`` (what a model that writes until
+the cap would bill), whatever the reply text is.
+
 Fault injection: ``x-mock-status`` (provider-shaped error, with ``retry-after`` from
 ``x-mock-retry-after``), ``x-mock-delay-ms``; streaming: ``x-mock-chunk-delay-ms`` and
 ``x-mock-odd-chunks: 1``. Every API request is kept in a 500-entry ring buffer exposed at
@@ -129,6 +135,7 @@ class _Controls:
     cached: int
     cache_write: int
     reasoning: int
+    worst: bool = False  # x-mock-bill: worst
 
 
 def _int_header(headers: Mapping[str, str], name: str, default: int = 0) -> int:
@@ -164,7 +171,44 @@ def _parse_controls(headers: Mapping[str, str]) -> _Controls:
         cached=_int_header(headers, "x-mock-cached-tokens"),
         cache_write=_int_header(headers, "x-mock-cache-write-tokens"),
         reasoning=_int_header(headers, "x-mock-reasoning-tokens"),
+        worst=headers.get("x-mock-bill", "").strip() == "worst",
     )
+
+
+_PROMPT_FIELDS = ("messages", "tools", "functions", "response_format", "system", "prompt",
+                  "input", "instructions", "tool_choice", "text")
+
+
+def worst_prompt_tokens(body: JSONObj) -> int:
+    """Prompt tokens billed by a tokenizer at its worst: one token per UTF-8 byte of text,
+    one per token id, 4 per message and 3 per call."""
+    total = 3
+    stack: list[Any] = [body.get(name) for name in _PROMPT_FIELDS]
+    for name in ("messages", "input"):
+        if isinstance(body.get(name), list):
+            total += 4 * len(body[name])
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            total += len(value.encode())
+        elif isinstance(value, bool) or value is None:
+            continue
+        elif isinstance(value, int):
+            total += 1
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+    return total
+
+
+def _worst_output(body: JSONObj, visible: int) -> int:
+    """The output cap times the number of choices (the visible reply when there is no cap)."""
+    cap = next((body[n] for n in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+                if isinstance(body.get(n), int)), visible)
+    choices = max((body[n] for n in ("n", "best_of") if isinstance(body.get(n), int)),
+                  default=1)
+    return int(cap) * max(int(choices), 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,6 +426,8 @@ async def _chat(ctx: _Ctx) -> web.StreamResponse:
     words, truncated = _apply_limit(c.words, limit)
     finish = "length" if truncated else "stop"
     usage = _chat_usage(count_input_tokens(body.get("messages")), len(words), c)
+    if c.worst:
+        usage = _chat_usage(worst_prompt_tokens(body), _worst_output(body, len(words)), c)
     chat_id = ctx.state.new_id("chatcmpl-")
     created = int(time.time())
 
@@ -459,10 +505,13 @@ async def _completions(ctx: _Ctx) -> web.StreamResponse:
     words, truncated = _apply_limit(c.words, body.get("max_tokens"))
     finish = "length" if truncated else "stop"
     prompt = count_input_tokens(body.get("prompt"))
+    completion = len(words)
+    if c.worst:
+        prompt, completion = worst_prompt_tokens(body), _worst_output(body, len(words))
     usage = {
         "prompt_tokens": prompt,
-        "completion_tokens": len(words),
-        "total_tokens": prompt + len(words),
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
     cmpl_id = ctx.state.new_id("cmpl-")
     created = int(time.time())
@@ -675,14 +724,17 @@ async def _messages(ctx: _Ctx) -> web.StreamResponse:
     words, truncated = _apply_limit(c.words, body.get("max_tokens"))
     stop_reason = "max_tokens" if truncated else "end_turn"
     usage = {
-        "input_tokens": count_input_tokens(body.get("system"), body.get("messages")),
+        # Anthropic reports cache reads and writes apart from input_tokens: at its worst, the
+        # three add up to the worst prompt count.
+        "input_tokens": max(0, worst_prompt_tokens(body) - c.cached - c.cache_write) if c.worst
+        else count_input_tokens(body.get("system"), body.get("messages")),
         "cache_creation_input_tokens": c.cache_write,
         "cache_read_input_tokens": c.cached,
         "cache_creation": {
             "ephemeral_5m_input_tokens": c.cache_write,
             "ephemeral_1h_input_tokens": 0,
         },
-        "output_tokens": len(words),
+        "output_tokens": _worst_output(body, len(words)) if c.worst else len(words),
         "service_tier": "standard",
     }
     message: JSONObj = {

@@ -56,6 +56,8 @@ class Settings:
     sweep_interval_s: float = 1.0
     # Proxies in front of Envoy whose X-Forwarded-For entries are believed (`tollgate up`).
     xff_trusted_hops: int = 0
+    image_tokens: int = 4096  # strict bound of one image, for models without `imageTokens`
+    unpriced: str = "default"  # unpriced models: default | refuse | zero | price-as: <model>
 
     @property
     def journal_path(self) -> str:
@@ -89,6 +91,8 @@ class Settings:
             "TOLLGATE_DEFAULT_MAX_TOKENS": ("default_max_output_tokens", int),
             "TOLLGATE_HOLD_SECONDS": ("hold_seconds", float),
             "TOLLGATE_XFF_TRUSTED_HOPS": ("xff_trusted_hops", int),
+            "TOLLGATE_IMAGE_TOKENS": ("image_tokens", int),
+            "TOLLGATE_UNPRICED": ("unpriced", _unpriced),
         }
         for var, (field, convert) in table.items():
             raw = env.get(var)
@@ -99,3 +103,9 @@ class Settings:
                     raise SystemExit(f"tollgate: invalid value for {var}: {raw!r}") from None
         settings = cls(**values)
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _unpriced(value: str) -> str:
+    if value in ("default", "refuse", "zero") or value.startswith("price-as:"):
+        return value
+    raise ValueError(value)

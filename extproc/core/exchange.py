@@ -46,10 +46,18 @@ import orjson
 from extproc.core import attribution
 from extproc.core.attribution import LIMIT_IDS_HEADERS, TAGS_HEADERS, USER_HEADERS
 from extproc.core.decisions import CONTINUE, BodyMode, Continue, Decision, Deny, HeaderEdit
+from extproc.core.estimate import (
+    Bounds,
+    affordable_output,
+    output_cap,
+    prompt_bound,
+    strict_estimate,
+)
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
 from extproc.core.quota import (
     CredentialCharge,
+    LimitSpec,
     LimitStatus,
     LocalWindows,
     Reservation,
@@ -77,8 +85,15 @@ INTERNAL_PREFIX = "x-tollgate-"
 class Options:
     max_body_bytes: int = 8 * 1024 * 1024
     result_object: bool = True
-    default_max_output_tokens: int = 4096  # estimate cap when a request sets none
+    default_max_output_tokens: int = 4096  # estimate cap for models without output limits
     hold_seconds: float = 600.0  # a reservation not settled by then is settled at its estimate
+    image_tokens: int = 4096  # strict bound of one image for models without `imageTokens`
+    unpriced: str = "default"  # unpriced models, unless the Upstream says: see `_unpriced`
+
+    @property
+    def bounds(self) -> Bounds:
+        return Bounds(image_tokens=self.image_tokens,
+                      default_max_output_tokens=self.default_max_output_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +102,24 @@ class Reserve:
 
     plan: ReservationPlan
     proceed: Continue
+    body: bytes = b""  # the body as it goes upstream, for a clamp to rewrite
+
+
+@dataclass(frozen=True, slots=True)
+class Clamp:
+    """A request whose output cap was lowered to what its limits could still pay for."""
+
+    field: str
+    requested: int | None
+    granted: int
+    limit: str
+
+    def header(self) -> tuple[str, str]:
+        return ("x-tollgate-clamped", f"{self.field}={self.granted}; limit={self.limit}")
+
+    def result(self) -> dict[str, object]:
+        return {"field": self.field, "requested": self.requested, "granted": self.granted,
+                "limit": self.limit}
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +145,11 @@ class Exchange:
     """State of one request/response pair as it moves through the four phases."""
 
     __slots__ = (
+        "_limits",
         "_snapshot",
+        "_subject",
         "admitted",
+        "clamped",
         "client_anthropic_version",
         "client_ip",
         "cooldown_due",
@@ -124,6 +160,7 @@ class Exchange:
         "key",
         "limit_statuses",
         "meter",
+        "model_identity",
         "named_limits",
         "offline",
         "options",
@@ -133,6 +170,8 @@ class Exchange:
         "presented",
         "price",
         "priced",
+        "priced_as",
+        "prompt_bound",
         "request_id",
         "request_tags",
         "reservation",
@@ -175,6 +214,12 @@ class Exchange:
         self._snapshot: Snapshot | None = None
         self.hide_usage_chunk = False  # Tollgate turned include_usage on for this stream
         self.meter: StreamMeter | None = None
+        self.model_identity = ""  # the model for limits and reports (PriceBook.canonical)
+        self.priced_as: str | None = None  # an unpriced model priced as this one
+        self.prompt_bound = 0  # strict bound of the prompt, in tokens (core/estimate.py)
+        self.clamped: Clamp | None = None
+        self._limits: list[LimitSpec] = []
+        self._subject: Subject | None = None
 
     @property
     def holds_reservation(self) -> bool:
@@ -411,9 +456,11 @@ class Exchange:
         self.price = snapshot.price(self.priced_model)
         proceed = Continue(HeaderEdit(tuple(sets), removes), body=new_body, clear_route_cache=True)
         plan = self._plan(snapshot, facts, now)
+        if isinstance(plan, Deny):
+            return plan
         if plan.empty:
             return proceed
-        return Reserve(plan, proceed)
+        return Reserve(plan, proceed, new_body if new_body is not None else body)
 
     def _azure_path(self, upstream: UpstreamSpec, facts: RequestFacts) -> list[tuple[str, str]]:
         """Azure OpenAI wants `/openai/deployments/<deployment>/<operation>?api-version=...`.
@@ -431,37 +478,131 @@ class Exchange:
                      Endpoint.EMBEDDINGS: "embeddings"}[facts.endpoint]
         return [(":path", f"/openai/deployments/{deployment}/{operation}?api-version={version}")]
 
-    def _plan(self, snapshot: Snapshot, facts: RequestFacts, now: float) -> ReservationPlan:
+    def _plan(
+        self, snapshot: Snapshot, facts: RequestFacts, now: float
+    ) -> ReservationPlan | Deny:
         assert self.key is not None and self.upstream is not None
-        price = self.price
-        out_tokens = 0 if facts.endpoint is Endpoint.EMBEDDINGS else (
-            facts.max_output_tokens or self.options.default_max_output_tokens
-        )
-        prompt_tokens = facts.prompt_tokens_estimate
-        estimate = estimate_cost(price, prompt_tokens, out_tokens).total_micros if price else 0
+        self.model_identity = snapshot.prices.canonical(self.priced_model)
         subject = Subject(
             key=self.key.name,
             group=self.key.group,
             user=self.user,
             tags=attribution.limit_tags(self.key.tags, self.key.allowed_request_tags,
                                         self.request_tags),
-            model=facts.model,
+            model=self.model_identity,
             ip=self.client_ip,
+            requested_model=facts.model,
         )
         limits, unknown = applicable(snapshot.limits, subject, self.named_limits)
         self.unknown_limits = tuple(unknown)
+        self._limits, self._subject = limits, subject
+        if self.price is None:
+            refusal = self._unpriced(snapshot, facts, limits)
+            if refusal is not None:
+                return refusal
+        return self._make_plan(now, None)
+
+    def _make_plan(self, now: float, clamp_to: int | None) -> ReservationPlan:
+        """Plan what to reserve; `clamp_to` replaces the request's output cap."""
+        assert self.facts is not None and self._subject is not None and self._snapshot
+        facts, price = self.facts, self.price
+        shape = facts.shape
+        choices = shape.choices if shape is not None else 1
+        requested = facts.max_output_tokens if clamp_to is None else clamp_to
+        embeddings = facts.endpoint is Endpoint.EMBEDDINGS
+        # Rate windows count tokens, not money: they keep the closer estimate (corrected at
+        # settle), so that a request without an output cap is not charged a model's maximum.
+        close_out = 0 if embeddings else (
+            requested or self.options.default_max_output_tokens) * choices
+        prompt_tokens = facts.prompt_tokens_estimate
+        strict = any(lim.block and lim.strict for lim in self._limits)
+        if price is None:
+            estimate = 0
+        elif strict and shape is not None:
+            # Strict Block limits reserve an upper bound of the bill (core/estimate.py).
+            bounds = self.options.bounds
+            self.prompt_bound = prompt_bound(shape, price, bounds)
+            out = 0 if embeddings else output_cap(requested, price, bounds) * choices
+            estimate = strict_estimate(price, self.prompt_bound, out)
+        else:
+            estimate = estimate_cost(price, prompt_tokens, close_out).total_micros
         self.plan = plan_reservation(
             request_id=self.request_id,
             now=now,
-            limits=limits,
-            rate_limits=snapshot.rate_limits,
-            subject=subject,
+            limits=self._limits,
+            rate_limits=self._snapshot.rate_limits,
+            subject=self._subject,
             estimate_micros=estimate,
-            estimate_tokens=prompt_tokens + out_tokens,
+            estimate_tokens=prompt_tokens + close_out,
             hold_seconds=self.options.hold_seconds,
             credentials=self.pool,
         )
         return self.plan
+
+    def _unpriced(
+        self, snapshot: Snapshot, facts: RequestFacts, limits: list[LimitSpec]
+    ) -> Deny | None:
+        """A model without a price. The Upstream's `unpriced` policy (else the global one):
+        `price-as: <model>` prices it as that model; `zero` lets it through at 0 (reported
+        with a warning and a metric); `refuse` refuses it; `default` refuses it only when a
+        Block limit applies, so that no Block budget is ever spent for free."""
+        assert self.upstream is not None
+        policy = self.upstream.unpriced
+        if policy == "default":
+            policy = self.options.unpriced
+        if policy.startswith("price-as:"):
+            target = policy.partition(":")[2].strip()
+            self.price = snapshot.price(target)
+            if self.price is not None:
+                self.priced_as = target
+                return None
+            policy = "refuse"  # the stand-in has no price either: never free
+        if policy == "zero" or (policy == "default" and not any(lim.block for lim in limits)):
+            return None
+        return Deny(
+            400, "model_not_priced",
+            f"Model '{facts.model}' has no price, and "
+            + ("a Block limit applies to this request" if any(lim.block for lim in limits)
+               else f"upstream '{self.upstream.name}' refuses unpriced models")
+            + ". Price it with a PriceTable (spec.models: {" + facts.model
+            + ": {input: <USD per 1M>, output: <USD per 1M>}}), or set the Upstream's "
+            "'unpriced' to 'price-as: <model>' or 'zero'.",
+            extra={"model": facts.model},
+        )
+
+    def clamp(self, reserve: Reserve, reservation: Reservation, now: float) -> Reserve | None:
+        """After a Block refusal: if the refusing limit says `onInsufficient: clamp`, the
+        request fits at a smaller output cap, and at least the limit's minimum fits, the
+        request with that cap (body rewritten) and its smaller reservation; else None."""
+        facts, price, plan = self.facts, self.price, reserve.plan
+        if facts is None or price is None or facts.endpoint is Endpoint.EMBEDDINGS:
+            return None
+        blocking = next((c.limit for c in plan.limits
+                         if c.limit.name == reservation.blocked_limit), None)
+        if blocking is None or not (blocking.clamp and blocking.strict):
+            return None
+        budget = None
+        for status, charge in zip(reservation.limits, plan.limits, strict=True):
+            if not charge.limit.block:
+                continue
+            if not charge.limit.strict:
+                if status.spent_micros > charge.limit.max_micros:
+                    return None  # a reactive limit refuses whatever the cap
+                continue
+            budget = status.remaining_micros if budget is None else min(
+                budget, status.remaining_micros)
+        if budget is None:
+            return None
+        choices = facts.shape.choices if facts.shape is not None else 1
+        current = output_cap(facts.max_output_tokens, price, self.options.bounds)
+        granted = affordable_output(price, self.prompt_bound, choices, budget)
+        minimum = max(c.limit.min_output_tokens for c in plan.limits if c.limit.clamp)
+        if granted < minimum or granted >= current:
+            return None
+        field, body = _set_output_cap(facts.endpoint, reserve.body, granted)
+        self.clamped = Clamp(field, facts.max_output_tokens, granted, blocking.name)
+        proceed = replace(reserve.proceed, body=body)
+        return Reserve(self._make_plan(now, granted), proceed, body)
 
     @property
     def priced_model(self) -> str:
@@ -525,6 +666,11 @@ class Exchange:
             return self._with_credential(reserve.proceed, self.pool[0])
         return reserve.proceed
 
+    def clamp_failed(self, reserve: Reserve) -> None:
+        """The clamped request could not be reserved either: the first refusal stands."""
+        self.clamped = None
+        self.plan = reserve.plan
+
     # -- response headers ------------------------------------------------------------------
 
     def on_response_headers(self, headers: Mapping[str, str]) -> Continue:
@@ -533,6 +679,8 @@ class Exchange:
         sets: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, self.request_id),)
         if self.reservation is not None:
             sets += rate_limit_headers(self.reservation.windows)
+        if self.clamped is not None:
+            sets += (self.clamped.header(),)
         content_type = headers.get("content-type", "")
         if self.facts is None or self.upstream is None:
             return Continue(HeaderEdit(set=sets))  # not an admitted LLM call (e.g. Envoy's 404)
@@ -609,8 +757,16 @@ class Exchange:
             doc = result_object(self.priced)
             doc["limits"] = limits_result(self.limit_statuses)
             doc["unknown_limit_ids"] = list(self.unknown_limits)
+            self._report_estimate(doc)
             result = orjson.dumps(doc)
         return self.meter.closing(result)
+
+    def _report_estimate(self, result: dict[str, object]) -> None:
+        """Clamps and stand-in prices are reported in the result object."""
+        if self.clamped is not None:
+            result["clamped"] = self.clamped.result()
+        if self.priced_as is not None:
+            result["priced_as"] = self.priced_as
 
     def _prompt_estimate(self) -> int:
         return self.facts.prompt_tokens_estimate if self.facts is not None else 0
@@ -620,6 +776,8 @@ class Exchange:
         assert self.facts is not None and self.key is not None and self.upstream is not None
         if self.price is None:
             warnings += ("unknown-model-priced-at-zero",)
+        elif self.priced_as is not None:
+            warnings += (f"unknown-model-priced-as-{self.priced_as}",)
         cost = price_usage(self.price, usage) if self.price is not None else Cost()
         self.priced = Priced(
             request_id=self.request_id,
@@ -642,6 +800,7 @@ class Exchange:
             result = result_object(self.priced)
             result["limits"] = limits_result(self.limit_statuses)
             result["unknown_limit_ids"] = list(self.unknown_limits)
+            self._report_estimate(result)
             new_body = splice_result(body, result)
         return Continue(edit, body=new_body)
 
@@ -658,6 +817,26 @@ def _retry_after_ms(headers: Mapping[str, str]) -> int:
         if parsed > 0:
             return int(parsed * scale)
     return 0
+
+
+# The field a clamp writes when the request had none (OpenAI chat's current name).
+_DEFAULT_CAP_FIELD = {
+    Endpoint.CHAT: "max_completion_tokens",
+    Endpoint.COMPLETIONS: "max_tokens",
+    Endpoint.RESPONSES: "max_output_tokens",
+    Endpoint.MESSAGES: "max_tokens",
+}
+_CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def _set_output_cap(endpoint: Endpoint, body: bytes, cap: int) -> tuple[str, bytes]:
+    """The body with its output cap set to `cap` (every cap field it has, else the endpoint's
+    field), and the field's name."""
+    doc = orjson.loads(body)
+    present = [name for name in _CAP_FIELDS if doc.get(name) is not None]
+    for name in present or [_DEFAULT_CAP_FIELD[endpoint]]:
+        doc[name] = cap
+    return (present or [_DEFAULT_CAP_FIELD[endpoint]])[0], orjson.dumps(doc)
 
 
 _AUTH_HEADER = {"anthropic": "x-api-key", "azure-openai": "api-key"}

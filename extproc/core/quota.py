@@ -51,7 +51,11 @@ class Selector:
             return False
         if self.tags and not set(self.tags) & set(subject.tags):
             return False
-        return not self.models or any(fnmatch.fnmatchcase(subject.model, p) for p in self.models)
+        return not self.models or any(
+            fnmatch.fnmatchcase(subject.model, p)
+            or (subject.requested_model and fnmatch.fnmatchcase(subject.requested_model, p))
+            for p in self.models
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,8 @@ class LimitSpec:
     strict: bool  # enforcement strict (reservation) vs reactive
     fail_open: bool  # admit when Redis is unreachable (Block limits fail closed by default)
     selector: Selector
+    clamp: bool = False  # onInsufficient: clamp (lower the output cap) instead of refusing
+    min_output_tokens: int = 16  # the smallest output cap a clamp may leave
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +91,9 @@ class Subject:
     group: str
     user: str
     tags: tuple[str, ...]
-    model: str
+    model: str  # the model's identity: a dated name's priced base model (PriceBook.canonical)
     ip: str
+    requested_model: str = ""  # the exact name asked for, when it differs from `model`
 
 
 def scope_id(rate_limit: RateLimitSpec, subject: Subject) -> str:

@@ -15,6 +15,7 @@ import orjson
 
 from extproc.core.attribution import MAX_USER_CHARS
 from extproc.core.decisions import Deny
+from extproc.core.shape import PromptScan, PromptShape, prompt_shape
 
 
 class Endpoint(enum.Enum):
@@ -77,11 +78,6 @@ _MAX_FIELDS = {
     Endpoint.MODELS: (),
 }
 
-# A non-text content part (image, audio, file) is counted as this many characters of prompt:
-# about 1k tokens, a middle-of-the-road image cost. Only the estimate depends on it.
-_NON_TEXT_PART_CHARS = 4000
-
-
 @dataclass(frozen=True, slots=True)
 class RequestFacts:
     endpoint: Endpoint
@@ -91,6 +87,7 @@ class RequestFacts:
     include_usage: bool
     user: str | None
     prompt_chars: int
+    shape: PromptShape | None = None  # what the strict bound needs (core/estimate.py)
 
     @property
     def prompt_tokens_estimate(self) -> int:
@@ -128,24 +125,6 @@ def _nested_deeper(body: bytes, doc: object, limit: int) -> bool:
 
 def _bad(message: str) -> Deny:
     return Deny(400, "invalid_request", message)
-
-
-def _text_chars(value: object) -> int:
-    """Characters of text in a prompt-like value: str, list of parts/messages, or dict."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_chars(item) for item in value)
-    if isinstance(value, dict):
-        if "text" in value and isinstance(value["text"], str):
-            return len(value["text"])
-        if "content" in value:
-            return _text_chars(value["content"])
-        part_type = value.get("type")
-        if isinstance(part_type, str) and part_type not in ("text", "input_text"):
-            return _NON_TEXT_PART_CHARS
-        return 0
-    return 0
 
 
 _PROMPT_FIELDS = {
@@ -234,7 +213,8 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
         # It may end up in usage events: a client must not be able to fill Redis with it.
         return _bad(f"Field 'user' must be at most {MAX_USER_CHARS} characters.")
 
-    prompt_chars = sum(_text_chars(doc.get(name)) for name in _PROMPT_FIELDS[endpoint])
+    scan = PromptScan()
+    prompt_chars = sum(scan.chars(doc.get(name)) for name in _PROMPT_FIELDS[endpoint])
     return RequestFacts(
         endpoint=endpoint,
         model=model,
@@ -243,4 +223,5 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
         include_usage=include_usage,
         user=user,
         prompt_chars=prompt_chars,
+        shape=prompt_shape(endpoint.value, doc, body, scan),
     )

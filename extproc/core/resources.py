@@ -19,7 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from extproc.core.periods import PERIODS
-from extproc.core.pricing import ModelPrice, usd_to_micros
+from extproc.core.pricing import LongContext, ModelPrice, usd_to_micros
 from extproc.core.quota import LimitSpec, RateLimitSpec, Selector
 
 API_VERSION = "tollgate.io/v1alpha1"
@@ -175,7 +175,10 @@ def _virtual_key(f: _Fields) -> dict[str, Any]:
     return spec
 
 
-_PRICE_FIELDS = ("input", "output", "cachedInput", "cacheWrite", "reasoning")
+_PRICE_FIELDS = ("input", "output", "cachedInput", "cacheWrite", "cacheWrite1h", "reasoning")
+# Model limits that bound strict estimates (core/estimate.py), in tokens.
+_MODEL_LIMIT_FIELDS = ("maxOutputTokens", "contextWindow", "imageTokens")
+_LONG_CONTEXT_FIELDS = ("input", "output", "cachedInput", "cacheWrite")
 
 
 def _price_table(f: _Fields) -> dict[str, Any]:
@@ -195,6 +198,22 @@ def _price_table(f: _Fields) -> dict[str, Any]:
             value = entry.number(name, required=name in ("input", "output"))
             if value is not None:
                 price[name] = value
+        for name in _MODEL_LIMIT_FIELDS:
+            limit = entry.integer(name, minimum=1)
+            if limit is not None:
+                price[name] = limit
+        tier = entry.mapping("longContext")
+        if tier is not None:
+            long_context: dict[str, float | int] = {
+                "above": tier.integer("above", minimum=1) or 0}
+            if not long_context["above"]:
+                raise tier.error("above", "is required (prompt tokens above which it applies)")
+            for name in _LONG_CONTEXT_FIELDS:
+                value = tier.number(name, required=name in ("input", "output"))
+                if value is not None:
+                    long_context[name] = value
+            tier.done()
+            price["longContext"] = long_context  # type: ignore[assignment]
         entry.done()
         out[str(model)] = price
     return {"currency": currency, "models": out}
@@ -267,8 +286,12 @@ def _upstream(f: _Fields) -> dict[str, Any]:
                 raise cooldown.error("statuses", "must be a list of HTTP status codes 400-599")
             cooldown_spec["statuses"] = statuses
         cooldown.done()
+    unpriced = f.string("unpriced", "default")
+    if not _UNPRICED.match(unpriced):
+        raise f.error("unpriced", "must be default, refuse, zero or 'price-as: <model>'")
     return {
         "provider": provider,
+        "unpriced": unpriced,
         "cluster": f.string("cluster", required=True),
         "models": f.strings("models") or ["*"],
         "priority": f.integer("priority", 100),
@@ -311,7 +334,12 @@ def _limit(f: _Fields) -> dict[str, Any]:
     enforcement = f.string("enforcement", "strict")
     if enforcement not in ("strict", "reactive"):
         raise f.error("enforcement", "must be strict or reactive")
+    on_insufficient = f.string("onInsufficient", "refuse")
+    if on_insufficient not in ON_INSUFFICIENT:
+        raise f.error("onInsufficient", f"must be one of {', '.join(ON_INSUFFICIENT)}")
     return {
+        "onInsufficient": on_insufficient,
+        "minOutputTokens": f.integer("minOutputTokens", 16, minimum=1),
         "type": kind,
         "max": maximum,
         "threshold": 1.0 if threshold is None else threshold,
@@ -324,6 +352,10 @@ def _limit(f: _Fields) -> dict[str, Any]:
 
 
 RATE_SCOPES = ("key", "user", "group", "model", "ip", "global")
+# What a Block limit does with a request whose estimate does not fit the remaining budget.
+ON_INSUFFICIENT = ("refuse", "clamp")
+# What an upstream does with a model that has no price (core/estimate.py).
+_UNPRICED = re.compile(r"^(default|refuse|zero|price-as: ?[^\s]+)$")
 
 
 def _rate_limit(f: _Fields) -> dict[str, Any]:
@@ -443,11 +475,23 @@ def model_prices(resource: Resource) -> dict[str, ModelPrice]:
             for field, key in (
                 ("cached_input", "cachedInput"),
                 ("cache_write", "cacheWrite"),
+                ("cache_write_1h", "cacheWrite1h"),
                 ("reasoning", "reasoning"),
             )
         }
+        lc = p.get("longContext")
+        long_context = None if lc is None else LongContext(
+            above=int(lc["above"]), input=usd_to_micros(lc["input"]),
+            output=usd_to_micros(lc["output"]),
+            cached_input=usd_to_micros(lc["cachedInput"]) if "cachedInput" in lc else None,
+            cache_write=usd_to_micros(lc["cacheWrite"]) if "cacheWrite" in lc else None,
+        )
         out[model] = ModelPrice(
-            input=usd_to_micros(p["input"]), output=usd_to_micros(p["output"]), **optional
+            input=usd_to_micros(p["input"]), output=usd_to_micros(p["output"]), **optional,
+            long_context=long_context,
+            max_output_tokens=p.get("maxOutputTokens"),
+            context_window=p.get("contextWindow"),
+            image_tokens=p.get("imageTokens"),
         )
     return out
 
@@ -476,6 +520,7 @@ class UpstreamSpec:
     cooldown_ms: int = 30_000
     cooldown_max_ms: int = 600_000
     cooldown_statuses: tuple[int, ...] = DEFAULT_COOLDOWN_STATUSES
+    unpriced: str = "default"  # default | refuse | zero | price-as: <model>
 
 
 def upstream_spec(resource: Resource) -> UpstreamSpec:
@@ -500,6 +545,7 @@ def upstream_spec(resource: Resource) -> UpstreamSpec:
         cooldown_max_ms=int((s.get("cooldown") or {}).get("maxSeconds", 600)) * 1000,
         cooldown_statuses=tuple((s.get("cooldown") or {}).get(
             "statuses", DEFAULT_COOLDOWN_STATUSES)),
+        unpriced=s.get("unpriced", "default"),
     )
 
 
@@ -523,6 +569,8 @@ def limit_spec(resource: Resource) -> LimitSpec:
         strict=s.get("enforcement", "strict") == "strict",
         fail_open=bool(s.get("failOpen", False)),
         selector=_selector_of(s),
+        clamp=s.get("onInsufficient", "refuse") == "clamp",
+        min_output_tokens=int(s.get("minOutputTokens", 16)),
     )
 
 

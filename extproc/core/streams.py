@@ -165,6 +165,7 @@ class StreamMeter:
                 cached_input=self.usage.cached_input,
                 cache_write=self.usage.cache_write,
                 reasoning=self.usage.reasoning,
+                cache_write_1h=self.usage.cache_write_1h,
             )
         return Usage(input=prompt_tokens_estimate, output=seen_output)
 

@@ -24,6 +24,7 @@ class Usage:
     cached_input: int = 0
     cache_write: int = 0
     reasoning: int = 0
+    cache_write_1h: int = 0  # the part of cache_write kept for an hour (Anthropic bills 2x)
 
     @property
     def total(self) -> int:
@@ -69,6 +70,7 @@ def usage_from_anthropic(usage: Any) -> Usage:
         output=_count(usage, "output_tokens"),
         cached_input=cached,
         cache_write=written,
+        cache_write_1h=min(written, _count(usage, "cache_creation", "ephemeral_1h_input_tokens")),
     )
 
 

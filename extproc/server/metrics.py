@@ -62,6 +62,10 @@ FAIL_OPEN = Counter(
 LIMIT_DENIALS = Counter(
     "tollgate_limit_denials_total", "Requests refused by a spend limit.", ["limit"]
 )
+CLAMPED = Counter(
+    "tollgate_clamped_requests_total",
+    "Requests whose output cap was lowered to fit a limit (onInsufficient: clamp).",
+)
 CRED_REQUESTS = Counter(
     "tollgate_credential_requests_total", "Requests sent with a pooled credential.",
     ["upstream", "credential"],

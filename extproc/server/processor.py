@@ -30,6 +30,7 @@ from extproc.core.keys import find_key
 from extproc.core.quota import (
     LimitStatus,
     LocalWindows,
+    Reservation,
     interpret_reservation,
     project_settlement,
 )
@@ -267,8 +268,35 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             metrics.CRED_RPM.labels(cred.upstream, cred.name).set(reservation.credential_requests)
             metrics.CRED_TPM.labels(cred.upstream, cred.name).set(reservation.credential_tokens)
         if reservation.blocked_limit:
+            clamped = exchange.clamp(reserve, reservation, time.time())
+            if clamped is not None:
+                # `onInsufficient: clamp`: reserve again for the smaller output cap. A second
+                # round trip, only on this path; the first refusal held nothing.
+                retry = await self._reserve_clamped(exchange, clamped, started)
+                if retry is not None:
+                    reserve, reservation = clamped, retry
+                else:
+                    exchange.clamp_failed(reserve)
+        if reservation.blocked_limit:
             metrics.LIMIT_DENIALS.labels(reservation.blocked_limit).inc()
         return exchange.on_reserved(reserve, reservation)
+
+    async def _reserve_clamped(
+        self, exchange: Exchange, clamped: Reserve, started: float
+    ) -> Reservation | None:
+        plan = clamped.plan
+        base = self._event(exchange, Settlement(plan.estimate_micros, plan.estimate_tokens, 0,
+                                                "expired"), started)
+        try:
+            reply = await self.quota.reserve(plan, base)
+        except StoreUnavailable:
+            metrics.REDIS_ERRORS.labels("reserve").inc()
+            return None
+        reservation = interpret_reservation(plan, reply)
+        if reservation.denial is not None:
+            return None  # spent by others in between: the first refusal stands
+        metrics.CLAMPED.inc()
+        return reservation
 
     def _settle_call(self, exchange: Exchange, due: Settlement, started: float) -> SettleCall:
         event = self._event(exchange, due, started)
@@ -330,7 +358,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             user=exchange.user,
             group=key.group,
             tags=list(dict.fromkeys(key.tags + exchange.request_tags)),
-            model=facts.model,
+            model=exchange.model_identity or facts.model,
             provider=upstream.provider if upstream else "",
             upstream=upstream.name if upstream else "",
             endpoint=facts.endpoint.value,

@@ -58,6 +58,8 @@ async def run_worker(settings: Settings, index: int) -> None:
         result_object=settings.result_object,
         default_max_output_tokens=settings.default_max_output_tokens,
         hold_seconds=settings.hold_seconds,
+        image_tokens=settings.image_tokens,
+        unpriced=settings.unpriced,
     )
 
     limit = settings.grpc_max_message_bytes

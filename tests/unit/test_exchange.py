@@ -557,9 +557,12 @@ def test_response_is_priced(
 def test_unknown_model_is_priced_at_zero_with_a_warning(
     snapshot: Snapshot, golden: Callable[[str], bytes]
 ) -> None:
-    # the golden Anthropic request asks for claude-sonnet-4-6, which builtin.yaml does not price
+    # the golden Anthropic request, for a model builtin.yaml does not price; no Block limit
+    # applies, so the default policy lets it through at zero, reported
+    request = orjson.loads(golden("anthropic_messages.request.json"))
+    request["model"] = "claude-unpriced-9"
     _, decision = _respond(
-        snapshot, MESSAGES_PATH, golden("anthropic_messages.request.json"),
+        snapshot, MESSAGES_PATH, orjson.dumps(request),
         golden("anthropic_messages.response.json"),
     )
     headers = dict(decision.headers.set)

@@ -7,6 +7,7 @@ the top of `extproc/store/lua/reserve.lua` and `settle.lua`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +26,6 @@ from extproc.core.exchange import (
     Settlement,
 )
 from extproc.core.keys import find_key, hash_key
-from extproc.core.pricing import estimate_cost
 from extproc.core.quota import (
     LimitStatus,
     LocalWindows,
@@ -186,55 +186,63 @@ def reserved(
 # ---- request body: the plan ------------------------------------------------------------------
 
 
+def strict_bound(body: dict[str, Any], input_usd: float, output_usd: float, out: int,
+                 window: int | None = None) -> int:
+    """docs/budgets.md, worked by hand: prompt <= body bytes + 64 (capped by the context
+    window), each part rounded up plus one micro-dollar."""
+    prompt = len(orjson.dumps(body)) + 64
+    if window is not None:
+        prompt = min(prompt, window)
+    micros = math.ceil(prompt * input_usd) + 1
+    return micros + (math.ceil(out * output_usd) + 1 if out else 0)
+
+
 @pytest.mark.parametrize(
-    ("path", "body", "options", "model", "prompt", "output", "micros"),
+    ("path", "body", "options", "tokens", "micros"),
     [
-        # gpt-4o {input: 2.50, output: 10.00}; 40 chars -> 10 tokens
-        # 10 * 2.5 = 25; 100 * 10 = 1000
-        (CHAT_PATH, chat(max_tokens=100), DEFAULT, "gpt-4o", 10, 100, 1_025),
-        (CHAT_PATH, chat(max_completion_tokens=50, max_tokens=999), DEFAULT, "gpt-4o", 10, 50,
-         525),
-        # no cap in the request: the configured default (4096 -> 40960)
-        (CHAT_PATH, chat(), DEFAULT, "gpt-4o", 10, 4096, 40_985),
-        (CHAT_PATH, chat(), Options(default_max_output_tokens=200), "gpt-4o", 10, 200, 2_025),
-        # 41 chars round up to 11 tokens: 27.5 -> 28
-        (CHAT_PATH, chat(chars=41, max_tokens=1), DEFAULT, "gpt-4o", 11, 1, 38),
-        # the alias target is priced: gpt-4o-mini {0.15, 0.60}: 1.5 -> 2; 60
-        (CHAT_PATH, chat("fast", max_tokens=100), DEFAULT, "gpt-4o-mini", 10, 100, 62),
-        # embeddings have no output: text-embedding-3-large {0.13}: 1000 * 0.13 = 130
+        # gpt-4o {input: 2.50, output: 10.00}; 40 chars -> 10 tokens for rate windows
+        (CHAT_PATH, chat(max_tokens=100), DEFAULT, 110,
+         strict_bound(chat(max_tokens=100), 2.5, 10, 100)),
+        (CHAT_PATH, chat(max_completion_tokens=50, max_tokens=999), DEFAULT, 60,
+         strict_bound(chat(max_completion_tokens=50, max_tokens=999), 2.5, 10, 50)),
+        # no cap in the request: the model's maximum output (gpt-4o: 16384), not 4096; rate
+        # windows keep counting the configured default
+        (CHAT_PATH, chat(), DEFAULT, 10 + 4096, strict_bound(chat(), 2.5, 10, 16_384)),
+        (CHAT_PATH, chat(), Options(default_max_output_tokens=200), 10 + 200,
+         strict_bound(chat(), 2.5, 10, 16_384)),
+        # n choices each write up to the cap
+        (CHAT_PATH, chat(max_tokens=100, n=3), DEFAULT, 310,
+         strict_bound(chat(max_tokens=100, n=3), 2.5, 10, 300)),
+        # the alias target is priced: gpt-4o-mini {0.15, 0.60}
+        (CHAT_PATH, chat("fast", max_tokens=100), DEFAULT, 110,
+         strict_bound(chat("fast", max_tokens=100), 0.15, 0.6, 100)),
+        # embeddings have no output; the prompt is capped by the context window (8191)
         ("/v1/embeddings", {"model": "text-embedding-3-large", "input": "x" * 4000}, DEFAULT,
-         "text-embedding-3-large", 1000, 0, 130),
-        ("/v1/embeddings", {"model": "text-embedding-3-large", "input": "x" * 4000},
-         Options(default_max_output_tokens=10), "text-embedding-3-large", 1000, 0, 130),
-        # claude-sonnet-4-5 {3.00, 15.00}: messages + system = 48 chars -> 12 tokens: 36 + 1500
+         1000, strict_bound({"model": "text-embedding-3-large", "input": "x" * 4000}, 0.13, 0,
+                            0)),
+        ("/v1/embeddings", {"model": "text-embedding-3-large", "input": "x" * 40000}, DEFAULT,
+         10000, math.ceil(8191 * 0.13) + 1),
+        # claude-sonnet-4-5: every prompt token at the highest input rate, a one-hour cache
+        # write (6.00), output 15.00
         ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 100, "system": "y" * 8,
-                          "messages": [{"role": "user", "content": "x" * 40}]}, DEFAULT,
-         "claude-sonnet-4-5", 12, 100, 1_536),
-        # unknown model: routed (the catch-all upstream), not priced: estimate 0
-        (CHAT_PATH, chat("mystery-model", max_tokens=100), DEFAULT, None, 10, 100, 0),
+                          "messages": [{"role": "user", "content": "x" * 40}]}, DEFAULT, 112,
+         strict_bound({"model": "claude-sonnet-4-5", "max_tokens": 100, "system": "y" * 8,
+                       "messages": [{"role": "user", "content": "x" * 40}]}, 6, 15, 100)),
     ],
 )
-def test_reserve_plan_estimate(
+def test_reserve_plan_estimate_is_the_strict_bound(
     snapshot: Snapshot,
     path: str,
     body: dict[str, Any],
     options: Options,
-    model: str | None,
-    prompt: int,
-    output: int,
+    tokens: int,
     micros: int,
 ) -> None:
     exchange, decision = send(snapshot, CAPPED, body, path=path, options=options)
     assert isinstance(decision, Reserve), decision
     plan = decision.plan
     assert plan.estimate_micros == micros
-    assert plan.estimate_tokens == prompt + output
-    if model is None:
-        assert snapshot.price(body["model"]) is None
-    else:
-        price = snapshot.price(model)
-        assert price is not None
-        assert plan.estimate_micros == estimate_cost(price, prompt, output).total_micros
+    assert plan.estimate_tokens == tokens
     assert exchange.plan is plan
     assert plan.request_id == REQUEST_ID
 
@@ -528,7 +536,10 @@ def test_local_windows_refuse_once_full(snapshot: Snapshot) -> None:
 
 # ---- response headers ------------------------------------------------------------------------
 
-ESTIMATE = 1_025  # gpt-4o, 10 prompt tokens + max_tokens 100 (see test_reserve_plan_estimate)
+# gpt-4o, max_tokens 100. Without a strict Block limit: the closer estimate, 10 prompt tokens
+# (each part rounded up, plus one); with one: the strict bound (body bytes).
+ESTIMATE = 1_027
+STRICT_ESTIMATE = strict_bound(chat(max_tokens=100), 2.5, 10, 100)
 
 
 @pytest.mark.parametrize(
@@ -538,8 +549,8 @@ ESTIMATE = 1_025  # gpt-4o, 10 prompt tokens + max_tokens 100 (see test_reserve_
         ("503", "text/plain", Settlement(0, 0, 503, "upstream_error"), False),
         ("429", "application/json", Settlement(0, 0, 429, "upstream_error"), False),
         ("400", "application/json", Settlement(0, 0, 400, "upstream_error"), False),
-        ("200", "text/plain", Settlement(ESTIMATE, 110, 200, "unpriced_response"), False),
-        ("200", "", Settlement(ESTIMATE, 110, 200, "unpriced_response"), False),
+        ("200", "text/plain", Settlement(STRICT_ESTIMATE, 110, 200, "unpriced_response"), False),
+        ("200", "", Settlement(STRICT_ESTIMATE, 110, 200, "unpriced_response"), False),
         ("200", "application/json", None, True),
         ("201", "application/json; charset=utf-8", None, True),
     ],
@@ -624,13 +635,13 @@ def test_response_body_journaled_reports_reservation_states(snapshot: Snapshot) 
     headers = dict(reply.headers.set)
     assert headers["x-tollgate-limits"] == limit_headers(reservation.limits)[0][1]
     # at reservation: 8 spent + the estimate held against a 10 max, threshold 8 -> exceeded
-    assert "block-monthly;state=exceeded;remaining=1.998975;max=10.000000" in (
+    assert "block-monthly;state=exceeded;remaining=1.998545;max=10.000000" in (
         headers["x-tollgate-limits"]
     )
     assert reply.body is not None
     result = orjson.loads(reply.body)["xproxy_result"]
     assert result["limits"] == limits_result(reservation.limits)
-    assert result["limits"]["block-monthly"]["held"] == ESTIMATE / USD
+    assert result["limits"]["block-monthly"]["held"] == STRICT_ESTIMATE / USD
 
 
 def test_response_body_without_result_object_still_has_limit_headers(
@@ -684,7 +695,7 @@ def test_abort_when_not_admitted(snapshot: Snapshot) -> None:
 def test_abort_without_a_response_records_the_estimate(snapshot: Snapshot) -> None:
     exchange, _, _, _ = reserved(snapshot)
     exchange.admitted = True
-    assert exchange.settlement_on_abort() == Settlement(ESTIMATE, 110, 0, "aborted")
+    assert exchange.settlement_on_abort() == Settlement(STRICT_ESTIMATE, 110, 0, "aborted")
     assert exchange.settled
     assert exchange.settlement_on_abort() is None
 
@@ -695,7 +706,7 @@ def test_abort_after_2xx_headers_before_the_body_records_the_estimate(
     exchange, _, _, _ = reserved(snapshot)
     exchange.admitted = True
     exchange.on_response_headers({":status": "200", "content-type": "application/json"})
-    assert exchange.settlement_on_abort() == Settlement(ESTIMATE, 110, 200, "aborted")
+    assert exchange.settlement_on_abort() == Settlement(STRICT_ESTIMATE, 110, 200, "aborted")
     assert exchange.settlement_on_abort() is None
 
 

@@ -83,7 +83,10 @@ FULL: dict[str, dict[str, Any]] = {
         "currency": "USD",
         "models": {
             "m": {"input": 1, "output": 2.5, "cachedInput": 0.1, "cacheWrite": 1.25,
-                  "reasoning": 3},
+                  "cacheWrite1h": 2, "reasoning": 3, "maxOutputTokens": 1000,
+                  "contextWindow": 4000, "imageTokens": 100,
+                  "longContext": {"above": 2000, "input": 2, "output": 5, "cachedInput": 0.2,
+                                  "cacheWrite": 2.5}},
         },
     },
     "Upstream": {

@@ -85,6 +85,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
                 "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "unpriced": "default",
                 "credentials": [], "cooldown": COOLDOWN,
             },
         ),
@@ -102,6 +103,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "priority": 5, "aliases": {"fast": "gpt-4o-mini"},
                 "azure": {"apiVersion": "2024-10-21", "deployments": {}},
                 "anthropicVersion": "2023-06-01",
+                "unpriced": "default",
                 "credentials": [
                     {"name": "a", "secretRef": "AZURE_KEY", "rpm": None, "tpm": None,
                      "isFallback": False},
@@ -117,6 +119,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
                 "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "unpriced": "default",
                 "credentials": [], "cooldown": COOLDOWN,
             },
         ),
@@ -127,7 +130,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "provider": "anthropic", "cluster": "anthropic", "models": ["*"],
                 "priority": 100, "aliases": {}, "azure": None,
-                "anthropicVersion": "2023-06-01", "credentials": [],
+                "anthropicVersion": "2023-06-01", "unpriced": "default", "credentials": [],
                 "cooldown": {"seconds": 5, "maxSeconds": 120, "statuses": [429, 529]},
             },
         ),
@@ -137,6 +140,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
                 "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "unpriced": "default",
                 "credentials": [],
                 "cooldown": {**COOLDOWN, "seconds": 0},
             },
@@ -158,6 +162,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "type": "Block", "max": 100, "threshold": 1.0, "period": "none",
                 "timeZone": "UTC", "enforcement": "strict", "failOpen": False,
+                "onInsufficient": "refuse", "minOutputTokens": 16,
                 "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": []},
             },
         ),
@@ -167,6 +172,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "type": "Allow", "max": 0, "threshold": 1.0, "period": "none",
                 "timeZone": "UTC", "enforcement": "strict", "failOpen": False,
+                "onInsufficient": "refuse", "minOutputTokens": 16,
                 "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": []},
             },
         ),
@@ -180,6 +186,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "type": "Allow", "max": 12.5, "threshold": 0.5, "period": "week",
                 "timeZone": "Europe/Berlin", "enforcement": "reactive", "failOpen": True,
+                "onInsufficient": "refuse", "minOutputTokens": 16,
                 "selector": {"keys": [], "groups": ["team-a"], "users": [], "tags": [],
                              "models": ["gpt-4o*"]},
             },
