@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 import yaml
@@ -34,6 +34,9 @@ from extproc.core.resources import (
 )
 from extproc.settings import DEFAULT_REDIS_URL, Settings
 from extproc.store.redis_store import Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from extproc import envoyconf
 
 T = TypeVar("T")
 
@@ -362,6 +365,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             envoy_concurrency=args.envoy_concurrency,
             redis_data_dir=None if explicit else tollgate_home() / "data",
             azure_host=args.azure_host,
+            tls=_listener_tls(args),
         )
     except StartupError as exc:
         raise CliError(str(exc)) from None
@@ -387,6 +391,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack.stop()
     print("stopped")
     return 0
+
+
+def _listener_tls(args: argparse.Namespace) -> envoyconf.ListenerTls | None:
+    """`up`'s --tls-* flags as an envoyconf.ListenerTls (absolute paths), or None."""
+    from extproc import envoyconf
+
+    if not (args.tls_cert or args.tls_key or args.tls_client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise CliError("--tls-cert and --tls-key go together")
+    files = [args.tls_cert, args.tls_key, *([args.tls_client_ca] if args.tls_client_ca else [])]
+    for name in files:
+        if not Path(name).is_file():
+            raise CliError(f"no such file: {name}")
+    cert, key, *ca = (str(Path(name).absolute()) for name in files)
+    return envoyconf.ListenerTls(cert, key, ca[0] if ca else None)
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
@@ -418,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads (2)")
     up.add_argument("--azure-host", default="YOUR-RESOURCE.openai.azure.com",
                     help="Azure OpenAI resource host for the azure-openai cluster")
+    up.add_argument("--tls-cert", metavar="FILE",
+                    help="serve HTTPS with this certificate chain (PEM; reloaded when it changes)")
+    up.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
+    up.add_argument("--tls-client-ca", metavar="FILE",
+                    help="require client certificates signed by this CA (PEM)")
     up.set_defaults(func=cmd_up)
 
     serve = sub.add_parser("serve", help="run the ext_proc gRPC server (the sidecar process)")

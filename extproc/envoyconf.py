@@ -515,7 +515,9 @@ def render_bootstrap(
     """Build a complete Envoy v3 bootstrap as a plain dict.
 
     ``tls`` serves the main listener over TLS (certificates through the files of
-    ``sds_documents(tls)``, which the caller writes). ``bypass_port`` adds a second listener without the ext_proc filter that sends every request
+    ``sds_documents(tls)``, which the caller writes).
+
+    ``bypass_port`` adds a second listener without the ext_proc filter that sends every request
     straight to ``bypass_cluster``; the benchmark uses it to measure Envoy → upstream alone in
     the same Envoy process.
     """
@@ -563,7 +565,10 @@ def render_bootstrap(
             )
         )
 
+    # File-based SDS (the TLS certificates) refuses to start without a node id and cluster.
+    node = {"node": {"id": "tollgate", "cluster": "tollgate"}} if tls is not None else {}
     return {
+        **node,
         # Admin exposes /quitquitquit and config dumps: keep it on loopback unless told otherwise.
         "admin": {"address": _socket_address(admin_address, admin_port)},
         "static_resources": {

@@ -9,6 +9,7 @@ process group), SIGTERM first and SIGKILL if it does not go.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -259,10 +260,11 @@ class Stack:
     mock_port: int | None = None
     bypass_port: int | None = None
     processes: list[Managed] = field(default_factory=list)
+    tls: bool = False
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         for proc in reversed(self.processes):  # Envoy first, Redis last
@@ -285,7 +287,10 @@ def start_stack(
     redis_data_dir: Path | None = None,
     azure_host: str = envoyconf.DEFAULT_AZURE_HOST,
     extra_clusters: tuple[envoyconf.ClusterSpec, ...] = (),
+    tls: envoyconf.ListenerTls | None = None,
 ) -> Stack:
+    """Start the stack; with ``tls`` the listener serves HTTPS, reading the certificate files
+    through SDS documents written next to the bootstrap (so rotated files are picked up)."""
     processes: list[Managed] = []
     try:
         if redis_url is None:
@@ -307,6 +312,10 @@ def start_stack(
         processes.append(extproc)
         admin_port = free_port()
         bypass_port = free_port() if bypass else None
+        if tls is not None:
+            tls = dataclasses.replace(tls, sds_dir=str(log_dir.resolve()))
+            for name, document in envoyconf.sds_documents(tls).items():
+                (log_dir / name).write_text(envoyconf.to_yaml(document))
         config = envoyconf.render_bootstrap(
             clusters=[*clusters, *extra_clusters],
             listen_port=port,
@@ -314,13 +323,15 @@ def start_stack(
             extproc_port=ports.grpc,
             bypass_port=bypass_port,
             bypass_cluster="openai" if bypass else None,
+            tls=tls,
         )
         processes.append(start_envoy(log_dir, config, admin_port, envoy_concurrency))
     except BaseException:
         for proc in reversed(processes):
             proc.stop()
         raise
-    return Stack(port, redis_url, ports, admin_port, log_dir, mock_port, bypass_port, processes)
+    return Stack(port, redis_url, ports, admin_port, log_dir, mock_port, bypass_port, processes,
+                 tls=tls is not None)
 
 
 # ---- where `tollgate up` left its Redis --------------------------------------------------
