@@ -228,7 +228,9 @@ def tls_stack(
 
 
 @pytest.fixture(scope="module")
-def tls_key(cli: CliRunner, tls_stack: Stack, ca: Issued, tmp_path_factory: pytest.TempPathFactory) -> str:
+def tls_key(
+    cli: CliRunner, tls_stack: Stack, ca: Issued, tmp_path_factory: pytest.TempPathFactory
+) -> str:
     key = cli("keys", "create", "tls-" + uuid.uuid4().hex[:8]).stdout.strip().splitlines()[-1]
     context = trusting(ca, tmp=tmp_path_factory.mktemp("ctx"))
 
