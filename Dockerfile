@@ -17,6 +17,7 @@ RUN python3 -m venv /opt/tollgate \
         --find-links /wheels tollgate \
  && /opt/tollgate/bin/pip uninstall --yes pip \
  && /opt/tollgate/bin/tollgate --help >/dev/null \
+ && /opt/tollgate/bin/python -c "import zoneinfo; zoneinfo.ZoneInfo('Europe/Paris')" \
  && /opt/tollgate/bin/envoy --version
 
 FROM ${BASE}

@@ -107,25 +107,29 @@ def image() -> Iterator[str]:
 
 
 @dataclass
-class Pod:
-    id: str
-    yaml_path: Path
+class Pods:
+    """The pods one `podman kube play` started, by id."""
+
+    ids: list[str]
 
     def stop(self, grace_s: int = 30) -> None:
-        podman("pod", "stop", "--time", str(grace_s), self.id, check=False, timeout=grace_s + 60)
+        for pod_id in self.ids:
+            podman("pod", "stop", "--time", str(grace_s), pod_id, check=False,
+                   timeout=grace_s + 60)
 
     def remove(self) -> None:
-        podman("pod", "rm", "--force", self.id, check=False)
+        for pod_id in self.ids:
+            podman("pod", "rm", "--force", pod_id, check=False)
 
     def logs(self) -> str:
-        return podman("pod", "logs", self.id, check=False)
+        return "\n".join(podman("pod", "logs", pod_id, check=False) for pod_id in self.ids)
 
 
-def play(docs: list[dict[str, Any]], path: Path) -> Pod:
+def play(docs: list[dict[str, Any]], path: Path) -> Pods:
     path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-    out = podman("kube", "play", "--network", "host", str(path))
-    lines = out.split()
-    return Pod(lines[lines.index("Pod:") + 1], path)
+    out = podman("kube", "play", "--network", "host", str(path)).split()
+    # Output: "Pod:", <pod id>, "Container:", <container ids>..., per pod.
+    return Pods([out[i + 1] for i, word in enumerate(out) if word == "Pod:"])
 
 
 def simple_pod(name: str, image: str, command: list[str]) -> dict[str, Any]:
@@ -182,8 +186,8 @@ def sidecar_pod(image: str, ports: Ports, env: dict[str, str], name: str) -> lis
     spec["volumes"] = [
         {"name": v["name"], "emptyDir": {}} if "secret" in v else v for v in spec["volumes"]
     ]
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": name, "labels": deployment["spec"]["template"]["metadata"]["labels"]},
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
            "spec": spec}
     return [config_map, pod]
 
@@ -192,7 +196,7 @@ def sidecar_pod(image: str, ports: Ports, env: dict[str, str], name: str) -> lis
 class Running:
     ports: Ports
     env: dict[str, str]
-    app: Pod
+    app: Pods
     redis: redis.Redis
     schema: KeySchema
 
@@ -225,7 +229,7 @@ def running(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ru
         "OPENAI_API_KEY": "sk-upstream-from-the-pod",
         "ANTHROPIC_API_KEY": "sk-upstream-from-the-pod",
     }
-    pods: list[Pod] = []
+    pods: list[Pods] = []
     try:
         pods.append(play([
             simple_pod(f"tg-redis-{run_id}", image,
