@@ -181,7 +181,12 @@ def sidecar_pod(image: str, ports: Ports, env: dict[str, str], name: str) -> lis
             container["env"] += [{"name": k, "value": v} for k, v in env.items()
                                  if k not in {e["name"] for e in container["env"]}]
     by_name = {c["name"]: c for c in containers}
-    by_name["app"]["command"] = ["python3", "-c", "import time; time.sleep(3600)"]
+    # PID 1 must handle SIGTERM itself (the kernel drops it otherwise) to stop with the pod.
+    by_name["app"]["command"] = [
+        "python3", "-c",
+        "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
+        "time.sleep(3600)",
+    ]
     spec["containers"] = containers
     spec["volumes"] = [
         {"name": v["name"], "emptyDir": {}} if "secret" in v else v for v in spec["volumes"]
@@ -333,7 +338,8 @@ def test_stopping_the_pod_settles_everything_in_flight(running: Running) -> None
     apply_limit(running, f"budget-{name}", name, max_usd=100)
     wait_until(lambda: "x-tollgate-limits" in chat(running, key).headers, "the limit to load",
                timeout=15)
-    assert held_in_redis(running) == (0, 0)
+    # Settling happens as the response leaves, so the last one may still be on its way.
+    wait_until(lambda: held_in_redis(running) == (0, 0), "earlier requests to settle")
 
     slow = {"extra_headers": {"x-mock-delay-ms": "8000"}}
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -341,8 +347,20 @@ def test_stopping_the_pod_settles_everything_in_flight(running: Running) -> None
         wait_until(lambda: held_in_redis(running)[1] == 4, "4 requests to hold budget",
                    timeout=20)
         assert held_in_redis(running)[0] > 0
-        running.app.stop(grace_s=30)  # SIGTERM to app, envoy and tollgate
+        running.app.stop(grace_s=30)  # SIGTERM to app, envoy and tollgate; returns once gone
         for call in calls:  # each one ends: answered or cut off, never hanging
             with contextlib.suppress(openai.APIError):
                 call.result(timeout=60)
+    # Every container of the pod has exited, on its own (SIGTERM, not the kill after the grace
+    # period): what the extproc settled while draining is in Redis now.
+    exit_codes = {
+        name.removeprefix(f"{pod_name}-"): podman("inspect", "--format", "{{.State.ExitCode}}",
+                                                  name).strip()
+        for pod_name in podman("pod", "inspect", "--format", "{{.Name}}",
+                               *running.app.ids).split()
+        for name in podman("ps", "-a", "--filter", f"pod={pod_name}",
+                           "--format", "{{.Names}}").split()
+        if not name.endswith("-infra")
+    }
+    assert exit_codes == {"tollgate": "0", "envoy": "0", "app": "0"}
     assert held_in_redis(running) == (0, 0)
