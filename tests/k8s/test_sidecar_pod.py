@@ -26,7 +26,6 @@ import concurrent.futures
 import contextlib
 import copy
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -86,8 +85,8 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> N
 def image() -> Iterator[str]:
     """The project image, built by the project's script under a tag of this run (layers and the
     Debian base are cached by podman, so a rerun with unchanged sources takes seconds)."""
-    if shutil.which("podman") is None or shutil.which("mmdebstrap") is None:
-        subprocess.run([str(SCRIPTS / "install-container-tools.sh")], check=True, timeout=600)
+    # Installs podman, runc, mmdebstrap and catatonit with apt-get when missing (a fresh machine).
+    subprocess.run([str(SCRIPTS / "install-container-tools.sh")], check=True, timeout=600)
     tag = f"localhost/tollgate-test:{uuid.uuid4().hex[:8]}"
     build = subprocess.run(
         [str(SCRIPTS / "build-image.sh")], capture_output=True, text=True, timeout=600,
