@@ -15,8 +15,13 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 echo "bootstrapping $BASE_IMAGE from Debian packages (mmdebstrap) ..." >&2
 # --variant=apt: only essential packages + apt; the package list is what the image runs on.
+# Documentation, man pages and translations are left out (licences stay).
 mmdebstrap --quiet --variant=apt \
     --include=python3.11,python3.11-venv,ca-certificates \
+    --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' \
+    --dpkgopt='path-exclude=/usr/share/doc/*' \
+    --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --customize-hook='rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*' \
     bookworm "$tmp/base.tar"
 podman import --quiet "$tmp/base.tar" "$BASE_IMAGE" >/dev/null
