@@ -7,6 +7,9 @@ Python dicts (no protobuf dependency) so that the same code produces:
   (``python -m extproc.envoyconf > envoy/envoy.yaml``);
 * the configs the end-to-end tests and the benchmark render at run time, pointing the provider
   clusters at a local fake upstream and using ports chosen free at run time.
+* the Kubernetes overlays' bootstraps (``scripts/gen-k8s-envoy.sh``), including TLS on the
+  listener, whose certificates Envoy reads through file-based SDS (``ListenerTls``,
+  ``sds_documents``) so that renewed files are served without a restart.
 
 The contract with the ext_proc server (``extproc.server``):
 
