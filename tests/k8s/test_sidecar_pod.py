@@ -119,9 +119,10 @@ def image() -> Iterator[str]:
 
 @dataclass
 class Pods:
-    """The pods one `podman kube play` started, by id."""
+    """The pods one `podman kube play` started, by id, and the volumes it made for ConfigMaps."""
 
     ids: list[str]
+    volumes: list[str]
 
     def stop(self, grace_s: int = 30) -> None:
         for pod_id in self.ids:
@@ -131,6 +132,8 @@ class Pods:
     def remove(self) -> None:
         for pod_id in self.ids:
             podman("pod", "rm", "--force", pod_id, check=False)
+        for volume in self.volumes:
+            podman("volume", "rm", "--force", volume, check=False)
 
     def logs(self) -> str:
         return "\n".join(podman("pod", "logs", pod_id, check=False) for pod_id in self.ids)
@@ -140,7 +143,8 @@ def play(docs: list[dict[str, Any]], path: Path) -> Pods:
     path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     out = podman("kube", "play", "--network", "host", str(path)).split()
     # Output: "Pod:", <pod id>, "Container:", <container ids>..., per pod.
-    return Pods([out[i + 1] for i, word in enumerate(out) if word == "Pod:"])
+    return Pods([out[i + 1] for i, word in enumerate(out) if word == "Pod:"],
+                [d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"])
 
 
 def simple_pod(name: str, image: str, command: list[str]) -> dict[str, Any]:
@@ -183,6 +187,9 @@ def as_podman_pod(
     )
     config_map["data"]["envoy.yaml"] = envoyconf.to_yaml(config)
     config_map["metadata"].pop("namespace", None)
+    # podman keeps a ConfigMap as a named volume: a name of this pod's own, removed with it.
+    rendered_name = config_map["metadata"]["name"]
+    config_map["metadata"]["name"] = f"{name}-envoy"
 
     spec = deployment["spec"]["template"]["spec"]
     spec["hostNetwork"] = True
@@ -210,6 +217,9 @@ def as_podman_pod(
             ]
     spec["containers"] = containers
     host_dirs = host_dirs or {}
+    for volume in spec["volumes"]:
+        if volume.get("configMap", {}).get("name") == rendered_name:
+            volume["configMap"]["name"] = config_map["metadata"]["name"]
     spec["volumes"] = [
         v if "secret" not in v
         else {"name": v["name"], "hostPath": {"path": str(host_dirs[v["name"]]),
