@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run run-mock test setup lint typecheck bench clean
+.PHONY: run run-mock test setup lint typecheck bench clean image container-tools
 
 $(STAMP): pyproject.toml setup.py scripts/ensure-venv.sh $(wildcard protos/*/*/*.proto)
 	@scripts/ensure-venv.sh $(VENV) $(PYTHON)
@@ -27,9 +27,19 @@ run: $(STAMP)
 run-mock: $(STAMP)
 	$(BIN)/tollgate up --mock-upstream $(ARGS)
 
-## The whole test suite (unit, real Redis, real Envoy end-to-end). CI runs exactly this.
-test: $(STAMP)
+## The whole test suite (unit, real Redis, real Envoy end-to-end, the image and the sidecar pod
+## under podman). CI runs exactly this; podman, runc, mmdebstrap are installed when missing.
+test: $(STAMP) container-tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+container-tools:
+	@for t in podman runc mmdebstrap catatonit; do command -v $$t >/dev/null || { \
+		scripts/install-container-tools.sh; break; }; done
+
+## The container image (tollgate + Envoy): docker if a Docker engine answers, else podman.
+## IMAGE=... sets the tag, BASE=... the base image (default: bootstrapped from Debian packages).
+image: $(STAMP)
+	PYTHON=$(BIN)/python scripts/build-image.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check extproc tests bench

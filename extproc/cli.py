@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 import yaml
@@ -45,6 +45,9 @@ from extproc.core.resources import (
 )
 from extproc.settings import Settings
 from extproc.store.redis_store import Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from extproc import envoyconf
 
 T = TypeVar("T")
 
@@ -508,6 +511,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             progress=lambda what: print(f"  {what} ...", flush=True),
             xff_num_trusted_hops=Settings.from_env().xff_trusted_hops
             if args.xff_trusted_hops is None else args.xff_trusted_hops,
+            tls=_listener_tls(args),
         )
     except StartupError as exc:
         if not keep_logs:
@@ -546,6 +550,22 @@ def cmd_up(args: argparse.Namespace) -> int:
             shutil.rmtree(log_dir, ignore_errors=True)
     print("stopped")
     return 0
+
+
+def _listener_tls(args: argparse.Namespace) -> envoyconf.ListenerTls | None:
+    """`up`'s --tls-* flags as an envoyconf.ListenerTls (absolute paths), or None."""
+    from extproc import envoyconf
+
+    if not (args.tls_cert or args.tls_key or args.tls_client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise CliError("--tls-cert and --tls-key go together")
+    files = [args.tls_cert, args.tls_key, *([args.tls_client_ca] if args.tls_client_ca else [])]
+    for name in files:
+        if not Path(name).is_file():
+            raise CliError(f"no such file: {name}")
+    cert, key, *ca = (str(Path(name).absolute()) for name in files)
+    return envoyconf.ListenerTls(cert, key, ca[0] if ca else None)
 
 
 def _up_warnings(url: str, extra_secrets: dict[str, str]) -> list[str]:
@@ -609,6 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--xff-trusted-hops", type=int,
                     help="trusted proxies in front of Envoy whose X-Forwarded-For entries "
                     "decide the client address ($TOLLGATE_XFF_TRUSTED_HOPS, else 0)")
+    up.add_argument("--tls-cert", metavar="FILE",
+                    help="serve HTTPS with this certificate chain (PEM; reloaded when it changes)")
+    up.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
+    up.add_argument("--tls-client-ca", metavar="FILE",
+                    help="require client certificates signed by this CA (PEM)")
     up.set_defaults(func=cmd_up)
 
     serve = sub.add_parser("serve", help="run the ext_proc gRPC server (the sidecar process)")

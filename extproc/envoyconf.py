@@ -7,6 +7,9 @@ Python dicts (no protobuf dependency) so that the same code produces:
   (``python -m extproc.envoyconf > envoy/envoy.yaml``);
 * the configs the end-to-end tests and the benchmark render at run time, pointing the provider
   clusters at a local fake upstream and using ports chosen free at run time.
+* the Kubernetes overlays' bootstraps (``scripts/gen-k8s-envoy.sh``), including TLS on the
+  listener, whose certificates Envoy reads through file-based SDS (``ListenerTls``,
+  ``sds_documents``) so that renewed files are served without a restart.
 
 The contract with the ext_proc server (``extproc.server``):
 
@@ -29,6 +32,7 @@ import ipaddress
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -39,10 +43,12 @@ __all__ = [
     "ROUTING_HEADER",
     "SIDECAR_LISTEN_ADDRESS",
     "ClusterSpec",
+    "ListenerTls",
     "main",
     "mock_clusters",
     "provider_clusters",
     "render_bootstrap",
+    "sds_documents",
     "sidecar_config",
     "to_yaml",
 ]
@@ -93,6 +99,30 @@ class ClusterSpec:
     port: int
     tls: bool = False
     sni: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """TLS on the listener: certificate and key files (PEM), optionally a CA whose client
+    certificates are required.
+
+    Envoy reads them through file-based SDS so that a new certificate is served without a
+    restart: the SDS documents (``sds_documents``) live in ``sds_dir`` next to the bootstrap and
+    watch the certificate's directory. A Kubernetes Secret volume updates by swapping a ``..data``
+    symlink in that directory, which only a directory watch notices.
+    """
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+    sds_dir: str = "/etc/envoy"
+
+
+#: File names of the SDS documents a TLS listener reads (inside ``ListenerTls.sds_dir``).
+SDS_CERT_FILE = "tls-certificate.sds.yaml"
+SDS_CLIENT_CA_FILE = "tls-client-ca.sds.yaml"
+_SDS_CERT_NAME = "listener_certificate"
+_SDS_CLIENT_CA_NAME = "listener_client_ca"
 
 
 def provider_clusters(azure_host: str = DEFAULT_AZURE_HOST) -> list[ClusterSpec]:
@@ -421,16 +451,105 @@ def _http_connection_manager(
     return hcm
 
 
+def _sds_file_source(path: str) -> dict[str, Any]:
+    # A plain `path` would only notice writes to the SDS file itself; watching its directory
+    # also notices a ConfigMap volume's symlink swap.
+    directory = path.rpartition("/")[0] or "/"
+    return {
+        "path_config_source": {"path": path, "watched_directory": {"path": directory}},
+        "resource_api_version": "V3",
+    }
+
+
+def _downstream_tls(tls: ListenerTls) -> dict[str, Any]:
+    common: dict[str, Any] = {
+        "tls_certificate_sds_secret_configs": [
+            {"name": _SDS_CERT_NAME, "sds_config": _sds_file_source(_sds_path(tls, SDS_CERT_FILE))}
+        ],
+        # Serve HTTP/2 to clients that offer it (the listener's codec is AUTO).
+        "alpn_protocols": ["h2", "http/1.1"],
+    }
+    context: dict[str, Any] = {"common_tls_context": common}
+    if tls.client_ca_file is not None:
+        common["validation_context_sds_secret_config"] = {
+            "name": _SDS_CLIENT_CA_NAME,
+            "sds_config": _sds_file_source(_sds_path(tls, SDS_CLIENT_CA_FILE)),
+        }
+        context["require_client_certificate"] = True
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _type_url("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"),
+            **context,
+        },
+    }
+
+
+def _sds_path(tls: ListenerTls, file_name: str) -> str:
+    return f"{tls.sds_dir.rstrip('/')}/{file_name}"
+
+
+def _watched_directory(*files: str) -> dict[str, Any]:
+    """Watch the files' common directory when they share one (a mounted Secret always does):
+    a symlink swap there reloads the certificate and key together, checked as a pair."""
+    directories = {f.rpartition("/")[0] or "/" for f in files}
+    if len(directories) != 1:
+        return {}  # Envoy then watches each file's own directory
+    return {"watched_directory": {"path": directories.pop()}}
+
+
+def sds_documents(tls: ListenerTls) -> dict[str, dict[str, Any]]:
+    """The SDS files a TLS listener reads, by file name (write them into ``tls.sds_dir``)."""
+    secret_type = _type_url("envoy.extensions.transport_sockets.tls.v3.Secret")
+    documents = {
+        SDS_CERT_FILE: {
+            "resources": [
+                {
+                    "@type": secret_type,
+                    "name": _SDS_CERT_NAME,
+                    "tls_certificate": {
+                        "certificate_chain": {"filename": tls.cert_file},
+                        "private_key": {"filename": tls.key_file},
+                        **_watched_directory(tls.cert_file, tls.key_file),
+                    },
+                }
+            ]
+        }
+    }
+    if tls.client_ca_file is not None:
+        documents[SDS_CLIENT_CA_FILE] = {
+            "resources": [
+                {
+                    "@type": secret_type,
+                    "name": _SDS_CLIENT_CA_NAME,
+                    "validation_context": {
+                        "trusted_ca": {"filename": tls.client_ca_file},
+                        **_watched_directory(tls.client_ca_file),
+                    },
+                }
+            ]
+        }
+    return documents
+
+
 def _listener(
-    name: str, address: str, port: int, buffer_limit_bytes: int, hcm: dict[str, Any]
+    name: str,
+    address: str,
+    port: int,
+    buffer_limit_bytes: int,
+    hcm: dict[str, Any],
+    tls: ListenerTls | None = None,
 ) -> dict[str, Any]:
+    chain: dict[str, Any] = {"filters": [hcm]}
+    if tls is not None:
+        chain["transport_socket"] = _downstream_tls(tls)
     return {
         "name": name,
         "address": _socket_address(address, port),
         # The default 1 MiB per connection makes Envoy answer 413 to big prompts (long contexts,
         # base64 images) while the ext_proc filter buffers the request body.
         "per_connection_buffer_limit_bytes": buffer_limit_bytes,
-        "filter_chains": [{"filters": [hcm]}],
+        "filter_chains": [chain],
     }
 
 
@@ -523,6 +642,7 @@ def render_bootstrap(
     bypass_cluster: str | None = None,
     reuse_port: bool = True,
     xff_num_trusted_hops: int = 0,
+    tls: ListenerTls | None = None,
 ) -> dict[str, Any]:
     """Build a complete Envoy v3 bootstrap as a plain dict.
 
@@ -531,6 +651,10 @@ def render_bootstrap(
 
     ``xff_num_trusted_hops`` is the number of trusted proxies (load balancers) in front of the
     sidecar whose X-Forwarded-For entries are believed; 0 means the TCP peer is the client.
+
+    ``tls`` serves the main listener over TLS (certificates through the files of
+    ``sds_documents(tls)``, which the caller writes).
+
     ``bypass_port`` adds a second listener without the ext_proc filter that sends every request
     straight to ``bypass_cluster``; the benchmark uses it to measure Envoy → upstream alone in
     the same Envoy process.
@@ -565,6 +689,7 @@ def render_bootstrap(
                 xff_num_trusted_hops=xff_num_trusted_hops,
                 local_reply=True,
             ),
+            tls,
         )
     ]
     if bypass_port is not None and bypass_cluster is not None:
@@ -585,7 +710,10 @@ def render_bootstrap(
     if not reuse_port:
         for listener in listeners:
             listener["enable_reuse_port"] = False
+    # File-based SDS (the TLS certificates) refuses to start without a node id and cluster.
+    node = {"node": {"id": "tollgate", "cluster": "tollgate"}} if tls is not None else {}
     return {
+        **node,
         # Admin exposes /quitquitquit and config dumps: keep it on loopback unless told otherwise.
         "admin": {"address": _socket_address(admin_address, admin_port)},
         "static_resources": {
@@ -639,6 +767,7 @@ def sidecar_config(
     bypass_port: int | None = None,
     bypass_cluster: str | None = None,
     xff_num_trusted_hops: int = 0,
+    tls: ListenerTls | None = None,
 ) -> dict[str, Any]:
     """The config ``main()`` prints; with no arguments, the checked-in ``envoy/envoy.yaml``."""
     clusters = (
@@ -655,6 +784,7 @@ def sidecar_config(
         bypass_port=bypass_port,
         bypass_cluster=bypass_cluster,
         xff_num_trusted_hops=xff_num_trusted_hops,
+        tls=tls,
     )
 
 
@@ -703,7 +833,32 @@ def main(argv: list[str] | None = None, prog: str = "python -m extproc.envoyconf
         default=0,
         help="trusted proxies in front of Envoy whose X-Forwarded-For entries are believed (0)",
     )
+    tls_group = parser.add_argument_group(
+        "TLS on the listener (reloaded without a restart when the files change)"
+    )
+    tls_group.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM)")
+    tls_group.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
+    tls_group.add_argument(
+        "--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA"
+    )
+    tls_group.add_argument(
+        "--sds-dir",
+        default="/etc/envoy",
+        help="directory Envoy finds the SDS files in at run time (default /etc/envoy)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="write envoy.yaml (and the SDS files, with TLS) into DIR instead of stdout",
+    )
     args = parser.parse_args(argv)
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            parser.error("--tls-cert and --tls-key go together")
+        if not args.output_dir:
+            parser.error("TLS needs --output-dir: Envoy reads the certificates through SDS files")
+        tls = ListenerTls(args.tls_cert, args.tls_key, args.tls_client_ca, args.sds_dir)
     try:
         config = sidecar_config(
             listen_address=args.listen_address,
@@ -715,11 +870,26 @@ def main(argv: list[str] | None = None, prog: str = "python -m extproc.envoyconf
             bypass_port=args.bypass_port,
             bypass_cluster=args.bypass_cluster if args.bypass_port is not None else None,
             xff_num_trusted_hops=args.xff_trusted_hops,
+            tls=tls,
         )
     except ValueError as exc:
         parser.error(str(exc))
-    sys.stdout.write(to_yaml(config))
+    if args.output_dir:
+        write_config_dir(Path(args.output_dir), config, tls)
+    else:
+        sys.stdout.write(to_yaml(config))
     return 0
+
+
+def write_config_dir(directory: Path, config: dict[str, Any], tls: ListenerTls | None) -> Path:
+    """Write ``envoy.yaml`` (and with ``tls`` its SDS files) into ``directory``; returns the
+    bootstrap's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, document in (sds_documents(tls) if tls is not None else {}).items():
+        (directory / name).write_text(to_yaml(document))
+    path = directory / "envoy.yaml"
+    path.write_text(to_yaml(config))
+    return path
 
 
 if __name__ == "__main__":

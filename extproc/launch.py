@@ -9,6 +9,7 @@ process group), SIGTERM first and SIGKILL if it does not go.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -268,10 +269,11 @@ class Stack:
     mock_port: int | None = None
     bypass_port: int | None = None
     processes: list[Managed] = field(default_factory=list)
+    tls: bool = False
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         for proc in reversed(self.processes):  # Envoy first, Redis last
@@ -330,7 +332,10 @@ def start_stack(
     extra_clusters: tuple[envoyconf.ClusterSpec, ...] = (),
     progress: Callable[[str], None] | None = None,
     xff_num_trusted_hops: int = 0,
+    tls: envoyconf.ListenerTls | None = None,
 ) -> Stack:
+    """Start the stack; with ``tls`` the listener serves HTTPS, reading the certificate files
+    through SDS documents written next to the bootstrap (so rotated files are picked up)."""
     step = progress or (lambda _what: None)  # `tollgate up` prints each step as it starts
     if port_in_use("127.0.0.1", port):  # fail before starting anything
         raise StartupError(f"port 127.0.0.1:{port} is already in use{_port_owner_hint(port)}; "
@@ -358,6 +363,10 @@ def start_stack(
         processes.append(extproc)
         admin_port = free_port()
         bypass_port = free_port() if bypass else None
+        if tls is not None:
+            tls = dataclasses.replace(tls, sds_dir=str(log_dir.resolve()))
+            for name, document in envoyconf.sds_documents(tls).items():
+                (log_dir / name).write_text(envoyconf.to_yaml(document))
         config = envoyconf.render_bootstrap(
             clusters=[*clusters, *extra_clusters],
             listen_port=port,
@@ -369,6 +378,7 @@ def start_stack(
             # slips past the check above (a race) then fails Envoy's bind instead.
             reuse_port=False,
             xff_num_trusted_hops=xff_num_trusted_hops,
+            tls=tls,
         )
         step("starting Envoy")
         processes.append(start_envoy(log_dir, config, admin_port, envoy_concurrency))
@@ -376,7 +386,8 @@ def start_stack(
         for proc in reversed(processes):
             proc.stop()
         raise
-    return Stack(port, redis_url, ports, admin_port, log_dir, mock_port, bypass_port, processes)
+    return Stack(port, redis_url, ports, admin_port, log_dir, mock_port, bypass_port, processes,
+                 tls=tls is not None)
 
 
 def _port_owner_hint(port: int) -> str:
