@@ -26,9 +26,12 @@ import yaml
 
 from extproc.core.keys import generate_key, hash_key
 from extproc.core.resources import (
+    DEFAULT_NAMESPACE,
     KINDS,
     Resource,
     ResourceError,
+    resource_id,
+    valid_namespace,
     validate_document,
     validate_documents,
 )
@@ -107,13 +110,13 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         resource = validate_document(
             {"apiVersion": "tollgate.io/v1alpha1", "kind": "VirtualKey",
              "metadata": {"name": args.name}, "spec": spec},
-            "keys create",
+            "keys create", _namespace(args),
         )
     except ResourceError as exc:
         raise CliError(str(exc)) from None
 
     async def create(store: Store) -> int:
-        existing = await store.get("VirtualKey", args.name)
+        existing = await store.get("VirtualKey", resource.id)
         if existing is not None and not existing.spec.get("revoked"):
             raise CliError(
                 f"key {args.name!r} already exists; revoke it first or pick another name"
@@ -123,7 +126,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     generation = with_store(args, create)
     expires = resource.spec.get("expiresAt") or "never"
     models = ", ".join(resource.spec["models"]) or "all"
-    print(f"created virtual key {args.name!r} (models: {models}; expires: {expires}; "
+    print(f"created virtual key {resource.id!r} (models: {models}; expires: {expires}; "
           f"generation {generation})", file=sys.stderr)
     print("store it now: the key is shown only once and cannot be recovered", file=sys.stderr)
     print(key)
@@ -147,31 +150,59 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    keys = with_store(args, lambda store: store.list_kind("VirtualKey"))
+    keys = _in_namespace(args, with_store(args, lambda store: store.list_kind("VirtualKey")))
     now = datetime.now(UTC)
-    rows = [("NAME", "GROUP", "USER", "MODELS", "EXPIRES", "STATUS")]
+    rows = [("NAMESPACE", "NAME", "GROUP", "USER", "MODELS", "EXPIRES", "STATUS")]
     for r in keys:
         s = r.spec
-        rows.append((r.name, s["group"] or "-", s["user"] or "-", ",".join(s["models"]) or "*",
-                     s.get("expiresAt") or "-", _key_status(s, now)))
+        rows.append((r.namespace, r.name, s["group"] or "-", s["user"] or "-",
+                     ",".join(s["models"]) or "*", s.get("expiresAt") or "-",
+                     _key_status(s, now)))
     print(_table(rows))
     return 0
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    ident = _ident(args)
+
     async def revoke(store: Store) -> int:
-        existing = await store.get("VirtualKey", args.name)
+        existing = await store.get("VirtualKey", ident)
         if existing is None:
-            raise CliError(f"no key named {args.name!r}")
+            raise CliError(f"no key named {ident!r}")
         spec = dict(existing.spec, revoked=True)
-        return await store.apply([Resource("VirtualKey", args.name, spec)])
+        return await store.apply([Resource("VirtualKey", existing.name, spec,
+                                           existing.namespace)])
 
     generation = with_store(args, revoke)
-    print(f"revoked virtual key {args.name!r} (generation {generation})")
+    print(f"revoked virtual key {ident!r} (generation {generation})")
     return 0
 
 
 # ---- resources ---------------------------------------------------------------------------
+
+
+def _namespace(args: argparse.Namespace) -> str:
+    namespace: str = getattr(args, "namespace", None) or DEFAULT_NAMESPACE
+    if not valid_namespace(namespace):
+        raise CliError(f"--namespace {namespace!r}: not a Kubernetes namespace name")
+    return namespace
+
+
+def _ident(args: argparse.Namespace) -> str:
+    """The canonical id NAME means: `-n ns NAME`, or `ns/NAME` spelled out."""
+    name: str = args.name
+    if "/" in name:
+        ns, _, bare = name.partition("/")
+        return resource_id(ns, bare)
+    return resource_id(_namespace(args), name)
+
+
+def _in_namespace(args: argparse.Namespace, found: list[Resource]) -> list[Resource]:
+    """`-A` shows every namespace; otherwise only `-n` (default `default`)."""
+    if getattr(args, "all_namespaces", False):
+        return found
+    namespace = _namespace(args)
+    return [r for r in found if r.namespace == namespace]
 
 _KIND_ALIASES = {k.lower(): k for k in KINDS}
 _KIND_ALIASES.update({k.lower() + "s": k for k in KINDS})
@@ -186,7 +217,8 @@ def resolve_kind(name: str) -> str:
     return kind
 
 
-def load_files(paths: Sequence[str]) -> list[Resource]:
+def load_files(paths: Sequence[str], namespace: str = DEFAULT_NAMESPACE) -> list[Resource]:
+    """Documents of every file; one without `metadata.namespace` goes to `namespace`."""
     resources: list[Resource] = []
     for path in paths:
         try:
@@ -198,29 +230,33 @@ def load_files(paths: Sequence[str]) -> list[Resource]:
         except yaml.YAMLError as exc:
             raise CliError(f"{path}: not valid YAML: {exc}") from None
         try:
-            resources.extend(validate_documents(docs, path))
+            resources.extend(validate_documents(docs, path, namespace))
         except ResourceError as exc:
             raise CliError(str(exc)) from None
     seen: set[tuple[str, str]] = set()
     for r in resources:
-        if (r.kind, r.name) in seen:
-            raise CliError(f"{r.kind}/{r.name} appears more than once")
-        seen.add((r.kind, r.name))
+        if (r.kind, r.id) in seen:
+            raise CliError(f"{r.kind}/{r.id} appears more than once")
+        seen.add((r.kind, r.id))
     return resources
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    resources = load_files(args.filename)
+    resources = load_files(args.filename, _namespace(args))
     if not resources:
         raise CliError("no resources found in " + ", ".join(args.filename))
     generation = with_store(args, lambda store: store.apply(resources))
     for r in resources:
-        print(f"{r.kind.lower()}/{r.name} configured")
+        print(f"{r.kind.lower()}/{r.id} configured")
     print(f"configuration generation {generation}", file=sys.stderr)
     return 0
 
 
 def _summary(r: Resource) -> tuple[str, ...]:
+    return (r.namespace, *_columns(r))
+
+
+def _columns(r: Resource) -> tuple[str, ...]:
     s = r.spec
     if r.kind == "VirtualKey":
         return (r.name, s["group"] or "-", s["user"] or "-", ",".join(s["models"]) or "*",
@@ -258,13 +294,13 @@ async def _limit_rows(store: Store, found: list[Resource]) -> list[tuple[str, ..
     periods = [period_bounds(s.period, s.time_zone, now)[0] for s in specs]
     states = await store.limit_states([(s.name, p) for s, p in zip(specs, periods, strict=True)])
     out: list[tuple[str, ...]] = []
-    for spec, period, state in zip(specs, periods, states, strict=True):
+    for r, spec, period, state in zip(found, specs, periods, states, strict=True):
         spent = state.get("spent", 0)
         status = LimitStatus(spec.name, state_of(spent, spec), spent, state.get("held", 0),
                              spec.max_micros, period)
         counts = "/".join(str(state.get(k, 0)) for k in ("ok", "exceeded", "overrun", "blocked"))
-        out.append((spec.name, "Block" if spec.block else "Allow", format_usd(spec.max_micros),
-                    format_usd(spent), format_usd(status.held_micros),
+        out.append((r.namespace, r.name, "Block" if spec.block else "Allow",
+                    format_usd(spec.max_micros), format_usd(spent), format_usd(status.held_micros),
                     format_usd(status.remaining_micros), status.state, period, counts))
     return out
 
@@ -275,21 +311,25 @@ def cmd_get(args: argparse.Namespace) -> int:
         async def limits(store: Store) -> list[tuple[str, ...]]:
             found = await store.list_kind(kind)
             if args.name:
-                found = [r for r in found if r.name == args.name]
+                found = [r for r in found if r.id == _ident(args)]
+            else:
+                found = _in_namespace(args, found)
             return await _limit_rows(store, found)
 
         rows = with_store(args, limits)
         if not rows:
             print("no Limit resources")
             return 0
-        print(_table([("NAME", "TYPE", "MAX", "SPENT", "HELD", "REMAINING", "STATE", "PERIOD",
-                       "REQUESTS(ok/exceeded/overrun/blocked)"), *rows]))
+        print(_table([("NAMESPACE", "NAME", "TYPE", "MAX", "SPENT", "HELD", "REMAINING", "STATE",
+                       "PERIOD", "REQUESTS(ok/exceeded/overrun/blocked)"), *rows]))
         return 0
     found = with_store(args, lambda store: store.list_kind(kind))
     if args.name:
-        found = [r for r in found if r.name == args.name]
+        found = [r for r in found if r.id == _ident(args)]
         if not found:
-            raise CliError(f"{kind}/{args.name} not found")
+            raise CliError(f"{kind}/{_ident(args)} not found")
+    else:
+        found = _in_namespace(args, found)
     if args.output == "yaml":
         print(yaml.safe_dump_all([r.document() for r in found], sort_keys=False), end="")
     elif args.output == "json":
@@ -297,15 +337,17 @@ def cmd_get(args: argparse.Namespace) -> int:
     elif not found:
         print(f"no {kind} resources")
     else:
-        print(_table([_HEADERS.get(kind, ("NAME",)), *(_summary(r) for r in found)]))
+        print(_table([("NAMESPACE", *_HEADERS.get(kind, ("NAME",))),
+                      *(_summary(r) for r in found)]))
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     kind = resolve_kind(args.kind)
-    if not with_store(args, lambda store: store.delete(kind, args.name)):
-        raise CliError(f"{kind}/{args.name} not found")
-    print(f"{kind.lower()}/{args.name} deleted")
+    ident = _ident(args)
+    if not with_store(args, lambda store: store.delete(kind, ident)):
+        raise CliError(f"{kind}/{ident} not found")
+    print(f"{kind.lower()}/{ident} deleted")
     return 0
 
 
@@ -408,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL, else the Redis of "
                        "a running `tollgate up`, else redis://127.0.0.1:6379/0)")
 
+    def namespace_opt(p: argparse.ArgumentParser, listing: bool = False) -> None:
+        p.add_argument("-n", "--namespace", help="namespace (default: default)")
+        if listing:
+            p.add_argument("-A", "--all-namespaces", action="store_true",
+                           help="list every namespace")
+
     up = sub.add_parser("up", help="run Redis (embedded unless --redis-url/$REDIS_URL), "
                         "extproc and Envoy locally")
     up.add_argument("--port", type=int, default=10000, help="Envoy listener port (10000)")
@@ -440,19 +488,23 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--tags", nargs="+", metavar="TAG")
     create.add_argument("--expires", help="30d, 12h, 90m, 2w or an RFC 3339 timestamp")
     create.add_argument("--description")
+    namespace_opt(create)
     redis_opt(create)
     create.set_defaults(func=cmd_keys_create)
     klist = keys_sub.add_parser("list", help="list keys (never shows the secret)")
+    namespace_opt(klist, listing=True)
     redis_opt(klist)
     klist.set_defaults(func=cmd_keys_list)
     revoke = keys_sub.add_parser("revoke", help="revoke a key (takes effect within ~1 s)")
     revoke.add_argument("name")
+    namespace_opt(revoke)
     redis_opt(revoke)
     revoke.set_defaults(func=cmd_keys_revoke)
 
     apply = sub.add_parser("apply", help="validate and store resources from YAML files")
     apply.add_argument("-f", "--filename", action="append", required=True,
                        help="YAML file with one or more documents ('-' for stdin)")
+    namespace_opt(apply)
     redis_opt(apply)
     apply.set_defaults(func=cmd_apply)
 
@@ -460,12 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("kind", help=f"one of {', '.join(KINDS)} (plural and lower case work)")
     get.add_argument("name", nargs="?")
     get.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
+    namespace_opt(get, listing=True)
     redis_opt(get)
     get.set_defaults(func=cmd_get)
 
     delete = sub.add_parser("delete", help="delete a stored resource")
     delete.add_argument("kind")
     delete.add_argument("name")
+    namespace_opt(delete)
     redis_opt(delete)
     delete.set_defaults(func=cmd_delete)
 
