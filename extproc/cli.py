@@ -284,24 +284,15 @@ _HEADERS = {
 
 async def _limit_rows(store: Store, found: list[Resource]) -> list[tuple[str, ...]]:
     """One row per Limit with its live state in the current period."""
-    from extproc.core.periods import period_bounds
-    from extproc.core.pricing import format_usd
-    from extproc.core.quota import LimitStatus, state_of
-    from extproc.core.resources import limit_spec
+    from extproc.core.reports import REQUEST_STATES, usd
+    from extproc.store.live_state import limit_reports
 
-    now = time.time()
-    specs = [limit_spec(r) for r in found]
-    periods = [period_bounds(s.period, s.time_zone, now)[0] for s in specs]
-    states = await store.limit_states([(s.name, p) for s, p in zip(specs, periods, strict=True)])
     out: list[tuple[str, ...]] = []
-    for r, spec, period, state in zip(found, specs, periods, states, strict=True):
-        spent = state.get("spent", 0)
-        status = LimitStatus(spec.name, state_of(spent, spec), spent, state.get("held", 0),
-                             spec.max_micros, period)
-        counts = "/".join(str(state.get(k, 0)) for k in ("ok", "exceeded", "overrun", "blocked"))
-        out.append((r.namespace, r.name, "Block" if spec.block else "Allow",
-                    format_usd(spec.max_micros), format_usd(spent), format_usd(status.held_micros),
-                    format_usd(status.remaining_micros), status.state, period, counts))
+    for r, report in zip(found, await limit_reports(store, found), strict=True):
+        counts = "/".join(str(report.requests[k]) for k in REQUEST_STATES)
+        out.append((r.namespace, r.name, "Block" if report.limit.block else "Allow",
+                    usd(report.limit.max_micros), usd(report.spent), usd(report.held),
+                    usd(report.remaining), report.state, report.period_id, counts))
     return out
 
 
@@ -431,6 +422,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from extproc.operator.app import OperatorConfig, run
+
+    if args.namespace and args.all_namespaces:
+        raise CliError("use --namespace or --all-namespaces, not both")
+    for namespace in args.namespace or ():
+        if not valid_namespace(namespace):
+            raise CliError(f"--namespace {namespace!r}: not a Kubernetes namespace name")
+    config = OperatorConfig(
+        redis_url=redis_url(args.redis_url),
+        redis_tag=os.environ.get("TOLLGATE_REDIS_TAG", "llm"),
+        namespaces=tuple(args.namespace or ()),
+    )
+    return run(config)
+
+
 def cmd_envoy_config(args: argparse.Namespace) -> int:
     from extproc import envoyconf
 
@@ -527,6 +534,16 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--count", type=int, default=20)
     redis_opt(usage)
     usage.set_defaults(func=cmd_usage)
+
+    operator = sub.add_parser(
+        "operator", help="run the Kubernetes operator: custom resources -> Redis, live state "
+        "-> status (one writer at a time, by a Redis lease)")
+    operator.add_argument("-n", "--namespace", action="append", metavar="NS",
+                          help="watch this namespace (repeatable)")
+    operator.add_argument("-A", "--all-namespaces", action="store_true",
+                          help="watch every namespace (the default when no --namespace)")
+    redis_opt(operator)
+    operator.set_defaults(func=cmd_operator)
 
     envoy = sub.add_parser("envoy-config", help="print an Envoy bootstrap (see envoy/README.md)")
     envoy.add_argument("rest", nargs=argparse.REMAINDER)

@@ -201,6 +201,12 @@ def _virtual_key(f: _Fields) -> dict[str, Any]:
         # May requests with this key name extra limits in `x-tollgate-limit-ids`?
         "allowRequestLimits": f.boolean("allowRequestLimits"),
     }
+    # Kubernetes only: the Secret the operator delivers a generated key in (ignored elsewhere).
+    secret_name = f.string("secretName")
+    if secret_name:
+        if not _NAME.match(secret_name):
+            raise f.error("secretName", "must be a Kubernetes Secret name")
+        spec["secretName"] = secret_name
     return spec
 
 

@@ -41,6 +41,11 @@ class KeySchema:
         """STREAM: one entry per priced request, field `event` = tollgate.v1.UsageEvent bytes."""
         return f"{self.prefix}usage"
 
+    @property
+    def operator_lease(self) -> str:
+        """STRING with TTL: id of the operator replica allowed to write configuration."""
+        return f"{self.prefix}operator:lease"
+
     # -- limits and rate limits (all in the same slot as everything else) --------------------
 
     def limit_state(self, limit: str, period_id: str) -> str:
