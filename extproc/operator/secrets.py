@@ -92,7 +92,7 @@ class SecretApi:  # pragma: no cover - needs a Kubernetes API server
         from kubernetes_asyncio import client, config
 
         try:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            config.load_incluster_config()
         except config.ConfigException:
             await config.load_kube_config()
         api_client = client.ApiClient()
