@@ -203,10 +203,9 @@ def _virtual_key(f: _Fields) -> dict[str, Any]:
     }
     # Kubernetes only: the Secret the operator delivers a generated key in (ignored elsewhere).
     secret_name = f.string("secretName")
-    if secret_name:
-        if not _NAME.match(secret_name):
-            raise f.error("secretName", "must be a Kubernetes Secret name")
-        spec["secretName"] = secret_name
+    if secret_name and not _NAME.match(secret_name):
+        raise f.error("secretName", "must be a Kubernetes Secret name")
+    spec["secretName"] = secret_name
     return spec
 
 
