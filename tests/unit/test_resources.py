@@ -46,7 +46,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "keySha256": SHA, "group": "", "user": "", "models": [], "tags": [],
                 "expiresAt": None, "revoked": False, "description": "",
-                "allowRequestLimits": False,
+                "allowRequestLimits": False, "secretName": "",
             },
         ),
         (
@@ -59,7 +59,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "keySha256": SHA, "group": "team-a", "user": "alice", "models": ["gpt-4o*"],
                 "tags": ["ci"], "expiresAt": "2026-01-01T00:00:00Z", "revoked": True,
-                "description": "CI key", "allowRequestLimits": False,
+                "description": "CI key", "allowRequestLimits": False, "secretName": "",
             },
         ),
         (
@@ -146,7 +146,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "keySha256": SHA, "group": "", "user": "", "models": [], "tags": [],
                 "expiresAt": None, "revoked": False, "description": "",
-                "allowRequestLimits": True,
+                "allowRequestLimits": True, "secretName": "",
             },
         ),
         (
