@@ -150,6 +150,7 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
+    _namespace(args)
     keys = _in_namespace(args, with_store(args, lambda store: store.list_kind("VirtualKey")))
     now = datetime.now(UTC)
     rows = [("NAMESPACE", "NAME", "GROUP", "USER", "MODELS", "EXPIRES", "STATUS")]
@@ -298,6 +299,7 @@ async def _limit_rows(store: Store, found: list[Resource]) -> list[tuple[str, ..
 
 def cmd_get(args: argparse.Namespace) -> int:
     kind = resolve_kind(args.kind)
+    _namespace(args)  # a bad -n is a usage error, before Redis is asked
     if kind == "Limit" and args.output == "table":
         async def limits(store: Store) -> list[tuple[str, ...]]:
             found = await store.list_kind(kind)

@@ -790,3 +790,46 @@ def test_volume_mounts_resolve() -> None:
     for name, container in containers().items():
         for mount in container.get("volumeMounts", []):
             assert mount["name"] in volumes, (name, mount["name"])
+
+
+# ---- operator RBAC -----------------------------------------------------------------------------
+
+RBAC_YAML = K8S / "operator" / "rbac.yaml"
+
+
+def rbac_rules() -> list[dict[str, Any]]:
+    (role,) = [d for d in load_all(RBAC_YAML) if d and d["kind"] == "ClusterRole"]
+    rules: list[dict[str, Any]] = role["rules"]
+    return rules
+
+
+def allowed(group: str, resource: str) -> set[str]:
+    verbs: set[str] = set()
+    for rule in rbac_rules():
+        if group in rule["apiGroups"] and resource in rule["resources"]:
+            verbs |= set(rule["verbs"])
+    return verbs
+
+
+def test_operator_rbac_covers_what_the_operator_does_and_no_more() -> None:
+    from extproc.operator.app import PLURALS
+
+    assert set(PLURALS) == set(KINDS)
+    for plural in PLURALS.values():
+        assert allowed("tollgate.io", plural) == {"get", "list", "watch", "patch"}
+        assert allowed("tollgate.io", f"{plural}/status") == {"get", "patch"}
+    assert allowed("", "secrets") == {"get", "create", "update"}  # never list or delete
+    assert allowed("", "events") == {"create"}
+    for rule in rbac_rules():
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+
+
+def test_operator_service_account_is_bound() -> None:
+    docs = [d for d in load_all(RBAC_YAML) if d]
+    (account,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert account["metadata"] == {**account["metadata"], "name": "tollgate-operator",
+                                   "namespace": "tollgate-system"}
+    (binding,) = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    assert binding["roleRef"]["name"] == "tollgate-operator"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tollgate-operator",
+                                    "namespace": "tollgate-system"}]
