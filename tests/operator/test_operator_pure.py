@@ -55,7 +55,7 @@ def test_namespace_comes_from_metadata_else_the_given_default() -> None:
     assert validate_document(doc("Limit", "m", spec), namespace="team-a").id == "team-a/m"
     assert validate_document(doc("Limit", "m", spec, "team-b"), namespace="team-a").id == (
         "team-b/m")
-    with pytest.raises(ResourceError, match="metadata.namespace"):
+    with pytest.raises(ResourceError, match=r"metadata\.namespace"):
         validate_document(doc("Limit", "m", spec, "Team_A"))
 
 
