@@ -208,3 +208,26 @@ def test_secret_without_its_key_gets_a_new_one() -> None:
     emptied = key_secret_body(secret_name="app-key", namespace="team-a", key="k", owner=OWNER)
     emptied["data"] = {}
     assert key_from_secret(emptied, "app") is None
+
+
+def test_every_kind_is_watched_with_a_finalizer_and_a_status_timer() -> None:
+    import threading
+
+    from extproc.core.resources import KINDS
+    from extproc.operator import handlers
+    from extproc.operator.app import PLURALS, OperatorConfig, build_registry
+
+    registry = build_registry(OperatorConfig(redis_url="redis://127.0.0.1:6379/0"),
+                              threading.Event())
+    changing = registry._changing.get_all_handlers()
+    timers = registry._spawning.get_all_handlers()
+    for kind in KINDS:
+        plural = PLURALS[kind]
+        mine = [h for h in changing if h.id.startswith((f"store-{plural}", f"remove-{plural}"))]
+        reasons = {str(h.reason.value) if h.reason else "resume" for h in mine}
+        assert reasons == {"create", "update", "resume", "delete"}, kind
+        (delete,) = [h for h in mine if h.id == f"remove-{plural}"]
+        assert delete.fn is handlers.on_delete and delete.requires_finalizer
+        assert {h.fn for h in mine if h is not delete} == {handlers.on_change}
+        (timer,) = [t for t in timers if t.id == f"status-{plural}"]
+        assert timer.fn is handlers.sync_status and timer.interval == 5.0
