@@ -110,11 +110,16 @@ async def on_change(
             raise _reject(patch, body, str(exc)) from None
         resource = validate_document(doc, "custom resource", resource.namespace)
     try:
-        generation = await store.apply([resource])
+        if await store.get(resource.kind, resource.id) == resource:
+            # Unchanged (typically every resource on resume after a restart): no generation
+            # bump, so the gateways do not reload once per resource.
+            generation = await store.generation()
+        else:
+            generation = await store.apply([resource])
+            logger.info("stored %s/%s (configuration generation %d)", resource.kind,
+                        resource.id, generation)
     except StoreUnavailable as exc:
         raise kopf.TemporaryError(f"Redis unreachable: {exc}", delay=RETRY_DELAY_S) from None
-    logger.info("stored %s/%s (configuration generation %d)", resource.kind, resource.id,
-                generation)
     patch.status["conditions"] = [accepted_condition(
         True, "Stored", f"stored in Redis as {resource.kind}/{resource.id} (configuration "
         f"generation {generation})", (body.get("metadata") or {}).get("generation"), _now())]

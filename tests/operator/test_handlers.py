@@ -84,6 +84,15 @@ async def test_limit_create_update_delete_reach_the_gateway(
     raw = until(lambda: limit_id in limits_header(call(client)) and call(client))
     assert limits_header(raw)[limit_id]["max"] == "5.000000"
 
+    # resume (operator restart) of an unchanged resource: accepted, nothing rewritten
+    store: Store = memo.store
+    generation = await store.generation()
+    patch = kopf.Patch()
+    await handlers.on_change(body=custom_resource("Limit", ns, "budget", spec), patch=patch,
+                             logger=logger, memo=memo)
+    assert patch["status"]["conditions"][0]["status"] == "True"
+    assert await store.generation() == generation
+
     # update max -> enforced on the next requests (here: nothing left, so refused)
     patch = kopf.Patch()
     await handlers.on_change(body=custom_resource("Limit", ns, "budget", {**spec, "max": 0},
@@ -105,7 +114,6 @@ async def test_limit_create_update_delete_reach_the_gateway(
     # delete (the finalizer) -> gone from Redis and from the gateway
     await handlers.on_delete(body=custom_resource("Limit", ns, "budget", spec), logger=logger,
                              memo=memo)
-    store: Store = memo.store
     assert await store.get("Limit", limit_id) is None
     raw = until(lambda: (r := _ok(client)) is not None and limit_id not in limits_header(r)
                 and r)
