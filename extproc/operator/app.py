@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
-import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ class OperatorConfig:
     status_interval_s: float = STATUS_INTERVAL_S
 
 
-def build_registry(config: OperatorConfig, lost: threading.Event) -> kopf.OperatorRegistry:
+def build_registry(config: OperatorConfig, on_lost: Callable[[], None]) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     for kind in KINDS:
         plural = PLURALS[kind]
@@ -77,7 +78,7 @@ def build_registry(config: OperatorConfig, lost: threading.Event) -> kopf.Operat
         await lease.acquire()
         logger.info("holding the operator lease: this replica writes")
         memo.store, memo.lease = store, lease
-        memo.keeper = asyncio.create_task(lease.keep(on_lost=lost.set))
+        memo.keeper = asyncio.create_task(lease.keep(on_lost=on_lost))
         try:
             from extproc.operator.secrets import SecretApi
 
@@ -103,18 +104,30 @@ def build_registry(config: OperatorConfig, lost: threading.Event) -> kopf.Operat
 
 def run(config: OperatorConfig) -> int:  # pragma: no cover - needs a Kubernetes API server
     """Run until SIGTERM (0) or until the lease is lost (1)."""
-    lost = threading.Event()
-    registry = build_registry(config, lost)
+    lost: list[bool] = []
+
+    def on_lost() -> None:
+        # Stop the way Kubernetes does: kopf handles SIGTERM gracefully (cleanup releases
+        # nothing that is not ours). A stop flag would be waited for in an executor thread,
+        # which keeps the process alive when kopf stops for another reason.
+        lost.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    registry = build_registry(config, on_lost)
     kopf.configure(verbose=False)
-    kopf.run(
-        registry=registry,
-        standalone=True,
-        clusterwide=not config.namespaces,
-        namespaces=config.namespaces,
-        stop_flag=lost,
-        memo=kopf.Memo(),
-    )
-    if lost.is_set():
+    try:
+        kopf.run(
+            registry=registry,
+            standalone=True,
+            clusterwide=not config.namespaces,
+            namespaces=config.namespaces,
+            memo=kopf.Memo(),
+        )
+    except kopf.LoginError as exc:
+        log.error("cannot log in to the Kubernetes API (no in-cluster service account or "
+                  "kubeconfig): %s", exc)
+        return 1
+    if lost:
         log.error("lost the operator lease: stopping so that Kubernetes restarts this replica")
         return 1
     return 0

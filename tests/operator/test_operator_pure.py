@@ -211,14 +211,12 @@ def test_secret_without_its_key_gets_a_new_one() -> None:
 
 
 def test_every_kind_is_watched_with_a_finalizer_and_a_status_timer() -> None:
-    import threading
-
     from extproc.core.resources import KINDS
     from extproc.operator import handlers
     from extproc.operator.app import PLURALS, OperatorConfig, build_registry
 
     registry = build_registry(OperatorConfig(redis_url="redis://127.0.0.1:6379/0"),
-                              threading.Event())
+                              lambda: None)
     changing = registry._changing.get_all_handlers()
     timers = registry._spawning.get_all_handlers()
     for kind in KINDS:
