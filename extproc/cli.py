@@ -432,10 +432,23 @@ def cmd_operator(args: argparse.Namespace) -> int:
     for namespace in args.namespace or ():
         if not valid_namespace(namespace):
             raise CliError(f"--namespace {namespace!r}: not a Kubernetes namespace name")
+    webhook = None
+    if args.webhook_port is not None:
+        from extproc.operator.app import WebhookConfig
+        from extproc.operator.injection import SidecarConfig
+
+        if not (args.webhook_host and args.webhook_cert and args.webhook_key):
+            raise CliError("--webhook-port needs --webhook-host, --webhook-cert and "
+                           "--webhook-key")
+        webhook = WebhookConfig(port=args.webhook_port, host=args.webhook_host,
+                                certfile=args.webhook_cert, keyfile=args.webhook_key,
+                                sidecars=SidecarConfig(image=args.sidecar_image))
     config = OperatorConfig(
         redis_url=redis_url(args.redis_url),
         redis_tag=os.environ.get("TOLLGATE_REDIS_TAG", "llm"),
         namespaces=tuple(args.namespace or ()),
+        webhook=webhook,
+        health_port=args.health_port,
     )
     return run(config)
 
@@ -544,6 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="watch this namespace (repeatable)")
     operator.add_argument("-A", "--all-namespaces", action="store_true",
                           help="watch every namespace (the default when no --namespace)")
+    operator.add_argument("--health-port", type=int, default=8080,
+                          help="/healthz port, ready only on the lease holder (8080; 0: off)")
+    operator.add_argument("--webhook-port", type=int,
+                          help="serve the sidecar-injection admission webhook on this port")
+    operator.add_argument("--webhook-host", help="DNS name the API server reaches it by")
+    operator.add_argument("--webhook-cert", help="TLS certificate file for the webhook")
+    operator.add_argument("--webhook-key", help="TLS private key file for the webhook")
+    operator.add_argument("--sidecar-image", default="tollgate:0.1.0",
+                          help="image of the injected tollgate and envoy sidecars")
     redis_opt(operator)
     operator.set_defaults(func=cmd_operator)
 

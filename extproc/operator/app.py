@@ -16,13 +16,14 @@ import signal
 import socket
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 
 from extproc.core.resources import GROUP, KINDS
 from extproc.operator import handlers
+from extproc.operator.injection import INJECT_ANNOTATION, SidecarConfig
 from extproc.store.lease import RedisLease
 from extproc.store.redis_store import Store, ready
 
@@ -42,6 +43,23 @@ class OperatorConfig:
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     lease_ttl_s: float = LEASE_TTL_S
     status_interval_s: float = STATUS_INTERVAL_S
+    webhook: WebhookConfig | None = None  # sidecar injection, off unless configured
+    # kopf's health endpoint, http://0.0.0.0:<port>/healthz; 0 = none. It answers only once
+    # startup is done, i.e. on the lease holder: a readiness probe on it keeps standby replicas
+    # out of a Service (the webhook's), and must not be a liveness probe (standbys wait).
+    health_port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """The mutating admission webhook's HTTPS server. kopf keeps the
+    MutatingWebhookConfiguration `tollgate.io` pointing at https://<host>:<port>."""
+
+    port: int
+    host: str  # the name the API server reaches this server by (its Service DNS name)
+    certfile: str
+    keyfile: str
+    sidecars: SidecarConfig = field(default_factory=SidecarConfig)
 
 
 def build_registry(config: OperatorConfig, on_lost: Callable[[], None]) -> kopf.OperatorRegistry:
@@ -60,6 +78,13 @@ def build_registry(config: OperatorConfig, on_lost: Callable[[], None]) -> kopf.
         kopf.timer(GROUP, VERSION, plural, interval=config.status_interval_s, registry=registry,
                    id=f"status-{plural}")(handlers.sync_status)
 
+    if config.webhook is not None:
+        # failurePolicy Ignore: while no operator replica answers, pods start without sidecars
+        # rather than not at all.
+        kopf.on.mutate("v1", "pods", annotations={INJECT_ANNOTATION: "true"},
+                       operations={"CREATE"}, ignore_failures=True, id="inject-sidecars",
+                       registry=registry)(handlers.inject_sidecars)
+
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo,
                       logger: logging.Logger | kopf.Logger, **_: Any) -> None:
@@ -70,6 +95,13 @@ def build_registry(config: OperatorConfig, on_lost: Callable[[], None]) -> kopf.
             prefix="tollgate.io")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix="tollgate.io", key="last-handled-configuration")
+        if config.webhook is not None:
+            hook = config.webhook
+            settings.admission.server = kopf.WebhookServer(
+                addr="0.0.0.0", port=hook.port, host=hook.host, certfile=hook.certfile,
+                pkeyfile=hook.keyfile)
+            settings.admission.managed = "tollgate.io"
+            memo.sidecars = hook.sidecars
         store = Store.from_url(config.redis_url, tag=config.redis_tag, timeout_s=5)
         await ready(store.redis)
         holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -122,6 +154,8 @@ def run(config: OperatorConfig) -> int:  # pragma: no cover - needs a Kubernetes
             clusterwide=not config.namespaces,
             namespaces=config.namespaces,
             memo=kopf.Memo(),
+            liveness_endpoint=(f"http://0.0.0.0:{config.health_port}/healthz"
+                               if config.health_port else None),
         )
     except kopf.LoginError as exc:
         log.error("cannot log in to the Kubernetes API (no in-cluster service account or "

@@ -22,6 +22,7 @@ import kopf
 
 from extproc.core.keys import generate_key, hash_key
 from extproc.core.resources import Resource, ResourceError, resource_id, validate_document
+from extproc.operator.injection import injection_patch
 from extproc.operator.secrets import (
     ForeignSecret,
     default_secret_name,
@@ -192,3 +193,14 @@ async def live_status(store: Store, resource: Resource) -> dict[str, Any]:
         return {"models": len(resource.spec["models"])}
     return {}
 
+
+
+# ---- sidecar injection (mutating admission webhook) -----------------------------------------
+
+
+async def inject_sidecars(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> None:
+    """Pods annotated `tollgate.io/inject: "true"` get the two sidecars and the base URLs."""
+    change = injection_patch(body, memo.sidecars)
+    if change is not None:
+        for name, value in change.items():
+            patch[name] = value

@@ -11,22 +11,25 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
+from extproc.launch import free_port
 from extproc.store.keyschema import KeySchema
 
 pytestmark = pytest.mark.redis
 
 
-def start_operator(redis_url: str, tag: str, home: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def start_operator(redis_url: str, tag: str, home: Path, health_port: int = 0,
+                   ) -> tuple[subprocess.Popen[bytes], Path]:
     log = home / "operator.log"
     env = {**os.environ, "TOLLGATE_REDIS_TAG": tag, "HOME": str(home),
            "KUBECONFIG": str(home / "no-kubeconfig")}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "extproc", "operator",
-                                 "--redis-url", redis_url],
+                                 "--redis-url", redis_url, "--health-port", str(health_port)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     return proc, log
@@ -56,11 +59,15 @@ def test_a_second_replica_waits_for_the_lease_and_writes_nothing(
     client = redis.Redis.from_url(redis_url)
     lease = KeySchema(tag).operator_lease
     client.set(lease, "the-other-replica", px=60_000)  # another replica is the writer
-    proc, log = start_operator(redis_url, tag, tmp_path)
+    health = free_port()
+    proc, log = start_operator(redis_url, tag, tmp_path, health)
     try:
         content = wait_for_line(proc, log, "waiting for the operator lease")
         assert "waiting for the operator lease" in content, content
         assert proc.poll() is None  # still waiting, not failed
+        # Not ready: a Service (the webhook's) sends nothing to a standby replica.
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{health}/healthz", timeout=2)
         assert client.get(lease) == b"the-other-replica"
         assert "holding the operator lease" not in log.read_text()
         proc.send_signal(signal.SIGTERM)  # as Kubernetes stops a pod
