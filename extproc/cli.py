@@ -37,9 +37,12 @@ from extproc.cli_output import (
 )
 from extproc.core.keys import generate_key, hash_key
 from extproc.core.resources import (
+    DEFAULT_NAMESPACE,
     KINDS,
     Resource,
     ResourceError,
+    resource_id,
+    valid_namespace,
     validate_document,
     validate_documents,
 )
@@ -146,13 +149,13 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         resource = validate_document(
             {"apiVersion": "tollgate.io/v1alpha1", "kind": "VirtualKey",
              "metadata": {"name": args.name}, "spec": spec},
-            "keys create",
+            "keys create", _namespace(args),
         )
     except ResourceError as exc:
         raise CliError(str(exc)) from None
 
     async def create(store: Store) -> int:
-        existing = await store.get("VirtualKey", args.name)
+        existing = await store.get("VirtualKey", resource.id)
         if existing is not None and existing.spec.get("revoked"):
             raise CliError(f"key {args.name!r} was revoked; its record is kept (usage and "
                            "limits refer to it by name), so pick another name")
@@ -164,7 +167,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     expires = short_time(resource.spec.get("expiresAt")) if resource.spec.get("expiresAt") \
         else "never"
     models = ", ".join(resource.spec["models"]) or "all"
-    print(f"created virtual key {args.name!r} (models: {models}; expires: {expires}; "
+    print(f"created virtual key {resource.id!r} (models: {models}; expires: {expires}; "
           f"generation {generation})", file=sys.stderr)
     print("store it now: the key is shown only once and cannot be recovered", file=sys.stderr)
     print(key)
@@ -188,34 +191,63 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    keys = with_store(args, lambda store: store.list_kind("VirtualKey"))
+    _namespace(args)
+    keys = _in_namespace(args, with_store(args, lambda store: store.list_kind("VirtualKey")))
     now = datetime.now(UTC)
     rows = []
     for r in keys:
         s = r.spec
-        rows.append((r.name, s["group"] or "-", s["user"] or "-", ",".join(s["models"]) or "*",
-                     short_time(s.get("expiresAt")), _key_status(s, now)))
-    print_rows(("NAME", "GROUP", "USER", "MODELS", "EXPIRES", "STATUS"), rows,
+        rows.append((r.namespace, r.name, s["group"] or "-", s["user"] or "-",
+                     ",".join(s["models"]) or "*", short_time(s.get("expiresAt")),
+                     _key_status(s, now)))
+    print_rows(("NAMESPACE", "NAME", "GROUP", "USER", "MODELS", "EXPIRES", "STATUS"), rows,
                getattr(args, "output", "table"), "no keys")
     return 0
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    ident = _ident(args)
+
     async def revoke(store: Store) -> int:
-        existing = await store.get("VirtualKey", args.name)
+        existing = await store.get("VirtualKey", ident)
         if existing is None:
-            raise CliError(f"no key named {args.name!r}")
+            raise CliError(f"no key named {ident!r}")
         if existing.spec.get("revoked"):
-            raise CliError(f"key {args.name!r} is already revoked")
+            raise CliError(f"key {ident!r} is already revoked")
         spec = dict(existing.spec, revoked=True)
-        return await store.apply([Resource("VirtualKey", args.name, spec)])
+        return await store.apply([Resource("VirtualKey", existing.name, spec,
+                                           existing.namespace)])
 
     generation = with_store(args, revoke)
-    print(f"revoked virtual key {args.name!r} (generation {generation})")
+    print(f"revoked virtual key {ident!r} (generation {generation})")
     return 0
 
 
 # ---- resources ---------------------------------------------------------------------------
+
+
+def _namespace(args: argparse.Namespace) -> str:
+    namespace: str = getattr(args, "namespace", None) or DEFAULT_NAMESPACE
+    if not valid_namespace(namespace):
+        raise CliError(f"--namespace {namespace!r}: not a Kubernetes namespace name")
+    return namespace
+
+
+def _ident(args: argparse.Namespace) -> str:
+    """The canonical id NAME means: `-n ns NAME`, or `ns/NAME` spelled out."""
+    name: str = args.name
+    if "/" in name:
+        ns, _, bare = name.partition("/")
+        return resource_id(ns, bare)
+    return resource_id(_namespace(args), name)
+
+
+def _in_namespace(args: argparse.Namespace, found: list[Resource]) -> list[Resource]:
+    """`-A` shows every namespace; otherwise only `-n` (default `default`)."""
+    if getattr(args, "all_namespaces", False):
+        return found
+    namespace = _namespace(args)
+    return [r for r in found if r.namespace == namespace]
 
 _KIND_ALIASES = {k.lower(): k for k in KINDS}
 _KIND_ALIASES.update({k.lower() + "s": k for k in KINDS})
@@ -230,7 +262,8 @@ def resolve_kind(name: str) -> str:
     return kind
 
 
-def load_files(paths: Sequence[str]) -> list[Resource]:
+def load_files(paths: Sequence[str], namespace: str = DEFAULT_NAMESPACE) -> list[Resource]:
+    """Documents of every file; one without `metadata.namespace` goes to `namespace`."""
     resources: list[Resource] = []
     for path in paths:
         try:
@@ -242,19 +275,19 @@ def load_files(paths: Sequence[str]) -> list[Resource]:
         except yaml.YAMLError as exc:
             raise CliError(f"{path}: not valid YAML: {exc}") from None
         try:
-            resources.extend(validate_documents(docs, path))
+            resources.extend(validate_documents(docs, path, namespace))
         except ResourceError as exc:
             raise CliError(str(exc)) from None
     seen: set[tuple[str, str]] = set()
     for r in resources:
-        if (r.kind, r.name) in seen:
-            raise CliError(f"{r.kind}/{r.name} appears more than once")
-        seen.add((r.kind, r.name))
+        if (r.kind, r.id) in seen:
+            raise CliError(f"{r.kind}/{r.id} appears more than once")
+        seen.add((r.kind, r.id))
     return resources
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    resources = load_files(args.filename)
+    resources = load_files(args.filename, _namespace(args))
     if not resources:
         raise CliError("no resources found in " + ", ".join(args.filename))
     for warning in _config_warnings(resources, os.environ.get("TOLLGATE_SECRETS_DIR")):
@@ -265,7 +298,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return 0
     generation = with_store(args, lambda store: store.apply(resources))
     for r in resources:
-        print(f"{r.kind.lower()}/{r.name} configured")
+        print(f"{r.kind.lower()}/{r.id} configured")
     print(f"configuration generation {generation}", file=sys.stderr)
     return 0
 
@@ -291,6 +324,10 @@ def _config_warnings(resources: Sequence[Resource], secrets_dir: str | None,
 
 
 def _summary(r: Resource) -> tuple[str, ...]:
+    return (r.namespace, *_columns(r))
+
+
+def _columns(r: Resource) -> tuple[str, ...]:
     s = r.spec
     if r.kind == "VirtualKey":
         return (r.name, s["group"] or "-", s["user"] or "-", ",".join(s["models"]) or "*",
@@ -318,34 +355,28 @@ _HEADERS = {
 
 async def _limit_rows(store: Store, found: list[Resource]) -> list[tuple[str, ...]]:
     """One row per Limit with its live state in the current period."""
-    from extproc.core.periods import period_bounds
-    from extproc.core.pricing import format_usd
-    from extproc.core.quota import LimitStatus, state_of
-    from extproc.core.resources import limit_spec
+    from extproc.core.reports import REQUEST_STATES, usd
+    from extproc.store.live_state import limit_reports
 
-    now = time.time()
-    specs = [limit_spec(r) for r in found]
-    periods = [period_bounds(s.period, s.time_zone, now)[0] for s in specs]
-    states = await store.limit_states([(s.name, p) for s, p in zip(specs, periods, strict=True)])
     out: list[tuple[str, ...]] = []
-    for spec, period, state in zip(specs, periods, states, strict=True):
-        spent = state.get("spent", 0)
-        status = LimitStatus(spec.name, state_of(spent, spec), spent, state.get("held", 0),
-                             spec.max_micros, period)
-        counts = "/".join(str(state.get(k, 0)) for k in ("ok", "exceeded", "overrun", "blocked"))
-        out.append((spec.name, "Block" if spec.block else "Allow", format_usd(spec.max_micros),
-                    format_usd(spent), format_usd(status.held_micros),
-                    format_usd(status.remaining_micros), status.state, period, counts))
+    for r, report in zip(found, await limit_reports(store, found), strict=True):
+        counts = "/".join(str(report.requests[k]) for k in REQUEST_STATES)
+        out.append((r.namespace, r.name, "Block" if report.limit.block else "Allow",
+                    usd(report.limit.max_micros), usd(report.spent), usd(report.held),
+                    usd(report.remaining), report.state, report.period_id, counts))
     return out
 
 
 def cmd_get(args: argparse.Namespace) -> int:
     kind = resolve_kind(args.kind)
+    _namespace(args)  # a bad -n is a usage error, before Redis is asked
     if kind == "Limit" and args.output == "table":
         async def limits(store: Store) -> list[tuple[str, ...]]:
             found = await store.list_kind(kind)
             if args.name:
-                found = [r for r in found if r.name == args.name]
+                found = [r for r in found if r.id == _ident(args)]
+            else:
+                found = _in_namespace(args, found)
             return await _limit_rows(store, found)
 
         rows = with_store(args, limits)
@@ -354,40 +385,41 @@ def cmd_get(args: argparse.Namespace) -> int:
         if not rows:
             print("no Limit resources")
             return 0
-        print(_table([("NAME", "TYPE", "MAX", "SPENT", "HELD", "REMAINING", "STATE", "PERIOD",
-                       "REQUESTS(ok/exceeded/overrun/blocked)"), *rows]))
+        print(_table([("NAMESPACE", "NAME", "TYPE", "MAX", "SPENT", "HELD", "REMAINING", "STATE",
+                       "PERIOD", "REQUESTS(ok/exceeded/overrun/blocked)"), *rows]))
         return 0
     found, builtin = with_store(args, lambda store: _stored_and_builtin(store, kind))
     if args.name:
-        found = [r for r in found if r.name == args.name]
+        found = [r for r in found if r.id == _ident(args)]
         if not found:
-            raise CliError(f"{kind}/{args.name} not found")
+            raise CliError(f"{kind}/{_ident(args)} not found")
+    else:
+        found = _in_namespace(args, found)
     if kind == "PriceTable" and args.name and args.output == "table":
         print(_table([_PRICE_HEADERS, *_price_rows(found[0])]))
         return 0
     if args.output in ("yaml", "json"):
-        print_documents([_document(r, r.name in builtin) for r in found], args.output,
+        print_documents([_document(r, r.id in builtin) for r in found], args.output,
                         single=bool(args.name))
     elif not found:
         print(f"no {kind} resources")
     else:
-        rows = [_summary(r) for r in found]
         # Shipped defaults serve traffic too; mark them instead of hiding them.
-        rows = [(row[0] + (" (built-in)" if row[0] in builtin else ""), *row[1:])
-                for row in rows]
-        print(_table([_HEADERS.get(kind, ("NAME",)), *rows]))
+        rows = [(ns, name + (" (built-in)" if r.id in builtin else ""), *rest)
+                for r, (ns, name, *rest) in ((r, _summary(r)) for r in found)]
+        print(_table([("NAMESPACE", *_HEADERS.get(kind, ("NAME",))), *rows]))
     return 0
 
 
 async def _stored_and_builtin(store: Store, kind: str) -> tuple[list[Resource], set[str]]:
     """Stored resources of `kind` plus the built-in ones no stored resource replaces, and the
-    names of the latter."""
+    ids of the latter."""
     from extproc.server.state import builtin_resources
 
     stored = await store.list_kind(kind)
-    names = {r.name for r in stored}
-    extra = [r for r in builtin_resources() if r.kind == kind and r.name not in names]
-    return sorted([*stored, *extra], key=lambda r: r.name), {r.name for r in extra}
+    ids = {r.id for r in stored}
+    extra = [r for r in builtin_resources() if r.kind == kind and r.id not in ids]
+    return sorted([*stored, *extra], key=lambda r: r.id), {r.id for r in extra}
 
 
 def _document(resource: Resource, builtin: bool) -> dict[str, Any]:
@@ -418,9 +450,10 @@ def _price_rows(table: Resource) -> list[tuple[str, ...]]:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     kind = resolve_kind(args.kind)
-    if not with_store(args, lambda store: store.delete(kind, args.name)):
-        raise CliError(f"{kind}/{args.name} not found")
-    print(f"{kind.lower()}/{args.name} deleted")
+    ident = _ident(args)
+    if not with_store(args, lambda store: store.delete(kind, ident)):
+        raise CliError(f"{kind}/{ident} not found")
+    print(f"{kind.lower()}/{ident} deleted")
     return 0
 
 
@@ -552,6 +585,35 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from extproc.operator.app import OperatorConfig, run
+
+    if args.namespace and args.all_namespaces:
+        raise CliError("use --namespace or --all-namespaces, not both")
+    for namespace in args.namespace or ():
+        if not valid_namespace(namespace):
+            raise CliError(f"--namespace {namespace!r}: not a Kubernetes namespace name")
+    webhook = None
+    if args.webhook_port is not None:
+        from extproc.operator.app import WebhookConfig
+        from extproc.operator.injection import SidecarConfig
+
+        if not (args.webhook_host and args.webhook_cert and args.webhook_key):
+            raise CliError("--webhook-port needs --webhook-host, --webhook-cert and "
+                           "--webhook-key")
+        webhook = WebhookConfig(port=args.webhook_port, host=args.webhook_host,
+                                certfile=args.webhook_cert, keyfile=args.webhook_key,
+                                sidecars=SidecarConfig(image=args.sidecar_image))
+    config = OperatorConfig(
+        redis_url=redis_url(args.redis_url),
+        redis_tag=os.environ.get("TOLLGATE_REDIS_TAG", "llm"),
+        namespaces=tuple(args.namespace or ()),
+        webhook=webhook,
+        health_port=args.health_port,
+    )
+    return run(config)
+
+
 def _listener_tls(args: argparse.Namespace) -> envoyconf.ListenerTls | None:
     """`up`'s --tls-* flags as an envoyconf.ListenerTls (absolute paths), or None."""
     from extproc import envoyconf
@@ -606,6 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
     def redis_opt(p: argparse.ArgumentParser) -> None:
         p.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL, else the Redis of "
                        "a running `tollgate up`; with neither the command refuses)")
+
+    def namespace_opt(p: argparse.ArgumentParser, listing: bool = False) -> None:
+        p.add_argument("-n", "--namespace", help="namespace (default: default)")
+        if listing:
+            p.add_argument("-A", "--all-namespaces", action="store_true",
+                           help="list every namespace")
 
     up = sub.add_parser("up", help="run Redis (embedded unless --redis-url/$REDIS_URL), "
                         "extproc and Envoy locally")
@@ -666,14 +734,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--allowed-request-tags", action="append", metavar="PATTERN[,PATTERN...]",
                         help="request tags (x-tollgate-tags) that may select limits (globs), "
                         "comma-separated or the flag repeated")
+    namespace_opt(create)
     redis_opt(create)
     create.set_defaults(func=cmd_keys_create)
     klist = keys_sub.add_parser("list", help="list keys (never shows the secret)")
+    namespace_opt(klist, listing=True)
     klist.add_argument("-o", "--output", choices=OUTPUTS, default="table")
     redis_opt(klist)
     klist.set_defaults(func=cmd_keys_list)
     revoke = keys_sub.add_parser("revoke", help="revoke a key (takes effect within ~1 s)")
     revoke.add_argument("name")
+    namespace_opt(revoke)
     redis_opt(revoke)
     revoke.set_defaults(func=cmd_keys_revoke)
 
@@ -682,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML file with one or more documents ('-' for stdin)")
     apply.add_argument("--dry-run", action="store_true",
                        help="validate and warn (missing secrets, unknown clusters); store nothing")
+    namespace_opt(apply)
     redis_opt(apply)
     apply.set_defaults(func=cmd_apply)
 
@@ -689,12 +761,14 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("kind", help=f"one of {', '.join(KINDS)} (plural and lower case work)")
     get.add_argument("name", nargs="?")
     get.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
+    namespace_opt(get, listing=True)
     redis_opt(get)
     get.set_defaults(func=cmd_get)
 
     delete = sub.add_parser("delete", help="delete a stored resource")
     delete.add_argument("kind")
     delete.add_argument("name")
+    namespace_opt(delete)
     redis_opt(delete)
     delete.set_defaults(func=cmd_delete)
 
@@ -709,6 +783,24 @@ def build_parser() -> argparse.ArgumentParser:
                                 "`source <(tollgate completion bash)`")
     completion.add_argument("shell", choices=("bash", "zsh", "tcsh"))
     completion.set_defaults(func=cmd_completion)
+    operator = sub.add_parser(
+        "operator", help="run the Kubernetes operator: custom resources -> Redis, live state "
+        "-> status (one writer at a time, by a Redis lease)")
+    operator.add_argument("-n", "--namespace", action="append", metavar="NS",
+                          help="watch this namespace (repeatable)")
+    operator.add_argument("-A", "--all-namespaces", action="store_true",
+                          help="watch every namespace (the default when no --namespace)")
+    operator.add_argument("--health-port", type=int, default=8080,
+                          help="/healthz port, ready only on the lease holder (8080; 0: off)")
+    operator.add_argument("--webhook-port", type=int,
+                          help="serve the sidecar-injection admission webhook on this port")
+    operator.add_argument("--webhook-host", help="DNS name the API server reaches it by")
+    operator.add_argument("--webhook-cert", help="TLS certificate file for the webhook")
+    operator.add_argument("--webhook-key", help="TLS private key file for the webhook")
+    operator.add_argument("--sidecar-image", default="tollgate:0.1.0",
+                          help="image of the injected tollgate and envoy sidecars")
+    redis_opt(operator)
+    operator.set_defaults(func=cmd_operator)
 
     envoy = sub.add_parser("envoy-config", help="print an Envoy bootstrap (see envoy/README.md)")
     envoy.add_argument("rest", nargs=argparse.REMAINDER)

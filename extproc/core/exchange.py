@@ -70,7 +70,7 @@ from extproc.core.quota import (
     rate_limit_headers,
 )
 from extproc.core.request import Endpoint, RequestFacts, Route, classify_path, parse_request
-from extproc.core.resources import KeyRecord, UpstreamSpec
+from extproc.core.resources import KeyRecord, UpstreamSpec, qualify
 from extproc.core.result import Priced, cost_headers, result_object, splice_result
 from extproc.core.snapshot import Snapshot
 from extproc.core.streams import StreamMeter, StreamStep
@@ -492,8 +492,11 @@ class Exchange:
             model=self.model_identity,
             ip=self.client_ip,
             requested_model=facts.model,
+            namespace=self.key.namespace,
         )
-        limits, unknown = applicable(snapshot.limits, subject, self.named_limits)
+        # Named limits: `ns/name`, or a bare name in the key's own namespace.
+        named = tuple(qualify(ref, self.key.namespace) for ref in self.named_limits)
+        limits, unknown = applicable(snapshot.limits, subject, named)
         self.unknown_limits = tuple(unknown)
         self._limits, self._subject = limits, subject
         if self.price is None:

@@ -41,8 +41,13 @@ class Selector:
     users: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
+    # Namespaces whose keys are covered; empty = every namespace. Limits from resources carry
+    # their own namespace here unless they ask for more (`selector.namespaces`).
+    namespaces: tuple[str, ...] = ()
 
     def matches(self, subject: Subject) -> bool:
+        if self.namespaces and subject.namespace not in self.namespaces:
+            return False
         if self.keys and subject.key not in self.keys:
             return False
         if self.groups and subject.group not in self.groups:
@@ -94,6 +99,7 @@ class Subject:
     model: str  # the model's identity: a dated name's priced base model (PriceBook.canonical)
     ip: str
     requested_model: str = ""  # the exact name asked for, when it differs from `model`
+    namespace: str = "default"  # the key's namespace; `key` is its canonical id
 
 
 def scope_id(rate_limit: RateLimitSpec, subject: Subject) -> str:

@@ -30,6 +30,32 @@ DEFAULT_COOLDOWN_STATUSES = (401, 403, 429, 500, 502, 503, 504)
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+# A Kubernetes namespace name (RFC 1123 label).
+_NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+DEFAULT_NAMESPACE = "default"
+ALL_NAMESPACES = "*"  # in `selector.namespaces`: every namespace
+
+
+def resource_id(namespace: str, name: str) -> str:
+    """The canonical id of a resource: `namespace/name`, or the bare name in the `default`
+    namespace. Bare ids keep everything written before namespaces existed (Redis hash fields,
+    limit state keys, hold records, headers) valid as resources of `default`."""
+    return name if namespace == DEFAULT_NAMESPACE else f"{namespace}/{name}"
+
+
+def split_id(ref: str, namespace: str = DEFAULT_NAMESPACE) -> tuple[str, str]:
+    """`ns/name` -> (ns, name); a bare name is resolved in `namespace`."""
+    ns, sep, name = ref.partition("/")
+    return (ns, name) if sep else (namespace, ref)
+
+
+def qualify(ref: str, namespace: str = DEFAULT_NAMESPACE) -> str:
+    """The canonical id a reference means, seen from `namespace` (`default/x` -> `x`)."""
+    return resource_id(*split_id(ref, namespace))
+
+
+def valid_namespace(namespace: str) -> bool:
+    return bool(_NAMESPACE.match(namespace))
 
 
 class ResourceError(ValueError):
@@ -47,12 +73,21 @@ class Resource:
     kind: str
     name: str
     spec: dict[str, Any]
+    namespace: str = DEFAULT_NAMESPACE
+
+    @property
+    def id(self) -> str:
+        """Identity within its kind: `namespace/name` (bare name in `default`)."""
+        return resource_id(self.namespace, self.name)
 
     def document(self) -> dict[str, Any]:
+        metadata = {"name": self.name}
+        if self.namespace != DEFAULT_NAMESPACE:
+            metadata["namespace"] = self.namespace
         return {
             "apiVersion": API_VERSION,
             "kind": self.kind,
-            "metadata": {"name": self.name},
+            "metadata": metadata,
             "spec": self.spec,
         }
 
@@ -172,6 +207,11 @@ def _virtual_key(f: _Fields) -> dict[str, Any]:
         # own `tags` always may. Other request tags are recorded, never matched.
         "allowedRequestTags": f.strings("allowedRequestTags"),
     }
+    # Kubernetes only: the Secret the operator delivers a generated key in (ignored elsewhere).
+    secret_name = f.string("secretName")
+    if secret_name and not _NAME.match(secret_name):
+        raise f.error("secretName", "must be a Kubernetes Secret name")
+    spec["secretName"] = secret_name
     return spec
 
 
@@ -307,10 +347,24 @@ _SELECTOR_FIELDS = ("keys", "groups", "users", "tags", "models")
 
 
 def _selector(f: _Fields) -> dict[str, list[str]]:
+    """Selector lists. `namespaces` says whose keys it covers: absent/empty = the resource's own
+    namespace, a list = those namespaces, `["*"]` = every namespace (cluster-wide, explicit).
+    `keys` entries are bare names (in the resource's namespace) or `namespace/name`."""
     selector = f.mapping("selector")
     if selector is None:
-        return {name: [] for name in _SELECTOR_FIELDS}
+        return {name: [] for name in (*_SELECTOR_FIELDS, "namespaces")}
     out = {name: selector.strings(name) for name in _SELECTOR_FIELDS}
+    namespaces = selector.strings("namespaces")
+    for ns in namespaces:
+        if ns != ALL_NAMESPACES and not valid_namespace(ns):
+            raise selector.error("namespaces", f"{ns!r} is not a namespace name (or '*')")
+    if ALL_NAMESPACES in namespaces and len(namespaces) > 1:
+        raise selector.error("namespaces", "'*' already means every namespace; list it alone")
+    out["namespaces"] = namespaces
+    for ref in out["keys"]:
+        ns, name = split_id(ref)
+        if ref.count("/") > 1 or not valid_namespace(ns) or not _NAME.match(name):
+            raise selector.error("keys", f"{ref!r} is not a key name or namespace/name")
     selector.done()
     return out
 
@@ -385,7 +439,10 @@ SPEC_READERS: dict[str, Callable[[_Fields], dict[str, Any]]] = {
 KINDS = tuple(SPEC_READERS)
 
 
-def validate_document(doc: Any, where: str = "document") -> Resource:
+def validate_document(
+    doc: Any, where: str = "document", namespace: str = DEFAULT_NAMESPACE
+) -> Resource:
+    """Validate one document. Its namespace is `metadata.namespace`, else `namespace`."""
     if not isinstance(doc, dict):
         raise ResourceError(where, "", "a resource must be a mapping")
     top = _Fields(where, "", doc)
@@ -405,12 +462,18 @@ def validate_document(doc: Any, where: str = "document") -> Resource:
             "name", "must be lower-case letters, digits, '-' or '.', starting and ending with "
             "a letter or digit"
         )
-    for ignored in ("namespace", "labels", "annotations", "uid", "resourceVersion",
-                    "generation", "creationTimestamp", "managedFields"):
+    namespace = meta.string("namespace", namespace) or DEFAULT_NAMESPACE
+    if not valid_namespace(namespace):
+        raise meta.error("namespace", "must be a Kubernetes namespace name (lower-case letters, "
+                         "digits and '-', at most 63 characters)")
+    for ignored in ("labels", "annotations", "uid", "resourceVersion", "generation",
+                    "creationTimestamp", "managedFields", "finalizers", "deletionTimestamp",
+                    "deletionGracePeriodSeconds", "ownerReferences", "generateName",
+                    "selfLink"):
         meta.get(ignored)  # Kubernetes bookkeeping: accepted, not used
     meta.done()
     top.get("status")  # written by the operator; never read as configuration
-    where = f"{where} ({kind}/{name})"
+    where = f"{where} ({kind}/{resource_id(namespace, name)})"
     spec = top.mapping("spec")
     if spec is None:
         raise ResourceError(where, "spec", "is required")
@@ -418,16 +481,18 @@ def validate_document(doc: Any, where: str = "document") -> Resource:
     normalised = reader(spec)
     spec.done()
     top.done()
-    return Resource(kind, name, normalised)
+    return Resource(kind, name, normalised, namespace)
 
 
-def validate_documents(docs: Iterable[Any], source: str = "input") -> list[Resource]:
+def validate_documents(
+    docs: Iterable[Any], source: str = "input", namespace: str = DEFAULT_NAMESPACE
+) -> list[Resource]:
     """Validate every document, failing on the first error; empty documents are skipped."""
     out = []
     for i, doc in enumerate(docs, start=1):
         if doc is None:
             continue
-        out.append(validate_document(doc, f"{source}: document {i}"))
+        out.append(validate_document(doc, f"{source}: document {i}", namespace))
     return out
 
 
@@ -447,13 +512,14 @@ class KeyRecord:
     allow_request_limits: bool = False
     allow_client_user: bool = False
     allowed_request_tags: tuple[str, ...] = ()
+    namespace: str = DEFAULT_NAMESPACE
 
 
 def key_record(resource: Resource) -> KeyRecord:
     s = resource.spec
     expires = s.get("expiresAt")
     return KeyRecord(
-        name=resource.name,
+        name=resource.id,
         key_sha256=s["keySha256"],
         group=s.get("group", ""),
         user=s.get("user", ""),
@@ -464,6 +530,7 @@ def key_record(resource: Resource) -> KeyRecord:
         allow_request_limits=bool(s.get("allowRequestLimits", False)),
         allow_client_user=bool(s.get("allowClientUser", False)),
         allowed_request_tags=tuple(s.get("allowedRequestTags", ())),
+        namespace=resource.namespace,
     )
 
 
@@ -527,7 +594,7 @@ def upstream_spec(resource: Resource) -> UpstreamSpec:
     s = resource.spec
     azure = s.get("azure") or {}
     return UpstreamSpec(
-        name=resource.name,
+        name=resource.id,
         provider=s["provider"],
         cluster=s["cluster"],
         models=tuple(s.get("models") or ("*",)),
@@ -549,9 +616,16 @@ def upstream_spec(resource: Resource) -> UpstreamSpec:
     )
 
 
-def _selector_of(spec: dict[str, Any]) -> Selector:
-    sel = spec.get("selector") or {}
-    return Selector(*(tuple(sel.get(name) or ()) for name in _SELECTOR_FIELDS))
+def _selector_of(resource: Resource) -> Selector:
+    sel = resource.spec.get("selector") or {}
+    lists = {name: tuple(sel.get(name) or ()) for name in _SELECTOR_FIELDS}
+    lists["keys"] = tuple(qualify(k, resource.namespace) for k in lists["keys"])
+    namespaces = tuple(sel.get("namespaces") or ())
+    if not namespaces:
+        namespaces = (resource.namespace,)
+    elif ALL_NAMESPACES in namespaces:
+        namespaces = ()  # no restriction
+    return Selector(**lists, namespaces=namespaces)
 
 
 def limit_spec(resource: Resource) -> LimitSpec:
@@ -560,7 +634,7 @@ def limit_spec(resource: Resource) -> LimitSpec:
     # threshold * max, rounded down to the micro-dollar: "exceeded" starts no later than asked.
     threshold_micros = int(max_micros * Decimal(str(s.get("threshold", 1.0))))
     return LimitSpec(
-        name=resource.name,
+        name=resource.id,
         block=s["type"] == "Block",
         max_micros=max_micros,
         threshold_micros=threshold_micros,
@@ -568,7 +642,7 @@ def limit_spec(resource: Resource) -> LimitSpec:
         time_zone=s.get("timeZone", "UTC"),
         strict=s.get("enforcement", "strict") == "strict",
         fail_open=bool(s.get("failOpen", False)),
-        selector=_selector_of(s),
+        selector=_selector_of(resource),
         clamp=s.get("onInsufficient", "refuse") == "clamp",
         min_output_tokens=int(s.get("minOutputTokens", 16)),
     )
@@ -577,9 +651,9 @@ def limit_spec(resource: Resource) -> LimitSpec:
 def rate_limit_spec(resource: Resource) -> RateLimitSpec:
     s = resource.spec
     return RateLimitSpec(
-        name=resource.name,
+        name=resource.id,
         per=s["per"],
-        selector=_selector_of(s),
+        selector=_selector_of(resource),
         requests_per_minute=s.get("requestsPerMinute"),
         tokens_per_minute=s.get("tokensPerMinute"),
         concurrent=s.get("concurrent"),

@@ -36,7 +36,7 @@ class Snapshot:
     prices: PriceBook
     upstreams: tuple[UpstreamSpec, ...]
     secrets: dict[str, str]  # secretRef -> value, resolved from env/files at load time
-    resources: dict[tuple[str, str], Resource] = field(default_factory=dict)
+    resources: dict[tuple[str, str], Resource] = field(default_factory=dict)  # (kind, id)
     limits: tuple[LimitSpec, ...] = ()
     rate_limits: tuple[RateLimitSpec, ...] = ()
 
@@ -69,7 +69,7 @@ def build_snapshot(
 ) -> Snapshot:
     merged: dict[tuple[str, str], Resource] = {}
     for resource in (*builtin, *stored):
-        merged[(resource.kind, resource.name)] = resource
+        merged[(resource.kind, resource.id)] = resource
 
     keys: dict[str, KeyRecord] = {}
     prices: dict[str, ModelPrice] = {}

@@ -18,7 +18,8 @@ class KeySchema:
         return f"tg:{{{self.tag}}}:"
 
     def config(self, kind: str) -> str:
-        """HASH: resource name -> normalised JSON document, one hash per kind."""
+        """HASH: canonical id (`ns/name`, bare name in `default`) -> normalised JSON document,
+        one hash per kind."""
         return f"{self.prefix}cfg:{kind}"
 
     @property
@@ -40,10 +41,16 @@ class KeySchema:
         """STREAM: one entry per priced request, field `event` = tollgate.v1.UsageEvent bytes."""
         return f"{self.prefix}usage"
 
+    @property
+    def operator_lease(self) -> str:
+        """STRING with TTL: id of the operator replica allowed to write configuration."""
+        return f"{self.prefix}operator:lease"
+
     # -- limits and rate limits (all in the same slot as everything else) --------------------
 
     def limit_state(self, limit: str, period_id: str) -> str:
-        """HASH: spent, held (micro-dollars) and request counts by state, for one period."""
+        """HASH: spent, held (micro-dollars) and request counts by state, for one period.
+        `limit` is the canonical id (`ns/name`, bare in `default`)."""
         return f"{self.prefix}lim:{limit}:{period_id}"
 
     def window(self, rate_limit: str, ident: str, metric: str) -> str:

@@ -14,7 +14,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from extproc.core.resources import KINDS, Resource, ResourceError, validate_document
+from extproc.core.resources import KINDS, Resource, ResourceError, split_id, validate_document
 from extproc.store.keyschema import KeySchema
 
 log = logging.getLogger(__name__)
@@ -131,14 +131,15 @@ class Store:
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         found = (_decode(kind, name, raw) for name, raw in docs.items())
-        return sorted((r for r in found if r is not None), key=lambda r: r.name)
+        return sorted((r for r in found if r is not None), key=lambda r: (r.namespace, r.name))
 
-    async def get(self, kind: str, name: str) -> Resource | None:
+    async def get(self, kind: str, ident: str) -> Resource | None:
+        """The resource with this canonical id (`ns/name`, bare name in `default`)."""
         try:
-            raw = await self.redis.hget(self.keys.config(kind), name)
+            raw = await self.redis.hget(self.keys.config(kind), ident)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
-        return None if raw is None else _decode(kind, name, raw)
+        return None if raw is None else _decode(kind, ident, raw)
 
     async def apply(self, resources: Sequence[Resource]) -> int:
         """Store resources atomically, keep the key index in step, bump and announce the
@@ -147,27 +148,29 @@ class Store:
             old_hashes: dict[str, str] = {}
             keys = [r for r in resources if r.kind == "VirtualKey"]
             if keys:
-                names = [r.name for r in keys]
-                raws = await self.redis.hmget(self.keys.config("VirtualKey"), names)
+                ids = [r.id for r in keys]
+                raws = await self.redis.hmget(self.keys.config("VirtualKey"), ids)
                 for resource, raw in zip(keys, raws, strict=True):
                     if raw is not None:
-                        old_hashes[resource.name] = orjson.loads(raw)["spec"]["keySha256"]
+                        old_hashes[resource.id] = orjson.loads(raw)["spec"]["keySha256"]
             async with self.redis.pipeline(transaction=True) as pipe:
                 for resource in resources:
+                    # Field = canonical id: a resource of `default` keeps its bare name, so data
+                    # written before namespaces existed is read as namespace `default`.
                     pipe.hset(
                         self.keys.config(resource.kind),
-                        resource.name,
+                        resource.id,
                         orjson.dumps(resource.document()),
                     )
                     if resource.kind == "VirtualKey":
                         new_hash = resource.spec["keySha256"]
-                        old_hash = old_hashes.get(resource.name)
+                        old_hash = old_hashes.get(resource.id)
                         if old_hash and old_hash != new_hash:
                             pipe.delete(self.keys.key_index(old_hash))
                         if resource.spec["revoked"]:
                             pipe.delete(self.keys.key_index(new_hash))
                         else:
-                            pipe.set(self.keys.key_index(new_hash), resource.name)
+                            pipe.set(self.keys.key_index(new_hash), resource.id)
                 pipe.incr(self.keys.generation)
                 replies = await pipe.execute()
             generation = int(replies[-1])
@@ -176,13 +179,13 @@ class Store:
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 
-    async def delete(self, kind: str, name: str) -> bool:
+    async def delete(self, kind: str, ident: str) -> bool:
         try:
-            existing = await self.get(kind, name)
+            existing = await self.get(kind, ident)
             if existing is None:
                 return False
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(self.keys.config(kind), name)
+                pipe.hdel(self.keys.config(kind), ident)
                 if kind == "VirtualKey":
                     pipe.delete(self.keys.key_index(existing.spec["keySha256"]))
                 pipe.incr(self.keys.generation)
@@ -201,7 +204,9 @@ class Store:
         return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
 
     async def limit_states(self, names_periods: list[tuple[str, str]]) -> list[dict[str, int]]:
-        """Live state of limits for the given periods: spent, held and request counts."""
+        """Live state of limits (by canonical id) for the given periods: spent, held (money in
+        the store's unit) and request counts by state. The one reader of limit state: the CLI
+        and the operator's status both go through it."""
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for name, period in names_periods:
@@ -222,11 +227,16 @@ class Store:
         return [(eid.decode(), fields[b"event"]) for eid, fields in reversed(entries)]
 
 
-def _decode(kind: str, name: bytes | str, raw: bytes | str) -> Resource | None:
-    label = name.decode() if isinstance(name, bytes) else name
+def _decode(kind: str, ident: bytes | str, raw: bytes | str) -> Resource | None:
+    label = ident.decode() if isinstance(ident, bytes) else ident
     try:
-        return validate_document(orjson.loads(raw), f"redis {kind}/{label}")
+        namespace, _ = split_id(label)
+        resource = validate_document(orjson.loads(raw), f"redis {kind}/{label}", namespace)
     except (ResourceError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
         # A document edited by hand into something invalid must not stop the others loading.
         log.error("skipping invalid stored resource: %s", exc)
         return None
+    if resource.id != label:
+        log.error("skipping stored %s %r: its document names %r", kind, label, resource.id)
+        return None
+    return resource

@@ -124,10 +124,10 @@ def test_get_one_name_gives_one_object_in_json_and_yaml(tg: Run) -> None:
 
 def test_builtin_upstreams_and_prices_are_shown_and_marked(tg: Run) -> None:
     upstreams = tg("get", "upstreams").stdout
-    assert re.search(r"^openai \(built-in\)\s+openai", upstreams, re.M)
-    assert re.search(r"^anthropic \(built-in\)\s+anthropic", upstreams, re.M)
+    assert re.search(r"^default\s+openai \(built-in\)\s+openai", upstreams, re.M)
+    assert re.search(r"^default\s+anthropic \(built-in\)\s+anthropic", upstreams, re.M)
     prices = tg("get", "pricetables").stdout
-    assert re.search(r"^default \(built-in\)\s+\d+", prices, re.M)
+    assert re.search(r"^default\s+default \(built-in\)\s+\d+", prices, re.M)
     doc = json.loads(tg("get", "upstreams", "openai", "-o", "json").stdout)
     assert doc["metadata"]["annotations"] == {"tollgate.io/built-in": "true"}
     # A stored Upstream of the same name replaces the built-in one and is no longer marked.
@@ -137,7 +137,7 @@ def test_builtin_upstreams_and_prices_are_shown_and_marked(tg: Run) -> None:
         "       credentials: [{name: main, secretRef: OPENAI_API_KEY}]}\n"))
     assert applied.returncode == 0, applied.stderr
     upstreams = tg("get", "upstreams").stdout
-    assert re.search(r"^openai\s+openai\s+openai\s+gpt-\*", upstreams, re.M)
+    assert re.search(r"^default\s+openai\s+openai\s+openai\s+gpt-\*", upstreams, re.M)
 
 
 def test_usage_count_zero_and_negative(tg: Run) -> None:

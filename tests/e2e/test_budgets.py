@@ -48,8 +48,8 @@ def block_limit(cli: CliRunner, key_name: str, max_usd: str, extra: str = "") ->
 def limit_row(cli: CliRunner, limit: str) -> tuple[float, float, float]:
     """(max, spent, held) in USD from `tollgate get limits`."""
     row = cli("get", "limits", limit).stdout.splitlines()[1].split()
-    assert row[0] == limit
-    return float(row[2]), float(row[3]), float(row[4])
+    assert row[:2] == ["default", limit]  # NAMESPACE NAME TYPE MAX SPENT HELD ...
+    return float(row[3]), float(row[4]), float(row[5])
 
 
 def settled(cli: CliRunner, limit: str) -> tuple[float, float]:
@@ -312,8 +312,9 @@ def test_dated_model_names_count_against_the_base_models_limit(
 
 def test_get_pricetables_shows_the_shipped_prices(cli: CliRunner) -> None:
     tables = cli("get", "pricetables").stdout.splitlines()
-    assert tables[0].split() == ["NAME", "MODELS"]
-    assert tables[1].split()[:2] == ["default", "(built-in)"] and int(tables[1].split()[2]) > 40
+    assert tables[0].split() == ["NAMESPACE", "NAME", "MODELS"]
+    row = tables[1].split()
+    assert row[:3] == ["default", "default", "(built-in)"] and int(row[3]) > 40
     rows = {line.split()[0]: line for line in cli("get", "pricetables", "default").stdout
             .splitlines()[1:]}
     sonnet = rows["claude-sonnet-4-5"].split()

@@ -313,7 +313,7 @@ spec:
     tokens_out = int(after.headers["x-tollgate-output-tokens"])
     assert after.headers["x-tollgate-cost"] == format_usd(tokens_in * 1000 + tokens_out * 2000)
     # Revocation takes effect without a restart too.
-    listed = [line.split()[0] for line in cli("keys", "list").stdout.splitlines()[1:]]
+    listed = [line.split()[1] for line in cli("keys", "list").stdout.splitlines()[1:]]
     assert listed
     newest = _name_of(cli, key, listed)
     cli("keys", "revoke", newest)

@@ -86,7 +86,8 @@ def test_block_limit_refuses_with_the_compatible_body_and_never_overspends(
     assert states[-1]["state"] == "exceeded"  # past 0.5 * max, still admitted
     # Spend never passed max, as `tollgate get limits` shows.
     table = cli("get", "limits", limit).stdout.splitlines()
-    row = table[1].split()
+    row = table[1].split()[1:]  # after the NAMESPACE column
+    assert table[1].split()[0] == "default"
     assert row[0] == limit and row[1] == "Block"
     spent, held = float(row[3]), float(row[4])
     assert spent <= 0.0012 and held == 0

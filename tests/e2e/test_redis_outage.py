@@ -115,7 +115,7 @@ spec: {per: key, selector: {keys: [open]}, requestsPerMinute: 4}
         expected = sum(costs.values())
         deadline = time.monotonic() + 20
         while True:  # the journal is replayed with backoff
-            row = cli("get", "limits", "soft").splitlines()[1].split()
+            row = cli("get", "limits", "soft").splitlines()[1].split()[1:]  # after NAMESPACE
             if Decimal(row[3]) == expected or time.monotonic() > deadline:
                 break
             time.sleep(0.2)

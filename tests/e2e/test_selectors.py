@@ -122,7 +122,8 @@ def usage_users(cli: CliRunner, key_name: str, at_least: int) -> set[str]:
 
 def limit_row(cli: CliRunner, name: str) -> tuple[float, float]:
     row = cli("get", "limits", name).stdout.splitlines()[1].split()
-    return float(row[3]), float(row[4])  # spent, held
+    assert row[:2] == ["default", name]  # NAMESPACE NAME TYPE MAX SPENT HELD ...
+    return float(row[4]), float(row[5])  # spent, held
 
 
 def test_unrelated_key_naming_a_victims_tag_does_not_spend_its_budget(

@@ -179,7 +179,7 @@ spec: {{type: Block, max: 10, selector: {{keys: [{name}]}}}}
     deadline = time.monotonic() + 10
     row: list[str] = []
     while time.monotonic() < deadline:
-        row = cli("get", "limits", limit).stdout.splitlines()[1].split()
+        row = cli("get", "limits", limit).stdout.splitlines()[1].split()[1:]  # after NAMESPACE
         if Decimal(row[3]) > 0 and Decimal(row[4]) == 0:
             break
         time.sleep(0.2)

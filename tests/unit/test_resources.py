@@ -47,6 +47,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "keySha256": SHA, "group": "", "user": "", "models": [], "tags": [],
                 "expiresAt": None, "revoked": False, "description": "",
                 "allowRequestLimits": False, "allowClientUser": False, "allowedRequestTags": [],
+                "secretName": "",
             },
         ),
         (
@@ -60,7 +61,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "keySha256": SHA, "group": "team-a", "user": "alice", "models": ["gpt-4o*"],
                 "tags": ["ci"], "expiresAt": "2026-01-01T00:00:00Z", "revoked": True,
                 "description": "CI key", "allowRequestLimits": False, "allowClientUser": False,
-                "allowedRequestTags": [],
+                "allowedRequestTags": [], "secretName": "",
             },
         ),
         (
@@ -153,7 +154,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "keySha256": SHA, "group": "", "user": "", "models": [], "tags": [],
                 "expiresAt": None, "revoked": False, "description": "",
                 "allowRequestLimits": True, "allowClientUser": True,
-                "allowedRequestTags": ["team-*"],
+                "allowedRequestTags": ["team-*"], "secretName": "",
             },
         ),
         (
@@ -163,7 +164,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "type": "Block", "max": 100, "threshold": 1.0, "period": "none",
                 "timeZone": "UTC", "enforcement": "strict", "failOpen": False,
                 "onInsufficient": "refuse", "minOutputTokens": 16,
-                "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": []},
+                "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": [],
+                             "namespaces": []},
             },
         ),
         (
@@ -173,7 +175,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "type": "Allow", "max": 0, "threshold": 1.0, "period": "none",
                 "timeZone": "UTC", "enforcement": "strict", "failOpen": False,
                 "onInsufficient": "refuse", "minOutputTokens": 16,
-                "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": []},
+                "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": [],
+                             "namespaces": []},
             },
         ),
         (
@@ -188,7 +191,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "timeZone": "Europe/Berlin", "enforcement": "reactive", "failOpen": True,
                 "onInsufficient": "refuse", "minOutputTokens": 16,
                 "selector": {"keys": [], "groups": ["team-a"], "users": [], "tags": [],
-                             "models": ["gpt-4o*"]},
+                             "models": ["gpt-4o*"], "namespaces": []},
             },
         ),
         (
@@ -196,7 +199,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {"per": "key", "requestsPerMinute": 60},
             {
                 "per": "key",
-                "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": []},
+                "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": [],
+                             "namespaces": []},
                 "requestsPerMinute": 60, "tokensPerMinute": None, "concurrent": None,
             },
         ),
@@ -209,7 +213,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "per": "global",
                 "selector": {"keys": ["a"], "groups": [], "users": [], "tags": ["ci"],
-                             "models": []},
+                             "models": [], "namespaces": []},
                 "requestsPerMinute": 1, "tokensPerMinute": 200_000, "concurrent": 20,
             },
         ),
@@ -589,7 +593,7 @@ def test_limit_spec_maps_fields() -> None:
     assert limit_spec(resource) == LimitSpec(
         name="team-a-monthly", block=True, max_micros=100_000_000, threshold_micros=80_000_000,
         period="month", time_zone="UTC", strict=True, fail_open=False,
-        selector=Selector(keys=("team-a-ci",)),
+        selector=Selector(keys=("team-a-ci",), namespaces=("default",)),
     )
     allow = limit_spec(validate_document(doc("Limit", {
         "type": "Allow", "max": 5, "period": "day", "timeZone": "Asia/Tokyo",
@@ -599,7 +603,8 @@ def test_limit_spec_maps_fields() -> None:
     assert allow == LimitSpec(
         name="r1", block=False, max_micros=5_000_000, threshold_micros=5_000_000,
         period="day", time_zone="Asia/Tokyo", strict=False, fail_open=True,
-        selector=Selector(groups=("g",), users=("u",), tags=("t",), models=("m*",)),
+        selector=Selector(groups=("g",), users=("u",), tags=("t",), models=("m*",),
+                          namespaces=("default",)),
     )
 
 
@@ -609,14 +614,16 @@ def test_rate_limit_spec_maps_fields() -> None:
         "requestsPerMinute": 600, "tokensPerMinute": 200_000, "concurrent": 20,
     }, name="per-key"))
     assert rate_limit_spec(resource) == RateLimitSpec(
-        name="per-key", per="key", selector=Selector(keys=("team-a-ci",)),
+        name="per-key", per="key",
+        selector=Selector(keys=("team-a-ci",), namespaces=("default",)),
         requests_per_minute=600, tokens_per_minute=200_000, concurrent=20,
     )
     only_tokens = rate_limit_spec(validate_document(doc("RateLimit", {
         "per": "model", "tokensPerMinute": 1000,
     })))
     assert only_tokens == RateLimitSpec(
-        name="r1", per="model", selector=Selector(), requests_per_minute=None,
+        name="r1", per="model", selector=Selector(namespaces=("default",)),
+        requests_per_minute=None,
         tokens_per_minute=1000, concurrent=None,
     )
 

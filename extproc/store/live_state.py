@@ -1,0 +1,112 @@
+"""Reads the live state the gateway keeps in Redis, for people: limit spend, rate-limit windows,
+credential cooldowns. Used by `tollgate get` and by the operator's status write-back, so both
+show the same numbers, read one way."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from extproc.core.periods import period_bounds
+from extproc.core.quota import BUCKET_MS, BUCKETS
+from extproc.core.reports import LimitReport, limit_report
+from extproc.core.resources import Resource, limit_spec
+from extproc.store.redis_store import Store, StoreUnavailable
+
+
+async def limit_reports(
+    store: Store, limits: list[Resource], now: float | None = None
+) -> list[LimitReport]:
+    """One report per Limit resource, for the period that contains `now`."""
+    now = time.time() if now is None else now
+    specs = [limit_spec(r) for r in limits]
+    periods = [period_bounds(s.period, s.time_zone, now)[0] for s in specs]
+    counters = await store.limit_states(
+        [(s.name, p) for s, p in zip(specs, periods, strict=True)]
+    )
+    return [limit_report(s, p, c) for s, p, c in zip(specs, periods, counters, strict=True)]
+
+
+@dataclass(frozen=True, slots=True)
+class Cooldown:
+    credential: str
+    model: str
+    until_ms: int  # unix ms
+
+
+async def _scan(store: Store, pattern: str) -> list[str]:
+    # Every Tollgate key shares one hash tag, so on a Cluster they all live on one node; a
+    # standalone SCAN covers them. The patterns are built from validated names (no glob chars).
+    out = []
+    try:
+        async for key in store.redis.scan_iter(match=pattern, count=500):
+            out.append(key.decode() if isinstance(key, bytes) else str(key))
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(str(exc)) from exc
+    return out
+
+
+async def cooldowns(store: Store, upstream_id: str, now_ms: int | None = None) -> list[Cooldown]:
+    """Credentials of an upstream resting now, per model, and until when."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    prefix = store.keys.cooldown(upstream_id, "", "")[:-1]  # ".../cool:<upstream>:"
+    keys = await _scan(store, prefix + "*")
+    if not keys:
+        return []
+    try:
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.pttl(key)
+            ttls = await pipe.execute()
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(str(exc)) from exc
+    out = []
+    for key, ttl in zip(keys, ttls, strict=True):
+        credential, _, model = key[len(prefix):].partition(":")
+        if int(ttl) > 0:
+            out.append(Cooldown(credential, model, now_ms + int(ttl)))
+    return sorted(out, key=lambda c: (c.credential, c.model))
+
+
+@dataclass(frozen=True, slots=True)
+class RateUsage:
+    """The busiest identity of a rate limit over the current rolling window."""
+
+    identities: int  # identities with traffic in the window
+    busiest: str
+    requests: int
+    tokens: int
+    in_flight: int  # concurrency leases held now, over every identity
+
+
+async def rate_usage(store: Store, rate_limit_id: str, now_ms: int | None = None) -> RateUsage:
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    window_prefix = store.keys.window(rate_limit_id, "", "requests")[: -len(":rpm")]
+    lease_prefix = store.keys.leases(rate_limit_id, "")
+    windows = await _scan(store, window_prefix + "*")
+    leases = await _scan(store, lease_prefix + "*")
+    try:
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for key in windows:
+                pipe.hgetall(key)
+            for key in leases:
+                pipe.zcount(key, now_ms, "+inf")
+            replies: list[Any] = await pipe.execute()
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(str(exc)) from exc
+    current = now_ms // BUCKET_MS
+    usage: dict[str, dict[str, int]] = {}
+    for key, buckets in zip(windows, replies[: len(windows)], strict=True):
+        ident, _, metric = key[len(window_prefix):].rpartition(":")
+        total = sum(int(v) for b, v in buckets.items() if int(b) >= current - BUCKETS)
+        if total:
+            usage.setdefault(ident, {})[metric] = total
+    in_flight = sum(int(n) for n in replies[len(windows):])
+    if not usage:
+        return RateUsage(0, "", 0, 0, in_flight)
+    busiest = max(usage, key=lambda i: (usage[i].get("rpm", 0), usage[i].get("tpm", 0)))
+    return RateUsage(len(usage), busiest, usage[busiest].get("rpm", 0),
+                     usage[busiest].get("tpm", 0), in_flight)

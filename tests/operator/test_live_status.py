@@ -1,0 +1,70 @@
+"""Status of RateLimits and Upstreams from live Redis state, made by the gateway's own scripts
+(reserve, cool down) against a real Redis, standalone and Cluster."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from extproc.core.quota import CredentialCharge, Subject, plan_reservation
+from extproc.core.resources import rate_limit_spec, validate_document
+from extproc.operator.handlers import live_status
+from extproc.store.quota_store import QuotaStore
+from extproc.store.redis_store import Store, ready
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+async def store(any_redis_url: str, tag: str) -> AsyncIterator[Store]:
+    s = Store.from_url(any_redis_url, tag=tag, timeout_s=2)
+    await ready(s.redis)
+    yield s
+    await s.close()
+
+
+def resource(kind: str, ns: str, name: str, spec: dict[str, object]) -> object:
+    return validate_document({"apiVersion": "tollgate.io/v1alpha1", "kind": kind,
+                              "metadata": {"name": name, "namespace": ns}, "spec": spec})
+
+
+async def test_rate_limit_status_shows_the_busiest_identity_and_in_flight(store: Store) -> None:
+    rl_resource = resource("RateLimit", "team-a", "per-key",
+                           {"per": "key", "requestsPerMinute": 100, "tokensPerMinute": 10_000,
+                            "concurrent": 5})
+    rl = rate_limit_spec(rl_resource)  # type: ignore[arg-type]
+    quota = QuotaStore(store.redis, store.keys, stream_maxlen=1000)
+    now = time.time()
+    for i, key in enumerate(["team-a/ci", "team-a/ci", "team-a/ci", "team-a/web"]):
+        subject = Subject(key=key, group="", user="", tags=(), model="gpt-4o", ip="",
+                          namespace="team-a")
+        plan = plan_reservation(request_id=f"r{i}", now=now, limits=[], rate_limits=[rl],
+                                subject=subject, estimate_micros=0, estimate_tokens=100,
+                                hold_seconds=600)
+        reply = await quota.reserve(plan, b"")
+        assert reply[0] == 1
+    status = await live_status(store, rl_resource)  # type: ignore[arg-type]
+    assert status == {"identities": 2, "busiest": "team-a/ci", "requestsLastMinute": 3,
+                      "tokensLastMinute": 300, "inFlight": 4}
+
+
+async def test_upstream_status_lists_credentials_cooling_down_and_until_when(
+    store: Store,
+) -> None:
+    upstream = resource("Upstream", "default", "pool", {
+        "provider": "openai", "cluster": "openai",
+        "credentials": [{"name": "a", "secretRef": "A"}, {"name": "b", "secretRef": "B"}]})
+    assert await live_status(store, upstream) == {"coolingDown": []}  # type: ignore[arg-type]
+    quota = QuotaStore(store.redis, store.keys, stream_maxlen=1000)
+    before = time.time()
+    ms, _ = await quota.cool_down(CredentialCharge("pool", "a", "A", "gpt-4o", True, None, None),
+                                  30_000, 600_000, 0)
+    status = await live_status(store, upstream)  # type: ignore[arg-type]
+    (entry,) = status["coolingDown"]
+    assert (entry["credential"], entry["model"]) == ("a", "gpt-4o")
+    from datetime import datetime
+
+    until = datetime.fromisoformat(entry["until"].replace("Z", "+00:00")).timestamp()
+    assert before + ms / 1000 - 1 <= until <= time.time() + ms / 1000 + 1
