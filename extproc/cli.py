@@ -261,11 +261,11 @@ async def _limit_rows(store: Store, found: list[Resource]) -> list[tuple[str, ..
     for spec, period, state in zip(specs, periods, states, strict=True):
         spent = state.get("spent", 0)
         status = LimitStatus(spec.name, state_of(spent, spec), spent, state.get("held", 0),
-                             spec.max_micros, period)
+                             spec.max_nanos, period)
         counts = "/".join(str(state.get(k, 0)) for k in ("ok", "exceeded", "overrun", "blocked"))
-        out.append((spec.name, "Block" if spec.block else "Allow", format_usd(spec.max_micros),
-                    format_usd(spent), format_usd(status.held_micros),
-                    format_usd(status.remaining_micros), status.state, period, counts))
+        out.append((spec.name, "Block" if spec.block else "Allow", format_usd(spec.max_nanos),
+                    format_usd(spent), format_usd(status.held_nanos),
+                    format_usd(status.remaining_nanos), status.state, period, counts))
     return out
 
 
@@ -312,13 +312,32 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
+    from extproc.core.pricing import format_usd
     from extproc.gen.tollgate.v1 import usage_pb2
 
     entries = with_store(args, lambda store: store.read_usage(args.count))
     for entry_id, raw in entries:
         event = usage_pb2.UsageEvent.FromString(raw)
+        cost = event.cost
+        if cost.total_nanos == 0 and cost.total_micros != 0:
+            # Written before nano-dollars: only the micro-dollar fields exist.
+            cost.input_nanos = cost.input_micros * 1000
+            cost.output_nanos = cost.output_micros * 1000
+            cost.total_nanos = cost.total_micros * 1000
         doc = MessageToDict(event, preserving_proto_field_name=True)
+        doc["cost_usd"] = format_usd(cost.total_nanos)
         print(orjson.dumps({"id": entry_id, **doc}).decode())
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from extproc.store.quota_store import QuotaStore
+
+    async def migrate(store: Store) -> int:
+        return await QuotaStore(store.redis, store.keys, 0).migrate_money()
+
+    moved = with_store(args, migrate)
+    print(f"{moved} limit state key(s) moved from micro-dollars to nano-dollars")
     return 0
 
 
@@ -473,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--count", type=int, default=20)
     redis_opt(usage)
     usage.set_defaults(func=cmd_usage)
+
+    migrate = sub.add_parser("migrate", help="fold limit state kept in micro-dollars by older "
+                             "versions into nano-dollars (safe to repeat; see docs/money.md)")
+    redis_opt(migrate)
+    migrate.set_defaults(func=cmd_migrate)
 
     envoy = sub.add_parser("envoy-config", help="print an Envoy bootstrap (see envoy/README.md)")
     envoy.add_argument("rest", nargs=argparse.REMAINDER)

@@ -92,7 +92,7 @@ class Reserve:
 class Settlement:
     """What to record for this request: its real cost and tokens (or the best known)."""
 
-    cost_micros: int
+    cost_nanos: int
     tokens: int
     status: int
     reason: str  # priced | upstream_error | unpriced_response | aborted
@@ -202,13 +202,13 @@ class Exchange:
                                ("stream-ended-early",))
             self.settled = True
             assert self.priced is not None
-            return Settlement(self.priced.cost.total_micros, self.priced.usage.total,
+            return Settlement(self.priced.cost.total_nanos, self.priced.usage.total,
                               self.status, "stream_cut")
         if self.status and not 200 <= self.status < 300:
             self.settled = True
             return Settlement(0, 0, self.status, "upstream_error")
         plan = self.plan
-        estimate = plan.estimate_micros if plan else 0
+        estimate = plan.estimate_nanos if plan else 0
         tokens = plan.estimate_tokens if plan else 0
         self.settled = True
         return Settlement(estimate, tokens, self.status, "aborted")
@@ -407,7 +407,7 @@ class Exchange:
             facts.max_output_tokens or self.options.default_max_output_tokens
         )
         prompt_tokens = facts.prompt_tokens_estimate
-        estimate = estimate_cost(price, prompt_tokens, out_tokens).total_micros if price else 0
+        estimate = estimate_cost(price, prompt_tokens, out_tokens).total_nanos if price else 0
         subject = Subject(
             key=self.key.name,
             group=self.key.group,
@@ -424,7 +424,7 @@ class Exchange:
             limits=limits,
             rate_limits=snapshot.rate_limits,
             subject=subject,
-            estimate_micros=estimate,
+            estimate_nanos=estimate,
             estimate_tokens=prompt_tokens + out_tokens,
             hold_seconds=self.options.hold_seconds,
             credentials=self.pool,
@@ -514,7 +514,7 @@ class Exchange:
             # A successful response Tollgate cannot read (neither JSON nor SSE): charge the
             # estimate, so that nothing reserved is left behind or recorded as free.
             plan = self.plan
-            self.due = Settlement(plan.estimate_micros if plan else 0,
+            self.due = Settlement(plan.estimate_nanos if plan else 0,
                                   plan.estimate_tokens if plan else 0,
                                   self.status, "unpriced_response")
         else:
@@ -546,7 +546,7 @@ class Exchange:
         self._price(usage, tuple(warnings))
         assert self.priced is not None
         cost = self.priced.cost
-        self.due = Settlement(cost.total_micros, usage.total, self.status, "priced")
+        self.due = Settlement(cost.total_nanos, usage.total, self.status, "priced")
         return self.due
 
     # -- streamed response body -------------------------------------------------------------
@@ -564,7 +564,7 @@ class Exchange:
                 warnings = ("no-usage-in-stream",)
             self._price(usage, warnings)
             assert self.priced is not None
-            self.due = Settlement(self.priced.cost.total_micros, self.priced.usage.total,
+            self.due = Settlement(self.priced.cost.total_nanos, self.priced.usage.total,
                                   self.status, "priced")
         return step
 

@@ -19,7 +19,12 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from extproc.core.periods import PERIODS
-from extproc.core.pricing import ModelPrice, usd_to_micros
+from extproc.core.pricing import (
+    MAX_AMOUNT_NANOS,
+    ModelPrice,
+    rate_from_usd_per_mtok,
+    usd_to_nanos,
+)
 from extproc.core.quota import LimitSpec, RateLimitSpec, Selector
 
 API_VERSION = "tollgate.io/v1alpha1"
@@ -108,7 +113,8 @@ class _Fields:
             if required:
                 raise self.error(name, "is required")
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        if (isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+                or value != value or value == float("inf")):  # NaN, .inf: no amount of money
             raise self.error(name, "must be a number >= 0")
         return value
 
@@ -291,6 +297,9 @@ def _limit(f: _Fields) -> dict[str, Any]:
     if kind not in ("Block", "Allow"):
         raise f.error("type", "must be Block or Allow")
     maximum = f.number("max", required=True)
+    if maximum is not None and usd_to_nanos(maximum) > MAX_AMOUNT_NANOS:
+        # Spend is compared in the Lua scripts, whose numbers are doubles: exact to 2**53 n$.
+        raise f.error("max", f"must be at most {MAX_AMOUNT_NANOS // 10**9} USD")
     threshold = f.number("threshold")
     if threshold is not None and not 0 < threshold <= 1:
         raise f.error("threshold", "must be a fraction of max, in (0, 1]")
@@ -429,7 +438,7 @@ def model_prices(resource: Resource) -> dict[str, ModelPrice]:
     out = {}
     for model, p in resource.spec["models"].items():
         optional = {
-            field: usd_to_micros(p[key]) if key in p else None
+            field: rate_from_usd_per_mtok(p[key]) if key in p else None
             for field, key in (
                 ("cached_input", "cachedInput"),
                 ("cache_write", "cacheWrite"),
@@ -437,7 +446,9 @@ def model_prices(resource: Resource) -> dict[str, ModelPrice]:
             )
         }
         out[model] = ModelPrice(
-            input=usd_to_micros(p["input"]), output=usd_to_micros(p["output"]), **optional
+            input=rate_from_usd_per_mtok(p["input"]),
+            output=rate_from_usd_per_mtok(p["output"]),
+            **optional,
         )
     return out
 
@@ -500,14 +511,14 @@ def _selector_of(spec: dict[str, Any]) -> Selector:
 
 def limit_spec(resource: Resource) -> LimitSpec:
     s = resource.spec
-    max_micros = usd_to_micros(s["max"])
-    # threshold * max, rounded down to the micro-dollar: "exceeded" starts no later than asked.
-    threshold_micros = int(max_micros * Decimal(str(s.get("threshold", 1.0))))
+    max_nanos = usd_to_nanos(s["max"])
+    # threshold * max, rounded down to the nano-dollar: "exceeded" starts no later than asked.
+    threshold_nanos = int(max_nanos * Decimal(str(s.get("threshold", 1.0))))
     return LimitSpec(
         name=resource.name,
         block=s["type"] == "Block",
-        max_micros=max_micros,
-        threshold_micros=threshold_micros,
+        max_nanos=max_nanos,
+        threshold_nanos=threshold_nanos,
         period=s.get("period", "none"),
         time_zone=s.get("timeZone", "UTC"),
         strict=s.get("enforcement", "strict") == "strict",

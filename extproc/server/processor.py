@@ -27,6 +27,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from extproc.core.decisions import Continue, Decision, Deny
 from extproc.core.exchange import Exchange, Options, Reply, Reserve, Settlement
 from extproc.core.keys import find_key
+from extproc.core.pricing import nanos_to_micros
 from extproc.core.quota import (
     LimitStatus,
     LocalWindows,
@@ -38,7 +39,7 @@ from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.server import adapter, metrics
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
-from extproc.store.quota_store import QuotaStore, SettleCall
+from extproc.store.quota_store import CircuitOpen, QuotaStore, SettleCall
 from extproc.store.redis_store import StoreRejected, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,17 @@ _PHASES = (
     "response_trailers",
 )
 _PHASE_TIMERS = {phase: metrics.PHASE_SECONDS.labels(phase) for phase in _PHASES}
+
+
+def cost_message(input_nanos: int, output_nanos: int) -> usage_pb2.Cost:
+    """The event's cost: nano-dollars, plus the deprecated micro-dollar fields for readers
+    written before nano-dollars (rounded half up)."""
+    total = input_nanos + output_nanos
+    return usage_pb2.Cost(
+        input_nanos=input_nanos, output_nanos=output_nanos, total_nanos=total,
+        input_micros=nanos_to_micros(input_nanos), output_micros=nanos_to_micros(output_nanos),
+        total_micros=nanos_to_micros(total),
+    )
 
 
 def new_request_id() -> str:
@@ -207,15 +219,22 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def _reserve(self, exchange: Exchange, reserve: Reserve, started: float) -> Decision:
         plan = reserve.plan
         # Recorded by the sweeper if this request is never settled: priced at the estimate.
-        base = self._event(exchange, Settlement(plan.estimate_micros, plan.estimate_tokens, 0,
+        base = self._event(exchange, Settlement(plan.estimate_nanos, plan.estimate_tokens, 0,
                                                 "expired"), started)
         try:
             reply = await self.quota.reserve(plan, base)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             metrics.REDIS_ERRORS.labels("reserve").inc()
             decision = exchange.on_reserve_failed(reserve, self.local)
             if not isinstance(decision, Deny):
                 metrics.FAIL_OPEN.labels("limits" if plan.limits else "rate_limits").inc()
+            elif not isinstance(exc, CircuitOpen):
+                # The script may still run once Redis answers again (a stalled Redis executes
+                # what it had received). The refused request must not keep a hold, a lease or
+                # a window charge: queue a cancel, which releases them if they appear and
+                # otherwise stops the late reserve (settle.lua). Journaled like a settlement.
+                self.settler.enqueue(self.quota.settle_call(
+                    plan, 0, 0, b"", confirmed=False, cancel=True))
             return decision
         reservation = interpret_reservation(plan, reply)
         if reservation.credential is not None:
@@ -231,10 +250,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         event = self._event(exchange, due, started)
         plan = exchange.plan
         if plan is None or plan.empty:
-            return self.quota.settle_call(None, due.cost_micros, due.tokens, event, False,
+            return self.quota.settle_call(None, due.cost_nanos, due.tokens, event, False,
                                           request_id=exchange.request_id)
+        # Offline: the reserve failed, and may yet run late; the script then finds its hold.
         return self.quota.settle_call(
-            plan, due.cost_micros, due.tokens, event, reserved=not exchange.offline,
+            plan, due.cost_nanos, due.tokens, event, confirmed=not exchange.offline,
             credential=exchange.credential if exchange.pool else None,
             success=200 <= due.status < 300,
         )
@@ -265,7 +285,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.settler.enqueue(call)
         if plan is None or plan.empty or exchange.reservation is None:
             return ()
-        return project_settlement(exchange.reservation.limits, plan, due.cost_micros,
+        return project_settlement(exchange.reservation.limits, plan, due.cost_nanos,
                                   [c.limit for c in plan.limits])
 
     def _deny(self, exchange: Exchange, deny: Deny) -> ep.ProcessingResponse:
@@ -298,12 +318,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             event.tokens.CopyFrom(usage_pb2.TokenCounts(
                 input=u.input, output=u.output, cached_input=u.cached_input,
                 cache_write=u.cache_write, reasoning=u.reasoning))
-            event.cost.CopyFrom(usage_pb2.Cost(input_micros=c.input_micros,
-                                               output_micros=c.output_micros,
-                                               total_micros=c.total_micros))
+            event.cost.CopyFrom(cost_message(c.input_nanos, c.output_nanos))
         else:
             event.tokens.input = due.tokens
-            event.cost.total_micros = due.cost_micros
+            event.cost.total_nanos = due.cost_nanos  # an estimate or 0: no parts to tell
+            event.cost.total_micros = nanos_to_micros(due.cost_nanos)
         raw: bytes = event.SerializeToString()
         return raw
 
@@ -314,7 +333,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         metrics.PRICED.labels(priced.upstream, "yes" if priced.priced else "no").inc()
         if not priced.priced:
             metrics.UNPRICED.labels("unknown_model").inc()
-        metrics.COST_MICROS.labels(priced.upstream).inc(priced.cost.total_micros)
+        metrics.COST_NANOS.labels(priced.upstream).inc(priced.cost.total_nanos)
         if exchange.credential is not None:
             metrics.CRED_TOKENS.labels(priced.upstream, exchange.credential.name).inc(
                 priced.usage.total)

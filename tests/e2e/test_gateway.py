@@ -85,7 +85,7 @@ def test_chat_is_priced_and_the_virtual_key_never_reaches_the_upstream(
 
     result = (completion.model_extra or {})["xproxy_result"]
     assert result["request_id"] == request_id
-    assert result["cost_micros"]["total"] == expected_in + expected_out
+    assert result["cost_nanos"]["total"] == expected_in + expected_out
     assert result["cost"]["total"]["base"] == pytest.approx((expected_in + expected_out) / 1e6)
     assert completion.choices[0].message.content  # the provider's own fields are intact
 
@@ -281,7 +281,7 @@ def test_every_priced_call_lands_in_the_usage_stream(
     assert event.model == "text-embedding-3-small" and event.endpoint == "embeddings"
     assert event.provider == "openai" and event.status == 200 and event.priced
     assert event.tokens.input == int(raw.headers["x-tollgate-input-tokens"])
-    assert format_usd(event.cost.total_micros) == raw.headers["x-tollgate-cost"]
+    assert format_usd(event.cost.total_nanos) == raw.headers["x-tollgate-cost"]
 
 
 def test_config_changes_apply_without_restart(

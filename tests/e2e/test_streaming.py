@@ -91,7 +91,7 @@ def test_stream_with_usage_gets_the_result_in_the_usage_chunk(
     result = (last.model_extra or {})["xproxy_result"]
     expected = micros(last.usage.prompt_tokens, MINI_IN) + micros(last.usage.completion_tokens,
                                                                   MINI_OUT)
-    assert result["cost_micros"]["total"] == expected
+    assert result["cost_nanos"]["total"] == expected
     assert result["usage"]["output_tokens"] == last.usage.completion_tokens
 
 
@@ -111,7 +111,7 @@ def test_result_event_precedes_the_terminator_and_lands_in_the_usage_stream(
     events = [orjson.loads(line) for line in cli("usage", "--count", "30").stdout.splitlines()]
     event = next(e for e in events if e["request_id"] == result["request_id"])
     assert event["streamed"] is True and event["priced"] is True
-    assert int(event["cost"]["total_micros"]) == result["cost_micros"]["total"] > 0
+    assert int(event["cost"]["total_nanos"]) == result["cost_nanos"]["total"] > 0
     assert int(event["tokens"]["output"]) == result["usage"]["output_tokens"] == 12
 
 
@@ -136,7 +136,7 @@ def test_anthropic_stream(stack: Stack, new_key: Callable[..., str]) -> None:
     plain_input = usage["input_tokens"] - usage["cached_input_tokens"]
     assert usage["cached_input_tokens"] == 8
     expected = micros(plain_input, 1_000_000) + micros(8, 100_000) + micros(12, 5_000_000)
-    assert result["cost_micros"]["total"] == expected
+    assert result["cost_nanos"]["total"] == expected
 
 
 def test_responses_stream(stack: Stack, new_key: Callable[..., str]) -> None:

@@ -481,7 +481,7 @@ def _respond(
 
 
 @pytest.mark.parametrize(
-    ("path", "name", "model", "usage", "input_micros", "output_micros"),
+    ("path", "name", "model", "usage", "input_nanos", "output_nanos"),
     [
         # gpt-5-mini {input: 0.25, cachedInput: 0.025, output: 2.00}:
         # in: (1289 - 1152) * 0.25 = 34.25 -> 34, 1152 * 0.025 = 28.8 -> 29; 34 + 29 = 63
@@ -510,8 +510,8 @@ def test_response_is_priced(
     name: str,
     model: str | None,
     usage: Usage,
-    input_micros: int,
-    output_micros: int,
+    input_nanos: int,
+    output_nanos: int,
 ) -> None:
     request_body = golden(f"{name}.request.json")
     if model is not None:
@@ -519,12 +519,12 @@ def test_response_is_priced(
     model = orjson.loads(request_body)["model"]
     response_body = golden(f"{name}.response.json")
     exchange, decision = _respond(snapshot, path, request_body, response_body)
-    total = input_micros + output_micros
+    total = input_nanos + output_nanos
 
     headers = dict(decision.headers.set)
     assert headers["x-tollgate-cost"] == format_usd(total)
-    assert headers["x-tollgate-cost-input"] == format_usd(input_micros)
-    assert headers["x-tollgate-cost-output"] == format_usd(output_micros)
+    assert headers["x-tollgate-cost-input"] == format_usd(input_nanos)
+    assert headers["x-tollgate-cost-output"] == format_usd(output_nanos)
     assert headers["x-tollgate-input-tokens"] == str(usage.input)
     assert headers["x-tollgate-output-tokens"] == str(usage.output)
     assert headers["x-tollgate-total-tokens"] == str(usage.input + usage.output)
@@ -543,7 +543,7 @@ def test_response_is_priced(
     doc = orjson.loads(decision.body)
     result = doc.pop("xproxy_result")
     assert doc == orjson.loads(response_body)  # the provider's fields are intact
-    assert result["cost_micros"] == {"input": input_micros, "output": output_micros,
+    assert result["cost_nanos"] == {"input": input_nanos, "output": output_nanos,
                                      "total": total}
     assert result["usage"]["input_tokens"] == usage.input
     assert result["usage"]["output_tokens"] == usage.output
@@ -569,7 +569,7 @@ def test_unknown_model_is_priced_at_zero_with_a_warning(
     assert decision.body is not None
     result = orjson.loads(decision.body)["xproxy_result"]
     assert result["priced"] is False
-    assert result["cost_micros"]["total"] == 0
+    assert result["cost_nanos"]["total"] == 0
     assert "unknown-model-priced-at-zero" in result["warnings"]
 
 

@@ -158,7 +158,7 @@ def reply_for(
     used/reset ms. Held is the estimate once reserved (0 on a denial)."""
     out = [allowed, kind, index, retry]
     for charge in plan.limits:
-        out += [(spent or {}).get(charge.limit.name, 0), plan.estimate_micros if allowed else 0]
+        out += [(spent or {}).get(charge.limit.name, 0), plan.estimate_nanos if allowed else 0]
     for i, window in enumerate(plan.windows):
         out += [used[i] if used else window.amount, 30_000]
     return out
@@ -216,14 +216,14 @@ def test_reserve_plan_estimate(
     exchange, decision = send(snapshot, CAPPED, body, path=path, options=options)
     assert isinstance(decision, Reserve), decision
     plan = decision.plan
-    assert plan.estimate_micros == micros
+    assert plan.estimate_nanos == micros
     assert plan.estimate_tokens == prompt + output
     if model is None:
         assert snapshot.price(body["model"]) is None
     else:
         price = snapshot.price(model)
         assert price is not None
-        assert plan.estimate_micros == estimate_cost(price, prompt, output).total_micros
+        assert plan.estimate_nanos == estimate_cost(price, prompt, output).total_nanos
     assert exchange.plan is plan
     assert plan.request_id == REQUEST_ID
 

@@ -549,7 +549,7 @@ def test_invalid_limits_name_the_field(
 
 
 @pytest.mark.parametrize(
-    ("max_usd", "threshold", "max_micros", "threshold_micros"),
+    ("max_usd", "threshold", "max_nanos", "threshold_nanos"),
     [
         (100.00, 0.8, 100_000_000, 80_000_000),
         (100, None, 100_000_000, 100_000_000),  # no threshold: the whole of max
@@ -561,14 +561,14 @@ def test_invalid_limits_name_the_field(
         (12.345678, 0.9, 12_345_678, 11_111_110),  # floor(11_111_110.2)
     ],
 )
-def test_limit_spec_threshold_micros(
-    max_usd: float, threshold: float | None, max_micros: int, threshold_micros: int
+def test_limit_spec_threshold_nanos(
+    max_usd: float, threshold: float | None, max_nanos: int, threshold_nanos: int
 ) -> None:
     spec: dict[str, Any] = {"type": "Block", "max": max_usd}
     if threshold is not None:
         spec["threshold"] = threshold
     limit = limit_spec(validate_document(doc("Limit", spec)))
-    assert (limit.max_micros, limit.threshold_micros) == (max_micros, threshold_micros)
+    assert (limit.max_nanos, limit.threshold_nanos) == (max_nanos, threshold_nanos)
 
 
 def test_limit_spec_maps_fields() -> None:
@@ -577,7 +577,7 @@ def test_limit_spec_maps_fields() -> None:
         "selector": {"keys": ["team-a-ci"], "groups": [], "users": [], "tags": [], "models": []},
     }, name="team-a-monthly"))
     assert limit_spec(resource) == LimitSpec(
-        name="team-a-monthly", block=True, max_micros=100_000_000, threshold_micros=80_000_000,
+        name="team-a-monthly", block=True, max_nanos=100_000_000, threshold_nanos=80_000_000,
         period="month", time_zone="UTC", strict=True, fail_open=False,
         selector=Selector(keys=("team-a-ci",)),
     )
@@ -587,7 +587,7 @@ def test_limit_spec_maps_fields() -> None:
         "selector": {"groups": ["g"], "users": ["u"], "tags": ["t"], "models": ["m*"]},
     })))
     assert allow == LimitSpec(
-        name="r1", block=False, max_micros=5_000_000, threshold_micros=5_000_000,
+        name="r1", block=False, max_nanos=5_000_000, threshold_nanos=5_000_000,
         period="day", time_zone="Asia/Tokyo", strict=False, fail_open=True,
         selector=Selector(groups=("g",), users=("u",), tags=("t",), models=("m*",)),
     )

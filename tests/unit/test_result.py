@@ -11,7 +11,7 @@ from extproc.core.usage import Usage
 
 pytestmark = pytest.mark.unit
 
-RESULT: dict[str, object] = {"request_id": "req-1", "cost_micros": {"total": 7}}
+RESULT: dict[str, object] = {"request_id": "req-1", "cost_nanos": {"total": 7}}
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ def test_result_object_agrees_with_headers() -> None:
     priced = _priced(usage, Cost(63, 272), ("w",))
     result = result_object(priced)
     headers = dict(cost_headers(priced))
-    assert result["cost_micros"] == {"input": 63, "output": 272, "total": 335}
+    assert result["cost_nanos"] == {"input": 63, "output": 272, "total": 335}
     assert result["cost"] == {
         "currency": "usd",
         "input": {"base": 0.000063},

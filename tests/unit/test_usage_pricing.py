@@ -19,7 +19,7 @@ from extproc.core.pricing import (
     estimate_cost,
     format_usd,
     price_usage,
-    usd_to_micros,
+    usd_to_nanos,
 )
 from extproc.core.request import Endpoint
 from extproc.core.resources import Resource, model_prices
@@ -169,9 +169,9 @@ HALF = ModelPrice(
 def test_price_usage(price: ModelPrice, usage: Usage, expected: Cost) -> None:
     cost = price_usage(price, usage)
     assert cost == expected
-    assert cost.total_micros == expected.input_micros + expected.output_micros
-    assert type(cost.input_micros) is int
-    assert type(cost.output_micros) is int
+    assert cost.total_nanos == expected.input_nanos + expected.output_nanos
+    assert type(cost.input_nanos) is int
+    assert type(cost.output_nanos) is int
 
 
 def test_estimate_is_worst_case() -> None:
@@ -218,8 +218,8 @@ def test_format_usd(micros: int, text: str) -> None:
         (1e-06, 1),
     ],
 )
-def test_usd_to_micros_is_exact(value: float | int | str | Decimal, micros: int) -> None:
-    result = usd_to_micros(value)
+def test_usd_to_nanos_is_exact(value: float | int | str | Decimal, micros: int) -> None:
+    result = usd_to_nanos(value)
     assert result == micros
     assert type(result) is int
 
@@ -321,9 +321,9 @@ def test_default_table_costs(default_book: PriceBook) -> None:
     assert gpt_4o is not None
     # 1000 input tokens of gpt-4o at $2.50 / 1M = 2500 micro-dollars = $0.0025
     cost = price_usage(gpt_4o, Usage(input=1000))
-    assert cost.total_micros == 2500
-    assert format_usd(cost.total_micros) == "0.002500"
+    assert cost.total_nanos == 2500
+    assert format_usd(cost.total_nanos) == "0.002500"
     sonnet = default_book.lookup("claude-sonnet-4-5-20250929")
     assert sonnet is not None
     # 1M output tokens of claude-sonnet-4-5 at $15.00 / 1M = $15
-    assert format_usd(price_usage(sonnet, Usage(output=1_000_000)).total_micros) == "15.000000"
+    assert format_usd(price_usage(sonnet, Usage(output=1_000_000)).total_nanos) == "15.000000"
