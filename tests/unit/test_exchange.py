@@ -156,7 +156,7 @@ def _all_set_values(decision: Continue) -> list[str]:
 def test_spoofed_internal_headers_and_accept_encoding_are_removed(snapshot: Snapshot) -> None:
     spoofed = {
         ROUTING_HEADER: "anthropic",
-        "x-tollgate-cost": "0.000000",
+        "x-tollgate-cost": "0.000000000",
         REQUEST_ID_HEADER: "fake",
         "accept-encoding": "gzip, br",
     }
@@ -483,24 +483,26 @@ def _respond(
 @pytest.mark.parametrize(
     ("path", "name", "model", "usage", "input_nanos", "output_nanos"),
     [
+        # (tokens * $ per 1M tokens = micro-dollars; * 1000 = nano-dollars, exact)
         # gpt-5-mini {input: 0.25, cachedInput: 0.025, output: 2.00}:
-        # in: (1289 - 1152) * 0.25 = 34.25 -> 34, 1152 * 0.025 = 28.8 -> 29; 34 + 29 = 63
+        # in: (1289 - 1152) * 0.25 = 34.25, 1152 * 0.025 = 28.8; 63.05 micro = 63_050 n$
         # out: 136 * 2.00 = 272 (the 128 reasoning tokens at the output rate)
         (CHAT_PATH, "openai_chat", None,
-         Usage(input=1289, output=136, cached_input=1152, reasoning=128), 63, 272),
-        # gpt-5-mini: in (1310 - 1024) * 0.25 = 71.5 -> 72, 1024 * 0.025 = 25.6 -> 26; 98
+         Usage(input=1289, output=136, cached_input=1152, reasoning=128), 63_050, 272_000),
+        # gpt-5-mini: in (1310 - 1024) * 0.25 = 71.5, 1024 * 0.025 = 25.6; 97.1 micro
         # out: 72 * 2.00 = 144
         ("/v1/responses", "openai_responses", None,
-         Usage(input=1310, output=72, cached_input=1024, reasoning=64), 98, 144),
-        # gpt-3.5-turbo-instruct {input: 1.50, output: 2.00}: 9 * 1.5 = 13.5 -> 14; 21 * 2 = 42
-        ("/v1/completions", "openai_completions", None, Usage(input=9, output=21), 14, 42),
-        # text-embedding-3-small {input: 0.02, output: 0}: 9 * 0.02 = 0.18 -> 0
-        ("/v1/embeddings", "openai_embeddings", None, Usage(input=9), 0, 0),
+         Usage(input=1310, output=72, cached_input=1024, reasoning=64), 97_100, 144_000),
+        # gpt-3.5-turbo-instruct {input: 1.50, output: 2.00}: 9 * 1.5 = 13.5; 21 * 2 = 42
+        ("/v1/completions", "openai_completions", None, Usage(input=9, output=21),
+         13_500, 42_000),
+        # text-embedding-3-small {input: 0.02, output: 0}: 9 * 0.02 = 0.18 micro = 180 n$
+        ("/v1/embeddings", "openai_embeddings", None, Usage(input=9), 180, 0),
         # claude-sonnet-4-5 {input: 3.00, cachedInput: 0.30, cacheWrite: 3.75, output: 15.00}:
-        # in: 23 * 3 = 69, 2048 * 0.30 = 614.4 -> 614, 1536 * 3.75 = 5760; 6443
+        # in: 23 * 3 = 69, 2048 * 0.30 = 614.4, 1536 * 3.75 = 5760; 6443.4 micro
         # out: 19 * 15 = 285
         (MESSAGES_PATH, "anthropic_messages", "claude-sonnet-4-5-20250929",
-         Usage(input=3607, output=19, cached_input=2048, cache_write=1536), 6443, 285),
+         Usage(input=3607, output=19, cached_input=2048, cache_write=1536), 6_443_400, 285_000),
     ],
 )
 def test_response_is_priced(
@@ -563,7 +565,7 @@ def test_unknown_model_is_priced_at_zero_with_a_warning(
         golden("anthropic_messages.response.json"),
     )
     headers = dict(decision.headers.set)
-    assert headers["x-tollgate-cost"] == "0.000000"
+    assert headers["x-tollgate-cost"] == "0.000000000"
     assert "unknown-model-priced-at-zero" in headers["x-tollgate-warning"]
     assert headers["x-tollgate-input-tokens"] == "3607"  # usage is still reported
     assert decision.body is not None
@@ -578,7 +580,7 @@ def test_response_without_usage_is_flagged(snapshot: Snapshot) -> None:
     _, decision = _respond(snapshot, CHAT_PATH, request, b'{"id": "x", "choices": []}')
     headers = dict(decision.headers.set)
     assert headers["x-tollgate-warning"] == "no-usage-in-response"
-    assert headers["x-tollgate-cost"] == "0.000000"
+    assert headers["x-tollgate-cost"] == "0.000000000"
     assert headers["x-tollgate-total-tokens"] == "0"
 
 
@@ -590,8 +592,8 @@ def test_result_object_can_be_disabled(
         golden("openai_chat.response.json"), Options(result_object=False),
     )
     assert decision.body is None  # the body goes to the client untouched
-    # same gpt-5-mini arithmetic as above: 63 + 272 = 335 micro-dollars
-    assert dict(decision.headers.set)["x-tollgate-cost"] == "0.000335"
+    # same gpt-5-mini arithmetic as above: 63.05 + 272 = 335.05 micro-dollars
+    assert dict(decision.headers.set)["x-tollgate-cost"] == "0.000335050"
 
 
 def test_non_object_json_body_is_left_alone(snapshot: Snapshot) -> None:

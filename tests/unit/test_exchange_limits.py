@@ -44,7 +44,7 @@ pytestmark = pytest.mark.unit
 SECRETS = {"OPENAI_API_KEY": "sk-up", "ANTHROPIC_API_KEY": "sk-ant"}
 NOW = datetime(2026, 11, 14, 13, 45, 30, tzinfo=UTC).timestamp()
 REQUEST_ID = "req-lim"
-USD = 1_000_000
+USD = 1_000_000_000  # nano-dollars
 
 CAPPED = "tg-" + "c" * 43  # Block + Allow limit + rate limit
 ALLOW_ONLY = "tg-" + "a" * 43  # Allow limit + rate limit
@@ -176,29 +176,31 @@ def reserved(
 
 
 @pytest.mark.parametrize(
-    ("path", "body", "options", "model", "prompt", "output", "micros"),
+    ("path", "body", "options", "model", "prompt", "output", "nanos"),
     [
+        # (tokens * $ per 1M = micro-dollars; * 1000 = nano-dollars)
         # gpt-4o {input: 2.50, output: 10.00}; 40 chars -> 10 tokens
         # 10 * 2.5 = 25; 100 * 10 = 1000
-        (CHAT_PATH, chat(max_tokens=100), DEFAULT, "gpt-4o", 10, 100, 1_025),
+        (CHAT_PATH, chat(max_tokens=100), DEFAULT, "gpt-4o", 10, 100, 1_025_000),
         (CHAT_PATH, chat(max_completion_tokens=50, max_tokens=999), DEFAULT, "gpt-4o", 10, 50,
-         525),
+         525_000),
         # no cap in the request: the configured default (4096 -> 40960)
-        (CHAT_PATH, chat(), DEFAULT, "gpt-4o", 10, 4096, 40_985),
-        (CHAT_PATH, chat(), Options(default_max_output_tokens=200), "gpt-4o", 10, 200, 2_025),
-        # 41 chars round up to 11 tokens: 27.5 -> 28
-        (CHAT_PATH, chat(chars=41, max_tokens=1), DEFAULT, "gpt-4o", 11, 1, 38),
-        # the alias target is priced: gpt-4o-mini {0.15, 0.60}: 1.5 -> 2; 60
-        (CHAT_PATH, chat("fast", max_tokens=100), DEFAULT, "gpt-4o-mini", 10, 100, 62),
+        (CHAT_PATH, chat(), DEFAULT, "gpt-4o", 10, 4096, 40_985_000),
+        (CHAT_PATH, chat(), Options(default_max_output_tokens=200), "gpt-4o", 10, 200,
+         2_025_000),
+        # 41 chars round up to 11 tokens: 27.5 (exact in nano-dollars) + 10
+        (CHAT_PATH, chat(chars=41, max_tokens=1), DEFAULT, "gpt-4o", 11, 1, 37_500),
+        # the alias target is priced: gpt-4o-mini {0.15, 0.60}: 1.5 + 60
+        (CHAT_PATH, chat("fast", max_tokens=100), DEFAULT, "gpt-4o-mini", 10, 100, 61_500),
         # embeddings have no output: text-embedding-3-large {0.13}: 1000 * 0.13 = 130
         ("/v1/embeddings", {"model": "text-embedding-3-large", "input": "x" * 4000}, DEFAULT,
-         "text-embedding-3-large", 1000, 0, 130),
+         "text-embedding-3-large", 1000, 0, 130_000),
         ("/v1/embeddings", {"model": "text-embedding-3-large", "input": "x" * 4000},
-         Options(default_max_output_tokens=10), "text-embedding-3-large", 1000, 0, 130),
+         Options(default_max_output_tokens=10), "text-embedding-3-large", 1000, 0, 130_000),
         # claude-sonnet-4-5 {3.00, 15.00}: messages + system = 48 chars -> 12 tokens: 36 + 1500
         ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 100, "system": "y" * 8,
                           "messages": [{"role": "user", "content": "x" * 40}]}, DEFAULT,
-         "claude-sonnet-4-5", 12, 100, 1_536),
+         "claude-sonnet-4-5", 12, 100, 1_536_000),
         # unknown model: routed (the catch-all upstream), not priced: estimate 0
         (CHAT_PATH, chat("mystery-model", max_tokens=100), DEFAULT, None, 10, 100, 0),
     ],
@@ -211,12 +213,12 @@ def test_reserve_plan_estimate(
     model: str | None,
     prompt: int,
     output: int,
-    micros: int,
+    nanos: int,
 ) -> None:
     exchange, decision = send(snapshot, CAPPED, body, path=path, options=options)
     assert isinstance(decision, Reserve), decision
     plan = decision.plan
-    assert plan.estimate_nanos == micros
+    assert plan.estimate_nanos == nanos
     assert plan.estimate_tokens == prompt + output
     if model is None:
         assert snapshot.price(body["model"]) is None
@@ -337,7 +339,7 @@ def test_reserved_proceeds(snapshot: Snapshot) -> None:
 
 
 def test_denied_by_block_limit(snapshot: Snapshot) -> None:
-    spent = {"block-monthly": 9_999_000, "allow-daily": 5 * USD}  # at max: exceeded
+    spent = {"block-monthly": 9_999_000_000, "allow-daily": 5 * USD}  # at max: exceeded
     exchange, _, reservation, decision = reserved(snapshot, allowed=0, kind=1, index=2,
                                                   retry=-1, spent=spent)
     assert isinstance(decision, Deny)
@@ -359,7 +361,7 @@ def test_denied_by_block_limit(snapshot: Snapshot) -> None:
     assert headers["x-ratelimit-limit-requests"] == "2"
     assert headers["x-ratelimit-limit-tokens"] == "100000"
     assert headers["x-tollgate-limits"] == limit_headers(reservation.limits)[0][1]
-    assert "block-monthly;state=blocked;remaining=0.001000;max=10.000000" in (
+    assert "block-monthly;state=blocked;remaining=0.001000000;max=10.000000000" in (
         headers["x-tollgate-limits"]
     )
     assert decision.headers == rate_limit_headers(reservation.windows) + limit_headers(
@@ -428,7 +430,7 @@ def test_local_windows_refuse_once_full(snapshot: Snapshot) -> None:
 
 # ---- response headers ------------------------------------------------------------------------
 
-ESTIMATE = 1_025  # gpt-4o, 10 prompt tokens + max_tokens 100 (see test_reserve_plan_estimate)
+ESTIMATE = 1_025_000  # gpt-4o, 10 prompt tokens + max_tokens 100 (see test_reserve_plan_estimate)
 
 
 @pytest.mark.parametrize(
@@ -472,7 +474,7 @@ RESPONSE = orjson.dumps({
     "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o", "choices": [],
     "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
 })
-PRICED = Settlement(225, 30, 200, "priced")  # 10 * 2.5 + 20 * 10
+PRICED = Settlement(225_000, 30, 200, "priced")  # (10 * 2.5 + 20 * 10) micro-dollars
 
 
 def priced_exchange(
@@ -494,8 +496,8 @@ def priced_exchange(
 
 
 SETTLED = (
-    LimitStatus("allow-daily", "ok", 225, 0, 5 * USD, "day:2026-11-14"),
-    LimitStatus("block-monthly", "exceeded", 8 * USD + 225, 0, 10 * USD, "month:2026-11"),
+    LimitStatus("allow-daily", "ok", 225_000, 0, 5 * USD, "day:2026-11-14"),
+    LimitStatus("block-monthly", "exceeded", 8 * USD + 225_000, 0, 10 * USD, "month:2026-11"),
 )
 
 
@@ -504,10 +506,10 @@ def test_response_body_reports_settled_states(snapshot: Snapshot) -> None:
     assert exchange.take_due() == PRICED
     reply = exchange.response_body_reply(RESPONSE, SETTLED)
     headers = dict(reply.headers.set)
-    assert headers["x-tollgate-cost"] == "0.000225"
+    assert headers["x-tollgate-cost"] == "0.000225000"
     assert headers["x-tollgate-limits"] == (
-        "allow-daily;state=ok;remaining=4.999775;max=5.000000, "
-        "block-monthly;state=exceeded;remaining=1.999775;max=10.000000"
+        "allow-daily;state=ok;remaining=4.999775000;max=5.000000000, "
+        "block-monthly;state=exceeded;remaining=1.999775000;max=10.000000000"
     )
     assert reply.body is not None
     result = orjson.loads(reply.body)["xproxy_result"]
@@ -524,7 +526,7 @@ def test_response_body_journaled_reports_reservation_states(snapshot: Snapshot) 
     headers = dict(reply.headers.set)
     assert headers["x-tollgate-limits"] == limit_headers(reservation.limits)[0][1]
     # at reservation: 8 spent + the estimate held against a 10 max, threshold 8 -> exceeded
-    assert "block-monthly;state=exceeded;remaining=1.998975;max=10.000000" in (
+    assert "block-monthly;state=exceeded;remaining=1.998975000;max=10.000000000" in (
         headers["x-tollgate-limits"]
     )
     assert reply.body is not None

@@ -42,7 +42,7 @@ from extproc.core.quota import (
 
 pytestmark = pytest.mark.unit
 
-USD = 1_000_000
+USD = 1_000_000_000  # nano-dollars
 RETENTION_MS = 35 * 86_400_000
 SUBJECT = Subject(
     key="k1", group="g1", user="u1", tags=("a", "b"), model="gpt-4o-mini", ip="10.0.0.1"
@@ -595,9 +595,9 @@ def test_rate_limit_headers_only_for_metrics_present() -> None:
 
 
 STATUSES = (
-    LimitStatus("a-block", "ok", 1_250_000, 250_000, 10 * USD, "month:2026-11"),
+    LimitStatus("a-block", "ok", 1_250_000_000, 250_000_000, 10 * USD, "month:2026-11"),
     LimitStatus("b-allow", "overrun", 6 * USD, 0, 5 * USD, "day:2026-11-14"),
-    LimitStatus("c-block", "blocked", 1_999_999, 500_000, 2 * USD, "all"),
+    LimitStatus("c-block", "blocked", 1_999_999_000, 500_000_000, 2 * USD, "all"),
 )
 
 
@@ -614,9 +614,9 @@ def test_limit_headers() -> None:
     assert limit_headers(()) == ()
     assert limit_headers(STATUSES) == ((
         "x-tollgate-limits",
-        "a-block;state=ok;remaining=8.500000;max=10.000000, "
-        "b-allow;state=overrun;remaining=0.000000;max=5.000000, "
-        "c-block;state=blocked;remaining=0.000000;max=2.000000",
+        "a-block;state=ok;remaining=8.500000000;max=10.000000000, "
+        "b-allow;state=overrun;remaining=0.000000000;max=5.000000000, "
+        "c-block;state=blocked;remaining=0.000000000;max=2.000000000",
     ),)
 
 
