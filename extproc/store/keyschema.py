@@ -86,13 +86,19 @@ class KeySchema:
         return f"{self.prefix}holds"
 
     def settled(self, bucket: int) -> str:
-        """SET: (prefixes of) the ids of requests settled without a confirmed hold, for one
-        time bucket (`SETTLED_BUCKET_MS`); makes those settlements idempotent and stops a
-        reserve that reaches Redis after its request was given up. Expires as a whole.
+        """SET: ids of requests without limits (usage event only) settled in one time bucket
+        (`SETTLED_BUCKET_MS`); makes a replayed settlement a no-op. Expires as a whole.
 
         A request whose reservation was confirmed needs no entry: its hold record is the
         marker (present = not settled yet), so settled requests cost Redis no memory."""
         return f"{self.prefix}settled:{bucket}"
+
+    def unconfirmed(self, bucket: int) -> str:
+        """SET: ids of requests with limits settled or refused while their reserve was not
+        confirmed (Redis did not answer in time), by planning time (`UNCONFIRMED_BUCKET_MS`):
+        their settlement is idempotent by it, and a reserve that reaches Redis after it (a
+        stalled Redis running what it had received) does nothing. Rare: outages only."""
+        return f"{self.prefix}unconfirmed:{bucket}"
 
     # -- upstream credentials -------------------------------------------------------------
 

@@ -39,9 +39,11 @@ def _lua(name: str) -> str:
 # 3: nano-dollars, `spend:` limit keys, settled sets, marker TTL and cancel arguments.
 SETTLE_LAYOUT = 3
 
-# Settled sets (see settle.lua): one per bucket of this width, by the time the request was
-# planned, so that every settle call and the reserve of one request name the same set.
+# Settled sets (see settle.lua and KeySchema): one per bucket of this width. Unconfirmed sets
+# are bucketed by the time the request was planned, so that every settle call and the reserve
+# of one request name the same set.
 SETTLED_BUCKET_MS = 60_000
+UNCONFIRMED_BUCKET_MS = 3_600_000
 # How long an unconfirmed settlement is remembered. Requests with no plan only write a usage
 # event: a replay later than this (a journal line whose first attempt did land) could add the
 # event twice, nothing else. Plans settled without a confirmed hold (Redis did not answer the
@@ -104,9 +106,12 @@ def _upgrade_micro_call(keys: list[str], args: list[Any]) -> tuple[list[str], li
         args[12 + 3 * i] = int(args[12 + 3 * i]) * _LEGACY_SCALE  # max
         args[13 + 3 * i] = int(args[13 + 3 * i]) * _LEGACY_SCALE  # threshold
     confirmed = int(args[9]) > 0
-    marker = 0 if confirmed else (UNCONFIRMED_MARKER_MS if nl else USAGE_MARKER_MS)
+    planned = confirmed or any(int(n) for n in args[6:9])
+    marker = 0 if confirmed else (UNCONFIRMED_MARKER_MS if planned else USAGE_MARKER_MS)
     args[12:12] = [marker, 0]
-    keys[0] = schema.settled(int(args[1]) // SETTLED_BUCKET_MS)
+    now = int(args[1])
+    keys[0] = (schema.unconfirmed(now // UNCONFIRMED_BUCKET_MS) if planned
+               else schema.settled(now // SETTLED_BUCKET_MS))
     keys[4 : 4 + nl] = [schema.upgrade_limit_key(k) for k in keys[4 : 4 + nl]]
     return keys, args
 
@@ -192,7 +197,7 @@ class QuotaStore:
         keys = [
             self.keys.hold(plan.request_id),
             self.keys.holds,
-            self.keys.settled(plan.now_ms // SETTLED_BUCKET_MS),
+            self.keys.unconfirmed(plan.now_ms // UNCONFIRMED_BUCKET_MS),
             *self._limit_keys(plan),
             *self._window_keys(plan),
             *self._lease_keys(plan),
@@ -273,7 +278,7 @@ class QuotaStore:
             deletes.append(self.keys.credential_errors(credential.upstream, credential.name))
         leases = self._lease_keys(plan)
         keys = [
-            self.keys.settled(plan.now_ms // SETTLED_BUCKET_MS),
+            self.keys.unconfirmed(plan.now_ms // UNCONFIRMED_BUCKET_MS),
             self.keys.hold(rid),
             self.keys.holds,
             self.keys.usage_stream,

@@ -4,9 +4,11 @@ settlement, hold expiry, period rollover, the rolling-window bound and concurren
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -64,28 +66,53 @@ async def reserve(quota: QuotaStore, p):  # type: ignore[no-untyped-def]
 
 
 async def settle(quota: QuotaStore, p, actual: int, tokens: int = 0):  # type: ignore[no-untyped-def]
-    call = quota.settle_call(p, actual, tokens, EVENT, reserved=True, now_ms=p.now_ms)
+    call = quota.settle_call(p, actual, tokens, EVENT, confirmed=True, now_ms=p.now_ms)
     return await quota.settle(call)
 
 
 async def test_concurrent_reservations_never_overspend(quota: QuotaStore) -> None:
-    """200 concurrent requests against a Block limit that fits exactly 10 estimates."""
+    """Waves of 60 concurrent requests against a Block limit. Each admitted request settles at
+    a cost anywhere up to its estimate (what a strict estimate bounds), concurrently with the
+    next wave's reservations: spend never passes max, and what a request did not use goes back
+    to the budget for later ones."""
+    rng = random.Random(20261202)
     budget = limit(max_nanos=1_000_000)
-    plans = [plan([budget], estimate=100_000) for _ in range(200)]
-    results = await asyncio.gather(*(reserve(quota, p) for p in plans))
-    admitted = [p for p, r in zip(plans, results, strict=True) if r.denial is None]
-    assert len(admitted) == 10
-    refused = [r for r in results if r.denial is not None]
-    assert all(r.denial.status == 429 and r.blocked_limit == "budget" for r in refused)
-    assert all(r.limits[0].state == "blocked" for r in refused)
-    # Every admitted request costs exactly its estimate: spend lands on max, never above it.
-    await asyncio.gather(*(settle(quota, p, 100_000) for p in admitted))
-    state = await quota.redis.hgetall(quota.keys.limit_state("budget", "month:2026-11"))
-    assert int(state[b"spent"]) == 1_000_000 and int(state[b"held"]) == 0
-    assert int(state[b"blocked"]) == 190
-    assert int(state[b"exceeded"]) >= 1  # the last settlement reached max = threshold
-    # Full: the next one is refused with the seed's body.
-    nxt = await reserve(quota, plan([budget], estimate=1))
+    key = quota.keys.limit_state("budget", "month:2026-11")
+    charged = admitted_total = refused_total = 0
+    pending: list[tuple[Any, int]] = []
+    for _wave in range(12):
+        plans = [plan([budget], estimate=rng.randint(50_000, 150_000)) for _ in range(60)]
+        costs = [(p, rng.choice([0, p.estimate_nanos, rng.randint(0, p.estimate_nanos)]))
+                 for p, _ in pending]
+        results, _ = await asyncio.gather(
+            asyncio.gather(*(reserve(quota, p) for p in plans)),
+            asyncio.gather(*(settle(quota, p, cost) for p, cost in costs)),
+        )
+        charged += sum(cost for _, cost in costs)
+        admitted = [p for p, r in zip(plans, results, strict=True) if r.denial is None]
+        refused = [r for r in results if r.denial is not None]
+        assert all(r.denial.status == 429 and r.blocked_limit == "budget" for r in refused)
+        assert all(r.limits[0].state == "blocked" for r in refused)
+        admitted_total += len(admitted)
+        refused_total += len(refused)
+        pending = [(p, 0) for p in admitted]
+        state = await quota.redis.hgetall(key)
+        spent, held = int(state.get(b"spent", 0)), int(state[b"held"])
+        assert spent == charged
+        assert held == sum(p.estimate_nanos for p in admitted)
+        assert spent + held <= 1_000_000
+    # Requests that cost less than their estimate made room: far more than max / largest
+    # estimate got through, yet spend stayed within max.
+    assert admitted_total > 1_000_000 // 150_000
+    assert refused_total > 0
+    final = [(p, p.estimate_nanos) for p, _ in pending]  # the last wave costs its full bound
+    await asyncio.gather(*(settle(quota, p, cost) for p, cost in final))
+    charged += sum(cost for _, cost in final)
+    state = await quota.redis.hgetall(key)
+    assert int(state[b"spent"]) == charged <= 1_000_000 and int(state[b"held"]) == 0
+    assert int(state[b"blocked"]) == refused_total
+    # Full (or nearly): a request larger than what is left is refused with the seed's body.
+    nxt = await reserve(quota, plan([budget], estimate=1_000_000 - charged + 1))
     assert nxt.denial is not None
     body = nxt.denial.body()
     assert b'"type":"LimitExceeded"' in body and b'"code":429' in body
@@ -270,7 +297,7 @@ async def test_settling_an_offline_admission_records_spend_only(quota: QuotaStor
     holder = plan([tracker], estimate=500)
     await reserve(quota, holder)  # someone else's live hold
     offline = plan([tracker], estimate=700)
-    call = quota.settle_call(offline, 1234, 10, EVENT, reserved=False, now_ms=offline.now_ms)
+    call = quota.settle_call(offline, 1234, 10, EVENT, confirmed=False, now_ms=offline.now_ms)
     reply = await quota.settle(SettleCall.from_json(call.to_json()))
     assert reply[0] == 1
     state = await quota.redis.hgetall(quota.keys.limit_state("tracker", "month:2026-11"))

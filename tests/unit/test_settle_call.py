@@ -30,7 +30,7 @@ def test_layout_1_lines_are_upgraded() -> None:
     assert call.args[11] == 0  # no keys to delete
     assert call.args[12:14] == (0, 0)  # it had an estimate: a confirmed hold decides; no cancel
     assert call.args[14:] == (9_000_000, 8_000_000, 0)  # the limit's max, threshold, ttl
-    assert call.keys[0] == "tg:{x}:settled:2"  # the settled set of its bucket (120 s / 60 s)
+    assert call.keys[0] == "tg:{x}:unconfirmed:0"  # named, unused: its hold decides
     assert call.keys[4] == "tg:{x}:spend:cap:all"  # the nano-dollar limit state
 
 
@@ -41,4 +41,13 @@ def test_layout_2_offline_lines_get_a_settled_set_entry() -> None:
                                  9000, 8000, 0]})
     call = SettleCall.from_json(old)
     assert call.args[2] == 100_000 and call.args[12] > 0  # remembered in the settled set
+    assert call.keys[0] == "tg:{x}:unconfirmed:0"
     assert call.args[14:] == (9_000_000, 8_000_000, 0)
+
+
+def test_layout_2_usage_only_lines_get_a_short_lived_entry() -> None:
+    old = orjson.dumps({"v": 2, "keys": ["tg:{x}:done:rid", "h", "hs", "u"],
+                        "args": ["rid", 120_000, 7, 1, {"b": "AA=="}, 1000, 0, 0, 0, 0, 0, 0]})
+    call = SettleCall.from_json(old)
+    assert call.keys[0] == "tg:{x}:settled:2"  # per-minute bucket (120 s / 60 s)
+    assert call.args[2] == 7_000 and 0 < call.args[12] <= 600_000

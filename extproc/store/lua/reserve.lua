@@ -4,8 +4,9 @@ and reserve them all, or none. One call, one round trip, atomic. Money is intege
 KEYS
   1            hold record of this request        (string, JSON; deleted by settle)
   2            holds index                        (zset: request id -> deadline ms)
-  3            settled set of this request's time bucket (set; see settle.lua): when it holds
-               this request, the request was already given up or settled, and nothing is done
+  3            unconfirmed set of this request's time bucket (set; see settle.lua): when it
+               holds this request, the request was already given up or settled, and nothing
+               is done
   4 .. 3+L     spend limit state, one per limit   (hash: spent, held, ok, exceeded, overrun, blocked)
   next W       rate windows                       (hash: bucket number -> count)
   next C       concurrency lease sets             (zset: request id -> lease deadline ms)
@@ -73,7 +74,7 @@ local denied_kind, denied_index, retry = 0, 0, 0
 local prior = redis.call('GET', KEYS[1])
 local denied_before = prior == 'denied'
 if prior and not denied_before then denied_kind = -1 end
-if denied_kind == 0 and redis.call('SISMEMBER', KEYS[3], string.sub(rid, 1, 16)) == 1 then
+if denied_kind == 0 and redis.call('SISMEMBER', KEYS[3], rid) == 1 then
   denied_kind = 5
 end
 local window_used, window_reset = {}, {}

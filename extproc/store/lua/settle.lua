@@ -6,14 +6,15 @@ Idempotency, without a record per settled request:
   * confirmed (marker TTL 0): the reserve script's reply was seen, so the hold record exists
     until the first settle deletes it. "Hold present" is the marker: nothing is kept after.
   * unconfirmed (marker TTL > 0): no hold is known to exist (no plan, or the reserve timed out
-    and may or may not have run). The first 16 characters of the request id go into a
+    and may or may not have run). The request id goes into a
     per-time-bucket set that expires as a whole; a hold found anyway (a reserve that ran late)
     is released. The same set entry makes a reserve that arrives after this a no-op.
 A cancel (the request was refused while its reserve timed out) only releases: no spend, no
 state count, no usage event.
 
 KEYS
-  1            settled set of this request's time bucket (set; only written when unconfirmed)
+  1            settled set of this request's time bucket (set; only written when unconfirmed:
+               `settled:` for requests without a plan, `unconfirmed:` for the others)
   2            hold record of this request       (string, JSON; may be absent)
   3            holds index                       (zset)
   4            usage stream                      (stream)
@@ -76,7 +77,7 @@ local first
 if marker_ttl == 0 then
   first = had_hold
 else
-  first = redis.call('SADD', KEYS[1], string.sub(rid, 1, 16)) == 1
+  first = redis.call('SADD', KEYS[1], rid) == 1
   if redis.call('PTTL', KEYS[1]) < marker_ttl then
     redis.call('PEXPIRE', KEYS[1], marker_ttl)
   end
