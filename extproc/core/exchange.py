@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 import orjson
 
 from extproc.core.decisions import CONTINUE, BodyMode, Continue, Decision, Deny, HeaderEdit
+from extproc.core.header_budget import HeaderTally, check_fits
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
 from extproc.core.quota import (
@@ -119,6 +120,7 @@ class Exchange:
         "credential",
         "due",
         "facts",
+        "header_tally",
         "hide_usage_chunk",
         "key",
         "limit_statuses",
@@ -172,6 +174,9 @@ class Exchange:
         self._snapshot: Snapshot | None = None
         self.hide_usage_chunk = False  # Tollgate turned include_usage on for this stream
         self.meter: StreamMeter | None = None
+        # Headers as Envoy counts them (set by the edge when it has them): a request that
+        # Envoy would fail after our edits is refused before anything is reserved.
+        self.header_tally: HeaderTally | None = None
 
     @property
     def holds_reservation(self) -> bool:
@@ -285,7 +290,15 @@ class Exchange:
             return self._too_large()
         if end_of_stream:
             return Deny(400, "invalid_request", "Request body is empty; a JSON object is required.")
-        return Continue(HeaderEdit(remove=tuple(removes))) if removes else CONTINUE
+        if not removes:
+            return CONTINUE
+        edit = HeaderEdit(remove=tuple(removes))
+        if self.header_tally is not None:
+            too_many = check_fits(self.header_tally, edit, False)
+            if too_many is not None:
+                return too_many
+            self.header_tally.apply(edit)
+        return Continue(edit)
 
     def _too_large(self) -> Deny:
         return Deny(
@@ -379,6 +392,11 @@ class Exchange:
             new_body = orjson.dumps(doc)
         self.price = snapshot.price(self.priced_model)
         proceed = Continue(HeaderEdit(tuple(sets), removes), body=new_body, clear_route_cache=True)
+        if self.header_tally is not None:
+            too_many = check_fits(self.header_tally, proceed.headers.plus(
+                self._pool_auth_placeholder()), new_body is not None)
+            if too_many is not None:
+                return too_many
         plan = self._plan(snapshot, facts, now)
         if plan.empty:
             return proceed
@@ -444,6 +462,13 @@ class Exchange:
         exist for credentials whose secret the snapshot holds)."""
         assert self.upstream is not None and self._snapshot is not None
         return _auth_headers(self.upstream, self._snapshot.secrets[credential.secret_ref])
+
+    def _pool_auth_placeholder(self) -> HeaderEdit:
+        """The auth header a pooled credential will add after the reserve, at its longest."""
+        if not self.pool:
+            return HeaderEdit()
+        longest = max((self._auth(c)[0] for c in self.pool), key=lambda h: len(h[1]))
+        return HeaderEdit(set=(longest,))
 
     def _with_credential(self, proceed: Continue, credential: CredentialCharge) -> Continue:
         self.credential = credential

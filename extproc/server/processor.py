@@ -26,6 +26,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from extproc.core.decisions import Continue, Decision, Deny
 from extproc.core.exchange import Exchange, Options, Reply, Reserve, Settlement
+from extproc.core.header_budget import HeaderTally
 from extproc.core.keys import find_key
 from extproc.core.pricing import nanos_to_micros
 from extproc.core.quota import (
@@ -188,6 +189,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         headers = adapter.header_map(message)
         presented = find_key(headers)
         record = await self.keys.resolve(snapshot, presented) if presented else None
+        # Every entry as Envoy counts it (duplicates and pseudo-headers too).
+        exchange.header_tally = HeaderTally(
+            (h.key, h.raw_value.decode("latin-1") if h.raw_value else h.value)
+            for h in message.headers.headers)
         decision = exchange.on_request_headers(
             headers, presented, record, snapshot, message.end_of_stream, time.time()
         )
