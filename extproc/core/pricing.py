@@ -35,7 +35,7 @@ from extproc.core.usage import Usage
 NANOS_PER_USD = 1_000_000_000
 _PER_TOKENS = 1_000_000  # prices are quoted per 1M tokens
 # Largest amount the scripts handle exactly (Lua numbers are doubles: 2**53 n$ ~ $9.007M).
-MAX_AMOUNT_NANOS = 2**53
+MAX_AMOUNT_NANOS = 2**53 - 1
 
 
 def usd_to_nanos(value: float | int | str | Decimal) -> int:

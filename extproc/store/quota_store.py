@@ -25,6 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from extproc.core.pricing import MAX_AMOUNT_NANOS
 from extproc.core.quota import BUCKET_MS, BUCKETS, CredentialCharge, ReservationPlan
 from extproc.store.keyschema import KeySchema
 from extproc.store.redis_store import StoreRejected, StoreUnavailable, is_cluster_client
@@ -51,6 +52,14 @@ UNCONFIRMED_BUCKET_MS = 3_600_000
 USAGE_MARKER_MS = 600_000
 UNCONFIRMED_MARKER_MS = 172_800_000
 _LEGACY_SCALE = 1000  # layout 1 was micro-dollars
+
+
+def _exact(n: int) -> int:
+    """An amount (nano-dollars or tokens) as the scripts can take it: Lua numbers are doubles,
+    exact to 2**53. Larger ones (only absurd requests, e.g. max_tokens of 1e17) are capped at
+    2**53, still more than any Limit's max (validated below it), so a Block limit refuses them
+    instead of the script failing half way or JSON refusing the integer."""
+    return min(n, MAX_AMOUNT_NANOS + 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,18 +229,18 @@ class QuotaStore:
             len(plan.limits),
             len(plan.windows),
             len(plan.leases),
-            plan.estimate_nanos,
+            _exact(plan.estimate_nanos),
             0,  # placeholder: the hold payload travels as the second argument
         ]
         for c in plan.limits:
             mode = 0 if not c.limit.block else (1 if c.limit.strict else 2)
             args += [mode, c.limit.max_nanos, c.ttl_ms, 0]
         for w in plan.windows:
-            args += [w.limit, w.amount, BUCKET_MS, BUCKETS]
+            args += [w.limit, _exact(w.amount), BUCKET_MS, BUCKETS]
         for _lease in plan.leases:
             args += [_lease.limit, plan.lease_deadline_ms]
         primaries = sum(1 for c in plan.credentials if c.primary)
-        args += [len(plan.credentials), primaries, BUCKET_MS, BUCKETS, plan.estimate_tokens]
+        args += [len(plan.credentials), primaries, BUCKET_MS, BUCKETS, _exact(plan.estimate_tokens)]
         for cred in plan.credentials:
             args += [cred.rpm or 0, cred.tpm or 0]
         wire = [orjson.dumps(args), expired.to_json()]
@@ -264,7 +273,7 @@ class QuotaStore:
         if plan is None:
             keys = [self.keys.settled(now // SETTLED_BUCKET_MS), self.keys.hold(rid),
                     self.keys.holds, self.keys.usage_stream]
-            args: list[Any] = [rid, now, actual_nanos, actual_tokens, event,
+            args: list[Any] = [rid, now, _exact(actual_nanos), _exact(actual_tokens), event,
                                self.stream_maxlen, 0, 0, 0, 0, 0, 0, USAGE_MARKER_MS, 0]
             return SettleCall(tuple(keys), tuple(args))
         token_windows = [self.keys.window(w.rate_limit, w.ident, w.metric)
@@ -288,10 +297,10 @@ class QuotaStore:
             *deletes,
         ]
         args = [
-            rid, now, actual_nanos, actual_tokens, event, self.stream_maxlen,
+            rid, now, _exact(actual_nanos), _exact(actual_tokens), event, self.stream_maxlen,
             len(plan.limits), len(token_windows), len(leases),
-            plan.estimate_nanos,
-            plan.estimate_tokens,
+            _exact(plan.estimate_nanos),
+            _exact(plan.estimate_tokens),
             len(deletes),
             0 if confirmed else UNCONFIRMED_MARKER_MS,
             1 if cancel else 0,

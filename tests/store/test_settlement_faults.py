@@ -164,3 +164,27 @@ async def test_confirmed_settlement_keeps_no_record_per_request(quota: QuotaStor
     after = await state(quota)
     assert after["hard"] == {"held": 0, "spent": 20_000, "ok": 20}
     assert after["events"] == 40
+
+
+async def test_large_amounts_are_exact_in_redis(quota: QuotaStore) -> None:
+    """Lua prints numbers with 14 significant digits: amounts of $100,000 and more (1e14 n$,
+    e.g. an adversarial max_tokens on an Allow-only request) must still reach HINCRBY as exact
+    integers, not as "3e+14"."""
+    tracker = LimitSpec("big", False, 2**53 - 1, 2**53 - 1, "none", "UTC", True, False,
+                        Selector())
+    p = plan_reservation(request_id=uuid.uuid4().hex, now=NOW, limits=[tracker],
+                         rate_limits=[], subject=SUBJECT, estimate_nanos=300_000_000_000_123,
+                         estimate_tokens=1, hold_seconds=60)
+    assert (await reserve(quota, p)).denial is None
+    key = quota.keys.limit_state("big", "all")
+    assert int(await quota.redis.hget(key, "held")) == 300_000_000_000_123
+    call = quota.settle_call(p, 200_000_000_000_077, 1, EVENT, confirmed=True, now_ms=p.now_ms)
+    assert (await quota.settle(call))[0] == 1
+    state = await quota.redis.hgetall(key)
+    assert int(state[b"spent"]) == 200_000_000_000_077 and int(state[b"held"]) == 0
+    # Beyond what the scripts compare exactly (2**53 n$, ~$9M): a Block limit refuses.
+    huge = plan_reservation(request_id=uuid.uuid4().hex, now=NOW, limits=[
+        LimitSpec("cap", True, 2**53 - 1, 2**53 - 1, "none", "UTC", True, False, Selector())],
+        rate_limits=[], subject=SUBJECT, estimate_nanos=10**20, estimate_tokens=1,
+        hold_seconds=60)
+    assert (await reserve(quota, huge)).denial is not None

@@ -17,7 +17,7 @@ for i = 1, #old, 2 do
   if value then
     if field == 'spent' or field == 'held' then value = value * scale end
     -- Added, not set: replicas of the new version may already have written to the new key.
-    if value ~= 0 then redis.call('HINCRBY', KEYS[2], field, value) end
+    if value ~= 0 then redis.call('HINCRBY', KEYS[2], field, string.format('%d', value)) end
   end
 end
 -- Keep the longer lifetime of the two (state keys expire some time after their period ends).

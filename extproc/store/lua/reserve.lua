@@ -48,6 +48,9 @@ more than `limit`; the price is that a refused request might have fitted up to o
 earlier than the reported reset.
 ]]
 local A = cjson.decode(ARGV[1])
+-- Amounts go to HINCRBY as exact integer strings: Lua would print a number with 14 significant
+-- digits ("3e+14" for $300,000 in nano-dollars), which HINCRBY rejects.
+local function int(x) return string.format('%d', x) end
 
 local rid = A[1]
 local now = tonumber(A[2])
@@ -200,7 +203,7 @@ else
     local amount, width, count = tonumber(A[a + 2]), tonumber(A[a + 3]), tonumber(A[a + 4])
     local current = math.floor(now / width)
     if amount > 0 then
-      redis.call('HINCRBY', KEYS[kwin + i], tostring(current), amount)
+      redis.call('HINCRBY', KEYS[kwin + i], tostring(current), int(amount))
     end
     -- Old buckets are removed as they leave the window; the TTL covers idle windows.
     redis.call('HDEL', KEYS[kwin + i], tostring(current - count - 1), tostring(current - count - 2))
@@ -210,7 +213,7 @@ else
   for i = 1, nl do
     local a = lbase + 4 * (i - 1)
     local ttl = tonumber(A[a + 3])
-    redis.call('HINCRBY', KEYS[klim + i], 'held', estimate)
+    redis.call('HINCRBY', KEYS[klim + i], 'held', int(estimate))
     if ttl > 0 then redis.call('PEXPIRE', KEYS[klim + i], ttl) end
     held[i] = held[i] + estimate
   end
@@ -220,7 +223,7 @@ else
     redis.call('HINCRBY', KEYS[base + 2], current, 1)
     redis.call('PEXPIRE', KEYS[base + 2], (ccount + 2) * cwidth)
     if ctokens > 0 then
-      redis.call('HINCRBY', KEYS[base + 3], current, ctokens)
+      redis.call('HINCRBY', KEYS[base + 3], current, int(ctokens))
       redis.call('PEXPIRE', KEYS[base + 3], (ccount + 2) * cwidth)
     end
   end

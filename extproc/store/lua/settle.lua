@@ -43,6 +43,9 @@ Reply
     (0 ok, 1 exceeded, 2 overrun) }
 ]]
 local A = cjson.decode(ARGV[1])
+-- Amounts go to HINCRBY as exact integer strings: Lua would print a number with 14 significant
+-- digits ("3e+14" for $300,000 in nano-dollars), which HINCRBY rejects.
+local function int(x) return string.format('%d', x) end
 
 local rid = A[1]
 local actual = tonumber(A[3])
@@ -97,14 +100,12 @@ for i = 1, nl do
   local max, threshold, ttl = tonumber(A[a + 1]), tonumber(A[a + 2]), tonumber(A[a + 3])
   local key = KEYS[klim + i]
   if first and had_hold and estimate ~= 0 then
-    -- `0 - estimate`, not `-estimate`: Lua's -0 would reach Redis as "-0", which HINCRBY
-    -- rejects (and a script error after the writes above would leave them half done).
-    if redis.call('HINCRBY', key, 'held', 0 - estimate) < 0 then
+    if redis.call('HINCRBY', key, 'held', int(0 - estimate)) < 0 then
       redis.call('HSET', key, 'held', 0)  -- never negative, whatever happened (manual reset)
     end
   end
   if charge then
-    redis.call('HINCRBY', key, 'spent', actual)
+    redis.call('HINCRBY', key, 'spent', int(actual))
     if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
   end
   local state = redis.call('HMGET', key, 'spent', 'held')
@@ -126,7 +127,7 @@ if first and had_hold then
     local bucket = A[wbase + i]
     -- Correct the bucket the estimate went into, if it is still inside the window.
     if delta ~= 0 and redis.call('HEXISTS', KEYS[kwin + i], bucket) == 1 then
-      local value = redis.call('HINCRBY', KEYS[kwin + i], bucket, delta)
+      local value = redis.call('HINCRBY', KEYS[kwin + i], bucket, int(delta))
       if value < 0 then redis.call('HSET', KEYS[kwin + i], bucket, 0) end
     end
   end
