@@ -668,3 +668,30 @@ def test_validate_documents_default_source_and_top_level_error() -> None:
     with pytest.raises(ResourceError) as caught:
         validate_documents([None, doc("VirtualKey", KEY), {"kind": "VirtualKey"}])
     assert str(caught.value) == "input: document 3: field 'apiVersion': is required"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        # the scripts compare amounts exactly up to 2**53 nano-dollars (~$9,007,199)
+        ({"type": "Block", "max": 10_000_000}, "must be at most 9007199 USD"),
+        ({"type": "Block", "max": float("inf")}, "must be a number >= 0"),
+        ({"type": "Block", "max": float("nan")}, "must be a number >= 0"),
+    ],
+)
+def test_limit_max_is_a_finite_amount_the_scripts_hold_exactly(
+    spec: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ResourceError, match=message):
+        validate_document(doc("Limit", spec))
+
+
+def test_price_infinity_is_refused() -> None:
+    with pytest.raises(ResourceError, match="must be a number >= 0"):
+        validate_document(doc("PriceTable", {"models": {"m": {"input": float("inf"),
+                                                              "output": 1}}}))
+
+
+def test_largest_limit_max_is_accepted() -> None:
+    limit = limit_spec(validate_document(doc("Limit", {"type": "Block", "max": 9_007_199})))
+    assert limit.max_nanos == 9_007_199_000_000_000
