@@ -102,7 +102,8 @@ class SettleCall:
 
 
 def _upgrade_micro_call(keys: list[str], args: list[Any]) -> tuple[list[str], list[Any]]:
-    """A layout-2 call (micro-dollars, `lim:` keys, a `done:<id>` marker) as a layout-3 one.
+    """A layout-1 or -2 call (micro-dollars, `lim:` keys, a `done:<id>` marker) as a layout-3
+    one.
 
     One with an estimate came from a confirmed reservation (a hold record, or the normal settle
     of one): its hold decides. One without is unconfirmed and gets a settled-set entry."""
