@@ -249,7 +249,7 @@ _HEADERS = {
 async def _limit_rows(store: Store, found: list[Resource]) -> list[tuple[str, ...]]:
     """One row per Limit with its live state in the current period."""
     from extproc.core.periods import period_bounds
-    from extproc.core.pricing import format_usd
+    from extproc.core.pricing import format_nanos
     from extproc.core.quota import LimitStatus, state_of
     from extproc.core.resources import limit_spec
 
@@ -263,9 +263,9 @@ async def _limit_rows(store: Store, found: list[Resource]) -> list[tuple[str, ..
         status = LimitStatus(spec.name, state_of(spent, spec), spent, state.get("held", 0),
                              spec.max_nanos, period)
         counts = "/".join(str(state.get(k, 0)) for k in ("ok", "exceeded", "overrun", "blocked"))
-        out.append((spec.name, "Block" if spec.block else "Allow", format_usd(spec.max_nanos),
-                    format_usd(spent), format_usd(status.held_nanos),
-                    format_usd(status.remaining_nanos), status.state, period, counts))
+        out.append((spec.name, "Block" if spec.block else "Allow", format_nanos(spec.max_nanos),
+                    format_nanos(spent), format_nanos(status.held_nanos),
+                    format_nanos(status.remaining_nanos), status.state, period, counts))
     return out
 
 
@@ -312,7 +312,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from extproc.core.pricing import format_usd
+    from extproc.core.pricing import format_nanos
     from extproc.gen.tollgate.v1 import usage_pb2
 
     entries = with_store(args, lambda store: store.read_usage(args.count))
@@ -325,7 +325,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
             cost.output_nanos = cost.output_micros * 1000
             cost.total_nanos = cost.total_micros * 1000
         doc = MessageToDict(event, preserving_proto_field_name=True)
-        doc["cost_usd"] = format_usd(cost.total_nanos)
+        doc["cost_usd"] = format_nanos(cost.total_nanos)
         print(orjson.dumps({"id": entry_id, **doc}).decode())
     return 0
 

@@ -64,7 +64,7 @@ def nanos_to_micros(nanos: int) -> int:
     return (nanos + 500) // 1000
 
 
-def format_usd(nanos: int) -> str:
+def format_nanos(nanos: int) -> str:
     """Integer nano-dollars -> decimal USD string with 9 places, no float rounding:
     400 -> "0.000000400"."""
     sign = "-" if nanos < 0 else ""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from extproc.core.decisions import Deny
 from extproc.core.periods import period_bounds
-from extproc.core.pricing import format_usd, nanos_to_usd
+from extproc.core.pricing import format_nanos, nanos_to_usd
 
 WINDOW_MS = 60_000
 BUCKET_MS = 5_000  # rolling-window granularity: a refusal is at most this early
@@ -401,8 +401,8 @@ def limit_headers(statuses: Sequence[LimitStatus]) -> tuple[tuple[str, str], ...
     if not statuses:
         return ()
     value = ", ".join(
-        f"{s.name};state={s.state};remaining={format_usd(s.remaining_nanos)};"
-        f"max={format_usd(s.max_nanos)}"
+        f"{s.name};state={s.state};remaining={format_nanos(s.remaining_nanos)};"
+        f"max={format_nanos(s.max_nanos)}"
         for s in statuses
     )
     return (("x-tollgate-limits", value),)

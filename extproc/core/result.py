@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from extproc.core.pricing import Cost, format_usd, nanos_to_usd
+from extproc.core.pricing import Cost, format_nanos, nanos_to_usd
 from extproc.core.usage import Usage
 
 RESULT_FIELD = "xproxy_result"
@@ -35,9 +35,9 @@ class Priced:
 
 def cost_headers(p: Priced) -> tuple[tuple[str, str], ...]:
     headers = [
-        ("x-tollgate-cost", format_usd(p.cost.total_nanos)),
-        ("x-tollgate-cost-input", format_usd(p.cost.input_nanos)),
-        ("x-tollgate-cost-output", format_usd(p.cost.output_nanos)),
+        ("x-tollgate-cost", format_nanos(p.cost.total_nanos)),
+        ("x-tollgate-cost-input", format_nanos(p.cost.input_nanos)),
+        ("x-tollgate-cost-output", format_nanos(p.cost.output_nanos)),
         ("x-tollgate-input-tokens", str(p.usage.input)),
         ("x-tollgate-output-tokens", str(p.usage.output)),
         ("x-tollgate-total-tokens", str(p.usage.total)),

@@ -14,7 +14,7 @@ import orjson
 import pytest
 import redis
 
-from extproc.core.pricing import format_usd
+from extproc.core.pricing import format_nanos
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.launch import Stack
 from extproc.store.keyschema import KeySchema
@@ -79,8 +79,8 @@ def test_chat_is_priced_and_the_virtual_key_never_reaches_the_upstream(
     expected_out = nanos(usage.completion_tokens - reasoning, GPT4O_OUTPUT) + nanos(
         reasoning, GPT4O_OUTPUT)
     headers = raw.headers
-    assert headers["x-tollgate-cost"] == format_usd(expected_in + expected_out)
-    assert headers["x-tollgate-cost-input"] == format_usd(expected_in)
+    assert headers["x-tollgate-cost"] == format_nanos(expected_in + expected_out)
+    assert headers["x-tollgate-cost-input"] == format_nanos(expected_in)
     assert headers["x-tollgate-input-tokens"] == str(usage.prompt_tokens)
     assert headers["x-tollgate-output-tokens"] == str(usage.completion_tokens)
     assert headers["x-tollgate-cached-input-tokens"] == "4"
@@ -113,7 +113,7 @@ def test_anthropic_sdk_through_the_gateway(stack: Stack, new_key: Callable[..., 
     u = message.usage
     expected = (nanos(u.input_tokens, HAIKU_INPUT) + nanos(10, HAIKU_READ)
                 + nanos(20, HAIKU_WRITE) + nanos(u.output_tokens, HAIKU_OUTPUT))
-    assert raw.headers["x-tollgate-cost"] == format_usd(expected)
+    assert raw.headers["x-tollgate-cost"] == format_nanos(expected)
     # Input counts every prompt token: uncached + cache reads + cache writes.
     assert raw.headers["x-tollgate-input-tokens"] == str(u.input_tokens + 30)
     seen = upstream_requests(stack)[-1]
@@ -284,7 +284,7 @@ def test_every_priced_call_lands_in_the_usage_stream(
     assert event.model == "text-embedding-3-small" and event.endpoint == "embeddings"
     assert event.provider == "openai" and event.status == 200 and event.priced
     assert event.tokens.input == int(raw.headers["x-tollgate-input-tokens"])
-    assert format_usd(event.cost.total_nanos) == raw.headers["x-tollgate-cost"]
+    assert format_nanos(event.cost.total_nanos) == raw.headers["x-tollgate-cost"]
 
 
 def test_config_changes_apply_without_restart(
@@ -315,7 +315,7 @@ spec:
     tokens_in = int(after.headers["x-tollgate-input-tokens"])
     tokens_out = int(after.headers["x-tollgate-output-tokens"])
     # $1000 / $2000 per 1M tokens: 1,000,000 / 2,000,000 nano-dollars per token
-    assert after.headers["x-tollgate-cost"] == format_usd(tokens_in * 1_000_000
+    assert after.headers["x-tollgate-cost"] == format_nanos(tokens_in * 1_000_000
                                                           + tokens_out * 2_000_000)
     # Revocation takes effect without a restart too.
     listed = [line.split()[0] for line in cli("keys", "list").stdout.splitlines()[1:]]

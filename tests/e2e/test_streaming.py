@@ -15,7 +15,7 @@ import openai
 import orjson
 import pytest
 
-from extproc.core.pricing import format_usd
+from extproc.core.pricing import format_nanos
 from extproc.launch import Stack
 from tests.e2e.conftest import CliRunner, upstream_requests
 
@@ -189,4 +189,4 @@ spec: {{type: Block, max: 10, selector: {{keys: [{name}]}}}}
     spent, held = Decimal(row[3]), Decimal(row[4])
     assert held == 0  # never left reserved
     # Priced on what was produced: more than zero, far less than the 200-word answer.
-    assert 0 < spent < Decimal(format_usd(nanos(40, MINI_IN) + nanos(200, MINI_OUT)))
+    assert 0 < spent < Decimal(format_nanos(nanos(40, MINI_IN) + nanos(200, MINI_OUT)))

@@ -22,7 +22,7 @@ from extproc.core.exchange import (
     Reserve,
 )
 from extproc.core.keys import find_key, hash_key
-from extproc.core.pricing import format_usd
+from extproc.core.pricing import format_nanos
 from extproc.core.quota import interpret_reservation
 from extproc.core.resources import Resource, validate_document
 from extproc.core.snapshot import Snapshot, build_snapshot
@@ -524,9 +524,9 @@ def test_response_is_priced(
     total = input_nanos + output_nanos
 
     headers = dict(decision.headers.set)
-    assert headers["x-tollgate-cost"] == format_usd(total)
-    assert headers["x-tollgate-cost-input"] == format_usd(input_nanos)
-    assert headers["x-tollgate-cost-output"] == format_usd(output_nanos)
+    assert headers["x-tollgate-cost"] == format_nanos(total)
+    assert headers["x-tollgate-cost-input"] == format_nanos(input_nanos)
+    assert headers["x-tollgate-cost-output"] == format_nanos(output_nanos)
     assert headers["x-tollgate-input-tokens"] == str(usage.input)
     assert headers["x-tollgate-output-tokens"] == str(usage.output)
     assert headers["x-tollgate-total-tokens"] == str(usage.input + usage.output)

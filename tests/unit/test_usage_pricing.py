@@ -18,7 +18,7 @@ from extproc.core.pricing import (
     ModelPrice,
     PriceBook,
     estimate_cost,
-    format_usd,
+    format_nanos,
     price_usage,
     rate_from_usd_per_mtok,
     usd_to_nanos,
@@ -236,7 +236,7 @@ def test_rate_from_usd_per_mtok_is_exact_and_never_rounds_down() -> None:
     ],
 )
 def test_format_usd(nanos: int, text: str) -> None:
-    assert format_usd(nanos) == text
+    assert format_nanos(nanos) == text
 
 
 @pytest.mark.parametrize(
@@ -361,12 +361,12 @@ def test_default_table_costs(default_book: PriceBook) -> None:
     # 1000 input tokens of gpt-4o at $2.50 / 1M = $0.0025
     cost = price_usage(gpt_4o, Usage(input=1000))
     assert cost.total_nanos == 2_500_000
-    assert format_usd(cost.total_nanos) == "0.002500000"
+    assert format_nanos(cost.total_nanos) == "0.002500000"
     small = default_book.lookup("text-embedding-3-small")
     assert small is not None
     # 20 tokens at $0.02 / 1M = $0.0000004: shown, not rounded away
-    assert format_usd(price_usage(small, Usage(input=20)).total_nanos) == "0.000000400"
+    assert format_nanos(price_usage(small, Usage(input=20)).total_nanos) == "0.000000400"
     sonnet = default_book.lookup("claude-sonnet-4-5-20250929")
     assert sonnet is not None
     # 1M output tokens of claude-sonnet-4-5 at $15.00 / 1M = $15
-    assert format_usd(price_usage(sonnet, Usage(output=1_000_000)).total_nanos) == "15.000000000"
+    assert format_nanos(price_usage(sonnet, Usage(output=1_000_000)).total_nanos) == "15.000000000"
