@@ -16,6 +16,7 @@ step the Redis state must equal a plain model:
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 import uuid
 from typing import Any
@@ -65,7 +66,8 @@ class QuotaMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.client = connect(self.url, 5.0)
         self.quota = QuotaStore(self.client, KeySchema("sm-" + uuid.uuid4().hex[:10]), 100_000)
-        self.settler = Settler(self.quota, tempfile.mkdtemp(prefix="tollgate-sm-"))
+        self.journal_dir = tempfile.mkdtemp(prefix="tollgate-sm-")
+        self.settler = Settler(self.quota, self.journal_dir)
         self.now = START
         self.open: dict[str, ReservationPlan] = {}
         self.settled: list[SettleCall] = []
@@ -78,6 +80,7 @@ class QuotaMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.run(self.client.aclose())
         self.loop.close()
+        shutil.rmtree(self.journal_dir, ignore_errors=True)
 
     def plan(self, estimate: int, limits: list[LimitSpec], hold_s: int = 60) -> ReservationPlan:
         self.ids += 1
