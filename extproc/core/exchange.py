@@ -137,6 +137,7 @@ class Exchange:
         "request_id",
         "request_tags",
         "reservation",
+        "reserve_maybe_ran",
         "route",
         "settled",
         "status",
@@ -161,6 +162,9 @@ class Exchange:
         self.plan: ReservationPlan | None = None
         self.reservation: Reservation | None = None
         self.offline = False  # admitted without Redis: nothing is held there
+        # Offline only: the failed reserve call may still run late (a timeout, not a refused
+        # connection or an open circuit), so its settlement must guard against it.
+        self.reserve_maybe_ran = True
         self.unknown_limits: tuple[str, ...] = ()
         self.limit_statuses: tuple[LimitStatus, ...] = ()
         self.due: Settlement | None = None

@@ -230,10 +230,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             reply = await self.quota.reserve(plan, base)
         except StoreUnavailable as exc:
             metrics.REDIS_ERRORS.labels("reserve").inc()
+            exchange.reserve_maybe_ran = not isinstance(exc, CircuitOpen)
             decision = exchange.on_reserve_failed(reserve, self.local)
             if not isinstance(decision, Deny):
                 metrics.FAIL_OPEN.labels("limits" if plan.limits else "rate_limits").inc()
-            elif not isinstance(exc, CircuitOpen):
+            elif exchange.reserve_maybe_ran:
                 # The script may still run once Redis answers again (a stalled Redis executes
                 # what it had received). The refused request must not keep a hold, a lease or
                 # a window charge: queue a cancel, which releases them if they appear and
@@ -262,6 +263,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             plan, due.cost_nanos, due.tokens, event, confirmed=not exchange.offline,
             credential=exchange.credential if exchange.pool else None,
             success=200 <= due.status < 300,
+            reserve_maybe_ran=exchange.reserve_maybe_ran,
         )
 
     async def _cool_down(self, exchange: Exchange, retry_after_ms: int) -> None:

@@ -261,6 +261,7 @@ class QuotaStore:
         credential: CredentialCharge | None = None,
         success: bool = False,
         cancel: bool = False,
+        reserve_maybe_ran: bool = True,
     ) -> SettleCall:
         """The settle script call for a request.
 
@@ -268,7 +269,11 @@ class QuotaStore:
         first settle). False when the request was admitted without Redis (fail-open) or its
         reserve timed out: then the call still names the plan's estimate, windows and leases,
         and the script releases them only if a hold turns out to exist (a reserve that reached
-        Redis late). `cancel`: the request was refused after such a timeout; release only."""
+        Redis late). `cancel`: the request was refused after such a timeout; release only.
+        `reserve_maybe_ran` False (unconfirmed because the reserve was never sent: the circuit
+        was open): no late reserve can come, so the settlement is remembered only as long as a
+        request without limits is (`USAGE_MARKER_MS`), which bounds Redis memory during a long
+        outage."""
         rid = request_id or (plan.request_id if plan else "")
         now = now_ms if now_ms is not None else int(time.time() * 1000)
         if plan is None:
@@ -287,8 +292,14 @@ class QuotaStore:
         if success and credential is not None:
             deletes.append(self.keys.credential_errors(credential.upstream, credential.name))
         leases = self._lease_keys(plan)
+        if confirmed or reserve_maybe_ran:
+            marker_key = self.keys.unconfirmed(plan.now_ms // UNCONFIRMED_BUCKET_MS)
+            marker_ms = 0 if confirmed else UNCONFIRMED_MARKER_MS
+        else:
+            marker_key = self.keys.settled(now // SETTLED_BUCKET_MS)
+            marker_ms = USAGE_MARKER_MS
         keys = [
-            self.keys.unconfirmed(plan.now_ms // UNCONFIRMED_BUCKET_MS),
+            marker_key,
             self.keys.hold(rid),
             self.keys.holds,
             self.keys.usage_stream,
@@ -303,7 +314,7 @@ class QuotaStore:
             _exact(plan.estimate_nanos),
             _exact(plan.estimate_tokens),
             len(deletes),
-            0 if confirmed else UNCONFIRMED_MARKER_MS,
+            marker_ms,
             1 if cancel else 0,
         ]
         for c in plan.limits:

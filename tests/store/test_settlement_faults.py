@@ -188,3 +188,19 @@ async def test_large_amounts_are_exact_in_redis(quota: QuotaStore) -> None:
         rate_limits=[], subject=SUBJECT, estimate_nanos=10**20, estimate_tokens=1,
         hold_seconds=60)
     assert (await reserve(quota, huge)).denial is not None
+
+
+async def test_offline_admission_without_a_sent_reserve_is_remembered_briefly(
+    quota: QuotaStore,
+) -> None:
+    """During a long outage the circuit is open and no reserve is sent: no late reserve can
+    come, so such settlements are remembered 10 minutes (not 48 h), bounding Redis memory."""
+    p = plan()
+    call = quota.settle_call(p, 2_000, 5, EVENT, confirmed=False, now_ms=p.now_ms,
+                             reserve_maybe_ran=False)
+    assert (await quota.settle(call))[0] == 1
+    assert (await quota.settle(call))[0] == 0  # a replay: nothing twice
+    after = await state(quota)
+    assert after["hard"] == after["soft"] == {"spent": 2_000, "ok": 1}
+    assert 0 < await quota.redis.pttl(call.keys[0]) <= 600_000
+    assert await quota.redis.exists(quota.keys.unconfirmed(p.now_ms // 3_600_000)) == 0
