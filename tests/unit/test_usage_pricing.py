@@ -12,6 +12,8 @@ from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from extproc.core.pricing import (
     Cost,
@@ -370,3 +372,35 @@ def test_default_table_costs(default_book: PriceBook) -> None:
     assert sonnet is not None
     # 1M output tokens of claude-sonnet-4-5 at $15.00 / 1M = $15
     assert format_nanos(price_usage(sonnet, Usage(output=1_000_000)).total_nanos) == "15.000000000"
+
+
+# ---- rounding keeps the reservation an upper bound (property) ---------------------------------
+
+_rates = st.integers(min_value=0, max_value=200_000_000_000)  # up to $200 per 1M tokens
+
+
+@given(
+    rates=st.tuples(_rates, _rates, _rates, _rates),
+    prompt=st.integers(min_value=0, max_value=2_000_000),
+    max_out=st.integers(min_value=0, max_value=200_000),
+    data=st.data(),
+)
+def test_price_within_the_caps_never_exceeds_the_rounded_up_estimate(
+    rates: tuple[int, int, int, int], prompt: int, max_out: int, data: st.DataObject
+) -> None:
+    """Rounding once, up at reservation and half up when priced, never lets a usage within the
+    request's caps cost more than was reserved (cache writes, which can cost more than plain
+    input, are the estimate's business and left out here)."""
+    inp, out, cached, reasoning = rates
+    price = ModelPrice(input=max(inp, cached), output=out, cached_input=min(inp, cached),
+                       reasoning=reasoning)
+    used_in = data.draw(st.integers(min_value=0, max_value=prompt))
+    used_out = data.draw(st.integers(min_value=0, max_value=max_out))
+    usage = Usage(input=used_in, output=used_out,
+                  cached_input=data.draw(st.integers(min_value=0, max_value=used_in)),
+                  reasoning=data.draw(st.integers(min_value=0, max_value=used_out)))
+    cost = price_usage(price, usage)
+    bound = estimate_cost(price, prompt, max_out)
+    assert cost.total_nanos <= bound.total_nanos
+    assert cost.input_nanos + cost.output_nanos == cost.total_nanos >= 0
+    assert min(cost.input_nanos, cost.output_nanos) >= 0
