@@ -362,7 +362,7 @@ async def _limit_rows(store: Store, found: list[Resource]) -> list[tuple[str, ..
     for r, report in zip(found, await limit_reports(store, found), strict=True):
         counts = "/".join(str(report.requests[k]) for k in REQUEST_STATES)
         out.append((r.namespace, r.name, "Block" if report.limit.block else "Allow",
-                    usd(report.limit.max_micros), usd(report.spent), usd(report.held),
+                    usd(report.limit.max_nanos), usd(report.spent), usd(report.held),
                     usd(report.remaining), report.state, report.period_id, counts))
     return out
 
@@ -460,6 +460,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
+    from extproc.core.pricing import format_nanos
     from extproc.gen.tollgate.v1 import usage_pb2
 
     if args.count < 0:
@@ -468,7 +469,15 @@ def cmd_usage(args: argparse.Namespace) -> int:
     docs = []
     for entry_id, raw in entries:
         event = usage_pb2.UsageEvent.FromString(raw)
-        docs.append({"id": entry_id, **MessageToDict(event, preserving_proto_field_name=True)})
+        cost = event.cost
+        if cost.total_nanos == 0 and cost.total_micros != 0:
+            # Written before nano-dollars: only the micro-dollar fields exist.
+            cost.input_nanos = cost.input_micros * 1000
+            cost.output_nanos = cost.output_micros * 1000
+            cost.total_nanos = cost.total_micros * 1000
+        doc = MessageToDict(event, preserving_proto_field_name=True)
+        doc["cost_usd"] = format_nanos(cost.total_nanos)
+        docs.append({"id": entry_id, **doc})
     output = getattr(args, "output", "jsonl")
     if output == "jsonl":  # the default: one JSON object per line, for pipes
         for doc in docs:
@@ -477,14 +486,25 @@ def cmd_usage(args: argparse.Namespace) -> int:
         rows = [(short_time(datetime.fromtimestamp(int(d.get("timestamp_ms", 0)) / 1000,
                                                    UTC).isoformat()),
                  str(d.get("key", "-")), str(d.get("model", "-")), str(d.get("status", "-")),
-                 str(d.get("cost", {}).get("total_micros", 0)),
+                 str(d["cost_usd"]),
                  str(d.get("tokens", {}).get("input", 0)),
                  str(d.get("tokens", {}).get("output", 0)), str(d.get("request_id", "")))
                 for d in docs]
-        print_rows(("TIME", "KEY", "MODEL", "STATUS", "COST_MICROS", "INPUT", "OUTPUT",
+        print_rows(("TIME", "KEY", "MODEL", "STATUS", "COST_USD", "INPUT", "OUTPUT",
                     "REQUEST_ID"), rows, "table", "no usage events")
     else:
         print_documents(docs, output, single=False)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from extproc.store.quota_store import QuotaStore
+
+    async def migrate(store: Store) -> int:
+        return await QuotaStore(store.redis, store.keys, 0).migrate_money()
+
+    moved = with_store(args, migrate)
+    print(f"{moved} limit state key(s) moved from micro-dollars to nano-dollars")
     return 0
 
 
@@ -801,6 +821,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="image of the injected tollgate and envoy sidecars")
     redis_opt(operator)
     operator.set_defaults(func=cmd_operator)
+    migrate = sub.add_parser("migrate", help="fold limit state kept in micro-dollars by older "
+                             "versions into nano-dollars (safe to repeat; see docs/money.md)")
+    redis_opt(migrate)
+    migrate.set_defaults(func=cmd_migrate)
 
     envoy = sub.add_parser("envoy-config", help="print an Envoy bootstrap (see envoy/README.md)")
     envoy.add_argument("rest", nargs=argparse.REMAINDER)

@@ -344,7 +344,7 @@ _ENVOY_ERRORS: tuple[tuple[str, int, str, str, str], ...] = (
     # The client's headers plus the few Tollgate sets exceed Envoy's header count: the
     # client's doing, so a 4xx (Envoy says 500).
     ("response.code_details == 'header_mutation_result_exceeds_limit'", 431,
-     "invalid_request_error", "too_many_headers",
+     "invalid_request_error", "request_header_fields_too_large",
      "Too many request headers: Envoy accepts 100 in all, including the few Tollgate adds."),
     ("response.code == 413", 0, "request_too_large", "request_too_large",
      "Request body is larger than the gateway's buffer limit."),

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from extproc.core.pricing import ModelPrice, estimate_cost
+from extproc.core.pricing import MAX_AMOUNT_NANOS, ModelPrice, estimate_cost
 from extproc.core.shape import PromptShape
 
 # Tokens a provider adds around the messages of one call (reply priming, end-of-prompt markers).
@@ -35,8 +35,9 @@ REQUEST_OVERHEAD_TOKENS = 64
 # The system prompt Anthropic adds when tools are declared is 346 tokens for current models;
 # OpenAI's tool preamble is shorter. Rounded up.
 TOOLS_OVERHEAD_TOKENS = 1024
-# No estimate is larger than this ($1bn in micro-dollars): Redis counters stay far from overflow.
-MAX_ESTIMATE_MICROS = 10**15
+# No estimate is larger than what the scripts add up exactly (about $9M, as a Limit's `max`).
+MAX_ESTIMATE_NANOS = MAX_AMOUNT_NANOS
+
 
 @dataclass(frozen=True, slots=True)
 class Bounds:
@@ -71,22 +72,24 @@ def output_cap(requested: int | None, price: ModelPrice | None, bounds: Bounds) 
 
 
 def strict_estimate(price: ModelPrice, prompt_tokens: int, out_tokens: int) -> int:
-    """The strict bound in micro-dollars, capped so Redis counters never overflow."""
-    return min(estimate_cost(price, prompt_tokens, out_tokens).total_micros, MAX_ESTIMATE_MICROS)
+    """The strict bound in nano-dollars, capped where the scripts stop being exact."""
+    return min(estimate_cost(price, prompt_tokens, out_tokens).total_nanos, MAX_ESTIMATE_NANOS)
 
 
 def affordable_output(
-    price: ModelPrice, prompt_tokens: int, choices: int, budget_micros: int
+    price: ModelPrice, prompt_tokens: int, choices: int, budget_nanos: int
 ) -> int:
-    """The largest output cap per choice whose strict estimate fits `budget_micros` (0 if
+    """The largest output cap per choice whose strict estimate fits `budget_nanos` (0 if
     none). Used to clamp a request to what its limits can still pay for."""
     rate = price.bound_rates(prompt_tokens)[1]
-    input_micros = estimate_cost(price, prompt_tokens, 0).total_micros
-    room = budget_micros - input_micros - 1  # estimate_cost adds 1 for the rounded output part
+    input_nanos = estimate_cost(price, prompt_tokens, 0).total_nanos
+    # The estimate rounds up once on the total, so it is at most the rounded-up input part plus
+    # the rounded-up output part: an output that fits `room` on its own fits the budget.
+    room = budget_nanos - input_nanos
     if rate <= 0 or room <= 0:
         return 0
     cap = (room * 1_000_000 // rate) // max(choices, 1)
     # Integer rounding may leave it one too high; step down until it fits.
-    while cap > 0 and strict_estimate(price, prompt_tokens, cap * choices) > budget_micros:
+    while cap > 0 and strict_estimate(price, prompt_tokens, cap * choices) > budget_nanos:
         cap -= 1
     return cap

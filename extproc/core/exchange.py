@@ -53,6 +53,7 @@ from extproc.core.estimate import (
     prompt_bound,
     strict_estimate,
 )
+from extproc.core.header_budget import HeaderTally, check_fits
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
 from extproc.core.quota import (
@@ -126,7 +127,7 @@ class Clamp:
 class Settlement:
     """What to record for this request: its real cost and tokens (or the best known)."""
 
-    cost_micros: int
+    cost_nanos: int
     tokens: int
     status: int
     reason: str  # priced | upstream_error | unpriced_response | aborted
@@ -156,6 +157,7 @@ class Exchange:
         "credential",
         "due",
         "facts",
+        "header_tally",
         "hide_usage_chunk",
         "key",
         "limit_statuses",
@@ -175,6 +177,7 @@ class Exchange:
         "request_id",
         "request_tags",
         "reservation",
+        "reserve_maybe_ran",
         "route",
         "settled",
         "status",
@@ -201,6 +204,9 @@ class Exchange:
         self.plan: ReservationPlan | None = None
         self.reservation: Reservation | None = None
         self.offline = False  # admitted without Redis: nothing is held there
+        # Offline only: the failed reserve call may still run late (a timeout, not a refused
+        # connection or an open circuit), so its settlement must guard against it.
+        self.reserve_maybe_ran = True
         self.unknown_limits: tuple[str, ...] = ()
         self.limit_statuses: tuple[LimitStatus, ...] = ()
         self.due: Settlement | None = None
@@ -220,6 +226,9 @@ class Exchange:
         self.clamped: Clamp | None = None
         self._limits: list[LimitSpec] = []
         self._subject: Subject | None = None
+        # Headers as Envoy counts them (set by the edge when it has them): a request that
+        # Envoy would fail after our edits is refused before anything is reserved.
+        self.header_tally: HeaderTally | None = None
 
     @property
     def holds_reservation(self) -> bool:
@@ -250,13 +259,13 @@ class Exchange:
                                ("stream-ended-early",))
             self.settled = True
             assert self.priced is not None
-            return Settlement(self.priced.cost.total_micros, self.priced.usage.total,
+            return Settlement(self.priced.cost.total_nanos, self.priced.usage.total,
                               self.status, "stream_cut")
         if self.status and not 200 <= self.status < 300:
             self.settled = True
             return Settlement(0, 0, self.status, "upstream_error")
         plan = self.plan
-        estimate = plan.estimate_micros if plan else 0
+        estimate = plan.estimate_nanos if plan else 0
         tokens = plan.estimate_tokens if plan else 0
         self.settled = True
         return Settlement(estimate, tokens, self.status, "aborted")
@@ -325,7 +334,15 @@ class Exchange:
             return self._too_large()
         if end_of_stream:
             return Deny(400, "invalid_request", "Request body is empty; a JSON object is required.")
-        return Continue(HeaderEdit(remove=tuple(removes))) if removes else CONTINUE
+        if not removes:
+            return CONTINUE
+        edit = HeaderEdit(remove=tuple(removes))
+        if self.header_tally is not None:
+            too_many = check_fits(self.header_tally, edit, False)
+            if too_many is not None:
+                return too_many
+            self.header_tally.apply(edit)
+        return Continue(edit)
 
     def _attribution(self, headers: Mapping[str, str], record: KeyRecord) -> Deny | None:
         """Read limit ids, tags and the user the client names, within their bounds."""
@@ -455,6 +472,11 @@ class Exchange:
             new_body = orjson.dumps(doc)
         self.price = snapshot.price(self.priced_model)
         proceed = Continue(HeaderEdit(tuple(sets), removes), body=new_body, clear_route_cache=True)
+        if self.header_tally is not None:
+            too_many = check_fits(self.header_tally, proceed.headers.plus(
+                self._pool_auth_placeholder()), new_body is not None)
+            if too_many is not None:
+                return too_many
         plan = self._plan(snapshot, facts, now)
         if isinstance(plan, Deny):
             return plan
@@ -528,14 +550,14 @@ class Exchange:
             out = 0 if embeddings else output_cap(requested, price, bounds) * choices
             estimate = strict_estimate(price, self.prompt_bound, out)
         else:
-            estimate = estimate_cost(price, prompt_tokens, close_out).total_micros
+            estimate = estimate_cost(price, prompt_tokens, close_out).total_nanos
         self.plan = plan_reservation(
             request_id=self.request_id,
             now=now,
             limits=self._limits,
             rate_limits=self._snapshot.rate_limits,
             subject=self._subject,
-            estimate_micros=estimate,
+            estimate_nanos=estimate,
             estimate_tokens=prompt_tokens + close_out,
             hold_seconds=self.options.hold_seconds,
             credentials=self.pool,
@@ -589,11 +611,11 @@ class Exchange:
             if not charge.limit.block:
                 continue
             if not charge.limit.strict:
-                if status.spent_micros > charge.limit.max_micros:
+                if status.spent_nanos > charge.limit.max_nanos:
                     return None  # a reactive limit refuses whatever the cap
                 continue
-            budget = status.remaining_micros if budget is None else min(
-                budget, status.remaining_micros)
+            budget = status.remaining_nanos if budget is None else min(
+                budget, status.remaining_nanos)
         if budget is None:
             return None
         choices = facts.shape.choices if facts.shape is not None else 1
@@ -620,6 +642,13 @@ class Exchange:
         exist for credentials whose secret the snapshot holds)."""
         assert self.upstream is not None and self._snapshot is not None
         return _auth_headers(self.upstream, self._snapshot.secrets[credential.secret_ref])
+
+    def _pool_auth_placeholder(self) -> HeaderEdit:
+        """The auth header a pooled credential will add after the reserve, at its longest."""
+        if not self.pool:
+            return HeaderEdit()
+        longest = max((self._auth(c)[0] for c in self.pool), key=lambda h: len(h[1]))
+        return HeaderEdit(set=(longest,))
 
     def _with_credential(self, proceed: Continue, credential: CredentialCharge) -> Continue:
         self.credential = credential
@@ -697,7 +726,7 @@ class Exchange:
             # A successful response Tollgate cannot read (neither JSON nor SSE): charge the
             # estimate, so that nothing reserved is left behind or recorded as free.
             plan = self.plan
-            self.due = Settlement(plan.estimate_micros if plan else 0,
+            self.due = Settlement(plan.estimate_nanos if plan else 0,
                                   plan.estimate_tokens if plan else 0,
                                   self.status, "unpriced_response")
         else:
@@ -729,7 +758,7 @@ class Exchange:
         self._price(usage, tuple(warnings))
         assert self.priced is not None
         cost = self.priced.cost
-        self.due = Settlement(cost.total_micros, usage.total, self.status, "priced")
+        self.due = Settlement(cost.total_nanos, usage.total, self.status, "priced")
         return self.due
 
     # -- streamed response body -------------------------------------------------------------
@@ -747,7 +776,7 @@ class Exchange:
                 warnings = ("no-usage-in-stream",)
             self._price(usage, warnings)
             assert self.priced is not None
-            self.due = Settlement(self.priced.cost.total_micros, self.priced.usage.total,
+            self.due = Settlement(self.priced.cost.total_nanos, self.priced.usage.total,
                                   self.status, "priced")
         return step
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from extproc.core.decisions import Deny
 from extproc.core.periods import period_bounds
-from extproc.core.pricing import format_usd
+from extproc.core.pricing import format_nanos, nanos_to_usd
 
 WINDOW_MS = 60_000
 BUCKET_MS = 5_000  # rolling-window granularity: a refusal is at most this early
@@ -67,8 +67,8 @@ class Selector:
 class LimitSpec:
     name: str
     block: bool  # type Block (enforce) vs Allow (track only)
-    max_micros: int
-    threshold_micros: int
+    max_nanos: int
+    threshold_nanos: int
     period: str
     time_zone: str
     strict: bool  # enforcement strict (reservation) vs reactive
@@ -166,7 +166,7 @@ class ReservationPlan:
     request_id: str
     now_ms: int
     hold_deadline_ms: int
-    estimate_micros: int
+    estimate_nanos: int
     estimate_tokens: int
     limits: tuple[LimitCharge, ...]
     windows: tuple[WindowCharge, ...]
@@ -220,7 +220,7 @@ def plan_reservation(
     limits: Sequence[LimitSpec],
     rate_limits: Iterable[RateLimitSpec],
     subject: Subject,
-    estimate_micros: int,
+    estimate_nanos: int,
     estimate_tokens: int,
     hold_seconds: float,
     credentials: Sequence[CredentialCharge] = (),
@@ -251,7 +251,7 @@ def plan_reservation(
         request_id=request_id,
         now_ms=now_ms,
         hold_deadline_ms=deadline,
-        estimate_micros=estimate_micros,
+        estimate_nanos=estimate_nanos,
         estimate_tokens=estimate_tokens,
         limits=tuple(charges),
         windows=tuple(windows),
@@ -267,14 +267,14 @@ def plan_reservation(
 class LimitStatus:
     name: str
     state: str  # ok | exceeded | overrun | blocked
-    spent_micros: int
-    held_micros: int
-    max_micros: int
+    spent_nanos: int
+    held_nanos: int
+    max_nanos: int
     period_id: str
 
     @property
-    def remaining_micros(self) -> int:
-        return max(0, self.max_micros - self.spent_micros - self.held_micros)
+    def remaining_nanos(self) -> int:
+        return max(0, self.max_nanos - self.spent_nanos - self.held_nanos)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,9 +303,9 @@ class Reservation:
 
 
 def state_of(spent: int, limit: LimitSpec) -> str:
-    if spent > limit.max_micros:
+    if spent > limit.max_nanos:
         return "overrun"
-    if spent >= limit.threshold_micros:
+    if spent >= limit.threshold_nanos:
         return "exceeded"
     return "ok"
 
@@ -321,7 +321,7 @@ def interpret_reservation(plan: ReservationPlan, reply: Sequence[int]) -> Reserv
             spent, charge.limit
         )
         statuses.append(LimitStatus(charge.limit.name, state, spent, held,
-                                    charge.limit.max_micros, charge.period_id))
+                                    charge.limit.max_nanos, charge.period_id))
     windows = []
     for window in plan.windows:
         windows.append(WindowStatus(window, int(reply[pos]), int(reply[pos + 1])))
@@ -334,6 +334,12 @@ def interpret_reservation(plan: ReservationPlan, reply: Sequence[int]) -> Reserv
         return Reservation(plan, limit_statuses, window_statuses, None,
                            credential=credential, credential_requests=used[0],
                            credential_tokens=used[1])
+    if kind == 5:
+        # Only a reserve that ran after its request was given up (stalled Redis) gets this;
+        # nobody is normally waiting for the answer.
+        deny = Deny(503, "limits_unavailable", "Spend limits could not be checked in time; "
+                    "retry shortly.", headers=(("retry-after", "1"),))
+        return Reservation(plan, limit_statuses, window_statuses, deny)
     if kind == 4:
         upstream = plan.credentials[0].upstream if plan.credentials else "?"
         wait = max(1, -(-retry_ms // 1000)) if retry_ms > 0 else 1
@@ -388,7 +394,7 @@ def interpret_settlement(plan: ReservationPlan, reply: Sequence[int]) -> tuple[L
         spent, held, code = int(reply[pos]), int(reply[pos + 1]), int(reply[pos + 2])
         pos += 3
         out.append(LimitStatus(charge.limit.name, STATES[code], spent, held,
-                               charge.limit.max_micros, charge.period_id))
+                               charge.limit.max_nanos, charge.period_id))
     return tuple(out)
 
 
@@ -421,12 +427,12 @@ def rate_limit_headers(windows: Sequence[WindowStatus]) -> tuple[tuple[str, str]
 
 
 def limit_headers(statuses: Sequence[LimitStatus]) -> tuple[tuple[str, str], ...]:
-    """`x-tollgate-limits: <name>;state=ok;remaining=12.500000;max=100.000000, ...`"""
+    """`x-tollgate-limits: <name>;state=ok;remaining=12.500000000;max=100.000000000, ...`"""
     if not statuses:
         return ()
     value = ", ".join(
-        f"{s.name};state={s.state};remaining={format_usd(s.remaining_micros)};"
-        f"max={format_usd(s.max_micros)}"
+        f"{s.name};state={s.state};remaining={format_nanos(s.remaining_nanos)};"
+        f"max={format_nanos(s.max_nanos)}"
         for s in statuses
     )
     return (("x-tollgate-limits", value),)
@@ -438,10 +444,10 @@ def limits_result(statuses: Sequence[LimitStatus]) -> dict[str, object]:
         s.name: {
             "state": s.state,
             "period": s.period_id,
-            "spent": s.spent_micros / 1_000_000,
-            "held": s.held_micros / 1_000_000,
-            "max": s.max_micros / 1_000_000,
-            "remaining": s.remaining_micros / 1_000_000,
+            "spent": nanos_to_usd(s.spent_nanos),
+            "held": nanos_to_usd(s.held_nanos),
+            "max": nanos_to_usd(s.max_nanos),
+            "remaining": nanos_to_usd(s.remaining_nanos),
         }
         for s in statuses
     }
@@ -486,7 +492,7 @@ class LocalWindows:
 
 
 def project_settlement(
-    statuses: Sequence[LimitStatus], plan: ReservationPlan, actual_micros: int, limits: Sequence[
+    statuses: Sequence[LimitStatus], plan: ReservationPlan, actual_nanos: int, limits: Sequence[
         LimitSpec]
 ) -> tuple[LimitStatus, ...]:
     """Limit states after this request settles, as seen from its own reservation: its hold is
@@ -497,9 +503,9 @@ def project_settlement(
     out = []
     for status in statuses:
         limit = by_name.get(status.name)
-        spent = status.spent_micros + actual_micros
-        held = max(0, status.held_micros - plan.estimate_micros)
+        spent = status.spent_nanos + actual_nanos
+        held = max(0, status.held_nanos - plan.estimate_nanos)
         state = state_of(spent, limit) if limit is not None else status.state
-        out.append(LimitStatus(status.name, state, spent, held, status.max_micros,
+        out.append(LimitStatus(status.name, state, spent, held, status.max_nanos,
                                status.period_id))
     return tuple(out)

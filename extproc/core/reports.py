@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from extproc.core.pricing import format_usd
+from extproc.core.pricing import format_nanos
 from extproc.core.quota import LimitSpec, state_of
 
 REQUEST_STATES = ("ok", "exceeded", "overrun", "blocked")
@@ -26,7 +26,7 @@ class LimitReport:
 
     @property
     def remaining(self) -> int:
-        return max(0, self.limit.max_micros - self.spent - self.held)
+        return max(0, self.limit.max_nanos - self.spent - self.held)
 
     @property
     def state(self) -> str:
@@ -34,8 +34,8 @@ class LimitReport:
         limit that refuses every new request now (strict: nothing left of max, not counting
         holds that will be released; reactive: spend past max)."""
         if self.limit.block and (
-            self.spent > self.limit.max_micros
-            or (self.limit.strict and self.spent >= self.limit.max_micros)
+            self.spent > self.limit.max_nanos
+            or (self.limit.strict and self.spent >= self.limit.max_nanos)
         ):
             return "blocked"
         return state_of(self.spent, self.limit)
@@ -44,7 +44,7 @@ class LimitReport:
         """The Limit CR's `status` fields (money as USD decimal strings, exact)."""
         return {
             "period": self.period_id,
-            "max": usd(self.limit.max_micros),
+            "max": usd(self.limit.max_nanos),
             "spent": usd(self.spent),
             "held": usd(self.held),
             "remaining": usd(self.remaining),
@@ -65,4 +65,4 @@ def limit_report(limit: LimitSpec, period_id: str, counters: Mapping[str, int]) 
 
 
 def usd(amount: int) -> str:
-    return format_usd(amount)
+    return format_nanos(amount)

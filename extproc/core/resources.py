@@ -19,7 +19,13 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from extproc.core.periods import PERIODS
-from extproc.core.pricing import LongContext, ModelPrice, usd_to_micros
+from extproc.core.pricing import (
+    MAX_AMOUNT_NANOS,
+    LongContext,
+    ModelPrice,
+    rate_from_usd_per_mtok,
+    usd_to_nanos,
+)
 from extproc.core.quota import LimitSpec, RateLimitSpec, Selector
 
 API_VERSION = "tollgate.io/v1alpha1"
@@ -143,7 +149,8 @@ class _Fields:
             if required:
                 raise self.error(name, "is required")
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        if (isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+                or value != value or value == float("inf")):  # NaN, .inf: no amount of money
             raise self.error(name, "must be a number >= 0")
         return value
 
@@ -374,6 +381,9 @@ def _limit(f: _Fields) -> dict[str, Any]:
     if kind not in ("Block", "Allow"):
         raise f.error("type", "must be Block or Allow")
     maximum = f.number("max", required=True)
+    if maximum is not None and usd_to_nanos(maximum) > MAX_AMOUNT_NANOS:
+        # Spend is compared in the Lua scripts, whose numbers are doubles: exact to 2**53 n$.
+        raise f.error("max", f"must be at most {MAX_AMOUNT_NANOS // 10**9} USD")
     threshold = f.number("threshold")
     if threshold is not None and not 0 < threshold <= 1:
         raise f.error("threshold", "must be a fraction of max, in (0, 1]")
@@ -538,7 +548,7 @@ def model_prices(resource: Resource) -> dict[str, ModelPrice]:
     out = {}
     for model, p in resource.spec["models"].items():
         optional = {
-            field: usd_to_micros(p[key]) if key in p else None
+            field: rate_from_usd_per_mtok(p[key]) if key in p else None
             for field, key in (
                 ("cached_input", "cachedInput"),
                 ("cache_write", "cacheWrite"),
@@ -548,13 +558,15 @@ def model_prices(resource: Resource) -> dict[str, ModelPrice]:
         }
         lc = p.get("longContext")
         long_context = None if lc is None else LongContext(
-            above=int(lc["above"]), input=usd_to_micros(lc["input"]),
-            output=usd_to_micros(lc["output"]),
-            cached_input=usd_to_micros(lc["cachedInput"]) if "cachedInput" in lc else None,
-            cache_write=usd_to_micros(lc["cacheWrite"]) if "cacheWrite" in lc else None,
+            above=int(lc["above"]), input=rate_from_usd_per_mtok(lc["input"]),
+            output=rate_from_usd_per_mtok(lc["output"]),
+            cached_input=rate_from_usd_per_mtok(lc["cachedInput"]) if "cachedInput" in lc else None,
+            cache_write=rate_from_usd_per_mtok(lc["cacheWrite"]) if "cacheWrite" in lc else None,
         )
         out[model] = ModelPrice(
-            input=usd_to_micros(p["input"]), output=usd_to_micros(p["output"]), **optional,
+            input=rate_from_usd_per_mtok(p["input"]),
+            output=rate_from_usd_per_mtok(p["output"]),
+            **optional,
             long_context=long_context,
             max_output_tokens=p.get("maxOutputTokens"),
             context_window=p.get("contextWindow"),
@@ -630,14 +642,14 @@ def _selector_of(resource: Resource) -> Selector:
 
 def limit_spec(resource: Resource) -> LimitSpec:
     s = resource.spec
-    max_micros = usd_to_micros(s["max"])
-    # threshold * max, rounded down to the micro-dollar: "exceeded" starts no later than asked.
-    threshold_micros = int(max_micros * Decimal(str(s.get("threshold", 1.0))))
+    max_nanos = usd_to_nanos(s["max"])
+    # threshold * max, rounded down to the nano-dollar: "exceeded" starts no later than asked.
+    threshold_nanos = int(max_nanos * Decimal(str(s.get("threshold", 1.0))))
     return LimitSpec(
         name=resource.id,
         block=s["type"] == "Block",
-        max_micros=max_micros,
-        threshold_micros=threshold_micros,
+        max_nanos=max_nanos,
+        threshold_nanos=threshold_nanos,
         period=s.get("period", "none"),
         time_zone=s.get("timeZone", "UTC"),
         strict=s.get("enforcement", "strict") == "strict",

@@ -1,10 +1,10 @@
 """What a priced response carries back: cost headers and the result object.
 
-Headers are for every client (`x-tollgate-cost` is a decimal USD string, exact to the
-micro-dollar). The result object is added to JSON bodies under `xproxy_result`, in the
-Pay-i-compatible shape (see the README) so existing consumers can read it; it is spliced into the
-body's bytes rather than re-serialising the provider's JSON, so the provider's formatting and
-key order survive.
+Headers are for every client (`x-tollgate-cost` is a decimal USD string with 9 decimals, exact
+to the nano-dollar, so a 20-token embedding call reads 0.000000400, not 0). The result object
+is added to JSON bodies under `xproxy_result`, in the Pay-i-compatible shape (see the README) so
+existing consumers can read it; it is spliced into the body's bytes rather than re-serialising
+the provider's JSON, so the provider's formatting and key order survive.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from extproc.core.pricing import MICROS_PER_USD, Cost, format_usd
+from extproc.core.pricing import Cost, format_nanos, nanos_to_usd
 from extproc.core.usage import Usage
 
 RESULT_FIELD = "xproxy_result"
@@ -35,9 +35,9 @@ class Priced:
 
 def cost_headers(p: Priced) -> tuple[tuple[str, str], ...]:
     headers = [
-        ("x-tollgate-cost", format_usd(p.cost.total_micros)),
-        ("x-tollgate-cost-input", format_usd(p.cost.input_micros)),
-        ("x-tollgate-cost-output", format_usd(p.cost.output_micros)),
+        ("x-tollgate-cost", format_nanos(p.cost.total_nanos)),
+        ("x-tollgate-cost-input", format_nanos(p.cost.input_nanos)),
+        ("x-tollgate-cost-output", format_nanos(p.cost.output_nanos)),
         ("x-tollgate-input-tokens", str(p.usage.input)),
         ("x-tollgate-output-tokens", str(p.usage.output)),
         ("x-tollgate-total-tokens", str(p.usage.total)),
@@ -53,10 +53,6 @@ def cost_headers(p: Priced) -> tuple[tuple[str, str], ...]:
     return tuple(headers)
 
 
-def _usd(micros: int) -> float:
-    return micros / MICROS_PER_USD
-
-
 def result_object(p: Priced) -> dict[str, object]:
     return {
         "request_id": p.request_id,
@@ -66,14 +62,14 @@ def result_object(p: Priced) -> dict[str, object]:
         "priced": p.priced,
         "cost": {
             "currency": "usd",
-            "input": {"base": _usd(p.cost.input_micros)},
-            "output": {"base": _usd(p.cost.output_micros)},
-            "total": {"base": _usd(p.cost.total_micros)},
+            "input": {"base": nanos_to_usd(p.cost.input_nanos)},
+            "output": {"base": nanos_to_usd(p.cost.output_nanos)},
+            "total": {"base": nanos_to_usd(p.cost.total_nanos)},
         },
-        "cost_micros": {
-            "input": p.cost.input_micros,
-            "output": p.cost.output_micros,
-            "total": p.cost.total_micros,
+        "cost_nanos": {
+            "input": p.cost.input_nanos,
+            "output": p.cost.output_nanos,
+            "total": p.cost.total_nanos,
         },
         "usage": {
             "input_tokens": p.usage.input,

@@ -26,8 +26,8 @@ UNPRICED = Counter(
     "Responses that could not be priced (unknown model, no usage in the response).",
     ["reason"],
 )
-COST_MICROS = Counter(
-    "tollgate_cost_micros_total", "Cost of priced responses in micro-dollars.", ["upstream"]
+COST_NANOS = Counter(
+    "tollgate_cost_nanos_total", "Cost of priced responses in nano-dollars.", ["upstream"]
 )
 TOKENS = Counter("tollgate_tokens_total", "Tokens seen in responses, by kind.", ["kind"])
 CONFIG_GENERATION = Gauge(

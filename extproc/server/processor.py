@@ -26,7 +26,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from extproc.core.decisions import Continue, Decision, Deny
 from extproc.core.exchange import Exchange, Options, Reply, Reserve, Settlement
+from extproc.core.header_budget import HeaderTally
 from extproc.core.keys import find_key
+from extproc.core.pricing import format_nanos, nanos_to_micros
 from extproc.core.quota import (
     LimitStatus,
     LocalWindows,
@@ -40,7 +42,7 @@ from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.server import adapter, logs, metrics, tracing
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
-from extproc.store.quota_store import QuotaStore, SettleCall
+from extproc.store.quota_store import CircuitOpen, QuotaStore, SettleCall
 from extproc.store.redis_store import StoreRejected, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,17 @@ _PHASES = (
     "response_trailers",
 )
 _PHASE_TIMERS = {phase: metrics.PHASE_SECONDS.labels(phase) for phase in _PHASES}
+
+
+def cost_message(input_nanos: int, output_nanos: int) -> usage_pb2.Cost:
+    """The event's cost: nano-dollars, plus the deprecated micro-dollar fields for readers
+    written before nano-dollars (rounded half up)."""
+    total = input_nanos + output_nanos
+    return usage_pb2.Cost(
+        input_nanos=input_nanos, output_nanos=output_nanos, total_nanos=total,
+        input_micros=nanos_to_micros(input_nanos), output_micros=nanos_to_micros(output_nanos),
+        total_micros=nanos_to_micros(total),
+    )
 
 
 def new_request_id() -> str:
@@ -120,7 +133,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             "status": answered[0] if answered else exchange.status,
             "code": answered[1].removeprefix("tollgate_") if answered else None,
             "stream": bool(exchange.facts and exchange.facts.stream),
-            "cost_micros": priced.cost.total_micros if priced else 0,
+            "cost_usd": format_nanos(priced.cost.total_nanos) if priced else "0",
             "input_tokens": priced.usage.input if priced else 0,
             "output_tokens": priced.usage.output if priced else 0,
             "latency_ms": round((time.monotonic() - started) * 1000, 1),
@@ -214,6 +227,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             self.warned_no_address = True
             log.warning("Envoy sends no client address (ext_proc request_attributes lacks "
                         "source.address): every request shares one `per: ip` window")
+        # Every entry as Envoy counts it (duplicates and pseudo-headers too).
+        exchange.header_tally = HeaderTally(
+            (h.key, h.raw_value.decode("latin-1") if h.raw_value else h.value)
+            for h in message.headers.headers)
         decision = exchange.on_request_headers(
             headers, presented, record, snapshot, message.end_of_stream, time.time(),
             client_ip=client_ip,
@@ -248,18 +265,26 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def _reserve(self, exchange: Exchange, reserve: Reserve, started: float) -> Decision:
         plan = reserve.plan
         # Recorded by the sweeper if this request is never settled: priced at the estimate.
-        base = self._event(exchange, Settlement(plan.estimate_micros, plan.estimate_tokens, 0,
+        base = self._event(exchange, Settlement(plan.estimate_nanos, plan.estimate_tokens, 0,
                                                 "expired"), started)
         try:
             with tracing.span("redis.reserve", {"tollgate.request_id": exchange.request_id,
                                                 "tollgate.limits": len(plan.limits),
                                                 "tollgate.windows": len(plan.windows)}):
                 reply = await self.quota.reserve(plan, base)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             metrics.REDIS_ERRORS.labels("reserve").inc()
+            exchange.reserve_maybe_ran = not isinstance(exc, CircuitOpen)
             decision = exchange.on_reserve_failed(reserve, self.local)
             if not isinstance(decision, Deny):
                 metrics.FAIL_OPEN.labels("limits" if plan.limits else "rate_limits").inc()
+            elif exchange.reserve_maybe_ran:
+                # The script may still run once Redis answers again (a stalled Redis executes
+                # what it had received). The refused request must not keep a hold, a lease or
+                # a window charge: queue a cancel, which releases them if they appear and
+                # otherwise stops the late reserve (settle.lua). Journaled like a settlement.
+                self.settler.enqueue(self.quota.settle_call(
+                    plan, 0, 0, b"", confirmed=False, cancel=True))
             return decision
         reservation = interpret_reservation(plan, reply)
         if reservation.credential is not None:
@@ -285,7 +310,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self, exchange: Exchange, clamped: Reserve, started: float
     ) -> Reservation | None:
         plan = clamped.plan
-        base = self._event(exchange, Settlement(plan.estimate_micros, plan.estimate_tokens, 0,
+        base = self._event(exchange, Settlement(plan.estimate_nanos, plan.estimate_tokens, 0,
                                                 "expired"), started)
         try:
             reply = await self.quota.reserve(plan, base)
@@ -302,12 +327,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         event = self._event(exchange, due, started)
         plan = exchange.plan
         if plan is None or plan.empty:
-            return self.quota.settle_call(None, due.cost_micros, due.tokens, event, False,
+            return self.quota.settle_call(None, due.cost_nanos, due.tokens, event, False,
                                           request_id=exchange.request_id)
+        # Offline: the reserve failed, and may yet run late; the script then finds its hold.
         return self.quota.settle_call(
-            plan, due.cost_micros, due.tokens, event, reserved=not exchange.offline,
+            plan, due.cost_nanos, due.tokens, event, confirmed=not exchange.offline,
             credential=exchange.credential if exchange.pool else None,
             success=200 <= due.status < 300,
+            reserve_maybe_ran=exchange.reserve_maybe_ran,
         )
 
     async def _cool_down(self, exchange: Exchange, retry_after_ms: int) -> None:
@@ -338,7 +365,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.settler.enqueue(call)
         if plan is None or plan.empty or exchange.reservation is None:
             return ()
-        return project_settlement(exchange.reservation.limits, plan, due.cost_micros,
+        return project_settlement(exchange.reservation.limits, plan, due.cost_nanos,
                                   [c.limit for c in plan.limits])
 
     def _deny(
@@ -374,12 +401,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             event.tokens.CopyFrom(usage_pb2.TokenCounts(
                 input=u.input, output=u.output, cached_input=u.cached_input,
                 cache_write=u.cache_write, reasoning=u.reasoning))
-            event.cost.CopyFrom(usage_pb2.Cost(input_micros=c.input_micros,
-                                               output_micros=c.output_micros,
-                                               total_micros=c.total_micros))
+            event.cost.CopyFrom(cost_message(c.input_nanos, c.output_nanos))
         else:
             event.tokens.input = due.tokens
-            event.cost.total_micros = due.cost_micros
+            event.cost.total_nanos = due.cost_nanos  # an estimate or 0: no parts to tell
+            event.cost.total_micros = nanos_to_micros(due.cost_nanos)
         raw: bytes = event.SerializeToString()
         return raw
 
@@ -390,7 +416,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         metrics.PRICED.labels(priced.upstream, "yes" if priced.priced else "no").inc()
         if not priced.priced:
             metrics.UNPRICED.labels("unknown_model").inc()
-        metrics.COST_MICROS.labels(priced.upstream).inc(priced.cost.total_micros)
+        metrics.COST_NANOS.labels(priced.upstream).inc(priced.cost.total_nanos)
         if exchange.credential is not None:
             metrics.CRED_TOKENS.labels(priced.upstream, exchange.credential.name).inc(
                 priced.usage.total)

@@ -187,10 +187,18 @@ class Settler:
         return len(calls)
 
     async def sweep(self, interval_s: float = 1.0) -> None:
+        migrated = False
         while True:
             # Jitter keeps replicas from sweeping in lockstep.
             await asyncio.sleep(interval_s * (0.5 + random.random()))
             try:
+                if not migrated:
+                    # Limit state left in micro-dollars by an older version (once per start;
+                    # idempotent, so every replica may do it).
+                    moved = await self.quota.migrate_money()
+                    if moved:
+                        log.warning("moved %d limit state key(s) to nano-dollars", moved)
+                    migrated = True
                 await self.sweep_once()
             except StoreUnavailable:
                 pass

@@ -49,9 +49,30 @@ class KeySchema:
     # -- limits and rate limits (all in the same slot as everything else) --------------------
 
     def limit_state(self, limit: str, period_id: str) -> str:
-        """HASH: spent, held (micro-dollars) and request counts by state, for one period.
-        `limit` is the canonical id (`ns/name`, bare in `default`)."""
+        """HASH: spent, held (NANO-dollars) and request counts by state, for one period.
+        `limit` is the canonical id (`ns/name`, bare in `default`).
+
+        Money layout 2. Layout 1 kept micro-dollars under `lim:` (`legacy_limit_state`); a new
+        name, not a new meaning for an old one, so that a replica of either version never
+        misreads the other's numbers (`tollgate migrate` folds layout 1 into layout 2)."""
+        return f"{self.prefix}spend:{limit}:{period_id}"
+
+    def legacy_limit_state(self, limit: str, period_id: str) -> str:
+        """HASH, money layout 1: like `limit_state` but in micro-dollars. Read only to migrate."""
         return f"{self.prefix}lim:{limit}:{period_id}"
+
+    @property
+    def legacy_limit_pattern(self) -> str:
+        """SCAN pattern of every layout-1 limit state key."""
+        return f"{self.prefix}lim:*"
+
+    def upgrade_limit_key(self, legacy_key: str) -> str:
+        """The layout-2 name of a layout-1 limit state key (found in old hold records and
+        journal lines)."""
+        old = f"{self.prefix}lim:"
+        if legacy_key.startswith(old):
+            return f"{self.prefix}spend:" + legacy_key[len(old):]
+        return legacy_key
 
     def window(self, rate_limit: str, ident: str, metric: str) -> str:
         """HASH: bucket number -> requests or tokens charged in that bucket."""
@@ -71,9 +92,20 @@ class KeySchema:
         """ZSET: request id -> hold deadline (ms); the sweeper settles the expired ones."""
         return f"{self.prefix}holds"
 
-    def done(self, request_id: str) -> str:
-        """STRING: set once a request is settled; makes settlement idempotent."""
-        return f"{self.prefix}done:{request_id}"
+    def settled(self, bucket: int) -> str:
+        """SET: ids of requests without limits (usage event only) settled in one time bucket
+        (`SETTLED_BUCKET_MS`); makes a replayed settlement a no-op. Expires as a whole.
+
+        A request whose reservation was confirmed needs no entry: its hold record is the
+        marker (present = not settled yet), so settled requests cost Redis no memory."""
+        return f"{self.prefix}settled:{bucket}"
+
+    def unconfirmed(self, bucket: int) -> str:
+        """SET: ids of requests with limits settled or refused while their reserve was not
+        confirmed (Redis did not answer in time), by planning time (`UNCONFIRMED_BUCKET_MS`):
+        their settlement is idempotent by it, and a reserve that reaches Redis after it (a
+        stalled Redis running what it had received) does nothing. Rare: outages only."""
+        return f"{self.prefix}unconfirmed:{bucket}"
 
     # -- upstream credentials -------------------------------------------------------------
 

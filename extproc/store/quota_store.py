@@ -7,6 +7,10 @@ call that did land is harmless.
 
 A small circuit breaker stops calling Redis for a moment after consecutive failures: when Redis
 is down every request would otherwise wait out the socket timeout.
+
+Money is integer nano-dollars (money layout 2, settle layout 3). Layout-1 state (micro-dollars,
+`lim:` keys) is folded in by `migrate_money`; layout-1/2 settle calls (old hold records and
+journal lines) are upgraded on load by `SettleCall.from_json`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from extproc.core.pricing import MAX_AMOUNT_NANOS
 from extproc.core.quota import BUCKET_MS, BUCKETS, CredentialCharge, ReservationPlan
 from extproc.store.keyschema import KeySchema
 from extproc.store.redis_store import StoreRejected, StoreUnavailable, is_cluster_client
@@ -32,7 +37,29 @@ def _lua(name: str) -> str:
 
 # The settle script's argument layout. Journals and hold records outlive a process, so every
 # serialized call says which layout it was written in; older layouts are upgraded on load.
-SETTLE_LAYOUT = 2
+# 3: nano-dollars, `spend:` limit keys, settled sets, marker TTL and cancel arguments.
+SETTLE_LAYOUT = 3
+
+# Settled sets (see settle.lua and KeySchema): one per bucket of this width. Unconfirmed sets
+# are bucketed by the time the request was planned, so that every settle call and the reserve
+# of one request name the same set.
+SETTLED_BUCKET_MS = 60_000
+UNCONFIRMED_BUCKET_MS = 3_600_000
+# How long an unconfirmed settlement is remembered. Requests with no plan only write a usage
+# event: a replay later than this (a journal line whose first attempt did land) could add the
+# event twice, nothing else. Plans settled without a confirmed hold (Redis did not answer the
+# reserve) change money, and are rare (outages only): remembered for 48 h.
+USAGE_MARKER_MS = 600_000
+UNCONFIRMED_MARKER_MS = 172_800_000
+_LEGACY_SCALE = 1000  # layout 1 was micro-dollars
+
+
+def _exact(n: int) -> int:
+    """An amount (nano-dollars or tokens) as the scripts can take it: Lua numbers are doubles,
+    exact to 2**53. Larger ones (only absurd requests, e.g. max_tokens of 1e17) are capped at
+    2**53, still more than any Limit's max (validated below it), so a Block limit refuses them
+    instead of the script failing half way or JSON refusing the integer."""
+    return min(n, MAX_AMOUNT_NANOS + 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +91,43 @@ class SettleCall:
     def from_json(cls, raw: bytes | str) -> SettleCall:
         doc = orjson.loads(raw)
         args = [base64.b64decode(a["b"]) if isinstance(a, dict) else a for a in doc["args"]]
-        if doc.get("v", 1) == 1:
+        keys = list(doc["keys"])
+        version = doc.get("v", 1)
+        if version == 1:
             # Layout 1 had no "keys to delete" count (ARGV[12]): insert a zero.
             args.insert(11, 0)
-        return cls(tuple(doc["keys"]), tuple(args))
+        if version < 3:
+            keys, args = _upgrade_micro_call(keys, args)
+        return cls(tuple(keys), tuple(args))
+
+
+def _upgrade_micro_call(keys: list[str], args: list[Any]) -> tuple[list[str], list[Any]]:
+    """A layout-1 or -2 call (micro-dollars, `lim:` keys, a `done:<id>` marker) as a layout-3
+    one.
+
+    One with an estimate came from a confirmed reservation (a hold record, or the normal settle
+    of one): its hold decides. One without is unconfirmed and gets a settled-set entry."""
+    prefix = keys[0][: keys[0].index("}:") + 2]
+    schema = KeySchema(prefix[len("tg:{"):-2])
+    nl = int(args[6])
+    args[2] = int(args[2]) * _LEGACY_SCALE  # actual cost
+    args[9] = int(args[9]) * _LEGACY_SCALE  # held estimate
+    for i in range(nl):
+        args[12 + 3 * i] = int(args[12 + 3 * i]) * _LEGACY_SCALE  # max
+        args[13 + 3 * i] = int(args[13 + 3 * i]) * _LEGACY_SCALE  # threshold
+    confirmed = int(args[9]) > 0
+    planned = confirmed or any(int(n) for n in args[6:9])
+    marker = 0 if confirmed else (UNCONFIRMED_MARKER_MS if planned else USAGE_MARKER_MS)
+    args[12:12] = [marker, 0]
+    now = int(args[1])
+    keys[0] = (schema.unconfirmed(now // UNCONFIRMED_BUCKET_MS) if planned
+               else schema.settled(now // SETTLED_BUCKET_MS))
+    keys[4 : 4 + nl] = [schema.upgrade_limit_key(k) for k in keys[4 : 4 + nl]]
+    return keys, args
+
+
+class CircuitOpen(StoreUnavailable):
+    """Redis was not called at all (the breaker is open): nothing can have reached it."""
 
 
 class CircuitBreaker:
@@ -79,7 +139,7 @@ class CircuitBreaker:
 
     def check(self) -> None:
         if self.failures >= self.threshold and time.monotonic() < self.open_until:
-            raise StoreUnavailable("circuit open after repeated Redis failures")
+            raise CircuitOpen("circuit open after repeated Redis failures")
 
     def success(self) -> None:
         self.failures = 0
@@ -109,6 +169,7 @@ class QuotaStore:
         self._reserve = client.register_script(_lua("reserve.lua"))
         self._settle = client.register_script(_lua("settle.lua"))
         self._cooldown = client.register_script(_lua("cooldown.lua"))
+        self._migrate = client.register_script(_lua("migrate.lua"))
 
     async def _run(
         self, script: Any, keys: list[str], args: list[Any], background: bool = False
@@ -146,6 +207,7 @@ class QuotaStore:
         keys = [
             self.keys.hold(plan.request_id),
             self.keys.holds,
+            self.keys.unconfirmed(plan.now_ms // UNCONFIRMED_BUCKET_MS),
             *self._limit_keys(plan),
             *self._window_keys(plan),
             *self._lease_keys(plan),
@@ -159,8 +221,8 @@ class QuotaStore:
                     self.keys.credential_window(cred.upstream, cred.name, "tokens"),
                 ]
         # What the sweeper needs to settle this hold at its estimate if nobody else does.
-        expired = self.settle_call(plan, plan.estimate_micros, plan.estimate_tokens, base_event,
-                                   reserved=True)
+        expired = self.settle_call(plan, plan.estimate_nanos, plan.estimate_tokens, base_event,
+                                   confirmed=True)
         args: list[Any] = [
             plan.request_id,
             plan.now_ms,
@@ -168,18 +230,18 @@ class QuotaStore:
             len(plan.limits),
             len(plan.windows),
             len(plan.leases),
-            plan.estimate_micros,
+            _exact(plan.estimate_nanos),
             0,  # placeholder: the hold payload travels as the second argument
         ]
         for c in plan.limits:
             mode = 0 if not c.limit.block else (1 if c.limit.strict else 2)
-            args += [mode, c.limit.max_micros, c.ttl_ms, 0]
+            args += [mode, c.limit.max_nanos, c.ttl_ms, 0]
         for w in plan.windows:
-            args += [w.limit, w.amount, BUCKET_MS, BUCKETS]
+            args += [w.limit, _exact(w.amount), BUCKET_MS, BUCKETS]
         for _lease in plan.leases:
             args += [_lease.limit, plan.lease_deadline_ms]
         primaries = sum(1 for c in plan.credentials if c.primary)
-        args += [len(plan.credentials), primaries, BUCKET_MS, BUCKETS, plan.estimate_tokens]
+        args += [len(plan.credentials), primaries, BUCKET_MS, BUCKETS, _exact(plan.estimate_tokens)]
         for cred in plan.credentials:
             args += [cred.rpm or 0, cred.tpm or 0]
         wire = [orjson.dumps(args), expired.to_json()]
@@ -190,38 +252,54 @@ class QuotaStore:
     def settle_call(
         self,
         plan: ReservationPlan | None,
-        actual_micros: int,
+        actual_nanos: int,
         actual_tokens: int,
         event: bytes,
-        reserved: bool,
+        confirmed: bool,
         request_id: str | None = None,
         now_ms: int | None = None,
         credential: CredentialCharge | None = None,
         success: bool = False,
+        cancel: bool = False,
+        reserve_maybe_ran: bool = True,
     ) -> SettleCall:
-        """The settle script call for a request. `reserved` is False when the reservation was
-        admitted without Redis (fail-open): then there is no hold and no held amount to release,
-        only the actual spend to record."""
+        """The settle script call for a request.
+
+        `confirmed`: the reserve script's reply was seen (the hold record exists until the
+        first settle). False when the request was admitted without Redis (fail-open) or its
+        reserve timed out: then the call still names the plan's estimate, windows and leases,
+        and the script releases them only if a hold turns out to exist (a reserve that reached
+        Redis late). `cancel`: the request was refused after such a timeout; release only.
+        `reserve_maybe_ran` False (unconfirmed because the reserve was never sent: the circuit
+        was open): no late reserve can come, so the settlement is remembered only as long as a
+        request without limits is (`USAGE_MARKER_MS`), which bounds Redis memory during a long
+        outage."""
         rid = request_id or (plan.request_id if plan else "")
         now = now_ms if now_ms is not None else int(time.time() * 1000)
         if plan is None:
-            keys = [self.keys.done(rid), self.keys.hold(rid), self.keys.holds,
-                    self.keys.usage_stream]
-            args: list[Any] = [rid, now, actual_micros, actual_tokens, event,
-                               self.stream_maxlen, 0, 0, 0, 0, 0, 0]
+            keys = [self.keys.settled(now // SETTLED_BUCKET_MS), self.keys.hold(rid),
+                    self.keys.holds, self.keys.usage_stream]
+            args: list[Any] = [rid, now, _exact(actual_nanos), _exact(actual_tokens), event,
+                               self.stream_maxlen, 0, 0, 0, 0, 0, 0, USAGE_MARKER_MS, 0]
             return SettleCall(tuple(keys), tuple(args))
         token_windows = [self.keys.window(w.rate_limit, w.ident, w.metric)
-                         for w in plan.token_windows] if reserved else []
-        if reserved and credential is not None and credential.tpm:
+                         for w in plan.token_windows]
+        if credential is not None and credential.tpm:
             # The credential's token window was charged the estimate too: correct it as well.
             token_windows.append(
                 self.keys.credential_window(credential.upstream, credential.name, "tokens"))
         deletes = []
         if success and credential is not None:
             deletes.append(self.keys.credential_errors(credential.upstream, credential.name))
-        leases = self._lease_keys(plan) if reserved else []
+        leases = self._lease_keys(plan)
+        if confirmed or reserve_maybe_ran:
+            marker_key = self.keys.unconfirmed(plan.now_ms // UNCONFIRMED_BUCKET_MS)
+            marker_ms = 0 if confirmed else UNCONFIRMED_MARKER_MS
+        else:
+            marker_key = self.keys.settled(now // SETTLED_BUCKET_MS)
+            marker_ms = USAGE_MARKER_MS
         keys = [
-            self.keys.done(rid),
+            marker_key,
             self.keys.hold(rid),
             self.keys.holds,
             self.keys.usage_stream,
@@ -231,14 +309,16 @@ class QuotaStore:
             *deletes,
         ]
         args = [
-            rid, now, actual_micros, actual_tokens, event, self.stream_maxlen,
+            rid, now, _exact(actual_nanos), _exact(actual_tokens), event, self.stream_maxlen,
             len(plan.limits), len(token_windows), len(leases),
-            plan.estimate_micros if reserved else 0,
-            plan.estimate_tokens if reserved else 0,
+            _exact(plan.estimate_nanos),
+            _exact(plan.estimate_tokens),
             len(deletes),
+            marker_ms,
+            1 if cancel else 0,
         ]
         for c in plan.limits:
-            args += [c.limit.max_micros, c.limit.threshold_micros, c.ttl_ms]
+            args += [c.limit.max_nanos, c.limit.threshold_nanos, c.ttl_ms]
         for _w in token_windows:
             args.append(plan.bucket)
         return SettleCall(tuple(keys), tuple(args))
@@ -304,3 +384,25 @@ class QuotaStore:
                 raise StoreUnavailable(str(exc)) from exc
         return calls
 
+
+    # -- money layout migration --------------------------------------------------------------
+
+    async def migrate_money(self) -> int:
+        """Fold every layout-1 limit state (micro-dollars, `lim:` keys) into layout 2
+        (nano-dollars, `spend:` keys): amounts times 1,000, request counts added, the longer
+        TTL kept, the old key deleted, one key at a time atomically. Safe to run any number of
+        times and while replicas serve (what they add meanwhile is added, not overwritten).
+        Returns the number of keys migrated."""
+        moved = 0
+        try:
+            async for raw in self.background.scan_iter(match=self.keys.legacy_limit_pattern,
+                                                       count=500, _type="hash"):
+                old = raw.decode() if isinstance(raw, bytes) else str(raw)
+                new = self.keys.upgrade_limit_key(old)
+                if new == old:
+                    continue
+                moved += int(await self._migrate(keys=[old, new], args=[_LEGACY_SCALE],
+                                                 client=self.background))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return moved

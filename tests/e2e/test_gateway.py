@@ -14,7 +14,7 @@ import orjson
 import pytest
 import redis
 
-from extproc.core.pricing import format_usd
+from extproc.core.pricing import format_nanos
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.launch import Stack
 from extproc.store.keyschema import KeySchema
@@ -30,13 +30,16 @@ from tests.e2e.conftest import (
 
 pytestmark = pytest.mark.e2e
 
-# gpt-4o list prices from extproc/data/builtin.yaml, in micro-dollars per token * 1e6.
-GPT4O_INPUT, GPT4O_CACHED, GPT4O_OUTPUT = 2_500_000, 1_250_000, 10_000_000
-HAIKU_INPUT, HAIKU_READ, HAIKU_WRITE, HAIKU_OUTPUT = 1_000_000, 100_000, 1_250_000, 5_000_000
+# gpt-4o list prices from extproc/data/builtin.yaml, in nano-dollars per 1M tokens.
+GPT4O_INPUT, GPT4O_CACHED, GPT4O_OUTPUT = 2_500_000_000, 1_250_000_000, 10_000_000_000
+HAIKU_INPUT, HAIKU_READ, HAIKU_WRITE, HAIKU_OUTPUT = (1_000_000_000, 100_000_000, 1_250_000_000,
+                                                     5_000_000_000)
 
 
-def micros(tokens: int, rate_per_million: int) -> int:
-    return (tokens * rate_per_million + 500_000) // 1_000_000
+def nanos(tokens: int, rate_per_million: int) -> int:
+    """Exact: these list prices have at most 3 decimals, so every token is whole nano-dollars."""
+    assert tokens * rate_per_million % 1_000_000 == 0
+    return tokens * rate_per_million // 1_000_000
 
 
 def openai_client(stack: Stack, key: str, **kwargs: Any) -> openai.OpenAI:
@@ -72,12 +75,12 @@ def test_chat_is_priced_and_the_virtual_key_never_reaches_the_upstream(
     reasoning = (usage.completion_tokens_details.reasoning_tokens
                  if usage.completion_tokens_details else 0)
     assert cached == 4 and reasoning == 3
-    expected_in = micros(usage.prompt_tokens - cached, GPT4O_INPUT) + micros(cached, GPT4O_CACHED)
-    expected_out = micros(usage.completion_tokens - reasoning, GPT4O_OUTPUT) + micros(
+    expected_in = nanos(usage.prompt_tokens - cached, GPT4O_INPUT) + nanos(cached, GPT4O_CACHED)
+    expected_out = nanos(usage.completion_tokens - reasoning, GPT4O_OUTPUT) + nanos(
         reasoning, GPT4O_OUTPUT)
     headers = raw.headers
-    assert headers["x-tollgate-cost"] == format_usd(expected_in + expected_out)
-    assert headers["x-tollgate-cost-input"] == format_usd(expected_in)
+    assert headers["x-tollgate-cost"] == format_nanos(expected_in + expected_out)
+    assert headers["x-tollgate-cost-input"] == format_nanos(expected_in)
     assert headers["x-tollgate-input-tokens"] == str(usage.prompt_tokens)
     assert headers["x-tollgate-output-tokens"] == str(usage.completion_tokens)
     assert headers["x-tollgate-cached-input-tokens"] == "4"
@@ -85,8 +88,8 @@ def test_chat_is_priced_and_the_virtual_key_never_reaches_the_upstream(
 
     result = (completion.model_extra or {})["xproxy_result"]
     assert result["request_id"] == request_id
-    assert result["cost_micros"]["total"] == expected_in + expected_out
-    assert result["cost"]["total"]["base"] == pytest.approx((expected_in + expected_out) / 1e6)
+    assert result["cost_nanos"]["total"] == expected_in + expected_out
+    assert result["cost"]["total"]["base"] == pytest.approx((expected_in + expected_out) / 1e9)
     assert completion.choices[0].message.content  # the provider's own fields are intact
 
     seen = upstream_requests(stack)
@@ -108,9 +111,9 @@ def test_anthropic_sdk_through_the_gateway(stack: Stack, new_key: Callable[..., 
     )
     message = raw.parse()
     u = message.usage
-    expected = (micros(u.input_tokens, HAIKU_INPUT) + micros(10, HAIKU_READ)
-                + micros(20, HAIKU_WRITE) + micros(u.output_tokens, HAIKU_OUTPUT))
-    assert raw.headers["x-tollgate-cost"] == format_usd(expected)
+    expected = (nanos(u.input_tokens, HAIKU_INPUT) + nanos(10, HAIKU_READ)
+                + nanos(20, HAIKU_WRITE) + nanos(u.output_tokens, HAIKU_OUTPUT))
+    assert raw.headers["x-tollgate-cost"] == format_nanos(expected)
     # Input counts every prompt token: uncached + cache reads + cache writes.
     assert raw.headers["x-tollgate-input-tokens"] == str(u.input_tokens + 30)
     seen = upstream_requests(stack)[-1]
@@ -151,12 +154,12 @@ def test_spoofed_internal_headers_are_dropped(stack: Stack, new_key: Callable[..
         **chat_body(),
         extra_headers={
             "x-tollgate-cluster": "no-such-cluster",
-            "x-tollgate-cost": "0.000000",
+            "x-tollgate-cost": "0.000000000",
             "x-tollgate-whatever": "spoof",
         },
     )
     assert raw.http_response.status_code == 200
-    assert raw.headers["x-tollgate-cost"] != "0.000000"
+    assert raw.headers["x-tollgate-cost"] != "0.000000000"
     seen = upstream_requests(stack)[-1]["headers"]
     assert not any(name.startswith("x-tollgate-") for name in seen)
 
@@ -240,7 +243,7 @@ def test_unknown_model_is_priced_zero_with_a_warning(
     key = _shared_key(new_key)
     raw = openai_client(stack, key).chat.completions.with_raw_response.create(
         **chat_body("my-private-finetune"))
-    assert raw.headers["x-tollgate-cost"] == "0.000000"
+    assert raw.headers["x-tollgate-cost"] == "0.000000000"
     assert "unknown-model" in raw.headers["x-tollgate-warning"]
     assert int(raw.headers["x-tollgate-input-tokens"]) > 0
 
@@ -281,7 +284,7 @@ def test_every_priced_call_lands_in_the_usage_stream(
     assert event.model == "text-embedding-3-small" and event.endpoint == "embeddings"
     assert event.provider == "openai" and event.status == 200 and event.priced
     assert event.tokens.input == int(raw.headers["x-tollgate-input-tokens"])
-    assert format_usd(event.cost.total_micros) == raw.headers["x-tollgate-cost"]
+    assert format_nanos(event.cost.total_nanos) == raw.headers["x-tollgate-cost"]
 
 
 def test_config_changes_apply_without_restart(
@@ -301,17 +304,19 @@ spec:
 """
     client = openai_client(stack, key)
     before = client.chat.completions.with_raw_response.create(**chat_body("e2e-model"))
-    assert before.headers["x-tollgate-cost"] == "0.000000"
+    assert before.headers["x-tollgate-cost"] == "0.000000000"
     cli("apply", "-f", "-", stdin=prices)
     deadline = time.monotonic() + 3
     while True:
         after = client.chat.completions.with_raw_response.create(**chat_body("e2e-model"))
-        if after.headers["x-tollgate-cost"] != "0.000000" or time.monotonic() > deadline:
+        if after.headers["x-tollgate-cost"] != "0.000000000" or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     tokens_in = int(after.headers["x-tollgate-input-tokens"])
     tokens_out = int(after.headers["x-tollgate-output-tokens"])
-    assert after.headers["x-tollgate-cost"] == format_usd(tokens_in * 1000 + tokens_out * 2000)
+    # $1000 / $2000 per 1M tokens: 1,000,000 / 2,000,000 nano-dollars per token
+    assert after.headers["x-tollgate-cost"] == format_nanos(tokens_in * 1_000_000
+                                                          + tokens_out * 2_000_000)
     # Revocation takes effect without a restart too.
     listed = [line.split()[1] for line in cli("keys", "list").stdout.splitlines()[1:]]
     assert listed

@@ -120,7 +120,7 @@ spec: {per: key, selector: {keys: [open]}, requestsPerMinute: 4}
                 break
             time.sleep(0.2)
         assert Decimal(row[3]) == expected  # every cent recorded, none twice
-        assert row[4] == "0.000000"  # nothing left held
+        assert row[4] == "0.000000000"  # nothing left held
         events = cli("usage", "--count", "50")
         for request_id in costs:
             assert request_id in events

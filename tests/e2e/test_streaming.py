@@ -15,7 +15,7 @@ import openai
 import orjson
 import pytest
 
-from extproc.core.pricing import format_usd
+from extproc.core.pricing import format_nanos
 from extproc.launch import Stack
 from tests.e2e.conftest import CliRunner, upstream_requests
 
@@ -24,11 +24,13 @@ pytestmark = pytest.mark.e2e
 SLOW = {"x-mock-chunk-delay-ms": "25", "x-mock-odd-chunks": "1", "x-mock-words": "12"}
 MESSAGES = [{"role": "user", "content": "Tell me something"}]
 # gpt-4o-mini: $0.15 input, $0.60 output per 1M tokens (builtin.yaml).
-MINI_IN, MINI_OUT = 150_000, 600_000
+MINI_IN, MINI_OUT = 150_000_000, 600_000_000  # nano-dollars per 1M tokens
 
 
-def micros(tokens: int, rate: int) -> int:
-    return (tokens * rate + 500_000) // 1_000_000
+def nanos(tokens: int, rate: int) -> int:
+    """Exact: these list prices have at most 3 decimals (whole nano-dollars per token)."""
+    assert tokens * rate % 1_000_000 == 0
+    return tokens * rate // 1_000_000
 
 
 def openai_client(stack: Stack, key: str) -> openai.OpenAI:
@@ -89,9 +91,9 @@ def test_stream_with_usage_gets_the_result_in_the_usage_chunk(
     last = chunks[-1]
     assert last.usage is not None and not last.choices
     result = (last.model_extra or {})["xproxy_result"]
-    expected = micros(last.usage.prompt_tokens, MINI_IN) + micros(last.usage.completion_tokens,
-                                                                  MINI_OUT)
-    assert result["cost_micros"]["total"] == expected
+    expected = nanos(last.usage.prompt_tokens, MINI_IN) + nanos(last.usage.completion_tokens,
+                                                                MINI_OUT)
+    assert result["cost_nanos"]["total"] == expected
     assert result["usage"]["output_tokens"] == last.usage.completion_tokens
 
 
@@ -111,7 +113,7 @@ def test_result_event_precedes_the_terminator_and_lands_in_the_usage_stream(
     events = [orjson.loads(line) for line in cli("usage", "--count", "30").stdout.splitlines()]
     event = next(e for e in events if e["request_id"] == result["request_id"])
     assert event["streamed"] is True and event["priced"] is True
-    assert int(event["cost"]["total_micros"]) == result["cost_micros"]["total"] > 0
+    assert int(event["cost"]["total_nanos"]) == result["cost_nanos"]["total"] > 0
     assert int(event["tokens"]["output"]) == result["usage"]["output_tokens"] == 12
 
 
@@ -135,8 +137,9 @@ def test_anthropic_stream(stack: Stack, new_key: Callable[..., str]) -> None:
     usage = result["usage"]
     plain_input = usage["input_tokens"] - usage["cached_input_tokens"]
     assert usage["cached_input_tokens"] == 8
-    expected = micros(plain_input, 1_000_000) + micros(8, 100_000) + micros(12, 5_000_000)
-    assert result["cost_micros"]["total"] == expected
+    expected = (nanos(plain_input, 1_000_000_000) + nanos(8, 100_000_000)
+                + nanos(12, 5_000_000_000))
+    assert result["cost_nanos"]["total"] == expected
 
 
 def test_responses_stream(stack: Stack, new_key: Callable[..., str]) -> None:
@@ -186,4 +189,4 @@ spec: {{type: Block, max: 10, selector: {{keys: [{name}]}}}}
     spent, held = Decimal(row[3]), Decimal(row[4])
     assert held == 0  # never left reserved
     # Priced on what was produced: more than zero, far less than the 200-word answer.
-    assert 0 < spent < Decimal(format_usd(micros(40, MINI_IN) + micros(200, MINI_OUT)))
+    assert 0 < spent < Decimal(format_nanos(nanos(40, MINI_IN) + nanos(200, MINI_OUT)))

@@ -260,7 +260,7 @@ def test_json_logs_have_one_access_line_per_request(redis_url: str, tmp_path: Pa
         raw = client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "the secret plan"}])
         request_id = raw.headers["x-tollgate-request-id"]
-        cost = float(raw.headers["x-tollgate-cost"])
+        cost_header = raw.headers["x-tollgate-cost"]
     finally:
         stack.stop()
     text = (tmp_path / "extproc.log").read_text()
@@ -269,6 +269,6 @@ def test_json_logs_have_one_access_line_per_request(redis_url: str, tmp_path: Pa
     assert [a["request_id"] for a in access] == [request_id]  # exactly one, for this request
     (entry,) = access
     assert (entry["key"], entry["model"], entry["status"]) == ("logged", "gpt-4o-mini", 200)
-    assert entry["cost_micros"] == round(cost * 1_000_000)
+    assert entry["cost_usd"] == cost_header  # the same exact decimal the client was told
     assert entry["latency_ms"] >= 0
     assert "the secret plan" not in text and key not in text and "sk-provider-secret" not in text

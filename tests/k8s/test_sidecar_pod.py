@@ -348,7 +348,7 @@ def apply_limit(running: Running, name: str, key_name: str, max_usd: float) -> N
 def held_in_redis(running: Running) -> tuple[int, int]:
     """(sum of `held` over every limit state, number of open holds) under this run's tag."""
     held = sum(int(running.redis.hget(k, "held") or 0)
-               for k in running.redis.scan_iter(f"{running.schema.prefix}lim:*"))
+               for k in running.redis.scan_iter(f"{running.schema.prefix}spend:*"))
     return held, int(running.redis.zcard(running.schema.holds))
 
 

@@ -43,7 +43,7 @@ def test_apply_get_delete_by_namespace(redis_url: str, tag: str) -> None:
     assert applied.stdout.split() == ["limit/team-a/monthly", "configured",
                                       "limit/team-b/monthly", "configured"]
     team_a = rows(run(redis_url, tag, "get", "limits", "-n", "team-a").stdout)
-    assert [(r[0], r[1], r[3]) for r in team_a] == [("team-a", "monthly", "1.000000")]
+    assert [(r[0], r[1], r[3]) for r in team_a] == [("team-a", "monthly", "1.000000000")]
     everything = rows(run(redis_url, tag, "get", "limits", "-A").stdout)
     assert [(r[0], r[1]) for r in everything] == [("team-a", "monthly"), ("team-b", "monthly")]
     assert rows(run(redis_url, tag, "get", "limits").stdout) == []  # namespace default: none

@@ -82,7 +82,7 @@ async def test_limit_create_update_delete_reach_the_gateway(
         "Accepted", "True", "Stored")
     assert condition["observedGeneration"] == 1
     raw = until(lambda: limit_id in limits_header(call(client)) and call(client))
-    assert limits_header(raw)[limit_id]["max"] == "5.000000"
+    assert limits_header(raw)[limit_id]["max"] == "5.000000000"
 
     # resume (operator restart) of an unchanged resource: accepted, nothing rewritten
     store: Store = memo.store
@@ -208,8 +208,8 @@ async def test_same_name_in_two_namespaces_is_two_limits_with_their_own_spend(
             break
         time.sleep(0.1)
     assert Decimal(status_a["spent"]) == sum(costs)
-    assert status_a["held"] == "0.000000"
-    assert status_a["max"] == "10.000000"
+    assert status_a["held"] == "0.000000000"
+    assert status_a["max"] == "10.000000000"
     assert Decimal(status_a["remaining"]) == 10 - sum(costs)
     assert status_a["state"] == "ok"
     assert status_a["requests"] == {"ok": 4, "exceeded": 0, "overrun": 0, "blocked": 0}

@@ -41,7 +41,7 @@ async def test_rate_limit_status_shows_the_busiest_identity_and_in_flight(store:
         subject = Subject(key=key, group="", user="", tags=(), model="gpt-4o", ip="",
                           namespace="team-a")
         plan = plan_reservation(request_id=f"r{i}", now=now, limits=[], rate_limits=[rl],
-                                subject=subject, estimate_micros=0, estimate_tokens=100,
+                                subject=subject, estimate_nanos=0, estimate_tokens=100,
                                 hold_seconds=600)
         reply = await quota.reserve(plan, b"")
         assert reply[0] == 1

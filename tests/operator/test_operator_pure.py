@@ -154,18 +154,18 @@ def test_limit_status_states() -> None:
     reactive = limit_spec(validate_document(doc("Limit", "m", {
         "type": "Block", "max": 1, "enforcement": "reactive"})))
     allow = limit_spec(validate_document(doc("Limit", "m", {"type": "Allow", "max": 1})))
-    million = block.max_micros  # $1 in the store's unit
+    million = block.max_nanos  # $1 in nano-dollars
     assert limit_report(block, "none", {"spent": 0}).state == "ok"
     assert limit_report(block, "none", {"spent": million // 2}).state == "exceeded"
     assert limit_report(block, "none", {"spent": million}).state == "blocked"  # nothing left
     assert limit_report(reactive, "none", {"spent": million}).state == "exceeded"
     assert limit_report(reactive, "none", {"spent": million + 1}).state == "blocked"
     assert limit_report(allow, "none", {"spent": million + 1}).state == "overrun"
-    status = limit_report(block, "month:2026-12", {"spent": million // 4, "held": 10,
+    status = limit_report(block, "month:2026-12", {"spent": million // 4, "held": 10_000,
                                                    "ok": 3, "blocked": 1}).status()
     assert status == {
-        "period": "month:2026-12", "max": "1.000000", "spent": "0.250000", "held": "0.000010",
-        "remaining": "0.749990", "state": "ok",
+        "period": "month:2026-12", "max": "1.000000000", "spent": "0.250000000",
+        "held": "0.000010000", "remaining": "0.749990000", "state": "ok",
         "requests": {"ok": 3, "exceeded": 0, "overrun": 0, "blocked": 1}}
 
 

@@ -131,7 +131,7 @@ async def test_a_request_is_logged_once_and_traced(
     line = json.loads(lines[0])
     assert line["request_id"] == request_id
     assert (line["key"], line["model"], line["upstream"]) == ("obs-app", "gpt-4o", "openai")
-    assert line["status"] == 200 and line["cost_micros"] > 0
+    assert line["status"] == 200 and float(line["cost_usd"]) > 0
     assert line["input_tokens"] > 0 and line["output_tokens"] > 0
     assert isinstance(line["latency_ms"], float)
     text = access_lines.getvalue()

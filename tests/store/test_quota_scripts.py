@@ -4,9 +4,11 @@ settlement, hold expiry, period rollover, the rolling-window bound and concurren
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -33,10 +35,10 @@ SUBJECT = Subject(key="team-a-ci", group="team-a", user="alice", tags=("ci",), m
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC).timestamp()
 
 
-def limit(name: str = "budget", max_micros: int = 1_000_000, *, block: bool = True,
+def limit(name: str = "budget", max_nanos: int = 1_000_000, *, block: bool = True,
           strict: bool = True, period: str = "month", threshold: float = 1.0) -> LimitSpec:
-    return LimitSpec(name=name, block=block, max_micros=max_micros,
-                     threshold_micros=int(max_micros * threshold), period=period,
+    return LimitSpec(name=name, block=block, max_nanos=max_nanos,
+                     threshold_nanos=int(max_nanos * threshold), period=period,
                      time_zone="UTC", strict=strict, fail_open=False, selector=Selector())
 
 
@@ -44,7 +46,7 @@ def plan(limits: list[LimitSpec] | None = None, rate_limits: list[RateLimitSpec]
          *, estimate: int = 100_000, tokens: int = 100, now: float = NOW, hold_s: float = 600):
     return plan_reservation(
         request_id=uuid.uuid4().hex, now=now, limits=limits or [], rate_limits=rate_limits or [],
-        subject=SUBJECT, estimate_micros=estimate, estimate_tokens=tokens, hold_seconds=hold_s,
+        subject=SUBJECT, estimate_nanos=estimate, estimate_tokens=tokens, hold_seconds=hold_s,
     )
 
 
@@ -64,28 +66,53 @@ async def reserve(quota: QuotaStore, p):  # type: ignore[no-untyped-def]
 
 
 async def settle(quota: QuotaStore, p, actual: int, tokens: int = 0):  # type: ignore[no-untyped-def]
-    call = quota.settle_call(p, actual, tokens, EVENT, reserved=True, now_ms=p.now_ms)
+    call = quota.settle_call(p, actual, tokens, EVENT, confirmed=True, now_ms=p.now_ms)
     return await quota.settle(call)
 
 
 async def test_concurrent_reservations_never_overspend(quota: QuotaStore) -> None:
-    """200 concurrent requests against a Block limit that fits exactly 10 estimates."""
-    budget = limit(max_micros=1_000_000)
-    plans = [plan([budget], estimate=100_000) for _ in range(200)]
-    results = await asyncio.gather(*(reserve(quota, p) for p in plans))
-    admitted = [p for p, r in zip(plans, results, strict=True) if r.denial is None]
-    assert len(admitted) == 10
-    refused = [r for r in results if r.denial is not None]
-    assert all(r.denial.status == 429 and r.blocked_limit == "budget" for r in refused)
-    assert all(r.limits[0].state == "blocked" for r in refused)
-    # Every admitted request costs exactly its estimate: spend lands on max, never above it.
-    await asyncio.gather(*(settle(quota, p, 100_000) for p in admitted))
-    state = await quota.redis.hgetall(quota.keys.limit_state("budget", "month:2026-11"))
-    assert int(state[b"spent"]) == 1_000_000 and int(state[b"held"]) == 0
-    assert int(state[b"blocked"]) == 190
-    assert int(state[b"exceeded"]) >= 1  # the last settlement reached max = threshold
-    # Full: the next one is refused with the budget refusal body.
-    nxt = await reserve(quota, plan([budget], estimate=1))
+    """Waves of 60 concurrent requests against a Block limit. Each admitted request settles at
+    a cost anywhere up to its estimate (what a strict estimate bounds), concurrently with the
+    next wave's reservations: spend never passes max, and what a request did not use goes back
+    to the budget for later ones."""
+    rng = random.Random(20261202)
+    budget = limit(max_nanos=1_000_000)
+    key = quota.keys.limit_state("budget", "month:2026-11")
+    charged = admitted_total = refused_total = 0
+    pending: list[tuple[Any, int]] = []
+    for _wave in range(12):
+        plans = [plan([budget], estimate=rng.randint(50_000, 150_000)) for _ in range(60)]
+        costs = [(p, rng.choice([0, p.estimate_nanos, rng.randint(0, p.estimate_nanos)]))
+                 for p, _ in pending]
+        results, _ = await asyncio.gather(
+            asyncio.gather(*(reserve(quota, p) for p in plans)),
+            asyncio.gather(*(settle(quota, p, cost) for p, cost in costs)),
+        )
+        charged += sum(cost for _, cost in costs)
+        admitted = [p for p, r in zip(plans, results, strict=True) if r.denial is None]
+        refused = [r for r in results if r.denial is not None]
+        assert all(r.denial.status == 429 and r.blocked_limit == "budget" for r in refused)
+        assert all(r.limits[0].state == "blocked" for r in refused)
+        admitted_total += len(admitted)
+        refused_total += len(refused)
+        pending = [(p, 0) for p in admitted]
+        state = await quota.redis.hgetall(key)
+        spent, held = int(state.get(b"spent", 0)), int(state[b"held"])
+        assert spent == charged
+        assert held == sum(p.estimate_nanos for p in admitted)
+        assert spent + held <= 1_000_000
+    # Requests that cost less than their estimate made room: far more than max / largest
+    # estimate got through, yet spend stayed within max.
+    assert admitted_total > 1_000_000 // 150_000
+    assert refused_total > 0
+    final = [(p, p.estimate_nanos) for p, _ in pending]  # the last wave costs its full bound
+    await asyncio.gather(*(settle(quota, p, cost) for p, cost in final))
+    charged += sum(cost for _, cost in final)
+    state = await quota.redis.hgetall(key)
+    assert int(state[b"spent"]) == charged <= 1_000_000 and int(state[b"held"]) == 0
+    assert int(state[b"blocked"]) == refused_total
+    # Full (or nearly): a request larger than what is left is refused with the seed's body.
+    nxt = await reserve(quota, plan([budget], estimate=1_000_000 - charged + 1))
     assert nxt.denial is not None
     body = nxt.denial.body()
     assert b'"type":"LimitExceeded"' in body and b'"code":429' in body
@@ -93,17 +120,17 @@ async def test_concurrent_reservations_never_overspend(quota: QuotaStore) -> Non
 
 
 async def test_settlement_is_idempotent_and_releases_the_hold(quota: QuotaStore) -> None:
-    budget = limit(max_micros=10_000_000, threshold=0.5)
+    budget = limit(max_nanos=10_000_000, threshold=0.5)
     p = plan([budget], estimate=3_000_000)
     r = await reserve(quota, p)
-    assert r.denial is None and r.limits[0].held_micros == 3_000_000
+    assert r.denial is None and r.limits[0].held_nanos == 3_000_000
     first = await settle(quota, p, 6_000_000)
     second = await settle(quota, p, 6_000_000)
     assert first[0] == 1 and second[0] == 0
     statuses = interpret_settlement(p, first)
-    assert statuses[0].spent_micros == 6_000_000 and statuses[0].held_micros == 0
+    assert statuses[0].spent_nanos == 6_000_000 and statuses[0].held_nanos == 0
     assert statuses[0].state == "exceeded"  # 6 >= 0.5 * 10 and <= 10: exceeded, not blocking
-    assert statuses[0].remaining_micros == 4_000_000
+    assert statuses[0].remaining_nanos == 4_000_000
     state = await quota.redis.hgetall(quota.keys.limit_state("budget", "month:2026-11"))
     assert int(state[b"spent"]) == 6_000_000 and int(state[b"exceeded"]) == 1
     assert await quota.redis.xlen(quota.keys.usage_stream) == 1  # one event, not two
@@ -111,7 +138,7 @@ async def test_settlement_is_idempotent_and_releases_the_hold(quota: QuotaStore)
 
 
 async def test_allow_limits_never_refuse_and_report_overrun(quota: QuotaStore) -> None:
-    tracker = limit("tracker", max_micros=1_000, block=False, threshold=0.8)
+    tracker = limit("tracker", max_nanos=1_000, block=False, threshold=0.8)
     p1 = plan([tracker], estimate=5_000)
     assert (await reserve(quota, p1)).denial is None
     statuses = interpret_settlement(p1, await settle(quota, p1, 5_000))
@@ -121,7 +148,7 @@ async def test_allow_limits_never_refuse_and_report_overrun(quota: QuotaStore) -
 
 
 async def test_reactive_enforcement_refuses_only_after_overrun(quota: QuotaStore) -> None:
-    reactive = limit("reactive", max_micros=1_000_000, strict=False)
+    reactive = limit("reactive", max_nanos=1_000_000, strict=False)
     p1 = plan([reactive], estimate=5_000_000)  # far above max, still admitted: spend <= max
     assert (await reserve(quota, p1)).denial is None
     await settle(quota, p1, 1_500_000)
@@ -130,7 +157,7 @@ async def test_reactive_enforcement_refuses_only_after_overrun(quota: QuotaStore
 
 
 async def test_expired_holds_are_swept_at_the_estimate(quota: QuotaStore) -> None:
-    budget = limit(max_micros=10_000_000)
+    budget = limit(max_nanos=10_000_000)
     p = plan([budget], estimate=2_000_000, hold_s=1)
     await reserve(quota, p)
     assert await quota.expired_holds(p.now_ms) == []  # deadline not reached
@@ -147,7 +174,7 @@ async def test_expired_holds_are_swept_at_the_estimate(quota: QuotaStore) -> Non
 
 
 async def test_a_new_period_starts_from_zero(quota: QuotaStore) -> None:
-    monthly = limit("monthly", max_micros=1_000_000)
+    monthly = limit("monthly", max_nanos=1_000_000)
     november = datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC).timestamp()
     p1 = plan([monthly], estimate=1_000_000, now=november)
     assert (await reserve(quota, p1)).denial is None
@@ -156,7 +183,7 @@ async def test_a_new_period_starts_from_zero(quota: QuotaStore) -> None:
     december = datetime(2026, 12, 1, 0, 0, 1, tzinfo=UTC).timestamp()
     r = await reserve(quota, plan([monthly], estimate=1_000_000, now=december))
     assert r.denial is None and r.limits[0].period_id == "month:2026-12"
-    assert r.limits[0].spent_micros == 0
+    assert r.limits[0].spent_nanos == 0
     ttl = await quota.redis.pttl(quota.keys.limit_state("monthly", "month:2026-12"))
     assert ttl > 0  # old periods expire by themselves: no reset job
 
@@ -229,7 +256,7 @@ async def main(url, tag, n):
     async def one():
         plan = plan_reservation(request_id=uuid.uuid4().hex, now=1_800_000_000.0,
                                 limits=[budget], rate_limits=[], subject=subject,
-                                estimate_micros=40_000, estimate_tokens=1, hold_seconds=60)
+                                estimate_nanos=40_000, estimate_tokens=1, hold_seconds=60)
         reply = await quota.reserve(plan, b"")
         return reply[0]
     results = await asyncio.gather(*(one() for _ in range(n)))
@@ -266,11 +293,11 @@ async def test_settling_an_offline_admission_records_spend_only(quota: QuotaStor
     """A request admitted while Redis was down (fail-open) held nothing: its settlement adds
     the spend and leaves `held` alone. (A regression: releasing a zero hold used to send "-0"
     to HINCRBY and abort the script half way.)"""
-    tracker = limit("tracker", max_micros=10_000_000, block=False)
+    tracker = limit("tracker", max_nanos=10_000_000, block=False)
     holder = plan([tracker], estimate=500)
     await reserve(quota, holder)  # someone else's live hold
     offline = plan([tracker], estimate=700)
-    call = quota.settle_call(offline, 1234, 10, EVENT, reserved=False, now_ms=offline.now_ms)
+    call = quota.settle_call(offline, 1234, 10, EVENT, confirmed=False, now_ms=offline.now_ms)
     reply = await quota.settle(SettleCall.from_json(call.to_json()))
     assert reply[0] == 1
     state = await quota.redis.hgetall(quota.keys.limit_state("tracker", "month:2026-11"))

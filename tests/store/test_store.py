@@ -98,7 +98,7 @@ async def test_apply_announces_the_generation(store: Store) -> None:
 async def test_usage_stream_round_trip_and_trim(store: Store) -> None:
     events = [
         usage_pb2.UsageEvent(request_id=f"r{i}", key="k", model="gpt-4o",
-                             cost=usage_pb2.Cost(total_micros=i)).SerializeToString()
+                             cost=usage_pb2.Cost(total_nanos=i)).SerializeToString()
         for i in range(300)
     ]
     # Events are written by the settle script, in pipelined batches, as the settler does.
@@ -112,7 +112,7 @@ async def test_usage_stream_round_trip_and_trim(store: Store) -> None:
     newest = await store.read_usage(count=3)
     decoded = [usage_pb2.UsageEvent.FromString(raw) for _, raw in newest]
     assert [e.request_id for e in decoded] == ["r297", "r298", "r299"]
-    assert decoded[-1].cost.total_micros == 299
+    assert decoded[-1].cost.total_nanos == 299
     # Approximate trimming keeps the stream bounded (Redis trims whole radix-tree nodes).
     assert await store.redis.xlen(store.keys.usage_stream) < 300
 

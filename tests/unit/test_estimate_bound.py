@@ -127,7 +127,7 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     return path, body
 
 
-_rate = st.integers(min_value=0, max_value=200_000_000)  # up to $200 per 1M tokens
+_rate = st.integers(min_value=0, max_value=200_000_000_000)  # up to $200 per 1M tokens (n$)
 _optional_rate = st.one_of(st.none(), _rate)
 
 
@@ -199,14 +199,14 @@ def test_no_usage_within_the_caps_costs_more_than_the_reservation(
     billable_in, billable_out = _billable(path, body, price)
     assert billable_in <= prompt and billable_out <= out
     usage = data.draw(usages_within(billable_in, billable_out))
-    assert price_usage(price, usage).total_micros <= estimate
+    assert price_usage(price, usage).total_nanos <= estimate
     # the extremes, every token at each rate
     for extreme in (Usage(input=billable_in, output=billable_out),
                     Usage(input=billable_in, output=billable_out, cache_write=billable_in,
                           reasoning=billable_out),
                     Usage(input=billable_in, output=billable_out, cache_write=billable_in,
                           cache_write_1h=billable_in)):
-        assert price_usage(price, extreme).total_micros <= estimate
+        assert price_usage(price, extreme).total_nanos <= estimate
 
 
 @settings(max_examples=200, deadline=None)
@@ -222,7 +222,7 @@ def test_a_clamped_cap_fits_the_budget(
         return
     assert strict_estimate(price, prompt, cap * choices) <= budget
     usage = data.draw(usages_within(min(worst_prompt_tokens(body), prompt), cap * choices))
-    assert price_usage(price, usage).total_micros <= budget
+    assert price_usage(price, usage).total_nanos <= budget
 
 
 def test_shipped_prices_keep_the_bound(builtin_resources: list[Resource]) -> None:
@@ -235,4 +235,4 @@ def test_shipped_prices_keep_the_bound(builtin_resources: list[Resource]) -> Non
         billable_in, billable_out = _billable("/v1/chat/completions", body, price)
         worst = Usage(input=billable_in, output=billable_out, cache_write=billable_in,
                       cache_write_1h=billable_in)
-        assert price_usage(price, worst).total_micros <= estimate, name
+        assert price_usage(price, worst).total_nanos <= estimate, name

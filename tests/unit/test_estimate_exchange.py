@@ -3,7 +3,6 @@ not carry, models without a price, clamping to the remaining budget, one model i
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -118,7 +117,8 @@ def test_long_prompts_reserve_at_the_long_context_rates(snapshot: Snapshot) -> N
     assert isinstance(decision, Reserve)
     prompt = len(orjson.dumps(body)) + 64
     # above 200k tokens: one-hour cache writes at 2 x $6.00, output at $22.50
-    assert decision.plan.estimate_micros == math.ceil(prompt * 12) + 1 + 2250 + 1
+    # (in nano-dollars: $ per 1M tokens x 1000 per token)
+    assert decision.plan.estimate_nanos == prompt * 12_000 + 100 * 22_500
 
 
 # ---- models without a price ----------------------------------------------------------------
@@ -140,13 +140,13 @@ def test_unpriced_policies_of_an_upstream(snapshot: Snapshot) -> None:
     assert "upstream 'refusing' refuses unpriced models" in refused.message
     # zero is an explicit opt-in, even under a Block limit: nothing is held for it
     exchange, zero = send(snapshot, STRICT, chat("zero-me", max_tokens=10))
-    assert isinstance(zero, Reserve) and zero.plan.estimate_micros == 0
+    assert isinstance(zero, Reserve) and zero.plan.estimate_nanos == 0
     # price-as: priced (and bounded) as gpt-4o
     exchange, standin = send(snapshot, STRICT, chat("standin-x", max_tokens=10))
     _, gpt_4o = send(snapshot, STRICT, chat("gpt-4o", max_tokens=10))
     assert isinstance(standin, Reserve) and isinstance(gpt_4o, Reserve)
     assert exchange.priced_as == "gpt-4o"
-    assert standin.plan.estimate_micros == gpt_4o.plan.estimate_micros + 3 * 25 // 10  # 3 bytes
+    assert standin.plan.estimate_nanos == gpt_4o.plan.estimate_nanos + 3 * 2_500  # 3 bytes
     # a stand-in without a price is never free
     _, ghost = send(snapshot, PLAIN, chat("ghost-x", max_tokens=10))
     assert isinstance(ghost, Deny) and ghost.code == "model_not_priced"
@@ -158,7 +158,7 @@ def test_global_policy_applies_when_the_upstream_says_default(snapshot: Snapshot
     assert isinstance(refused, Deny) and refused.code == "model_not_priced"
     _, zero = send(snapshot, STRICT, chat("o9-pro", max_tokens=10),
                    options=Options(unpriced="zero"))
-    assert isinstance(zero, Reserve) and zero.plan.estimate_micros == 0
+    assert isinstance(zero, Reserve) and zero.plan.estimate_nanos == 0
 
 
 # ---- clamping --------------------------------------------------------------------------------
@@ -175,15 +175,16 @@ def _refused_with(reserve: Reserve, spent: int) -> Any:
 def test_clamp_rewrites_the_cap_to_what_the_budget_affords(snapshot: Snapshot) -> None:
     exchange, reserve = send(snapshot, STRICT, chat(max_tokens=100_000))
     assert isinstance(reserve, Reserve)
-    # $1 max, $0.99 spent: $0.01 left = 10,000 micro-dollars; gpt-4o output is $10 / 1M
-    reservation = _refused_with(reserve, 990_000)
+    # $1 max, $0.99 spent: $0.01 left = 10,000,000 nano-dollars; gpt-4o output is $10 / 1M
+    # tokens = 10,000 n$ per token, input $2.50 = 2,500 n$ per token
+    reservation = _refused_with(reserve, 990_000_000)
     assert reservation.blocked_limit == "budget"
     clamped = exchange.clamp(reserve, reservation, NOW)
     assert clamped is not None
     granted = orjson.loads(clamped.body)["max_tokens"]
-    prompt_micros = math.ceil(exchange.prompt_bound * 2.5) + 1
-    assert granted == (10_000 - prompt_micros - 1) * 100_000 // 1_000_000
-    assert clamped.plan.estimate_micros <= 10_000
+    prompt_nanos = exchange.prompt_bound * 2_500
+    assert granted == (10_000_000 - prompt_nanos) // 10_000
+    assert clamped.plan.estimate_nanos <= 10_000_000
     assert clamped.proceed.body == clamped.body  # the body goes upstream rewritten
     assert exchange.clamped is not None and exchange.clamped.result() == {
         "field": "max_tokens", "requested": 100_000, "granted": granted, "limit": "budget"}
@@ -195,7 +196,7 @@ def test_clamp_rewrites_the_cap_to_what_the_budget_affords(snapshot: Snapshot) -
 def test_clamp_adds_the_cap_when_the_request_had_none(snapshot: Snapshot) -> None:
     exchange, reserve = send(snapshot, STRICT, chat())
     assert isinstance(reserve, Reserve)
-    clamped = exchange.clamp(reserve, _refused_with(reserve, 990_000), NOW)
+    clamped = exchange.clamp(reserve, _refused_with(reserve, 990_000_000), NOW)
     assert clamped is not None
     assert orjson.loads(clamped.body)["max_completion_tokens"] > 50
 
@@ -203,9 +204,9 @@ def test_clamp_adds_the_cap_when_the_request_had_none(snapshot: Snapshot) -> Non
 def test_no_clamp_below_the_minimum(snapshot: Snapshot) -> None:
     exchange, reserve = send(snapshot, STRICT, chat(max_tokens=100_000))
     assert isinstance(reserve, Reserve)
-    # 500 tokens of gpt-4o output = 5,000 micro-dollars; leave less than 50 tokens' worth
-    prompt_micros = math.ceil(exchange.prompt_bound * 2.5) + 1
-    assert exchange.clamp(reserve, _refused_with(reserve, 1_000_000 - prompt_micros - 400),
+    # 40 tokens of gpt-4o output = 400,000 nano-dollars: less than 50 tokens' worth is left
+    prompt_nanos = exchange.prompt_bound * 2_500
+    assert exchange.clamp(reserve, _refused_with(reserve, 1_000_000_000 - prompt_nanos - 400_000),
                           NOW) is None
     assert exchange.clamped is None
 

@@ -22,7 +22,7 @@ from extproc.core.exchange import (
     Reserve,
 )
 from extproc.core.keys import find_key, hash_key
-from extproc.core.pricing import format_usd
+from extproc.core.pricing import format_nanos
 from extproc.core.quota import interpret_reservation
 from extproc.core.resources import Resource, validate_document
 from extproc.core.snapshot import Snapshot, build_snapshot
@@ -156,7 +156,7 @@ def _all_set_values(decision: Continue) -> list[str]:
 def test_spoofed_internal_headers_and_accept_encoding_are_removed(snapshot: Snapshot) -> None:
     spoofed = {
         ROUTING_HEADER: "anthropic",
-        "x-tollgate-cost": "0.000000",
+        "x-tollgate-cost": "0.000000000",
         REQUEST_ID_HEADER: "fake",
         "accept-encoding": "gzip, br",
     }
@@ -481,26 +481,28 @@ def _respond(
 
 
 @pytest.mark.parametrize(
-    ("path", "name", "model", "usage", "input_micros", "output_micros"),
+    ("path", "name", "model", "usage", "input_nanos", "output_nanos"),
     [
+        # (tokens * $ per 1M tokens = micro-dollars; * 1000 = nano-dollars, exact)
         # gpt-5-mini {input: 0.25, cachedInput: 0.025, output: 2.00}:
-        # in: (1289 - 1152) * 0.25 = 34.25 -> 34, 1152 * 0.025 = 28.8 -> 29; 34 + 29 = 63
+        # in: (1289 - 1152) * 0.25 = 34.25, 1152 * 0.025 = 28.8; 63.05 micro = 63_050 n$
         # out: 136 * 2.00 = 272 (the 128 reasoning tokens at the output rate)
         (CHAT_PATH, "openai_chat", None,
-         Usage(input=1289, output=136, cached_input=1152, reasoning=128), 63, 272),
-        # gpt-5-mini: in (1310 - 1024) * 0.25 = 71.5 -> 72, 1024 * 0.025 = 25.6 -> 26; 98
+         Usage(input=1289, output=136, cached_input=1152, reasoning=128), 63_050, 272_000),
+        # gpt-5-mini: in (1310 - 1024) * 0.25 = 71.5, 1024 * 0.025 = 25.6; 97.1 micro
         # out: 72 * 2.00 = 144
         ("/v1/responses", "openai_responses", None,
-         Usage(input=1310, output=72, cached_input=1024, reasoning=64), 98, 144),
-        # gpt-3.5-turbo-instruct {input: 1.50, output: 2.00}: 9 * 1.5 = 13.5 -> 14; 21 * 2 = 42
-        ("/v1/completions", "openai_completions", None, Usage(input=9, output=21), 14, 42),
-        # text-embedding-3-small {input: 0.02, output: 0}: 9 * 0.02 = 0.18 -> 0
-        ("/v1/embeddings", "openai_embeddings", None, Usage(input=9), 0, 0),
+         Usage(input=1310, output=72, cached_input=1024, reasoning=64), 97_100, 144_000),
+        # gpt-3.5-turbo-instruct {input: 1.50, output: 2.00}: 9 * 1.5 = 13.5; 21 * 2 = 42
+        ("/v1/completions", "openai_completions", None, Usage(input=9, output=21),
+         13_500, 42_000),
+        # text-embedding-3-small {input: 0.02, output: 0}: 9 * 0.02 = 0.18 micro = 180 n$
+        ("/v1/embeddings", "openai_embeddings", None, Usage(input=9), 180, 0),
         # claude-sonnet-4-5 {input: 3.00, cachedInput: 0.30, cacheWrite: 3.75, output: 15.00}:
-        # in: 23 * 3 = 69, 2048 * 0.30 = 614.4 -> 614, 1536 * 3.75 = 5760; 6443
+        # in: 23 * 3 = 69, 2048 * 0.30 = 614.4, 1536 * 3.75 = 5760; 6443.4 micro
         # out: 19 * 15 = 285
         (MESSAGES_PATH, "anthropic_messages", "claude-sonnet-4-5-20250929",
-         Usage(input=3607, output=19, cached_input=2048, cache_write=1536), 6443, 285),
+         Usage(input=3607, output=19, cached_input=2048, cache_write=1536), 6_443_400, 285_000),
     ],
 )
 def test_response_is_priced(
@@ -510,8 +512,8 @@ def test_response_is_priced(
     name: str,
     model: str | None,
     usage: Usage,
-    input_micros: int,
-    output_micros: int,
+    input_nanos: int,
+    output_nanos: int,
 ) -> None:
     request_body = golden(f"{name}.request.json")
     if model is not None:
@@ -519,12 +521,12 @@ def test_response_is_priced(
     model = orjson.loads(request_body)["model"]
     response_body = golden(f"{name}.response.json")
     exchange, decision = _respond(snapshot, path, request_body, response_body)
-    total = input_micros + output_micros
+    total = input_nanos + output_nanos
 
     headers = dict(decision.headers.set)
-    assert headers["x-tollgate-cost"] == format_usd(total)
-    assert headers["x-tollgate-cost-input"] == format_usd(input_micros)
-    assert headers["x-tollgate-cost-output"] == format_usd(output_micros)
+    assert headers["x-tollgate-cost"] == format_nanos(total)
+    assert headers["x-tollgate-cost-input"] == format_nanos(input_nanos)
+    assert headers["x-tollgate-cost-output"] == format_nanos(output_nanos)
     assert headers["x-tollgate-input-tokens"] == str(usage.input)
     assert headers["x-tollgate-output-tokens"] == str(usage.output)
     assert headers["x-tollgate-total-tokens"] == str(usage.input + usage.output)
@@ -543,7 +545,7 @@ def test_response_is_priced(
     doc = orjson.loads(decision.body)
     result = doc.pop("xproxy_result")
     assert doc == orjson.loads(response_body)  # the provider's fields are intact
-    assert result["cost_micros"] == {"input": input_micros, "output": output_micros,
+    assert result["cost_nanos"] == {"input": input_nanos, "output": output_nanos,
                                      "total": total}
     assert result["usage"]["input_tokens"] == usage.input
     assert result["usage"]["output_tokens"] == usage.output
@@ -566,13 +568,13 @@ def test_unknown_model_is_priced_at_zero_with_a_warning(
         golden("anthropic_messages.response.json"),
     )
     headers = dict(decision.headers.set)
-    assert headers["x-tollgate-cost"] == "0.000000"
+    assert headers["x-tollgate-cost"] == "0.000000000"
     assert "unknown-model-priced-at-zero" in headers["x-tollgate-warning"]
     assert headers["x-tollgate-input-tokens"] == "3607"  # usage is still reported
     assert decision.body is not None
     result = orjson.loads(decision.body)["xproxy_result"]
     assert result["priced"] is False
-    assert result["cost_micros"]["total"] == 0
+    assert result["cost_nanos"]["total"] == 0
     assert "unknown-model-priced-at-zero" in result["warnings"]
 
 
@@ -581,7 +583,7 @@ def test_response_without_usage_is_flagged(snapshot: Snapshot) -> None:
     _, decision = _respond(snapshot, CHAT_PATH, request, b'{"id": "x", "choices": []}')
     headers = dict(decision.headers.set)
     assert headers["x-tollgate-warning"] == "no-usage-in-response"
-    assert headers["x-tollgate-cost"] == "0.000000"
+    assert headers["x-tollgate-cost"] == "0.000000000"
     assert headers["x-tollgate-total-tokens"] == "0"
 
 
@@ -593,8 +595,8 @@ def test_result_object_can_be_disabled(
         golden("openai_chat.response.json"), Options(result_object=False),
     )
     assert decision.body is None  # the body goes to the client untouched
-    # same gpt-5-mini arithmetic as above: 63 + 272 = 335 micro-dollars
-    assert dict(decision.headers.set)["x-tollgate-cost"] == "0.000335"
+    # same gpt-5-mini arithmetic as above: 63.05 + 272 = 335.05 micro-dollars
+    assert dict(decision.headers.set)["x-tollgate-cost"] == "0.000335050"
 
 
 def test_non_object_json_body_is_left_alone(snapshot: Snapshot) -> None:

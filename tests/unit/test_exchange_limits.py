@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from fractions import Fraction
 from typing import Any
 
 import orjson
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.unit
 SECRETS = {"OPENAI_API_KEY": "sk-up", "ANTHROPIC_API_KEY": "sk-ant"}
 NOW = datetime(2026, 11, 14, 13, 45, 30, tzinfo=UTC).timestamp()
 REQUEST_ID = "req-lim"
-USD = 1_000_000
+USD = 1_000_000_000  # nano-dollars
 
 CAPPED = "tg-" + "c" * 43  # Block + Allow limit + rate limit
 ALLOW_ONLY = "tg-" + "a" * 43  # Allow limit + rate limit
@@ -169,7 +170,7 @@ def reply_for(
     used/reset ms. Held is the estimate once reserved (0 on a denial)."""
     out = [allowed, kind, index, retry]
     for charge in plan.limits:
-        out += [(spent or {}).get(charge.limit.name, 0), plan.estimate_micros if allowed else 0]
+        out += [(spent or {}).get(charge.limit.name, 0), plan.estimate_nanos if allowed else 0]
     for i, window in enumerate(plan.windows):
         out += [used[i] if used else window.amount, 30_000]
     return out
@@ -188,17 +189,17 @@ def reserved(
 
 def strict_bound(body: dict[str, Any], input_usd: float, output_usd: float, out: int,
                  window: int | None = None) -> int:
-    """docs/budgets.md, worked by hand: prompt <= body bytes + 64 (capped by the context
-    window), each part rounded up plus one micro-dollar."""
+    """docs/budgets.md, worked by hand, in nano-dollars: prompt <= body bytes + 64 (capped by
+    the context window); $ per 1M tokens * 1000 = n$ per token; the total rounded up once."""
     prompt = len(orjson.dumps(body)) + 64
     if window is not None:
         prompt = min(prompt, window)
-    micros = math.ceil(prompt * input_usd) + 1
-    return micros + (math.ceil(out * output_usd) + 1 if out else 0)
+    exact = prompt * Fraction(str(input_usd)) * 1000 + out * Fraction(str(output_usd)) * 1000
+    return math.ceil(exact)
 
 
 @pytest.mark.parametrize(
-    ("path", "body", "options", "tokens", "micros"),
+    ("path", "body", "options", "tokens", "nanos"),
     [
         # gpt-4o {input: 2.50, output: 10.00}; 40 chars -> 10 tokens for rate windows
         (CHAT_PATH, chat(max_tokens=100), DEFAULT, 110,
@@ -221,7 +222,7 @@ def strict_bound(body: dict[str, Any], input_usd: float, output_usd: float, out:
          1000, strict_bound({"model": "text-embedding-3-large", "input": "x" * 4000}, 0.13, 0,
                             0)),
         ("/v1/embeddings", {"model": "text-embedding-3-large", "input": "x" * 40000}, DEFAULT,
-         10000, math.ceil(8191 * 0.13) + 1),
+         10000, 8191 * 130),  # 0.13 $ per 1M tokens = 130 n$ per token
         # claude-sonnet-4-5: every prompt token at the highest input rate, a one-hour cache
         # write (6.00), output 15.00
         ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 100, "system": "y" * 8,
@@ -236,12 +237,12 @@ def test_reserve_plan_estimate_is_the_strict_bound(
     body: dict[str, Any],
     options: Options,
     tokens: int,
-    micros: int,
+    nanos: int,
 ) -> None:
     exchange, decision = send(snapshot, CAPPED, body, path=path, options=options)
     assert isinstance(decision, Reserve), decision
     plan = decision.plan
-    assert plan.estimate_micros == micros
+    assert plan.estimate_nanos == nanos
     assert plan.estimate_tokens == tokens
     assert exchange.plan is plan
     assert plan.request_id == REQUEST_ID
@@ -442,7 +443,7 @@ def test_reserved_proceeds(snapshot: Snapshot) -> None:
 
 
 def test_denied_by_block_limit(snapshot: Snapshot) -> None:
-    spent = {"block-monthly": 9_999_000, "allow-daily": 5 * USD}  # at max: exceeded
+    spent = {"block-monthly": 9_999_000_000, "allow-daily": 5 * USD}  # at max: exceeded
     exchange, _, reservation, decision = reserved(snapshot, allowed=0, kind=1, index=2,
                                                   retry=-1, spent=spent)
     assert isinstance(decision, Deny)
@@ -466,7 +467,7 @@ def test_denied_by_block_limit(snapshot: Snapshot) -> None:
     assert headers["x-ratelimit-limit-requests"] == "2"
     assert headers["x-ratelimit-limit-tokens"] == "100000"
     assert headers["x-tollgate-limits"] == limit_headers(reservation.limits)[0][1]
-    assert "block-monthly;state=blocked;remaining=0.001000;max=10.000000" in (
+    assert "block-monthly;state=blocked;remaining=0.001000000;max=10.000000000" in (
         headers["x-tollgate-limits"]
     )
     assert decision.headers == (
@@ -537,8 +538,8 @@ def test_local_windows_refuse_once_full(snapshot: Snapshot) -> None:
 # ---- response headers ------------------------------------------------------------------------
 
 # gpt-4o, max_tokens 100. Without a strict Block limit: the closer estimate, 10 prompt tokens
-# (each part rounded up, plus one); with one: the strict bound (body bytes).
-ESTIMATE = 1_027
+# (10 * 2.5 + 100 * 10 micro-dollars, in nano-dollars); with one: the strict bound (body bytes).
+ESTIMATE = 1_025_000
 STRICT_ESTIMATE = strict_bound(chat(max_tokens=100), 2.5, 10, 100)
 
 
@@ -583,7 +584,7 @@ RESPONSE = orjson.dumps({
     "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o", "choices": [],
     "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
 })
-PRICED = Settlement(225, 30, 200, "priced")  # 10 * 2.5 + 20 * 10
+PRICED = Settlement(225_000, 30, 200, "priced")  # (10 * 2.5 + 20 * 10) micro-dollars
 
 
 def priced_exchange(
@@ -605,8 +606,8 @@ def priced_exchange(
 
 
 SETTLED = (
-    LimitStatus("allow-daily", "ok", 225, 0, 5 * USD, "day:2026-11-14"),
-    LimitStatus("block-monthly", "exceeded", 8 * USD + 225, 0, 10 * USD, "month:2026-11"),
+    LimitStatus("allow-daily", "ok", 225_000, 0, 5 * USD, "day:2026-11-14"),
+    LimitStatus("block-monthly", "exceeded", 8 * USD + 225_000, 0, 10 * USD, "month:2026-11"),
 )
 
 
@@ -615,10 +616,10 @@ def test_response_body_reports_settled_states(snapshot: Snapshot) -> None:
     assert exchange.take_due() == PRICED
     reply = exchange.response_body_reply(RESPONSE, SETTLED)
     headers = dict(reply.headers.set)
-    assert headers["x-tollgate-cost"] == "0.000225"
+    assert headers["x-tollgate-cost"] == "0.000225000"
     assert headers["x-tollgate-limits"] == (
-        "allow-daily;state=ok;remaining=4.999775;max=5.000000, "
-        "block-monthly;state=exceeded;remaining=1.999775;max=10.000000"
+        "allow-daily;state=ok;remaining=4.999775000;max=5.000000000, "
+        "block-monthly;state=exceeded;remaining=1.999775000;max=10.000000000"
     )
     assert reply.body is not None
     result = orjson.loads(reply.body)["xproxy_result"]
@@ -635,7 +636,7 @@ def test_response_body_journaled_reports_reservation_states(snapshot: Snapshot) 
     headers = dict(reply.headers.set)
     assert headers["x-tollgate-limits"] == limit_headers(reservation.limits)[0][1]
     # at reservation: 8 spent + the estimate held against a 10 max, threshold 8 -> exceeded
-    assert "block-monthly;state=exceeded;remaining=1.998545;max=10.000000" in (
+    assert "block-monthly;state=exceeded;remaining=1.998547500;max=10.000000000" in (
         headers["x-tollgate-limits"]
     )
     assert reply.body is not None

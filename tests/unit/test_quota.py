@@ -42,7 +42,7 @@ from extproc.core.quota import (
 
 pytestmark = pytest.mark.unit
 
-USD = 1_000_000
+USD = 1_000_000_000  # nano-dollars
 RETENTION_MS = 35 * 86_400_000
 SUBJECT = Subject(
     key="k1", group="g1", user="u1", tags=("a", "b"), model="gpt-4o-mini", ip="10.0.0.1"
@@ -61,8 +61,8 @@ def limit(
     name: str,
     *,
     block: bool = True,
-    max_micros: int = 10 * USD,
-    threshold_micros: int | None = None,
+    max_nanos: int = 10 * USD,
+    threshold_nanos: int | None = None,
     period: str = "month",
     zone: str = "UTC",
     strict: bool = True,
@@ -70,8 +70,8 @@ def limit(
     selector: Selector = Selector(),  # noqa: B008 - frozen, safe as a default
 ) -> LimitSpec:
     return LimitSpec(
-        name=name, block=block, max_micros=max_micros,
-        threshold_micros=max_micros if threshold_micros is None else threshold_micros,
+        name=name, block=block, max_nanos=max_nanos,
+        threshold_nanos=max_nanos if threshold_nanos is None else threshold_nanos,
         period=period, time_zone=zone, strict=strict, fail_open=fail_open, selector=selector,
     )
 
@@ -94,13 +94,13 @@ def plan(
     *,
     now: float = NOW,
     subject: Subject = SUBJECT,
-    estimate_micros: int = 1_500,
+    estimate_nanos: int = 1_500,
     estimate_tokens: int = 350,
     hold_seconds: float = 600.0,
 ) -> ReservationPlan:
     return plan_reservation(
         request_id="req-1", now=now, limits=limits, rate_limits=rate_limits, subject=subject,
-        estimate_micros=estimate_micros, estimate_tokens=estimate_tokens,
+        estimate_nanos=estimate_nanos, estimate_tokens=estimate_tokens,
         hold_seconds=hold_seconds,
     )
 
@@ -333,13 +333,13 @@ def test_rate_limit_identities_follow_per() -> None:
     [(600.0, NOW_MS + 600_000), (0.5, NOW_MS + 500), (0.0, NOW_MS), (30, NOW_MS + 30_000)],
 )
 def test_plan_deadlines_and_estimates(hold_seconds: float, deadline_ms: int) -> None:
-    p = plan((limit("l"),), hold_seconds=hold_seconds, estimate_micros=4_321,
+    p = plan((limit("l"),), hold_seconds=hold_seconds, estimate_nanos=4_321,
              estimate_tokens=77)
     assert p.request_id == "req-1"
     assert p.now_ms == NOW_MS
     assert p.hold_deadline_ms == deadline_ms
     assert p.lease_deadline_ms == deadline_ms
-    assert (p.estimate_micros, p.estimate_tokens) == (4_321, 77)
+    assert (p.estimate_nanos, p.estimate_tokens) == (4_321, 77)
     assert p.bucket == NOW_MS // BUCKET_MS
     assert not p.empty
 
@@ -356,9 +356,9 @@ def test_window_constants_agree() -> None:
 
 # ---- interpret_reservation -------------------------------------------------------------------
 
-A_BLOCK = limit("a-block", max_micros=10 * USD, threshold_micros=8 * USD)
-B_ALLOW = limit("b-allow", block=False, max_micros=5 * USD, threshold_micros=4 * USD)
-C_BLOCK = limit("c-block", max_micros=2 * USD, threshold_micros=2 * USD, period="day")
+A_BLOCK = limit("a-block", max_nanos=10 * USD, threshold_nanos=8 * USD)
+B_ALLOW = limit("b-allow", block=False, max_nanos=5 * USD, threshold_nanos=4 * USD)
+C_BLOCK = limit("c-block", max_nanos=2 * USD, threshold_nanos=2 * USD, period="day")
 RL = rate_limit("rl", rpm=10, tpm=1000, concurrent=2)
 PLAN = plan((A_BLOCK, B_ALLOW, C_BLOCK), (RL,))
 ZERO_LIMITS = ((0, 0), (0, 0), (0, 0))
@@ -401,7 +401,7 @@ def test_allowed_reply() -> None:
 def test_reply_values_may_arrive_as_strings() -> None:
     raw = [str(v) for v in reply(1, limits=((1, 2), (3, 4), (5, 6)))]
     reservation = interpret_reservation(PLAN, raw)  # type: ignore[arg-type]
-    assert [(s.spent_micros, s.held_micros) for s in reservation.limits] == [(1, 2), (3, 4),
+    assert [(s.spent_nanos, s.held_nanos) for s in reservation.limits] == [(1, 2), (3, 4),
                                                                              (5, 6)]
 
 
@@ -521,7 +521,7 @@ def test_interpret_settlement_without_limits() -> None:
 
 
 @pytest.mark.parametrize(
-    ("spent", "max_micros", "threshold_micros", "state"),
+    ("spent", "max_nanos", "threshold_nanos", "state"),
     [
         (0, 100, 80, "ok"),
         (79, 100, 80, "ok"),
@@ -536,8 +536,8 @@ def test_interpret_settlement_without_limits() -> None:
         (1, 0, 0, "overrun"),
     ],
 )
-def test_state_of(spent: int, max_micros: int, threshold_micros: int, state: str) -> None:
-    spec = limit("l", max_micros=max_micros, threshold_micros=threshold_micros)
+def test_state_of(spent: int, max_nanos: int, threshold_nanos: int, state: str) -> None:
+    spec = limit("l", max_nanos=max_nanos, threshold_nanos=threshold_nanos)
     assert state_of(spent, spec) == state
 
 
@@ -607,28 +607,28 @@ def test_rate_limit_headers_only_for_metrics_present() -> None:
 
 
 STATUSES = (
-    LimitStatus("a-block", "ok", 1_250_000, 250_000, 10 * USD, "month:2026-11"),
+    LimitStatus("a-block", "ok", 1_250_000_000, 250_000_000, 10 * USD, "month:2026-11"),
     LimitStatus("b-allow", "overrun", 6 * USD, 0, 5 * USD, "day:2026-11-14"),
-    LimitStatus("c-block", "blocked", 1_999_999, 500_000, 2 * USD, "all"),
+    LimitStatus("c-block", "blocked", 1_999_999_000, 500_000_000, 2 * USD, "all"),
 )
 
 
 @pytest.mark.parametrize(
-    ("spent", "held", "max_micros", "remaining"),
+    ("spent", "held", "max_nanos", "remaining"),
     [(0, 0, 100, 100), (30, 20, 100, 50), (100, 0, 100, 0), (90, 20, 100, 0), (200, 5, 100, 0)],
 )
-def test_remaining_is_never_negative(spent: int, held: int, max_micros: int,
+def test_remaining_is_never_negative(spent: int, held: int, max_nanos: int,
                                      remaining: int) -> None:
-    assert LimitStatus("l", "ok", spent, held, max_micros, "all").remaining_micros == remaining
+    assert LimitStatus("l", "ok", spent, held, max_nanos, "all").remaining_nanos == remaining
 
 
 def test_limit_headers() -> None:
     assert limit_headers(()) == ()
     assert limit_headers(STATUSES) == ((
         "x-tollgate-limits",
-        "a-block;state=ok;remaining=8.500000;max=10.000000, "
-        "b-allow;state=overrun;remaining=0.000000;max=5.000000, "
-        "c-block;state=blocked;remaining=0.000000;max=2.000000",
+        "a-block;state=ok;remaining=8.500000000;max=10.000000000, "
+        "b-allow;state=overrun;remaining=0.000000000;max=5.000000000, "
+        "c-block;state=blocked;remaining=0.000000000;max=2.000000000",
     ),)
 
 
@@ -749,7 +749,7 @@ def test_local_leases_fail_open() -> None:
 
 
 def test_denied_by_a_limit_that_never_resets_says_do_not_retry_and_no_when() -> None:
-    forever = limit("forever", max_micros=1 * USD, period="none")
+    forever = limit("forever", max_nanos=1 * USD, period="none")
     plan_ = plan((forever,))
     reservation = interpret_reservation(plan_, reply(0, 1, 1, -1, limits=((USD, 0),),
                                                      windows=()))

@@ -259,9 +259,9 @@ def test_typed_views() -> None:
     table = validate_document(doc("PriceTable", {"models": {
         "m": {"input": 2.5, "output": 10, "cachedInput": 1.25},
     }}))
-    # $2.50, $10, $1.25 per 1M -> micro-dollars per 1M
+    # $2.50, $10, $1.25 per 1M -> nano-dollars per 1M
     assert model_prices(table) == {
-        "m": ModelPrice(input=2_500_000, output=10_000_000, cached_input=1_250_000)
+        "m": ModelPrice(input=2_500_000_000, output=10_000_000_000, cached_input=1_250_000_000)
     }
     upstream = upstream_spec(validate_document(doc("Upstream", {
         "provider": "anthropic", "cluster": "anthropic",
@@ -563,26 +563,27 @@ def test_invalid_limits_name_the_field(
 
 
 @pytest.mark.parametrize(
-    ("max_usd", "threshold", "max_micros", "threshold_micros"),
+    ("max_usd", "threshold", "max_nanos", "threshold_nanos"),
     [
-        (100.00, 0.8, 100_000_000, 80_000_000),
-        (100, None, 100_000_000, 100_000_000),  # no threshold: the whole of max
-        (100, 1, 100_000_000, 100_000_000),
-        (0.1, 0.7, 100_000, 70_000),  # no float error: 0.1 * 0.7 is 0.06999... in binary
-        (1, 0.3333333, 1_000_000, 333_333),  # rounded down to the micro-dollar
-        (0.000001, 0.5, 1, 0),
+        (100.00, 0.8, 100_000_000_000, 80_000_000_000),
+        (100, None, 100_000_000_000, 100_000_000_000),  # no threshold: the whole of max
+        (100, 1, 100_000_000_000, 100_000_000_000),
+        (0.1, 0.7, 100_000_000, 70_000_000),  # no float error: 0.1 * 0.7 is 0.06999... in binary
+        (1, 0.3333333, 1_000_000_000, 333_333_300),
+        (1, 0.3333333333, 1_000_000_000, 333_333_333),  # rounded down to the nano-dollar
+        (0.000000001, 0.5, 1, 0),
         (0, 0.8, 0, 0),
-        (12.345678, 0.9, 12_345_678, 11_111_110),  # floor(11_111_110.2)
+        (12.345678901, 0.9, 12_345_678_901, 11_111_111_010),  # floor(11_111_111_010.9)
     ],
 )
-def test_limit_spec_threshold_micros(
-    max_usd: float, threshold: float | None, max_micros: int, threshold_micros: int
+def test_limit_spec_threshold_nanos(
+    max_usd: float, threshold: float | None, max_nanos: int, threshold_nanos: int
 ) -> None:
     spec: dict[str, Any] = {"type": "Block", "max": max_usd}
     if threshold is not None:
         spec["threshold"] = threshold
     limit = limit_spec(validate_document(doc("Limit", spec)))
-    assert (limit.max_micros, limit.threshold_micros) == (max_micros, threshold_micros)
+    assert (limit.max_nanos, limit.threshold_nanos) == (max_nanos, threshold_nanos)
 
 
 def test_limit_spec_maps_fields() -> None:
@@ -591,7 +592,8 @@ def test_limit_spec_maps_fields() -> None:
         "selector": {"keys": ["team-a-ci"], "groups": [], "users": [], "tags": [], "models": []},
     }, name="team-a-monthly"))
     assert limit_spec(resource) == LimitSpec(
-        name="team-a-monthly", block=True, max_micros=100_000_000, threshold_micros=80_000_000,
+        name="team-a-monthly", block=True, max_nanos=100_000_000_000,
+        threshold_nanos=80_000_000_000,
         period="month", time_zone="UTC", strict=True, fail_open=False,
         selector=Selector(keys=("team-a-ci",), namespaces=("default",)),
     )
@@ -601,7 +603,7 @@ def test_limit_spec_maps_fields() -> None:
         "selector": {"groups": ["g"], "users": ["u"], "tags": ["t"], "models": ["m*"]},
     })))
     assert allow == LimitSpec(
-        name="r1", block=False, max_micros=5_000_000, threshold_micros=5_000_000,
+        name="r1", block=False, max_nanos=5_000_000_000, threshold_nanos=5_000_000_000,
         period="day", time_zone="Asia/Tokyo", strict=False, fail_open=True,
         selector=Selector(groups=("g",), users=("u",), tags=("t",), models=("m*",),
                           namespaces=("default",)),
@@ -683,3 +685,30 @@ def test_validate_documents_default_source_and_top_level_error() -> None:
     with pytest.raises(ResourceError) as caught:
         validate_documents([None, doc("VirtualKey", KEY), {"kind": "VirtualKey"}])
     assert str(caught.value) == "input: document 3: field 'apiVersion': is required"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        # the scripts compare amounts exactly up to 2**53 nano-dollars (~$9,007,199)
+        ({"type": "Block", "max": 10_000_000}, "must be at most 9007199 USD"),
+        ({"type": "Block", "max": float("inf")}, "must be a number >= 0"),
+        ({"type": "Block", "max": float("nan")}, "must be a number >= 0"),
+    ],
+)
+def test_limit_max_is_a_finite_amount_the_scripts_hold_exactly(
+    spec: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ResourceError, match=message):
+        validate_document(doc("Limit", spec))
+
+
+def test_price_infinity_is_refused() -> None:
+    with pytest.raises(ResourceError, match="must be a number >= 0"):
+        validate_document(doc("PriceTable", {"models": {"m": {"input": float("inf"),
+                                                              "output": 1}}}))
+
+
+def test_largest_limit_max_is_accepted() -> None:
+    limit = limit_spec(validate_document(doc("Limit", {"type": "Block", "max": 9_007_199})))
+    assert limit.max_nanos == 9_007_199_000_000_000

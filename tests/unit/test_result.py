@@ -11,7 +11,7 @@ from extproc.core.usage import Usage
 
 pytestmark = pytest.mark.unit
 
-RESULT: dict[str, object] = {"request_id": "req-1", "cost_micros": {"total": 7}}
+RESULT: dict[str, object] = {"request_id": "req-1", "cost_nanos": {"total": 7}}
 
 
 @pytest.mark.parametrize(
@@ -77,12 +77,12 @@ BASE = {
 
 
 def test_cost_headers_plain_usage() -> None:
-    # gpt-4o: 10 in * $2.50/1M = 25 micro-dollars; 5 out * $10/1M = 50 micro-dollars
-    headers = cost_headers(_priced(Usage(input=10, output=5), Cost(25, 50)))
+    # gpt-4o: 10 in * $2.50/1M = 25_000 nano-dollars; 5 out * $10/1M = 50_000 nano-dollars
+    headers = cost_headers(_priced(Usage(input=10, output=5), Cost(25_000, 50_000)))
     assert dict(headers) == {
-        "x-tollgate-cost": "0.000075",
-        "x-tollgate-cost-input": "0.000025",
-        "x-tollgate-cost-output": "0.000050",
+        "x-tollgate-cost": "0.000075000",
+        "x-tollgate-cost-input": "0.000025000",
+        "x-tollgate-cost-output": "0.000050000",
         "x-tollgate-input-tokens": "10",
         "x-tollgate-output-tokens": "5",
         "x-tollgate-total-tokens": "15",
@@ -122,19 +122,21 @@ def test_optional_cost_headers_only_when_non_zero(
 
 def test_result_object_agrees_with_headers() -> None:
     # the golden chat usage at gpt-5-mini rates ($0.25 in, $0.025 cached, $2.00 out per 1M):
-    # in = 137 * 0.25 = 34.25 -> 34 + 1152 * 0.025 = 28.8 -> 29 = 63; out = 136 * 2 = 272
+    # in = 137 * 0.25 = 34.25 + 1152 * 0.025 = 28.8 = 63.05 micro = 63_050 n$;
+    # out = 136 * 2 = 272 micro
     usage = Usage(input=1289, output=136, cached_input=1152, reasoning=128)
-    priced = _priced(usage, Cost(63, 272), ("w",))
+    priced = _priced(usage, Cost(63_050, 272_000), ("w",))
     result = result_object(priced)
     headers = dict(cost_headers(priced))
-    assert result["cost_micros"] == {"input": 63, "output": 272, "total": 335}
+    assert result["cost_nanos"] == {"input": 63_050, "output": 272_000, "total": 335_050}
     assert result["cost"] == {
         "currency": "usd",
-        "input": {"base": 0.000063},
+        "input": {"base": 0.00006305},
         "output": {"base": 0.000272},
-        "total": {"base": 0.000335},
+        "total": {"base": 0.00033505},
     }
-    assert headers["x-tollgate-cost"] == "0.000335"
+    assert headers["x-tollgate-cost"] == "0.000335050"
+
     assert result["usage"] == {
         "input_tokens": 1289,
         "output_tokens": 136,
@@ -145,3 +147,10 @@ def test_result_object_agrees_with_headers() -> None:
     assert (result["request_id"], result["model"], result["key"], result["warnings"]) == (
         "req-1", "gpt-4o", "k", ["w"]
     )
+
+def test_a_cheap_call_is_not_free() -> None:
+    # 20 tokens of text-embedding-3-small at $0.02 / 1M = $0.0000004 = 400 nano-dollars
+    priced = _priced(Usage(input=20), Cost(400, 0))
+    assert dict(cost_headers(priced))["x-tollgate-cost"] == "0.000000400"
+    assert result_object(priced)["cost_nanos"] == {"input": 400, "output": 0, "total": 400}
+

@@ -1,10 +1,13 @@
 --[[ reserve.lua: check every applicable limit, rate window and concurrency lease for one request
-and reserve them all, or none. One call, one round trip, atomic.
+and reserve them all, or none. One call, one round trip, atomic. Money is integer NANO-dollars.
 
 KEYS
   1            hold record of this request        (string, JSON; deleted by settle)
   2            holds index                        (zset: request id -> deadline ms)
-  3 .. 2+L     spend limit state, one per limit   (hash: spent, held, ok, exceeded, overrun, blocked)
+  3            unconfirmed set of this request's time bucket (set; see settle.lua): when it
+               holds this request, the request was already given up or settled, and nothing
+               is done
+  4 .. 3+L     spend limit state, one per limit   (hash: spent, held, ok, exceeded, overrun, blocked)
   next W       rate windows                       (hash: bucket number -> count)
   next C       concurrency lease sets             (zset: request id -> lease deadline ms)
   next 1       round-robin counter of the upstream (only when K > 0)
@@ -16,10 +19,10 @@ ARGV (1: a JSON array holding the positional values below, so that the client en
   2  now, unix ms
   3  hold deadline, unix ms (the sweeper settles the hold at the estimate after it)
   4  L    5  W    6  C
-  7  estimate, micro-dollars (cost of prompt estimate + max output tokens)
+  7  estimate, nano-dollars (upper bound of the request's cost)
   8  hold record payload (JSON, stored as is; names the keys to correct, for the sweeper)
   then per limit   (4 each): mode (0 allow, 1 block strict, 2 block reactive),
-                             max micro-dollars, state key TTL ms (0 = none), unused
+                             max nano-dollars, state key TTL ms (0 = none), unused
   then per window  (4 each): limit, amount to charge, bucket width ms, buckets per window
   then per lease   (2 each): limit, lease deadline ms
   then K, P (candidates, of which the first P are primaries), bucket width ms, buckets, tokens
@@ -31,6 +34,8 @@ Reply
     then per window: used, reset ms    (used after this reservation; ms until it next frees up)
     then chosen credential candidate (1-based, 0 = none), its requests used, its tokens used }
   Denied kind 4: no credential candidate is available (all cooling down or at their caps).
+  Denied kind 5: the request was settled or given up before this call ran (a call delayed by
+  a stalled Redis after its client timed out): nothing is reserved.
 
 Credentials: primaries are tried round robin (the counter picks the first one to try), each
 skipped while its cooldown marker exists or its windows are full; fallbacks only after every
@@ -43,6 +48,9 @@ more than `limit`; the price is that a refused request might have fitted up to o
 earlier than the reported reset.
 ]]
 local A = cjson.decode(ARGV[1])
+-- Amounts go to HINCRBY as exact integer strings: Lua would print a number with 14 significant
+-- digits ("3e+14" for $300,000 in nano-dollars), which HINCRBY rejects.
+local function int(x) return string.format('%d', x) end
 
 local rid = A[1]
 local now = tonumber(A[2])
@@ -52,7 +60,7 @@ local estimate = tonumber(A[7])
 local payload = ARGV[2]
 local lbase, wbase = 8, 8 + 4 * nl
 local cbase = wbase + 4 * nw
-local klim, kwin = 2, 2 + nl
+local klim, kwin = 3, 3 + nl
 local kcon = kwin + nw
 local kcred = kcon + nc
 local pbase = cbase + 2 * nc
@@ -69,6 +77,9 @@ local denied_kind, denied_index, retry = 0, 0, 0
 local prior = redis.call('GET', KEYS[1])
 local denied_before = prior == 'denied'
 if prior and not denied_before then denied_kind = -1 end
+if denied_kind == 0 and redis.call('SISMEMBER', KEYS[3], rid) == 1 then
+  denied_kind = 5
+end
 local window_used, window_reset = {}, {}
 
 -- Concurrency leases first: expired leases are dropped, so a lost request frees its slot.
@@ -180,7 +191,7 @@ elseif denied_kind ~= 0 then
   if denied_kind == 1 and not denied_before then
     redis.call('HINCRBY', KEYS[klim + denied_index], 'blocked', 1)
   end
-  redis.call('SET', KEYS[1], 'denied', 'PX', 60000)
+  if denied_kind ~= 5 then redis.call('SET', KEYS[1], 'denied', 'PX', 60000) end
   reply = {0, denied_kind, denied_index, retry}
 else
   for i = 1, nc do
@@ -192,7 +203,7 @@ else
     local amount, width, count = tonumber(A[a + 2]), tonumber(A[a + 3]), tonumber(A[a + 4])
     local current = math.floor(now / width)
     if amount > 0 then
-      redis.call('HINCRBY', KEYS[kwin + i], tostring(current), amount)
+      redis.call('HINCRBY', KEYS[kwin + i], tostring(current), int(amount))
     end
     -- Old buckets are removed as they leave the window; the TTL covers idle windows.
     redis.call('HDEL', KEYS[kwin + i], tostring(current - count - 1), tostring(current - count - 2))
@@ -202,7 +213,7 @@ else
   for i = 1, nl do
     local a = lbase + 4 * (i - 1)
     local ttl = tonumber(A[a + 3])
-    redis.call('HINCRBY', KEYS[klim + i], 'held', estimate)
+    redis.call('HINCRBY', KEYS[klim + i], 'held', int(estimate))
     if ttl > 0 then redis.call('PEXPIRE', KEYS[klim + i], ttl) end
     held[i] = held[i] + estimate
   end
@@ -212,7 +223,7 @@ else
     redis.call('HINCRBY', KEYS[base + 2], current, 1)
     redis.call('PEXPIRE', KEYS[base + 2], (ccount + 2) * cwidth)
     if ctokens > 0 then
-      redis.call('HINCRBY', KEYS[base + 3], current, ctokens)
+      redis.call('HINCRBY', KEYS[base + 3], current, int(ctokens))
       redis.call('PEXPIRE', KEYS[base + 3], (ccount + 2) * cwidth)
     end
   end
