@@ -26,9 +26,11 @@ What the test changes in the rendered pod, and why (podman 4.3 here, no cluster)
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import copy
+import logging
 import os
 import ssl
 import subprocess
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import kopf
 import openai
 import pytest
 import redis
@@ -48,7 +51,10 @@ import yaml
 
 from extproc import envoyconf
 from extproc.launch import free_port
+from extproc.operator import handlers
 from extproc.store.keyschema import KeySchema
+from extproc.store.lease import RedisLease
+from extproc.store.redis_store import Store
 from tests.e2e.test_listener_tls import (
     SecretVolume,
     issue,
@@ -337,12 +343,31 @@ def chat(
 
 
 def apply_limit(running: Running, name: str, key_name: str, max_usd: float) -> None:
-    # The resource code path (`tollgate apply`); the operator's handler writes the same document.
-    running.cli("apply", "-f", "-", stdin=yaml.safe_dump({
-        "apiVersion": "tollgate.io/v1alpha1", "kind": "Limit", "metadata": {"name": name},
+    """The Limit as a custom resource, stored by the operator's own create handler (the code
+    `tollgate operator` runs for each CR event; no API server exists here to send the event)."""
+    asyncio.run(_operator_creates(running, {
+        "apiVersion": "tollgate.io/v1alpha1", "kind": "Limit",
+        "metadata": {"name": name, "namespace": "default", "uid": uuid.uuid4().hex,
+                     "generation": 1, "resourceVersion": "1"},
         "spec": {"type": "Block", "max": max_usd, "period": "month",
                  "selector": {"keys": [key_name]}},
     }))
+
+
+async def _operator_creates(running: Running, custom_resource: dict[str, Any]) -> None:
+    store = Store.from_url(running.env["REDIS_URL"], tag=running.env["TOLLGATE_REDIS_TAG"])
+    lease = RedisLease(store.redis, store.keys.operator_lease, "pod-test", ttl_s=30)
+    try:
+        assert await lease.acquire(poll_s=0.1, timeout_s=40)
+        patch = kopf.Patch()
+        await handlers.on_change(body=kopf.Body(custom_resource),  # type: ignore[arg-type]
+                                 patch=patch, logger=logging.getLogger("pod-test"),
+                                 memo=kopf.Memo(store=store, lease=lease, secrets=None))
+        (condition,) = patch["status"]["conditions"]
+        assert (condition["type"], condition["status"]) == ("Accepted", "True"), condition
+    finally:
+        await lease.release()
+        await store.close()
 
 
 def held_in_redis(running: Running) -> tuple[int, int]:
