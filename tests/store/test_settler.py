@@ -1,0 +1,154 @@
+"""The settler's safety nets against a real Redis: the sweeper settles holds nobody settled at
+their estimate and removes them; a settlement Redis refuses is set aside (dead-lettered) instead
+of being retried forever or blocking the settlements queued behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from extproc.core.quota import LimitSpec, ReservationPlan, Selector, Subject, plan_reservation
+from extproc.gen.tollgate.v1 import usage_pb2
+from extproc.server.settlement import Settler
+from extproc.store.keyschema import KeySchema
+from extproc.store.quota_store import QuotaStore, SettleCall
+from extproc.store.redis_store import Store, connect
+
+pytestmark = pytest.mark.redis
+
+SUBJECT = Subject(key="k", group="", user="", tags=(), model="gpt-4o", ip="")
+BUDGET = LimitSpec(name="budget", block=True, max_micros=10_000_000,
+                   threshold_micros=10_000_000, period="none", time_zone="UTC", strict=True,
+                   fail_open=False, selector=Selector())
+
+
+@pytest.fixture
+async def quota(redis_url: str, tag: str) -> AsyncIterator[QuotaStore]:
+    client = connect(redis_url, 2.0)
+    yield QuotaStore(client, KeySchema(tag), stream_maxlen=10_000)
+    await client.aclose()
+
+
+def _plan(now: float, estimate: int = 2_000_000, hold_s: float = 1.0) -> ReservationPlan:
+    return plan_reservation(request_id=uuid.uuid4().hex, now=now, limits=[BUDGET],
+                            rate_limits=[], subject=SUBJECT, estimate_micros=estimate,
+                            estimate_tokens=100, hold_seconds=hold_s)
+
+
+def _event(rid: str) -> bytes:
+    return usage_pb2.UsageEvent(request_id=rid, key="k").SerializeToString()
+
+
+async def _budget(quota: QuotaStore) -> tuple[int, int]:
+    state = await quota.redis.hgetall(quota.keys.limit_state("budget", "all"))
+    return int(state.get(b"spent", 0)), int(state.get(b"held", 0))
+
+
+async def _usage_ids(quota: QuotaStore) -> list[str]:
+    entries = await Store(quota.redis, quota.keys).read_usage(100)
+    return [usage_pb2.UsageEvent.FromString(raw).request_id for _, raw in entries]
+
+
+def _rejected_ids(settler: Settler) -> list[str]:
+    if not settler.dead_path.exists():
+        return []
+    return [SettleCall.from_json(line).request_id
+            for line in settler.dead_path.read_bytes().splitlines()]
+
+
+async def test_sweeper_settles_an_expired_hold_at_its_estimate(
+    quota: QuotaStore, tmp_path: Path
+) -> None:
+    settler = Settler(quota, str(tmp_path))
+    live = _plan(time.time(), estimate=1_000_000, hold_s=600)  # still within its deadline
+    lost = _plan(time.time() - 5, estimate=2_000_000, hold_s=1)  # its stream vanished
+    for plan in (live, lost):
+        await quota.reserve(plan, _event(plan.request_id))
+    assert await _budget(quota) == (0, 3_000_000)
+
+    sweeper = asyncio.create_task(settler.sweep(interval_s=0.02))
+    try:
+        deadline = time.monotonic() + 5
+        while await _budget(quota) != (2_000_000, 1_000_000):
+            assert time.monotonic() < deadline, "the sweeper never settled the lost hold"
+            await asyncio.sleep(0.02)
+    finally:
+        sweeper.cancel()
+    # Charged at the estimate, its hold released and removed; its usage event written.
+    assert await quota.redis.exists(quota.keys.hold(lost.request_id)) == 0
+    assert await quota.redis.zscore(quota.keys.holds, lost.request_id) is None
+    assert await _usage_ids(quota) == [lost.request_id]
+    # The live hold is untouched, and the lost one is not charged twice.
+    assert await quota.redis.zscore(quota.keys.holds, live.request_id) is not None
+    assert await settler.sweep_once() == 0
+    assert await _budget(quota) == (2_000_000, 1_000_000)
+    # The real settlement arriving late changes nothing: the estimate was already charged.
+    late = quota.settle_call(lost, 10, 1, _event(lost.request_id), reserved=True)
+    assert (await quota.settle(late))[0] == 0
+    assert await _budget(quota) == (2_000_000, 1_000_000)
+
+
+def _refused(call: SettleCall) -> SettleCall:
+    """The same call with a cost Redis cannot take (as a hand-edited or corrupted journal line
+    would carry): the settle script validates its arguments and refuses it with an error."""
+    args = list(call.args)
+    args[2] = "twelve dollars"
+    return SettleCall(call.keys, tuple(args))
+
+
+async def test_a_settlement_redis_refuses_is_dead_lettered(
+    quota: QuotaStore, tmp_path: Path
+) -> None:
+    settler = Settler(quota, str(tmp_path))
+    plan = _plan(time.time(), hold_s=600)
+    await quota.reserve(plan, _event(plan.request_id))
+    good = quota.settle_call(plan, 1_500_000, 10, _event(plan.request_id), reserved=True)
+    bad = _refused(good)
+    assert await settler.settle_now(bad) is None
+    # Set aside for an operator, byte for byte; not journaled for endless retries.
+    assert settler.dead_path.read_bytes() == bad.to_json() + b"\n"
+    assert settler.pending == 0 and not settler.path.exists()
+    assert await _budget(quota) == (0, 2_000_000)  # nothing half applied
+    assert (await settler.settle_now(good)) == [1, 1_500_000, 0, 0]
+
+
+async def test_a_refused_journal_entry_does_not_block_the_ones_behind_it(
+    quota: QuotaStore, tmp_path: Path
+) -> None:
+    """A dead worker's journal holds a call Redis refuses between two good ones: the next
+    worker lands the good ones and sets the bad one aside."""
+    rids = [f"j-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
+    calls = [quota.settle_call(None, 10, 1, _event(r), False, request_id=r) for r in rids]
+    calls[1] = _refused(calls[1])
+    (tmp_path / "journal-999999999.jsonl").write_bytes(
+        b"".join(c.to_json() + b"\n" for c in calls))
+    settler = Settler(quota, str(tmp_path))
+    assert settler.pending == 3
+    await settler.flush()
+    assert settler.pending == 0
+    assert await _usage_ids(quota) == [rids[0], rids[2]]
+    assert _rejected_ids(settler) == [rids[1]]
+    assert settler.path.read_bytes() == b""  # the journal starts afresh
+
+
+async def test_a_hold_whose_settlement_is_refused_is_set_aside_and_dropped(
+    quota: QuotaStore, tmp_path: Path
+) -> None:
+    settler = Settler(quota, str(tmp_path))
+    plan = _plan(time.time() - 5, hold_s=1)
+    await quota.reserve(plan, _event(plan.request_id))
+    # The hold record is damaged (written by an incompatible version, edited by hand, ...).
+    hold_key = quota.keys.hold(plan.request_id)
+    record = SettleCall.from_json(await quota.redis.get(hold_key))
+    await quota.redis.set(hold_key, _refused(record).to_json())
+    assert await settler.sweep_once() == 1
+    assert _rejected_ids(settler) == [plan.request_id]
+    assert await quota.redis.zscore(quota.keys.holds, plan.request_id) is None
+    assert await settler.sweep_once() == 0  # not retried on every sweep
+    assert orjson.loads(settler.dead_path.read_bytes())["args"][2] == "twelve dollars"
