@@ -13,6 +13,7 @@ import pytest
 from extproc.core.quota import (
     BUCKET_MS,
     WINDOW_MS,
+    CredentialCharge,
     LimitSpec,
     RateLimitSpec,
     Selector,
@@ -41,10 +42,12 @@ def limit(name: str = "budget", max_micros: int = 1_000_000, *, block: bool = Tr
 
 
 def plan(limits: list[LimitSpec] | None = None, rate_limits: list[RateLimitSpec] | None = None,
-         *, estimate: int = 100_000, tokens: int = 100, now: float = NOW, hold_s: float = 600):
+         *, estimate: int = 100_000, tokens: int = 100, now: float = NOW, hold_s: float = 600,
+         credentials: list[CredentialCharge] | None = None):
     return plan_reservation(
         request_id=uuid.uuid4().hex, now=now, limits=limits or [], rate_limits=rate_limits or [],
         subject=SUBJECT, estimate_micros=estimate, estimate_tokens=tokens, hold_seconds=hold_s,
+        credentials=credentials or [],
     )
 
 
@@ -275,3 +278,52 @@ async def test_settling_an_offline_admission_records_spend_only(quota: QuotaStor
     assert reply[0] == 1
     state = await quota.redis.hgetall(quota.keys.limit_state("tracker", "month:2026-11"))
     assert int(state[b"spent"]) == 1234 and int(state[b"held"]) == 500
+
+
+def cred(name: str, *, tpm: int | None = None, rpm: int | None = None,
+         primary: bool = True) -> CredentialCharge:
+    return CredentialCharge("pool", name, f"SECRET_{name}", "gpt-4o", primary, rpm, tpm)
+
+
+async def test_cooldown_doubles_without_retry_after_up_to_the_maximum(quota: QuotaStore) -> None:
+    c = cred("c1")
+    marker = quota.keys.cooldown("pool", "c1", "gpt-4o")
+    applied = []
+    for errors in range(1, 7):
+        ms, count = await quota.cool_down(c, 1_000, 5_000, 0)
+        assert count == errors
+        applied.append(ms)
+        assert 0 < await quota.redis.pttl(marker) <= ms  # the credential really rests that long
+    assert applied == [1_000, 2_000, 4_000, 5_000, 5_000, 5_000]
+    # The provider's Retry-After is taken as given, and still capped by the maximum.
+    assert (await quota.cool_down(c, 1_000, 5_000, 3_000))[0] == 3_000
+    assert (await quota.cool_down(c, 1_000, 5_000, 60_000))[0] == 5_000
+    # Once the rest is over (the marker expires), a successful call through the credential
+    # resets the run of errors: the next failure rests it for the base time again.
+    await quota.redis.delete(marker)
+    p = plan(credentials=[c])
+    assert (await reserve(quota, p)).denial is None
+    done = quota.settle_call(p, 0, 0, EVENT, reserved=True, now_ms=p.now_ms, credential=c,
+                             success=True)
+    assert (await quota.settle(done))[0] == 1
+    assert await quota.cool_down(c, 1_000, 5_000, 0) == (1_000, 1)
+
+
+async def test_pooled_credentials_respect_their_tokens_per_minute(quota: QuotaStore) -> None:
+    pool = [cred("a", tpm=1_000), cred("b", tpm=1_000)]
+    first, second = plan(credentials=pool, tokens=600), plan(credentials=pool, tokens=600)
+    r1, r2 = await reserve(quota, first), await reserve(quota, second)
+    assert r1.credential is not None and r2.credential is not None
+    assert {r1.credential.name, r2.credential.name} == {"a", "b"}  # 600 + 600 > 1000: spread
+    assert r1.credential_tokens == 600 and r2.credential_tokens == 600
+    full = await reserve(quota, plan(credentials=pool, tokens=600))
+    assert full.denial is not None and full.denial.status == 503
+    assert full.denial.code == "no_credential_available"
+    # The first call really used 100 tokens: its credential has room again, the other not.
+    call = quota.settle_call(first, 0, 100, EVENT, reserved=True, now_ms=first.now_ms,
+                             credential=r1.credential, success=True)
+    await quota.settle(call)
+    again = await reserve(quota, plan(credentials=pool, tokens=600))
+    assert again.credential == r1.credential and again.credential_tokens == 700
+    # A request larger than every cap is never admitted on any credential.
+    assert (await reserve(quota, plan(credentials=pool, tokens=1_001))).denial is not None
