@@ -16,7 +16,7 @@ from extproc.core.keys import (
     hash_key,
     model_allowed,
 )
-from extproc.core.resources import KeyRecord, validate_document
+from extproc.core.resources import KeyRecord, Resource, ResourceError, validate_document
 
 pytestmark = pytest.mark.unit
 
@@ -47,16 +47,17 @@ def test_hash_key_is_hex_sha256() -> None:
     assert hash_key("tg-a") != hash_key("tg-b")
 
 
-def test_hash_of_a_generated_key_is_a_valid_key_resource() -> None:
-    resource = validate_document(
-        {
-            "apiVersion": "tollgate.io/v1alpha1",
-            "kind": "VirtualKey",
-            "metadata": {"name": "k"},
-            "spec": {"keySha256": hash_key(generate_key())},
-        }
-    )
-    assert resource.kind == "VirtualKey"
+def test_a_key_resource_takes_the_hash_never_the_key() -> None:
+    def key_resource(key_sha256: str) -> Resource:
+        return validate_document({
+            "apiVersion": "tollgate.io/v1alpha1", "kind": "VirtualKey", "metadata": {"name": "k"},
+            "spec": {"keySha256": key_sha256},
+        })
+
+    key = generate_key()
+    assert key_resource(hash_key(key).upper()).spec["keySha256"] == hash_key(key)
+    with pytest.raises(ResourceError, match=r"keySha256.*64 hex digits"):
+        key_resource(key)  # the key itself, pasted by mistake, is refused
 
 
 # ---- find_key --------------------------------------------------------------------------------
