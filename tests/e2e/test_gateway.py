@@ -24,6 +24,7 @@ from tests.e2e.conftest import (
     CliRunner,
     chat_body,
     clear_upstream,
+    every_worker_has_loaded_the_latest_configuration,
     upstream_requests,
     wait_for_status,
 )
@@ -282,24 +283,6 @@ def test_every_priced_call_lands_in_the_usage_stream(
     assert event.provider == "openai" and event.status == 200 and event.priced
     assert event.tokens.input == int(raw.headers["x-tollgate-input-tokens"])
     assert format_usd(event.cost.total_micros) == raw.headers["x-tollgate-cost"]
-
-
-def every_worker_has_loaded_the_latest_configuration(stack: Stack, e2e_env: dict[str, str],
-                                                    timeout: float = 5.0) -> None:
-    """Wait until each extproc worker reports (in /readyz) the generation now in Redis."""
-    client = redis.Redis.from_url(e2e_env["REDIS_URL"])
-    try:
-        generation = int(client.get(KeySchema(e2e_env["TOLLGATE_REDIS_TAG"]).generation) or 0)
-    finally:
-        client.close()
-    deadline = time.monotonic() + timeout
-    while True:
-        workers = httpx.get(f"http://127.0.0.1:{stack.extproc.http}/readyz",
-                            timeout=5).json()["workers"]
-        if len(workers) == 2 and all(w.get("generation", -1) >= generation for w in workers):
-            return
-        assert time.monotonic() < deadline, f"not every worker loaded {generation}: {workers}"
-        time.sleep(0.05)
 
 
 def test_config_changes_apply_without_restart(
