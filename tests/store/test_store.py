@@ -137,16 +137,20 @@ async def test_config_watcher_reloads_on_change(store: Store, tmp_path: Path) ->
         task.cancel()
 
 
-async def test_secret_files_are_read_by_name(store: Store, tmp_path: Path) -> None:
+async def test_secret_files_are_read_by_name(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "OPENAI_API_KEY").write_text("sk-from-file\n")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     watcher = ConfigWatcher(store, str(tmp_path), poll_s=1.0)
     await watcher.reload()
     assert watcher.snapshot is not None
-    # The environment wins when set; otherwise the mounted file is used.
-    import os
-
-    expected = os.environ.get("OPENAI_API_KEY") or "sk-from-file"
-    assert watcher.snapshot.secrets["OPENAI_API_KEY"] == expected
+    # The mounted file, by the secret's name, without its trailing newline ...
+    assert watcher.snapshot.secrets["OPENAI_API_KEY"] == "sk-from-file"
+    # ... unless the environment sets the variable: then the environment wins.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    await watcher.reload()
+    assert watcher.snapshot.secrets["OPENAI_API_KEY"] == "sk-from-env"
 
 
 class CountingStore(Store):
