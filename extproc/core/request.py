@@ -195,7 +195,10 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
         if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
             user = metadata["user_id"]
 
-    prompt_chars = sum(_text_chars(doc.get(name)) for name in _PROMPT_FIELDS[endpoint])
+    try:
+        prompt_chars = sum(_text_chars(doc.get(name)) for name in _PROMPT_FIELDS[endpoint])
+    except RecursionError:  # orjson accepts 1024 levels of nesting, Python's stack fewer
+        return _bad("Request body is nested too deeply.")
     return RequestFacts(
         endpoint=endpoint,
         model=model,
