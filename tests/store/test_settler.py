@@ -15,6 +15,7 @@ import pytest
 
 from extproc.core.quota import LimitSpec, ReservationPlan, Selector, Subject, plan_reservation
 from extproc.gen.tollgate.v1 import usage_pb2
+from extproc.launch import free_port
 from extproc.server.settlement import Settler
 from extproc.store.keyschema import KeySchema
 from extproc.store.quota_store import QuotaStore, SettleCall
@@ -103,7 +104,7 @@ def _refused(call: SettleCall) -> SettleCall:
 
 
 async def test_a_settlement_redis_refuses_is_dead_lettered(
-    quota: QuotaStore, tmp_path: Path
+    quota: QuotaStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settler = Settler(quota, str(tmp_path))
     plan = _plan(time.time(), hold_s=600)
@@ -111,6 +112,10 @@ async def test_a_settlement_redis_refuses_is_dead_lettered(
     good = quota.settle_call(plan, 1_500_000, 10, _event(plan.request_id), reserved=True)
     bad = _refused(good)
     assert await settler.settle_now(bad) is None
+    # The operator is told which request and where it was put.
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert plan.request_id in record.getMessage()
+    assert "rejected.jsonl" in record.getMessage()
     # Set aside for an operator, byte for byte; not journaled for endless retries.
     assert settler.dead_path.read_bytes() == bad.to_json() + b"\n"
     assert settler.pending == 0 and not settler.path.exists()
@@ -150,5 +155,29 @@ async def test_a_hold_whose_settlement_is_refused_is_set_aside_and_dropped(
     assert await settler.sweep_once() == 1
     assert _rejected_ids(settler) == [plan.request_id]
     assert await quota.redis.zscore(quota.keys.holds, plan.request_id) is None
+    assert await quota.redis.exists(hold_key) == 0
     assert await settler.sweep_once() == 0  # not retried on every sweep
     assert orjson.loads(settler.dead_path.read_bytes())["args"][2] == "twelve dollars"
+
+
+async def test_close_flushes_what_is_queued_and_keeps_what_cannot_land(
+    quota: QuotaStore, tmp_path: Path
+) -> None:
+    """On shutdown the settler writes its queued batch; when Redis cannot take it, the calls
+    stay in the journal on disk for the next worker."""
+    settler = Settler(quota, str(tmp_path))
+    rids = [f"c-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
+    for rid in rids:
+        settler.enqueue(quota.settle_call(None, 10, 1, _event(rid), False, request_id=rid))
+    await settler.close(timeout=5)
+    assert settler.pending == 0
+    assert await _usage_ids(quota) == rids
+
+    nobody = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    offline = QuotaStore(connect(nobody, 0.2), quota.keys, stream_maxlen=10)
+    stranded = Settler(offline, str(tmp_path / "offline"))
+    stranded.enqueue(quota.settle_call(None, 10, 1, _event("late"), False, request_id="late"))
+    await stranded.close(timeout=5)
+    assert [SettleCall.from_json(line).request_id
+            for line in stranded.path.read_bytes().splitlines()] == ["late"]
+    await offline.redis.aclose()

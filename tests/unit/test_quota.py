@@ -34,6 +34,7 @@ from extproc.core.quota import (
     limit_headers,
     limits_result,
     plan_reservation,
+    project_settlement,
     rate_limit_headers,
     scope_id,
     state_of,
@@ -621,6 +622,38 @@ def test_limits_result() -> None:
         "c-block": {"state": "blocked", "period": "all", "spent": 1.999999, "held": 0.5,
                     "max": 2.0, "remaining": 0.0},
     }
+
+
+# ---- project_settlement (what a response reports) -------------------------------------------
+
+
+def test_projected_states_release_the_hold_and_add_the_actual_cost() -> None:
+    budget = limit("budget", max_micros=10 * USD, threshold_micros=8 * USD)
+    tracker = limit("tracker", block=False, max_micros=5 * USD, threshold_micros=4 * USD)
+    p = plan((budget, tracker), estimate_micros=2 * USD)
+    seen_at_reserve = (
+        # spent before this request, held including its own estimate (and another's 1 USD)
+        LimitStatus("budget", "ok", 7 * USD, 3 * USD, 10 * USD, "month:2026-11"),
+        LimitStatus("tracker", "exceeded", 4 * USD, 2 * USD, 5 * USD, "month:2026-11"),
+    )
+    projected = project_settlement(seen_at_reserve, p, 1_500_000, [budget, tracker])
+    assert projected == (
+        LimitStatus("budget", "exceeded", 8_500_000, 1 * USD, 10 * USD, "month:2026-11"),
+        LimitStatus("tracker", "overrun", 5_500_000, 0, 5 * USD, "month:2026-11"),
+    )
+
+
+def test_projected_states_never_hold_less_than_nothing() -> None:
+    budget = limit("budget", max_micros=10 * USD)
+    p = plan((budget,), estimate_micros=2 * USD)
+    # Held was reset by hand meanwhile: releasing this request's estimate stops at zero.
+    seen = (LimitStatus("budget", "ok", 1 * USD, 500_000, 10 * USD, "month:2026-11"),)
+    (status,) = project_settlement(seen, p, 0, [budget])
+    assert (status.spent_micros, status.held_micros, status.state) == (1 * USD, 0, "ok")
+    # A limit that vanished from the configuration keeps the state it was reported with.
+    (kept,) = project_settlement(
+        (replace(seen[0], name="gone", state="exceeded"),), p, 0, [budget])
+    assert kept.state == "exceeded"
 
 
 # ---- LocalWindows (Redis unreachable) --------------------------------------------------------
