@@ -16,6 +16,7 @@ import pytest
 from extproc.core.quota import LimitSpec, ReservationPlan, Selector, Subject, plan_reservation
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.launch import free_port
+from extproc.server import metrics
 from extproc.server.settlement import Settler
 from extproc.store.keyschema import KeySchema
 from extproc.store.quota_store import QuotaStore, SettleCall
@@ -181,3 +182,71 @@ async def test_close_flushes_what_is_queued_and_keeps_what_cannot_land(
     assert [SettleCall.from_json(line).request_id
             for line in stranded.path.read_bytes().splitlines()] == ["late"]
     await offline.redis.aclose()
+
+
+def _swept_total() -> float:
+    return float(metrics.HOLDS_SWEPT._value.get())
+
+
+async def test_sweeping_by_the_given_clock_past_a_damaged_hold_and_without_double_counts(
+    quota: QuotaStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settler = Settler(quota, str(tmp_path))
+    damaged, lost = _plan(time.time(), hold_s=60), _plan(time.time(), hold_s=61)
+    for plan in (damaged, lost):
+        await quota.reserve(plan, _event(plan.request_id))
+    lost_record = await quota.redis.get(quota.keys.hold(lost.request_id))
+    hold_key = quota.keys.hold(damaged.request_id)
+    await quota.redis.set(hold_key,
+                          _refused(SettleCall.from_json(await quota.redis.get(hold_key))).to_json())
+    assert await settler.sweep_once(now_ms=lost.now_ms) == 0  # nothing is due yet
+    # The request path's breaker is open (Redis was flaky a moment ago): the sweeper uses its
+    # own client and goes on.
+    quota.breaker.failures, quota.breaker.open_until = 99, time.monotonic() + 3600
+    before = _swept_total()
+    # Due by the clock passed in: the damaged hold (due first) is set aside, the next settled.
+    assert await settler.sweep_once(now_ms=lost.hold_deadline_ms + 1) == 2
+    assert _rejected_ids(settler) == [damaged.request_id]
+    assert (await _budget(quota))[0] == 2_000_000  # the lost one, at its estimate
+    assert _swept_total() == before + 1
+    assert any(r.levelname == "WARNING" and lost.request_id in r.getMessage()
+               for r in caplog.records)
+    assert any(r.levelname == "ERROR" and "settle.lua: bad" in r.getMessage()
+               for r in caplog.records)  # Redis's reason, for the operator
+    # Another replica read the same hold before it was settled: harmless, counted once.
+    await quota.redis.zadd(quota.keys.holds, {lost.request_id: lost.hold_deadline_ms})
+    await quota.redis.set(quota.keys.hold(lost.request_id), lost_record)
+    assert await settler.sweep_once(now_ms=lost.hold_deadline_ms + 1) == 1
+    assert _swept_total() == before + 1
+    assert (await _budget(quota))[0] == 2_000_000  # not charged twice
+
+
+async def test_expired_holds_skip_and_forget_ids_without_a_record(quota: QuotaStore) -> None:
+    """A hold settled between the sweeper's two reads (or whose record expired) leaves an id in
+    the index with no record: it is skipped and dropped from the index."""
+    await quota.redis.zadd(quota.keys.holds, {"ghost": 1})
+    assert await quota.expired_holds(now_ms=2) == []
+    assert await quota.redis.zcard(quota.keys.holds) == 0
+
+
+async def test_settle_later_lands_even_after_the_caller_is_gone(
+    quota: QuotaStore, tmp_path: Path
+) -> None:
+    """Used from the `finally` of a cancelled stream: the settlement runs in its own task."""
+    settler = Settler(quota, str(tmp_path))
+    rid = "later-" + uuid.uuid4().hex[:6]
+
+    async def cancelled_stream() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            settler.settle_later(quota.settle_call(None, 10, 1, _event(rid), False,
+                                                   request_id=rid))
+
+    stream = asyncio.create_task(cancelled_stream())
+    await asyncio.sleep(0)
+    stream.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stream
+    await settler.close(timeout=5)
+    assert await _usage_ids(quota) == [rid]
