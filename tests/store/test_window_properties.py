@@ -10,7 +10,7 @@ import asyncio
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from extproc.core.quota import (
@@ -63,6 +63,9 @@ async def decisions(redis_url: str, limits: list[RateLimitSpec],
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rpm=st.integers(1, 8), tpm=st.one_of(st.none(), st.integers(100, 3000)), steps=STEPS)
+# The window's far edge: one bucket past 60 s the oldest request still counts, then it leaves.
+@example(rpm=1, tpm=None, steps=[(0, 0), (WINDOW_MS + 1, 0), (BUCKET_MS, 0)])
+@example(rpm=1, tpm=None, steps=[(2_500, 0), (WINDOW_MS - 1, 0), (BUCKET_MS, 0)])
 def test_local_windows_decide_like_the_redis_windows(
     redis_url: str, rpm: int, tpm: int | None, steps: list[tuple[int, int]]
 ) -> None:
