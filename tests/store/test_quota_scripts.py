@@ -127,7 +127,10 @@ async def test_reactive_enforcement_refuses_only_after_overrun(quota: QuotaStore
     reactive = limit("reactive", max_micros=1_000_000, strict=False)
     p1 = plan([reactive], estimate=5_000_000)  # far above max, still admitted: spend <= max
     assert (await reserve(quota, p1)).denial is None
-    await settle(quota, p1, 1_500_000)
+    await settle(quota, p1, 1_000_000)
+    at_max = plan([reactive], estimate=1)  # spend == max is not an overrun yet
+    assert (await reserve(quota, at_max)).denial is None
+    await settle(quota, at_max, 500_000)
     p2 = plan([reactive], estimate=1)
     assert (await reserve(quota, p2)).denial is not None
 
@@ -327,3 +330,25 @@ async def test_pooled_credentials_respect_their_tokens_per_minute(quota: QuotaSt
     assert again.credential == r1.credential and again.credential_tokens == 700
     # A request larger than every cap is never admitted on any credential.
     assert (await reserve(quota, plan(credentials=pool, tokens=1_001))).denial is not None
+
+
+async def test_settlement_after_a_manual_reset_never_leaves_negative_counts(
+    quota: QuotaStore,
+) -> None:
+    """An operator reset a limit's `held` and a token window while requests were in flight:
+    their settlements must not push either below zero, which would admit more than the max."""
+    budget = limit(max_micros=1_000_000)
+    tpm = RateLimitSpec("tpm", "key", Selector(), None, 1000, None)
+    p = plan([budget], [tpm], estimate=600_000, tokens=900)
+    assert (await reserve(quota, p)).denial is None
+    state_key = quota.keys.limit_state("budget", "month:2026-11")
+    window_key = quota.keys.window("tpm", p.windows[0].ident, "tokens")
+    await quota.redis.hset(state_key, "held", 0)
+    await quota.redis.hset(window_key, str(p.bucket), 100)
+    await settle(quota, p, 100_000, tokens=0)
+    assert int(await quota.redis.hget(state_key, "held")) == 0
+    assert int(await quota.redis.hget(window_key, str(p.bucket))) == 0
+    # The limits still hold at their max: 0.9 USD more fits, 1 µ$ beyond does not.
+    assert (await reserve(quota, plan([budget], estimate=900_001))).denial is not None
+    full = await reserve(quota, plan(rate_limits=[tpm], tokens=1001))
+    assert full.denial is not None
