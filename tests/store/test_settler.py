@@ -5,6 +5,7 @@ of being retried forever or blocking the settlements queued behind it."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from extproc.server.settlement import Settler
 from extproc.store.keyschema import KeySchema
 from extproc.store.quota_store import QuotaStore, SettleCall
 from extproc.store.redis_store import Store, connect
+from tests.conftest import OwnRedis
 
 pytestmark = pytest.mark.redis
 
@@ -250,3 +252,60 @@ async def test_settle_later_lands_even_after_the_caller_is_gone(
         await stream
     await settler.close(timeout=5)
     assert await _usage_ids(quota) == [rid]
+
+
+async def test_a_worker_starting_during_an_outage_replays_its_journal_once_redis_is_back(
+    own_redis: OwnRedis, tmp_path: Path
+) -> None:
+    """The first flush fails (Redis is down when the worker starts with an adopted journal):
+    the settler keeps retrying with backoff and lands everything when Redis returns."""
+    client = connect(own_redis.url, 0.2)
+    quota = QuotaStore(client, KeySchema("outage-start"), stream_maxlen=100)
+    calls = [quota.settle_call(None, 10, 1, _event(r), False, request_id=r) for r in ("a", "b")]
+    (tmp_path / "journal-999999998.jsonl").write_bytes(
+        b"".join(c.to_json() + b"\n" for c in calls))
+    own_redis.stop()
+    settler = Settler(quota, str(tmp_path))
+    task = asyncio.create_task(settler.run())
+    try:
+        settler.enqueue(quota.settle_call(None, 10, 1, _event("c"), False, request_id="c"))
+        deadline = time.monotonic() + 5
+        while metrics.REDIS_ERRORS.labels("usage")._value.get() == 0 or settler.pending < 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        own_redis.start()
+        while settler.pending:
+            assert time.monotonic() < deadline + 10, "the journal was never replayed"
+            assert not task.done(), task
+            await asyncio.sleep(0.02)
+        assert sorted(await _usage_ids(quota)) == ["a", "b", "c"]
+    finally:
+        task.cancel()
+        await client.aclose()
+
+
+async def test_only_journals_of_dead_workers_are_adopted(
+    quota: QuotaStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crashed worker's journal is taken over (even with a torn last line); a live worker's
+    journal and files that are not journals are left alone."""
+    live = subprocess.Popen(["sleep", "30"])  # stands for a worker still running
+    try:
+        good = quota.settle_call(None, 10, 1, _event("o1"), False, request_id="o1")
+        other = quota.settle_call(None, 10, 1, _event("o2"), False, request_id="o2")
+        (tmp_path / "journal-00x.jsonl").write_bytes(good.to_json() + b"\n")  # not a pid
+        (tmp_path / f"journal-{live.pid}.jsonl").write_bytes(good.to_json() + b"\n")
+        (tmp_path / "journal-999999997.jsonl").write_bytes(
+            good.to_json() + b"\n" + b'{"v": 2, "args": []}\n' + other.to_json() + b"\n"
+            + b'{"v": 2, "keys": ["tg:{x}:done:o3"], "ar')  # cut off mid-write by the crash
+        settler = Settler(quota, str(tmp_path))
+        assert [c.request_id for c in settler.journal] == ["o1", "o2"]
+        assert live.poll() is None  # checking whether a worker lives must not hurt it
+        assert (tmp_path / f"journal-{live.pid}.jsonl").exists()
+        assert (tmp_path / "journal-00x.jsonl").exists()
+        assert not (tmp_path / "journal-999999997.jsonl").exists()
+        assert any("adopted 2 unwritten settlements from journal-999999997.jsonl"
+                   in r.getMessage() for r in caplog.records)
+    finally:
+        live.kill()
+        live.wait()

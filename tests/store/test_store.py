@@ -235,6 +235,7 @@ async def test_settlements_survive_a_redis_outage(tmp_path: Path) -> None:
             await quota.settle(call("probe"))
         proc = up()
         await _eventually(lambda: settler.pending == 0, timeout=10)
+        assert not task.done()  # the settler outlived the outage, retrying with backoff
         ids = sorted(usage_pb2.UsageEvent.FromString(raw).request_id
                      for _, raw in await Store(client, KeySchema("outage")).read_usage(100))
         assert ids == sorted([f"during-{i}" for i in range(10)] + ["inline"])
