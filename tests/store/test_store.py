@@ -105,6 +105,8 @@ async def test_usage_stream_round_trip_and_trim(store: Store) -> None:
     from extproc.store.quota_store import QuotaStore
 
     quota = QuotaStore(store.redis, store.keys, stream_maxlen=100)
+    # Batches go through the background client, whatever the request path's breaker says.
+    quota.breaker.failures, quota.breaker.open_until = 99, time.monotonic() + 3600
     await quota.settle_many([
         quota.settle_call(None, 0, 0, event, False, request_id=f"r{i}")
         for i, event in enumerate(events)
