@@ -18,6 +18,7 @@ import pytest
 from extproc.core.quota import (
     BUCKET_MS,
     WINDOW_MS,
+    CredentialCharge,
     LeaseCharge,
     LimitSpec,
     LimitStatus,
@@ -622,6 +623,43 @@ def test_limits_result() -> None:
         "c-block": {"state": "blocked", "period": "all", "spent": 1.999999, "held": 0.5,
                     "max": 2.0, "remaining": 0.0},
     }
+
+
+# ---- credential pools in the reservation reply ----------------------------------------------
+
+POOL = (
+    CredentialCharge("azure-east", "p1", "KEY_1", "gpt-4o", True, 60, 10_000),
+    CredentialCharge("azure-east", "p2", "KEY_2", "gpt-4o", True, None, None),
+)
+
+
+def pool_plan() -> ReservationPlan:
+    return plan_reservation(
+        request_id="req-1", now=NOW, limits=(), rate_limits=(), subject=SUBJECT,
+        estimate_micros=1, estimate_tokens=350, hold_seconds=600, credentials=POOL)
+
+
+def test_an_admitted_reservation_names_its_credential_and_its_usage() -> None:
+    r = interpret_reservation(pool_plan(), [1, 0, 0, 0, 2, 7, 4_200])
+    assert r.denial is None and r.credential == POOL[1]
+    assert (r.credential_requests, r.credential_tokens) == (7, 4_200)
+    # A reply without the credential part (no pool): no credential, nothing used.
+    bare = interpret_reservation(plan((), ()), [1, 0, 0, 0])
+    assert bare.credential is None and (bare.credential_requests, bare.credential_tokens) == (0, 0)
+
+
+@pytest.mark.parametrize(("retry_ms", "retry_after"),
+                         [(1, "1"), (999, "1"), (1000, "1"), (1001, "2"), (29_500, "30"),
+                          (0, "1"), (-1, "1")])
+def test_no_credential_left_is_a_503_saying_when_to_retry(retry_ms: int,
+                                                          retry_after: str) -> None:
+    r = interpret_reservation(pool_plan(), [0, 4, 0, retry_ms, 0, 0, 0])
+    assert r.denial is not None and r.credential is None
+    assert (r.denial.status, r.denial.code) == (503, "no_credential_available")
+    assert r.denial.message == ("Every credential of upstream 'azure-east' is cooling down or "
+                                "at its rate cap; retry shortly.")
+    assert r.denial.headers == (("retry-after", retry_after),)
+    assert r.plan == pool_plan() and r.limits == () and r.windows == ()
 
 
 # ---- project_settlement (what a response reports) -------------------------------------------
