@@ -120,6 +120,7 @@ async def test_a_settlement_redis_refuses_is_dead_lettered(
     assert plan.request_id in record.getMessage()
     assert "rejected.jsonl" in record.getMessage()
     # Set aside for an operator, byte for byte; not journaled for endless retries.
+    assert settler.dead_path == tmp_path / "rejected.jsonl"
     assert settler.dead_path.read_bytes() == bad.to_json() + b"\n"
     assert settler.pending == 0 and not settler.path.exists()
     assert await _budget(quota) == (0, 2_000_000)  # nothing half applied
@@ -170,7 +171,8 @@ async def test_close_flushes_what_is_queued_and_keeps_what_cannot_land(
 ) -> None:
     """On shutdown the settler writes its queued batch; when Redis cannot take it, the calls
     stay in the journal on disk for the next worker."""
-    settler = Settler(quota, str(tmp_path))
+    # A fresh machine: the journal folder and its parent do not exist yet.
+    settler = Settler(quota, str(tmp_path / "tollgate-journal" / "target"))
     rids = [f"c-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
     for rid in rids:
         settler.enqueue(quota.settle_call(None, 10, 1, _event(rid), False, request_id=rid))
