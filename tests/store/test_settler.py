@@ -183,10 +183,17 @@ async def test_close_flushes_what_is_queued_and_keeps_what_cannot_land(
     nobody = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     offline = QuotaStore(connect(nobody, 0.2), quota.keys, stream_maxlen=10)
     stranded = Settler(offline, str(tmp_path / "offline"))
+    errors = metrics.REDIS_ERRORS.labels
+    usage_errors, settle_errors = errors("usage")._value.get(), errors("settle")._value.get()
     stranded.enqueue(quota.settle_call(None, 10, 1, _event("late"), False, request_id="late"))
+    assert await stranded.settle_now(
+        quota.settle_call(None, 10, 1, _event("now"), False, request_id="now")) is None
     await stranded.close(timeout=5)
     assert [SettleCall.from_json(line).request_id
-            for line in stranded.path.read_bytes().splitlines()] == ["late"]
+            for line in stranded.path.read_bytes().splitlines()] == ["now", "late"]
+    # Counted for the dashboards, by what failed.
+    assert errors("usage")._value.get() == usage_errors + 1
+    assert errors("settle")._value.get() == settle_errors + 1
     await offline.redis.aclose()
 
 
