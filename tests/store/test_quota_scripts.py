@@ -352,3 +352,16 @@ async def test_settlement_after_a_manual_reset_never_leaves_negative_counts(
     assert (await reserve(quota, plan([budget], estimate=900_001))).denial is not None
     full = await reserve(quota, plan(rate_limits=[tpm], tokens=1001))
     assert full.denial is not None
+
+
+async def test_pooled_credentials_respect_rpm_and_cooldowns_each_on_its_own(
+    quota: QuotaStore,
+) -> None:
+    pool = [cred("a", rpm=1), cred("b", rpm=1), cred("fb", rpm=5, primary=False)]
+    # "a" rests after a provider error: the others serve, each within its own cap.
+    await quota.cool_down(pool[0], 30_000, 60_000, 0)
+    chosen = [(await reserve(quota, plan(credentials=pool))).credential for _ in range(3)]
+    assert [c.name if c else None for c in chosen] == ["b", "fb", "fb"]
+    # Another model on the same credential is not resting.
+    other = [CredentialCharge("pool", "a", "SECRET_a", "gpt-4o-mini", True, 1, None)]
+    assert (await reserve(quota, plan(credentials=other))).credential == other[0]
