@@ -365,3 +365,10 @@ async def test_pooled_credentials_respect_rpm_and_cooldowns_each_on_its_own(
     # Another model on the same credential is not resting.
     other = [CredentialCharge("pool", "a", "SECRET_a", "gpt-4o-mini", True, 1, None)]
     assert (await reserve(quota, plan(credentials=other))).credential == other[0]
+
+
+async def test_primaries_take_turns_and_fallbacks_wait_for_them(quota: QuotaStore) -> None:
+    pool = [cred("a"), cred("b"), cred("fb", primary=False)]
+    chosen = [(await reserve(quota, plan(credentials=pool))).credential for _ in range(4)]
+    names = [c.name if c else None for c in chosen]
+    assert names in (["a", "b", "a", "b"], ["b", "a", "b", "a"])  # never the fallback

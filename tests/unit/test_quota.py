@@ -483,6 +483,14 @@ def test_denied_by_lease(retry_ms: int, retry_after: str) -> None:
     assert reservation.blocked_limit is None
 
 
+def test_the_second_lease_is_named_when_it_refuses() -> None:
+    two = plan((), (rate_limit("per-key", concurrent=5),
+                    rate_limit("everyone", per="global", concurrent=1)))
+    deny = interpret_reservation(two, [0, 3, 2, 100]).denial
+    assert deny is not None
+    assert deny.message == "Too many concurrent requests (everyone, per global): limit 1."
+
+
 # ---- interpret_settlement, state_of ----------------------------------------------------------
 
 
