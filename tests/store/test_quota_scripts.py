@@ -298,6 +298,12 @@ async def test_cooldown_doubles_without_retry_after_up_to_the_maximum(quota: Quo
         applied.append(ms)
         assert 0 < await quota.redis.pttl(marker) <= ms  # the credential really rests that long
     assert applied == [1_000, 2_000, 4_000, 5_000, 5_000, 5_000]
+    # Settling a failed call (the 429 that caused the cooldown) keeps the run of errors.
+    failed = plan(credentials=[cred("other")])
+    await reserve(quota, failed)
+    await quota.settle(quota.settle_call(failed, 0, 0, EVENT, reserved=True,
+                                         now_ms=failed.now_ms, credential=c, success=False))
+    assert (await quota.cool_down(c, 1_000, 5_000, 0))[1] == 7
     # The provider's Retry-After is taken as given, and still capped by the maximum.
     assert (await quota.cool_down(c, 1_000, 5_000, 3_000))[0] == 3_000
     assert (await quota.cool_down(c, 1_000, 5_000, 60_000))[0] == 5_000
