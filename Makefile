@@ -32,7 +32,7 @@ test-unit test-redis test-e2e: test-%: $(STAMP)
 	$(BIN)/python -m pytest -q -m $* $(PYTEST_ARGS)
 
 ## Mutation testing (a habit, not a gate): mutmut over extproc/core, extproc/store and the
-## settler, checked by the unit + redis tiers. Slow (~20-40 min on 2 cores); narrow it with
+## settler, checked by the unit + redis tiers. Slow (~5,300 mutants: hours on 2 cores); narrow it with
 ## MUTANTS='extproc.core.keys*'. Surviving mutants: `.venv/bin/mutmut results`, see
 ## docs/mutation.md.
 mutation: $(STAMP)
