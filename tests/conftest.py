@@ -9,13 +9,23 @@ tag, so tests never see each other's data even on a shared server.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
-from extproc.launch import start_redis
+from extproc.launch import (
+    Managed,
+    find_redis_binary,
+    free_port,
+    redis_ping,
+    start_process,
+    start_redis,
+    wait_until,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -115,3 +125,49 @@ def any_redis_url(request: pytest.FixtureRequest) -> str:
     name = "redis_url" if request.param == "standalone" else "redis_cluster_url"
     url: str = request.getfixturevalue(name)
     return url
+
+
+class OwnRedis:
+    """A redis-server of this test's own, on a fixed port, that can be stopped and started."""
+
+    def __init__(self, tmp: Path) -> None:
+        binary = find_redis_binary(prefer_embedded=False)
+        assert binary is not None
+        self.port = free_port()
+        self.tmp = tmp
+        self.argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no"]
+        self.proc: Managed | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = start_process(f"redis-{time.monotonic_ns()}", self.argv, self.tmp)
+        wait_until(lambda: redis_ping(self.port), self.proc, 10, "starting")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    def script_calls(self) -> int:
+        """How many script calls (EVAL/EVALSHA) this server has run since it started."""
+        client = redis.Redis(port=self.port)
+        try:
+            stats = client.info("commandstats")
+        finally:
+            client.close()
+        return sum(int(v["calls"]) for k, v in stats.items()
+                   if k in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -3,11 +3,20 @@
 Provider streams arrive in arbitrary chunks; an event may straddle any number of them. The
 splitter keeps only the incomplete tail of the stream and remembers how far it has already
 scanned, so a long event arriving in tiny pieces costs linear, not quadratic, time.
+
+Lines end in CRLF, LF or a lone CR, mixed freely (the SSE specification allows all three); an
+event ends at an empty line.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+# Two line ends in a row: the end of an event's last line, then an empty line. A CR followed
+# by LF is one line end, never a line end and an empty line.
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +29,7 @@ class SseEvent:
 def parse_event(raw: bytes) -> SseEvent:
     name = ""
     data: list[bytes] = []
-    for line in raw.replace(b"\r\n", b"\n").split(b"\n"):
+    for line in _LINE_END.split(raw):
         if not line or line.startswith(b":"):
             continue  # blank separator or comment
         field, _, value = line.partition(b":")
@@ -43,18 +52,20 @@ class SseSplitter:
         """Bytes received but not yet part of a complete event."""
         return self._buffer
 
-    def feed(self, chunk: bytes) -> list[SseEvent]:
+    def feed(self, chunk: bytes, final: bool = False) -> list[SseEvent]:
+        """Complete events in `chunk` and what came before it. `final`: nothing follows."""
         buffer = self._buffer + chunk
         events: list[SseEvent] = []
         start = 0
         # A terminator may straddle the previous chunk's end: step back 3 bytes.
         search = max(0, self._scanned - 3)
         while True:
-            lf = buffer.find(b"\n\n", search)
-            crlf = buffer.find(b"\r\n\r\n", search)
-            if lf < 0 and crlf < 0:
+            found = _EVENT_END.search(buffer, search)
+            if found is None:
                 break
-            end = crlf + 4 if crlf >= 0 and (lf < 0 or crlf < lf) else lf + 2
+            end = found.end()
+            if end == len(buffer) and buffer.endswith(b"\r") and not final:
+                break  # the CR may be the first half of a CRLF still on its way
             events.append(parse_event(buffer[start:end]))
             start = search = end
         self._buffer = buffer[start:]

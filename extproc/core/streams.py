@@ -59,7 +59,7 @@ class StreamMeter:
             return StreamStep(chunk + (self.splitter.take_rest() if end_of_stream else b""),
                               False)
         out: list[bytes] = []
-        for event in self.splitter.feed(chunk):
+        for event in self.splitter.feed(chunk, final=end_of_stream):
             self.events += 1
             if self.finished:
                 self._terminator += event.raw

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources as importlib_resources
 from typing import Any
@@ -131,14 +132,19 @@ class CircuitOpen(StoreUnavailable):
 
 
 class CircuitBreaker:
-    def __init__(self, failures: int = 3, open_s: float = 1.0) -> None:
+    """Open after `failures` consecutive failures: calls fail at once for `open_s`, then one
+    call goes through (half-open); its success closes the breaker, its failure reopens it."""
+
+    def __init__(self, failures: int = 3, open_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.threshold = failures
         self.open_s = open_s
+        self.clock = clock  # passed in so tests can step through the open period
         self.failures = 0
         self.open_until = 0.0
 
     def check(self) -> None:
-        if self.failures >= self.threshold and time.monotonic() < self.open_until:
+        if self.failures >= self.threshold and self.clock() < self.open_until:
             raise CircuitOpen("circuit open after repeated Redis failures")
 
     def success(self) -> None:
@@ -147,7 +153,7 @@ class CircuitBreaker:
     def failure(self) -> None:
         self.failures += 1
         if self.failures >= self.threshold:
-            self.open_until = time.monotonic() + self.open_s
+            self.open_until = self.clock() + self.open_s
 
 
 class QuotaStore:

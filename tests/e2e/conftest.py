@@ -14,9 +14,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from extproc.envoyconf import ClusterSpec
 from extproc.launch import Stack, free_port, start_mock_upstream, start_stack
+from extproc.store.keyschema import KeySchema
 
 OPENAI_UPSTREAM_KEY = "sk-upstream-openai-e2e"
 ANTHROPIC_UPSTREAM_KEY = "sk-upstream-anthropic-e2e"
@@ -132,6 +134,24 @@ def wait_for_status(
         )
         if accept(response.status_code) or time.monotonic() > deadline:
             return response
+        time.sleep(0.05)
+
+
+def every_worker_has_loaded_the_latest_configuration(stack: Stack, e2e_env: dict[str, str],
+                                                    timeout: float = 5.0) -> None:
+    """Wait until each extproc worker reports (in /readyz) the generation now in Redis."""
+    client = redis.Redis.from_url(e2e_env["REDIS_URL"])
+    try:
+        generation = int(client.get(KeySchema(e2e_env["TOLLGATE_REDIS_TAG"]).generation) or 0)
+    finally:
+        client.close()
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = httpx.get(f"http://127.0.0.1:{stack.extproc.http}/readyz",
+                            timeout=5).json()["workers"]
+        if len(workers) == 2 and all(w.get("generation", -1) >= generation for w in workers):
+            return
+        assert time.monotonic() < deadline, f"not every worker loaded {generation}: {workers}"
         time.sleep(0.05)
 
 

@@ -65,10 +65,10 @@ def settled(cli: CliRunner, limit: str) -> tuple[float, float]:
 
 
 def usage_spend(cli: CliRunner, key_name: str) -> tuple[int, int]:
-    """(events, total micro-dollars) recorded in the usage stream for this key."""
+    """(events, total nano-dollars) recorded in the usage stream for this key."""
     events = [orjson.loads(line) for line in cli("usage", "--count", "5000").stdout.splitlines()]
     mine = [e for e in events if e.get("key") == key_name]
-    return len(mine), sum(int(e.get("cost", {}).get("total_micros", 0)) for e in mine)
+    return len(mine), sum(int(e.get("cost", {}).get("total_nanos", 0)) for e in mine)
 
 
 def hammer(call: Callable[[], Any]) -> tuple[int, int, list[BaseException]]:
@@ -90,11 +90,11 @@ def hammer(call: Callable[[], Any]) -> tuple[int, int, list[BaseException]]:
 
 def assert_budget_held(cli: CliRunner, limit: str, key_name: str, admitted: int) -> None:
     maximum, spent = settled(cli, limit)
-    events, micros = usage_spend(cli, key_name)
+    events, nanos = usage_spend(cli, key_name)
     assert admitted >= 1, "nothing was admitted: the test would prove nothing"
     assert spent <= maximum, f"spent {spent} > max {maximum}"
-    assert micros / 1e6 <= maximum, f"usage stream records {micros} micro-dollars > {maximum}"
-    assert events >= admitted and micros > 0
+    assert nanos / 1e9 <= maximum, f"usage stream records {nanos} nano-dollars > {maximum}"
+    assert events >= admitted and nanos > 0
 
 
 TOOL_HISTORY = [
@@ -218,9 +218,9 @@ def test_unpriced_model_priced_as_another_under_an_upstream_policy(
     assert not errors, errors[:3]
     assert_budget_held(cli, limit, key_name, admitted + 1)
     admitted += 1
-    # o1-pro's rates ($150 / $600 per 1M): 80 output tokens alone cost 48,000 micro-dollars
-    _, micros = usage_spend(cli, key_name)
-    assert micros >= admitted * 48_000
+    # o1-pro's rates ($150 / $600 per 1M): 80 output tokens alone cost 48,000,000 nano-dollars
+    _, nanos = usage_spend(cli, key_name)
+    assert nanos >= admitted * 48_000_000
 
 
 def _outcome(call: Callable[[], Any]) -> Any:

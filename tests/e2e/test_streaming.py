@@ -17,7 +17,11 @@ import pytest
 
 from extproc.core.pricing import format_nanos
 from extproc.launch import Stack
-from tests.e2e.conftest import CliRunner, upstream_requests
+from tests.e2e.conftest import (
+    CliRunner,
+    every_worker_has_loaded_the_latest_configuration,
+    upstream_requests,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -158,7 +162,8 @@ def test_responses_stream(stack: Stack, new_key: Callable[..., str]) -> None:
 
 
 def test_client_that_disconnects_mid_stream_is_settled(
-    stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
+    stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]],
+    e2e_env: dict[str, str],
 ) -> None:
     name, key = new_named_key()
     limit = "stream-" + uuid.uuid4().hex[:6]
@@ -167,7 +172,7 @@ kind: Limit
 metadata: {{name: {limit}}}
 spec: {{type: Block, max: 10, selector: {{keys: [{name}]}}}}
 """)
-    time.sleep(1.5)  # configuration reload
+    every_worker_has_loaded_the_latest_configuration(stack, e2e_env)
     slow = {"x-mock-chunk-delay-ms": "100", "x-mock-words": "200"}
     with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", timeout=30,
                       headers={"authorization": f"Bearer {key}", **slow},

@@ -15,6 +15,7 @@ import pytest
 from extproc.core.quota import (
     BUCKET_MS,
     WINDOW_MS,
+    CredentialCharge,
     LimitSpec,
     RateLimitSpec,
     Selector,
@@ -43,10 +44,12 @@ def limit(name: str = "budget", max_nanos: int = 1_000_000, *, block: bool = Tru
 
 
 def plan(limits: list[LimitSpec] | None = None, rate_limits: list[RateLimitSpec] | None = None,
-         *, estimate: int = 100_000, tokens: int = 100, now: float = NOW, hold_s: float = 600):
+         *, estimate: int = 100_000, tokens: int = 100, now: float = NOW, hold_s: float = 600,
+         credentials: list[CredentialCharge] | None = None):
     return plan_reservation(
         request_id=uuid.uuid4().hex, now=now, limits=limits or [], rate_limits=rate_limits or [],
         subject=SUBJECT, estimate_nanos=estimate, estimate_tokens=tokens, hold_seconds=hold_s,
+        credentials=credentials or [],
     )
 
 
@@ -151,7 +154,10 @@ async def test_reactive_enforcement_refuses_only_after_overrun(quota: QuotaStore
     reactive = limit("reactive", max_nanos=1_000_000, strict=False)
     p1 = plan([reactive], estimate=5_000_000)  # far above max, still admitted: spend <= max
     assert (await reserve(quota, p1)).denial is None
-    await settle(quota, p1, 1_500_000)
+    await settle(quota, p1, 1_000_000)
+    at_max = plan([reactive], estimate=1)  # spend == max is not an overrun yet
+    assert (await reserve(quota, at_max)).denial is None
+    await settle(quota, at_max, 500_000)
     p2 = plan([reactive], estimate=1)
     assert (await reserve(quota, p2)).denial is not None
 
@@ -302,3 +308,100 @@ async def test_settling_an_offline_admission_records_spend_only(quota: QuotaStor
     assert reply[0] == 1
     state = await quota.redis.hgetall(quota.keys.limit_state("tracker", "month:2026-11"))
     assert int(state[b"spent"]) == 1234 and int(state[b"held"]) == 500
+
+
+def cred(name: str, *, tpm: int | None = None, rpm: int | None = None,
+         primary: bool = True) -> CredentialCharge:
+    return CredentialCharge("pool", name, f"SECRET_{name}", "gpt-4o", primary, rpm, tpm)
+
+
+async def test_cooldown_doubles_without_retry_after_up_to_the_maximum(quota: QuotaStore) -> None:
+    c = cred("c1")
+    marker = quota.keys.cooldown("pool", "c1", "gpt-4o")
+    applied = []
+    for errors in range(1, 7):
+        ms, count = await quota.cool_down(c, 1_000, 5_000, 0)
+        assert count == errors
+        applied.append(ms)
+        assert 0 < await quota.redis.pttl(marker) <= ms  # the credential really rests that long
+    assert applied == [1_000, 2_000, 4_000, 5_000, 5_000, 5_000]
+    # Settling a failed call (the 429 that caused the cooldown) keeps the run of errors.
+    failed = plan(credentials=[cred("other")])
+    await reserve(quota, failed)
+    await quota.settle(quota.settle_call(failed, 0, 0, EVENT, confirmed=True,
+                                         now_ms=failed.now_ms, credential=c, success=False))
+    assert (await quota.cool_down(c, 1_000, 5_000, 0))[1] == 7
+    # The provider's Retry-After is taken as given, and still capped by the maximum.
+    assert (await quota.cool_down(c, 1_000, 5_000, 3_000))[0] == 3_000
+    assert (await quota.cool_down(c, 1_000, 5_000, 60_000))[0] == 5_000
+    # Once the rest is over (the marker expires), a successful call through the credential
+    # resets the run of errors: the next failure rests it for the base time again.
+    await quota.redis.delete(marker)
+    p = plan(credentials=[c])
+    assert (await reserve(quota, p)).denial is None
+    done = quota.settle_call(p, 0, 0, EVENT, confirmed=True, now_ms=p.now_ms, credential=c,
+                             success=True)
+    assert (await quota.settle(done))[0] == 1
+    assert await quota.cool_down(c, 1_000, 5_000, 0) == (1_000, 1)
+
+
+async def test_pooled_credentials_respect_their_tokens_per_minute(quota: QuotaStore) -> None:
+    pool = [cred("a", tpm=1_000), cred("b", tpm=1_000)]
+    first, second = plan(credentials=pool, tokens=600), plan(credentials=pool, tokens=600)
+    r1, r2 = await reserve(quota, first), await reserve(quota, second)
+    assert r1.credential is not None and r2.credential is not None
+    assert {r1.credential.name, r2.credential.name} == {"a", "b"}  # 600 + 600 > 1000: spread
+    assert r1.credential_tokens == 600 and r2.credential_tokens == 600
+    full = await reserve(quota, plan(credentials=pool, tokens=600))
+    assert full.denial is not None and full.denial.status == 503
+    assert full.denial.code == "no_credential_available"
+    # The first call really used 100 tokens: its credential has room again, the other not.
+    call = quota.settle_call(first, 0, 100, EVENT, confirmed=True, now_ms=first.now_ms,
+                             credential=r1.credential, success=True)
+    await quota.settle(call)
+    again = await reserve(quota, plan(credentials=pool, tokens=600))
+    assert again.credential == r1.credential and again.credential_tokens == 700
+    # A request larger than every cap is never admitted on any credential.
+    assert (await reserve(quota, plan(credentials=pool, tokens=1_001))).denial is not None
+
+
+async def test_settlement_after_a_manual_reset_never_leaves_negative_counts(
+    quota: QuotaStore,
+) -> None:
+    """An operator reset a limit's `held` and a token window while requests were in flight:
+    their settlements must not push either below zero, which would admit more than the max."""
+    budget = limit(max_nanos=1_000_000)
+    tpm = RateLimitSpec("tpm", "key", Selector(), None, 1000, None)
+    p = plan([budget], [tpm], estimate=600_000, tokens=900)
+    assert (await reserve(quota, p)).denial is None
+    state_key = quota.keys.limit_state("budget", "month:2026-11")
+    window_key = quota.keys.window("tpm", p.windows[0].ident, "tokens")
+    await quota.redis.hset(state_key, "held", 0)
+    await quota.redis.hset(window_key, str(p.bucket), 100)
+    await settle(quota, p, 100_000, tokens=0)
+    assert int(await quota.redis.hget(state_key, "held")) == 0
+    assert int(await quota.redis.hget(window_key, str(p.bucket))) == 0
+    # The limits still hold at their max: 0.9 USD more fits, 1 µ$ beyond does not.
+    assert (await reserve(quota, plan([budget], estimate=900_001))).denial is not None
+    full = await reserve(quota, plan(rate_limits=[tpm], tokens=1001))
+    assert full.denial is not None
+
+
+async def test_pooled_credentials_respect_rpm_and_cooldowns_each_on_its_own(
+    quota: QuotaStore,
+) -> None:
+    pool = [cred("a", rpm=1), cred("b", rpm=1), cred("fb", rpm=5, primary=False)]
+    # "a" rests after a provider error: the others serve, each within its own cap.
+    await quota.cool_down(pool[0], 30_000, 60_000, 0)
+    chosen = [(await reserve(quota, plan(credentials=pool))).credential for _ in range(3)]
+    assert [c.name if c else None for c in chosen] == ["b", "fb", "fb"]
+    # Another model on the same credential is not resting.
+    other = [CredentialCharge("pool", "a", "SECRET_a", "gpt-4o-mini", True, 1, None)]
+    assert (await reserve(quota, plan(credentials=other))).credential == other[0]
+
+
+async def test_primaries_take_turns_and_fallbacks_wait_for_them(quota: QuotaStore) -> None:
+    pool = [cred("a"), cred("b"), cred("fb", primary=False)]
+    chosen = [(await reserve(quota, plan(credentials=pool))).credential for _ in range(4)]
+    names = [c.name if c else None for c in chosen]
+    assert names in (["a", "b", "a", "b"], ["b", "a", "b", "a"])  # never the fallback

@@ -105,6 +105,8 @@ async def test_usage_stream_round_trip_and_trim(store: Store) -> None:
     from extproc.store.quota_store import QuotaStore
 
     quota = QuotaStore(store.redis, store.keys, stream_maxlen=100)
+    # Batches go through the background client, whatever the request path's breaker says.
+    quota.breaker.failures, quota.breaker.open_until = 99, time.monotonic() + 3600
     await quota.settle_many([
         quota.settle_call(None, 0, 0, event, False, request_id=f"r{i}")
         for i, event in enumerate(events)
@@ -137,16 +139,20 @@ async def test_config_watcher_reloads_on_change(store: Store, tmp_path: Path) ->
         task.cancel()
 
 
-async def test_secret_files_are_read_by_name(store: Store, tmp_path: Path) -> None:
+async def test_secret_files_are_read_by_name(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "OPENAI_API_KEY").write_text("sk-from-file\n")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     watcher = ConfigWatcher(store, str(tmp_path), poll_s=1.0)
     await watcher.reload()
     assert watcher.snapshot is not None
-    # The environment wins when set; otherwise the mounted file is used.
-    import os
-
-    expected = os.environ.get("OPENAI_API_KEY") or "sk-from-file"
-    assert watcher.snapshot.secrets["OPENAI_API_KEY"] == expected
+    # The mounted file, by the secret's name, without its trailing newline ...
+    assert watcher.snapshot.secrets["OPENAI_API_KEY"] == "sk-from-file"
+    # ... unless the environment sets the variable: then the environment wins.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    await watcher.reload()
+    assert watcher.snapshot.secrets["OPENAI_API_KEY"] == "sk-from-env"
 
 
 class CountingStore(Store):
@@ -231,6 +237,7 @@ async def test_settlements_survive_a_redis_outage(tmp_path: Path) -> None:
             await quota.settle(call("probe"))
         proc = up()
         await _eventually(lambda: settler.pending == 0, timeout=10)
+        assert not task.done()  # the settler outlived the outage, retrying with backoff
         ids = sorted(usage_pb2.UsageEvent.FromString(raw).request_id
                      for _, raw in await Store(client, KeySchema("outage")).read_usage(100))
         assert ids == sorted([f"during-{i}" for i in range(10)] + ["inline"])

@@ -16,7 +16,7 @@ from extproc.core.keys import (
     hash_key,
     model_allowed,
 )
-from extproc.core.resources import KeyRecord, validate_document
+from extproc.core.resources import KeyRecord, Resource, ResourceError, validate_document
 
 pytestmark = pytest.mark.unit
 
@@ -47,16 +47,17 @@ def test_hash_key_is_hex_sha256() -> None:
     assert hash_key("tg-a") != hash_key("tg-b")
 
 
-def test_hash_of_a_generated_key_is_a_valid_key_resource() -> None:
-    resource = validate_document(
-        {
-            "apiVersion": "tollgate.io/v1alpha1",
-            "kind": "VirtualKey",
-            "metadata": {"name": "k"},
-            "spec": {"keySha256": hash_key(generate_key())},
-        }
-    )
-    assert resource.kind == "VirtualKey"
+def test_a_key_resource_takes_the_hash_never_the_key() -> None:
+    def key_resource(key_sha256: str) -> Resource:
+        return validate_document({
+            "apiVersion": "tollgate.io/v1alpha1", "kind": "VirtualKey", "metadata": {"name": "k"},
+            "spec": {"keySha256": key_sha256},
+        })
+
+    key = generate_key()
+    assert key_resource(hash_key(key).upper()).spec["keySha256"] == hash_key(key)
+    with pytest.raises(ResourceError, match=r"keySha256.*64 hex digits"):
+        key_resource(key)  # the key itself, pasted by mistake, is refused
 
 
 # ---- find_key --------------------------------------------------------------------------------
@@ -73,6 +74,8 @@ def test_hash_of_a_generated_key_is_a_valid_key_resource() -> None:
         ({"authorization": "  Bearer   tg-a  "}, ("tg-a", "authorization")),
         ({"x-api-key": "tg-b"}, ("tg-b", "x-api-key")),
         ({"x-api-key": "  tg-b \t"}, ("tg-b", "x-api-key")),
+        ({"api-key": "tg-d"}, ("tg-d", "api-key")),  # the Azure OpenAI SDK's header
+        ({"x-api-key": "tg-b", "api-key": "tg-d"}, ("tg-b", "x-api-key")),
         ({"xproxy-api-key": "tg-c"}, ("tg-c", "xproxy-api-key")),
         ({"xproxy-api-key": " tg-c "}, ("tg-c", "xproxy-api-key")),
         # precedence: xproxy-api-key > Authorization: Bearer > x-api-key
@@ -124,19 +127,18 @@ VALID = KeyRecord(
 @pytest.mark.parametrize(
     ("record", "message"),
     [
-        (None, "Incorrect API key"),
-        (replace(VALID, revoked=True), "revoked"),
-        (replace(VALID, expires_at=NOW), "expired"),  # at the expiry instant it is expired
-        (replace(VALID, expires_at=NOW - 1), "expired"),
-        (replace(VALID, expires_at=NOW - 1, revoked=True), "revoked"),
+        (None, "Incorrect API key provided."),  # OpenAI's own wording, which SDKs surface
+        (replace(VALID, revoked=True), "This API key has been revoked."),
+        # at the expiry instant it is expired
+        (replace(VALID, expires_at=NOW), "This API key has expired."),
+        (replace(VALID, expires_at=NOW - 1), "This API key has expired."),
+        (replace(VALID, expires_at=NOW - 1, revoked=True), "This API key has been revoked."),
     ],
 )
 def test_check_key_refuses(record: KeyRecord | None, message: str) -> None:
     deny = check_key(record, NOW)
     assert deny is not None
-    assert deny.status == 401
-    assert deny.code == "invalid_api_key"
-    assert message in deny.message
+    assert (deny.status, deny.code, deny.message) == (401, "invalid_api_key", message)
 
 
 @pytest.mark.parametrize(

@@ -22,10 +22,17 @@ def ts(iso: str) -> float:
     return datetime.fromisoformat(iso).replace(tzinfo=UTC).timestamp()
 
 
-def test_every_documented_period_is_known() -> None:
-    assert PERIODS == ("none", "hour", "day", "week", "month")
-    for period in PERIODS:
-        period_bounds(period, "UTC", ts("2026-11-14T13:45:30"))
+def test_every_period_a_limit_may_name_has_an_id_and_an_end() -> None:
+    """`Limit.spec.period` accepts exactly PERIODS: each must give its own id and an end."""
+    now = ts("2026-11-14T13:45:30")
+    bounds = {period: period_bounds(period, "UTC", now) for period in PERIODS}
+    assert bounds == {
+        "none": ("all", None),
+        "hour": ("hour:2026-11-14T13", ts("2026-11-14T14:00")),
+        "day": ("day:2026-11-14", ts("2026-11-15T00:00")),
+        "week": ("week:2026-W46", ts("2026-11-16T00:00")),
+        "month": ("month:2026-11", ts("2026-12-01T00:00")),
+    }
 
 
 @pytest.mark.parametrize("zone", ["UTC", NY, "Asia/Tokyo"])

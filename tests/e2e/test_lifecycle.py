@@ -1,0 +1,118 @@
+"""The extproc process tree's own safety nets: a worker that dies is restarted by the supervisor
+(and /healthz follows), and SIGTERM lets a stream in flight finish and be settled."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from extproc import envoyconf
+from extproc.gen.tollgate.v1 import usage_pb2
+from extproc.launch import Stack, free_port, start_envoy, start_extproc
+from extproc.store.keyschema import KeySchema
+
+pytestmark = pytest.mark.e2e
+
+
+def poll(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """The first truthy value of `check()`, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_killed_worker_is_restarted_and_healthz_says_so(
+    stack: Stack, new_key: Callable[..., str]
+) -> None:
+    base = f"http://127.0.0.1:{stack.extproc.http}"
+    health = httpx.get(f"{base}/healthz", timeout=5).json()
+    assert health["status"] == "ok"
+    victim, other = health["workers"]
+    os.kill(victim["pid"], signal.SIGKILL)
+    poll(lambda: not alive(victim["pid"]), 5, "the worker to die")
+
+    def restarted() -> dict[str, Any] | None:
+        body: dict[str, Any] = httpx.get(f"{base}/healthz", timeout=5).json()
+        pid = body["workers"][0]["pid"]
+        return body if body["status"] == "ok" and pid != victim["pid"] else None
+
+    health = poll(restarted, 15, "the supervisor to restart the worker")
+    replacement = health["workers"][0]
+    assert replacement["alive"] and alive(replacement["pid"])
+    assert health["workers"][1]["pid"] == other["pid"]  # the other worker was left alone
+    # The new worker loads the configuration: the gateway is ready and serving again.
+    ready = poll(lambda: (r := httpx.get(f"{base}/readyz", timeout=5)).status_code == 200
+                 and r.json(), 15, "readiness")
+    assert ready["workers"][0]["pid"] == replacement["pid"]
+    response = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=10,
+                          headers={"authorization": f"Bearer {new_key()}"},
+                          json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 200 and response.headers["x-tollgate-cost"]
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_and_settles_it(
+    stack: Stack, redis_url: str, e2e_env: dict[str, str], tmp_path: Path,
+    new_key: Callable[..., str],
+) -> None:
+    key = new_key()  # created before this extproc starts: in its first snapshot
+    extproc, ports = start_extproc(tmp_path / "extproc", redis_url, workers=1, env=e2e_env)
+    envoy = None
+    try:
+        admin, port = free_port(), free_port()
+        config = envoyconf.render_bootstrap(
+            clusters=envoyconf.mock_clusters("127.0.0.1", stack.mock_port or 0),
+            listen_port=port, admin_port=admin, extproc_port=ports.grpc)
+        envoy = start_envoy(tmp_path / "envoy", config, admin, concurrency=1)
+        body = {"model": "gpt-4o-mini", "stream": True,
+                "messages": [{"role": "user", "content": "Tell me something"}]}
+        slow = {"x-mock-chunk-delay-ms": "50", "x-mock-words": "10"}
+        received = b""
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body,
+                          timeout=30, headers={"authorization": f"Bearer {key}", **slow}) as r:
+            assert r.status_code == 200
+            request_id = r.headers["x-tollgate-request-id"]
+            chunks = r.iter_raw()
+            received += next(chunks)
+            extproc.popen.send_signal(signal.SIGTERM)  # the supervisor: it drains its workers
+            for chunk in chunks:
+                received += chunk
+        # The stream ran to its end, priced, although the extproc was asked to stop.
+        assert received.rstrip().endswith(b"data: [DONE]")
+        assert b": xproxy_result " in received
+        assert received.count(b'"content"') >= 10
+        # The extproc then exits by itself, and the request's settlement is in Redis.
+        poll(lambda: not extproc.alive(), 30, "the extproc to exit")
+        assert extproc.popen.returncode == 0
+        stream_key = KeySchema(e2e_env["TOLLGATE_REDIS_TAG"]).usage_stream
+        client = redis.Redis.from_url(redis_url)
+        try:
+            events = [usage_pb2.UsageEvent.FromString(fields[b"event"])
+                      for _, fields in client.xrevrange(stream_key, count=200)]
+        finally:
+            client.close()
+        (event,) = [e for e in events if e.request_id == request_id]
+        assert event.streamed and event.priced and event.tokens.output >= 10
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        extproc.stop()
