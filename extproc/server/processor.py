@@ -40,6 +40,7 @@ from extproc.core.snapshot import Snapshot
 from extproc.envoyconf import METADATA_NAMESPACE
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.server import adapter, logs, metrics, tracing
+from extproc.server.annotations import annotate_event
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
 from extproc.store.quota_store import CircuitOpen, QuotaStore, SettleCall
@@ -396,6 +397,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                                                                            "stream_cut"),
             streamed=facts.stream,
         )
+        annotate_event(event, exchange.annotations)
         if priced is not None and due.reason in ("priced", "stream_cut"):
             u, c = priced.usage, priced.cost
             event.tokens.CopyFrom(usage_pb2.TokenCounts(
