@@ -54,6 +54,7 @@ from extproc.core.estimate import (
     strict_estimate,
 )
 from extproc.core.header_budget import HeaderTally, check_fits
+from extproc.core.ingest import Ingest, ingest_kind, parse_ingest
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
 from extproc.core.quota import (
@@ -160,6 +161,7 @@ class Exchange:
         "facts",
         "header_tally",
         "hide_usage_chunk",
+        "ingest_bulk",
         "key",
         "limit_statuses",
         "meter",
@@ -201,6 +203,7 @@ class Exchange:
         self.named_limits: tuple[str, ...] = ()
         self.request_tags: tuple[str, ...] = ()
         self.annotations = payi.NO_ANNOTATIONS  # use case, account, properties (core/payi.py)
+        self.ingest_bulk: bool | None = None  # an ingest call (core/ingest.py): bulk or not
         self.client_ip = ""
         self.user = ""  # who limits and usage events see (`attribution.effective_user`)
         self.plan: ReservationPlan | None = None
@@ -307,8 +310,9 @@ class Exchange:
             sets.append((":path", path))
         self.path = path
         self.client_anthropic_version = "anthropic-version" in headers
-        self.route = classify_path(path)
-        if self.route is None:
+        ingest = ingest_kind(path)
+        self.route = classify_path(path) if ingest is None else None
+        if self.route is None and ingest is None:
             return Deny(404, "unknown_endpoint", f"Tollgate does not serve {path.split('?')[0]}.")
         if presented is None:
             return Deny(
@@ -330,7 +334,9 @@ class Exchange:
         self.client_ip = client_ip
 
         method = headers.get(":method", "GET")
-        if self.route.endpoint is Endpoint.MODELS:
+        if ingest is not None:
+            self.ingest_bulk = ingest  # answered by Tollgate in the body phase
+        elif self.route is not None and self.route.endpoint is Endpoint.MODELS:
             if method != "GET":
                 return Deny(405, "method_not_allowed", "Use GET for /v1/models.")
             return self._models_reply(snapshot, now)
@@ -411,10 +417,14 @@ class Exchange:
 
     def on_request_body(
         self, body: bytes, snapshot: Snapshot, now: float
-    ) -> Decision | Reserve:
-        assert self.route is not None and self.key is not None and self.presented is not None
+    ) -> Decision | Reserve | Ingest:
+        assert self.key is not None and self.presented is not None
         if len(body) > self.options.max_body_bytes:
             return self._too_large()
+        if self.ingest_bulk is not None:
+            return parse_ingest(body, self.ingest_bulk, self.key.name, now, self.annotations,
+                                self.named_limits, self.request_tags, self.user)
+        assert self.route is not None
         self._snapshot = snapshot
         facts = parse_request(self.route, body)
         if isinstance(facts, Deny):

@@ -27,6 +27,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from extproc.core.decisions import Continue, Decision, Deny
 from extproc.core.exchange import Exchange, Options, Reply, Reserve, Settlement
 from extproc.core.header_budget import HeaderTally
+from extproc.core.ingest import Ingest
 from extproc.core.keys import find_key
 from extproc.core.pricing import format_nanos, nanos_to_micros
 from extproc.core.quota import (
@@ -41,6 +42,8 @@ from extproc.envoyconf import METADATA_NAMESPACE
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.server import adapter, logs, metrics, tracing
 from extproc.server.annotations import annotate_event
+from extproc.server.ingest import answer_ingest
+from extproc.server.ingest import refuse as ingest_refuse
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
 from extproc.store.quota_store import CircuitOpen, QuotaStore, SettleCall
@@ -252,9 +255,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         snapshot: Snapshot,
         started: float,
     ) -> ep.ProcessingResponse:
-        decision: Decision | Reserve = exchange.on_request_body(
+        decision: Decision | Reserve | Ingest = exchange.on_request_body(
             request.request_body.body, snapshot, time.time()
         )
+        if isinstance(decision, Ingest):
+            return await answer_ingest(self.quota, exchange, decision, snapshot,
+                                       self.options.hold_seconds)
+        if exchange.ingest_bulk is not None and isinstance(decision, Deny):
+            return ingest_refuse(exchange, decision)
         if isinstance(decision, Reserve):
             decision = await self._reserve(exchange, decision, started)
         if isinstance(decision, Deny):

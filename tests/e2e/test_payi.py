@@ -7,9 +7,13 @@ Redis; only the provider is the fake upstream.
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anthropic
@@ -290,3 +294,189 @@ def test_tollgate_twins_of_the_payi_headers(stack: Stack, payi_key: Setup,
                           raw.headers["x-tollgate-cost"])
     assert result.request_id is not None
     check_event(event_for(e2e_env, redis_url, result.request_id))
+
+
+# ---- telemetry-only mode: the ingest API ------------------------------------------------------
+
+def payi_client(stack: Stack, setup: Setup) -> Any:
+    from payi import Payi
+    return Payi(api_key=setup.key, base_url=stack.base_url, max_retries=0)
+
+
+def limit_spent(cli: CliRunner, limit: str) -> float:
+    """SPENT of `tollgate get limits NAME` (the table: NAMESPACE NAME TYPE MAX SPENT ...)."""
+    return float(cli("get", "limits", limit).stdout.splitlines()[1].split()[4])
+
+
+def test_ingest_prices_counts_and_never_twice(stack: Stack, payi_key: Setup, cli: CliRunner,
+                                              e2e_env: dict[str, str], redis_url: str) -> None:
+    from payi.types import IngestResponse
+    client = payi_client(stack, payi_key)
+    before = limit_spent(cli, payi_key.limit)
+    stamp = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+    units = {"text": {"input": 1000, "output": 200}, "text_cache_read": {"input": 400},
+             "audio": {"input": 5}}
+    raw = client.ingest.with_raw_response.units(
+        category="system.openai", resource="gpt-4o", units=units, event_timestamp=stamp,
+        limit_ids=[payi_key.limit], use_case_name="summarise", use_case_id="uc-41",
+        use_case_step="draft", user_id="end-user-7", account_name="acme",
+        use_case_properties={"tier": "gold"}, properties={"ticket": "T-9"},
+        use_case_version=3, resource_scope="global", end_to_end_latency_ms=812)
+    first = raw.parse()
+    assert isinstance(first, IngestResponse)
+    result = first.xproxy_result
+    assert result.duplicate_request is False
+    # gpt-4o: 2.50 input, 1.25 cached input, 10.00 output per 1M tokens.
+    expected = (1000 * 2.5 + 400 * 1.25 + 200 * 10.0) / 1e6
+    assert result.cost is not None and result.cost.total is not None
+    assert result.cost.total.base == pytest.approx(expected, abs=1e-12)
+    assert result.unknown_units is not None and result.unknown_units["audio"].input == 5
+    assert result.limits is not None and result.limits[payi_key.limit].state == "ok"
+    assert result.use_case_name == "summarise" and result.user_id == "end-user-7"
+    assert limit_spent(cli, payi_key.limit) == pytest.approx(before + expected, abs=1e-9)
+    event = event_for(e2e_env, redis_url, first.request_id)
+    assert event.source == "ingest" and event.provider == "system.openai"
+    assert event.tokens.input == 1400 and event.tokens.cached_input == 400
+    assert event.cost.total_nanos == round(expected * 1e9)
+    assert dict(event.request_properties) == {"ticket": "T-9"}
+    assert event.use_case_version == 3 and event.latency_ms == 812
+
+    # The SDK retries the same body: recorded once, reported as a duplicate.
+    again = client.ingest.units(
+        category="system.openai", resource="gpt-4o", units=units, event_timestamp=stamp,
+        limit_ids=[payi_key.limit], use_case_name="summarise", use_case_id="uc-41",
+        use_case_step="draft", user_id="end-user-7", account_name="acme",
+        use_case_properties={"tier": "gold"}, properties={"ticket": "T-9"},
+        use_case_version=3, resource_scope="global", end_to_end_latency_ms=812)
+    assert again.request_id == first.request_id
+    assert again.xproxy_result.duplicate_request is True
+    assert limit_spent(cli, payi_key.limit) == pytest.approx(before + expected, abs=1e-9)
+
+
+def test_ingest_over_a_block_limit_is_recorded_and_reports_the_overrun(
+        stack: Stack, payi_key: Setup, cli: CliRunner) -> None:
+    block = "payi-block-" + uuid.uuid4().hex[:6]
+    apply(cli, "apiVersion: tollgate.io/v1alpha1\nkind: Limit\n"
+               f"metadata: {{name: {block}}}\nspec:\n  type: Block\n  max: 0.001\n"
+               "  selector: {keys: [nobody]}\n")
+    client = payi_client(stack, payi_key)
+    deadline = time.monotonic() + 5
+    while True:  # until the limit reached the workers
+        response = client.ingest.units(
+            category="system.openai", resource="gpt-4o",
+            units={"text": {"input": 1000, "output": 1000}}, limit_ids=[block],
+            properties={"n": uuid.uuid4().hex})
+        limits = response.xproxy_result.limits or {}
+        if block in limits or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    # $0.0125 reported against a $0.001 Block limit: not refused (it happened), overrun.
+    assert limits[block].state == "overrun"
+    assert response.xproxy_result.blocked_limit_ids == []
+    total = response.xproxy_result.cost.total  # type: ignore[union-attr]
+    assert total is not None and total.overrun_base == pytest.approx(0.0125 - 0.001, abs=1e-9)
+
+
+def test_bulk_ingest_records_good_events_and_lists_bad_ones(stack: Stack, payi_key: Setup,
+                                                           e2e_env: dict[str, str],
+                                                           redis_url: str) -> None:
+    client = payi_client(stack, payi_key)
+    tag = uuid.uuid4().hex[:8]
+    events: list[Any] = [
+        {"category": "system.anthropic", "resource": "claude-sonnet-4-5",
+         "units": {"text": {"input": 10, "output": 5}}, "use_case_name": "bulk-" + tag},
+        {"category": "system.openai", "units": {"text": {"input": 1}}},   # no resource
+        {"category": "system.openai", "resource": "gpt-4o",
+         "units": {"text": {"input": -1}}},                                 # negative
+        {"category": "system.openai", "resource": "gpt-4o-mini",
+         "units": {"text": {"input": 7, "output": 3}}, "user_id": "u-" + tag},
+    ]
+    response = client.ingest.bulk(events=events)
+    assert response.ingest_count == 2 and response.error_count == 2
+    assert [e.item_index for e in response.errors or []] == [1, 2]
+    first_error = (response.errors or [])[0].xproxy_result
+    assert first_error is not None and first_error.status_code == 400
+    assert first_error.xproxy_error is not None and "resource" in (
+        first_error.xproxy_error.message or "")
+    ids = [r["request_id"] for r in response.model_extra["results"]]
+    assert event_for(e2e_env, redis_url, ids[0]).use_case_name == "bulk-" + tag
+    assert event_for(e2e_env, redis_url, ids[1]).user == "u-" + tag
+    again = client.ingest.bulk(events=events)
+    assert [r["xproxy_result"]["duplicate_request"] for r in again.model_extra["results"]] == [
+        True, True]
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    (b"not json", "not valid JSON"),
+    (b"[]", "must be a JSON object"),
+    (b'{"category": "system.openai", "resource": "gpt-4o"}', "'units'"),
+    (b'{"category": "system.openai", "resource": "gpt-4o", "units": {"text": {"input": 1.5}}}',
+     "integer"),
+    (b'{"category": "system.openai", "resource": "gpt-4o", "units": {"text": {}},'
+     b' "event_timestamp": "yesterday"}', "ISO 8601"),
+])
+def test_bad_ingest_payloads_are_clear_400s(stack: Stack, payi_key: Setup, body: bytes,
+                                            fragment: str) -> None:
+    response = httpx.post(f"{stack.base_url}/api/v1/ingest", content=body, timeout=10,
+                          headers={"xProxy-api-key": payi_key.key,
+                                   "content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    doc = response.json()
+    assert fragment in doc["xproxy_error"]["message"]
+    assert doc["statusCode"] == 400 and doc["error"]["code"] == "invalid_request"
+
+
+def test_ingest_needs_a_valid_key(stack: Stack) -> None:
+    from payi import AuthenticationError, Payi
+    client = Payi(api_key="tg-not-a-key", base_url=stack.base_url, max_retries=0)
+    with pytest.raises(AuthenticationError):
+        client.ingest.units(category="system.openai", resource="gpt-4o",
+                            units={"text": {"input": 1, "output": 1}})
+
+
+INSTRUMENTED_APP = """
+import sys
+import openai
+from payi.lib.instrument import payi_instrument, track_context
+
+payi_instrument()  # Pay-i's default: telemetry, the app calls the provider itself
+client = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
+with track_context(use_case_name=sys.argv[3], limit_ids=[sys.argv[4]], user_id="end-user-7"):
+    completion = client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Hello"}])
+print(completion.id)
+"""
+
+
+def test_sdk_default_instrumentation_reports_to_tollgate(
+        stack: Stack, payi_key: Setup, e2e_env: dict[str, str], redis_url: str, cli: CliRunner
+) -> None:
+    """`payi_instrument()` without proxy, in its own process (it patches the provider SDKs):
+    the app calls the provider directly, the SDK ingests the usage into Tollgate."""
+    from tests.e2e.conftest import OPENAI_UPSTREAM_KEY
+    clear_upstream(stack)
+    before = limit_spent(cli, payi_key.limit)
+    use_case = "instrumented-" + uuid.uuid4().hex[:6]
+    env = {**e2e_env, "PAYI_BASE_URL": stack.base_url, "PAYI_API_KEY": payi_key.key}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(INSTRUMENTED_APP),
+         f"http://127.0.0.1:{stack.mock_port}/v1", OPENAI_UPSTREAM_KEY, use_case,
+         payi_key.limit],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert len(upstream_requests(stack)) == 1  # the provider was called directly, once
+    stream = KeySchema(e2e_env["TOLLGATE_REDIS_TAG"]).usage_stream
+    client = redis.Redis.from_url(redis_url)
+    try:
+        found = [usage_pb2.UsageEvent.FromString(f[b"event"])
+                 for _id, f in client.xrevrange(stream, count=200)]
+    finally:
+        client.close()
+    mine = [e for e in found if e.use_case_name == use_case]
+    assert len(mine) == 1, done.stderr
+    event = mine[0]
+    assert event.source == "ingest" and event.provider == "system.openai"
+    assert event.model == "gpt-4o" and event.tokens.output > 0 and event.cost.total_nanos > 0
+    assert event.user == "end-user-7"
+    assert limit_spent(cli, payi_key.limit) == pytest.approx(
+        before + event.cost.total_nanos / 1e9, abs=1e-9)
