@@ -311,6 +311,7 @@ class Exchange:
         self.path = path
         self.client_anthropic_version = "anthropic-version" in headers
         ingest = ingest_kind(path)
+        self.ingest_bulk = ingest  # an ingest call is answered by Tollgate in the body phase
         self.route = classify_path(path) if ingest is None else None
         if self.route is None and ingest is None:
             return Deny(404, "unknown_endpoint", f"Tollgate does not serve {path.split('?')[0]}.")
@@ -334,9 +335,7 @@ class Exchange:
         self.client_ip = client_ip
 
         method = headers.get(":method", "GET")
-        if ingest is not None:
-            self.ingest_bulk = ingest  # answered by Tollgate in the body phase
-        elif self.route is not None and self.route.endpoint is Endpoint.MODELS:
+        if self.route is not None and self.route.endpoint is Endpoint.MODELS:
             if method != "GET":
                 return Deny(405, "method_not_allowed", "Use GET for /v1/models.")
             return self._models_reply(snapshot, now)

@@ -261,8 +261,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if isinstance(decision, Ingest):
             return await answer_ingest(self.quota, exchange, decision, snapshot,
                                        self.options.hold_seconds)
-        if exchange.ingest_bulk is not None and isinstance(decision, Deny):
-            return ingest_refuse(exchange, decision)
         if isinstance(decision, Reserve):
             decision = await self._reserve(exchange, decision, started)
         if isinstance(decision, Deny):
@@ -380,6 +378,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def _deny(
         self, exchange: Exchange, deny: Deny, counted: bool = False
     ) -> ep.ProcessingResponse:
+        if exchange.ingest_bulk is not None and not counted:
+            return ingest_refuse(exchange, deny)  # Pay-i's error model (core/ingest.py)
         if not counted:
             metrics.REQUESTS.labels("denied", deny.code).inc()
         return adapter.deny_response(deny, exchange.anthropic_style, exchange.deny_headers())

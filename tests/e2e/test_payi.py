@@ -480,3 +480,9 @@ def test_sdk_default_instrumentation_reports_to_tollgate(
     assert event.user == "end-user-7"
     assert limit_spent(cli, payi_key.limit) == pytest.approx(
         before + event.cost.total_nanos / 1e9, abs=1e-9)
+
+
+def test_ingest_refusals_before_the_body_use_the_pay_i_error_model(stack: Stack) -> None:
+    response = httpx.post(f"{stack.base_url}/api/v1/ingest", json={}, timeout=10)
+    assert response.status_code == 401
+    assert response.json()["xproxy_error"]["code"] == "missing_api_key"
