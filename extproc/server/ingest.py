@@ -93,6 +93,8 @@ async def answer_ingest(quota: QuotaStore, exchange: Exchange, ingest: Ingest,
         duplicate = reply[0] == 0
         if not duplicate:
             metrics.COST_NANOS.labels("ingest").inc(priced.cost.total_nanos)
+            metrics.count_spend(key.name, priced.model, priced.priced, "ingest",
+                                priced.cost.total_nanos, event.usage.input, event.usage.output)
         result = event_result(priced, interpret_settlement(priced.plan, reply), duplicate,
                               key.name)
         results.append({"event_timestamp": event.event_timestamp, "request_id":

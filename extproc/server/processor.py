@@ -427,6 +427,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if not priced.priced:
             metrics.UNPRICED.labels("unknown_model").inc()
         metrics.COST_NANOS.labels(priced.upstream).inc(priced.cost.total_nanos)
+        metrics.count_spend(priced.key_name, exchange.model_identity or priced.model,
+                            priced.priced, priced.upstream, priced.cost.total_nanos,
+                            priced.usage.input, priced.usage.output)
         if exchange.credential is not None:
             metrics.CRED_TOKENS.labels(priced.upstream, exchange.credential.name).inc(
                 priced.usage.total)

@@ -486,3 +486,25 @@ def test_ingest_refusals_before_the_body_use_the_pay_i_error_model(stack: Stack)
     response = httpx.post(f"{stack.base_url}/api/v1/ingest", json={}, timeout=10)
     assert response.status_code == 401
     assert response.json()["xproxy_error"]["code"] == "missing_api_key"
+
+
+def test_spend_metrics_by_key_model_and_upstream(stack: Stack, payi_key: Setup) -> None:
+    """Proxied calls count under their upstream, ingested ones under `ingest`."""
+    def spend(upstream: str) -> float:
+        text = httpx.get(f"http://127.0.0.1:{stack.extproc.http}/metrics", timeout=5).text
+        prefix = (f'tollgate_spend_nanos_total{{key="{payi_key.name}",model="gpt-4o",'
+                  f'upstream="{upstream}"}} ')
+        return sum(float(line[len(prefix):]) for line in text.splitlines()
+                   if line.startswith(prefix))
+
+    before_proxy, before_ingest = spend("openai"), spend("ingest")
+    raw = openai_client(stack, payi_key).chat.completions.with_raw_response.create(
+        **chat_body())
+    cost = round(float(raw.headers["x-tollgate-cost"]) * 1e9)
+    result = payi_client(stack, payi_key).ingest.units(
+        category="system.openai", resource="gpt-4o",
+        units={"text": {"input": 10, "output": 10}}, properties={"n": uuid.uuid4().hex})
+    assert result.xproxy_result.cost is not None and result.xproxy_result.cost.total is not None
+    assert spend("openai") == before_proxy + cost
+    assert spend("ingest") == pytest.approx(
+        before_ingest + result.xproxy_result.cost.total.base * 1e9)

@@ -80,3 +80,10 @@ def test_complete_result_reports_the_overrun_part_of_the_cost() -> None:
     assert result["use_case_name"] == "uc" and result["user_id"] == "alice"
     assert result["request_tags"] == ["t"] and result["duplicate_request"] is False
     assert result["use_case_id"] is None and result["unknown_units"] == {}
+
+
+def test_metric_label_values_are_bounded() -> None:
+    from extproc.server.metrics import BoundedValues
+    bound = BoundedValues(2)
+    assert [bound(v) for v in ("a", "b", "c", "a", "d", "b")] == ["a", "b", "_other", "a",
+                                                                    "_other", "b"]
