@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 
 import orjson
 
-from extproc.core import attribution
+from extproc.core import attribution, payi
 from extproc.core.attribution import LIMIT_IDS_HEADERS, TAGS_HEADERS, USER_HEADERS
 from extproc.core.decisions import CONTINUE, BodyMode, Continue, Decision, Deny, HeaderEdit
 from extproc.core.estimate import (
@@ -54,6 +54,7 @@ from extproc.core.estimate import (
     strict_estimate,
 )
 from extproc.core.header_budget import HeaderTally, check_fits
+from extproc.core.ingest import Ingest, ingest_kind, parse_ingest
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
 from extproc.core.quota import (
@@ -150,6 +151,7 @@ class Exchange:
         "_snapshot",
         "_subject",
         "admitted",
+        "annotations",
         "clamped",
         "client_anthropic_version",
         "client_ip",
@@ -159,6 +161,7 @@ class Exchange:
         "facts",
         "header_tally",
         "hide_usage_chunk",
+        "ingest_bulk",
         "key",
         "limit_statuses",
         "meter",
@@ -199,6 +202,8 @@ class Exchange:
         self.client_anthropic_version = False
         self.named_limits: tuple[str, ...] = ()
         self.request_tags: tuple[str, ...] = ()
+        self.annotations = payi.NO_ANNOTATIONS  # use case, account, properties (core/payi.py)
+        self.ingest_bulk: bool | None = None  # an ingest call (core/ingest.py): bulk or not
         self.client_ip = ""
         self.user = ""  # who limits and usage events see (`attribution.effective_user`)
         self.plan: ReservationPlan | None = None
@@ -288,14 +293,27 @@ class Exchange:
         now: float,
         client_ip: str = "",
     ) -> Decision | Reply:
-        removes = [name for name in headers if name.startswith(INTERNAL_PREFIX)]
+        # Pay-i's annotation headers never reach the provider either (its key header is
+        # handled with the other key headers in `on_request_body`).
+        removes = [name for name in headers if name.startswith(INTERNAL_PREFIX) or (
+            name.startswith(payi.PAYI_PREFIX) and name != BYOK_HEADER)]
         if "accept-encoding" in headers:
             removes.append("accept-encoding")
         path = headers.get(":path", "/")
+        sets: list[tuple[str, str]] = []
+        proxied = payi.proxy_path(path)
+        if isinstance(proxied, Deny):
+            return proxied
+        if proxied is not None:
+            # A Pay-i proxy path: from here on, the same request as on Tollgate's own path.
+            path = proxied
+            sets.append((":path", path))
         self.path = path
         self.client_anthropic_version = "anthropic-version" in headers
-        self.route = classify_path(path)
-        if self.route is None:
+        ingest = ingest_kind(path)
+        self.ingest_bulk = ingest  # an ingest call is answered by Tollgate in the body phase
+        self.route = classify_path(path) if ingest is None else None
+        if self.route is None and ingest is None:
             return Deny(404, "unknown_endpoint", f"Tollgate does not serve {path.split('?')[0]}.")
         if presented is None:
             return Deny(
@@ -317,7 +335,7 @@ class Exchange:
         self.client_ip = client_ip
 
         method = headers.get(":method", "GET")
-        if self.route.endpoint is Endpoint.MODELS:
+        if self.route is not None and self.route.endpoint is Endpoint.MODELS:
             if method != "GET":
                 return Deny(405, "method_not_allowed", "Use GET for /v1/models.")
             return self._models_reply(snapshot, now)
@@ -334,9 +352,9 @@ class Exchange:
             return self._too_large()
         if end_of_stream:
             return Deny(400, "invalid_request", "Request body is empty; a JSON object is required.")
-        if not removes:
+        if not removes and not sets:
             return CONTINUE
-        edit = HeaderEdit(remove=tuple(removes))
+        edit = HeaderEdit(set=tuple(sets), remove=tuple(removes))
         if self.header_tally is not None:
             too_many = check_fits(self.header_tally, edit, False)
             if too_many is not None:
@@ -372,6 +390,10 @@ class Exchange:
             if isinstance(checked, Deny):
                 return checked
         self.user = header_user  # completed with the body's `user` in `on_request_body`
+        notes = payi.read_annotations(headers)
+        if isinstance(notes, Deny):
+            return notes
+        self.annotations = notes
         return None
 
     def _too_large(self) -> Deny:
@@ -394,10 +416,14 @@ class Exchange:
 
     def on_request_body(
         self, body: bytes, snapshot: Snapshot, now: float
-    ) -> Decision | Reserve:
-        assert self.route is not None and self.key is not None and self.presented is not None
+    ) -> Decision | Reserve | Ingest:
+        assert self.key is not None and self.presented is not None
         if len(body) > self.options.max_body_bytes:
             return self._too_large()
+        if self.ingest_bulk is not None:
+            return parse_ingest(body, self.ingest_bulk, self.key.name, now, self.annotations,
+                                self.named_limits, self.request_tags, self.user)
+        assert self.route is not None
         self._snapshot = snapshot
         facts = parse_request(self.route, body)
         if isinstance(facts, Deny):
@@ -667,13 +693,13 @@ class Exchange:
             deny,
             headers=deny.headers + rate_limit_headers(reservation.windows)
             + limit_headers(reservation.limits),
-            result={
+            result=self._complete_result({
                 "request_id": self.request_id,
                 "blocked_limit_ids": [reservation.blocked_limit] if reservation.blocked_limit
                 else [],
                 "unknown_limit_ids": list(self.unknown_limits),
-                "limits": limits_result(reservation.limits),
-            },
+                "limits": limits_result(reservation.limits, self._blocking()),
+            }),
         )
 
     def on_reserve_failed(self, reserve: Reserve, local: LocalWindows) -> Decision:
@@ -787,9 +813,10 @@ class Exchange:
         result = None
         if self.options.result_object:
             doc = result_object(self.priced)
-            doc["limits"] = limits_result(self.limit_statuses)
+            doc["limits"] = limits_result(self.limit_statuses, self._blocking())
             doc["unknown_limit_ids"] = list(self.unknown_limits)
             self._report_estimate(doc)
+            self._complete_result(doc)
             result = orjson.dumps(doc)
         return self.meter.closing(result)
 
@@ -799,6 +826,15 @@ class Exchange:
             result["clamped"] = self.clamped.result()
         if self.priced_as is not None:
             result["priced_as"] = self.priced_as
+
+    def _blocking(self) -> dict[str, bool]:
+        return {lim.name: lim.block for lim in self._limits}
+
+    def _complete_result(self, result: dict[str, object]) -> dict[str, object]:
+        """The members the Pay-i SDK's `XproxyResult` declares (core/payi.py)."""
+        states = {s.name: (s.state, s.spent_nanos, s.max_nanos) for s in self.limit_statuses}
+        return payi.complete_result(result, self.annotations, self.user, self.request_tags,
+                                    states)
 
     def _prompt_estimate(self) -> int:
         return self.facts.prompt_tokens_estimate if self.facts is not None else 0
@@ -830,9 +866,10 @@ class Exchange:
         new_body = None
         if self.options.result_object:
             result = result_object(self.priced)
-            result["limits"] = limits_result(self.limit_statuses)
+            result["limits"] = limits_result(self.limit_statuses, self._blocking())
             result["unknown_limit_ids"] = list(self.unknown_limits)
             self._report_estimate(result)
+            self._complete_result(result)
             new_body = splice_result(body, result)
         return Continue(edit, body=new_body)
 

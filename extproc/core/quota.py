@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from extproc.core.decisions import Deny
@@ -438,11 +438,18 @@ def limit_headers(statuses: Sequence[LimitStatus]) -> tuple[tuple[str, str], ...
     return (("x-tollgate-limits", value),)
 
 
-def limits_result(statuses: Sequence[LimitStatus]) -> dict[str, object]:
-    """The `limits` member of the result object."""
+def limits_result(
+    statuses: Sequence[LimitStatus], blocking: Mapping[str, bool] | None = None
+) -> dict[str, object]:
+    """The `limits` member of the result object: `{limit_id: {state, ...}}` as the Pay-i SDK
+    parses it, with the per-limit details Pay-i documents (`limit_type`, `current`, `max`,
+    `remaining`); `blocking` says which limits are Block limits."""
     return {
         s.name: {
             "state": s.state,
+            **({"limit_type": "block" if blocking[s.name] else "allow"}
+               if blocking is not None and s.name in blocking else {}),
+            "current": nanos_to_usd(s.spent_nanos),
             "period": s.period_id,
             "spent": nanos_to_usd(s.spent_nanos),
             "held": nanos_to_usd(s.held_nanos),

@@ -92,3 +92,48 @@ CRED_TPM = Gauge(
     "Tokens in the credential's current rolling minute (as last seen by a worker).",
     ["upstream", "credential"], multiprocess_mode="mostrecent",
 )
+
+# Spend and tokens by key, model and upstream. Label values are bounded per worker process:
+# the first MAX_LABEL_KEYS key names and MAX_LABEL_MODELS models seen get their own series,
+# later ones are counted under "_other" (models without a price always are "_unpriced", since
+# their names are the client's to choose). So a worker exports at most
+# (MAX_LABEL_KEYS + 1) x (MAX_LABEL_MODELS + 2) x upstreams series per metric.
+MAX_LABEL_KEYS = 200
+MAX_LABEL_MODELS = 100
+SPEND_NANOS = Counter(
+    "tollgate_spend_nanos_total",
+    "Cost in nano-dollars by key, model and upstream (upstream 'ingest': reported usage).",
+    ["key", "model", "upstream"],
+)
+SPEND_TOKENS = Counter(
+    "tollgate_spend_tokens_total", "Tokens by key, model, upstream and kind (input, output).",
+    ["key", "model", "upstream", "kind"],
+)
+
+
+class BoundedValues:
+    """The first `limit` distinct values pass; later ones become `_other`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.limit:
+            return "_other"
+        self.seen.add(value)
+        return value
+
+
+_KEYS = BoundedValues(MAX_LABEL_KEYS)
+_MODELS = BoundedValues(MAX_LABEL_MODELS)
+
+
+def count_spend(key: str, model: str, priced: bool, upstream: str, cost_nanos: int,
+                input_tokens: int, output_tokens: int) -> None:
+    labels = (_KEYS(key), _MODELS(model) if priced else "_unpriced", upstream)
+    SPEND_NANOS.labels(*labels).inc(cost_nanos)
+    SPEND_TOKENS.labels(*labels, "input").inc(input_tokens)
+    SPEND_TOKENS.labels(*labels, "output").inc(output_tokens)

@@ -27,6 +27,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from extproc.core.decisions import Continue, Decision, Deny
 from extproc.core.exchange import Exchange, Options, Reply, Reserve, Settlement
 from extproc.core.header_budget import HeaderTally
+from extproc.core.ingest import Ingest
 from extproc.core.keys import find_key
 from extproc.core.pricing import format_nanos, nanos_to_micros
 from extproc.core.quota import (
@@ -40,6 +41,9 @@ from extproc.core.snapshot import Snapshot
 from extproc.envoyconf import METADATA_NAMESPACE
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.server import adapter, logs, metrics, tracing
+from extproc.server.annotations import annotate_event
+from extproc.server.ingest import answer_ingest
+from extproc.server.ingest import refuse as ingest_refuse
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
 from extproc.store.quota_store import CircuitOpen, QuotaStore, SettleCall
@@ -251,9 +255,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         snapshot: Snapshot,
         started: float,
     ) -> ep.ProcessingResponse:
-        decision: Decision | Reserve = exchange.on_request_body(
+        decision: Decision | Reserve | Ingest = exchange.on_request_body(
             request.request_body.body, snapshot, time.time()
         )
+        if isinstance(decision, Ingest):
+            return await answer_ingest(self.quota, exchange, decision, snapshot,
+                                       self.options.hold_seconds)
         if isinstance(decision, Reserve):
             decision = await self._reserve(exchange, decision, started)
         if isinstance(decision, Deny):
@@ -371,6 +378,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def _deny(
         self, exchange: Exchange, deny: Deny, counted: bool = False
     ) -> ep.ProcessingResponse:
+        if exchange.ingest_bulk is not None and not counted:
+            return ingest_refuse(exchange, deny)  # Pay-i's error model (core/ingest.py)
         if not counted:
             metrics.REQUESTS.labels("denied", deny.code).inc()
         return adapter.deny_response(deny, exchange.anthropic_style, exchange.deny_headers())
@@ -396,6 +405,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                                                                            "stream_cut"),
             streamed=facts.stream,
         )
+        annotate_event(event, exchange.annotations)
         if priced is not None and due.reason in ("priced", "stream_cut"):
             u, c = priced.usage, priced.cost
             event.tokens.CopyFrom(usage_pb2.TokenCounts(
@@ -417,6 +427,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if not priced.priced:
             metrics.UNPRICED.labels("unknown_model").inc()
         metrics.COST_NANOS.labels(priced.upstream).inc(priced.cost.total_nanos)
+        metrics.count_spend(priced.key_name, exchange.model_identity or priced.model,
+                            priced.priced, priced.upstream, priced.cost.total_nanos,
+                            priced.usage.input, priced.usage.output)
         if exchange.credential is not None:
             metrics.CRED_TOKENS.labels(priced.upstream, exchange.credential.name).inc(
                 priced.usage.total)

@@ -172,6 +172,20 @@ def test_spoofed_internal_headers_and_accept_encoding_are_removed(snapshot: Snap
     assert dict(body_decision.headers.set)[ROUTING_HEADER] == "openai"
 
 
+def test_pay_i_proxy_path_becomes_ours_and_its_headers_are_removed(snapshot: Snapshot) -> None:
+    annotations = {"xproxy-usecase-name": "uc", "xproxy-request-tags": "t",
+                   "xproxy-account-name": "acme"}
+    exchange, decision = open_exchange(snapshot, request_headers(
+        "/api/v1/proxy/openai/v1/chat/completions", extra=annotations))
+    assert isinstance(decision, Continue)
+    assert dict(decision.headers.set) == {":path": "/v1/chat/completions"}
+    assert set(decision.headers.remove) == set(annotations)
+    assert exchange.annotations.use_case_name == "uc"
+    assert exchange.annotations.account_name == "acme"
+    _, refused = open_exchange(snapshot, request_headers("/api/v1/proxy/aws.bedrock/model/x"))
+    assert isinstance(refused, Deny) and refused.status == 501
+
+
 def test_clean_request_headers_need_no_edit(snapshot: Snapshot) -> None:
     _, decision = open_exchange(snapshot, request_headers())
     assert isinstance(decision, Continue)

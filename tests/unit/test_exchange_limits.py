@@ -623,8 +623,13 @@ def test_response_body_reports_settled_states(snapshot: Snapshot) -> None:
     )
     assert reply.body is not None
     result = orjson.loads(reply.body)["xproxy_result"]
-    assert result["limits"] == limits_result(SETTLED)
+    types = {"allow-daily": False, "block-monthly": True}
+    assert result["limits"] == limits_result(SETTLED, types)
     assert result["limits"]["block-monthly"]["state"] == "exceeded"
+    assert result["limits"]["block-monthly"]["limit_type"] == "block"
+    assert result["limits"]["allow-daily"]["limit_type"] == "allow"
+    assert result["limits"]["block-monthly"]["current"] == 8.000225
+    assert result["limits"]["block-monthly"]["remaining"] == 1.999775
     assert result["unknown_limit_ids"] == []
     assert exchange.limit_statuses == SETTLED
 
@@ -641,7 +646,8 @@ def test_response_body_journaled_reports_reservation_states(snapshot: Snapshot) 
     )
     assert reply.body is not None
     result = orjson.loads(reply.body)["xproxy_result"]
-    assert result["limits"] == limits_result(reservation.limits)
+    assert result["limits"] == limits_result(
+        reservation.limits, {"allow-daily": False, "block-monthly": True})
     assert result["limits"]["block-monthly"]["held"] == STRICT_ESTIMATE / USD
 
 

@@ -635,13 +635,17 @@ def test_limit_headers() -> None:
 
 def test_limits_result() -> None:
     assert limits_result(()) == {}
-    assert limits_result(STATUSES) == {
-        "a-block": {"state": "ok", "period": "month:2026-11", "spent": 1.25, "held": 0.25,
+    # The Pay-i SDK reads `{limit_id: {state}}`; Pay-i documents `limit_type`, `current`,
+    # `max` and `remaining` per limit. `limit_type` only when the caller knows the types.
+    assert limits_result(STATUSES, {"a-block": True, "b-allow": False}) == {
+        "a-block": {"state": "ok", "limit_type": "block", "current": 1.25,
+                    "period": "month:2026-11", "spent": 1.25, "held": 0.25,
                     "max": 10.0, "remaining": 8.5},
-        "b-allow": {"state": "overrun", "period": "day:2026-11-14", "spent": 6.0, "held": 0.0,
+        "b-allow": {"state": "overrun", "limit_type": "allow", "current": 6.0,
+                    "period": "day:2026-11-14", "spent": 6.0, "held": 0.0,
                     "max": 5.0, "remaining": 0.0},
-        "c-block": {"state": "blocked", "period": "all", "spent": 1.999999, "held": 0.5,
-                    "max": 2.0, "remaining": 0.0},
+        "c-block": {"state": "blocked", "current": 1.999999, "period": "all",
+                    "spent": 1.999999, "held": 0.5, "max": 2.0, "remaining": 0.0},
     }
 
 
