@@ -39,6 +39,7 @@ from extproc.core.keys import generate_key, hash_key
 from extproc.core.resources import (
     DEFAULT_NAMESPACE,
     KINDS,
+    PLURALS,
     Resource,
     ResourceError,
     resource_id,
@@ -250,7 +251,7 @@ def _in_namespace(args: argparse.Namespace, found: list[Resource]) -> list[Resou
     return [r for r in found if r.namespace == namespace]
 
 _KIND_ALIASES = {k.lower(): k for k in KINDS}
-_KIND_ALIASES.update({k.lower() + "s": k for k in KINDS})
+_KIND_ALIASES.update({PLURALS[k]: k for k in KINDS})
 _KIND_ALIASES.update({"keys": "VirtualKey", "key": "VirtualKey", "prices": "PriceTable",
                       "ratelimit": "RateLimit", "rate-limits": "RateLimit"})
 
@@ -337,6 +338,10 @@ def _columns(r: Resource) -> tuple[str, ...]:
     if r.kind == "RateLimit":
         return (r.name, s["per"], str(s["requestsPerMinute"] or "-"),
                 str(s["tokensPerMinute"] or "-"), str(s["concurrent"] or "-"))
+    if r.kind == "Policy":
+        rules = ",".join(f"{w['name']}:{w['action']}" for w in s["wordLists"]) or "-"
+        req = ",".join(k for k, v in s["requestRules"].items() if v) or "-"
+        return (r.name, rules, req)
     if r.kind == "Upstream":
         creds = ",".join(c["name"] + ("(fallback)" if c["isFallback"] else "")
                          for c in s["credentials"])
@@ -350,6 +355,7 @@ _HEADERS = {
     "PriceTable": ("NAME", "MODELS"),
     "Upstream": ("NAME", "PROVIDER", "CLUSTER", "MODELS", "PRIORITY", "CREDENTIALS"),
     "RateLimit": ("NAME", "PER", "RPM", "TPM", "CONCURRENT"),
+    "Policy": ("NAME", "WORD-RULES", "REQUEST-RULES"),
 }
 
 
