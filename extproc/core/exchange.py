@@ -55,6 +55,9 @@ from extproc.core.estimate import (
 )
 from extproc.core.header_budget import HeaderTally, check_fits
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
+from extproc.core.policy import engine as policy_engine
+from extproc.core.policy import gate as policy_gate
+from extproc.core.policy.rules import RuleFacts
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
 from extproc.core.quota import (
     CredentialCharge,
@@ -80,6 +83,8 @@ from extproc.core.usage import Usage, parse_response_usage
 ROUTING_HEADER = "x-tollgate-cluster"
 REQUEST_ID_HEADER = "x-tollgate-request-id"
 INTERNAL_PREFIX = "x-tollgate-"
+# Pay-i-style headers (`xProxy-*`) are the gateway's too: never forwarded to a provider.
+COMPAT_PREFIX = "xproxy-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +173,8 @@ class Exchange:
         "options",
         "path",
         "plan",
+        "policies",
+        "policy_hits",
         "pool",
         "presented",
         "price",
@@ -224,6 +231,8 @@ class Exchange:
         self.priced_as: str | None = None  # an unpriced model priced as this one
         self.prompt_bound = 0  # strict bound of the prompt, in tokens (core/estimate.py)
         self.clamped: Clamp | None = None
+        self.policies: tuple[policy_engine.CompiledPolicy, ...] = ()  # those that apply
+        self.policy_hits: tuple[policy_engine.Hit, ...] = ()
         self._limits: list[LimitSpec] = []
         self._subject: Subject | None = None
         # Headers as Envoy counts them (set by the edge when it has them): a request that
@@ -288,7 +297,8 @@ class Exchange:
         now: float,
         client_ip: str = "",
     ) -> Decision | Reply:
-        removes = [name for name in headers if name.startswith(INTERNAL_PREFIX)]
+        removes = [name for name in headers
+                   if name.startswith(INTERNAL_PREFIX) or name.startswith(COMPAT_PREFIX)]
         if "accept-encoding" in headers:
             removes.append("accept-encoding")
         path = headers.get(":path", "/")
@@ -418,6 +428,13 @@ class Exchange:
                             "need an Upstream with provider azure-openai.")
             return Deny(404, "model_not_found", f"No upstream serves model '{facts.model}'.")
         self.upstream = upstream
+        redacted = False
+        if snapshot.policies:
+            checked = self._request_policies(snapshot, facts, body)
+            if isinstance(checked, Deny):
+                return checked
+            if checked is not None:
+                body, redacted = checked, True
 
         sets: list[tuple[str, str]] = [(ROUTING_HEADER, upstream.cluster)]
         if self.presented.bring_your_own_key:
@@ -470,6 +487,8 @@ class Exchange:
                 doc["stream_options"] = {**options, "include_usage": True}
                 self.hide_usage_chunk = True
             new_body = orjson.dumps(doc)
+        elif redacted:
+            new_body = body
         self.price = snapshot.price(self.priced_model)
         proceed = Continue(HeaderEdit(tuple(sets), removes), body=new_body, clear_route_cache=True)
         if self.header_tally is not None:
@@ -500,12 +519,32 @@ class Exchange:
                      Endpoint.EMBEDDINGS: "embeddings"}[facts.endpoint]
         return [(":path", f"/openai/deployments/{deployment}/{operation}?api-version={version}")]
 
-    def _plan(
-        self, snapshot: Snapshot, facts: RequestFacts, now: float
-    ) -> ReservationPlan | Deny:
+    def _request_policies(
+        self, snapshot: Snapshot, facts: RequestFacts, body: bytes
+    ) -> Deny | bytes | None:
+        """Apply the policies that cover this request: a refusal, the redacted body, or None
+        (unchanged). Hits are kept for the headers, the result object and the usage event."""
+        self.policies = policy_engine.applicable(snapshot.policies,
+                                                 self._make_subject(snapshot, facts))
+        if not self.policies:
+            return None
+        rule_facts = RuleFacts(facts.model, facts.max_output_tokens, facts.prompt_chars,
+                               self.user)
+        outcome = policy_gate.on_request(self.policies, facts.endpoint.value, rule_facts, body)
+        self.policy_hits += outcome.hits
+        if outcome.refusal is not None:
+            return replace(outcome.refusal, headers=self._policy_headers())
+        return outcome.body
+
+    def _policy_headers(self) -> tuple[tuple[str, str], ...]:
+        if not self.policy_hits:
+            return ()
+        return ((policy_engine.POLICY_HEADER, policy_engine.header_value(self.policy_hits)),)
+
+    def _make_subject(self, snapshot: Snapshot, facts: RequestFacts) -> Subject:
         assert self.key is not None and self.upstream is not None
         self.model_identity = snapshot.prices.canonical(self.priced_model)
-        subject = Subject(
+        return Subject(
             key=self.key.name,
             group=self.key.group,
             user=self.user,
@@ -516,6 +555,12 @@ class Exchange:
             requested_model=facts.model,
             namespace=self.key.namespace,
         )
+
+    def _plan(
+        self, snapshot: Snapshot, facts: RequestFacts, now: float
+    ) -> ReservationPlan | Deny:
+        assert self.key is not None
+        subject = self._make_subject(snapshot, facts)
         # Named limits: `ns/name`, or a bare name in the key's own namespace.
         named = tuple(qualify(ref, self.key.namespace) for ref in self.named_limits)
         limits, unknown = applicable(snapshot.limits, subject, named)
@@ -713,6 +758,7 @@ class Exchange:
             sets += rate_limit_headers(self.reservation.windows)
         if self.clamped is not None:
             sets += (self.clamped.header(),)
+        sets += self._policy_headers()
         content_type = headers.get("content-type", "")
         if self.facts is None or self.upstream is None:
             return Continue(HeaderEdit(set=sets))  # not an admitted LLM call (e.g. Envoy's 404)
@@ -799,6 +845,8 @@ class Exchange:
             result["clamped"] = self.clamped.result()
         if self.priced_as is not None:
             result["priced_as"] = self.priced_as
+        if self.policy_hits:
+            result["policies"] = [hit.result() for hit in self.policy_hits]
 
     def _prompt_estimate(self) -> int:
         return self.facts.prompt_tokens_estimate if self.facts is not None else 0
@@ -824,9 +872,21 @@ class Exchange:
 
     def response_body_reply(
         self, body: bytes, statuses: tuple[LimitStatus, ...] | None
-    ) -> Continue:
-        assert self.priced is not None
-        edit = HeaderEdit(set=cost_headers(self.priced)).plus(self.after_settlement(statuses))
+    ) -> Continue | Deny:
+        """Cost headers and the result object; response-side policies first (the call is
+        priced and settled already: a withheld answer was still paid for)."""
+        assert self.priced is not None and self.facts is not None
+        redacted = None
+        if self.policies:
+            outcome = policy_gate.on_response(self.policies, self.facts.endpoint.value, body)
+            self.policy_hits += outcome.hits
+            if outcome.refusal is not None:
+                return replace(outcome.refusal, headers=self._policy_headers()
+                               + cost_headers(self.priced))
+            if outcome.body is not None:
+                body = redacted = outcome.body
+        edit = HeaderEdit(set=cost_headers(self.priced) + self._policy_headers()).plus(
+            self.after_settlement(statuses))
         new_body = None
         if self.options.result_object:
             result = result_object(self.priced)
@@ -834,7 +894,7 @@ class Exchange:
             result["unknown_limit_ids"] = list(self.unknown_limits)
             self._report_estimate(result)
             new_body = splice_result(body, result)
-        return Continue(edit, body=new_body)
+        return Continue(edit, body=new_body if new_body is not None else redacted)
 
 
 def _retry_after_ms(headers: Mapping[str, str]) -> int:

@@ -181,6 +181,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 statuses = await self._settle(exchange, due, started)
                 self._count_priced(exchange)
                 reply = exchange.response_body_reply(body, statuses)
+                if isinstance(reply, Deny):  # a response-side policy withheld the answer
+                    return self._deny(exchange, reply)
                 return adapter.continue_response(phase, reply)
             return adapter.continue_response(phase, Continue())
         except Exception:

@@ -1,0 +1,69 @@
+"""Policies at the two places a body passes: the request on its way up, the JSON response on
+its way back. Both parse the body only when a policy applies, and serialise it again only
+when a redaction changed it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from extproc.core.decisions import Deny
+from extproc.core.policy.engine import (
+    REQUEST,
+    RESPONSE,
+    CompiledPolicy,
+    Hit,
+    Refusal,
+    check_rules,
+    scan,
+)
+from extproc.core.policy.rules import RuleFacts
+from extproc.core.policy.texts import request_slots, response_slots
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    refusal: Deny | None = None
+    body: bytes | None = None  # the rewritten body, when a redaction changed it
+    hits: tuple[Hit, ...] = ()
+
+
+def refusal_deny(refusal: Refusal, side: str) -> Deny:
+    what = "Request refused" if side == REQUEST else "Response withheld"
+    return Deny(400, "policy_violation",
+                f"{what} by policy '{refusal.policy}' (rule '{refusal.rule}'): {refusal.reason}.",
+                extra={"policy": refusal.policy, "rule": refusal.rule})
+
+
+def on_request(policies: Sequence[CompiledPolicy], endpoint: str, facts: RuleFacts,
+               body: bytes) -> Outcome:
+    broken = check_rules(policies, facts)
+    if broken is not None:
+        return Outcome(refusal=refusal_deny(broken, REQUEST),
+                       hits=(Hit(broken.policy, broken.rule, "block", REQUEST, 1),))
+    if not any(REQUEST in p.sides for p in policies):
+        return Outcome()
+    doc = orjson.loads(body)  # parsed before (parse_request): valid JSON object
+    result = scan(policies, REQUEST, request_slots(endpoint, doc))
+    if result.blocked is not None:
+        hit = Hit(result.blocked.policy, result.blocked.rule, "block", REQUEST, 1)
+        return Outcome(refusal=refusal_deny(result.blocked, REQUEST), hits=(*result.hits, hit))
+    return Outcome(body=orjson.dumps(doc) if result.changed else None, hits=result.hits)
+
+
+def on_response(policies: Sequence[CompiledPolicy], endpoint: str, body: bytes) -> Outcome:
+    if not any(RESPONSE in p.sides for p in policies):
+        return Outcome()
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return Outcome()
+    if not isinstance(doc, dict):
+        return Outcome()
+    result = scan(policies, RESPONSE, response_slots(endpoint, doc))
+    if result.blocked is not None:
+        hit = Hit(result.blocked.policy, result.blocked.rule, "block", RESPONSE, 1)
+        return Outcome(refusal=refusal_deny(result.blocked, RESPONSE), hits=(*result.hits, hit))
+    return Outcome(body=orjson.dumps(doc) if result.changed else None, hits=result.hits)
