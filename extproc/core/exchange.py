@@ -528,8 +528,10 @@ class Exchange:
                                                  self._make_subject(snapshot, facts))
         if not self.policies:
             return None
+        # `requireUser` asks whether the request names its end user (body or key), whether or
+        # not the key lets that name select limits.
         rule_facts = RuleFacts(facts.model, facts.max_output_tokens, facts.prompt_chars,
-                               self.user)
+                               facts.user or self.user)
         outcome = policy_gate.on_request(self.policies, facts.endpoint.value, rule_facts, body)
         self.policy_hits += outcome.hits
         if outcome.refusal is not None:
