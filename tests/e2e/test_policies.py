@@ -33,7 +33,8 @@ def apply_policy(cli: CliRunner, key_name: str, spec: str) -> str:
     return name
 
 
-def wait_for_policy(stack: Stack, key: str, body: dict[str, Any], path: str = "/v1/chat/completions",
+def wait_for_policy(stack: Stack, key: str, body: dict[str, Any],
+                    path: str = "/v1/chat/completions",
                     headers: dict[str, str] | None = None) -> httpx.Response:
     """Configuration reaches the workers within about a second: repeat until a policy acts."""
     deadline = time.monotonic() + 6
