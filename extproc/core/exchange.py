@@ -58,6 +58,7 @@ from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowe
 from extproc.core.policy import engine as policy_engine
 from extproc.core.policy import gate as policy_gate
 from extproc.core.policy.rules import RuleFacts
+from extproc.core.policy.streaming import StreamGuard
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
 from extproc.core.quota import (
     CredentialCharge,
@@ -162,6 +163,7 @@ class Exchange:
         "credential",
         "due",
         "facts",
+        "guard",
         "header_tally",
         "hide_usage_chunk",
         "key",
@@ -233,6 +235,7 @@ class Exchange:
         self.clamped: Clamp | None = None
         self.policies: tuple[policy_engine.CompiledPolicy, ...] = ()  # those that apply
         self.policy_hits: tuple[policy_engine.Hit, ...] = ()
+        self.guard: StreamGuard | None = None  # response-side word lists on a stream
         self._limits: list[LimitSpec] = []
         self._subject: Subject | None = None
         # Headers as Envoy counts them (set by the edge when it has them): a request that
@@ -769,6 +772,8 @@ class Exchange:
         if 200 <= self.status < 300 and content_type.startswith("text/event-stream"):
             # Chunks flow through one by one (STREAMED), metered on the way.
             self.meter = StreamMeter(self.facts.endpoint, self.hide_usage_chunk)
+            self.guard = StreamGuard.for_policies(self.facts.endpoint.value, self.policies,
+                                                  self.anthropic_style)
             return Continue(HeaderEdit(set=sets), response_body_mode=BodyMode.STREAMED)
         if 200 <= self.status < 300:
             # A successful response Tollgate cannot read (neither JSON nor SSE): charge the
@@ -816,6 +821,10 @@ class Exchange:
         is set: settle, then send `step.forward + stream_closing(...)`."""
         assert self.meter is not None
         step = self.meter.feed(chunk, end_of_stream)
+        if self.guard is not None:
+            step = StreamStep(self.guard.feed(step.forward, step.finished), step.finished)
+            if step.finished:
+                self.policy_hits += self.guard.hits()
         if step.finished and not self.settled and self.due is None:
             usage = self.meter.usage
             warnings: tuple[str, ...] = ()

@@ -195,3 +195,56 @@ def test_gateway_headers_never_reach_the_provider(stack: Stack, new_named_key: N
     sent = upstream_requests(stack)[-1]["headers"]
     assert not [h for h in sent if h.startswith(("x-tollgate-", "xproxy-"))]
     assert sent["x-custom-app"] == "kept"
+
+
+def test_stream_response_redaction_openai(stack: Stack, cli: CliRunner,
+                                          new_named_key: NewKey) -> None:
+    """The fake upstream sends one word per chunk: 'top' and 'secret' arrive apart."""
+    name, key = new_named_key()
+    policy = apply_policy(cli, name, "  wordLists:\n    - {name: leaks, words: ['top secret'], "
+                          "action: redact, 'on': response}\n")
+    wait_for_policy(stack, key, chat("x"), headers={"x-mock-reply": "top secret"})
+    stream = oa(stack, key).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "tell me"}], stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-mock-reply": "the TOP secret is top secrets and top secret"})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "the **** is top secrets and ****"
+    result = chunks[-1].model_extra["xproxy_result"]
+    assert result["policies"] == [{"policy": policy, "rule": "leaks", "action": "redact",
+                                   "side": "response", "count": 2}]
+    assert result["cost_nanos"]["total"] > 0  # priced on what the provider produced
+
+
+def test_stream_response_block_anthropic(stack: Stack, cli: CliRunner,
+                                         new_named_key: NewKey) -> None:
+    name, key = new_named_key()
+    policy = apply_policy(cli, name, "  wordLists:\n    - {name: leaks, words: ['top secret'], "
+                          "action: block, 'on': response}\n")
+    probe = {"model": "claude-3-5-haiku-latest", "max_tokens": 20,
+             "messages": [{"role": "user", "content": "x"}]}
+    wait_for_policy(stack, key, probe, path="/v1/messages",
+                    headers={"x-mock-reply": "top secret", "x-api-key": key})
+    seen = []
+    with pytest.raises(anthropic.APIStatusError) as caught, an(stack, key).messages.stream(
+            model="claude-3-5-haiku-latest", max_tokens=50,
+            messages=[{"role": "user", "content": "tell me"}],
+            extra_headers={"x-mock-reply": "fine words then top secret stuff follows"},
+    ) as stream:
+        for text in stream.text_stream:
+            seen.append(text)
+    assert "secret" not in "".join(seen)
+    assert f"policy '{policy}'" in str(caught.value)
+
+
+def test_stream_request_redaction(stack: Stack, cli: CliRunner, new_named_key: NewKey) -> None:
+    name, key = new_named_key()
+    apply_policy(cli, name, "  wordLists:\n    - {name: pii, words: ['alice smith'], "
+                 "action: redact}\n")
+    wait_for_policy(stack, key, chat("alice smith"))
+    clear_upstream(stack)
+    list(oa(stack, key).chat.completions.create(
+        model="gpt-4o-mini", stream=True,
+        messages=[{"role": "user", "content": "Write to Alice Smith"}]))
+    assert last_upstream_body(stack)["messages"][0]["content"] == "Write to ****"

@@ -198,3 +198,109 @@ def test_request_rules(rules: dict[str, Any], facts: RuleFacts, broken: str | No
     else:
         assert out.refusal is not None and out.refusal.status == 400
         assert f"rule '{broken}'" in out.refusal.message
+
+
+# ---- streams ----------------------------------------------------------------------------------
+
+from extproc.core.policy.streaming import StreamGuard  # noqa: E402
+
+
+def chat_events(pieces: list[str]) -> list[bytes]:
+    events = [b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n']
+    events += [b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": p}}]})
+               + b"\n\n" for p in pieces]
+    return events
+
+
+def run_stream(guard: StreamGuard, events: list[bytes]) -> bytes:
+    out = b"".join(guard.feed(e, False) for e in events)
+    return out + guard.feed(b"", True)
+
+
+def stream_text(data: bytes) -> str:
+    text = ""
+    for block in data.split(b"\n\n"):
+        if block.startswith(b"data: {"):
+            doc = orjson.loads(block[6:])
+            if "choices" in doc:
+                text += doc["choices"][0]["delta"].get("content", "")
+    return text
+
+
+def guard(spec: dict[str, Any], endpoint: str = "chat.completions") -> StreamGuard:
+    made = StreamGuard.for_policies(endpoint, [policy(spec)], endpoint == "messages")
+    assert made is not None
+    return made
+
+
+@pytest.mark.parametrize(
+    ("pieces", "expected", "count"),
+    [
+        (["well ", "darn it"], "well **** it", 1),
+        (["well da", "rn it"], "well **** it", 1),  # a word split across two chunks
+        (["say ", "top ", "sec", "ret", " now"], "say **** now", 1),  # a phrase over four
+        (["darn", "ing"], "darning", 0),  # the boundary after the match arrives later
+        (["darn"], "****", 1),  # at the very end of the stream
+        (["top secret darn"], "**** ****", 2),
+    ],
+)
+def test_stream_redaction_across_chunks(pieces: list[str], expected: str, count: int) -> None:
+    g = guard({"wordLists": [{"name": "r", "words": ["darn", "top secret"],
+                              "action": "redact", "on": "response"}]})
+    assert stream_text(run_stream(g, chat_events(pieces))) == expected
+    assert sum(h.count for h in g.hits()) == count
+
+
+def test_stream_audit_counts_each_match_once() -> None:
+    g = guard({"wordLists": [{"name": "a", "words": ["darn"], "action": "audit"}]})
+    pieces = ["darn ", "a", "b", "c", "d", "e", " darn", " f", "g"]
+    out = run_stream(g, chat_events(pieces))
+    assert stream_text(out) == "".join(pieces)
+    assert [(h.action, h.count) for h in g.hits()] == [("audit", 2)]
+
+
+def test_stream_passes_events_in_order_and_unchanged_when_clean() -> None:
+    g = guard({"wordLists": [{"name": "r", "words": ["darn"], "action": "redact"}]})
+    events = chat_events(["hello ", "there ", "friend"])
+    assert run_stream(g, events) == b"".join(events)
+
+
+def test_stream_block_ends_with_one_error_event() -> None:
+    g = guard({"wordLists": [{"name": "b", "words": ["top secret"], "action": "block"}]})
+    out = run_stream(g, chat_events(["the ", "top ", "secret", " is", " out", " there"]))
+    *_, last = [b for b in out.split(b"\n\n") if b]
+    error = orjson.loads(last[6:])["error"]
+    assert error["code"] == "policy_violation" and error["rule"] == "b"
+    assert "secret" not in stream_text(out)
+    assert g.feed(chat_events(["more"])[1], False) == b""  # the rest is swallowed
+
+
+def test_stream_anthropic_deltas() -> None:
+    g = guard({"wordLists": [{"name": "r", "words": ["darn"], "action": "redact"}]},
+              "messages")
+    events = [b"event: content_block_delta\ndata: " + orjson.dumps(
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "text_delta", "text": t}}) + b"\n\n" for t in ("oh d", "arn!")]
+    out = run_stream(g, events)
+    texts = [orjson.loads(b.split(b"data: ")[1])["delta"]["text"]
+             for b in out.split(b"\n\n") if b]
+    assert "".join(texts) == "oh ****!"
+    assert out.startswith(b"event: content_block_delta\n")
+
+
+def test_stream_redaction_equals_buffered_for_every_split() -> None:
+    """However the answer is cut into deltas, the client reads what the buffered rule gives."""
+    import random
+
+    spec = {"wordLists": [{"name": "r", "words": ["darn", "top secret", "new york city",
+                                                  "york"], "action": "redact"}]}
+    text = "Darn! The top secret plan: new york city, york-shire, darnit, TOP  SECRET, darn"
+    whole = gate.on_response([policy(spec)], "chat.completions", orjson.dumps(
+        {"choices": [{"message": {"content": text}}]}))
+    assert whole.body is not None
+    expected = orjson.loads(whole.body)["choices"][0]["message"]["content"]
+    rng = random.Random(7)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 12)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        assert stream_text(run_stream(guard(spec), chat_events(pieces))) == expected, pieces
