@@ -376,6 +376,8 @@ async def _limit_rows(store: Store, found: list[Resource]) -> list[tuple[str, ..
 def cmd_get(args: argparse.Namespace) -> int:
     kind = resolve_kind(args.kind)
     _namespace(args)  # a bad -n is a usage error, before Redis is asked
+    if kind == "Policy" and args.output == "table":
+        return _get_policies(args)
     if kind == "Limit" and args.output == "table":
         async def limits(store: Store) -> list[tuple[str, ...]]:
             found = await store.list_kind(kind)
@@ -414,6 +416,29 @@ def cmd_get(args: argparse.Namespace) -> int:
         rows = [(ns, name + (" (built-in)" if r.id in builtin else ""), *rest)
                 for r, (ns, name, *rest) in ((r, _summary(r)) for r in found)]
         print(_table([("NAMESPACE", *_HEADERS.get(kind, ("NAME",))), *rows]))
+    return 0
+
+
+def _get_policies(args: argparse.Namespace) -> int:
+    """Policies with what they did today (UTC): requests blocked, redacted, audited."""
+    from extproc.store.live_state import policy_hits
+
+    async def read(store: Store) -> list[tuple[str, ...]]:
+        found = await store.list_kind("Policy")
+        found = ([r for r in found if r.id == _ident(args)] if args.name
+                 else _in_namespace(args, found))
+        hits = await policy_hits(store, [r.id for r in found])
+        return [(*_summary(r), *(str(h.get(a, 0)) for a in ("block", "redact", "audit")))
+                for r, h in zip(found, hits, strict=True)]
+
+    rows = with_store(args, read)
+    if not rows and args.name:
+        raise CliError(f"Policy/{_ident(args)} not found")
+    if not rows:
+        print("no Policy resources")
+        return 0
+    print(_table([("NAMESPACE", *_HEADERS["Policy"], "BLOCKED", "REDACTED", "AUDITED"),
+                  *rows]))
     return 0
 
 

@@ -187,6 +187,7 @@ class Exchange:
         "request_tags",
         "reservation",
         "reserve_maybe_ran",
+        "response_policy",
         "route",
         "settled",
         "status",
@@ -236,6 +237,7 @@ class Exchange:
         self.policies: tuple[policy_engine.CompiledPolicy, ...] = ()  # those that apply
         self.policy_hits: tuple[policy_engine.Hit, ...] = ()
         self.guard: StreamGuard | None = None  # response-side word lists on a stream
+        self.response_policy: policy_gate.Outcome | None = None  # on a buffered answer
         self._limits: list[LimitSpec] = []
         self._subject: Subject | None = None
         # Headers as Envoy counts them (set by the edge when it has them): a request that
@@ -809,6 +811,11 @@ class Exchange:
             usage = Usage()
             warnings.append("no-usage-in-response")
         self._price(usage, tuple(warnings))
+        if self.policies:
+            # Before the settlement, so that the usage event carries the response's hits too.
+            self.response_policy = policy_gate.on_response(
+                self.policies, self.facts.endpoint.value, body)
+            self.policy_hits += self.response_policy.hits
         assert self.priced is not None
         cost = self.priced.cost
         self.due = Settlement(cost.total_nanos, usage.total, self.status, "priced")
@@ -888,9 +895,8 @@ class Exchange:
         priced and settled already: a withheld answer was still paid for)."""
         assert self.priced is not None and self.facts is not None
         redacted = None
-        if self.policies:
-            outcome = policy_gate.on_response(self.policies, self.facts.endpoint.value, body)
-            self.policy_hits += outcome.hits
+        outcome = self.response_policy
+        if outcome is not None:
             if outcome.refusal is not None:
                 return replace(outcome.refusal, headers=self._policy_headers()
                                + cost_headers(self.priced))

@@ -92,3 +92,8 @@ CRED_TPM = Gauge(
     "Tokens in the credential's current rolling minute (as last seen by a worker).",
     ["upstream", "credential"], multiprocess_mode="mostrecent",
 )
+POLICY_ACTIONS = Counter(
+    "tollgate_policy_actions_total",
+    "Requests a content policy rule acted on, by policy, rule, action and side (never the text).",
+    ["policy", "rule", "action", "side"],
+)

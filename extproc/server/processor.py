@@ -40,6 +40,7 @@ from extproc.core.snapshot import Snapshot
 from extproc.envoyconf import METADATA_NAMESPACE
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.server import adapter, logs, metrics, tracing
+from extproc.server.policy_hits import PolicyHitRecorder
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
 from extproc.store.quota_store import CircuitOpen, QuotaStore, SettleCall
@@ -81,12 +82,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         quota: QuotaStore,
         settler: Settler,
         options: Options,
+        policy_hits: PolicyHitRecorder | None = None,
     ) -> None:
         self.watcher = watcher
         self.keys = keys
         self.quota = quota
         self.settler = settler
         self.options = options
+        self.policy_hits = policy_hits
         self.local = LocalWindows()
         self.warned_no_address = False
 
@@ -118,6 +121,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 self.settler.settle_later(self._settle_call(exchange, due, started))
             if exchange.path != "/" or answered is not None:  # a request, not an empty stream
                 self._access(exchange, answered, started)
+            if exchange.policy_hits and self.policy_hits is not None:
+                self.policy_hits.record(exchange.policy_hits)
 
     def _access(
         self, exchange: Exchange, answered: tuple[int, str] | None, started: float
@@ -397,6 +402,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             priced=priced is not None and priced.priced and due.reason in ("priced",
                                                                            "stream_cut"),
             streamed=facts.stream,
+            policies=[usage_pb2.PolicyHit(policy=h.policy, rule=h.rule, action=h.action,
+                                          side=h.side, count=h.count)
+                      for h in exchange.policy_hits],
         )
         if priced is not None and due.reason in ("priced", "stream_cut"):
             u, c = priced.usage, priced.cost

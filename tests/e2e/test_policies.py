@@ -7,6 +7,7 @@ Each test creates its own key and a Policy that selects only that key.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -248,3 +249,33 @@ def test_stream_request_redaction(stack: Stack, cli: CliRunner, new_named_key: N
         model="gpt-4o-mini", stream=True,
         messages=[{"role": "user", "content": "Write to Alice Smith"}]))
     assert last_upstream_body(stack)["messages"][0]["content"] == "Write to ****"
+
+
+def test_hits_reach_usage_events_get_policies_and_metrics(
+        stack: Stack, cli: CliRunner, new_named_key: NewKey) -> None:
+    name, key = new_named_key()
+    policy = apply_policy(cli, name, "  wordLists:\n    - {name: codename, words: [bluebird], "
+                          "action: redact}\n")
+    wait_for_policy(stack, key, chat("bluebird"))
+    raw = oa(stack, key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "bluebird"}],
+        extra_headers={"x-mock-reply": "the bluebird flies"})
+    request_id = raw.headers["x-tollgate-request-id"]
+    deadline = time.monotonic() + 10
+    while True:
+        events = [json.loads(line) for line in
+                  cli("usage", "--count", "50").stdout.splitlines() if line.strip()]
+        event = next((e for e in events if e["request_id"] == request_id), None)
+        header, row = cli("get", "policies", policy).stdout.splitlines()[:2]
+        columns = dict(zip(header.split(), row.split(), strict=True))
+        # two actions on this request (prompt and answer): written within about a second
+        if (event is not None and int(columns["REDACTED"]) >= 2) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert event is not None
+    assert sorted((h["side"], h["action"], int(h["count"])) for h in event["policies"]) == [
+        ("request", "redact", 1), ("response", "redact", 1)]
+    assert int(columns["REDACTED"]) >= 2 and columns["BLOCKED"] == "0"
+    metrics = httpx.get(f"http://127.0.0.1:{stack.extproc.http}/metrics", timeout=5).text
+    assert (f'tollgate_policy_actions_total{{action="redact",policy="{policy}",'
+            f'rule="codename",side="response"}}') in metrics

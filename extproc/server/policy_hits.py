@@ -1,0 +1,64 @@
+"""Counting what content policies did, off the request path.
+
+Each request's hits are added to an in-memory tally (no I/O); a background task writes the
+tally to Redis once a second in one pipeline (HINCRBY per field, TTL 35 days), where
+`tollgate get policies` and the operator's Policy status read it (store/live_state.py). A
+failed write keeps the tally for the next round: counts are for people, so a replica stopping
+between two flushes may lose at most a second of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Iterable
+
+from redis.exceptions import RedisError
+
+from extproc.core.policy.engine import Hit
+from extproc.server import metrics
+from extproc.store.live_state import utc_day
+from extproc.store.redis_store import Store
+
+log = logging.getLogger(__name__)
+_TTL_S = 35 * 86_400
+
+
+class PolicyHitRecorder:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.tally: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def record(self, hits: Iterable[Hit]) -> None:
+        """One request's hits: each rule that acted counts the request once per action."""
+        for hit in hits:
+            metrics.POLICY_ACTIONS.labels(hit.policy, hit.rule, hit.action, hit.side).inc()
+            self.tally[(hit.policy, hit.action)] += 1
+            self.tally[(hit.policy, f"{hit.rule}:{hit.action}")] += 1
+
+    async def flush(self) -> None:
+        if not self.tally:
+            return
+        tally, self.tally = self.tally, collections.Counter()
+        day = utc_day()
+        try:
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                for (policy, field), count in tally.items():
+                    key = self.store.keys.policy_hits(policy, day)
+                    pipe.hincrby(key, field, count)
+                    pipe.expire(key, _TTL_S)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.tally.update(tally)  # try again next round
+            log.debug("policy hit counts not written yet: %s", exc)
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.flush()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.flush()
