@@ -55,6 +55,7 @@ from extproc.core.estimate import (
 )
 from extproc.core.header_budget import HeaderTally, check_fits
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
+from extproc.core.policy import autoreply
 from extproc.core.policy import engine as policy_engine
 from extproc.core.policy import gate as policy_gate
 from extproc.core.policy.rules import RuleFacts
@@ -409,7 +410,7 @@ class Exchange:
 
     def on_request_body(
         self, body: bytes, snapshot: Snapshot, now: float
-    ) -> Decision | Reserve:
+    ) -> Decision | Reserve | Reply:
         assert self.route is not None and self.key is not None and self.presented is not None
         if len(body) > self.options.max_body_bytes:
             return self._too_large()
@@ -435,8 +436,8 @@ class Exchange:
         self.upstream = upstream
         redacted = False
         if snapshot.policies:
-            checked = self._request_policies(snapshot, facts, body)
-            if isinstance(checked, Deny):
+            checked = self._request_policies(snapshot, facts, body, now)
+            if isinstance(checked, Deny | Reply):
                 return checked
             if checked is not None:
                 body, redacted = checked, True
@@ -525,10 +526,11 @@ class Exchange:
         return [(":path", f"/openai/deployments/{deployment}/{operation}?api-version={version}")]
 
     def _request_policies(
-        self, snapshot: Snapshot, facts: RequestFacts, body: bytes
-    ) -> Deny | bytes | None:
-        """Apply the policies that cover this request: a refusal, the redacted body, or None
-        (unchanged). Hits are kept for the headers, the result object and the usage event."""
+        self, snapshot: Snapshot, facts: RequestFacts, body: bytes, now: float
+    ) -> Deny | Reply | bytes | None:
+        """Apply the policies that cover this request: a refusal, an auto-reply, the redacted
+        body, or None (unchanged). Hits are kept for the headers, the result object and the
+        usage event."""
         self.policies = policy_engine.applicable(snapshot.policies,
                                                  self._make_subject(snapshot, facts))
         if not self.policies:
@@ -541,6 +543,11 @@ class Exchange:
         self.policy_hits += outcome.hits
         if outcome.refusal is not None:
             return replace(outcome.refusal, headers=self._policy_headers())
+        if outcome.reply is not None:
+            content_type, answer = autoreply.reply(facts.endpoint.value, facts.model,
+                                                   outcome.reply.text, facts.stream, now)
+            return Reply(200, answer, (("content-type", content_type),
+                                       *self._policy_headers()))
         return outcome.body
 
     def _policy_headers(self) -> tuple[tuple[str, str], ...]:

@@ -490,6 +490,20 @@ def _request_rules(f: _Fields) -> dict[str, Any]:
     return spec
 
 
+def _auto_reply(where: str, path: str, value: Any) -> dict[str, Any]:
+    f = _Fields(where, path, value)
+    name = f.string("name", required=True)
+    if not _NAME.match(name):
+        raise f.error("name", "must be lower-case letters, digits, '-' or '.'")
+    phrases = f.strings("phrases")
+    if not phrases or any(not p.strip() or len(p) > _MAX_PHRASE_CHARS for p in phrases):
+        raise f.error("phrases", f"must list 1 or more phrases of 1-{_MAX_PHRASE_CHARS} "
+                      "non-blank characters")
+    reply = f.string("reply", required=True)
+    f.done()
+    return {"name": name, "phrases": phrases, "reply": reply}
+
+
 def _policy(f: _Fields) -> dict[str, Any]:
     raw = f.get("wordLists")
     if raw is None:
@@ -500,6 +514,13 @@ def _policy(f: _Fields) -> dict[str, Any]:
     names = [r["name"] for r in rules]
     if len(set(names)) != len(names):
         raise f.error("wordLists", "rule names must be unique")
+    replies_raw = f.get("autoReplies")
+    if replies_raw is None:
+        replies_raw = []
+    if not isinstance(replies_raw, list):
+        raise f.error("autoReplies", "must be a list")
+    replies = [_auto_reply(f.where, f"{f.path}.autoReplies[{i}]", r)
+               for i, r in enumerate(replies_raw)]
     redaction = f.string("redaction", "****")
     if len(redaction) > 64:
         raise f.error("redaction", "must be at most 64 characters")
@@ -508,6 +529,7 @@ def _policy(f: _Fields) -> dict[str, Any]:
         "wordLists": rules,
         "redaction": redaction,
         "requestRules": _request_rules(f),
+        "autoReplies": replies,
     }
 
 

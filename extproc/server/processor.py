@@ -258,9 +258,15 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         snapshot: Snapshot,
         started: float,
     ) -> ep.ProcessingResponse:
-        decision: Decision | Reserve = exchange.on_request_body(
+        decision: Decision | Reserve | Reply = exchange.on_request_body(
             request.request_body.body, snapshot, time.time()
         )
+        if isinstance(decision, Reply):
+            # A policy's auto-reply: never sent upstream, recorded at zero cost.
+            metrics.REQUESTS.labels("answered", "auto_reply").inc()
+            self.settler.enqueue(self._settle_call(
+                exchange, Settlement(0, 0, 200, "auto_reply"), started))
+            return adapter.reply_response(decision, exchange.deny_headers())
         if isinstance(decision, Reserve):
             decision = await self._reserve(exchange, decision, started)
         if isinstance(decision, Deny):

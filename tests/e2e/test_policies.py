@@ -279,3 +279,48 @@ def test_hits_reach_usage_events_get_policies_and_metrics(
     metrics = httpx.get(f"http://127.0.0.1:{stack.extproc.http}/metrics", timeout=5).text
     assert (f'tollgate_policy_actions_total{{action="redact",policy="{policy}",'
             f'rule="codename",side="response"}}') in metrics
+
+
+AUTO = ("  autoReplies:\n    - {name: hours, phrases: ['opening hours'], "
+        "reply: 'We are open 9 to 5.'}\n")
+
+
+def test_auto_reply_every_shape_never_upstream(
+        stack: Stack, cli: CliRunner, new_named_key: NewKey) -> None:
+    name, key = new_named_key()
+    policy = apply_policy(cli, name, AUTO)
+    wait_for_policy(stack, key, chat("opening hours"))
+    clear_upstream(stack)
+    client = oa(stack, key)
+    ask = [{"role": "user", "content": "What are your Opening Hours?"}]
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=ask)
+    assert raw.parse().choices[0].message.content == "We are open 9 to 5."
+    assert raw.headers["x-tollgate-policy"] == f"{policy}/hours=reply:1"
+    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=ask,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "We are open 9 to 5."
+    done = client.completions.create(model="gpt-3.5-turbo-instruct", prompt="opening hours?")
+    assert done.choices[0].text == "We are open 9 to 5."
+    streamed = list(client.completions.create(model="gpt-3.5-turbo-instruct",
+                                              prompt="opening hours?", stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == "We are open 9 to 5."
+    claude = an(stack, key)
+    message = claude.messages.create(model="claude-3-5-haiku-latest", max_tokens=20,
+                                     messages=ask)
+    assert message.content[0].text == "We are open 9 to 5."  # type: ignore[union-attr]
+    with claude.messages.stream(model="claude-3-5-haiku-latest", max_tokens=20,
+                                messages=ask) as stream:
+        assert "".join(stream.text_stream) == "We are open 9 to 5."
+    assert upstream_requests(stack) == []
+    # counted, at zero cost
+    deadline = time.monotonic() + 10
+    while True:
+        events = [json.loads(line) for line in
+                  cli("usage", "--count", "50").stdout.splitlines() if line.strip()]
+        replies = [e for e in events if e.get("key") == name
+                   and any(h["action"] == "reply" for h in e.get("policies", []))]
+        if len(replies) >= 6 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(replies) >= 6
+    assert all(int(e.get("cost", {}).get("total_nanos", 0)) == 0 for e in replies)

@@ -135,6 +135,7 @@ FULL: dict[str, dict[str, Any]] = {
         "redaction": "[x]",
         "requestRules": {"maxTokens": 1000, "maxPromptChars": 20000, "requireUser": True,
                          "disabledModels": ["gpt-3.5*"]},
+        "autoReplies": [{"name": "hours", "phrases": ["opening hours"], "reply": "9 to 5"}],
     },
 }
 
@@ -619,6 +620,9 @@ AGREE: list[tuple[str, dict[str, Any], bool]] = [
     ("Policy", {"requestRules": {"maxTokens": 0}}, False),
     ("Policy", {"requestRules": {"maxTokens": 10, "maxWords": 3}}, False),
     ("Policy", {"redaction": 5}, False),
+    ("Policy", {"autoReplies": [{"name": "a", "phrases": ["hi"], "reply": "hello"}]}, True),
+    ("Policy", {"autoReplies": [{"name": "a", "phrases": ["hi"]}]}, False),
+    ("Policy", {"autoReplies": [{"phrases": ["hi"], "reply": "x"}]}, False),
     ("RateLimit", {"requestsPerMinute": 1}, False),
     ("RateLimit", {"per": "tenant", "requestsPerMinute": 1}, False),
     ("RateLimit", {"per": "key", "requestsPerMinute": 0}, False),

@@ -45,6 +45,8 @@ class CompiledPolicy:
     rules: tuple[WordRule, ...]
     request_rules: dict[str, Any]
     sides: dict[str, SideMatcher]
+    replies: tuple[tuple[str, str], ...] = ()  # (name, reply text) of each auto-reply
+    reply_matcher: SideMatcher | None = None  # phrases -> indexes into `replies`
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +105,35 @@ def compile_policy(policy_id: str, selector: Selector, spec: dict[str, Any],
         compiled.append((WordRule(raw["name"], raw["action"], sides), phrases))
     matchers = {side: m for side in (REQUEST, RESPONSE)
                 if (m := _side_matcher(compiled, side, factory)) is not None}
+    auto = [(WordRule(r["name"], "reply", (REQUEST,)), r["phrases"])
+            for r in spec.get("autoReplies", ())]
     return CompiledPolicy(
         id=policy_id, selector=selector, redaction=spec.get("redaction", "****"),
         rules=tuple(rule for rule, _ in compiled),
-        request_rules=dict(spec.get("requestRules") or {}), sides=matchers)
+        request_rules=dict(spec.get("requestRules") or {}), sides=matchers,
+        replies=tuple((r["name"], r["reply"]) for r in spec.get("autoReplies", ())),
+        reply_matcher=_side_matcher(auto, REQUEST, factory))
+
+
+@dataclass(frozen=True, slots=True)
+class AutoReply:
+    policy: str
+    name: str
+    text: str
+
+
+def auto_reply(policies: Iterable[CompiledPolicy], slots: Sequence[Slot]) -> AutoReply | None:
+    """The first auto-reply (in policy order, then configured order) whose phrase the request
+    contains."""
+    for policy in policies:
+        if policy.reply_matcher is None:
+            continue
+        found = {i for slot in slots for m in policy.reply_matcher.matcher.find(slot.text)
+                 for i in policy.reply_matcher.owners[m.phrase]}
+        if found:
+            name, text = policy.replies[min(found)]
+            return AutoReply(policy.id, name, text)
+    return None
 
 
 def applicable(policies: Iterable[CompiledPolicy], subject: Subject) -> tuple[CompiledPolicy, ...]:

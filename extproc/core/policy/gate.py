@@ -10,12 +10,15 @@ from dataclasses import dataclass
 import orjson
 
 from extproc.core.decisions import Deny
+from extproc.core.policy.autoreply import ENDPOINTS
 from extproc.core.policy.engine import (
     REQUEST,
     RESPONSE,
+    AutoReply,
     CompiledPolicy,
     Hit,
     Refusal,
+    auto_reply,
     check_rules,
     scan,
 )
@@ -28,6 +31,7 @@ class Outcome:
     refusal: Deny | None = None
     body: bytes | None = None  # the rewritten body, when a redaction changed it
     hits: tuple[Hit, ...] = ()
+    reply: AutoReply | None = None  # answer with this instead of calling the provider
 
 
 def refusal_deny(refusal: Refusal, side: str) -> Deny:
@@ -43,13 +47,19 @@ def on_request(policies: Sequence[CompiledPolicy], endpoint: str, facts: RuleFac
     if broken is not None:
         return Outcome(refusal=refusal_deny(broken, REQUEST),
                        hits=(Hit(broken.policy, broken.rule, "block", REQUEST, 1),))
-    if not any(REQUEST in p.sides for p in policies):
+    replies = endpoint in ENDPOINTS and any(p.reply_matcher for p in policies)
+    if not replies and not any(REQUEST in p.sides for p in policies):
         return Outcome()
     doc = orjson.loads(body)  # parsed before (parse_request): valid JSON object
-    result = scan(policies, REQUEST, request_slots(endpoint, doc))
+    slots = request_slots(endpoint, doc)
+    result = scan(policies, REQUEST, slots)
     if result.blocked is not None:
         hit = Hit(result.blocked.policy, result.blocked.rule, "block", REQUEST, 1)
         return Outcome(refusal=refusal_deny(result.blocked, REQUEST), hits=(*result.hits, hit))
+    answer = auto_reply(policies, slots) if replies else None
+    if answer is not None:
+        return Outcome(hits=(*result.hits, Hit(answer.policy, answer.name, "reply", REQUEST, 1)),
+                       reply=answer)
     return Outcome(body=orjson.dumps(doc) if result.changed else None, hits=result.hits)
 
 
