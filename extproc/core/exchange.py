@@ -58,6 +58,7 @@ from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowe
 from extproc.core.policy import autoreply
 from extproc.core.policy import engine as policy_engine
 from extproc.core.policy import gate as policy_gate
+from extproc.core.policy.cors import Cors
 from extproc.core.policy.rules import RuleFacts
 from extproc.core.policy.streaming import StreamGuard
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
@@ -97,6 +98,7 @@ class Options:
     hold_seconds: float = 600.0  # a reservation not settled by then is settled at its estimate
     image_tokens: int = 4096  # strict bound of one image for models without `imageTokens`
     unpriced: str = "default"  # unpriced models, unless the Upstream says: see `_unpriced`
+    cors: Cors = Cors()  # browser clients (core/policy/cors.py); off without origins
 
     @property
     def bounds(self) -> Bounds:
@@ -173,6 +175,7 @@ class Exchange:
         "model_identity",
         "named_limits",
         "offline",
+        "origin",
         "options",
         "path",
         "plan",
@@ -238,6 +241,7 @@ class Exchange:
         self.policies: tuple[policy_engine.CompiledPolicy, ...] = ()  # those that apply
         self.policy_hits: tuple[policy_engine.Hit, ...] = ()
         self.guard: StreamGuard | None = None  # response-side word lists on a stream
+        self.origin: str | None = None  # a browser's Origin, when CORS allows it
         self.response_policy: policy_gate.Outcome | None = None  # on a buffered answer
         self._limits: list[LimitSpec] = []
         self._subject: Subject | None = None
@@ -289,7 +293,8 @@ class Exchange:
         return self.route is not None and self.route.endpoint.is_anthropic
 
     def deny_headers(self) -> tuple[tuple[str, str], ...]:
-        return ((REQUEST_ID_HEADER, self.request_id),)
+        return ((REQUEST_ID_HEADER, self.request_id),
+                *self.options.cors.response_headers(self.origin))
 
     # -- request headers -------------------------------------------------------------------
 
@@ -309,6 +314,13 @@ class Exchange:
             removes.append("accept-encoding")
         path = headers.get(":path", "/")
         self.path = path
+        cors = self.options.cors
+        if cors.origins:
+            if cors.is_preflight(headers):  # no key needed: browsers send none
+                status, allow = cors.preflight(headers)
+                return Reply(status, b"", allow)
+            if cors.allowed(headers.get("origin")):
+                self.origin = headers.get("origin")
         self.client_anthropic_version = "anthropic-version" in headers
         self.route = classify_path(path)
         if self.route is None:
@@ -772,7 +784,7 @@ class Exchange:
             sets += rate_limit_headers(self.reservation.windows)
         if self.clamped is not None:
             sets += (self.clamped.header(),)
-        sets += self._policy_headers()
+        sets += self._policy_headers() + self.options.cors.response_headers(self.origin)
         content_type = headers.get("content-type", "")
         if self.facts is None or self.upstream is None:
             return Continue(HeaderEdit(set=sets))  # not an admitted LLM call (e.g. Envoy's 404)

@@ -245,7 +245,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if isinstance(decision, Deny):
             return self._deny(exchange, decision)
         if isinstance(decision, Reply):
-            metrics.REQUESTS.labels("answered", "models").inc()
+            kind = "models" if exchange.path.startswith("/v1/models") else "cors_preflight"
+            metrics.REQUESTS.labels("answered", kind).inc()
             return adapter.reply_response(decision, exchange.deny_headers())
         response = adapter.continue_response("request_headers", decision)
         adapter.name_request(response, METADATA_NAMESPACE, exchange.request_id)

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from extproc.core.exchange import Options
 from extproc.server import logfilter
+from extproc.core.policy.cors import Cors
 from extproc.server.policy_hits import PolicyHitRecorder
 from extproc.server.processor import Processor
 from extproc.server.settlement import Settler
@@ -62,6 +63,7 @@ async def run_worker(settings: Settings, index: int) -> None:
         hold_seconds=settings.hold_seconds,
         image_tokens=settings.image_tokens,
         unpriced=settings.unpriced,
+        cors=Cors(tuple(settings.cors_origins)),  # a list after the JSON hand-over
     )
 
     limit = settings.grpc_max_message_bytes

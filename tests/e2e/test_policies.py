@@ -324,3 +324,29 @@ def test_auto_reply_every_shape_never_upstream(
         time.sleep(0.2)
     assert len(replies) >= 6
     assert all(int(e.get("cost", {}).get("total_nanos", 0)) == 0 for e in replies)
+
+
+APP = "https://app.example.test"
+
+
+def test_cors_preflight_needs_no_key_and_answers_are_readable(
+        stack: Stack, new_named_key: NewKey) -> None:
+    url = f"{stack.base_url}/v1/chat/completions"
+    preflight = httpx.options(url, timeout=5, headers={
+        "origin": APP, "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type"})
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == APP
+    assert "authorization" in preflight.headers["access-control-allow-headers"]
+    other = httpx.options(url, timeout=5, headers={
+        "origin": "https://evil.example.test", "access-control-request-method": "POST"})
+    assert other.status_code == 403 and "access-control-allow-origin" not in other.headers
+    _name, key = new_named_key()
+    answer = httpx.post(url, json=chat("hi"), timeout=10,
+                        headers={"authorization": f"Bearer {key}", "origin": APP})
+    assert answer.status_code == 200
+    assert answer.headers["access-control-allow-origin"] == APP
+    assert "x-tollgate-cost" in answer.headers["access-control-expose-headers"]
+    refused = httpx.post(url, json=chat("hi"), timeout=10, headers={"origin": APP})
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] == APP  # the page can read why

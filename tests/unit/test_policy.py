@@ -333,3 +333,25 @@ def test_docs_example_is_a_valid_policy_that_does_what_the_page_says() -> None:
     refused = gate.on_request([compiled], "chat.completions", RuleFacts("gpt-3.5-turbo", 1, 1,
                                                                         "u"), chat("x"))
     assert refused.refusal is not None and "disabledModels" in refused.refusal.message
+
+
+@pytest.mark.parametrize(
+    ("origins", "origin", "status"),
+    [
+        (("https://a.test",), "https://a.test", 204),
+        (("https://a.test",), "https://b.test", 403),
+        (("*",), "https://b.test", 204),
+        (("https://a.test",), None, 403),
+    ],
+)
+def test_cors_preflight(origins: tuple[str, ...], origin: str | None, status: int) -> None:
+    from extproc.core.policy.cors import Cors
+
+    cors = Cors(origins)
+    headers = {":method": "OPTIONS", "access-control-request-method": "POST",
+               **({"origin": origin} if origin else {})}
+    assert cors.is_preflight(headers)
+    got, allow = cors.preflight(headers)
+    assert got == status
+    assert (dict(allow).get("access-control-allow-origin") == origin) is (status == 204)
+    assert not Cors().is_preflight(headers)  # off without origins
