@@ -23,8 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
 from extproc.core.exchange import Options
-from extproc.server import logfilter
 from extproc.core.policy.cors import Cors
+from extproc.server import logfilter
 from extproc.server.policy_hits import PolicyHitRecorder
 from extproc.server.processor import Processor
 from extproc.server.settlement import Settler

@@ -353,5 +353,5 @@ def test_cors_preflight(origins: tuple[str, ...], origin: str | None, status: in
     assert cors.is_preflight(headers)
     got, allow = cors.preflight(headers)
     assert got == status
-    assert (dict(allow).get("access-control-allow-origin") == origin) is (status == 204)
+    assert ("access-control-allow-origin" in dict(allow)) is (status == 204)
     assert not Cors().is_preflight(headers)  # off without origins
