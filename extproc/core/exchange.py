@@ -58,7 +58,7 @@ from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowe
 from extproc.core.policy import autoreply
 from extproc.core.policy import engine as policy_engine
 from extproc.core.policy import gate as policy_gate
-from extproc.core.policy.cors import Cors
+from extproc.core.policy.cors import NO_CORS, Cors
 from extproc.core.policy.rules import RuleFacts
 from extproc.core.policy.streaming import StreamGuard
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
@@ -98,7 +98,7 @@ class Options:
     hold_seconds: float = 600.0  # a reservation not settled by then is settled at its estimate
     image_tokens: int = 4096  # strict bound of one image for models without `imageTokens`
     unpriced: str = "default"  # unpriced models, unless the Upstream says: see `_unpriced`
-    cors: Cors = Cors()  # browser clients (core/policy/cors.py); off without origins
+    cors: Cors = NO_CORS  # browser clients (core/policy/cors.py); off without origins
 
     @property
     def bounds(self) -> Bounds:

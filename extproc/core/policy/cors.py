@@ -51,3 +51,6 @@ class Cors:
             return ()
         return (("access-control-allow-origin", origin), ("vary", "origin"),
                 ("access-control-expose-headers", EXPOSED))
+
+
+NO_CORS = Cors()
