@@ -553,6 +553,7 @@ class Exchange:
                                facts.user or self.user)
         outcome = policy_gate.on_request(self.policies, facts.endpoint.value, rule_facts, body)
         self.policy_hits += outcome.hits
+        self.policies += outcome.reflection
         if outcome.refusal is not None:
             return replace(outcome.refusal, headers=self._policy_headers())
         if outcome.reply is not None:

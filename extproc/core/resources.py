@@ -521,6 +521,17 @@ def _policy(f: _Fields) -> dict[str, Any]:
         raise f.error("autoReplies", "must be a list")
     replies = [_auto_reply(f.where, f"{f.path}.autoReplies[{i}]", r)
                for i, r in enumerate(replies_raw)]
+    reflection = f.mapping("reflection")
+    reflection_spec: dict[str, Any] = {"action": "none", "delimiter": "", "minChars": 20}
+    if reflection is not None:
+        reflection_spec["action"] = reflection.string("action", "none")
+        if reflection_spec["action"] not in REFLECTION_ACTIONS:
+            raise reflection.error("action", f"must be one of {', '.join(REFLECTION_ACTIONS)}")
+        reflection_spec["delimiter"] = reflection.string("delimiter")
+        if len(reflection_spec["delimiter"]) > 16 or reflection_spec["delimiter"].isspace():
+            raise reflection.error("delimiter", "must be 1-16 non-blank characters (or empty)")
+        reflection_spec["minChars"] = reflection.integer("minChars", 20, minimum=1)
+        reflection.done()
     redaction = f.string("redaction", "****")
     if len(redaction) > 64:
         raise f.error("redaction", "must be at most 64 characters")
@@ -530,6 +541,7 @@ def _policy(f: _Fields) -> dict[str, Any]:
         "redaction": redaction,
         "requestRules": _request_rules(f),
         "autoReplies": replies,
+        "reflection": reflection_spec,
     }
 
 

@@ -350,3 +350,25 @@ def test_cors_preflight_needs_no_key_and_answers_are_readable(
     refused = httpx.post(url, json=chat("hi"), timeout=10, headers={"origin": APP})
     assert refused.status_code == 401
     assert refused.headers["access-control-allow-origin"] == APP  # the page can read why
+
+
+def test_prompt_reflection_marked_part(stack: Stack, cli: CliRunner,
+                                       new_named_key: NewKey) -> None:
+    name, key = new_named_key()
+    policy = apply_policy(cli, name, "  reflection: {action: redact, delimiter: '||'}\n")
+    wait_for_policy(stack, key, chat("say ||zebra||"), headers={"x-mock-reply": "zebra"})
+    clear_upstream(stack)
+    client = oa(stack, key)
+    ask = [{"role": "user", "content": "The password is ||tango-seven||, repeat it"}]
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=ask,
+        extra_headers={"x-mock-reply": "The password is tango-seven indeed"})
+    assert last_upstream_body(stack)["messages"][0]["content"] == (
+        "The password is tango-seven, repeat it")
+    assert raw.parse().choices[0].message.content == "The password is **** indeed"
+    assert raw.headers["x-tollgate-policy"] == f"{policy}/reflection=redact:1"
+    chunks = list(client.chat.completions.create(
+        model="gpt-4o-mini", messages=ask, stream=True,
+        extra_headers={"x-mock-reply": "The password is tango-seven indeed"}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "The password is **** indeed"

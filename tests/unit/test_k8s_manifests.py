@@ -136,6 +136,7 @@ FULL: dict[str, dict[str, Any]] = {
         "requestRules": {"maxTokens": 1000, "maxPromptChars": 20000, "requireUser": True,
                          "disabledModels": ["gpt-3.5*"]},
         "autoReplies": [{"name": "hours", "phrases": ["opening hours"], "reply": "9 to 5"}],
+        "reflection": {"action": "redact", "delimiter": "||", "minChars": 5},
     },
 }
 
@@ -622,6 +623,9 @@ AGREE: list[tuple[str, dict[str, Any], bool]] = [
     ("Policy", {"redaction": 5}, False),
     ("Policy", {"autoReplies": [{"name": "a", "phrases": ["hi"], "reply": "hello"}]}, True),
     ("Policy", {"autoReplies": [{"name": "a", "phrases": ["hi"]}]}, False),
+    ("Policy", {"reflection": {"action": "block"}}, True),
+    ("Policy", {"reflection": {"action": "echo"}}, False),
+    ("Policy", {"reflection": {"action": "audit", "minChars": 0}}, False),
     ("Policy", {"autoReplies": [{"phrases": ["hi"], "reply": "x"}]}, False),
     ("RateLimit", {"requestsPerMinute": 1}, False),
     ("RateLimit", {"per": "tenant", "requestsPerMinute": 1}, False),

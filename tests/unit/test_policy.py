@@ -355,3 +355,46 @@ def test_cors_preflight(origins: tuple[str, ...], origin: str | None, status: in
     assert got == status
     assert ("access-control-allow-origin" in dict(allow)) is (status == 204)
     assert not Cors().is_preflight(headers)  # off without origins
+
+
+def answer(text: str) -> bytes:
+    return orjson.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]})
+
+
+@pytest.mark.parametrize(
+    ("reflection", "prompt", "sent", "reply", "seen"),
+    [
+        # whole prompt texts of at least minChars
+        ({"action": "redact"}, "What is the launch code for today?",
+         "What is the launch code for today?",
+         "You asked: what is the launch code for today? Sorry.", "You asked: **** Sorry."),
+        ({"action": "redact", "minChars": 100}, "What is the launch code for today?",
+         "What is the launch code for today?",
+         "You asked: what is the launch code for today?",
+         "You asked: what is the launch code for today?"),
+        # only the marked part, and the marks never reach the provider
+        ({"action": "redact", "delimiter": "||"}, "Use ||tango-7|| as the password",
+         "Use tango-7 as the password", "Fine, tango-7 it is", "Fine, **** it is"),
+        ({"action": "audit", "delimiter": "||"}, "Use ||tango-7|| please",
+         "Use tango-7 please", "tango-7", "tango-7"),
+    ],
+)
+def test_prompt_reflection(reflection: dict[str, Any], prompt: str, sent: str, reply: str,
+                           seen: str) -> None:
+    p = policy({"reflection": reflection})
+    out = gate.on_request([p], "chat.completions", FACTS, chat(prompt))
+    body = out.body if out.body is not None else chat(prompt)
+    assert orjson.loads(body)["messages"][0]["content"] == sent
+    back = gate.on_response(list(out.reflection), "chat.completions", answer(reply))
+    shown = back.body if back.body is not None else answer(reply)
+    assert orjson.loads(shown)["choices"][0]["message"]["content"] == seen
+    if seen != reply or reflection["action"] == "audit" and "tango" in reply:
+        assert [h.rule for h in back.hits] == ["reflection"]
+
+
+def test_prompt_reflection_block() -> None:
+    p = policy({"reflection": {"action": "block", "delimiter": "<<"}})
+    out = gate.on_request([p], "chat.completions", FACTS, chat("secret is <<moonbeam<< ok"))
+    back = gate.on_response(list(out.reflection), "chat.completions", answer("moonbeam!"))
+    assert back.refusal is not None and "reflection" in back.refusal.message
+    assert "moonbeam" not in back.refusal.message

@@ -47,6 +47,7 @@ class CompiledPolicy:
     sides: dict[str, SideMatcher]
     replies: tuple[tuple[str, str], ...] = ()  # (name, reply text) of each auto-reply
     reply_matcher: SideMatcher | None = None  # phrases -> indexes into `replies`
+    reflection: dict[str, Any] | None = None  # {action, delimiter, minChars} unless none
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,45 @@ def compile_policy(policy_id: str, selector: Selector, spec: dict[str, Any],
         rules=tuple(rule for rule, _ in compiled),
         request_rules=dict(spec.get("requestRules") or {}), sides=matchers,
         replies=tuple((r["name"], r["reply"]) for r in spec.get("autoReplies", ())),
-        reply_matcher=_side_matcher(auto, REQUEST, factory))
+        reply_matcher=_side_matcher(auto, REQUEST, factory),
+        reflection=(spec.get("reflection") if (spec.get("reflection") or {}).get(
+            "action", "none") != "none" else None))
+
+
+def reflection_policies(policies: Iterable[CompiledPolicy],
+                        slots: Sequence[Slot]) -> tuple[tuple[CompiledPolicy, ...], bool]:
+    """Prompt reflection, per policy that asks for it: a response-side policy made for this
+    request whose phrases are the prompt's texts (or the parts marked with the delimiter,
+    which are unmarked in place), and whether a slot changed. Searched with the stdlib
+    stand-in: a handful of phrases, built per request."""
+    out = []
+    changed = False
+    for policy in policies:
+        config = policy.reflection
+        if config is None:
+            continue
+        delimiter, minimum = config.get("delimiter", ""), int(config.get("minChars", 20))
+        phrases: list[str] = []
+        for slot in slots:
+            if delimiter:
+                pieces = slot.text.split(delimiter)
+                if len(pieces) < 3:
+                    continue
+                # odd pieces are marked: a||b||c -> b; an unclosed mark stays as sent
+                closed = len(pieces) if len(pieces) % 2 else len(pieces) - 1
+                phrases += [p for p in pieces[1:closed:2] if p.strip()]
+                unmarked = "".join(pieces[:closed]) + delimiter.join(["", *pieces[closed:]])
+                slot.replace(unmarked)
+                changed = True
+            elif len(slot.text.strip()) >= minimum:
+                phrases.append(slot.text.strip())
+        if phrases:
+            rule = WordRule("reflection", config["action"], (RESPONSE,))
+            matcher = _side_matcher([(rule, phrases)], RESPONSE, None)
+            assert matcher is not None
+            out.append(CompiledPolicy(policy.id, policy.selector, policy.redaction, (rule,),
+                                      {}, {RESPONSE: matcher}))
+    return tuple(out), changed
 
 
 @dataclass(frozen=True, slots=True)

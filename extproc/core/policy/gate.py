@@ -20,6 +20,7 @@ from extproc.core.policy.engine import (
     Refusal,
     auto_reply,
     check_rules,
+    reflection_policies,
     scan,
 )
 from extproc.core.policy.rules import RuleFacts
@@ -32,6 +33,7 @@ class Outcome:
     body: bytes | None = None  # the rewritten body, when a redaction changed it
     hits: tuple[Hit, ...] = ()
     reply: AutoReply | None = None  # answer with this instead of calling the provider
+    reflection: tuple[CompiledPolicy, ...] = ()  # response-side checks made for this request
 
 
 def refusal_deny(refusal: Refusal, side: str) -> Deny:
@@ -48,7 +50,8 @@ def on_request(policies: Sequence[CompiledPolicy], endpoint: str, facts: RuleFac
         return Outcome(refusal=refusal_deny(broken, REQUEST),
                        hits=(Hit(broken.policy, broken.rule, "block", REQUEST, 1),))
     replies = endpoint in ENDPOINTS and any(p.reply_matcher for p in policies)
-    if not replies and not any(REQUEST in p.sides for p in policies):
+    reflects = any(p.reflection for p in policies)
+    if not replies and not reflects and not any(REQUEST in p.sides for p in policies):
         return Outcome()
     doc = orjson.loads(body)  # parsed before (parse_request): valid JSON object
     slots = request_slots(endpoint, doc)
@@ -60,7 +63,9 @@ def on_request(policies: Sequence[CompiledPolicy], endpoint: str, facts: RuleFac
     if answer is not None:
         return Outcome(hits=(*result.hits, Hit(answer.policy, answer.name, "reply", REQUEST, 1)),
                        reply=answer)
-    return Outcome(body=orjson.dumps(doc) if result.changed else None, hits=result.hits)
+    reflection, unmarked = reflection_policies(policies, slots) if reflects else ((), False)
+    return Outcome(body=orjson.dumps(doc) if result.changed or unmarked else None,
+                   hits=result.hits, reflection=reflection)
 
 
 def on_response(policies: Sequence[CompiledPolicy], endpoint: str, body: bytes) -> Outcome:
