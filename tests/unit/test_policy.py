@@ -388,7 +388,7 @@ def test_prompt_reflection(reflection: dict[str, Any], prompt: str, sent: str, r
     back = gate.on_response(list(out.reflection), "chat.completions", answer(reply))
     shown = back.body if back.body is not None else answer(reply)
     assert orjson.loads(shown)["choices"][0]["message"]["content"] == seen
-    if seen != reply or reflection["action"] == "audit" and "tango" in reply:
+    if seen != reply or (reflection["action"] == "audit" and "tango" in reply):
         assert [h.rule for h in back.hits] == ["reflection"]
 
 
