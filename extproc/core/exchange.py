@@ -58,6 +58,7 @@ from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowe
 from extproc.core.policy import autoreply
 from extproc.core.policy import engine as policy_engine
 from extproc.core.policy import gate as policy_gate
+from extproc.core.policy import headers as policy_headers
 from extproc.core.policy.cors import NO_CORS, Cors
 from extproc.core.policy.rules import RuleFacts
 from extproc.core.policy.streaming import StreamGuard
@@ -162,6 +163,7 @@ class Exchange:
         "clamped",
         "client_anthropic_version",
         "client_ip",
+        "client_headers",
         "cooldown_due",
         "credential",
         "due",
@@ -242,6 +244,7 @@ class Exchange:
         self.policy_hits: tuple[policy_engine.Hit, ...] = ()
         self.guard: StreamGuard | None = None  # response-side word lists on a stream
         self.origin: str | None = None  # a browser's Origin, when CORS allows it
+        self.client_headers: tuple[str, ...] = ()  # names, for `forwardHeaders`
         self.response_policy: policy_gate.Outcome | None = None  # on a buffered answer
         self._limits: list[LimitSpec] = []
         self._subject: Subject | None = None
@@ -322,6 +325,7 @@ class Exchange:
             if cors.allowed(headers.get("origin")):
                 self.origin = headers.get("origin")
         self.client_anthropic_version = "anthropic-version" in headers
+        self.client_headers = tuple(n for n in headers if n not in removes)
         self.route = classify_path(path)
         if self.route is None:
             return Deny(404, "unknown_endpoint", f"Tollgate does not serve {path.split('?')[0]}.")
@@ -508,6 +512,13 @@ class Exchange:
         elif redacted:
             new_body = body
         self.price = snapshot.price(self.priced_model)
+        forward = [p.forward_headers for p in self.policies if p.forward_headers]
+        if forward:
+            # Never a name this reply also sets (a remove and a set of one name in one
+            # mutation is order-dependent in Envoy).
+            setting = {name for name, _ in sets}
+            removes += tuple(n for n in policy_headers.removed(self.client_headers, forward)
+                             if n not in setting and n not in removes)
         proceed = Continue(HeaderEdit(tuple(sets), removes), body=new_body, clear_route_cache=True)
         if self.header_tally is not None:
             too_many = check_fits(self.header_tally, proceed.headers.plus(

@@ -532,6 +532,11 @@ def _policy(f: _Fields) -> dict[str, Any]:
             raise reflection.error("delimiter", "must be 1-16 non-blank characters (or empty)")
         reflection_spec["minChars"] = reflection.integer("minChars", 20, minimum=1)
         reflection.done()
+    forward = f.mapping("forwardHeaders")
+    forward_spec: dict[str, list[str]] = {"allow": [], "deny": []}
+    if forward is not None:
+        forward_spec = {"allow": forward.strings("allow"), "deny": forward.strings("deny")}
+        forward.done()
     redaction = f.string("redaction", "****")
     if len(redaction) > 64:
         raise f.error("redaction", "must be at most 64 characters")
@@ -542,6 +547,7 @@ def _policy(f: _Fields) -> dict[str, Any]:
         "requestRules": _request_rules(f),
         "autoReplies": replies,
         "reflection": reflection_spec,
+        "forwardHeaders": forward_spec,
     }
 
 

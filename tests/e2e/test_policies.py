@@ -372,3 +372,20 @@ def test_prompt_reflection_marked_part(stack: Stack, cli: CliRunner,
         extra_headers={"x-mock-reply": "The password is tango-seven indeed"}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "The password is **** indeed"
+
+
+def test_forward_headers_allow_list(stack: Stack, cli: CliRunner, new_named_key: NewKey) -> None:
+    name, key = new_named_key()
+    policy = apply_policy(cli, name, "  forwardHeaders: {allow: ['x-app-*', 'user-agent'], "
+                          "deny: ['x-app-secret']}\n  wordLists:\n    - {name: probe, "
+                          "words: [probeword], action: audit}\n")
+    wait_for_policy(stack, key, chat("probeword"))
+    clear_upstream(stack)
+    raw = oa(stack, key).chat.completions.with_raw_response.create(
+        **chat("probeword"), extra_headers={"x-app-id": "7", "x-app-secret": "s",
+                                            "x-other": "o", "cookie": "c=1"})
+    assert raw.headers["x-tollgate-policy"] == f"{policy}/probe=audit:1"
+    sent = upstream_requests(stack)[-1]["headers"]
+    assert sent["x-app-id"] == "7" and "user-agent" in sent
+    assert "x-app-secret" not in sent and "x-other" not in sent and "cookie" not in sent
+    assert sent["authorization"].startswith("Bearer sk-upstream")  # the gateway's own

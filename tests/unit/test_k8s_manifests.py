@@ -137,6 +137,7 @@ FULL: dict[str, dict[str, Any]] = {
                          "disabledModels": ["gpt-3.5*"]},
         "autoReplies": [{"name": "hours", "phrases": ["opening hours"], "reply": "9 to 5"}],
         "reflection": {"action": "redact", "delimiter": "||", "minChars": 5},
+        "forwardHeaders": {"allow": ["x-app-*"], "deny": ["cookie"]},
     },
 }
 

@@ -398,3 +398,22 @@ def test_prompt_reflection_block() -> None:
     back = gate.on_response(list(out.reflection), "chat.completions", answer("moonbeam!"))
     assert back.refusal is not None and "reflection" in back.refusal.message
     assert "moonbeam" not in back.refusal.message
+
+
+@pytest.mark.parametrize(
+    ("rules", "names", "gone"),
+    [
+        ([{"deny": ["cookie", "x-debug-*"]}], ["cookie", "x-debug-a", "x-app"],
+         ("cookie", "x-debug-a")),
+        ([{"allow": ["x-app-*"]}], ["x-app-id", "user-agent", "content-type", ":path",
+                                   "authorization"], ("user-agent",)),
+        ([{"allow": ["X-App-*"]}, {"deny": ["x-app-secret"]}], ["x-app-id", "x-app-secret"],
+         ("x-app-secret",)),
+        ([{"allow": [], "deny": []}], ["anything"], ()),
+    ],
+)
+def test_forward_headers(rules: list[dict[str, list[str]]], names: list[str],
+                         gone: tuple[str, ...]) -> None:
+    from extproc.core.policy.headers import removed
+
+    assert removed(names, rules) == gone

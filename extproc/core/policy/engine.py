@@ -48,6 +48,7 @@ class CompiledPolicy:
     replies: tuple[tuple[str, str], ...] = ()  # (name, reply text) of each auto-reply
     reply_matcher: SideMatcher | None = None  # phrases -> indexes into `replies`
     reflection: dict[str, Any] | None = None  # {action, delimiter, minChars} unless none
+    forward_headers: dict[str, list[str]] | None = None  # {allow, deny} when either is set
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,8 @@ def compile_policy(policy_id: str, selector: Selector, spec: dict[str, Any],
         request_rules=dict(spec.get("requestRules") or {}), sides=matchers,
         replies=tuple((r["name"], r["reply"]) for r in spec.get("autoReplies", ())),
         reply_matcher=_side_matcher(auto, REQUEST, factory),
+        forward_headers=(spec.get("forwardHeaders") if any(
+            (spec.get("forwardHeaders") or {}).values()) else None),
         reflection=(spec.get("reflection") if (spec.get("reflection") or {}).get(
             "action", "none") != "none" else None))
 
