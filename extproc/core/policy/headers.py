@@ -3,7 +3,8 @@
 `deny` removes the headers it matches; a non-empty `allow` removes every header it does not
 match. Names are glob patterns, compared in lower case. Never removed: pseudo-headers, Envoy's
 own headers and the headers a request cannot do without (body framing, the key headers the
-gateway itself rewrites, the Anthropic API version). Gateway headers (`x-tollgate-*`, `xProxy-*`) are removed anyway.
+gateway itself rewrites, the Anthropic API version). Gateway headers (`x-tollgate-*`,
+`xProxy-*`) are removed anyway.
 """
 
 from __future__ import annotations
