@@ -528,6 +528,30 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    """The newest entries of the opt-in body log (Policy `logBodies`), one JSON object a line,
+    oldest first."""
+    if args.count < 0:
+        raise CliError("--count must be 0 or more")
+
+    async def read(store: Store) -> list[bytes]:
+        if not args.count:
+            return []
+        try:
+            entries = await store.redis.xrevrange(store.keys.body_log, count=args.count)
+        except Exception as exc:  # redis errors: the store's own message
+            raise StoreUnavailable(str(exc)) from exc
+        out = []
+        for _id, fields in reversed(entries or []):
+            value = (fields or {}).get(b"entry", b"")
+            out.append(value if isinstance(value, bytes) else value.encode())
+        return out
+
+    for entry in with_store(args, read):
+        print(entry.decode("utf-8", "replace"))
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from extproc.store.quota_store import QuotaStore
 
@@ -829,6 +853,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="jsonl (default: one object per line), table, json or yaml")
     redis_opt(usage)
     usage.set_defaults(func=cmd_usage)
+
+    logs = sub.add_parser("logs", help="print the newest opt-in body log entries (Policy "
+                          "logBodies) as JSON lines")
+    logs.add_argument("--count", type=int, default=20, help="how many entries (20)")
+    redis_opt(logs)
+    logs.set_defaults(func=cmd_logs)
 
     completion = sub.add_parser("completion", help="print a shell completion script, e.g. "
                                 "`source <(tollgate completion bash)`")

@@ -85,6 +85,7 @@ from extproc.core.streams import StreamMeter, StreamStep
 from extproc.core.usage import Usage, parse_response_usage
 
 ROUTING_HEADER = "x-tollgate-cluster"
+LOGGED_BYTES = 256 * 1024  # per body in the opt-in log stream; longer ones are cut
 REQUEST_ID_HEADER = "x-tollgate-request-id"
 INTERNAL_PREFIX = "x-tollgate-"
 # Pay-i-style headers (`xProxy-*`) are the gateway's too: never forwarded to a provider.
@@ -173,6 +174,7 @@ class Exchange:
         "hide_usage_chunk",
         "key",
         "limit_statuses",
+        "logged",
         "meter",
         "model_identity",
         "named_limits",
@@ -245,6 +247,8 @@ class Exchange:
         self.guard: StreamGuard | None = None  # response-side word lists on a stream
         self.origin: str | None = None  # a browser's Origin, when CORS allows it
         self.client_headers: tuple[str, ...] = ()  # names, for `forwardHeaders`
+        # Opt-in body logging (a Policy's `logBodies`): [request, response] as sent on.
+        self.logged: list[bytes] | None = None
         self.response_policy: policy_gate.Outcome | None = None  # on a buffered answer
         self._limits: list[LimitSpec] = []
         self._subject: Subject | None = None
@@ -512,6 +516,8 @@ class Exchange:
         elif redacted:
             new_body = body
         self.price = snapshot.price(self.priced_model)
+        if any(p.log_bodies for p in self.policies):
+            self.logged = [new_body if new_body is not None else body, b""]
         forward = [p.forward_headers for p in self.policies if p.forward_headers]
         if forward:
             # Never a name this reply also sets (a remove and a set of one name in one
@@ -863,6 +869,8 @@ class Exchange:
             step = StreamStep(self.guard.feed(step.forward, step.finished), step.finished)
             if step.finished:
                 self.policy_hits += self.guard.hits()
+        if self.logged is not None and len(self.logged[1]) < LOGGED_BYTES:
+            self.logged[1] += step.forward
         if step.finished and not self.settled and self.due is None:
             usage = self.meter.usage
             warnings: tuple[str, ...] = ()
@@ -942,6 +950,8 @@ class Exchange:
             result["unknown_limit_ids"] = list(self.unknown_limits)
             self._report_estimate(result)
             new_body = splice_result(body, result)
+        if self.logged is not None:
+            self.logged[1] = body
         return Continue(edit, body=new_body if new_body is not None else redacted)
 
 

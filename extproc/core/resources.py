@@ -532,6 +532,7 @@ def _policy(f: _Fields) -> dict[str, Any]:
             raise reflection.error("delimiter", "must be 1-16 non-blank characters (or empty)")
         reflection_spec["minChars"] = reflection.integer("minChars", 20, minimum=1)
         reflection.done()
+    log_bodies = f.boolean("logBodies")
     forward = f.mapping("forwardHeaders")
     forward_spec: dict[str, list[str]] = {"allow": [], "deny": []}
     if forward is not None:
@@ -548,6 +549,8 @@ def _policy(f: _Fields) -> dict[str, Any]:
         "autoReplies": replies,
         "reflection": reflection_spec,
         "forwardHeaders": forward_spec,
+        # Opt-in: full request and response bodies (after redaction) to a bounded Redis stream.
+        "logBodies": log_bodies,
     }
 
 

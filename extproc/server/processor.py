@@ -21,11 +21,19 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from extproc.core.decisions import Continue, Decision, Deny
-from extproc.core.exchange import Exchange, Options, Reply, Reserve, Settlement
+from extproc.core.exchange import (
+    LOGGED_BYTES,
+    Exchange,
+    Options,
+    Reply,
+    Reserve,
+    Settlement,
+)
 from extproc.core.header_budget import HeaderTally
 from extproc.core.keys import find_key
 from extproc.core.pricing import format_nanos, nanos_to_micros
@@ -123,6 +131,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 self._access(exchange, answered, started)
             if exchange.policy_hits and self.policy_hits is not None:
                 self.policy_hits.record(exchange.policy_hits)
+            if exchange.logged is not None and self.policy_hits is not None:
+                self.policy_hits.log_bodies(self._body_log_entry(exchange))
 
     def _access(
         self, exchange: Exchange, answered: tuple[int, str] | None, started: float
@@ -425,6 +435,21 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             event.cost.total_micros = nanos_to_micros(due.cost_nanos)
         raw: bytes = event.SerializeToString()
         return raw
+
+    def _body_log_entry(self, exchange: Exchange) -> bytes:
+        """The opt-in log entry: bodies as they went on (after redaction), and who and what."""
+        assert exchange.logged is not None
+        priced = exchange.priced
+        request, response = (b[:LOGGED_BYTES].decode("utf-8", "replace")
+                             for b in exchange.logged)
+        return orjson.dumps({
+            "request_id": exchange.request_id, "timestamp_ms": int(time.time() * 1000),
+            "key": exchange.key.name if exchange.key else None, "user": exchange.user,
+            "model": exchange.facts.model if exchange.facts else None,
+            "status": exchange.status,
+            "cost_usd": format_nanos(priced.cost.total_nanos) if priced else "0",
+            "policies": [h.result() for h in exchange.policy_hits],
+            "request": request, "response": response})
 
     def _count_priced(self, exchange: Exchange) -> None:
         priced = exchange.priced

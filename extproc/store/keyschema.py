@@ -113,6 +113,12 @@ class KeySchema:
         """INT: counter that rotates the first primary credential tried."""
         return f"{self.prefix}rr:{upstream}"
 
+    @property
+    def body_log(self) -> str:
+        """STREAM: opt-in full request/response bodies (Policy `logBodies`), bounded by length
+        and age (MAXLEN and MINID trims on every write)."""
+        return f"{self.prefix}bodylog"
+
     def policy_hits(self, policy: str, day: str) -> str:
         """HASH with TTL: requests a Policy acted on during one UTC day (`YYYY-MM-DD`), fields
         `<action>` and `<rule>:<action>` (core/policy; never any matched text)."""

@@ -389,3 +389,37 @@ def test_forward_headers_allow_list(stack: Stack, cli: CliRunner, new_named_key:
     assert sent["x-app-id"] == "7" and "user-agent" in sent
     assert "x-app-secret" not in sent and "x-other" not in sent and "cookie" not in sent
     assert sent["authorization"].startswith("Bearer sk-upstream")  # the gateway's own
+
+
+def test_opt_in_body_log_after_redaction(stack: Stack, cli: CliRunner,
+                                         new_named_key: NewKey) -> None:
+    name, key = new_named_key()
+    apply_policy(cli, name, "  logBodies: true\n  wordLists:\n    - {name: pii, words: "
+                 "['jane doe'], action: redact}\n")
+    wait_for_policy(stack, key, chat("jane doe"))
+    raw = oa(stack, key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Hello, I am Jane Doe"}],
+        extra_headers={"x-mock-reply": "Hi jane doe, welcome"})
+    request_id = raw.headers["x-tollgate-request-id"]
+    deadline = time.monotonic() + 10
+    while True:
+        entries = [json.loads(line) for line in
+                   cli("logs", "--count", "50").stdout.splitlines() if line.strip()]
+        entry = next((e for e in entries if e["request_id"] == request_id), None)
+        if entry is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert entry is not None and entry["key"] == name and entry["model"] == "gpt-4o-mini"
+    assert "Hello, I am ****" in entry["request"] and "jane" not in entry["request"].lower()
+    assert "Hi ****, welcome" in entry["response"]
+
+
+def test_no_body_log_without_opt_in(stack: Stack, cli: CliRunner,
+                                    new_named_key: NewKey) -> None:
+    name, key = new_named_key()
+    apply_policy(cli, name, "  wordLists:\n    - {name: w, words: [zzyzx], action: audit}\n")
+    wait_for_policy(stack, key, chat("zzyzx"))
+    raw = oa(stack, key).chat.completions.with_raw_response.create(**chat("zzyzx secret"))
+    time.sleep(1.5)  # one flush interval: an entry would be written by now
+    request_id = raw.headers["x-tollgate-request-id"]
+    assert request_id not in cli("logs", "--count", "1000").stdout

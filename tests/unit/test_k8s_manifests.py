@@ -138,6 +138,7 @@ FULL: dict[str, dict[str, Any]] = {
         "autoReplies": [{"name": "hours", "phrases": ["opening hours"], "reply": "9 to 5"}],
         "reflection": {"action": "redact", "delimiter": "||", "minChars": 5},
         "forwardHeaders": {"allow": ["x-app-*"], "deny": ["cookie"]},
+        "logBodies": True,
     },
 }
 

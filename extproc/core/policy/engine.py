@@ -49,6 +49,7 @@ class CompiledPolicy:
     reply_matcher: SideMatcher | None = None  # phrases -> indexes into `replies`
     reflection: dict[str, Any] | None = None  # {action, delimiter, minChars} unless none
     forward_headers: dict[str, list[str]] | None = None  # {allow, deny} when either is set
+    log_bodies: bool = False  # opt-in: request and response bodies to the log stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,7 @@ def compile_policy(policy_id: str, selector: Selector, spec: dict[str, Any],
         request_rules=dict(spec.get("requestRules") or {}), sides=matchers,
         replies=tuple((r["name"], r["reply"]) for r in spec.get("autoReplies", ())),
         reply_matcher=_side_matcher(auto, REQUEST, factory),
+        log_bodies=bool(spec.get("logBodies")),
         forward_headers=(spec.get("forwardHeaders") if any(
             (spec.get("forwardHeaders") or {}).values()) else None),
         reflection=(spec.get("reflection") if (spec.get("reflection") or {}).get(
