@@ -19,7 +19,8 @@ request headers
     (415) no larger than the configured maximum (413) and a non-empty body (400).
 request body
   * malformed body -> 400; model not allowed for the key -> 403; no upstream serves the model
-    -> 404; no credential -> 503;
+    -> 404; content policies that select the request (core/policy) may refuse it (400), answer
+    it themselves (auto-reply) or redact it; no credential -> 503;
   * when limits or rate limits apply, the decision is `Reserve(plan)`: the edge runs the plan
     (one Redis script) and hands the answer to `on_reserved` (or `on_reserve_failed` when Redis
     is unreachable), which refuses (429/503) or lets the request go;
@@ -30,8 +31,9 @@ response headers
     the response body to BUFFERED so it can be priced; any other response is settled here
     (errors at zero cost, other 2xx at the estimate) and passes through.
 response body
-  * read usage and price it (`on_response_body`); the edge settles; `response_body_reply` adds
-    cost and limit headers and (unless disabled) the result object.
+  * read usage and price it (`on_response_body`), then run response-side policies (a stream:
+    `StreamGuard`, chunk by chunk); the edge settles; `response_body_reply` adds cost and
+    limit headers and (unless disabled) the result object, or withholds a blocked answer.
 Settlement is described by `due` (set by the phases above, taken by the edge exactly once); a
 stream that ends early is settled by the edge with `settlement_on_abort`.
 """

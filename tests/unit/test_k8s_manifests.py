@@ -687,3 +687,15 @@ def test_example_contents() -> None:
     assert limit.spec["selector"]["keys"] == rate.spec["selector"]["keys"] == [key.name]
     assert (limit.spec["type"], limit.spec["period"], limit.spec["max"]) == ("Block", "month", 100)
     assert rate.spec["per"] == "key"
+
+
+def test_operator_rbac_covers_every_kind_and_its_status() -> None:
+    """The operator watches every kind (extproc/operator/app.py); without the RBAC rule a real
+    API server refuses the watch."""
+    docs = load_all(K8S / "operator" / "rbac.yaml")
+    granted = {resource for doc in docs if doc.get("kind") == "ClusterRole"
+               for rule in doc["rules"] if GROUP in rule.get("apiGroups", ())
+               for resource in rule["resources"]}
+    for kind in KINDS:
+        assert PLURALS[kind] in granted, kind
+        assert f"{PLURALS[kind]}/status" in granted, kind
