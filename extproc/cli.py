@@ -39,6 +39,7 @@ from extproc.core.keys import generate_key, hash_key
 from extproc.core.resources import (
     DEFAULT_NAMESPACE,
     KINDS,
+    PLURALS,
     Resource,
     ResourceError,
     resource_id,
@@ -250,7 +251,7 @@ def _in_namespace(args: argparse.Namespace, found: list[Resource]) -> list[Resou
     return [r for r in found if r.namespace == namespace]
 
 _KIND_ALIASES = {k.lower(): k for k in KINDS}
-_KIND_ALIASES.update({k.lower() + "s": k for k in KINDS})
+_KIND_ALIASES.update({PLURALS[k]: k for k in KINDS})
 _KIND_ALIASES.update({"keys": "VirtualKey", "key": "VirtualKey", "prices": "PriceTable",
                       "ratelimit": "RateLimit", "rate-limits": "RateLimit"})
 
@@ -337,6 +338,10 @@ def _columns(r: Resource) -> tuple[str, ...]:
     if r.kind == "RateLimit":
         return (r.name, s["per"], str(s["requestsPerMinute"] or "-"),
                 str(s["tokensPerMinute"] or "-"), str(s["concurrent"] or "-"))
+    if r.kind == "Policy":
+        rules = ",".join(f"{w['name']}:{w['action']}" for w in s["wordLists"]) or "-"
+        req = ",".join(k for k, v in s["requestRules"].items() if v) or "-"
+        return (r.name, rules, req)
     if r.kind == "Upstream":
         creds = ",".join(c["name"] + ("(fallback)" if c["isFallback"] else "")
                          for c in s["credentials"])
@@ -350,6 +355,7 @@ _HEADERS = {
     "PriceTable": ("NAME", "MODELS"),
     "Upstream": ("NAME", "PROVIDER", "CLUSTER", "MODELS", "PRIORITY", "CREDENTIALS"),
     "RateLimit": ("NAME", "PER", "RPM", "TPM", "CONCURRENT"),
+    "Policy": ("NAME", "WORD-RULES", "REQUEST-RULES"),
 }
 
 
@@ -370,6 +376,8 @@ async def _limit_rows(store: Store, found: list[Resource]) -> list[tuple[str, ..
 def cmd_get(args: argparse.Namespace) -> int:
     kind = resolve_kind(args.kind)
     _namespace(args)  # a bad -n is a usage error, before Redis is asked
+    if kind == "Policy" and args.output == "table":
+        return _get_policies(args)
     if kind == "Limit" and args.output == "table":
         async def limits(store: Store) -> list[tuple[str, ...]]:
             found = await store.list_kind(kind)
@@ -408,6 +416,29 @@ def cmd_get(args: argparse.Namespace) -> int:
         rows = [(ns, name + (" (built-in)" if r.id in builtin else ""), *rest)
                 for r, (ns, name, *rest) in ((r, _summary(r)) for r in found)]
         print(_table([("NAMESPACE", *_HEADERS.get(kind, ("NAME",))), *rows]))
+    return 0
+
+
+def _get_policies(args: argparse.Namespace) -> int:
+    """Policies with what they did today (UTC): requests blocked, redacted, audited."""
+    from extproc.store.live_state import policy_hits
+
+    async def read(store: Store) -> list[tuple[str, ...]]:
+        found = await store.list_kind("Policy")
+        found = ([r for r in found if r.id == _ident(args)] if args.name
+                 else _in_namespace(args, found))
+        hits = await policy_hits(store, [r.id for r in found])
+        return [(*_summary(r), *(str(h.get(a, 0)) for a in ("block", "redact", "audit")))
+                for r, h in zip(found, hits, strict=True)]
+
+    rows = with_store(args, read)
+    if not rows and args.name:
+        raise CliError(f"Policy/{_ident(args)} not found")
+    if not rows:
+        print("no Policy resources")
+        return 0
+    print(_table([("NAMESPACE", *_HEADERS["Policy"], "BLOCKED", "REDACTED", "AUDITED"),
+                  *rows]))
     return 0
 
 
@@ -494,6 +525,30 @@ def cmd_usage(args: argparse.Namespace) -> int:
                     "REQUEST_ID"), rows, "table", "no usage events")
     else:
         print_documents(docs, output, single=False)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """The newest entries of the opt-in body log (Policy `logBodies`), one JSON object a line,
+    oldest first."""
+    if args.count < 0:
+        raise CliError("--count must be 0 or more")
+
+    async def read(store: Store) -> list[bytes]:
+        if not args.count:
+            return []
+        try:
+            entries = await store.redis.xrevrange(store.keys.body_log, count=args.count)
+        except Exception as exc:  # redis errors: the store's own message
+            raise StoreUnavailable(str(exc)) from exc
+        out = []
+        for _id, fields in reversed(entries or []):
+            value = (fields or {}).get(b"entry", b"")
+            out.append(value if isinstance(value, bytes) else value.encode())
+        return out
+
+    for entry in with_store(args, read):
+        print(entry.decode("utf-8", "replace"))
     return 0
 
 
@@ -798,6 +853,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="jsonl (default: one object per line), table, json or yaml")
     redis_opt(usage)
     usage.set_defaults(func=cmd_usage)
+
+    logs = sub.add_parser("logs", help="print the newest opt-in body log entries (Policy "
+                          "logBodies) as JSON lines")
+    logs.add_argument("--count", type=int, default=20, help="how many entries (20)")
+    redis_opt(logs)
+    logs.set_defaults(func=cmd_logs)
 
     completion = sub.add_parser("completion", help="print a shell completion script, e.g. "
                                 "`source <(tollgate completion bash)`")

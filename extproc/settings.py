@@ -58,6 +58,7 @@ class Settings:
     xff_trusted_hops: int = 0
     image_tokens: int = 4096  # strict bound of one image, for models without `imageTokens`
     unpriced: str = "default"  # unpriced models: default | refuse | zero | price-as: <model>
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); `*` = any
 
     @property
     def journal_path(self) -> str:
@@ -93,6 +94,7 @@ class Settings:
             "TOLLGATE_XFF_TRUSTED_HOPS": ("xff_trusted_hops", int),
             "TOLLGATE_IMAGE_TOKENS": ("image_tokens", int),
             "TOLLGATE_UNPRICED": ("unpriced", _unpriced),
+            "TOLLGATE_CORS_ORIGINS": ("cors_origins", _origins),
         }
         for var, (field, convert) in table.items():
             raw = env.get(var)
@@ -103,6 +105,10 @@ class Settings:
                     raise SystemExit(f"tollgate: invalid value for {var}: {raw!r}") from None
         settings = cls(**values)
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    return tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
 
 
 def _unpriced(value: str) -> str:

@@ -19,7 +19,8 @@ request headers
     (415) no larger than the configured maximum (413) and a non-empty body (400).
 request body
   * malformed body -> 400; model not allowed for the key -> 403; no upstream serves the model
-    -> 404; no credential -> 503;
+    -> 404; content policies that select the request (core/policy) may refuse it (400), answer
+    it themselves (auto-reply) or redact it; no credential -> 503;
   * when limits or rate limits apply, the decision is `Reserve(plan)`: the edge runs the plan
     (one Redis script) and hands the answer to `on_reserved` (or `on_reserve_failed` when Redis
     is unreachable), which refuses (429/503) or lets the request go;
@@ -30,8 +31,9 @@ response headers
     the response body to BUFFERED so it can be priced; any other response is settled here
     (errors at zero cost, other 2xx at the estimate) and passes through.
 response body
-  * read usage and price it (`on_response_body`); the edge settles; `response_body_reply` adds
-    cost and limit headers and (unless disabled) the result object.
+  * read usage and price it (`on_response_body`), then run response-side policies (a stream:
+    `StreamGuard`, chunk by chunk); the edge settles; `response_body_reply` adds cost and
+    limit headers and (unless disabled) the result object, or withholds a blocked answer.
 Settlement is described by `due` (set by the phases above, taken by the edge exactly once); a
 stream that ends early is settled by the edge with `settlement_on_abort`.
 """
@@ -56,6 +58,13 @@ from extproc.core.estimate import (
 from extproc.core.header_budget import HeaderTally, check_fits
 from extproc.core.ingest import Ingest, ingest_kind, parse_ingest
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
+from extproc.core.policy import autoreply
+from extproc.core.policy import engine as policy_engine
+from extproc.core.policy import gate as policy_gate
+from extproc.core.policy import headers as policy_headers
+from extproc.core.policy.cors import NO_CORS, Cors
+from extproc.core.policy.rules import RuleFacts
+from extproc.core.policy.streaming import StreamGuard
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
 from extproc.core.quota import (
     CredentialCharge,
@@ -79,8 +88,10 @@ from extproc.core.streams import StreamMeter, StreamStep
 from extproc.core.usage import Usage, parse_response_usage
 
 ROUTING_HEADER = "x-tollgate-cluster"
+LOGGED_BYTES = 256 * 1024  # per body in the opt-in log stream; longer ones are cut
 REQUEST_ID_HEADER = "x-tollgate-request-id"
 INTERNAL_PREFIX = "x-tollgate-"
+# Pay-i-style headers (`xProxy-*`) are the gateway's too: never forwarded to a provider.
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +102,7 @@ class Options:
     hold_seconds: float = 600.0  # a reservation not settled by then is settled at its estimate
     image_tokens: int = 4096  # strict bound of one image for models without `imageTokens`
     unpriced: str = "default"  # unpriced models, unless the Upstream says: see `_unpriced`
+    cors: Cors = NO_CORS  # browser clients (core/policy/cors.py); off without origins
 
     @property
     def bounds(self) -> Bounds:
@@ -154,23 +166,29 @@ class Exchange:
         "annotations",
         "clamped",
         "client_anthropic_version",
+        "client_headers",
         "client_ip",
         "cooldown_due",
         "credential",
         "due",
         "facts",
+        "guard",
         "header_tally",
         "hide_usage_chunk",
         "ingest_bulk",
         "key",
         "limit_statuses",
+        "logged",
         "meter",
         "model_identity",
         "named_limits",
         "offline",
         "options",
+        "origin",
         "path",
         "plan",
+        "policies",
+        "policy_hits",
         "pool",
         "presented",
         "price",
@@ -181,6 +199,7 @@ class Exchange:
         "request_tags",
         "reservation",
         "reserve_maybe_ran",
+        "response_policy",
         "route",
         "settled",
         "status",
@@ -229,6 +248,14 @@ class Exchange:
         self.priced_as: str | None = None  # an unpriced model priced as this one
         self.prompt_bound = 0  # strict bound of the prompt, in tokens (core/estimate.py)
         self.clamped: Clamp | None = None
+        self.policies: tuple[policy_engine.CompiledPolicy, ...] = ()  # those that apply
+        self.policy_hits: tuple[policy_engine.Hit, ...] = ()
+        self.guard: StreamGuard | None = None  # response-side word lists on a stream
+        self.origin: str | None = None  # a browser's Origin, when CORS allows it
+        self.client_headers: tuple[str, ...] = ()  # names, for `forwardHeaders`
+        # Opt-in body logging (a Policy's `logBodies`): [request, response] as sent on.
+        self.logged: list[bytes] | None = None
+        self.response_policy: policy_gate.Outcome | None = None  # on a buffered answer
         self._limits: list[LimitSpec] = []
         self._subject: Subject | None = None
         # Headers as Envoy counts them (set by the edge when it has them): a request that
@@ -279,7 +306,8 @@ class Exchange:
         return self.route is not None and self.route.endpoint.is_anthropic
 
     def deny_headers(self) -> tuple[tuple[str, str], ...]:
-        return ((REQUEST_ID_HEADER, self.request_id),)
+        return ((REQUEST_ID_HEADER, self.request_id),
+                *self.options.cors.response_headers(self.origin))
 
     # -- request headers -------------------------------------------------------------------
 
@@ -309,7 +337,15 @@ class Exchange:
             path = proxied
             sets.append((":path", path))
         self.path = path
+        cors = self.options.cors
+        if cors.origins:
+            if cors.is_preflight(headers):  # no key needed: browsers send none
+                status, allow = cors.preflight(headers)
+                return Reply(status, b"", allow)
+            if cors.allowed(headers.get("origin")):
+                self.origin = headers.get("origin")
         self.client_anthropic_version = "anthropic-version" in headers
+        self.client_headers = tuple(n for n in headers if n not in removes)
         ingest = ingest_kind(path)
         self.ingest_bulk = ingest  # an ingest call is answered by Tollgate in the body phase
         self.route = classify_path(path) if ingest is None else None
@@ -416,7 +452,7 @@ class Exchange:
 
     def on_request_body(
         self, body: bytes, snapshot: Snapshot, now: float
-    ) -> Decision | Reserve | Ingest:
+    ) -> Decision | Reserve | Ingest | Reply:
         assert self.key is not None and self.presented is not None
         if len(body) > self.options.max_body_bytes:
             return self._too_large()
@@ -444,6 +480,13 @@ class Exchange:
                             "need an Upstream with provider azure-openai.")
             return Deny(404, "model_not_found", f"No upstream serves model '{facts.model}'.")
         self.upstream = upstream
+        redacted = False
+        if snapshot.policies:
+            checked = self._request_policies(snapshot, facts, body, now)
+            if isinstance(checked, Deny | Reply):
+                return checked
+            if checked is not None:
+                body, redacted = checked, True
 
         sets: list[tuple[str, str]] = [(ROUTING_HEADER, upstream.cluster)]
         if self.presented.bring_your_own_key:
@@ -496,7 +539,18 @@ class Exchange:
                 doc["stream_options"] = {**options, "include_usage": True}
                 self.hide_usage_chunk = True
             new_body = orjson.dumps(doc)
+        elif redacted:
+            new_body = body
         self.price = snapshot.price(self.priced_model)
+        if any(p.log_bodies for p in self.policies):
+            self.logged = [new_body if new_body is not None else body, b""]
+        forward = [p.forward_headers for p in self.policies if p.forward_headers]
+        if forward:
+            # Never a name this reply also sets (a remove and a set of one name in one
+            # mutation is order-dependent in Envoy).
+            setting = {name for name, _ in sets}
+            removes += tuple(n for n in policy_headers.removed(self.client_headers, forward)
+                             if n not in setting and n not in removes)
         proceed = Continue(HeaderEdit(tuple(sets), removes), body=new_body, clear_route_cache=True)
         if self.header_tally is not None:
             too_many = check_fits(self.header_tally, proceed.headers.plus(
@@ -526,12 +580,41 @@ class Exchange:
                      Endpoint.EMBEDDINGS: "embeddings"}[facts.endpoint]
         return [(":path", f"/openai/deployments/{deployment}/{operation}?api-version={version}")]
 
-    def _plan(
-        self, snapshot: Snapshot, facts: RequestFacts, now: float
-    ) -> ReservationPlan | Deny:
+    def _request_policies(
+        self, snapshot: Snapshot, facts: RequestFacts, body: bytes, now: float
+    ) -> Deny | Reply | bytes | None:
+        """Apply the policies that cover this request: a refusal, an auto-reply, the redacted
+        body, or None (unchanged). Hits are kept for the headers, the result object and the
+        usage event."""
+        self.policies = policy_engine.applicable(snapshot.policies,
+                                                 self._make_subject(snapshot, facts))
+        if not self.policies:
+            return None
+        # `requireUser` asks whether the request names its end user (body or key), whether or
+        # not the key lets that name select limits.
+        rule_facts = RuleFacts(facts.model, facts.max_output_tokens, facts.prompt_chars,
+                               facts.user or self.user)
+        outcome = policy_gate.on_request(self.policies, facts.endpoint.value, rule_facts, body)
+        self.policy_hits += outcome.hits
+        self.policies += outcome.reflection
+        if outcome.refusal is not None:
+            return replace(outcome.refusal, headers=self._policy_headers())
+        if outcome.reply is not None:
+            content_type, answer = autoreply.reply(facts.endpoint.value, facts.model,
+                                                   outcome.reply.text, facts.stream, now)
+            return Reply(200, answer, (("content-type", content_type),
+                                       *self._policy_headers()))
+        return outcome.body
+
+    def _policy_headers(self) -> tuple[tuple[str, str], ...]:
+        if not self.policy_hits:
+            return ()
+        return ((policy_engine.POLICY_HEADER, policy_engine.header_value(self.policy_hits)),)
+
+    def _make_subject(self, snapshot: Snapshot, facts: RequestFacts) -> Subject:
         assert self.key is not None and self.upstream is not None
         self.model_identity = snapshot.prices.canonical(self.priced_model)
-        subject = Subject(
+        return Subject(
             key=self.key.name,
             group=self.key.group,
             user=self.user,
@@ -542,6 +625,12 @@ class Exchange:
             requested_model=facts.model,
             namespace=self.key.namespace,
         )
+
+    def _plan(
+        self, snapshot: Snapshot, facts: RequestFacts, now: float
+    ) -> ReservationPlan | Deny:
+        assert self.key is not None
+        subject = self._make_subject(snapshot, facts)
         # Named limits: `ns/name`, or a bare name in the key's own namespace.
         named = tuple(qualify(ref, self.key.namespace) for ref in self.named_limits)
         limits, unknown = applicable(snapshot.limits, subject, named)
@@ -739,6 +828,7 @@ class Exchange:
             sets += rate_limit_headers(self.reservation.windows)
         if self.clamped is not None:
             sets += (self.clamped.header(),)
+        sets += self._policy_headers() + self.options.cors.response_headers(self.origin)
         content_type = headers.get("content-type", "")
         if self.facts is None or self.upstream is None:
             return Continue(HeaderEdit(set=sets))  # not an admitted LLM call (e.g. Envoy's 404)
@@ -747,6 +837,8 @@ class Exchange:
         if 200 <= self.status < 300 and content_type.startswith("text/event-stream"):
             # Chunks flow through one by one (STREAMED), metered on the way.
             self.meter = StreamMeter(self.facts.endpoint, self.hide_usage_chunk)
+            self.guard = StreamGuard.for_policies(self.facts.endpoint.value, self.policies,
+                                                  self.anthropic_style)
             return Continue(HeaderEdit(set=sets), response_body_mode=BodyMode.STREAMED)
         if 200 <= self.status < 300:
             # A successful response Tollgate cannot read (neither JSON nor SSE): charge the
@@ -782,6 +874,11 @@ class Exchange:
             usage = Usage()
             warnings.append("no-usage-in-response")
         self._price(usage, tuple(warnings))
+        if self.policies:
+            # Before the settlement, so that the usage event carries the response's hits too.
+            self.response_policy = policy_gate.on_response(
+                self.policies, self.facts.endpoint.value, body)
+            self.policy_hits += self.response_policy.hits
         assert self.priced is not None
         cost = self.priced.cost
         self.due = Settlement(cost.total_nanos, usage.total, self.status, "priced")
@@ -794,6 +891,12 @@ class Exchange:
         is set: settle, then send `step.forward + stream_closing(...)`."""
         assert self.meter is not None
         step = self.meter.feed(chunk, end_of_stream)
+        if self.guard is not None:
+            step = StreamStep(self.guard.feed(step.forward, step.finished), step.finished)
+            if step.finished:
+                self.policy_hits += self.guard.hits()
+        if self.logged is not None and len(self.logged[1]) < LOGGED_BYTES:
+            self.logged[1] += step.forward
         if step.finished and not self.settled and self.due is None:
             usage = self.meter.usage
             warnings: tuple[str, ...] = ()
@@ -826,6 +929,8 @@ class Exchange:
             result["clamped"] = self.clamped.result()
         if self.priced_as is not None:
             result["priced_as"] = self.priced_as
+        if self.policy_hits:
+            result["policies"] = [hit.result() for hit in self.policy_hits]
 
     def _blocking(self) -> dict[str, bool]:
         return {lim.name: lim.block for lim in self._limits}
@@ -860,9 +965,20 @@ class Exchange:
 
     def response_body_reply(
         self, body: bytes, statuses: tuple[LimitStatus, ...] | None
-    ) -> Continue:
-        assert self.priced is not None
-        edit = HeaderEdit(set=cost_headers(self.priced)).plus(self.after_settlement(statuses))
+    ) -> Continue | Deny:
+        """Cost headers and the result object; response-side policies first (the call is
+        priced and settled already: a withheld answer was still paid for)."""
+        assert self.priced is not None and self.facts is not None
+        redacted = None
+        outcome = self.response_policy
+        if outcome is not None:
+            if outcome.refusal is not None:
+                return replace(outcome.refusal, headers=self._policy_headers()
+                               + cost_headers(self.priced))
+            if outcome.body is not None:
+                body = redacted = outcome.body
+        edit = HeaderEdit(set=cost_headers(self.priced) + self._policy_headers()).plus(
+            self.after_settlement(statuses))
         new_body = None
         if self.options.result_object:
             result = result_object(self.priced)
@@ -871,7 +987,9 @@ class Exchange:
             self._report_estimate(result)
             self._complete_result(result)
             new_body = splice_result(body, result)
-        return Continue(edit, body=new_body)
+        if self.logged is not None:
+            self.logged[1] = body
+        return Continue(edit, body=new_body if new_body is not None else redacted)
 
 
 def _retry_after_ms(headers: Mapping[str, str]) -> int:

@@ -439,14 +439,132 @@ def _rate_limit(f: _Fields) -> dict[str, Any]:
     return spec
 
 
+POLICY_ACTIONS = ("block", "audit", "redact")
+POLICY_SIDES = ("request", "response", "both")
+REFLECTION_ACTIONS = ("none", "audit", "redact", "block")
+# Named word lists shipped in extproc/data/wordlists/ (core/policy/wordlists.py reads them).
+SHIPPED_WORD_LISTS = ("profanity", "jailbreak")
+_MAX_PHRASE_CHARS = 200
+
+
+def _word_rule(where: str, path: str, value: Any) -> dict[str, Any]:
+    f = _Fields(where, path, value)
+    lists = f.strings("lists")
+    for name in lists:
+        if name not in SHIPPED_WORD_LISTS:
+            raise f.error("lists", f"unknown list {name!r}; shipped lists: "
+                          f"{', '.join(SHIPPED_WORD_LISTS)}")
+    words = f.strings("words")
+    for word in words:
+        if not word.strip() or len(word) > _MAX_PHRASE_CHARS:
+            raise f.error("words", f"each word or phrase must be 1-{_MAX_PHRASE_CHARS} "
+                          "non-blank characters")
+    if not lists and not words:
+        raise f.error("words", "set words, lists, or both")
+    action = f.string("action", required=True)
+    if action not in POLICY_ACTIONS:
+        raise f.error("action", f"must be one of {', '.join(POLICY_ACTIONS)}")
+    side = f.string("on", "both")
+    if side not in POLICY_SIDES:
+        raise f.error("on", f"must be one of {', '.join(POLICY_SIDES)}")
+    # Required (not derived from the lists): the name is what errors, headers and metrics say.
+    name = f.string("name", required=True)
+    if not _NAME.match(name):
+        raise f.error("name", "must be lower-case letters, digits, '-' or '.'")
+    f.done()
+    return {"name": name, "lists": lists, "words": words, "action": action, "on": side}
+
+
+def _request_rules(f: _Fields) -> dict[str, Any]:
+    rules = f.mapping("requestRules")
+    if rules is None:
+        return {"maxTokens": None, "maxPromptChars": None, "requireUser": False,
+                "disabledModels": []}
+    spec = {
+        "maxTokens": rules.integer("maxTokens", minimum=1),
+        "maxPromptChars": rules.integer("maxPromptChars", minimum=1),
+        "requireUser": rules.boolean("requireUser"),
+        "disabledModels": rules.strings("disabledModels"),
+    }
+    rules.done()
+    return spec
+
+
+def _auto_reply(where: str, path: str, value: Any) -> dict[str, Any]:
+    f = _Fields(where, path, value)
+    name = f.string("name", required=True)
+    if not _NAME.match(name):
+        raise f.error("name", "must be lower-case letters, digits, '-' or '.'")
+    phrases = f.strings("phrases")
+    if not phrases or any(not p.strip() or len(p) > _MAX_PHRASE_CHARS for p in phrases):
+        raise f.error("phrases", f"must list 1 or more phrases of 1-{_MAX_PHRASE_CHARS} "
+                      "non-blank characters")
+    reply = f.string("reply", required=True)
+    f.done()
+    return {"name": name, "phrases": phrases, "reply": reply}
+
+
+def _policy(f: _Fields) -> dict[str, Any]:
+    raw = f.get("wordLists")
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise f.error("wordLists", "must be a list")
+    rules = [_word_rule(f.where, f"{f.path}.wordLists[{i}]", r) for i, r in enumerate(raw)]
+    names = [r["name"] for r in rules]
+    if len(set(names)) != len(names):
+        raise f.error("wordLists", "rule names must be unique")
+    replies_raw = f.get("autoReplies")
+    if replies_raw is None:
+        replies_raw = []
+    if not isinstance(replies_raw, list):
+        raise f.error("autoReplies", "must be a list")
+    replies = [_auto_reply(f.where, f"{f.path}.autoReplies[{i}]", r)
+               for i, r in enumerate(replies_raw)]
+    reflection = f.mapping("reflection")
+    reflection_spec: dict[str, Any] = {"action": "none", "delimiter": "", "minChars": 20}
+    if reflection is not None:
+        reflection_spec["action"] = reflection.string("action", "none")
+        if reflection_spec["action"] not in REFLECTION_ACTIONS:
+            raise reflection.error("action", f"must be one of {', '.join(REFLECTION_ACTIONS)}")
+        reflection_spec["delimiter"] = reflection.string("delimiter")
+        if len(reflection_spec["delimiter"]) > 16 or reflection_spec["delimiter"].isspace():
+            raise reflection.error("delimiter", "must be 1-16 non-blank characters (or empty)")
+        reflection_spec["minChars"] = reflection.integer("minChars", 20, minimum=1)
+        reflection.done()
+    log_bodies = f.boolean("logBodies")
+    forward = f.mapping("forwardHeaders")
+    forward_spec: dict[str, list[str]] = {"allow": [], "deny": []}
+    if forward is not None:
+        forward_spec = {"allow": forward.strings("allow"), "deny": forward.strings("deny")}
+        forward.done()
+    redaction = f.string("redaction", "****")
+    if len(redaction) > 64:
+        raise f.error("redaction", "must be at most 64 characters")
+    return {
+        "selector": _selector(f),
+        "wordLists": rules,
+        "redaction": redaction,
+        "requestRules": _request_rules(f),
+        "autoReplies": replies,
+        "reflection": reflection_spec,
+        "forwardHeaders": forward_spec,
+        # Opt-in: full request and response bodies (after redaction) to a bounded Redis stream.
+        "logBodies": log_bodies,
+    }
+
+
 SPEC_READERS: dict[str, Callable[[_Fields], dict[str, Any]]] = {
     "VirtualKey": _virtual_key,
     "PriceTable": _price_table,
     "Upstream": _upstream,
     "Limit": _limit,
     "RateLimit": _rate_limit,
+    "Policy": _policy,
 }
 KINDS = tuple(SPEC_READERS)
+# The Kubernetes plural of each kind (`policies`, not `policys`).
+PLURALS = {kind: {"Policy": "policies"}.get(kind, kind.lower() + "s") for kind in KINDS}
 
 
 def validate_document(
@@ -626,6 +744,11 @@ def upstream_spec(resource: Resource) -> UpstreamSpec:
             "statuses", DEFAULT_COOLDOWN_STATUSES)),
         unpriced=s.get("unpriced", "default"),
     )
+
+
+def selector_of(resource: Resource) -> Selector:
+    """The selector of a Limit, RateLimit or Policy, with keys qualified by namespace."""
+    return _selector_of(resource)
 
 
 def _selector_of(resource: Resource) -> Selector:

@@ -11,6 +11,8 @@ import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from extproc.core.policy.engine import CompiledPolicy, compile_policy
+from extproc.core.policy.matching import IndexFactory
 from extproc.core.pricing import ModelPrice, PriceBook
 from extproc.core.quota import LimitSpec, RateLimitSpec
 from extproc.core.request import Endpoint
@@ -22,6 +24,7 @@ from extproc.core.resources import (
     limit_spec,
     model_prices,
     rate_limit_spec,
+    selector_of,
     upstream_spec,
 )
 
@@ -39,6 +42,7 @@ class Snapshot:
     resources: dict[tuple[str, str], Resource] = field(default_factory=dict)  # (kind, id)
     limits: tuple[LimitSpec, ...] = ()
     rate_limits: tuple[RateLimitSpec, ...] = ()
+    policies: tuple[CompiledPolicy, ...] = ()  # word lists compiled once, here
 
     def choose_upstream(self, endpoint: Endpoint, model: str, azure: bool) -> UpstreamSpec | None:
         """The first upstream (by priority, then name) that speaks this API and serves `model`."""
@@ -66,6 +70,7 @@ def build_snapshot(
     builtin: Iterable[Resource],
     stored: Iterable[Resource],
     secret_lookup: SecretLookup,
+    index_factory: IndexFactory | None = None,
 ) -> Snapshot:
     merged: dict[tuple[str, str], Resource] = {}
     for resource in (*builtin, *stored):
@@ -76,6 +81,7 @@ def build_snapshot(
     upstreams: list[UpstreamSpec] = []
     limits: list[LimitSpec] = []
     rate_limits: list[RateLimitSpec] = []
+    policies: list[CompiledPolicy] = []
     # Price tables merge in name order ("default" first), so a later table overrides a model.
     for (kind, _name), resource in sorted(
         merged.items(), key=lambda kv: (kv[0][0], kv[0][1] != "default", kv[0][1])
@@ -91,6 +97,9 @@ def build_snapshot(
             limits.append(limit_spec(resource))
         elif kind == "RateLimit":
             rate_limits.append(rate_limit_spec(resource))
+        elif kind == "Policy":
+            policies.append(compile_policy(resource.id, selector_of(resource), resource.spec,
+                                           index_factory))
     upstreams.sort(key=lambda u: (u.priority, u.name))
     secrets: dict[str, str] = {}
     for upstream in upstreams:
@@ -107,4 +116,5 @@ def build_snapshot(
         resources=merged,
         limits=tuple(limits),
         rate_limits=tuple(rate_limits),
+        policies=tuple(policies),
     )

@@ -21,14 +21,13 @@ from typing import Any
 
 import kopf
 
-from extproc.core.resources import GROUP, KINDS
+from extproc.core.resources import GROUP, KINDS, PLURALS
 from extproc.operator import handlers
 from extproc.operator.injection import INJECT_ANNOTATION, SidecarConfig
 from extproc.store.lease import RedisLease
 from extproc.store.redis_store import Store, ready
 
 VERSION = "v1alpha1"
-PLURALS = {kind: kind.lower() + "s" for kind in KINDS}
 FINALIZER = "tollgate.io/finalizer"
 STATUS_INTERVAL_S = 5.0
 LEASE_TTL_S = 15.0

@@ -36,7 +36,7 @@ from extproc.operator.status import (
     rfc3339,
     status_patch,
 )
-from extproc.store.live_state import cooldowns, limit_reports, rate_usage
+from extproc.store.live_state import cooldowns, limit_reports, policy_hits, rate_usage
 from extproc.store.redis_store import Store, StoreUnavailable
 
 RETRY_DELAY_S = 5.0
@@ -191,6 +191,11 @@ async def live_status(store: Store, resource: Resource) -> dict[str, Any]:
                 "expiresAt": resource.spec.get("expiresAt")}
     if resource.kind == "PriceTable":
         return {"models": len(resource.spec["models"])}
+    if resource.kind == "Policy":
+        (hits,) = await policy_hits(store, [resource.id], now.timestamp())
+        return {"blocked": hits.get("block", 0), "redacted": hits.get("redact", 0),
+                "audited": hits.get("audit", 0),
+                "rules": {k: v for k, v in sorted(hits.items()) if ":" in k}}
     return {}
 
 

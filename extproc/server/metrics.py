@@ -137,3 +137,10 @@ def count_spend(key: str, model: str, priced: bool, upstream: str, cost_nanos: i
     SPEND_NANOS.labels(*labels).inc(cost_nanos)
     SPEND_TOKENS.labels(*labels, "input").inc(input_tokens)
     SPEND_TOKENS.labels(*labels, "output").inc(output_tokens)
+
+
+POLICY_ACTIONS = Counter(
+    "tollgate_policy_actions_total",
+    "Requests a content policy rule acted on, by policy, rule, action and side (never the text).",
+    ["policy", "rule", "action", "side"],
+)

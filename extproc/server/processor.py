@@ -21,11 +21,19 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from extproc.core.decisions import Continue, Decision, Deny
-from extproc.core.exchange import Exchange, Options, Reply, Reserve, Settlement
+from extproc.core.exchange import (
+    LOGGED_BYTES,
+    Exchange,
+    Options,
+    Reply,
+    Reserve,
+    Settlement,
+)
 from extproc.core.header_budget import HeaderTally
 from extproc.core.ingest import Ingest
 from extproc.core.keys import find_key
@@ -44,6 +52,7 @@ from extproc.server import adapter, logs, metrics, tracing
 from extproc.server.annotations import annotate_event
 from extproc.server.ingest import answer_ingest
 from extproc.server.ingest import refuse as ingest_refuse
+from extproc.server.policy_hits import PolicyHitRecorder
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
 from extproc.store.quota_store import CircuitOpen, QuotaStore, SettleCall
@@ -85,12 +94,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         quota: QuotaStore,
         settler: Settler,
         options: Options,
+        policy_hits: PolicyHitRecorder | None = None,
     ) -> None:
         self.watcher = watcher
         self.keys = keys
         self.quota = quota
         self.settler = settler
         self.options = options
+        self.policy_hits = policy_hits
         self.local = LocalWindows()
         self.warned_no_address = False
 
@@ -122,6 +133,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 self.settler.settle_later(self._settle_call(exchange, due, started))
             if exchange.path != "/" or answered is not None:  # a request, not an empty stream
                 self._access(exchange, answered, started)
+            if exchange.policy_hits and self.policy_hits is not None:
+                self.policy_hits.record(exchange.policy_hits)
+            if exchange.logged is not None and self.policy_hits is not None:
+                self.policy_hits.log_bodies(self._body_log_entry(exchange))
 
     def _access(
         self, exchange: Exchange, answered: tuple[int, str] | None, started: float
@@ -185,6 +200,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 statuses = await self._settle(exchange, due, started)
                 self._count_priced(exchange)
                 reply = exchange.response_body_reply(body, statuses)
+                if isinstance(reply, Deny):  # a response-side policy withheld the answer
+                    return self._deny(exchange, reply)
                 return adapter.continue_response(phase, reply)
             return adapter.continue_response(phase, Continue())
         except Exception:
@@ -242,7 +259,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if isinstance(decision, Deny):
             return self._deny(exchange, decision)
         if isinstance(decision, Reply):
-            metrics.REQUESTS.labels("answered", "models").inc()
+            kind = "models" if exchange.path.startswith("/v1/models") else "cors_preflight"
+            metrics.REQUESTS.labels("answered", kind).inc()
             return adapter.reply_response(decision, exchange.deny_headers())
         response = adapter.continue_response("request_headers", decision)
         adapter.name_request(response, METADATA_NAMESPACE, exchange.request_id)
@@ -255,12 +273,18 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         snapshot: Snapshot,
         started: float,
     ) -> ep.ProcessingResponse:
-        decision: Decision | Reserve | Ingest = exchange.on_request_body(
+        decision: Decision | Reserve | Ingest | Reply = exchange.on_request_body(
             request.request_body.body, snapshot, time.time()
         )
         if isinstance(decision, Ingest):
             return await answer_ingest(self.quota, exchange, decision, snapshot,
                                        self.options.hold_seconds)
+        if isinstance(decision, Reply):
+            # A policy's auto-reply: never sent upstream, recorded at zero cost.
+            metrics.REQUESTS.labels("answered", "auto_reply").inc()
+            self.settler.enqueue(self._settle_call(
+                exchange, Settlement(0, 0, 200, "auto_reply"), started))
+            return adapter.reply_response(decision, exchange.deny_headers())
         if isinstance(decision, Reserve):
             decision = await self._reserve(exchange, decision, started)
         if isinstance(decision, Deny):
@@ -404,6 +428,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             priced=priced is not None and priced.priced and due.reason in ("priced",
                                                                            "stream_cut"),
             streamed=facts.stream,
+            policies=[usage_pb2.PolicyHit(policy=h.policy, rule=h.rule, action=h.action,
+                                          side=h.side, count=h.count)
+                      for h in exchange.policy_hits],
         )
         annotate_event(event, exchange.annotations)
         if priced is not None and due.reason in ("priced", "stream_cut"):
@@ -418,6 +445,21 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             event.cost.total_micros = nanos_to_micros(due.cost_nanos)
         raw: bytes = event.SerializeToString()
         return raw
+
+    def _body_log_entry(self, exchange: Exchange) -> bytes:
+        """The opt-in log entry: bodies as they went on (after redaction), and who and what."""
+        assert exchange.logged is not None
+        priced = exchange.priced
+        request, response = (b[:LOGGED_BYTES].decode("utf-8", "replace")
+                             for b in exchange.logged)
+        return orjson.dumps({
+            "request_id": exchange.request_id, "timestamp_ms": int(time.time() * 1000),
+            "key": exchange.key.name if exchange.key else None, "user": exchange.user,
+            "model": exchange.facts.model if exchange.facts else None,
+            "status": exchange.status,
+            "cost_usd": format_nanos(priced.cost.total_nanos) if priced else "0",
+            "policies": [h.result() for h in exchange.policy_hits],
+            "request": request, "response": response})
 
     def _count_priced(self, exchange: Exchange) -> None:
         priced = exchange.priced

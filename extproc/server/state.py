@@ -19,6 +19,7 @@ from extproc.core.keys import PresentedKey, hash_key
 from extproc.core.resources import KeyRecord, Resource, key_record, validate_documents
 from extproc.core.snapshot import Snapshot, build_snapshot
 from extproc.server import metrics, tracing
+from extproc.server.phrase_index import automaton
 from extproc.store.redis_store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class ConfigWatcher:
 
     async def reload(self) -> None:
         generation, stored = await self.store.load()
-        self.snapshot = build_snapshot(generation, self._builtin, stored, self._secrets)
+        self.snapshot = build_snapshot(generation, self._builtin, stored, self._secrets,
+                                       automaton)
         self._loaded_at = time.monotonic()
         metrics.CONFIG_GENERATION.set(generation)
         metrics.CONFIG_RELOADS.inc()

@@ -23,7 +23,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
 from extproc.core.exchange import Options
+from extproc.core.policy.cors import Cors
 from extproc.server import logfilter
+from extproc.server.policy_hits import PolicyHitRecorder
 from extproc.server.processor import Processor
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
@@ -53,6 +55,7 @@ async def run_worker(settings: Settings, index: int) -> None:
     hot = connect(settings.redis_url, settings.redis_hot_timeout_s)
     quota = QuotaStore(hot, store.keys, settings.usage_stream_maxlen, background=store.redis)
     settler = Settler(quota, settings.journal_path)
+    policy_hits = PolicyHitRecorder(store)
     options = Options(
         max_body_bytes=settings.max_body_bytes,
         result_object=settings.result_object,
@@ -60,6 +63,7 @@ async def run_worker(settings: Settings, index: int) -> None:
         hold_seconds=settings.hold_seconds,
         image_tokens=settings.image_tokens,
         unpriced=settings.unpriced,
+        cors=Cors(tuple(settings.cors_origins)),  # a list after the JSON hand-over
     )
 
     limit = settings.grpc_max_message_bytes
@@ -72,7 +76,7 @@ async def run_worker(settings: Settings, index: int) -> None:
         ]
     )
     ep_grpc.add_ExternalProcessorServicer_to_server(
-        Processor(watcher, keys, quota, settler, options), server
+        Processor(watcher, keys, quota, settler, options, policy_hits), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -93,6 +97,7 @@ async def run_worker(settings: Settings, index: int) -> None:
         loop.add_signal_handler(sig, stopping.set)
 
     watch_task = asyncio.create_task(watcher.run(), name="config-watcher")
+    hits_task = asyncio.create_task(policy_hits.run(), name="policy-hits")
     settle_task = asyncio.create_task(settler.run(), name="settler")
     sweep_task = asyncio.create_task(settler.sweep(settings.sweep_interval_s), name="sweeper")
     serving = False
@@ -118,6 +123,8 @@ async def run_worker(settings: Settings, index: int) -> None:
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_s)
     watch_task.cancel()
+    hits_task.cancel()
+    await policy_hits.close()
     sweep_task.cancel()
     settle_task.cancel()
     await settler.close(timeout=5)

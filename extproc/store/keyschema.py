@@ -113,6 +113,17 @@ class KeySchema:
         """INT: counter that rotates the first primary credential tried."""
         return f"{self.prefix}rr:{upstream}"
 
+    @property
+    def body_log(self) -> str:
+        """STREAM: opt-in full request/response bodies (Policy `logBodies`), bounded by length
+        and age (MAXLEN and MINID trims on every write)."""
+        return f"{self.prefix}bodylog"
+
+    def policy_hits(self, policy: str, day: str) -> str:
+        """HASH with TTL: requests a Policy acted on during one UTC day (`YYYY-MM-DD`), fields
+        `<action>` and `<rule>:<action>` (core/policy; never any matched text)."""
+        return f"{self.prefix}policyhits:{policy}:{day}"
+
     def cooldown(self, upstream: str, credential: str, model: str) -> str:
         """STRING with TTL: present while the credential rests for this model."""
         return f"{self.prefix}cool:{upstream}:{credential}:{model}"

@@ -110,3 +110,22 @@ async def rate_usage(store: Store, rate_limit_id: str, now_ms: int | None = None
     busiest = max(usage, key=lambda i: (usage[i].get("rpm", 0), usage[i].get("tpm", 0)))
     return RateUsage(len(usage), busiest, usage[busiest].get("rpm", 0),
                      usage[busiest].get("tpm", 0), in_flight)
+
+
+def utc_day(now: float | None = None) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(time.time() if now is None else now))
+
+
+async def policy_hits(store: Store, policy_ids: list[str],
+                      now: float | None = None) -> list[dict[str, int]]:
+    """Per Policy id: today's (UTC) requests acted on, by `<action>` and `<rule>:<action>`."""
+    day = utc_day(now)
+    try:
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for policy in policy_ids:
+                pipe.hgetall(store.keys.policy_hits(policy, day))
+            replies = await pipe.execute()
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(str(exc)) from exc
+    return [{(k.decode() if isinstance(k, bytes) else str(k)): int(v)
+             for k, v in reply.items()} for reply in replies]

@@ -68,3 +68,24 @@ async def test_upstream_status_lists_credentials_cooling_down_and_until_when(
 
     until = datetime.fromisoformat(entry["until"].replace("Z", "+00:00")).timestamp()
     assert before + ms / 1000 - 1 <= until <= time.time() + ms / 1000 + 1
+
+
+async def test_policy_status_counts_what_the_gateway_recorded(store: Store) -> None:
+    """The recorder the gateway runs writes the counts; the operator's status reads them."""
+    from extproc.core.policy.engine import Hit
+    from extproc.server.policy_hits import PolicyHitRecorder
+
+    policy = resource("Policy", "team-a", "content", {"wordLists": [
+        {"name": "jb", "lists": ["jailbreak"], "action": "block"},
+        {"name": "swear", "lists": ["profanity"], "action": "redact"}]})
+    assert await live_status(store, policy) == {  # type: ignore[arg-type]
+        "blocked": 0, "redacted": 0, "audited": 0, "rules": {}}
+    recorder = PolicyHitRecorder(store)
+    recorder.record([Hit("team-a/content", "jb", "block", "request", 1)])
+    recorder.record([Hit("team-a/content", "swear", "redact", "request", 3),
+                     Hit("team-a/content", "swear", "redact", "response", 1)])
+    recorder.record([Hit("team-b/other", "x", "audit", "request", 1)])
+    await recorder.flush()
+    status = await live_status(store, policy)  # type: ignore[arg-type]
+    assert status == {"blocked": 1, "redacted": 2, "audited": 0,
+                      "rules": {"jb:block": 1, "swear:redact": 2}}

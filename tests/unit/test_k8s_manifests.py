@@ -27,6 +27,7 @@ from extproc.core.resources import (
     DEFAULT_COOLDOWN_STATUSES,
     GROUP,
     KINDS,
+    PLURALS,
     PROVIDERS,
     RATE_SCOPES,
     ResourceError,
@@ -56,6 +57,7 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "Upstream": {"provider": "openai", "cluster": "openai"},
     "Limit": {"type": "Block", "max": 10},
     "RateLimit": {"per": "key", "requestsPerMinute": 60},
+    "Policy": {},
 }
 # Fields of which at least one must be set (the CRD's `anyOf` of `required` lists).
 ONE_OF: dict[str, tuple[str, ...]] = {
@@ -123,6 +125,20 @@ FULL: dict[str, dict[str, Any]] = {
         "requestsPerMinute": 600,
         "tokensPerMinute": 200_000,
         "concurrent": 20,
+    },
+    "Policy": {
+        "selector": SELECTOR,
+        "wordLists": [
+            {"name": "no-swearing", "lists": ["profanity"], "words": ["darn it"],
+             "action": "redact", "on": "response"},
+        ],
+        "redaction": "[x]",
+        "requestRules": {"maxTokens": 1000, "maxPromptChars": 20000, "requireUser": True,
+                         "disabledModels": ["gpt-3.5*"]},
+        "autoReplies": [{"name": "hours", "phrases": ["opening hours"], "reply": "9 to 5"}],
+        "reflection": {"action": "redact", "delimiter": "||", "minChars": 5},
+        "forwardHeaders": {"allow": ["x-app-*"], "deny": ["cookie"]},
+        "logBodies": True,
     },
 }
 
@@ -296,7 +312,7 @@ def test_crd_identity(kind: str) -> None:
     spec = crd["spec"]
     assert spec["group"] == GROUP
     assert spec["scope"] == "Namespaced"
-    assert spec["names"]["plural"] == kind.lower() + "s"
+    assert spec["names"]["plural"] == PLURALS[kind]
     assert spec["names"]["singular"] == kind.lower()
     assert crd["metadata"]["name"] == f"{spec['names']['plural']}.{GROUP}"
     (version,) = spec["versions"]
@@ -312,7 +328,7 @@ def test_crd_spec_fields_equal_normalised_spec(kind: str) -> None:
 
 
 def test_crd_nested_fields_equal_normalised_spec() -> None:
-    for kind in ("Limit", "RateLimit"):
+    for kind in ("Limit", "RateLimit", "Policy"):
         selector = spec_schema(kind)["properties"]["selector"]
         assert set(selector["properties"]) == set(normalised(kind, FULL[kind])["selector"])
 
@@ -447,7 +463,7 @@ def test_crd_enums_equal_code(kind: str, field: str, values: tuple[str, ...]) ->
         normalised(kind, {**MINIMAL[kind], field: "nope"})
 
 
-@pytest.mark.parametrize("kind", ["Limit", "RateLimit"])
+@pytest.mark.parametrize("kind", ["Limit", "RateLimit", "Policy"])
 def test_crd_selector_equals_code(kind: str) -> None:
     selector = spec_schema(kind)["properties"]["selector"]
     assert set(selector["properties"]) == set(normalised(kind, MINIMAL[kind])["selector"])
@@ -494,6 +510,7 @@ def operator_status_fields(kind: str) -> set[str]:
         "VirtualKey": {"state", "expiresAt", "secretName"},
         "RateLimit": {"identities", "busiest", "requestsLastMinute", "tokensLastMinute",
                       "inFlight"},
+        "Policy": {"blocked", "redacted", "audited", "rules"},
     }.get(kind, set()) | {"lastSynced", "conditions", "id"}
 
 
@@ -594,6 +611,24 @@ AGREE: list[tuple[str, dict[str, Any], bool]] = [
     ("RateLimit", {"per": "global", "concurrent": 1}, True),
     ("RateLimit", {"per": "ip", "tokensPerMinute": 1000, "selector": {"tags": ["t"]}}, True),
     ("RateLimit", {"per": "key"}, False),
+    ("Policy", {"wordLists": [{"name": "j", "lists": ["jailbreak"], "action": "block"}]}, True),
+    ("Policy", {"wordLists": [{"name": "w", "words": ["x"], "action": "audit", "on": "request"}],
+                "requestRules": {"requireUser": True}}, True),
+    ("Policy", {"wordLists": [{"lists": ["jailbreak"], "action": "block"}]}, False),
+    ("Policy", {"wordLists": [{"name": "s", "lists": ["slurs"], "action": "block"}]}, False),
+    ("Policy", {"wordLists": [{"name": "w", "words": ["x"], "action": "drop"}]}, False),
+    ("Policy", {"wordLists": [{"name": "w", "words": ["x"]}]}, False),
+    ("Policy", {"wordLists": [{"name": "w", "words": ["x"], "action": "audit",
+                               "on": "replies"}]}, False),
+    ("Policy", {"requestRules": {"maxTokens": 0}}, False),
+    ("Policy", {"requestRules": {"maxTokens": 10, "maxWords": 3}}, False),
+    ("Policy", {"redaction": 5}, False),
+    ("Policy", {"autoReplies": [{"name": "a", "phrases": ["hi"], "reply": "hello"}]}, True),
+    ("Policy", {"autoReplies": [{"name": "a", "phrases": ["hi"]}]}, False),
+    ("Policy", {"reflection": {"action": "block"}}, True),
+    ("Policy", {"reflection": {"action": "echo"}}, False),
+    ("Policy", {"reflection": {"action": "audit", "minChars": 0}}, False),
+    ("Policy", {"autoReplies": [{"phrases": ["hi"], "reply": "x"}]}, False),
     ("RateLimit", {"requestsPerMinute": 1}, False),
     ("RateLimit", {"per": "tenant", "requestsPerMinute": 1}, False),
     ("RateLimit", {"per": "key", "requestsPerMinute": 0}, False),
@@ -652,3 +687,15 @@ def test_example_contents() -> None:
     assert limit.spec["selector"]["keys"] == rate.spec["selector"]["keys"] == [key.name]
     assert (limit.spec["type"], limit.spec["period"], limit.spec["max"]) == ("Block", "month", 100)
     assert rate.spec["per"] == "key"
+
+
+def test_operator_rbac_covers_every_kind_and_its_status() -> None:
+    """The operator watches every kind (extproc/operator/app.py); without the RBAC rule a real
+    API server refuses the watch."""
+    docs = load_all(K8S / "operator" / "rbac.yaml")
+    granted = {resource for doc in docs if doc.get("kind") == "ClusterRole"
+               for rule in doc["rules"] if GROUP in rule.get("apiGroups", ())
+               for resource in rule["resources"]}
+    for kind in KINDS:
+        assert PLURALS[kind] in granted, kind
+        assert f"{PLURALS[kind]}/status" in granted, kind
