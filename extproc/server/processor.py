@@ -40,6 +40,7 @@ from extproc.core.snapshot import Snapshot
 from extproc.envoyconf import METADATA_NAMESPACE
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.server import adapter, logs, metrics, tracing
+from extproc.server.admission import LoopLag
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
 from extproc.store.quota_store import CircuitOpen, QuotaStore, SettleCall
@@ -81,6 +82,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         quota: QuotaStore,
         settler: Settler,
         options: Options,
+        max_pending: int = 0,
+        lag: LoopLag | None = None,
     ) -> None:
         self.watcher = watcher
         self.keys = keys
@@ -89,6 +92,15 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.options = options
         self.local = LocalWindows()
         self.warned_no_address = False
+        # Admission control: requests between their first message and the reply to their
+        # request body (the phases that cost CPU and a Redis round trip). Streams waiting for
+        # the upstream are not counted: an LLM call may legitimately last minutes. 0 = no bound.
+        # A slow upload holds its slot until Envoy's request timeout (60 s): sized large.
+        self.max_pending = max_pending
+        self.pending = 0
+        # And while the event loop runs late, new requests would only queue into Envoy's
+        # message timeout: refused too (see admission.py).
+        self.lag = lag
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
@@ -97,10 +109,20 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         started = time.monotonic()
         snapshot = self.watcher.snapshot  # one snapshot for the whole request
         answered: tuple[int, str] | None = None  # (status, details) when Tollgate answered
+        counted = False  # this stream is one of self.pending
         try:
             async for request in request_iterator:
                 phase = request.WhichOneof("request")
                 t0 = time.perf_counter()
+                if phase == "request_headers" and (self.max_pending or self.lag):
+                    if ((self.max_pending and self.pending >= self.max_pending)
+                            or (self.lag is not None and self.lag.overloaded)):
+                        response = self._shed(request, exchange)
+                        answered = (503, response.immediate_response.details)
+                        yield response
+                        return
+                    self.pending += 1
+                    counted = True
                 with tracing.span(f"ext_proc.{phase}", {"tollgate.request_id":
                                                         exchange.request_id}):
                     response = await self._handle(phase, request, exchange, snapshot, started)
@@ -108,16 +130,39 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 if response.HasField("immediate_response"):
                     immediate = response.immediate_response
                     answered = (immediate.status.code, immediate.details)
+                if counted and (phase != "request_headers" or answered is not None
+                                or request.request_headers.end_of_stream):
+                    counted = False  # the request phases are over
+                    self.pending -= 1
                 yield response
         except asyncio.CancelledError:
             # Envoy cancels streams at request end unless graceful close is on: a normal end.
             pass
         finally:
+            if counted:
+                self.pending -= 1
             due = exchange.settlement_on_abort()
             if due is not None:
                 self.settler.settle_later(self._settle_call(exchange, due, started))
             if exchange.path != "/" or answered is not None:  # a request, not an empty stream
                 self._access(exchange, answered, started)
+
+    def _shed(self, request: ep.ProcessingRequest, exchange: Exchange) -> ep.ProcessingResponse:
+        """Past capacity: a cheap JSON 503 with Retry-After now, instead of queueing until
+        Envoy's message timeout turns the request into a bare 500. Nothing was reserved or
+        sent upstream, so nothing is charged."""
+        path = ""
+        for h in request.request_headers.headers.headers:
+            if h.key == ":path":
+                path = h.raw_value.decode("latin-1") if h.raw_value else h.value
+                break
+        exchange.path = path or "/"
+        metrics.REQUESTS.labels("denied", "overloaded").inc()
+        deny = Deny(503, "overloaded",
+                    "Tollgate is at capacity; retry after the time in Retry-After.",
+                    headers=(("retry-after", "1"),))
+        return adapter.deny_response(deny, exchange.path.startswith("/v1/messages"),
+                                     exchange.deny_headers())
 
     def _access(
         self, exchange: Exchange, answered: tuple[int, str] | None, started: float
