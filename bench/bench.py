@@ -355,6 +355,12 @@ def table(results: list[WrkResult]) -> str:
     return "\n".join(rows)
 
 
+def cpu_us_per_request(r: WrkResult) -> dict[str, float]:
+    """CPU microseconds per completed request, by component (not `idle`/`other`)."""
+    skip = ("idle", "other")
+    return {k: round(v * 1e4 / r.rps, 1) for k, v in r.cpu_pct.items() if k not in skip}
+
+
 def derive(res: dict[str, WrkResult], trouble: dict[str, float] | None) -> dict[str, Any]:
     direct, toll = res["direct/load"], res["tollgate/load"]
     d1, t1 = res["direct/c1"], res["tollgate/c1"]
@@ -398,6 +404,11 @@ def print_report(res: dict[str, WrkResult], derived: dict[str, Any]) -> None:
     for r in res.values():
         if r.mode == "load":
             parts = ", ".join(f"{k} {v:.0f}%" for k, v in r.cpu_pct.items())
+            print(f"  {r.scenario:<9} {parts}")
+    print("CPU time per request during load runs (us; steadier than req/s on a shared box):")
+    for r in res.values():
+        if r.mode == "load" and r.rps:
+            parts = ", ".join(f"{k} {us:.0f}" for k, us in cpu_us_per_request(r).items())
             print(f"  {r.scenario:<9} {parts}")
     if derived["extproc_trouble"]:
         print("WARNING: extproc counters that should be zero moved (see the extproc log):")

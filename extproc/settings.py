@@ -60,7 +60,7 @@ class Settings:
     unpriced: str = "default"  # unpriced models: default | refuse | zero | price-as: <model>
     # Admission control per worker: requests in their request phases at once before new ones
     # get a JSON 503 + Retry-After (0 = no bound). See docs/performance.md.
-    max_pending: int = 1024
+    max_pending: int = 256
     # ... and while the worker's event loop runs this late (a quarter of Envoy's 1 s message
     # timeout), new requests get the 503 too. 0 = off.
     max_lag_s: float = 0.25
