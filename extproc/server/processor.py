@@ -304,7 +304,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if isinstance(decision, Deny):
             return self._deny(exchange, decision)
         exchange.admitted = True
-        metrics.REQUESTS.labels("allowed", "ok").inc()
+        metrics.labelled(metrics.REQUESTS, "allowed", "ok").inc()
         return adapter.continue_response("request_body", decision)
 
     async def _reserve(self, exchange: Exchange, reserve: Reserve, started: float) -> Decision:
@@ -334,9 +334,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         reservation = interpret_reservation(plan, reply)
         if reservation.credential is not None:
             cred = reservation.credential
-            metrics.CRED_REQUESTS.labels(cred.upstream, cred.name).inc()
-            metrics.CRED_RPM.labels(cred.upstream, cred.name).set(reservation.credential_requests)
-            metrics.CRED_TPM.labels(cred.upstream, cred.name).set(reservation.credential_tokens)
+            metrics.labelled(metrics.CRED_REQUESTS, cred.upstream, cred.name).inc()
+            metrics.labelled(metrics.CRED_RPM, cred.upstream, cred.name).set(
+                reservation.credential_requests)
+            metrics.labelled(metrics.CRED_TPM, cred.upstream, cred.name).set(
+                reservation.credential_tokens)
         if reservation.blocked_limit:
             clamped = exchange.clamp(reserve, reservation, time.time())
             if clamped is not None:
@@ -458,12 +460,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         priced = exchange.priced
         if priced is None:
             return
-        metrics.PRICED.labels(priced.upstream, "yes" if priced.priced else "no").inc()
+        metrics.labelled(metrics.PRICED, priced.upstream, "yes" if priced.priced else "no").inc()
         if not priced.priced:
             metrics.UNPRICED.labels("unknown_model").inc()
-        metrics.COST_NANOS.labels(priced.upstream).inc(priced.cost.total_nanos)
+        metrics.labelled(metrics.COST_NANOS, priced.upstream).inc(priced.cost.total_nanos)
         if exchange.credential is not None:
-            metrics.CRED_TOKENS.labels(priced.upstream, exchange.credential.name).inc(
+            metrics.labelled(metrics.CRED_TOKENS, priced.upstream, exchange.credential.name).inc(
                 priced.usage.total)
-        metrics.TOKENS.labels("input").inc(priced.usage.input)
-        metrics.TOKENS.labels("output").inc(priced.usage.output)
+        metrics.labelled(metrics.TOKENS, "input").inc(priced.usage.input)
+        metrics.labelled(metrics.TOKENS, "output").inc(priced.usage.output)
