@@ -170,6 +170,26 @@ def cpu_ticks_by_group(groups: dict[int, str]) -> dict[str, int]:
     return totals
 
 
+def rss_by_group(groups: dict[int, str]) -> dict[str, list[float]]:
+    """Resident memory (MB) of every live process, listed per component (pgid -> name)."""
+    out: dict[str, list[float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        name = groups.get(int(stat[stat.rindex(")") + 2:].split()[2]))
+        if name is None:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                out.setdefault(name, []).append(round(int(line.split()[1]) / 1024, 1))
+    return out
+
+
 def _children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -519,6 +539,7 @@ def run_bench(
         for mode in ("load", "c1"):
             print(f"{scenario}: {mode} run {args.duration}s ...", flush=True)
             results[f"{scenario}/{mode}"] = bench.run(scenario, mode, args.duration)
+    rss = rss_by_group(groups)  # after the load runs: what the workers grew to under load
     dead = stack.dead()
     if dead:
         raise RuntimeError(f"{dead[0].name} died during the run:\n{dead[0].log_tail()}")
@@ -533,6 +554,9 @@ def run_bench(
     print_report(results, derived)
     phases = phase_means(metrics_text) if metrics_text is not None else {}
     print_phases(phases)
+    print("\nRSS after the load runs (MB per process; extproc = supervisor + workers):")
+    for name, values in rss.items():
+        print(f"  {name:<14} {', '.join(f'{v:.0f}' for v in sorted(values))}")
 
     # Issues 3 and 4: the full limits path, refusals, and streaming (bench/extended.py).
     import extended
@@ -552,6 +576,9 @@ def run_bench(
             "results": {k: {**asdict(r), "clean": r.clean} for k, r in results.items()},
             "derived": derived,
             "phases_us": phases,
+            "rss_mb": rss,
+            "cpu_us_per_request": {k: cpu_us_per_request(r) for k, r in results.items()
+                                   if r.mode == "load" and r.rps},
             "extended": extra,
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
