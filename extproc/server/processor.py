@@ -95,7 +95,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         # Admission control: requests between their first message and the reply to their
         # request body (the phases that cost CPU and a Redis round trip). Streams waiting for
         # the upstream are not counted: an LLM call may legitimately last minutes. 0 = no bound.
-        # A slow upload holds its slot until Envoy's request timeout (60 s): sized large.
+        # Sized from measured capacity (docs/performance.md); a slow upload holds its slot
+        # until Envoy's request timeout (60 s).
         self.max_pending = max_pending
         self.pending = 0
         # And while the event loop runs late, new requests would only queue into Envoy's
