@@ -46,7 +46,6 @@ from extproc.store.redis_store import Store, connect
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.server.test_admission import Stream, body, headers  # the messages Envoy sends
 
-
 # 100k resources do not load within the default 1 s Redis timeout (TOLLGATE_REDIS_TIMEOUT_MS)
 # on a busy 2-core machine: reading and parsing the reply alone takes about that long.
 LOAD_TIMEOUT_S = 30.0
