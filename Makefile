@@ -60,9 +60,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy extproc
 
-## Benchmark: Envoy direct vs. through Tollgate (installs wrk from Debian packages when missing).
+## Benchmark: Envoy direct vs. through Tollgate (installs wrk and h2load from Debian packages when missing).
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(BIN)/python bench/bench.py $(ARGS)
 
 clean:

@@ -170,6 +170,26 @@ def cpu_ticks_by_group(groups: dict[int, str]) -> dict[str, int]:
     return totals
 
 
+def rss_by_group(groups: dict[int, str]) -> dict[str, list[float]]:
+    """Resident memory (MB) of every live process, listed per component (pgid -> name)."""
+    out: dict[str, list[float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        name = groups.get(int(stat[stat.rindex(")") + 2:].split()[2]))
+        if name is None:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                out.setdefault(name, []).append(round(int(line.split()[1]) / 1024, 1))
+    return out
+
+
 def _children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -355,6 +375,12 @@ def table(results: list[WrkResult]) -> str:
     return "\n".join(rows)
 
 
+def cpu_us_per_request(r: WrkResult) -> dict[str, float]:
+    """CPU microseconds per completed request, by component (not `idle`/`other`)."""
+    skip = ("idle", "other")
+    return {k: round(v * 1e4 / r.rps, 1) for k, v in r.cpu_pct.items() if k not in skip}
+
+
 def derive(res: dict[str, WrkResult], trouble: dict[str, float] | None) -> dict[str, Any]:
     direct, toll = res["direct/load"], res["tollgate/load"]
     d1, t1 = res["direct/c1"], res["tollgate/c1"]
@@ -398,6 +424,11 @@ def print_report(res: dict[str, WrkResult], derived: dict[str, Any]) -> None:
     for r in res.values():
         if r.mode == "load":
             parts = ", ".join(f"{k} {v:.0f}%" for k, v in r.cpu_pct.items())
+            print(f"  {r.scenario:<9} {parts}")
+    print("CPU time per request during load runs (us; steadier than req/s on a shared box):")
+    for r in res.values():
+        if r.mode == "load" and r.rps:
+            parts = ", ".join(f"{k} {us:.0f}" for k, us in cpu_us_per_request(r).items())
             print(f"  {r.scenario:<9} {parts}")
     if derived["extproc_trouble"]:
         print("WARNING: extproc counters that should be zero moved (see the extproc log):")
@@ -508,6 +539,7 @@ def run_bench(
         for mode in ("load", "c1"):
             print(f"{scenario}: {mode} run {args.duration}s ...", flush=True)
             results[f"{scenario}/{mode}"] = bench.run(scenario, mode, args.duration)
+    rss = rss_by_group(groups)  # after the load runs: what the workers grew to under load
     dead = stack.dead()
     if dead:
         raise RuntimeError(f"{dead[0].name} died during the run:\n{dead[0].log_tail()}")
@@ -522,6 +554,9 @@ def run_bench(
     print_report(results, derived)
     phases = phase_means(metrics_text) if metrics_text is not None else {}
     print_phases(phases)
+    print("\nRSS after the load runs (MB per process; extproc = supervisor + workers):")
+    for name, values in rss.items():
+        print(f"  {name:<14} {', '.join(f'{v:.0f}' for v in sorted(values))}")
 
     # Issues 3 and 4: the full limits path, refusals, and streaming (bench/extended.py).
     import extended
@@ -541,6 +576,9 @@ def run_bench(
             "results": {k: {**asdict(r), "clean": r.clean} for k, r in results.items()},
             "derived": derived,
             "phases_us": phases,
+            "rss_mb": rss,
+            "cpu_us_per_request": {k: cpu_us_per_request(r) for k, r in results.items()
+                                   if r.mode == "load" and r.rps},
             "extended": extra,
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")

@@ -346,6 +346,8 @@ _ENVOY_ERRORS: tuple[tuple[str, int, str, str, str], ...] = (
     ("response.code_details == 'header_mutation_result_exceeds_limit'", 431,
      "invalid_request_error", "request_header_fields_too_large",
      "Too many request headers: Envoy accepts 100 in all, including the few Tollgate adds."),
+    ("response.code == 408", 0, "invalid_request_error", "request_timeout",
+     "The request was not received in time (a body shorter than its Content-Length?)."),
     ("response.code == 413", 0, "request_too_large", "request_too_large",
      "Request body is larger than the gateway's buffer limit."),
     (_EXT_PROC_FAILED, 0, "api_error", "gateway_processing_failed",
@@ -420,6 +422,7 @@ def _http_connection_manager(
     http_filters: list[dict[str, Any]],
     xff_num_trusted_hops: int = 0,
     local_reply: bool = False,
+    request_timeout_ms: int = 60_000,
 ) -> dict[str, Any]:
     hcm: dict[str, Any] = {
         "name": "envoy.filters.network.http_connection_manager",
@@ -433,8 +436,13 @@ def _http_connection_manager(
             # A streamed completion can pause for a long time between tokens (reasoning models);
             # only kill a stream after 5 minutes without any bytes in either direction.
             "stream_idle_timeout": "300s",
-            # No cap on the total request duration: long generations are legitimate.
-            "request_timeout": "0s",
+            # Time to receive the whole request (headers and body); the response does not count,
+            # so long generations are unaffected. A client that announces more body than it
+            # sends (Content-Length larger than the body) gets a JSON 408 instead of holding a
+            # stream, a connection and an ext_proc slot open.
+            "request_timeout": _duration(request_timeout_ms),
+            # The headers alone must arrive within this; slow-header clients are cut early.
+            "request_headers_timeout": _duration(min(request_timeout_ms, 10_000)),
             # The client address is the TCP peer, or, behind `xff_num_trusted_hops` trusted
             # proxies, the address the nearest of them saw (the Nth entry from the right of
             # X-Forwarded-For). Entries a client wrote itself further left are never used.
@@ -643,8 +651,12 @@ def render_bootstrap(
     reuse_port: bool = True,
     xff_num_trusted_hops: int = 0,
     tls: ListenerTls | None = None,
+    request_timeout_ms: int = 60_000,
 ) -> dict[str, Any]:
     """Build a complete Envoy v3 bootstrap as a plain dict.
+
+    ``request_timeout_ms`` bounds the time a client may take to send its whole request (not
+    the response); past it Envoy answers a JSON 408.
 
     ``reuse_port=False`` turns off Envoy's default SO_REUSEPORT on the listeners, so a second
     process on the same port fails to start instead of receiving part of the traffic.
@@ -688,6 +700,7 @@ def render_bootstrap(
                 http_filters=[_ext_proc_filter(message_timeout_ms), _router_filter()],
                 xff_num_trusted_hops=xff_num_trusted_hops,
                 local_reply=True,
+                request_timeout_ms=request_timeout_ms,
             ),
             tls,
         )

@@ -59,6 +59,12 @@ class Settings:
     image_tokens: int = 4096  # strict bound of one image, for models without `imageTokens`
     unpriced: str = "default"  # unpriced models: default | refuse | zero | price-as: <model>
     cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); `*` = any
+    # Admission control per worker: requests in their request phases at once before new ones
+    # get a JSON 503 + Retry-After (0 = no bound). See docs/performance.md.
+    max_pending: int = 256
+    # ... and while the worker's event loop runs this late (a quarter of Envoy's 1 s message
+    # timeout), new requests get the 503 too. 0 = off.
+    max_lag_s: float = 0.25
 
     @property
     def journal_path(self) -> str:
@@ -95,6 +101,8 @@ class Settings:
             "TOLLGATE_IMAGE_TOKENS": ("image_tokens", int),
             "TOLLGATE_UNPRICED": ("unpriced", _unpriced),
             "TOLLGATE_CORS_ORIGINS": ("cors_origins", _origins),
+            "TOLLGATE_MAX_PENDING": ("max_pending", int),
+            "TOLLGATE_MAX_LAG_MS": ("max_lag_s", lambda v: int(v) / 1000),
         }
         for var, (field, convert) in table.items():
             raw = env.get(var)

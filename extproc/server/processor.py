@@ -49,6 +49,7 @@ from extproc.core.snapshot import Snapshot
 from extproc.envoyconf import METADATA_NAMESPACE
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.server import adapter, logs, metrics, tracing
+from extproc.server.admission import LoopLag
 from extproc.server.annotations import annotate_event
 from extproc.server.ingest import answer_ingest
 from extproc.server.ingest import refuse as ingest_refuse
@@ -95,6 +96,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         settler: Settler,
         options: Options,
         policy_hits: PolicyHitRecorder | None = None,
+        max_pending: int = 0,
+        lag: LoopLag | None = None,
     ) -> None:
         self.watcher = watcher
         self.keys = keys
@@ -104,6 +107,16 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.policy_hits = policy_hits
         self.local = LocalWindows()
         self.warned_no_address = False
+        # Admission control: requests between their first message and the reply to their
+        # request body (the phases that cost CPU and a Redis round trip). Streams waiting for
+        # the upstream are not counted: an LLM call may legitimately last minutes. 0 = no bound.
+        # Sized from measured capacity (docs/performance.md); a slow upload holds its slot
+        # until Envoy's request timeout (60 s).
+        self.max_pending = max_pending
+        self.pending = 0
+        # And while the event loop runs late, new requests would only queue into Envoy's
+        # message timeout: refused too (see admission.py).
+        self.lag = lag
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
@@ -112,10 +125,20 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         started = time.monotonic()
         snapshot = self.watcher.snapshot  # one snapshot for the whole request
         answered: tuple[int, str] | None = None  # (status, details) when Tollgate answered
+        counted = False  # this stream is one of self.pending
         try:
             async for request in request_iterator:
                 phase = request.WhichOneof("request")
                 t0 = time.perf_counter()
+                if phase == "request_headers" and (self.max_pending or self.lag):
+                    if ((self.max_pending and self.pending >= self.max_pending)
+                            or (self.lag is not None and self.lag.overloaded)):
+                        response = self._shed(request, exchange)
+                        answered = (503, response.immediate_response.details)
+                        yield response
+                        return
+                    self.pending += 1
+                    counted = True
                 with tracing.span(f"ext_proc.{phase}", {"tollgate.request_id":
                                                         exchange.request_id}):
                     response = await self._handle(phase, request, exchange, snapshot, started)
@@ -123,11 +146,17 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 if response.HasField("immediate_response"):
                     immediate = response.immediate_response
                     answered = (immediate.status.code, immediate.details)
+                if counted and (phase != "request_headers" or answered is not None
+                                or request.request_headers.end_of_stream):
+                    counted = False  # the request phases are over
+                    self.pending -= 1
                 yield response
         except asyncio.CancelledError:
             # Envoy cancels streams at request end unless graceful close is on: a normal end.
             pass
         finally:
+            if counted:
+                self.pending -= 1
             due = exchange.settlement_on_abort()
             if due is not None:
                 self.settler.settle_later(self._settle_call(exchange, due, started))
@@ -137,6 +166,23 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 self.policy_hits.record(exchange.policy_hits)
             if exchange.logged is not None and self.policy_hits is not None:
                 self.policy_hits.log_bodies(self._body_log_entry(exchange))
+
+    def _shed(self, request: ep.ProcessingRequest, exchange: Exchange) -> ep.ProcessingResponse:
+        """Past capacity: a cheap JSON 503 with Retry-After now, instead of queueing until
+        Envoy's message timeout turns the request into a bare 500. Nothing was reserved or
+        sent upstream, so nothing is charged."""
+        path = ""
+        for h in request.request_headers.headers.headers:
+            if h.key == ":path":
+                path = h.raw_value.decode("latin-1") if h.raw_value else h.value
+                break
+        exchange.path = path or "/"
+        metrics.REQUESTS.labels("denied", "overloaded").inc()
+        deny = Deny(503, "overloaded",
+                    "Tollgate is at capacity; retry after the time in Retry-After.",
+                    headers=(("retry-after", "1"),))
+        return adapter.deny_response(deny, exchange.path.startswith("/v1/messages"),
+                                     exchange.deny_headers())
 
     def _access(
         self, exchange: Exchange, answered: tuple[int, str] | None, started: float
@@ -290,7 +336,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if isinstance(decision, Deny):
             return self._deny(exchange, decision)
         exchange.admitted = True
-        metrics.REQUESTS.labels("allowed", "ok").inc()
+        metrics.labelled(metrics.REQUESTS, "allowed", "ok").inc()
         return adapter.continue_response("request_body", decision)
 
     async def _reserve(self, exchange: Exchange, reserve: Reserve, started: float) -> Decision:
@@ -320,9 +366,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         reservation = interpret_reservation(plan, reply)
         if reservation.credential is not None:
             cred = reservation.credential
-            metrics.CRED_REQUESTS.labels(cred.upstream, cred.name).inc()
-            metrics.CRED_RPM.labels(cred.upstream, cred.name).set(reservation.credential_requests)
-            metrics.CRED_TPM.labels(cred.upstream, cred.name).set(reservation.credential_tokens)
+            metrics.labelled(metrics.CRED_REQUESTS, cred.upstream, cred.name).inc()
+            metrics.labelled(metrics.CRED_RPM, cred.upstream, cred.name).set(
+                reservation.credential_requests)
+            metrics.labelled(metrics.CRED_TPM, cred.upstream, cred.name).set(
+                reservation.credential_tokens)
         if reservation.blocked_limit:
             clamped = exchange.clamp(reserve, reservation, time.time())
             if clamped is not None:
@@ -465,15 +513,15 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         priced = exchange.priced
         if priced is None:
             return
-        metrics.PRICED.labels(priced.upstream, "yes" if priced.priced else "no").inc()
+        metrics.labelled(metrics.PRICED, priced.upstream, "yes" if priced.priced else "no").inc()
         if not priced.priced:
             metrics.UNPRICED.labels("unknown_model").inc()
-        metrics.COST_NANOS.labels(priced.upstream).inc(priced.cost.total_nanos)
+        metrics.labelled(metrics.COST_NANOS, priced.upstream).inc(priced.cost.total_nanos)
         metrics.count_spend(priced.key_name, exchange.model_identity or priced.model,
                             priced.priced, priced.upstream, priced.cost.total_nanos,
                             priced.usage.input, priced.usage.output)
         if exchange.credential is not None:
-            metrics.CRED_TOKENS.labels(priced.upstream, exchange.credential.name).inc(
+            metrics.labelled(metrics.CRED_TOKENS, priced.upstream, exchange.credential.name).inc(
                 priced.usage.total)
-        metrics.TOKENS.labels("input").inc(priced.usage.input)
-        metrics.TOKENS.labels("output").inc(priced.usage.output)
+        metrics.labelled(metrics.TOKENS, "input").inc(priced.usage.input)
+        metrics.labelled(metrics.TOKENS, "output").inc(priced.usage.output)

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from extproc.core.exchange import Options
 from extproc.core.policy.cors import Cors
 from extproc.server import logfilter
+from extproc.server.admission import LoopLag
 from extproc.server.policy_hits import PolicyHitRecorder
 from extproc.server.processor import Processor
 from extproc.server.settlement import Settler
@@ -75,8 +76,11 @@ async def run_worker(settings: Settings, index: int) -> None:
             ("grpc.max_concurrent_streams", 10_000),
         ]
     )
+    lag = LoopLag(settings.max_lag_s)
+    processor = Processor(watcher, keys, quota, settler, options, policy_hits,
+                          max_pending=settings.max_pending, lag=lag)
     ep_grpc.add_ExternalProcessorServicer_to_server(
-        Processor(watcher, keys, quota, settler, options, policy_hits), server
+        processor, server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -84,6 +88,7 @@ async def run_worker(settings: Settings, index: int) -> None:
     if server.add_insecure_port(address) == 0:
         raise SystemExit(f"tollgate worker {index}: cannot bind {address}")
     await server.start()
+    lag.start()
     for client in (store.redis, hot):
         try:
             await connect_ready(client)
@@ -122,6 +127,7 @@ async def run_worker(settings: Settings, index: int) -> None:
                  generation=-1, pending_usage=settler.pending)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_s)
+    lag.stop()
     watch_task.cancel()
     hits_task.cancel()
     await policy_hits.close()

@@ -342,3 +342,39 @@ def test_the_provider_is_not_told_the_client_address(
     assert "x-envoy-external-address" not in first and "x-forwarded-for" not in first
     assert second["x-forwarded-for"] == "192.0.2.1"  # the client's own header, nothing added
     assert "127.0.0.4" not in str(first) + str(second)
+
+
+def test_a_body_shorter_than_its_content_length_gets_a_json_408(
+    stack: Stack, new_key: Callable[..., str], tmp_path: Path
+) -> None:
+    """A client that announces more body than it sends does not hold the stream open: Envoy's
+    request timeout (short here; 60 s by default) answers with a JSON 408."""
+    import socket
+
+    assert stack.mock_port is not None
+    key = new_key()
+    port, admin = free_port(), free_port()
+    config = envoyconf.render_bootstrap(
+        clusters=envoyconf.mock_clusters("127.0.0.1", stack.mock_port), listen_port=port,
+        admin_port=admin, extproc_port=stack.extproc.grpc, request_timeout_ms=300)
+    envoy = start_envoy(tmp_path, config, admin, concurrency=1)
+    clear_upstream(stack)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                         b"authorization: Bearer " + key.encode() + b"\r\n"
+                         b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"mo")
+            raw = b""
+            while b"\r\n\r\n" not in raw or not raw.rstrip().endswith(b"}"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                raw += chunk
+    finally:
+        envoy.stop()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(payload)["error"]
+    assert error["code"] == "request_timeout"
+    assert not upstream_requests(stack)  # nothing reached the provider
