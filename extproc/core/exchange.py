@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 
 import orjson
 
-from extproc.core import attribution
+from extproc.core import attribution, providers
 from extproc.core.attribution import LIMIT_IDS_HEADERS, TAGS_HEADERS, USER_HEADERS
 from extproc.core.decisions import CONTINUE, BodyMode, Continue, Decision, Deny, HeaderEdit
 from extproc.core.estimate import (
@@ -56,6 +56,7 @@ from extproc.core.estimate import (
 from extproc.core.header_budget import HeaderTally, check_fits
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
+from extproc.core.providers import KEY_HEADERS, RewriteInput, parse_response_usage
 from extproc.core.quota import (
     CredentialCharge,
     LimitSpec,
@@ -75,7 +76,7 @@ from extproc.core.resources import KeyRecord, UpstreamSpec, qualify
 from extproc.core.result import Priced, cost_headers, result_object, splice_result
 from extproc.core.snapshot import Snapshot
 from extproc.core.streams import StreamMeter, StreamStep
-from extproc.core.usage import Usage, parse_response_usage
+from extproc.core.usage import Usage
 
 ROUTING_HEADER = "x-tollgate-cluster"
 REQUEST_ID_HEADER = "x-tollgate-request-id"
@@ -151,7 +152,7 @@ class Exchange:
         "_subject",
         "admitted",
         "clamped",
-        "client_anthropic_version",
+        "client_headers",
         "client_ip",
         "cooldown_due",
         "credential",
@@ -196,7 +197,7 @@ class Exchange:
         self.upstream: UpstreamSpec | None = None
         self.status = 0
         self.priced: Priced | None = None
-        self.client_anthropic_version = False
+        self.client_headers: frozenset[str] = frozenset()
         self.named_limits: tuple[str, ...] = ()
         self.request_tags: tuple[str, ...] = ()
         self.client_ip = ""
@@ -273,6 +274,12 @@ class Exchange:
     def anthropic_style(self) -> bool:
         return self.route is not None and self.route.endpoint.is_anthropic
 
+    def error_body(self, deny: Deny) -> bytes:
+        """A refusal in the shape the client's API uses (OpenAI's for unknown paths)."""
+        if self.route is None:
+            return deny.body(False)
+        return providers.owner(self.route.endpoint).error_body(deny)
+
     def deny_headers(self) -> tuple[tuple[str, str], ...]:
         return ((REQUEST_ID_HEADER, self.request_id),)
 
@@ -293,7 +300,7 @@ class Exchange:
             removes.append("accept-encoding")
         path = headers.get(":path", "/")
         self.path = path
-        self.client_anthropic_version = "anthropic-version" in headers
+        self.client_headers = frozenset(headers)
         self.route = classify_path(path)
         if self.route is None:
             return Deny(404, "unknown_endpoint", f"Tollgate does not serve {path.split('?')[0]}.")
@@ -439,16 +446,10 @@ class Exchange:
             # Drop every header that may carry the virtual key, except the one being overwritten
             # with the upstream credential (a remove and a set of one name in one mutation is
             # order-dependent in Envoy).
-            auth_name = _AUTH_HEADER.get(upstream.provider, "authorization")
-            removes = tuple(
-                n for n in ("authorization", "x-api-key", "api-key", BYOK_HEADER)
-                if n != auth_name
-            )
-        if upstream.provider == "azure-openai":
-            sets.extend(self._azure_path(upstream, facts))
-        if upstream.provider == "anthropic" and not self.client_anthropic_version:
-            # The client's SDK knows which API version it speaks; fill in only when absent.
-            sets.append(("anthropic-version", upstream.anthropic_version))
+            auth_name = providers.get(upstream.provider).auth_header
+            removes = tuple(n for n in (*KEY_HEADERS, BYOK_HEADER) if n != auth_name)
+        sets.extend(providers.get(upstream.provider).rewrite(RewriteInput(
+            upstream, self.route, self.path, facts.model, self.client_headers)))
 
         new_body = None
         alias = upstream.aliases.get(facts.model)
@@ -483,22 +484,6 @@ class Exchange:
         if plan.empty:
             return proceed
         return Reserve(plan, proceed, new_body if new_body is not None else body)
-
-    def _azure_path(self, upstream: UpstreamSpec, facts: RequestFacts) -> list[tuple[str, str]]:
-        """Azure OpenAI wants `/openai/deployments/<deployment>/<operation>?api-version=...`.
-        An OpenAI-style call routed to Azure is rewritten into that form; an Azure-style call
-        keeps its path and only gains the configured api-version if it has none."""
-        assert self.route is not None
-        version = upstream.azure_api_version or "2024-10-21"
-        if self.route.azure_deployment is not None:
-            if "api-version=" in self.path:
-                return []
-            joiner = "&" if "?" in self.path else "?"
-            return [(":path", f"{self.path}{joiner}api-version={version}")]
-        deployment = upstream.azure_deployments.get(facts.model, facts.model)
-        operation = {Endpoint.CHAT: "chat/completions", Endpoint.COMPLETIONS: "completions",
-                     Endpoint.EMBEDDINGS: "embeddings"}[facts.endpoint]
-        return [(":path", f"/openai/deployments/{deployment}/{operation}?api-version={version}")]
 
     def _plan(
         self, snapshot: Snapshot, facts: RequestFacts, now: float
@@ -851,13 +836,6 @@ def _retry_after_ms(headers: Mapping[str, str]) -> int:
     return 0
 
 
-# The field a clamp writes when the request had none (OpenAI chat's current name).
-_DEFAULT_CAP_FIELD = {
-    Endpoint.CHAT: "max_completion_tokens",
-    Endpoint.COMPLETIONS: "max_tokens",
-    Endpoint.RESPONSES: "max_output_tokens",
-    Endpoint.MESSAGES: "max_tokens",
-}
 _CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
@@ -866,12 +844,13 @@ def _set_output_cap(endpoint: Endpoint, body: bytes, cap: int) -> tuple[str, byt
     field), and the field's name."""
     doc = orjson.loads(body)
     present = [name for name in _CAP_FIELDS if doc.get(name) is not None]
-    for name in present or [_DEFAULT_CAP_FIELD[endpoint]]:
+    # The field a clamp writes when the request had none is the provider's (OpenAI chat: its
+    # current name, `max_completion_tokens`).
+    default = providers.owner(endpoint).rules(endpoint).cap_field
+    assert default is not None  # endpoints without an output cap are never clamped
+    for name in present or [default]:
         doc[name] = cap
-    return (present or [_DEFAULT_CAP_FIELD[endpoint]])[0], orjson.dumps(doc)
-
-
-_AUTH_HEADER = {"anthropic": "x-api-key", "azure-openai": "api-key"}
+    return (present or [default])[0], orjson.dumps(doc)
 
 
 def _candidates(upstream: UpstreamSpec, snapshot: Snapshot, model: str) -> list[CredentialCharge]:
@@ -886,5 +865,5 @@ def _candidates(upstream: UpstreamSpec, snapshot: Snapshot, model: str) -> list[
 
 
 def _auth_headers(upstream: UpstreamSpec, secret: str) -> list[tuple[str, str]]:
-    name = _AUTH_HEADER.get(upstream.provider, "authorization")
-    return [(name, "Bearer " + secret if name == "authorization" else secret)]
+    provider = providers.get(upstream.provider)
+    return [(provider.auth_header, provider.auth_value(secret))]

@@ -373,7 +373,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     ) -> ep.ProcessingResponse:
         if not counted:
             metrics.REQUESTS.labels("denied", deny.code).inc()
-        return adapter.deny_response(deny, exchange.anthropic_style, exchange.deny_headers())
+        return adapter.deny_response(deny, exchange.error_body(deny), exchange.deny_headers())
 
     def _event(self, exchange: Exchange, due: Settlement, started: float) -> bytes:
         key, facts, upstream, priced = (exchange.key, exchange.facts, exchange.upstream,
