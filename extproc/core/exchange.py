@@ -57,6 +57,7 @@ from extproc.core.header_budget import HeaderTally, check_fits
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
 from extproc.core.providers import KEY_HEADERS, RewriteInput, parse_response_usage
+from extproc.core.providers.base import field, set_field
 from extproc.core.quota import (
     CredentialCharge,
     LimitSpec,
@@ -449,7 +450,8 @@ class Exchange:
             auth_name = providers.get(upstream.provider).auth_header
             removes = tuple(n for n in (*KEY_HEADERS, BYOK_HEADER) if n != auth_name)
         sets.extend(providers.get(upstream.provider).rewrite(RewriteInput(
-            upstream, self.route, self.path, facts.model, self.client_headers)))
+            upstream, self.route, self.path, facts.model, self.client_headers,
+            self.presented.bring_your_own_key)))
 
         new_body = None
         alias = upstream.aliases.get(facts.model)
@@ -843,13 +845,15 @@ def _set_output_cap(endpoint: Endpoint, body: bytes, cap: int) -> tuple[str, byt
     """The body with its output cap set to `cap` (every cap field it has, else the endpoint's
     field), and the field's name."""
     doc = orjson.loads(body)
-    present = [name for name in _CAP_FIELDS if doc.get(name) is not None]
+    rules = providers.owner(endpoint).rules(endpoint)
+    names = dict.fromkeys((*_CAP_FIELDS, *rules.max_fields))
+    present = [name for name in names if field(doc, name) is not None]
     # The field a clamp writes when the request had none is the provider's (OpenAI chat: its
     # current name, `max_completion_tokens`).
-    default = providers.owner(endpoint).rules(endpoint).cap_field
+    default = rules.cap_field
     assert default is not None  # endpoints without an output cap are never clamped
     for name in present or [default]:
-        doc[name] = cap
+        set_field(doc, name, cap)
     return (present or [default])[0], orjson.dumps(doc)
 
 

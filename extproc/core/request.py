@@ -17,6 +17,7 @@ from extproc.core.attribution import MAX_USER_CHARS
 from extproc.core.decisions import Deny
 from extproc.core.providers.base import Endpoint as Endpoint
 from extproc.core.providers.base import Route as Route
+from extproc.core.providers.base import field
 from extproc.core.shape import PromptScan, PromptShape, prompt_shape
 
 
@@ -88,7 +89,8 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
     if _nested_deeper(body, doc, MAX_JSON_DEPTH):
         return _bad(f"Request body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels.")
 
-    model = doc.get("model", route.azure_deployment)
+    # Gemini names the model in the path; Azure paths name a deployment, the body may not.
+    model = route.model if route.model is not None else doc.get("model", route.azure_deployment)
     if model is None:
         return _bad("Missing required field 'model'.")
     if not isinstance(model, str) or not model.strip():
@@ -109,7 +111,7 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
 
     max_output: int | None = None
     for name in rules.max_fields:
-        value = doc.get(name)
+        value = field(doc, name)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not (
@@ -119,7 +121,7 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
         max_output = value
         break
 
-    stream = doc.get("stream", False)
+    stream = doc.get("stream", False) if rules.streams is None else rules.streams
     if stream is None:
         stream = False
     if not isinstance(stream, bool):

@@ -86,7 +86,7 @@ class StreamMeter:
         held = self.reader.held_usage_chunk
         if held is not None:
             parts.append(_with_result(held, result_json))
-        if result_json is not None:
+        if result_json is not None and self.reader.result_comment:
             parts.append(RESULT_COMMENT + result_json + b"\n\n")
         parts.append(self._terminator)
         parts.append(self.splitter.take_rest())

@@ -399,8 +399,8 @@ def _with(base: dict[str, Any], **fields: Any) -> dict[str, Any]:
         (doc("VirtualKey", {"keySha256": SHA + "a"}), "document (VirtualKey/r1)",
          "spec.keySha256", "64 hex digits"),
         # provider, cluster, credentials
-        (doc("Upstream", _with(UP, provider="gemini")), "document (Upstream/r1)",
-         "spec.provider", "must be one of openai, azure-openai, anthropic, openai-compatible"),
+        (doc("Upstream", _with(UP, provider="vertex")), "document (Upstream/r1)", "spec.provider",
+         "must be one of openai, azure-openai, anthropic, openai-compatible, gemini"),
         (doc("Upstream", {"cluster": "c"}), "document (Upstream/r1)", "spec.provider",
          "is required"),
         (doc("Upstream", {"provider": "openai"}), "document (Upstream/r1)", "spec.cluster",

@@ -11,7 +11,9 @@ Adding a provider: one module with a `PROVIDER` object, one line in `REGISTRY`, 
 
 from __future__ import annotations
 
-from extproc.core.providers import anthropic, azure_openai, openai, openai_compatible
+import orjson
+
+from extproc.core.providers import anthropic, azure_openai, gemini, openai, openai_compatible
 from extproc.core.providers.base import (
     KEY_HEADERS,
     Cluster,
@@ -21,7 +23,6 @@ from extproc.core.providers.base import (
     RewriteInput,
     Route,
     StreamReader,
-    json_object,
 )
 from extproc.core.usage import Usage
 
@@ -39,6 +40,7 @@ __all__ = [
     "classify_path",
     "clusters",
     "get",
+    "key_from_path",
     "owner",
     "parse_response_usage",
 ]
@@ -50,6 +52,7 @@ REGISTRY: tuple[Provider, ...] = (
     azure_openai.PROVIDER,
     anthropic.PROVIDER,
     openai_compatible.PROVIDER,
+    gemini.PROVIDER,
 )
 
 NAMES: tuple[str, ...] = tuple(p.name for p in REGISTRY)
@@ -80,10 +83,22 @@ def classify_path(path: str) -> Route | None:
 
 def parse_response_usage(endpoint: Endpoint, body: bytes) -> Usage | None:
     """Usage from a JSON response body; None when the body has no usage or is not JSON."""
-    doc = json_object(body)
-    if doc is None:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
         return None
     return owner(endpoint).usage_from_json(endpoint, doc)
+
+
+def key_from_path(path: str) -> str | None:
+    """A virtual key in the query string of a path whose provider accepts one there."""
+    if "?" not in path:
+        return None
+    for provider in REGISTRY:
+        key = provider.key_from_path(path)
+        if key is not None:
+            return key
+    return None
 
 
 def clusters() -> tuple[Cluster, ...]:

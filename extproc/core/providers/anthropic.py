@@ -49,6 +49,7 @@ class MessagesReader:
         self.usage: Usage | None = None
         self.output_chars = 0
         self.held_usage_chunk: bytes | None = None
+        self.result_comment = True
         self._counts: dict[str, Any] = {}
 
     def observe(self, event: SseEvent) -> tuple[bytes | None, bool]:
@@ -95,8 +96,11 @@ class Anthropic:
     def rules(self, endpoint: Endpoint) -> RequestRules:
         return _RULES
 
-    def usage_from_json(self, endpoint: Endpoint, doc: dict[str, Any]) -> Usage | None:
-        usage = doc.get("usage")
+    def key_from_path(self, path: str) -> str | None:
+        return None
+
+    def usage_from_json(self, endpoint: Endpoint, doc: Any) -> Usage | None:
+        usage = doc.get("usage") if isinstance(doc, dict) else None
         return usage_from_anthropic(usage) if isinstance(usage, dict) else None
 
     def stream_reader(self, endpoint: Endpoint, hide_usage_chunk: bool) -> StreamReader:

@@ -12,7 +12,9 @@ Rules (every provider module follows them; the registry in `__init__` is the onl
 3. `serves(route)`: whether an Upstream of this provider can take a call on `route` (possibly
    after `rewrite`). Upstream choice asks this, never the provider's name.
 4. Authentication: the credential travels in `auth_header` as `auth_value(secret)`; every
-   other header that may carry a virtual key (`KEY_HEADERS`) is removed on the way up.
+   other header that may carry a virtual key (`KEY_HEADERS`) is removed on the way up. A
+   provider whose clients may put the key in the query string reads it (`key_from_path`) and
+   removes it in `rewrite`: a virtual key never reaches a provider.
 5. `rewrite(...)`: the header sets (`:path`, version headers) a call needs on its way to this
    provider. Pure: it sees the request, never the network.
 6. Usage: `usage_from_json(endpoint, doc)` reads a JSON response body; `stream_reader(...)`
@@ -48,6 +50,9 @@ class Endpoint(enum.Enum):
     RESPONSES = "responses"
     MESSAGES = "messages"
     MODELS = "models"
+    GENERATE = "gemini.generateContent"
+    STREAM_GENERATE = "gemini.streamGenerateContent"
+    COUNT_TOKENS = "gemini.countTokens"
 
     @property
     def is_anthropic(self) -> bool:
@@ -56,20 +61,24 @@ class Endpoint(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """What the path says: the endpoint, and the Azure deployment when the path names one."""
+    """What the path says: the endpoint, the Azure deployment when the path names one, the
+    model when the path names it (Gemini: `/v1beta/models/<model>:generateContent`)."""
 
     endpoint: Endpoint
     azure_deployment: str | None = None
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RequestRules:
     """Where a request body of one endpoint keeps what Tollgate reads."""
 
-    max_fields: tuple[str, ...] = ()  # output-cap fields, in the order they are looked for
+    # Output-cap fields, in the order they are looked for; `a.b` names field b inside object a.
+    max_fields: tuple[str, ...] = ()
     prompt_fields: tuple[str, ...] = ()  # fields whose text is the prompt
     required: str | None = None  # a field the body must have
     cap_field: str | None = None  # the field a clamp writes when the body has no cap
+    streams: bool | None = None  # the endpoint always (True) streams; None: the body's `stream`
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +98,12 @@ class RewriteInput:
     path: str  # the client's :path, query included
     model: str  # the model the client asked for
     client_headers: frozenset[str]  # names of the headers the client sent (lower-case)
+    bring_your_own_key: bool = False  # the client's own provider credential passes through
 
 
-# Every header that may carry a virtual key (`x-tollgate-key` is the bring-your-own-key one,
+# Every header that may carry a virtual key (`xproxy-api-key`, the bring-your-own-key one, is
 # removed separately by the exchange).
-KEY_HEADERS = ("authorization", "x-api-key", "api-key")
+KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 
 
 class StreamReader(Protocol):
@@ -102,6 +112,9 @@ class StreamReader(Protocol):
     usage: Usage | None
     output_chars: int  # characters of generated text seen, for a stream cut short
     held_usage_chunk: bytes | None  # an event held back to carry the result object
+    # Whether the result may also travel as an SSE comment line (`: xproxy_result ...`): not
+    # for clients whose SSE parser reads every non-`data:` line as JSON (google-genai).
+    result_comment: bool
 
     def observe(self, event: SseEvent) -> tuple[bytes | None, bool]:
         """What to forward for `event` (None: drop it) and whether it is the terminator
@@ -122,15 +135,41 @@ class Provider(Protocol):
 
     def auth_value(self, secret: str) -> str: ...
 
+    def key_from_path(self, path: str) -> str | None:
+        """A virtual key the client put in the query string of a path this provider owns
+        (Gemini's `?key=`), else None. `rewrite` must then take it out of the path."""
+        ...
+
     def rewrite(self, req: RewriteInput) -> list[tuple[str, str]]: ...
 
     def rules(self, endpoint: Endpoint) -> RequestRules: ...
 
-    def usage_from_json(self, endpoint: Endpoint, doc: dict[str, Any]) -> Usage | None: ...
+    def usage_from_json(self, endpoint: Endpoint, doc: Any) -> Usage | None: ...
 
     def stream_reader(self, endpoint: Endpoint, hide_usage_chunk: bool) -> StreamReader: ...
 
     def error_body(self, deny: Deny) -> bytes: ...
+
+
+def field(doc: dict[str, Any], name: str) -> Any:
+    """`doc[name]`, where `a.b` is field b of object a; None when absent."""
+    value: Any = doc
+    for part in name.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def set_field(doc: dict[str, Any], name: str, value: Any) -> None:
+    """Set `doc[name]` (`a.b`: field b of object a, created when absent or not an object)."""
+    *parents, last = name.split(".")
+    for part in parents:
+        child = doc.get(part)
+        if not isinstance(child, dict):
+            child = doc[part] = {}
+        doc = child
+    doc[last] = value
 
 
 def json_object(data: bytes) -> dict[str, Any] | None:

@@ -73,6 +73,7 @@ class ChunkReader:
         self.usage: Usage | None = None
         self.output_chars = 0
         self.held_usage_chunk: bytes | None = None
+        self.result_comment = True
 
     def observe(self, event: SseEvent) -> tuple[bytes | None, bool]:
         data = event.data
@@ -106,6 +107,7 @@ class ResponsesReader:
         self.usage: Usage | None = None
         self.output_chars = 0
         self.held_usage_chunk: bytes | None = None
+        self.result_comment = True
 
     def observe(self, event: SseEvent) -> tuple[bytes | None, bool]:
         name = event.event
@@ -140,8 +142,11 @@ class OpenAIDialect:
     def rules(self, endpoint: Endpoint) -> RequestRules:
         return _RULES[endpoint]
 
-    def usage_from_json(self, endpoint: Endpoint, doc: dict[str, Any]) -> Usage | None:
-        usage = doc.get("usage")
+    def key_from_path(self, path: str) -> str | None:
+        return None
+
+    def usage_from_json(self, endpoint: Endpoint, doc: Any) -> Usage | None:
+        usage = doc.get("usage") if isinstance(doc, dict) else None
         return usage_from_openai(usage) if isinstance(usage, dict) else None
 
     def stream_reader(self, endpoint: Endpoint, hide_usage_chunk: bool) -> StreamReader:
