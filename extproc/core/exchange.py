@@ -56,8 +56,9 @@ from extproc.core.estimate import (
 from extproc.core.header_budget import HeaderTally, check_fits
 from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
-from extproc.core.providers import KEY_HEADERS, RewriteInput, parse_response_usage
+from extproc.core.providers import KEY_HEADERS, RewriteInput, parse_response_usage, translation
 from extproc.core.providers.base import field, set_field
+from extproc.core.providers.translation import StreamTranslation, Translated
 from extproc.core.quota import (
     CredentialCharge,
     LimitSpec,
@@ -183,8 +184,10 @@ class Exchange:
         "route",
         "settled",
         "status",
+        "translation",
         "unknown_limits",
         "upstream",
+        "upstream_endpoint",
         "user",
     )
 
@@ -196,6 +199,10 @@ class Exchange:
         self.key: KeyRecord | None = None
         self.facts: RequestFacts | None = None
         self.upstream: UpstreamSpec | None = None
+        # A chat/completions call translated for an Anthropic or Gemini Upstream: the API the
+        # provider speaks, and (for a stream) the translation of its events back.
+        self.upstream_endpoint: Endpoint | None = None
+        self.translation: StreamTranslation | None = None
         self.status = 0
         self.priced: Priced | None = None
         self.client_headers: frozenset[str] = frozenset()
@@ -460,7 +467,15 @@ class Exchange:
             and not facts.include_usage
             and facts.endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS)
         )
-        if alias is not None or wants_usage:
+        if not providers.get(upstream.provider).serves(self.route):
+            # `translate: true`: the provider's own request, path and (later) answer.
+            translated = self._translate(body, snapshot)
+            if isinstance(translated, Deny):
+                return translated
+            new_body = translated.body
+            sets.append((":path", translated.path))
+            self.upstream_endpoint = translated.endpoint
+        elif alias is not None or wants_usage:
             # Re-serialise only when the body must change; `content-length` is fixed by the
             # adapter in the same reply.
             doc = orjson.loads(body)
@@ -486,6 +501,19 @@ class Exchange:
         if plan.empty:
             return proceed
         return Reserve(plan, proceed, new_body if new_body is not None else body)
+
+    def _translate(self, body: bytes, snapshot: Snapshot) -> Translated | Deny:
+        """A chat/completions body as the Upstream's provider wants it (translation.py)."""
+        assert self.upstream is not None and self.facts is not None
+        doc = orjson.loads(body)
+        model = self.priced_model
+        if self.upstream.provider == "anthropic":
+            # Anthropic requires a cap: the request's, else the model's maximum (the same
+            # number the strict estimate reserves for).
+            cap = output_cap(self.facts.max_output_tokens, snapshot.price(model),
+                             self.options.bounds)
+            return translation.to_anthropic(doc, model, cap)
+        return translation.to_gemini(doc, model, self.facts.max_output_tokens)
 
     def _plan(
         self, snapshot: Snapshot, facts: RequestFacts, now: float
@@ -611,7 +639,8 @@ class Exchange:
         minimum = max(c.limit.min_output_tokens for c in plan.limits if c.limit.clamp)
         if granted < minimum or granted >= current:
             return None
-        field, body = _set_output_cap(facts.endpoint, reserve.body, granted)
+        field, body = _set_output_cap(self.upstream_endpoint or facts.endpoint, reserve.body,
+                                      granted)
         self.clamped = Clamp(field, facts.max_output_tokens, granted, blocking.name)
         proceed = replace(reserve.proceed, body=body)
         return Reserve(self._make_plan(now, granted), proceed, body)
@@ -707,7 +736,12 @@ class Exchange:
             return Continue(HeaderEdit(set=sets), response_body_mode=BodyMode.BUFFERED)
         if 200 <= self.status < 300 and content_type.startswith("text/event-stream"):
             # Chunks flow through one by one (STREAMED), metered on the way.
-            self.meter = StreamMeter(self.facts.endpoint, self.hide_usage_chunk)
+            self.meter = StreamMeter(self.upstream_endpoint or self.facts.endpoint,
+                                     self.hide_usage_chunk)
+            if self.upstream_endpoint is not None:
+                self.translation = (translation.AnthropicStream(self.facts.model)
+                                    if self.upstream_endpoint is Endpoint.MESSAGES
+                                    else translation.GeminiStream(self.facts.model))
             return Continue(HeaderEdit(set=sets), response_body_mode=BodyMode.STREAMED)
         if 200 <= self.status < 300:
             # A successful response Tollgate cannot read (neither JSON nor SSE): charge the
@@ -738,7 +772,7 @@ class Exchange:
         """Price the buffered response; the returned settlement is also `due`."""
         assert self.facts is not None and self.key is not None and self.upstream is not None
         warnings: list[str] = []
-        usage = parse_response_usage(self.facts.endpoint, body)
+        usage = parse_response_usage(self.upstream_endpoint or self.facts.endpoint, body)
         if usage is None:
             usage = Usage()
             warnings.append("no-usage-in-response")
@@ -765,6 +799,8 @@ class Exchange:
             assert self.priced is not None
             self.due = Settlement(self.priced.cost.total_nanos, self.priced.usage.total,
                                   self.status, "priced")
+        if self.translation is not None:
+            return StreamStep(self.translation.feed(step.forward), step.finished)
         return step
 
     def stream_closing(self, statuses: tuple[LimitStatus, ...] | None) -> bytes:
@@ -778,6 +814,11 @@ class Exchange:
             doc["unknown_limit_ids"] = list(self.unknown_limits)
             self._report_estimate(doc)
             result = orjson.dumps(doc)
+        if self.translation is not None:
+            assert self.facts is not None
+            tail = self.translation.feed(self.meter.closing(None))
+            return tail + self.translation.finish(self.priced.usage, self.facts.include_usage,
+                                                  result)
         return self.meter.closing(result)
 
     def _report_estimate(self, result: dict[str, object]) -> None:
@@ -815,6 +856,12 @@ class Exchange:
         assert self.priced is not None
         edit = HeaderEdit(set=cost_headers(self.priced)).plus(self.after_settlement(statuses))
         new_body = None
+        if self.upstream_endpoint is not None:  # translated: the answer in OpenAI's shape
+            assert self.facts is not None
+            back = (translation.from_anthropic if self.upstream_endpoint is Endpoint.MESSAGES
+                    else translation.from_gemini)
+            new_body = back(body, self.facts.model, self.priced.usage)
+            body = new_body if new_body is not None else body
         if self.options.result_object:
             result = result_object(self.priced)
             result["limits"] = limits_result(self.limit_statuses)

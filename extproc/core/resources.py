@@ -29,6 +29,7 @@ from extproc.core.pricing import (
 )
 from extproc.core.providers.anthropic import DEFAULT_VERSION as ANTHROPIC_VERSION
 from extproc.core.providers.azure_openai import DEFAULT_API_VERSION as AZURE_API_VERSION
+from extproc.core.providers.translation import translator_for
 from extproc.core.quota import LimitSpec, RateLimitSpec, Selector
 
 API_VERSION = "tollgate.io/v1alpha1"
@@ -339,8 +340,13 @@ def _upstream(f: _Fields) -> dict[str, Any]:
     unpriced = f.string("unpriced", "default")
     if not _UNPRICED.match(unpriced):
         raise f.error("unpriced", "must be default, refuse, zero or 'price-as: <model>'")
+    translate = f.boolean("translate")
+    if translate and not translator_for(provider):
+        raise f.error("translate", "only anthropic and gemini Upstreams translate "
+                      "chat/completions calls")
     return {
         "provider": provider,
+        "translate": translate,
         "unpriced": unpriced,
         "cluster": f.string("cluster", required=True),
         "models": f.strings("models") or ["*"],
@@ -603,6 +609,7 @@ class UpstreamSpec:
     cooldown_max_ms: int = 600_000
     cooldown_statuses: tuple[int, ...] = DEFAULT_COOLDOWN_STATUSES
     unpriced: str = "default"  # default | refuse | zero | price-as: <model>
+    translate: bool = False  # serves OpenAI chat/completions calls, translated
 
 
 def upstream_spec(resource: Resource) -> UpstreamSpec:
@@ -618,6 +625,7 @@ def upstream_spec(resource: Resource) -> UpstreamSpec:
         azure_api_version=azure.get("apiVersion"),
         azure_deployments=dict(azure.get("deployments") or {}),
         anthropic_version=s.get("anthropicVersion", ANTHROPIC_VERSION),
+        translate=bool(s.get("translate")),
         credentials=tuple(
             CredentialSpec(c["name"], c["secretRef"], c.get("rpm"), c.get("tpm"),
                            bool(c.get("isFallback")))

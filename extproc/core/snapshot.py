@@ -45,7 +45,9 @@ class Snapshot:
         `azure`: the path names an Azure deployment (only Azure serves those)."""
         route = Route(endpoint, azure_deployment="" if azure else None)
         for upstream in self.upstreams:
-            if not providers.get(upstream.provider).serves(route):
+            if not providers.get(upstream.provider).serves(route) and not (
+                upstream.translate and endpoint is Endpoint.CHAT and not azure
+            ):
                 continue
             # An alias is a model the upstream serves by definition (it rewrites it).
             if model in upstream.aliases or any(
