@@ -317,7 +317,7 @@ class Exchange:
                 401,
                 "missing_api_key",
                 "Missing API key: send it as 'Authorization: Bearer <key>', 'x-api-key: <key>', "
-                "'api-key: <key>' or 'xProxy-Api-Key: <key>'.",
+                "'api-key: <key>', 'x-goog-api-key: <key>' or 'xProxy-Api-Key: <key>'.",
             )
         refusal = check_key(record, now)
         if refusal is not None:
