@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from extproc.core import providers
+
 __all__ = [
     "DEFAULT_AZURE_HOST",
     "EXTPROC_CLUSTER",
@@ -126,17 +128,18 @@ _SDS_CLIENT_CA_NAME = "listener_client_ca"
 
 
 def provider_clusters(azure_host: str = DEFAULT_AZURE_HOST) -> list[ClusterSpec]:
-    """The real LLM provider clusters (TLS on 443, SNI = host)."""
-    return [
-        ClusterSpec("openai", "api.openai.com", 443, tls=True, sni="api.openai.com"),
-        ClusterSpec("anthropic", "api.anthropic.com", 443, tls=True, sni="api.anthropic.com"),
-        ClusterSpec("azure-openai", azure_host, 443, tls=True, sni=azure_host),
-    ]
+    """The real LLM provider clusters (TLS on 443, SNI = host), one per provider of the
+    registry that has a public API (core/providers/)."""
+    out = []
+    for cluster in providers.clusters():
+        host = azure_host if cluster.name == "azure-openai" else cluster.host
+        out.append(ClusterSpec(cluster.name, host, 443, tls=True, sni=host))
+    return out
 
 
 def mock_clusters(host: str, port: int) -> list[ClusterSpec]:
     """The provider cluster names, all plain HTTP to one local fake upstream (tests, benchmark)."""
-    return [ClusterSpec(name, host, port) for name in ("openai", "anthropic", "azure-openai")]
+    return [ClusterSpec(c.name, host, port) for c in providers.clusters()]
 
 
 # --------------------------------------------------------------------------------------------

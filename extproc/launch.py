@@ -51,6 +51,7 @@ MOCK_SECRETS = {
     "OPENAI_API_KEY": "sk-mock-openai",
     "ANTHROPIC_API_KEY": "sk-mock-anthropic",
     "AZURE_OPENAI_API_KEY": "mock-azure",
+    "GEMINI_API_KEY": "mock-gemini",
 }
 
 

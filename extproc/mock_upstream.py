@@ -1,9 +1,11 @@
-"""A fake OpenAI / Anthropic upstream for tests, local runs and the throughput benchmark.
+"""A fake OpenAI / Anthropic / Gemini upstream for tests, local runs and the benchmark.
 
 This module owns the *provider side* of Tollgate's test setup and nothing else: an aiohttp
 server that answers the OpenAI (Chat Completions, legacy Completions, Embeddings, Responses,
-plus the Azure OpenAI deployment paths) and Anthropic (Messages) endpoints in their real wire
-formats, JSON and SSE, in the same shapes as the golden files under ``tests/data/``.
+plus the Azure OpenAI deployment paths), Anthropic (Messages) and Google Gemini
+(`models/<model>:generateContent`, `:streamGenerateContent?alt=sse`, `:countTokens`, under
+`/v1beta` and `/v1`) endpoints in their real wire formats, JSON and SSE, in the same shapes
+as the golden files under ``tests/data/``.
 
 Everything it returns is deterministic so tests can predict the usage Tollgate will price:
 
@@ -69,6 +71,7 @@ MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 
 OPENAI: Final = "openai"
 ANTHROPIC: Final = "anthropic"
+GEMINI: Final = "gemini"
 
 _DEFAULT_WORDS: Final = tuple(DEFAULT_REPLY.split())
 _JSON_CT: Final = "application/json"
@@ -262,7 +265,8 @@ def _json(obj: Any, request_id_header: str, request_id: str, status: int = 200) 
 
 
 def _rid_header(dialect: str) -> str:
-    # OpenAI names it x-request-id, Anthropic request-id; the SDKs read these names.
+    # OpenAI names it x-request-id, Anthropic request-id; the SDKs read these names. (Google
+    # sends none; a header the SDK ignores does no harm.)
     return "request-id" if dialect == ANTHROPIC else "x-request-id"
 
 
@@ -288,6 +292,16 @@ _ANTHROPIC_ERRORS: Final[dict[int, tuple[str, str]]] = {
 }
 
 
+_GEMINI_ERRORS: Final[dict[int, tuple[str, str]]] = {
+    400: ("API key not valid. Please pass a valid API key.", "INVALID_ARGUMENT"),
+    403: ("Permission denied.", "PERMISSION_DENIED"),
+    404: ("Model not found.", "NOT_FOUND"),
+    429: ("Resource has been exhausted (e.g. check quota).", "RESOURCE_EXHAUSTED"),
+    500: ("An internal error has occurred.", "INTERNAL"),
+    503: ("The model is overloaded. Please try again later.", "UNAVAILABLE"),
+}
+
+
 def _error(
     dialect: str,
     status: int,
@@ -297,7 +311,11 @@ def _error(
 ) -> web.Response:
     """A provider-shaped error body, as the SDKs expect it when they raise APIStatusError."""
     body: JSONObj
-    if dialect == ANTHROPIC:
+    if dialect == GEMINI:
+        body = {"error": {"code": status, "message": message or _GEMINI_ERRORS.get(
+            status, (f"HTTP {status}", ""))[0], "status": _GEMINI_ERRORS.get(
+            status, ("", "UNKNOWN"))[1]}}
+    elif dialect == ANTHROPIC:
         default_type = "invalid_request_error" if status < 500 else "api_error"
         etype, default_msg = _ANTHROPIC_ERRORS.get(status, (default_type, f"HTTP {status}"))
         body = {
@@ -792,6 +810,105 @@ async def _messages(ctx: _Ctx) -> web.StreamResponse:
 
 
 # --------------------------------------------------------------------------------------------
+# Google Gemini: generateContent, streamGenerateContent (SSE with alt=sse), countTokens
+# --------------------------------------------------------------------------------------------
+
+
+def _gemini_usage(body: JSONObj, visible: int, c: _Controls) -> JSONObj:
+    """`usageMetadata` as the Gemini API reports it: the prompt count includes cached
+    content; thinking tokens are reported apart from the candidates' tokens."""
+    if c.worst:
+        config = body.get("generationConfig") or {}
+        cap = config.get("maxOutputTokens")
+        choices = config.get("candidateCount") or 1
+        prompt = worst_prompt_tokens({"messages": body.get("contents"),
+                                      "system": body.get("systemInstruction"),
+                                      "tools": body.get("tools")})
+        candidates = (cap if isinstance(cap, int) else visible) * int(choices) - c.reasoning
+    else:
+        prompt = count_input_tokens(body.get("systemInstruction"), body.get("contents"))
+        candidates = visible
+    prompt = max(prompt, c.cached)
+    usage: JSONObj = {
+        "promptTokenCount": prompt,
+        "candidatesTokenCount": max(candidates, 0),
+        "totalTokenCount": prompt + max(candidates, 0) + c.reasoning,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt}],
+    }
+    if c.cached:
+        usage["cachedContentTokenCount"] = c.cached
+    if c.reasoning:
+        usage["thoughtsTokenCount"] = c.reasoning
+    return usage
+
+
+def _gemini_response(ctx: _Ctx, text: str, finish: str | None, usage: JSONObj) -> JSONObj:
+    candidate: JSONObj = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
+    if finish is not None:
+        candidate["finishReason"] = finish
+    return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": ctx.model,
+            "responseId": ctx.request_id}
+
+
+async def _gemini(ctx: _Ctx, method: str) -> web.StreamResponse:
+    body, c = ctx.body, ctx.controls
+    if not isinstance(body.get("contents"), list) and method != "countTokens":
+        return _error(GEMINI, 400, ctx.request_id, "* GenerateContentRequest.contents: "
+                      "contents is not specified")
+    if method == "countTokens":
+        total = count_input_tokens(body.get("contents") or body.get("generateContentRequest"))
+        return _json({"totalTokens": total,
+                      "promptTokensDetails": [{"modality": "TEXT", "tokenCount": total}]},
+                     "x-request-id", ctx.request_id)
+    config = body.get("generationConfig") or {}
+    words, truncated = _apply_limit(c.words, config.get("maxOutputTokens"))
+    finish = "MAX_TOKENS" if truncated else "STOP"
+    usage = _gemini_usage(body, len(words), c)
+    if method == "generateContent":
+        return _json(_gemini_response(ctx, " ".join(words), finish, usage), "x-request-id",
+                     ctx.request_id)
+    if ctx.request.query.get("alt") != "sse":
+        return _error(GEMINI, 400, ctx.request_id, "The mock streams only with alt=sse.")
+    # Every chunk carries usageMetadata with the counts so far (the prompt from the first);
+    # the last one has the totals and the finish reason.
+    events = []
+    pieces = _pieces(words) or [""]
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        so_far = usage if last else {"promptTokenCount": usage["promptTokenCount"],
+                                     "totalTokenCount": usage["promptTokenCount"]}
+        events.append(_data_event(_gemini_response(ctx, piece, finish if last else None,
+                                                   so_far)))
+    return await _stream(ctx, GEMINI, events)
+
+
+def _gemini_endpoint() -> Handler:
+    """Gemini names the model and method in the path (`models/<model>:<method>`)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE_KEY]
+        body = _parse_body(await request.read())
+        state.record(request, body)
+        request_id = state.new_id("req_")
+        model, _, method = request.match_info["call"].partition(":")
+        if method not in ("generateContent", "streamGenerateContent", "countTokens"):
+            return _error(GEMINI, 404, request_id, f"Method not found: {method}")
+        try:
+            controls = _parse_controls(request.headers)
+        except _ControlError as exc:
+            return _error(GEMINI, 400, request_id, str(exc))
+        if controls.delay_s:
+            await asyncio.sleep(controls.delay_s)
+        if controls.status:
+            return _error(GEMINI, controls.status, request_id, None, controls.retry_after)
+        if not isinstance(body, dict):
+            return _error(GEMINI, 400, request_id, "The request body is not a JSON object.")
+        return await _gemini(_Ctx(request, state, body, controls, model, request_id), method)
+
+    return handler
+
+
+# --------------------------------------------------------------------------------------------
 # Routing
 # --------------------------------------------------------------------------------------------
 
@@ -876,6 +993,8 @@ def create_app() -> web.Application:
         )
     app.router.add_post("/v1/responses", _endpoint(OPENAI, _responses))
     app.router.add_post("/v1/messages", _endpoint(ANTHROPIC, _messages))
+    for version in ("v1", "v1beta"):
+        app.router.add_post(f"/{version}/models/{{call}}", _gemini_endpoint())
     app.router.add_get("/__mock/requests", _list_requests)
     app.router.add_delete("/__mock/requests", _clear_requests)
     app.router.add_get("/__mock/health", _health)

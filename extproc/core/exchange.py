@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 
 import orjson
 
-from extproc.core import attribution, payi
+from extproc.core import attribution, payi, providers
 from extproc.core.attribution import LIMIT_IDS_HEADERS, TAGS_HEADERS, USER_HEADERS
 from extproc.core.decisions import CONTINUE, BodyMode, Continue, Decision, Deny, HeaderEdit
 from extproc.core.estimate import (
@@ -66,6 +66,9 @@ from extproc.core.policy.cors import NO_CORS, Cors
 from extproc.core.policy.rules import RuleFacts
 from extproc.core.policy.streaming import StreamGuard
 from extproc.core.pricing import Cost, ModelPrice, estimate_cost, price_usage
+from extproc.core.providers import KEY_HEADERS, RewriteInput, parse_response_usage, translation
+from extproc.core.providers.base import field, set_field
+from extproc.core.providers.translation import StreamTranslation, Translated
 from extproc.core.quota import (
     CredentialCharge,
     LimitSpec,
@@ -85,7 +88,7 @@ from extproc.core.resources import KeyRecord, UpstreamSpec, qualify
 from extproc.core.result import Priced, cost_headers, result_object, splice_result
 from extproc.core.snapshot import Snapshot
 from extproc.core.streams import StreamMeter, StreamStep
-from extproc.core.usage import Usage, parse_response_usage
+from extproc.core.usage import Usage
 
 ROUTING_HEADER = "x-tollgate-cluster"
 LOGGED_BYTES = 256 * 1024  # per body in the opt-in log stream; longer ones are cut
@@ -165,13 +168,13 @@ class Exchange:
         "admitted",
         "annotations",
         "clamped",
-        "client_anthropic_version",
         "client_headers",
         "client_ip",
         "cooldown_due",
         "credential",
         "due",
         "facts",
+        "forwardable_headers",
         "guard",
         "header_tally",
         "hide_usage_chunk",
@@ -203,8 +206,10 @@ class Exchange:
         "route",
         "settled",
         "status",
+        "translation",
         "unknown_limits",
         "upstream",
+        "upstream_endpoint",
         "user",
     )
 
@@ -216,9 +221,13 @@ class Exchange:
         self.key: KeyRecord | None = None
         self.facts: RequestFacts | None = None
         self.upstream: UpstreamSpec | None = None
+        # A chat/completions call translated for an Anthropic or Gemini Upstream: the API the
+        # provider speaks, and (for a stream) the translation of its events back.
+        self.upstream_endpoint: Endpoint | None = None
+        self.translation: StreamTranslation | None = None
         self.status = 0
         self.priced: Priced | None = None
-        self.client_anthropic_version = False
+        self.client_headers: frozenset[str] = frozenset()
         self.named_limits: tuple[str, ...] = ()
         self.request_tags: tuple[str, ...] = ()
         self.annotations = payi.NO_ANNOTATIONS  # use case, account, properties (core/payi.py)
@@ -252,7 +261,7 @@ class Exchange:
         self.policy_hits: tuple[policy_engine.Hit, ...] = ()
         self.guard: StreamGuard | None = None  # response-side word lists on a stream
         self.origin: str | None = None  # a browser's Origin, when CORS allows it
-        self.client_headers: tuple[str, ...] = ()  # names, for `forwardHeaders`
+        self.forwardable_headers: tuple[str, ...] = ()  # names, for `forwardHeaders`
         # Opt-in body logging (a Policy's `logBodies`): [request, response] as sent on.
         self.logged: list[bytes] | None = None
         self.response_policy: policy_gate.Outcome | None = None  # on a buffered answer
@@ -305,6 +314,12 @@ class Exchange:
     def anthropic_style(self) -> bool:
         return self.route is not None and self.route.endpoint.is_anthropic
 
+    def error_body(self, deny: Deny) -> bytes:
+        """A refusal in the shape the client's API uses (OpenAI's for unknown paths)."""
+        if self.route is None:
+            return deny.body(False)
+        return providers.owner(self.route.endpoint).error_body(deny)
+
     def deny_headers(self) -> tuple[tuple[str, str], ...]:
         return ((REQUEST_ID_HEADER, self.request_id),
                 *self.options.cors.response_headers(self.origin))
@@ -344,8 +359,8 @@ class Exchange:
                 return Reply(status, b"", allow)
             if cors.allowed(headers.get("origin")):
                 self.origin = headers.get("origin")
-        self.client_anthropic_version = "anthropic-version" in headers
-        self.client_headers = tuple(n for n in headers if n not in removes)
+        self.client_headers = frozenset(headers)
+        self.forwardable_headers = tuple(n for n in headers if n not in removes)
         ingest = ingest_kind(path)
         self.ingest_bulk = ingest  # an ingest call is answered by Tollgate in the body phase
         self.route = classify_path(path) if ingest is None else None
@@ -356,7 +371,7 @@ class Exchange:
                 401,
                 "missing_api_key",
                 "Missing API key: send it as 'Authorization: Bearer <key>', 'x-api-key: <key>', "
-                "'api-key: <key>' or 'xProxy-Api-Key: <key>'.",
+                "'api-key: <key>', 'x-goog-api-key: <key>' or 'xProxy-Api-Key: <key>'.",
             )
         refusal = check_key(record, now)
         if refusal is not None:
@@ -508,16 +523,11 @@ class Exchange:
             # Drop every header that may carry the virtual key, except the one being overwritten
             # with the upstream credential (a remove and a set of one name in one mutation is
             # order-dependent in Envoy).
-            auth_name = _AUTH_HEADER.get(upstream.provider, "authorization")
-            removes = tuple(
-                n for n in ("authorization", "x-api-key", "api-key", BYOK_HEADER)
-                if n != auth_name
-            )
-        if upstream.provider == "azure-openai":
-            sets.extend(self._azure_path(upstream, facts))
-        if upstream.provider == "anthropic" and not self.client_anthropic_version:
-            # The client's SDK knows which API version it speaks; fill in only when absent.
-            sets.append(("anthropic-version", upstream.anthropic_version))
+            auth_name = providers.get(upstream.provider).auth_header
+            removes = tuple(n for n in (*KEY_HEADERS, BYOK_HEADER) if n != auth_name)
+        sets.extend(providers.get(upstream.provider).rewrite(RewriteInput(
+            upstream, self.route, self.path, facts.model, self.client_headers,
+            self.presented.bring_your_own_key)))
 
         new_body = None
         alias = upstream.aliases.get(facts.model)
@@ -526,7 +536,15 @@ class Exchange:
             and not facts.include_usage
             and facts.endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS)
         )
-        if alias is not None or wants_usage:
+        if not providers.get(upstream.provider).serves(self.route):
+            # `translate: true`: the provider's own request, path and (later) answer.
+            translated = self._translate(body, snapshot)
+            if isinstance(translated, Deny):
+                return translated
+            new_body = translated.body
+            sets.append((":path", translated.path))
+            self.upstream_endpoint = translated.endpoint
+        elif alias is not None or wants_usage:
             # Re-serialise only when the body must change; `content-length` is fixed by the
             # adapter in the same reply.
             doc = orjson.loads(body)
@@ -549,7 +567,7 @@ class Exchange:
             # Never a name this reply also sets (a remove and a set of one name in one
             # mutation is order-dependent in Envoy).
             setting = {name for name, _ in sets}
-            removes += tuple(n for n in policy_headers.removed(self.client_headers, forward)
+            removes += tuple(n for n in policy_headers.removed(self.forwardable_headers, forward)
                              if n not in setting and n not in removes)
         proceed = Continue(HeaderEdit(tuple(sets), removes), body=new_body, clear_route_cache=True)
         if self.header_tally is not None:
@@ -564,21 +582,18 @@ class Exchange:
             return proceed
         return Reserve(plan, proceed, new_body if new_body is not None else body)
 
-    def _azure_path(self, upstream: UpstreamSpec, facts: RequestFacts) -> list[tuple[str, str]]:
-        """Azure OpenAI wants `/openai/deployments/<deployment>/<operation>?api-version=...`.
-        An OpenAI-style call routed to Azure is rewritten into that form; an Azure-style call
-        keeps its path and only gains the configured api-version if it has none."""
-        assert self.route is not None
-        version = upstream.azure_api_version or "2024-10-21"
-        if self.route.azure_deployment is not None:
-            if "api-version=" in self.path:
-                return []
-            joiner = "&" if "?" in self.path else "?"
-            return [(":path", f"{self.path}{joiner}api-version={version}")]
-        deployment = upstream.azure_deployments.get(facts.model, facts.model)
-        operation = {Endpoint.CHAT: "chat/completions", Endpoint.COMPLETIONS: "completions",
-                     Endpoint.EMBEDDINGS: "embeddings"}[facts.endpoint]
-        return [(":path", f"/openai/deployments/{deployment}/{operation}?api-version={version}")]
+    def _translate(self, body: bytes, snapshot: Snapshot) -> Translated | Deny:
+        """A chat/completions body as the Upstream's provider wants it (translation.py)."""
+        assert self.upstream is not None and self.facts is not None
+        doc = orjson.loads(body)
+        model = self.priced_model
+        if self.upstream.provider == "anthropic":
+            # Anthropic requires a cap: the request's, else the model's maximum (the same
+            # number the strict estimate reserves for).
+            cap = output_cap(self.facts.max_output_tokens, snapshot.price(model),
+                             self.options.bounds)
+            return translation.to_anthropic(doc, model, cap)
+        return translation.to_gemini(doc, model, self.facts.max_output_tokens)
 
     def _request_policies(
         self, snapshot: Snapshot, facts: RequestFacts, body: bytes, now: float
@@ -739,7 +754,8 @@ class Exchange:
         minimum = max(c.limit.min_output_tokens for c in plan.limits if c.limit.clamp)
         if granted < minimum or granted >= current:
             return None
-        field, body = _set_output_cap(facts.endpoint, reserve.body, granted)
+        field, body = _set_output_cap(self.upstream_endpoint or facts.endpoint, reserve.body,
+                                      granted)
         self.clamped = Clamp(field, facts.max_output_tokens, granted, blocking.name)
         proceed = replace(reserve.proceed, body=body)
         return Reserve(self._make_plan(now, granted), proceed, body)
@@ -836,7 +852,12 @@ class Exchange:
             return Continue(HeaderEdit(set=sets), response_body_mode=BodyMode.BUFFERED)
         if 200 <= self.status < 300 and content_type.startswith("text/event-stream"):
             # Chunks flow through one by one (STREAMED), metered on the way.
-            self.meter = StreamMeter(self.facts.endpoint, self.hide_usage_chunk)
+            self.meter = StreamMeter(self.upstream_endpoint or self.facts.endpoint,
+                                     self.hide_usage_chunk)
+            if self.upstream_endpoint is not None:
+                self.translation = (translation.AnthropicStream(self.facts.model)
+                                    if self.upstream_endpoint is Endpoint.MESSAGES
+                                    else translation.GeminiStream(self.facts.model))
             self.guard = StreamGuard.for_policies(self.facts.endpoint.value, self.policies,
                                                   self.anthropic_style)
             return Continue(HeaderEdit(set=sets), response_body_mode=BodyMode.STREAMED)
@@ -869,7 +890,7 @@ class Exchange:
         """Price the buffered response; the returned settlement is also `due`."""
         assert self.facts is not None and self.key is not None and self.upstream is not None
         warnings: list[str] = []
-        usage = parse_response_usage(self.facts.endpoint, body)
+        usage = parse_response_usage(self.upstream_endpoint or self.facts.endpoint, body)
         if usage is None:
             usage = Usage()
             warnings.append("no-usage-in-response")
@@ -907,6 +928,8 @@ class Exchange:
             assert self.priced is not None
             self.due = Settlement(self.priced.cost.total_nanos, self.priced.usage.total,
                                   self.status, "priced")
+        if self.translation is not None:
+            return StreamStep(self.translation.feed(step.forward), step.finished)
         return step
 
     def stream_closing(self, statuses: tuple[LimitStatus, ...] | None) -> bytes:
@@ -921,6 +944,11 @@ class Exchange:
             self._report_estimate(doc)
             self._complete_result(doc)
             result = orjson.dumps(doc)
+        if self.translation is not None:
+            assert self.facts is not None
+            tail = self.translation.feed(self.meter.closing(None))
+            return tail + self.translation.finish(self.priced.usage, self.facts.include_usage,
+                                                  result)
         return self.meter.closing(result)
 
     def _report_estimate(self, result: dict[str, object]) -> None:
@@ -980,6 +1008,12 @@ class Exchange:
         edit = HeaderEdit(set=cost_headers(self.priced) + self._policy_headers()).plus(
             self.after_settlement(statuses))
         new_body = None
+        if self.upstream_endpoint is not None:  # translated: the answer in OpenAI's shape
+            assert self.facts is not None
+            back = (translation.from_anthropic if self.upstream_endpoint is Endpoint.MESSAGES
+                    else translation.from_gemini)
+            new_body = back(body, self.facts.model, self.priced.usage)
+            body = new_body if new_body is not None else body
         if self.options.result_object:
             result = result_object(self.priced)
             result["limits"] = limits_result(self.limit_statuses, self._blocking())
@@ -1006,13 +1040,6 @@ def _retry_after_ms(headers: Mapping[str, str]) -> int:
     return 0
 
 
-# The field a clamp writes when the request had none (OpenAI chat's current name).
-_DEFAULT_CAP_FIELD = {
-    Endpoint.CHAT: "max_completion_tokens",
-    Endpoint.COMPLETIONS: "max_tokens",
-    Endpoint.RESPONSES: "max_output_tokens",
-    Endpoint.MESSAGES: "max_tokens",
-}
 _CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
@@ -1020,13 +1047,16 @@ def _set_output_cap(endpoint: Endpoint, body: bytes, cap: int) -> tuple[str, byt
     """The body with its output cap set to `cap` (every cap field it has, else the endpoint's
     field), and the field's name."""
     doc = orjson.loads(body)
-    present = [name for name in _CAP_FIELDS if doc.get(name) is not None]
-    for name in present or [_DEFAULT_CAP_FIELD[endpoint]]:
-        doc[name] = cap
-    return (present or [_DEFAULT_CAP_FIELD[endpoint]])[0], orjson.dumps(doc)
-
-
-_AUTH_HEADER = {"anthropic": "x-api-key", "azure-openai": "api-key"}
+    rules = providers.owner(endpoint).rules(endpoint)
+    names = dict.fromkeys((*_CAP_FIELDS, *rules.max_fields))
+    present = [name for name in names if field(doc, name) is not None]
+    # The field a clamp writes when the request had none is the provider's (OpenAI chat: its
+    # current name, `max_completion_tokens`).
+    default = rules.cap_field
+    assert default is not None  # endpoints without an output cap are never clamped
+    for name in present or [default]:
+        set_field(doc, name, cap)
+    return (present or [default])[0], orjson.dumps(doc)
 
 
 def _candidates(upstream: UpstreamSpec, snapshot: Snapshot, model: str) -> list[CredentialCharge]:
@@ -1041,5 +1071,5 @@ def _candidates(upstream: UpstreamSpec, snapshot: Snapshot, model: str) -> list[
 
 
 def _auth_headers(upstream: UpstreamSpec, secret: str) -> list[tuple[str, str]]:
-    name = _AUTH_HEADER.get(upstream.provider, "authorization")
-    return [(name, "Bearer " + secret if name == "authorization" else secret)]
+    provider = providers.get(upstream.provider)
+    return [(provider.auth_header, provider.auth_value(secret))]

@@ -1,8 +1,9 @@
 """Virtual keys: how they look, where clients put them, and whether one may be used.
 
 A key is `tg-` + 43 URL-safe characters (32 random bytes, 256 bits). Only its SHA-256 is ever
-stored. Clients present it in one of three headers; `xProxy-Api-Key` means bring-your-own-key:
-the client's own provider credentials in `Authorization`/`x-api-key` then pass through untouched.
+stored. Clients present it in one of several headers (or Gemini's `?key=`); `xProxy-Api-Key`
+means bring-your-own-key: the client's own provider credentials in `Authorization`/`x-api-key`
+then pass through untouched.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from extproc.core import providers
 from extproc.core.decisions import Deny
 from extproc.core.resources import KeyRecord
 
@@ -32,7 +34,9 @@ def hash_key(key: str) -> str:
 @dataclass(frozen=True, slots=True)
 class PresentedKey:
     value: str
-    header: str  # where it came from: authorization | x-api-key | api-key | xproxy-api-key
+    # Where it came from: authorization | x-api-key | api-key | x-goog-api-key |
+    # xproxy-api-key | query (`?key=` on the paths of a provider that accepts it there).
+    header: str
 
     @property
     def bring_your_own_key(self) -> bool:
@@ -49,10 +53,14 @@ def find_key(headers: Mapping[str, str]) -> PresentedKey | None:
         scheme, _, token = auth.strip().partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return PresentedKey(token.strip(), "authorization")
-    for header in ("x-api-key", "api-key"):  # Anthropic SDK style, Azure OpenAI SDK style
+    # Anthropic SDK style, Azure OpenAI SDK style, Gemini (google-genai SDK) style.
+    for header in ("x-api-key", "api-key", "x-goog-api-key"):
         value = headers.get(header)
         if value and value.strip():
             return PresentedKey(value.strip(), header)
+    query_key = providers.key_from_path(headers.get(":path", ""))
+    if query_key is not None:  # Gemini's `?key=`: the provider's rewrite takes it out again
+        return PresentedKey(query_key, "query")
     return None
 
 

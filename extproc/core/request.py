@@ -1,82 +1,30 @@
 """Request understanding: which API a path is, and the facts a request body carries.
 
-Covers OpenAI `chat/completions`, `completions`, `embeddings`, `responses`, Anthropic
-`messages`, and the Azure OpenAI deployment paths. Parsing never raises on client input:
-anything malformed becomes a `Deny(400, ...)` whose message says what is wrong.
+Which paths exist and where each endpoint keeps its output cap and prompt is the providers'
+knowledge (core/providers/); this module reads a body with it. Parsing never raises on client
+input: anything malformed becomes a `Deny(400, ...)` whose message says what is wrong.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import orjson
 
+from extproc.core import providers
 from extproc.core.attribution import MAX_USER_CHARS
 from extproc.core.decisions import Deny
+from extproc.core.providers.base import Endpoint as Endpoint
+from extproc.core.providers.base import Route as Route
+from extproc.core.providers.base import field
 from extproc.core.shape import PromptScan, PromptShape, prompt_shape
-
-
-class Endpoint(enum.Enum):
-    CHAT = "chat.completions"
-    COMPLETIONS = "completions"
-    EMBEDDINGS = "embeddings"
-    RESPONSES = "responses"
-    MESSAGES = "messages"
-    MODELS = "models"
-
-    @property
-    def is_anthropic(self) -> bool:
-        return self is Endpoint.MESSAGES
-
-
-_OPENAI_SUFFIXES = {
-    "chat/completions": Endpoint.CHAT,
-    "completions": Endpoint.COMPLETIONS,
-    "embeddings": Endpoint.EMBEDDINGS,
-    "responses": Endpoint.RESPONSES,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """What the path says: the endpoint, and the Azure deployment when the path names one."""
-
-    endpoint: Endpoint
-    azure_deployment: str | None = None
 
 
 def classify_path(path: str) -> Route | None:
     """Map a request path (query string allowed) to an endpoint, or None if unsupported."""
-    path = path.split("?", 1)[0].rstrip("/")
-    if path.startswith("/v1/"):
-        rest = path[4:]
-        if rest == "messages":
-            return Route(Endpoint.MESSAGES)
-        if rest == "models":
-            return Route(Endpoint.MODELS)
-        endpoint = _OPENAI_SUFFIXES.get(rest)
-        return Route(endpoint) if endpoint else None
-    if path.startswith("/openai/deployments/"):
-        # /openai/deployments/<deployment>/<operation>
-        deployment, _, operation = path[len("/openai/deployments/") :].partition("/")
-        endpoint = _OPENAI_SUFFIXES.get(operation)
-        if deployment and endpoint:
-            return Route(endpoint, azure_deployment=deployment)
-    return None
+    return providers.classify_path(path)
 
-
-# Output-cap fields, in the order they are looked for. `max_completion_tokens` supersedes
-# `max_tokens` on OpenAI chat; Responses uses `max_output_tokens`; Anthropic `max_tokens`.
-_MAX_FIELDS = {
-    Endpoint.CHAT: ("max_completion_tokens", "max_tokens"),
-    Endpoint.COMPLETIONS: ("max_tokens",),
-    Endpoint.EMBEDDINGS: (),
-    Endpoint.RESPONSES: ("max_output_tokens",),
-    Endpoint.MESSAGES: ("max_tokens",),
-    Endpoint.MODELS: (),
-}
 
 @dataclass(frozen=True, slots=True)
 class RequestFacts:
@@ -127,24 +75,6 @@ def _bad(message: str) -> Deny:
     return Deny(400, "invalid_request", message)
 
 
-_PROMPT_FIELDS = {
-    Endpoint.CHAT: ("messages",),
-    Endpoint.COMPLETIONS: ("prompt",),
-    Endpoint.EMBEDDINGS: ("input",),
-    Endpoint.RESPONSES: ("input", "instructions"),
-    Endpoint.MESSAGES: ("messages", "system"),
-    Endpoint.MODELS: (),
-}
-
-_REQUIRED_FIELDS = {
-    Endpoint.CHAT: "messages",
-    Endpoint.COMPLETIONS: "prompt",
-    Endpoint.EMBEDDINGS: "input",
-    Endpoint.RESPONSES: "input",
-    Endpoint.MESSAGES: "messages",
-}
-
-
 def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
     """Read the facts Tollgate needs from a request body, or explain why it is unusable."""
     endpoint = route.endpoint
@@ -159,7 +89,8 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
     if _nested_deeper(body, doc, MAX_JSON_DEPTH):
         return _bad(f"Request body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels.")
 
-    model = doc.get("model", route.azure_deployment)
+    # Gemini names the model in the path; Azure paths name a deployment, the body may not.
+    model = route.model if route.model is not None else doc.get("model", route.azure_deployment)
     if model is None:
         return _bad("Missing required field 'model'.")
     if not isinstance(model, str) or not model.strip():
@@ -167,7 +98,8 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
     if len(model) > MAX_MODEL_CHARS:
         return _bad(f"Field 'model' must be at most {MAX_MODEL_CHARS} characters.")
 
-    required = _REQUIRED_FIELDS.get(endpoint)
+    rules = providers.owner(endpoint).rules(endpoint)
+    required = rules.required
     # Responses also accepts a previous_response_id or a stored prompt instead of input.
     alternative = endpoint is Endpoint.RESPONSES and (
         "prompt" in doc or "previous_response_id" in doc
@@ -178,8 +110,8 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
         return _bad("Field 'messages' must be an array.")
 
     max_output: int | None = None
-    for name in _MAX_FIELDS[endpoint]:
-        value = doc.get(name)
+    for name in rules.max_fields:
+        value = field(doc, name)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not (
@@ -189,7 +121,7 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
         max_output = value
         break
 
-    stream = doc.get("stream", False)
+    stream = doc.get("stream", False) if rules.streams is None else rules.streams
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
@@ -214,7 +146,7 @@ def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
         return _bad(f"Field 'user' must be at most {MAX_USER_CHARS} characters.")
 
     scan = PromptScan()
-    prompt_chars = sum(scan.chars(doc.get(name)) for name in _PROMPT_FIELDS[endpoint])
+    prompt_chars = sum(scan.chars(doc.get(name)) for name in rules.prompt_fields)
     return RequestFacts(
         endpoint=endpoint,
         model=model,

@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from extproc.core import providers
 from extproc.core.periods import PERIODS
 from extproc.core.pricing import (
     MAX_AMOUNT_NANOS,
@@ -26,11 +27,14 @@ from extproc.core.pricing import (
     rate_from_usd_per_mtok,
     usd_to_nanos,
 )
+from extproc.core.providers.anthropic import DEFAULT_VERSION as ANTHROPIC_VERSION
+from extproc.core.providers.azure_openai import DEFAULT_API_VERSION as AZURE_API_VERSION
+from extproc.core.providers.translation import translator_for
 from extproc.core.quota import LimitSpec, RateLimitSpec, Selector
 
 API_VERSION = "tollgate.io/v1alpha1"
 GROUP = "tollgate.io"
-PROVIDERS = ("openai", "azure-openai", "anthropic", "openai-compatible")
+PROVIDERS = providers.NAMES  # the registry decides (core/providers/)
 # A credential answering one of these is put in cooldown (rate limited, refused, or failing).
 DEFAULT_COOLDOWN_STATUSES = (401, 403, 429, 500, 502, 503, 504)
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
@@ -314,7 +318,7 @@ def _upstream(f: _Fields) -> dict[str, Any]:
                 dep_map[str(model)] = deployments.string(str(model), required=True)
             deployments.done()
         azure_spec = {
-            "apiVersion": azure.string("apiVersion", "2024-10-21"),
+            "apiVersion": azure.string("apiVersion", AZURE_API_VERSION),
             "deployments": dep_map,
         }
         azure.done()
@@ -336,15 +340,20 @@ def _upstream(f: _Fields) -> dict[str, Any]:
     unpriced = f.string("unpriced", "default")
     if not _UNPRICED.match(unpriced):
         raise f.error("unpriced", "must be default, refuse, zero or 'price-as: <model>'")
+    translate = f.boolean("translate")
+    if translate and not translator_for(provider):
+        raise f.error("translate", "only anthropic and gemini Upstreams translate "
+                      "chat/completions calls")
     return {
         "provider": provider,
+        "translate": translate,
         "unpriced": unpriced,
         "cluster": f.string("cluster", required=True),
         "models": f.strings("models") or ["*"],
         "priority": f.integer("priority", 100),
         "aliases": alias_map,
         "azure": azure_spec,
-        "anthropicVersion": f.string("anthropicVersion", "2023-06-01"),
+        "anthropicVersion": f.string("anthropicVersion", ANTHROPIC_VERSION),
         "credentials": creds,
         "cooldown": cooldown_spec,
     }
@@ -718,6 +727,7 @@ class UpstreamSpec:
     cooldown_max_ms: int = 600_000
     cooldown_statuses: tuple[int, ...] = DEFAULT_COOLDOWN_STATUSES
     unpriced: str = "default"  # default | refuse | zero | price-as: <model>
+    translate: bool = False  # serves OpenAI chat/completions calls, translated
 
 
 def upstream_spec(resource: Resource) -> UpstreamSpec:
@@ -732,7 +742,8 @@ def upstream_spec(resource: Resource) -> UpstreamSpec:
         aliases=dict(s.get("aliases") or {}),
         azure_api_version=azure.get("apiVersion"),
         azure_deployments=dict(azure.get("deployments") or {}),
-        anthropic_version=s.get("anthropicVersion", "2023-06-01"),
+        anthropic_version=s.get("anthropicVersion", ANTHROPIC_VERSION),
+        translate=bool(s.get("translate")),
         credentials=tuple(
             CredentialSpec(c["name"], c["secretRef"], c.get("rpm"), c.get("tpm"),
                            bool(c.get("isFallback")))

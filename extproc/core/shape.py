@@ -65,6 +65,8 @@ class PromptScan:
                 return len(value["text"])
             if "content" in value:
                 return self.chars(value["content"], depth + 1)
+            if "parts" in value:  # Gemini: {"role", "parts": [...]}
+                return self.chars(value["parts"], depth + 1)
             if isinstance(kind, str) and kind not in _TEXT_TYPES:
                 self._search(value, depth + 1)
                 return NON_TEXT_PART_CHARS
@@ -76,6 +78,24 @@ class PromptScan:
             self.image_bytes += len(orjson.dumps(value))  # never more than its bytes in the body
             return True
         if kind in _DOCUMENT_TYPES or "file_id" in value:
+            self.documents = True
+            return True
+        if kind is None:
+            return self._gemini_media(value)
+        return False
+
+    def _gemini_media(self, value: dict[str, Any]) -> bool:
+        """Gemini parts: `inlineData` images count as images; other inline media (audio,
+        video, PDF) by their bytes, like text; `fileData` (a file by reference) is input the
+        body does not carry."""
+        inline = value.get("inlineData", value.get("inline_data"))
+        if isinstance(inline, dict):
+            mime = inline.get("mimeType", inline.get("mime_type"))
+            if isinstance(mime, str) and mime.startswith("image/"):
+                self.images += 1
+                self.image_bytes += len(orjson.dumps(value))
+            return True
+        if "fileData" in value or "file_data" in value:
             self.documents = True
             return True
         return False
@@ -104,12 +124,13 @@ def prompt_shape(
     """The shape of a parsed body whose prompt fields `scan` has walked. `endpoint_name` is
     `Endpoint.value`."""
     choices = 1
-    for name in ("n", "best_of"):
-        value = doc.get(name)
+    config = doc.get("generationConfig")
+    gemini_choices = config.get("candidateCount") if isinstance(config, dict) else None
+    for value in (doc.get("n"), doc.get("best_of"), gemini_choices):
         if isinstance(value, int) and not isinstance(value, bool) and value > choices:
             choices = value
     unbounded = scan.documents or (endpoint_name == "responses" and any(
         doc.get(name) is not None for name in _UNBOUNDED_FIELDS
-    ))
+    )) or doc.get("cachedContent") is not None  # Gemini: a cached prompt by reference
     tools = "tools" in doc or "functions" in doc
     return PromptShape(len(body), scan.images, scan.image_bytes, unbounded, tools, choices)

@@ -11,11 +11,12 @@ import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from extproc.core import providers
 from extproc.core.policy.engine import CompiledPolicy, compile_policy
 from extproc.core.policy.matching import IndexFactory
 from extproc.core.pricing import ModelPrice, PriceBook
+from extproc.core.providers.base import Endpoint, Route
 from extproc.core.quota import LimitSpec, RateLimitSpec
-from extproc.core.request import Endpoint
 from extproc.core.resources import (
     KeyRecord,
     Resource,
@@ -29,7 +30,6 @@ from extproc.core.resources import (
 )
 
 SecretLookup = Callable[[str], str | None]
-AZURE_REWRITABLE = (Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,15 +45,14 @@ class Snapshot:
     policies: tuple[CompiledPolicy, ...] = ()  # word lists compiled once, here
 
     def choose_upstream(self, endpoint: Endpoint, model: str, azure: bool) -> UpstreamSpec | None:
-        """The first upstream (by priority, then name) that speaks this API and serves `model`."""
+        """The first upstream (by priority, then name) that speaks this API and serves `model`.
+        `azure`: the path names an Azure deployment (only Azure serves those)."""
+        route = Route(endpoint, azure_deployment="" if azure else None)
         for upstream in self.upstreams:
-            if endpoint.is_anthropic != (upstream.provider == "anthropic"):
+            if not providers.get(upstream.provider).serves(route) and not (
+                upstream.translate and endpoint is Endpoint.CHAT and not azure
+            ):
                 continue
-            is_azure = upstream.provider == "azure-openai"
-            if azure and not is_azure:
-                continue  # an Azure deployment path only makes sense to Azure
-            if is_azure and not azure and endpoint not in AZURE_REWRITABLE:
-                continue  # plain /v1 calls reach Azure only where the path can be rewritten
             # An alias is a model the upstream serves by definition (it rewrites it).
             if model in upstream.aliases or any(
                 fnmatch.fnmatchcase(model, p) for p in upstream.models

@@ -121,11 +121,12 @@ def immediate_response(
 
 
 def deny_response(
-    deny: Deny, anthropic_style: bool, extra_headers: tuple[tuple[str, str], ...]
+    deny: Deny, body: bytes, extra_headers: tuple[tuple[str, str], ...]
 ) -> ep.ProcessingResponse:
+    """`body`: the refusal in the client's API shape (`Exchange.error_body`)."""
     return immediate_response(
         deny.status,
-        deny.body(anthropic_style),
+        body,
         (*deny.headers, *extra_headers),
         f"tollgate_{deny.code}",
     )

@@ -45,6 +45,7 @@ from extproc.core.quota import (
     interpret_reservation,
     project_settlement,
 )
+from extproc.core.request import classify_path
 from extproc.core.snapshot import Snapshot
 from extproc.envoyconf import METADATA_NAMESPACE
 from extproc.gen.tollgate.v1 import usage_pb2
@@ -177,12 +178,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 path = h.raw_value.decode("latin-1") if h.raw_value else h.value
                 break
         exchange.path = path or "/"
+        exchange.route = classify_path(exchange.path)  # the refusal in the client's API shape
         metrics.REQUESTS.labels("denied", "overloaded").inc()
         deny = Deny(503, "overloaded",
                     "Tollgate is at capacity; retry after the time in Retry-After.",
                     headers=(("retry-after", "1"),))
-        return adapter.deny_response(deny, exchange.path.startswith("/v1/messages"),
-                                     exchange.deny_headers())
+        return adapter.deny_response(deny, exchange.error_body(deny), exchange.deny_headers())
 
     def _access(
         self, exchange: Exchange, answered: tuple[int, str] | None, started: float
@@ -454,7 +455,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return ingest_refuse(exchange, deny)  # Pay-i's error model (core/ingest.py)
         if not counted:
             metrics.REQUESTS.labels("denied", deny.code).inc()
-        return adapter.deny_response(deny, exchange.anthropic_style, exchange.deny_headers())
+        return adapter.deny_response(deny, exchange.error_body(deny), exchange.deny_headers())
 
     def _event(self, exchange: Exchange, due: Settlement, started: float) -> bytes:
         key, facts, upstream, priced = (exchange.key, exchange.facts, exchange.upstream,

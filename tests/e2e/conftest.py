@@ -23,6 +23,7 @@ from extproc.store.keyschema import KeySchema
 OPENAI_UPSTREAM_KEY = "sk-upstream-openai-e2e"
 ANTHROPIC_UPSTREAM_KEY = "sk-upstream-anthropic-e2e"
 AZURE_UPSTREAM_KEY = "azure-upstream-e2e"
+GEMINI_UPSTREAM_KEY = "gemini-upstream-e2e"
 SECOND_UPSTREAM_KEY = "sk-second-e2e"
 
 
@@ -35,6 +36,7 @@ def e2e_env(redis_url: str) -> dict[str, str]:
         OPENAI_API_KEY=OPENAI_UPSTREAM_KEY,
         ANTHROPIC_API_KEY=ANTHROPIC_UPSTREAM_KEY,
         AZURE_OPENAI_API_KEY=AZURE_UPSTREAM_KEY,
+        GEMINI_API_KEY=GEMINI_UPSTREAM_KEY,
         SECOND_API_KEY=SECOND_UPSTREAM_KEY,
         POOL_KEY_1="sk-pool-1", POOL_KEY_2="sk-pool-2", POOL_FALLBACK="sk-pool-fallback",
         TOLLGATE_RELOAD_POLL_MS="500",

@@ -33,7 +33,7 @@ def test_sidecar_defaults() -> None:
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 10000}
     assert cfg["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     names = [c["name"] for c in cfg["static_resources"]["clusters"]]
-    assert names == ["tollgate_extproc", "openai", "anthropic", "azure-openai"]
+    assert names == ["tollgate_extproc", "openai", "azure-openai", "anthropic", "gemini"]
 
 
 # ------------------------------------------------------------------------------------------------

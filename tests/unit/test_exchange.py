@@ -282,11 +282,11 @@ def test_models_lists_every_priced_model_for_an_unrestricted_key(
 # ---- request body ----------------------------------------------------------------------------
 
 OPENAI_SETS = {ROUTING_HEADER: "openai", "authorization": "Bearer sk-up"}
-OPENAI_REMOVES = {"x-api-key", "api-key", "xproxy-api-key"}
+OPENAI_REMOVES = {"x-api-key", "api-key", "x-goog-api-key", "xproxy-api-key"}
 ANTHROPIC_SETS = {
     ROUTING_HEADER: "anthropic", "x-api-key": "sk-ant", "anthropic-version": "2023-06-01"
 }
-ANTHROPIC_REMOVES = {"authorization", "api-key", "xproxy-api-key"}
+ANTHROPIC_REMOVES = {"authorization", "api-key", "x-goog-api-key", "xproxy-api-key"}
 
 
 @pytest.mark.parametrize(
@@ -331,7 +331,8 @@ def test_azure_deployment_gets_the_api_key_header(snapshot: Snapshot) -> None:
     )
     assert isinstance(decision, Continue), decision
     assert dict(decision.headers.set) == {ROUTING_HEADER: "azure-openai", "api-key": "sk-up"}
-    assert set(decision.headers.remove) == {"authorization", "x-api-key", "xproxy-api-key"}
+    assert set(decision.headers.remove) == {"authorization", "x-api-key", "x-goog-api-key",
+                                              "xproxy-api-key"}
 
 
 @pytest.mark.parametrize(

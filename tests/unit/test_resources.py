@@ -85,7 +85,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {"provider": "openai", "cluster": "openai"},
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
-                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01", "translate": False,
                 "unpriced": "default",
                 "credentials": [], "cooldown": COOLDOWN,
             },
@@ -103,7 +103,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "provider": "azure-openai", "cluster": "azure-openai", "models": ["gpt-4o"],
                 "priority": 5, "aliases": {"fast": "gpt-4o-mini"},
                 "azure": {"apiVersion": "2024-10-21", "deployments": {}},
-                "anthropicVersion": "2023-06-01",
+                "anthropicVersion": "2023-06-01", "translate": False,
                 "unpriced": "default",
                 "credentials": [
                     {"name": "a", "secretRef": "AZURE_KEY", "rpm": None, "tpm": None,
@@ -119,7 +119,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {"provider": "openai", "cluster": "openai", "cooldown": {}},
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
-                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01", "translate": False,
                 "unpriced": "default",
                 "credentials": [], "cooldown": COOLDOWN,
             },
@@ -131,7 +131,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "provider": "anthropic", "cluster": "anthropic", "models": ["*"],
                 "priority": 100, "aliases": {}, "azure": None,
-                "anthropicVersion": "2023-06-01", "unpriced": "default", "credentials": [],
+                "anthropicVersion": "2023-06-01", "translate": False, "unpriced": "default",
+                "credentials": [],
                 "cooldown": {"seconds": 5, "maxSeconds": 120, "statuses": [429, 529]},
             },
         ),
@@ -140,7 +141,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {"provider": "openai", "cluster": "openai", "cooldown": {"seconds": 0}},
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
-                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01",
+                "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01", "translate": False,
                 "unpriced": "default",
                 "credentials": [],
                 "cooldown": {**COOLDOWN, "seconds": 0},
@@ -399,8 +400,8 @@ def _with(base: dict[str, Any], **fields: Any) -> dict[str, Any]:
         (doc("VirtualKey", {"keySha256": SHA + "a"}), "document (VirtualKey/r1)",
          "spec.keySha256", "64 hex digits"),
         # provider, cluster, credentials
-        (doc("Upstream", _with(UP, provider="gemini")), "document (Upstream/r1)",
-         "spec.provider", "must be one of openai, azure-openai, anthropic, openai-compatible"),
+        (doc("Upstream", _with(UP, provider="vertex")), "document (Upstream/r1)", "spec.provider",
+         "must be one of openai, azure-openai, anthropic, openai-compatible, gemini"),
         (doc("Upstream", {"cluster": "c"}), "document (Upstream/r1)", "spec.provider",
          "is required"),
         (doc("Upstream", {"provider": "openai"}), "document (Upstream/r1)", "spec.cluster",

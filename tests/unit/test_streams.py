@@ -14,10 +14,13 @@ from typing import Any
 import orjson
 import pytest
 
+from extproc.core.providers import parse_response_usage
+from extproc.core.providers.anthropic import usage_from_anthropic
+from extproc.core.providers.openai import usage_from_openai
 from extproc.core.request import Endpoint
 from extproc.core.sse import SseEvent, SseSplitter, parse_event
 from extproc.core.streams import RESULT_COMMENT, StreamMeter
-from extproc.core.usage import Usage, parse_response_usage, usage_from_anthropic, usage_from_openai
+from extproc.core.usage import Usage
 
 pytestmark = pytest.mark.unit
 

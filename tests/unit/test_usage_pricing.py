@@ -25,9 +25,10 @@ from extproc.core.pricing import (
     rate_from_usd_per_mtok,
     usd_to_nanos,
 )
+from extproc.core.providers import parse_response_usage
 from extproc.core.request import Endpoint
 from extproc.core.resources import Resource, model_prices
-from extproc.core.usage import Usage, parse_response_usage
+from extproc.core.usage import Usage
 
 pytestmark = pytest.mark.unit
 
