@@ -310,6 +310,48 @@ async def test_settling_an_offline_admission_records_spend_only(quota: QuotaStor
     assert int(state[b"spent"]) == 1234 and int(state[b"held"]) == 500
 
 
+async def test_settling_an_unconfirmed_admission_corrects_nothing_it_never_charged(
+    quota: QuotaStore,
+) -> None:
+    """A request admitted without a confirmed reservation (Redis down: fail-open, or its
+    reserve timed out) charged no token window, took no lease and held no money. Its
+    settlement records its spend and its usage event, once, and releases nothing: releasing
+    what it assumed it had would hand other requests' live tokens, slots and holds back, and
+    the limits would admit more than their max. A reserve of it that reaches Redis after the
+    settlement takes nothing either."""
+    tracker = limit("tracker", max_nanos=10_000_000, block=False)
+    tpm = RateLimitSpec("tpm", "key", Selector(), None, 1000, None)
+    conc = RateLimitSpec("conc", "key", Selector(), None, None, 1)
+    live = plan([tracker], [tpm, conc], estimate=500, tokens=900)
+    assert (await reserve(quota, live)).denial is None  # someone else's live reservation
+    state_key = quota.keys.limit_state("tracker", "month:2026-11")
+    window_key = quota.keys.window("tpm", live.windows[0].ident, "tokens")
+    lease_key = quota.keys.leases("conc", live.leases[0].ident)
+    events_before = await quota.redis.xlen(quota.keys.usage_stream)
+
+    unconfirmed = plan([tracker], [tpm, conc], estimate=700, tokens=800)
+    call = quota.settle_call(unconfirmed, 1234, 10, EVENT, confirmed=False,
+                             now_ms=unconfirmed.now_ms)
+    assert (await quota.settle(call))[0] == 1
+    assert (await quota.settle(call))[0] == 0  # a replay changes nothing
+    state = await quota.redis.hgetall(state_key)
+    assert int(state[b"spent"]) == 1234 and int(state[b"held"]) == 500
+    assert await quota.redis.xlen(quota.keys.usage_stream) == events_before + 1
+    assert int(await quota.redis.hget(window_key, str(live.bucket))) == 900
+    assert await quota.redis.zrange(lease_key, 0, -1) == [live.request_id.encode()]
+    # The live reservation's tokens and slot still count against new requests.
+    assert (await reserve(quota, plan(rate_limits=[tpm], tokens=200))).denial is not None
+    assert (await reserve(quota, plan(rate_limits=[conc]))).denial is not None
+
+    # Its reserve arriving late (it had timed out, not failed) is a no-op.
+    await quota.reserve(unconfirmed, EVENT)
+    state = await quota.redis.hgetall(state_key)
+    assert int(state[b"spent"]) == 1234 and int(state[b"held"]) == 500
+    assert int(await quota.redis.hget(window_key, str(live.bucket))) == 900
+    assert await quota.redis.zrange(lease_key, 0, -1) == [live.request_id.encode()]
+    assert await quota.redis.get(quota.keys.hold(unconfirmed.request_id)) is None
+
+
 def cred(name: str, *, tpm: int | None = None, rpm: int | None = None,
          primary: bool = True) -> CredentialCharge:
     return CredentialCharge("pool", name, f"SECRET_{name}", "gpt-4o", primary, rpm, tpm)
