@@ -9,7 +9,6 @@ line is replayed by the new code, and the new scripts enforce the limit with the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,7 @@ import orjson
 import pytest
 
 from extproc.core.quota import LimitSpec, Selector, Subject, interpret_reservation, plan_reservation
-from extproc.store.keyschema import KeySchema
 from extproc.store.quota_store import QuotaStore, SettleCall
-from extproc.store.redis_store import connect, ready
 
 pytestmark = pytest.mark.redis
 
@@ -27,14 +24,6 @@ LEGACY = Path(__file__).parent.parent / "data" / "money_layout_1"
 NOW_MS = 1_795_435_200_000
 TTL_MS = 5_000_000
 MAX_MICROS = 1_000_000  # $1
-
-
-@pytest.fixture
-async def quota(any_redis_url: str, tag: str) -> AsyncIterator[QuotaStore]:
-    client = connect(any_redis_url, 2.0)
-    await ready(client)
-    yield QuotaStore(client, KeySchema(tag), stream_maxlen=10_000)
-    await client.aclose()
 
 
 class Legacy:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,9 +24,7 @@ from extproc.core.quota import (
     plan_reservation,
 )
 from extproc.gen.tollgate.v1 import usage_pb2
-from extproc.store.keyschema import KeySchema
 from extproc.store.quota_store import QuotaStore, SettleCall
-from extproc.store.redis_store import connect, ready
 
 pytestmark = pytest.mark.redis
 
@@ -54,14 +51,6 @@ def plan(limits: list[LimitSpec] | None = None, rate_limits: list[RateLimitSpec]
 
 
 EVENT = usage_pb2.UsageEvent(key="team-a-ci").SerializeToString()
-
-
-@pytest.fixture
-async def quota(any_redis_url: str, tag: str) -> AsyncIterator[QuotaStore]:
-    client = connect(any_redis_url, 2.0)
-    await ready(client)
-    yield QuotaStore(client, KeySchema(tag), stream_maxlen=10_000)
-    await client.aclose()
 
 
 async def reserve(quota: QuotaStore, p):  # type: ignore[no-untyped-def]
