@@ -19,12 +19,12 @@ from extproc.core.quota import (
     RateLimitSpec,
     Selector,
     Subject,
-    interpret_reservation,
     interpret_settlement,
     plan_reservation,
 )
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.store.quota_store import QuotaStore, SettleCall
+from tests.store.conftest import reserve
 
 pytestmark = pytest.mark.redis
 
@@ -51,10 +51,6 @@ def plan(limits: list[LimitSpec] | None = None, rate_limits: list[RateLimitSpec]
 
 
 EVENT = usage_pb2.UsageEvent(key="team-a-ci").SerializeToString()
-
-
-async def reserve(quota: QuotaStore, p):  # type: ignore[no-untyped-def]
-    return interpret_reservation(p, await quota.reserve(p, EVENT))
 
 
 async def settle(quota: QuotaStore, p, actual: int, tokens: int = 0):  # type: ignore[no-untyped-def]

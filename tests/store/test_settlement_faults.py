@@ -16,11 +16,11 @@ from extproc.core.quota import (
     ReservationPlan,
     Selector,
     Subject,
-    interpret_reservation,
     plan_reservation,
 )
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.store.quota_store import QuotaStore, SettleCall
+from tests.store.conftest import reserve
 
 pytestmark = pytest.mark.redis
 
@@ -51,10 +51,6 @@ async def state(quota: QuotaStore) -> dict[str, object]:
     tokens = await r.hgetall(k.window("conc", "k", "tokens"))
     out["tokens"] = sum(int(v) for v in tokens.values())
     return out
-
-
-async def reserve(quota: QuotaStore, p: ReservationPlan):  # type: ignore[no-untyped-def]
-    return interpret_reservation(p, await quota.reserve(p, EVENT))
 
 
 def cancel(quota: QuotaStore, p: ReservationPlan) -> SettleCall:
