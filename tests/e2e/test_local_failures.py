@@ -5,7 +5,6 @@ its header count limit and answers a bare 500; the request used to be settled at
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from decimal import Decimal
 
@@ -14,7 +13,7 @@ import pytest
 
 from extproc.launch import Stack
 from tests.e2e.conftest import CliRunner, chat_body, spent_and_held, upstream_requests
-from tests.e2e.test_limits import apply, client_for, until_applied
+from tests.e2e.test_limits import client_for, limit_on_key, until_applied
 
 pytestmark = pytest.mark.e2e
 
@@ -23,8 +22,7 @@ def test_header_overflow_is_refused_before_anything_is_charged(
     stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
 ) -> None:
     name, key = new_named_key()
-    limit = "local-" + uuid.uuid4().hex[:6]
-    apply(cli, "Limit", limit, f"  type: Block\n  max: 1\n  selector: {{keys: [{name}]}}\n")
+    limit = limit_on_key(cli, name, "local", "  type: Block\n  max: 1\n")
     applied = until_applied(client_for(stack, key), "x-tollgate-limits", timeout=5)
     assert "x-tollgate-limits" in applied.headers, "the limit never reached the gateway"
     url = f"{stack.base_url}/v1/chat/completions"

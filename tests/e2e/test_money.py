@@ -17,7 +17,7 @@ import redis
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.launch import Stack
 from tests.e2e.conftest import CliRunner, spent_and_held
-from tests.e2e.test_limits import apply, until_applied
+from tests.e2e.test_limits import limit_on_key, until_applied
 
 pytestmark = pytest.mark.e2e
 
@@ -26,8 +26,7 @@ def test_a_twenty_token_embedding_is_not_free(
     stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
 ) -> None:
     name, key = new_named_key()
-    limit = "tiny-" + uuid.uuid4().hex[:6]
-    apply(cli, "Limit", limit, f"  type: Allow\n  max: 0.001\n  selector: {{keys: [{name}]}}\n")
+    limit = limit_on_key(cli, name, "tiny", "  type: Allow\n  max: 0.001\n")
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
     until_applied(client, "x-tollgate-limits")  # a chat call: the limit has arrived
     before = spent_and_held(cli, limit)[0]
