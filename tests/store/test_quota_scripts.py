@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,12 @@ from extproc.core.quota import (
     plan_reservation,
 )
 from extproc.gen.tollgate.v1 import usage_pb2
-from extproc.store.quota_store import QuotaStore, SettleCall
+from extproc.store.quota_store import (
+    SETTLED_BUCKET_MS,
+    USAGE_MARKER_MS,
+    QuotaStore,
+    SettleCall,
+)
 from tests.store.conftest import reserve
 
 pytestmark = pytest.mark.redis
@@ -335,6 +341,24 @@ async def test_settling_an_unconfirmed_admission_corrects_nothing_it_never_charg
     assert int(await quota.redis.hget(window_key, str(live.bucket))) == 900
     assert await quota.redis.zrange(lease_key, 0, -1) == [live.request_id.encode()]
     assert await quota.redis.get(quota.keys.hold(unconfirmed.request_id)) is None
+
+
+async def test_a_usage_only_settlement_is_remembered_for_a_while_then_forgotten(
+    quota: QuotaStore,
+) -> None:
+    """A request without limits is made idempotent by a set of the minute it was settled in,
+    which expires as a whole: by the settlement's own clock when the caller gives none. Were
+    the ids kept in a set whose TTL every new request refreshes (one bucket for all time),
+    Redis memory would grow with every request ever served."""
+    before = int(time.time() * 1000) // SETTLED_BUCKET_MS
+    call = quota.settle_call(None, 10, 1, EVENT, False, request_id="usage-only")
+    after = int(time.time() * 1000) // SETTLED_BUCKET_MS
+    assert (await quota.settle(call))[0] == 1
+    assert (await quota.settle(call))[0] == 0
+    sets = [quota.keys.settled(b) for b in range(before, after + 1)]
+    holding = [k for k in sets if await quota.redis.sismember(k, "usage-only")]
+    assert len(holding) == 1
+    assert 0 < await quota.redis.pttl(holding[0]) <= USAGE_MARKER_MS
 
 
 def cred(name: str, *, tpm: int | None = None, rpm: int | None = None,
