@@ -346,19 +346,26 @@ async def test_settling_an_unconfirmed_admission_corrects_nothing_it_never_charg
 async def test_a_usage_only_settlement_is_remembered_for_a_while_then_forgotten(
     quota: QuotaStore,
 ) -> None:
-    """A request without limits is made idempotent by a set of the minute it was settled in,
-    which expires as a whole: by the settlement's own clock when the caller gives none. Were
-    the ids kept in a set whose TTL every new request refreshes (one bucket for all time),
-    Redis memory would grow with every request ever served."""
+    """A request without limits, or one admitted while the circuit to Redis was open (no
+    reserve was ever sent, so no late one can come), is made idempotent by a set of the minute
+    it was settled in, which expires as a whole: by the settlement's own clock when the caller
+    gives none. Were the ids kept in a set whose TTL every new request refreshes (one bucket for
+    all time), Redis memory would grow with every request ever served."""
+    offline = plan([limit("tracker", block=False)])
     before = int(time.time() * 1000) // SETTLED_BUCKET_MS
-    call = quota.settle_call(None, 10, 1, EVENT, False, request_id="usage-only")
+    calls = {
+        "usage-only": quota.settle_call(None, 10, 1, EVENT, False, request_id="usage-only"),
+        offline.request_id: quota.settle_call(offline, 10, 1, EVENT, False,
+                                              reserve_maybe_ran=False),
+    }
     after = int(time.time() * 1000) // SETTLED_BUCKET_MS
-    assert (await quota.settle(call))[0] == 1
-    assert (await quota.settle(call))[0] == 0
     sets = [quota.keys.settled(b) for b in range(before, after + 1)]
-    holding = [k for k in sets if await quota.redis.sismember(k, "usage-only")]
-    assert len(holding) == 1
-    assert 0 < await quota.redis.pttl(holding[0]) <= USAGE_MARKER_MS
+    for rid, call in calls.items():
+        assert (await quota.settle(call))[0] == 1
+        assert (await quota.settle(call))[0] == 0
+        holding = [k for k in sets if await quota.redis.sismember(k, rid)]
+        assert len(holding) == 1, rid
+        assert 0 < await quota.redis.pttl(holding[0]) <= USAGE_MARKER_MS
 
 
 def cred(name: str, *, tpm: int | None = None, rpm: int | None = None,
