@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,8 +26,18 @@ from extproc.launch import (
     start_redis,
     wait_until,
 )
+from extproc.store.redis_store import Store, ready
 
 DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+async def store(any_redis_url: str, tag: str) -> AsyncIterator[Store]:
+    """A Store on this test's own key tag, against a standalone Redis and a Cluster."""
+    s = Store.from_url(any_redis_url, tag=tag, timeout_s=2)
+    await ready(s.redis)
+    yield s
+    await s.close()
 
 
 @pytest.fixture(scope="session")

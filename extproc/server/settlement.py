@@ -128,6 +128,12 @@ class Settler:
     def pending(self) -> int:
         return len(self.batch) + len(self.journal)
 
+    @property
+    def in_flight(self) -> int:
+        """Settlements started by `settle_later` that have not finished yet (the set holds them
+        so the event loop's weak reference does not drop a task mid-way; finished ones leave)."""
+        return len(self._tasks)
+
     async def flush(self) -> None:
         while self.batch:
             calls = [self.batch[i] for i in range(min(self.max_batch, len(self.batch)))]

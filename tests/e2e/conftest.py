@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,12 @@ def new_key(new_named_key: Callable[..., tuple[str, str]]) -> Callable[..., str]
 
 def chat_body(model: str = "gpt-4o", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "Hello there"}], **extra}
+
+
+def spent_and_held(cli: CliRunner, limit: str) -> tuple[Decimal, Decimal]:
+    """A limit's SPENT and HELD in USD, as `tollgate get limits` shows them."""
+    row = cli("get", "limits", limit).stdout.splitlines()[1].split()[1:]  # after NAMESPACE
+    return Decimal(row[3]), Decimal(row[4])
 
 
 def wait_for_status(

@@ -22,6 +22,14 @@ def apply(cli: CliRunner, kind: str, name: str, spec: str) -> None:
                                   f"metadata: {{name: {name}}}\nspec:\n{spec}")
 
 
+def limit_on_key(cli: CliRunner, key_name: str, prefix: str, spec: str) -> str:
+    """Apply a Limit named `<prefix>-<random>` with `spec` (indented YAML lines) that selects
+    the key `key_name`; returns the limit's name."""
+    limit = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    apply(cli, "Limit", limit, f"{spec}  selector: {{keys: [{key_name}]}}\n")
+    return limit
+
+
 def client_for(stack: Stack, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
 
@@ -52,11 +60,10 @@ def test_block_limit_refuses_with_the_compatible_body_and_never_overspends(
     stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
 ) -> None:
     name, key = new_named_key()
-    limit = "block-" + uuid.uuid4().hex[:6]
     # $0.0012: room for a few small gpt-4o calls (each costs ~80 micro-dollars and reserves its
     # strict bound, ~470: body bytes as prompt tokens, see docs/budgets.md).
-    apply(cli, "Limit", limit, f"  type: Block\n  max: 0.0012\n  threshold: 0.5\n"
-                               f"  period: month\n  selector: {{keys: [{name}]}}\n")
+    limit = limit_on_key(cli, name, "block",
+                         "  type: Block\n  max: 0.0012\n  threshold: 0.5\n  period: month\n")
     client = client_for(stack, key)
     first = until_applied(client, "x-tollgate-limits")
     states = [limit_states(first)[limit]]
@@ -98,9 +105,7 @@ def test_allow_limit_never_refuses_and_reports_exceeded_then_overrun(
     stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
 ) -> None:
     name, key = new_named_key()
-    limit = "allow-" + uuid.uuid4().hex[:6]
-    apply(cli, "Limit", limit, f"  type: Allow\n  max: 0.0001\n  threshold: 0.5\n"
-                               f"  selector: {{keys: [{name}]}}\n")
+    limit = limit_on_key(cli, name, "allow", "  type: Allow\n  max: 0.0001\n  threshold: 0.5\n")
     client = client_for(stack, key)
     raw = until_applied(client, "x-tollgate-limits")
     seen = [limit_states(raw)[limit]["state"]]
@@ -206,9 +211,7 @@ def test_budget_refusal_is_not_retried_by_the_openai_sdk(
     import httpx
 
     name, key = new_named_key()
-    limit = "noretry-" + uuid.uuid4().hex[:6]
-    apply(cli, "Limit", limit, f"  type: Block\n  max: 0.000001\n  period: day\n"
-                               f"  selector: {{keys: [{name}]}}\n")
+    limit_on_key(cli, name, "noretry", "  type: Block\n  max: 0.000001\n  period: day\n")
     sent: list[str] = []
     http = httpx.Client(event_hooks={"request": [lambda request: sent.append(request.url.path)]})
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, http_client=http)

@@ -274,13 +274,25 @@ def test_a_rotated_certificate_is_served_without_a_restart(
     with pytest.raises(openai.APIConnectionError):
         priced_call(tls_stack.base_url, tls_key, trusting(new_ca, tmp=tmp_path))
 
+    first = {name: Path(tls_volume.file(name)).read_bytes() for name in ("tls.crt", "tls.key")}
     tls_volume.update({"tls.crt": new_server.cert_pem, "tls.key": new_server.key_pem})
-    wait_until(
-        lambda: served_certificate(tls_stack.port).serial_number == new_server.cert.serial_number,
-        "Envoy to serve the rotated certificate",
-    )
-    priced_call(tls_stack.base_url, tls_key, trusting(new_ca, tmp=tmp_path))
-    assert envoy.alive() and envoy.pid == envoy_pid  # same process: no restart
+    try:
+        wait_until(
+            lambda: served_certificate(tls_stack.port).serial_number
+            == new_server.cert.serial_number,
+            "Envoy to serve the rotated certificate",
+        )
+        priced_call(tls_stack.base_url, tls_key, trusting(new_ca, tmp=tmp_path))
+        assert envoy.alive() and envoy.pid == envoy_pid  # same process: no restart
+    finally:
+        # The stack is shared by the module's tests: serve the first certificate again, so
+        # the tests that trust the first CA pass in any order.
+        tls_volume.update(first)
+        wait_until(
+            lambda: served_certificate(tls_stack.port).serial_number
+            != new_server.cert.serial_number,
+            "Envoy to serve the first certificate again",
+        )
 
 
 def test_client_certificates_required(

@@ -5,8 +5,6 @@ its header count limit and answers a bare 500; the request used to be settled at
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Callable
 from decimal import Decimal
 
@@ -14,8 +12,8 @@ import httpx
 import pytest
 
 from extproc.launch import Stack
-from tests.e2e.conftest import CliRunner, chat_body, upstream_requests
-from tests.e2e.test_limits import apply
+from tests.e2e.conftest import CliRunner, chat_body, spent_and_held, upstream_requests
+from tests.e2e.test_limits import client_for, limit_on_key, until_applied
 
 pytestmark = pytest.mark.e2e
 
@@ -24,21 +22,12 @@ def test_header_overflow_is_refused_before_anything_is_charged(
     stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
 ) -> None:
     name, key = new_named_key()
-    limit = "local-" + uuid.uuid4().hex[:6]
-    apply(cli, "Limit", limit, f"  type: Block\n  max: 1\n  selector: {{keys: [{name}]}}\n")
+    limit = limit_on_key(cli, name, "local", "  type: Block\n  max: 1\n")
+    applied = until_applied(client_for(stack, key), "x-tollgate-limits", timeout=5)
+    assert "x-tollgate-limits" in applied.headers, "the limit never reached the gateway"
     url = f"{stack.base_url}/v1/chat/completions"
     auth = {"authorization": f"Bearer {key}"}
-    deadline = time.monotonic() + 5
-    while "x-tollgate-limits" not in httpx.post(url, headers=auth, json=chat_body(),
-                                                timeout=10).headers:
-        assert time.monotonic() < deadline, "the limit never reached the gateway"
-        time.sleep(0.1)
-
-    def spent_held() -> tuple[Decimal, Decimal]:
-        row = cli("get", "limits", limit).stdout.splitlines()[1].split()[1:]  # after NAMESPACE
-        return Decimal(row[3]), Decimal(row[4])
-
-    before = spent_held()
+    before = spent_and_held(cli, limit)
     upstream_before = len(upstream_requests(stack))
     outcomes = {}
     # From comfortably inside Envoy's limit of 100 headers to the edge of what the client may
@@ -63,5 +52,5 @@ def test_header_overflow_is_refused_before_anything_is_charged(
     assert len(upstream_requests(stack)) - upstream_before == served
     # Only the served requests cost anything (each 25 + 50 = 75 micro-dollars at gpt-4o rates,
     # the mock's 10 prompt and 5 completion tokens); nothing held.
-    spent, held = spent_held()
+    spent, held = spent_and_held(cli, limit)
     assert spent - before[0] == served * Decimal("0.000075") and held == 0

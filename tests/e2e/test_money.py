@@ -16,8 +16,8 @@ import redis
 
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.launch import Stack
-from tests.e2e.conftest import CliRunner
-from tests.e2e.test_limits import apply, until_applied
+from tests.e2e.conftest import CliRunner, spent_and_held
+from tests.e2e.test_limits import limit_on_key, until_applied
 
 pytestmark = pytest.mark.e2e
 
@@ -26,11 +26,10 @@ def test_a_twenty_token_embedding_is_not_free(
     stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
 ) -> None:
     name, key = new_named_key()
-    limit = "tiny-" + uuid.uuid4().hex[:6]
-    apply(cli, "Limit", limit, f"  type: Allow\n  max: 0.001\n  selector: {{keys: [{name}]}}\n")
+    limit = limit_on_key(cli, name, "tiny", "  type: Allow\n  max: 0.001\n")
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
     until_applied(client, "x-tollgate-limits")  # a chat call: the limit has arrived
-    before = Decimal(cli("get", "limits", limit).stdout.splitlines()[1].split()[1:][3])
+    before = spent_and_held(cli, limit)[0]
 
     def embed(_: int) -> openai.APIResponse:  # type: ignore[type-arg]
         # The fake provider counts a quarter of the characters: 80 characters, 20 tokens.
@@ -45,8 +44,7 @@ def test_a_twenty_token_embedding_is_not_free(
         assert raw.headers["x-tollgate-cost"] == "0.000000400"
         assert raw.parse().model_extra["xproxy_result"]["cost_nanos"] == {
             "input": 400, "output": 0, "total": 400}
-    row = cli("get", "limits", limit).stdout.splitlines()[1].split()[1:]  # after NAMESPACE
-    assert Decimal(row[3]) - before == 25 * Decimal("0.0000004")  # spend records every one
+    assert spent_and_held(cli, limit)[0] - before == 25 * Decimal("0.0000004")  # every one
     events = [orjson.loads(line) for line in
               cli("usage", "--count", "200").stdout.splitlines()]
     ids = {raw.headers["x-tollgate-request-id"] for raw in responses}

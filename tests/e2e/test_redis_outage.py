@@ -4,9 +4,6 @@ made during the outage lands once Redis is back: no spend is lost."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -14,43 +11,24 @@ from pathlib import Path
 import openai
 import pytest
 
-from extproc.launch import (
-    find_redis_binary,
-    free_port,
-    redis_ping,
-    start_process,
-    start_stack,
-    wait_until,
-)
+from extproc.launch import Managed, free_port, start_stack
 from tests.e2e.conftest import chat_body
+from tests.e2e.own_redis import cli_for, first_limited_response, gateway_env, start_own_redis
 
 pytestmark = pytest.mark.e2e
 
 
 def test_redis_outage_fail_closed_fail_open_and_no_lost_spend(tmp_path: Path) -> None:
-    binary = find_redis_binary(prefer_embedded=False)
-    assert binary is not None
     port = free_port()
-    # Append-only file: the restarted server comes back with the configuration it had.
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "yes", "--dir", str(tmp_path)]
 
-    def start_redis():  # type: ignore[no-untyped-def]
-        proc = start_process(f"redis-{time.monotonic_ns()}", argv, tmp_path / "logs")
-        wait_until(lambda: redis_ping(port), proc, 10, "starting")
-        return proc
+    def start_redis() -> Managed:
+        # Append-only file: the restarted server comes back with the configuration it had.
+        return start_own_redis(port, tmp_path / "logs", "--appendonly", "yes",
+                               "--dir", str(tmp_path))
 
     redis_proc = start_redis()
-    env = dict(os.environ)
-    env.update(REDIS_URL=f"redis://127.0.0.1:{port}/0", TOLLGATE_REDIS_TAG="outage",
-               OPENAI_API_KEY="sk-up", TOLLGATE_JOURNAL_DIR=str(tmp_path / "journal"),
-               TOLLGATE_REDIS_HOT_TIMEOUT_MS="100", TOLLGATE_RELOAD_POLL_MS="300")
-
-    def cli(*args: str, stdin: str | None = None) -> str:
-        out = subprocess.run([sys.executable, "-m", "extproc", *args], env=env, input=stdin,
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
+    env = gateway_env(port, "outage", tmp_path)
+    cli = cli_for(env)
 
     stack = start_stack(log_dir=tmp_path / "stack", port=free_port(),
                         redis_url=env["REDIS_URL"], mock_upstream=True, workers=1, env=env)
@@ -78,16 +56,7 @@ spec: {per: key, selector: {keys: [open]}, requestsPerMinute: 4}
         opened = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=open_key,
                                max_retries=0)
         costs: dict[str, Decimal] = {}
-        deadline = time.monotonic() + 5
-        while True:  # wait for the keys and limits to reach the worker
-            try:
-                raw = opened.chat.completions.with_raw_response.create(**chat_body())
-                if "x-tollgate-limits" in raw.headers:
-                    break
-            except openai.AuthenticationError:
-                pass
-            assert time.monotonic() < deadline, "configuration never arrived"
-            time.sleep(0.1)
+        raw = first_limited_response(opened, timeout=5)
         costs[raw.headers["x-tollgate-request-id"]] = Decimal(raw.headers["x-tollgate-cost"])
         assert blocked.chat.completions.create(**chat_body()).usage is not None
 

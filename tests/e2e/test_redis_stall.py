@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from decimal import Decimal
@@ -24,14 +22,11 @@ import pytest
 import redis
 
 from extproc.launch import (
-    find_redis_binary,
     free_port,
-    redis_ping,
-    start_process,
     start_stack,
-    wait_until,
 )
 from tests.e2e.conftest import chat_body
+from tests.e2e.own_redis import cli_for, first_limited_response, gateway_env, start_own_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -39,24 +34,10 @@ TAG = "stall"
 
 
 def test_redis_stall_leaves_no_hold_lease_or_charge(tmp_path: Path) -> None:
-    binary = find_redis_binary(prefer_embedded=False)
-    assert binary is not None
     port = free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no"]
-    redis_proc = start_process("redis-stall", argv, tmp_path / "logs")
-    wait_until(lambda: redis_ping(port), redis_proc, 10, "starting")
-    env = dict(os.environ)
-    env.update(REDIS_URL=f"redis://127.0.0.1:{port}/0", TOLLGATE_REDIS_TAG=TAG,
-               OPENAI_API_KEY="sk-up", TOLLGATE_JOURNAL_DIR=str(tmp_path / "journal"),
-               TOLLGATE_REDIS_HOT_TIMEOUT_MS="100", TOLLGATE_REDIS_TIMEOUT_MS="300",
-               TOLLGATE_RELOAD_POLL_MS="300")
-
-    def cli(*args: str, stdin: str | None = None) -> str:
-        out = subprocess.run([sys.executable, "-m", "extproc", *args], env=env, input=stdin,
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
+    redis_proc = start_own_redis(port, tmp_path / "logs", "--appendonly", "no")
+    env = gateway_env(port, TAG, tmp_path, TOLLGATE_REDIS_TIMEOUT_MS="300")
+    cli = cli_for(env)
 
     stack = start_stack(log_dir=tmp_path / "stack", port=free_port(),
                         redis_url=env["REDIS_URL"], mock_upstream=True, workers=1, env=env)
@@ -83,16 +64,7 @@ spec: {per: key, concurrent: 50}
         clients = {name: openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key,
                                        max_retries=0, timeout=30)
                    for name, key in keys.items()}
-        deadline = time.monotonic() + 10
-        while True:  # wait for the keys and limits to reach the worker
-            try:
-                raw = clients["hard"].chat.completions.with_raw_response.create(**chat_body())
-                if "x-tollgate-limits" in raw.headers:
-                    break
-            except openai.AuthenticationError:
-                pass
-            assert time.monotonic() < deadline, "configuration never arrived"
-            time.sleep(0.1)
+        raw = first_limited_response(clients["hard"], timeout=10)
         served: dict[str, Decimal] = {raw.headers["x-tollgate-request-id"]:
                                       Decimal(raw.headers["x-tollgate-cost"])}
         served_by: dict[str, str] = {raw.headers["x-tollgate-request-id"]: "hard"}

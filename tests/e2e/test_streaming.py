@@ -20,6 +20,7 @@ from extproc.launch import Stack
 from tests.e2e.conftest import (
     CliRunner,
     every_worker_has_loaded_the_latest_configuration,
+    spent_and_held,
     upstream_requests,
 )
 
@@ -185,13 +186,10 @@ spec: {{type: Block, max: 10, selector: {{keys: [{name}]}}}}
             if received.count(b"data: ") >= 5:
                 break  # hang up after a few words of a 200-word answer
     deadline = time.monotonic() + 10
-    row: list[str] = []
-    while time.monotonic() < deadline:
-        row = cli("get", "limits", limit).stdout.splitlines()[1].split()[1:]  # after NAMESPACE
-        if Decimal(row[3]) > 0 and Decimal(row[4]) == 0:
-            break
+    spent, held = spent_and_held(cli, limit)
+    while time.monotonic() < deadline and not (spent > 0 and held == 0):
         time.sleep(0.2)
-    spent, held = Decimal(row[3]), Decimal(row[4])
+        spent, held = spent_and_held(cli, limit)
     assert held == 0  # never left reserved
     # Priced on what was produced: more than zero, far less than the 200-word answer.
     assert 0 < spent < Decimal(format_nanos(nanos(40, MINI_IN) + nanos(200, MINI_OUT)))

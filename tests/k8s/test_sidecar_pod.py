@@ -135,6 +135,10 @@ class Pods:
             podman("pod", "stop", "--time", str(grace_s), pod_id, check=False,
                    timeout=grace_s + 60)
 
+    def start(self) -> None:
+        for pod_id in self.ids:
+            podman("pod", "start", pod_id)
+
     def remove(self) -> None:
         for pod_id in self.ids:
             podman("pod", "rm", "--force", pod_id, check=False)
@@ -472,9 +476,18 @@ def test_stopping_the_pod_settles_everything_in_flight(running: Running) -> None
                    timeout=20)
         assert held_in_redis(running)[0] > 0
         running.app.stop(grace_s=30)  # SIGTERM to app, envoy and tollgate; returns once gone
-        for call in calls:  # each one ends: answered or cut off, never hanging
-            with contextlib.suppress(openai.APIError):
-                call.result(timeout=60)
+        try:
+            for call in calls:  # each one ends: answered or cut off, never hanging
+                with contextlib.suppress(openai.APIError):
+                    call.result(timeout=60)
+            _assert_drained(running)
+        finally:
+            # The pod is shared by the module's tests: start it again for the ones after this.
+            running.app.start()
+            wait_ready(running.app, running.ports)
+
+
+def _assert_drained(running: Running) -> None:
     # Every container of the pod has exited, on its own (SIGTERM, not the kill after the grace
     # period): what the extproc settled while draining is in Redis now.
     exit_codes = {

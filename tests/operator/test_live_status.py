@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -12,17 +11,9 @@ from extproc.core.quota import CredentialCharge, Subject, plan_reservation
 from extproc.core.resources import rate_limit_spec, validate_document
 from extproc.operator.handlers import live_status
 from extproc.store.quota_store import QuotaStore
-from extproc.store.redis_store import Store, ready
+from extproc.store.redis_store import Store
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-async def store(any_redis_url: str, tag: str) -> AsyncIterator[Store]:
-    s = Store.from_url(any_redis_url, tag=tag, timeout_s=2)
-    await ready(s.redis)
-    yield s
-    await s.close()
 
 
 def resource(kind: str, ns: str, name: str, spec: dict[str, object]) -> object:

@@ -9,17 +9,15 @@ line is replayed by the new code, and the new scripts enforce the limit with the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from extproc.core.quota import LimitSpec, Selector, Subject, interpret_reservation, plan_reservation
-from extproc.store.keyschema import KeySchema
+from extproc.core.quota import LimitSpec, Selector, Subject, plan_reservation
 from extproc.store.quota_store import QuotaStore, SettleCall
-from extproc.store.redis_store import connect, ready
+from tests.store.conftest import reserve
 
 pytestmark = pytest.mark.redis
 
@@ -27,14 +25,6 @@ LEGACY = Path(__file__).parent.parent / "data" / "money_layout_1"
 NOW_MS = 1_795_435_200_000
 TTL_MS = 5_000_000
 MAX_MICROS = 1_000_000  # $1
-
-
-@pytest.fixture
-async def quota(any_redis_url: str, tag: str) -> AsyncIterator[QuotaStore]:
-    client = connect(any_redis_url, 2.0)
-    await ready(client)
-    yield QuotaStore(client, KeySchema(tag), stream_maxlen=10_000)
-    await client.aclose()
 
 
 class Legacy:
@@ -103,9 +93,9 @@ async def test_micro_dollar_state_keeps_its_meaning(quota: QuotaStore) -> None:
     # one nano-dollar more does not.
     room = MAX_MICROS * 1000 - 350_000
     refused = new_plan("d" * 32, room + 1)
-    assert interpret_reservation(refused, await quota.reserve(refused, b"")).denial is not None
+    assert (await reserve(quota, refused)).denial is not None
     fits = new_plan("e" * 32, room)
-    assert interpret_reservation(fits, await quota.reserve(fits, b"")).denial is None
+    assert (await reserve(quota, fits)).denial is None
     await quota.settle(quota.settle_call(fits, 0, 0, b"", confirmed=True))
 
     # The old hold (a layout-2 hold record) is swept by the new code: charged its estimate,
@@ -128,7 +118,7 @@ async def test_migration_adds_to_state_a_new_replica_already_wrote(quota: QuotaS
     assert await legacy.reserve("a" * 32, 40, NOW_MS + 60_000) == 1
     await legacy.settle("a" * 32, 40, 40)
     p = new_plan("b" * 32, 7_000)
-    assert interpret_reservation(p, await quota.reserve(p, b"")).denial is None
+    assert (await reserve(quota, p)).denial is None
     await quota.settle(quota.settle_call(p, 6_500, 1, b"", confirmed=True))
     assert await quota.migrate_money() == 1
     state = {k.decode(): int(v) for k, v in

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,14 +20,17 @@ from extproc.core.quota import (
     RateLimitSpec,
     Selector,
     Subject,
-    interpret_reservation,
     interpret_settlement,
     plan_reservation,
 )
 from extproc.gen.tollgate.v1 import usage_pb2
-from extproc.store.keyschema import KeySchema
-from extproc.store.quota_store import QuotaStore, SettleCall
-from extproc.store.redis_store import connect, ready
+from extproc.store.quota_store import (
+    SETTLED_BUCKET_MS,
+    USAGE_MARKER_MS,
+    QuotaStore,
+    SettleCall,
+)
+from tests.store.conftest import reserve
 
 pytestmark = pytest.mark.redis
 
@@ -54,18 +57,6 @@ def plan(limits: list[LimitSpec] | None = None, rate_limits: list[RateLimitSpec]
 
 
 EVENT = usage_pb2.UsageEvent(key="team-a-ci").SerializeToString()
-
-
-@pytest.fixture
-async def quota(any_redis_url: str, tag: str) -> AsyncIterator[QuotaStore]:
-    client = connect(any_redis_url, 2.0)
-    await ready(client)
-    yield QuotaStore(client, KeySchema(tag), stream_maxlen=10_000)
-    await client.aclose()
-
-
-async def reserve(quota: QuotaStore, p):  # type: ignore[no-untyped-def]
-    return interpret_reservation(p, await quota.reserve(p, EVENT))
 
 
 async def settle(quota: QuotaStore, p, actual: int, tokens: int = 0):  # type: ignore[no-untyped-def]
@@ -308,6 +299,73 @@ async def test_settling_an_offline_admission_records_spend_only(quota: QuotaStor
     assert reply[0] == 1
     state = await quota.redis.hgetall(quota.keys.limit_state("tracker", "month:2026-11"))
     assert int(state[b"spent"]) == 1234 and int(state[b"held"]) == 500
+
+
+async def test_settling_an_unconfirmed_admission_corrects_nothing_it_never_charged(
+    quota: QuotaStore,
+) -> None:
+    """A request admitted without a confirmed reservation (Redis down: fail-open, or its
+    reserve timed out) charged no token window, took no lease and held no money. Its
+    settlement records its spend and its usage event, once, and releases nothing: releasing
+    what it assumed it had would hand other requests' live tokens, slots and holds back, and
+    the limits would admit more than their max. A reserve of it that reaches Redis after the
+    settlement takes nothing either."""
+    tracker = limit("tracker", max_nanos=10_000_000, block=False)
+    tpm = RateLimitSpec("tpm", "key", Selector(), None, 1000, None)
+    conc = RateLimitSpec("conc", "key", Selector(), None, None, 1)
+    live = plan([tracker], [tpm, conc], estimate=500, tokens=900)
+    assert (await reserve(quota, live)).denial is None  # someone else's live reservation
+    state_key = quota.keys.limit_state("tracker", "month:2026-11")
+    window_key = quota.keys.window("tpm", live.windows[0].ident, "tokens")
+    lease_key = quota.keys.leases("conc", live.leases[0].ident)
+    events_before = await quota.redis.xlen(quota.keys.usage_stream)
+
+    unconfirmed = plan([tracker], [tpm, conc], estimate=700, tokens=800)
+    call = quota.settle_call(unconfirmed, 1234, 10, EVENT, confirmed=False,
+                             now_ms=unconfirmed.now_ms)
+    assert (await quota.settle(call))[0] == 1
+    assert (await quota.settle(call))[0] == 0  # a replay changes nothing
+    state = await quota.redis.hgetall(state_key)
+    assert int(state[b"spent"]) == 1234 and int(state[b"held"]) == 500
+    assert await quota.redis.xlen(quota.keys.usage_stream) == events_before + 1
+    assert int(await quota.redis.hget(window_key, str(live.bucket))) == 900
+    assert await quota.redis.zrange(lease_key, 0, -1) == [live.request_id.encode()]
+    # The live reservation's tokens and slot still count against new requests.
+    assert (await reserve(quota, plan(rate_limits=[tpm], tokens=200))).denial is not None
+    assert (await reserve(quota, plan(rate_limits=[conc]))).denial is not None
+
+    # Its reserve arriving late (it had timed out, not failed) is a no-op.
+    await quota.reserve(unconfirmed, EVENT)
+    state = await quota.redis.hgetall(state_key)
+    assert int(state[b"spent"]) == 1234 and int(state[b"held"]) == 500
+    assert int(await quota.redis.hget(window_key, str(live.bucket))) == 900
+    assert await quota.redis.zrange(lease_key, 0, -1) == [live.request_id.encode()]
+    assert await quota.redis.get(quota.keys.hold(unconfirmed.request_id)) is None
+
+
+async def test_a_usage_only_settlement_is_remembered_for_a_while_then_forgotten(
+    quota: QuotaStore,
+) -> None:
+    """A request without limits, or one admitted while the circuit to Redis was open (no
+    reserve was ever sent, so no late one can come), is made idempotent by a set of the minute
+    it was settled in, which expires as a whole: by the settlement's own clock when the caller
+    gives none. Were the ids kept in a set whose TTL every new request refreshes (one bucket for
+    all time), Redis memory would grow with every request ever served."""
+    offline = plan([limit("tracker", block=False)])
+    before = int(time.time() * 1000) // SETTLED_BUCKET_MS
+    calls = {
+        "usage-only": quota.settle_call(None, 10, 1, EVENT, False, request_id="usage-only"),
+        offline.request_id: quota.settle_call(offline, 10, 1, EVENT, False,
+                                              reserve_maybe_ran=False),
+    }
+    after = int(time.time() * 1000) // SETTLED_BUCKET_MS
+    sets = [quota.keys.settled(b) for b in range(before, after + 1)]
+    for rid, call in calls.items():
+        assert (await quota.settle(call))[0] == 1
+        assert (await quota.settle(call))[0] == 0
+        holding = [k for k in sets if await quota.redis.sismember(k, rid)]
+        assert len(holding) == 1, rid
+        assert 0 < await quota.redis.pttl(holding[0]) <= USAGE_MARKER_MS
 
 
 def cred(name: str, *, tpm: int | None = None, rpm: int | None = None,

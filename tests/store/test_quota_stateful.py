@@ -38,13 +38,13 @@ from extproc.core.quota import (
     ReservationPlan,
     Selector,
     Subject,
-    interpret_reservation,
     plan_reservation,
 )
 from extproc.server.settlement import Settler
 from extproc.store.keyschema import KeySchema
 from extproc.store.quota_store import QuotaStore, SettleCall
 from extproc.store.redis_store import connect
+from tests.store.conftest import reserve
 
 pytestmark = pytest.mark.redis
 
@@ -89,8 +89,7 @@ class QuotaMachine(RuleBasedStateMachine):
                                 estimate_tokens=1, hold_seconds=hold_s)
 
     def reserve(self, plan: ReservationPlan) -> bool:
-        reply = self.run(self.quota.reserve(plan, b"event"))
-        return interpret_reservation(plan, reply).denial is None
+        return bool(self.run(reserve(self.quota, plan, b"event")).denial is None)
 
     def held(self, name: str) -> int:
         return sum(p.estimate_nanos for p in self.open.values()

@@ -6,7 +6,6 @@ for a refused request; and a settled request leaves no per-request record behind
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -17,13 +16,11 @@ from extproc.core.quota import (
     ReservationPlan,
     Selector,
     Subject,
-    interpret_reservation,
     plan_reservation,
 )
 from extproc.gen.tollgate.v1 import usage_pb2
-from extproc.store.keyschema import KeySchema
 from extproc.store.quota_store import QuotaStore, SettleCall
-from extproc.store.redis_store import connect, ready
+from tests.store.conftest import reserve
 
 pytestmark = pytest.mark.redis
 
@@ -33,14 +30,6 @@ EVENT = usage_pb2.UsageEvent(key="k").SerializeToString()
 BLOCK = LimitSpec("hard", True, 10_000_000, 10_000_000, "none", "UTC", True, False, Selector())
 ALLOW = LimitSpec("soft", False, 10_000_000, 8_000_000, "none", "UTC", True, False, Selector())
 CONC = RateLimitSpec("conc", "key", Selector(), None, 100_000, 2)
-
-
-@pytest.fixture
-async def quota(any_redis_url: str, tag: str) -> AsyncIterator[QuotaStore]:
-    client = connect(any_redis_url, 2.0)
-    await ready(client)
-    yield QuotaStore(client, KeySchema(tag), stream_maxlen=10_000)
-    await client.aclose()
 
 
 def plan(estimate: int = 300_000, tokens: int = 100) -> ReservationPlan:
@@ -62,10 +51,6 @@ async def state(quota: QuotaStore) -> dict[str, object]:
     tokens = await r.hgetall(k.window("conc", "k", "tokens"))
     out["tokens"] = sum(int(v) for v in tokens.values())
     return out
-
-
-async def reserve(quota: QuotaStore, p: ReservationPlan):  # type: ignore[no-untyped-def]
-    return interpret_reservation(p, await quota.reserve(p, EVENT))
 
 
 def cancel(quota: QuotaStore, p: ReservationPlan) -> SettleCall:

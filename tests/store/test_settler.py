@@ -54,8 +54,8 @@ async def _budget(quota: QuotaStore) -> tuple[int, int]:
     return int(state.get(b"spent", 0)), int(state.get(b"held", 0))
 
 
-async def _usage_ids(quota: QuotaStore) -> list[str]:
-    entries = await Store(quota.redis, quota.keys).read_usage(100)
+async def _usage_ids(quota: QuotaStore, count: int = 100) -> list[str]:
+    entries = await Store(quota.redis, quota.keys).read_usage(count)
     return [usage_pb2.UsageEvent.FromString(raw).request_id for _, raw in entries]
 
 
@@ -267,6 +267,30 @@ async def test_settle_later_lands_even_after_the_caller_is_gone(
         await stream
     await settler.close(timeout=5)
     assert await _usage_ids(quota) == [rid]
+
+
+async def test_settled_later_calls_do_not_pile_up_in_a_long_running_worker(
+    quota: QuotaStore, tmp_path: Path
+) -> None:
+    """A worker settles cancelled streams with `settle_later` for days: each finished
+    settlement must leave the settler's set of running tasks, or memory grows with every
+    cancelled stream ever served."""
+    settler = Settler(quota, str(tmp_path))
+    landed: list[str] = []
+    for round_ in range(3):
+        rids = [f"later-{round_}-{i}" for i in range(100)]
+        for rid in rids:
+            settler.settle_later(quota.settle_call(None, 10, 1, _event(rid), False,
+                                                   request_id=rid))
+        assert settler.in_flight == 100  # started, not finished: they are held on to
+        landed += rids
+
+        async def drained() -> None:
+            while settler.in_flight:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(drained(), timeout=10)
+        assert sorted(await _usage_ids(quota, 1000)) == sorted(landed)
 
 
 async def test_a_worker_starting_during_an_outage_replays_its_journal_once_redis_is_back(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from extproc.core.snapshot import build_snapshot
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.launch import free_port, redis_ping, start_process, wait_until
 from extproc.server.state import ConfigWatcher, KeyDirectory, builtin_resources
-from extproc.store.redis_store import Store, StoreUnavailable, ready
+from extproc.store.redis_store import Store, StoreUnavailable
 
 pytestmark = pytest.mark.redis
 
@@ -30,14 +29,6 @@ def virtual_key(name: str, key: str, **spec: object) -> Resource:
             "spec": {"keySha256": hash_key(key), **spec},
         }
     )
-
-
-@pytest.fixture
-async def store(any_redis_url: str, tag: str) -> AsyncIterator[Store]:
-    s = Store.from_url(any_redis_url, tag=tag, timeout_s=2)
-    await ready(s.redis)
-    yield s
-    await s.close()
 
 
 async def test_apply_and_load_round_trip(store: Store) -> None:

@@ -20,12 +20,12 @@ from extproc.core.quota import (
     RateLimitSpec,
     Selector,
     Subject,
-    interpret_reservation,
     plan_reservation,
 )
 from extproc.store.keyschema import KeySchema
 from extproc.store.quota_store import QuotaStore
 from extproc.store.redis_store import connect
+from tests.store.conftest import reserve
 
 pytestmark = pytest.mark.redis
 
@@ -53,8 +53,7 @@ async def decisions(redis_url: str, limits: list[RateLimitSpec],
             plan = plan_reservation(
                 request_id=uuid.uuid4().hex, now=now_ms / 1000, limits=[], rate_limits=limits,
                 subject=SUBJECT, estimate_nanos=0, estimate_tokens=tokens, hold_seconds=600)
-            reply = await quota.reserve(plan, b"")
-            shared.append(interpret_reservation(plan, reply).denial is None)
+            shared.append((await reserve(quota, plan)).denial is None)
             alone.append(local.admit(plan) is None)
     finally:
         await client.aclose()
