@@ -83,19 +83,6 @@ class Report:
     by: tuple[str, ...]
     groups: dict[tuple[str, ...], Totals] = field(default_factory=dict)
 
-    def add(self, group: tuple[str, ...], metric: str, value: int) -> None:
-        totals = self.groups.get(group)
-        if totals is None:
-            totals = self.groups[group] = Totals()
-        if metric == "c":
-            totals.cost_nanos += value
-        elif metric == "n":
-            totals.requests += value
-        elif metric == "i":
-            totals.input_tokens += value
-        elif metric == "o":
-            totals.output_tokens += value
-
 
 def _groups(dims: list[Any], by: Sequence[int]) -> list[tuple[str, ...]]:
     """The groups one dimension tuple belongs to: one per combination of list values (a
@@ -109,17 +96,32 @@ def _groups(dims: list[Any], by: Sequence[int]) -> list[tuple[str, ...]]:
     return combos
 
 
+_SLOT = {ord("c"): 0, ord("n"): 1, ord("i"): 2, ord("o"): 3}
+
+
 def aggregate(hashes: Iterable[dict[bytes, bytes]], by: Sequence[str]) -> Report:
-    """Sum hourly rollup hashes into a report grouped by `by` (names from DIMENSIONS)."""
+    """Sum hourly rollup hashes into a report grouped by `by` (names from DIMENSIONS).
+
+    The hot loop runs once per (hour, tuple, metric) cell: each distinct tuple's groups are
+    worked out once and cached, and sums are kept in plain lists until the end."""
     index = [DIMENSIONS.index(name) for name in by]
-    report = Report(tuple(by))
-    parsed: dict[bytes, list[Any]] = {}
+    sums: dict[tuple[str, ...], list[int]] = {}
+    targets: dict[bytes, list[list[int]]] = {}
     for hashed in hashes:
         for raw_field, raw_value in hashed.items():
-            metric, dims_raw = chr(raw_field[0]), raw_field[1:]
-            dims = parsed.get(dims_raw)
-            if dims is None:
-                dims = parsed[dims_raw] = orjson.loads(dims_raw)
-            for group in _groups(dims, index):
-                report.add(group, metric, int(raw_value))
+            slot = _SLOT.get(raw_field[0])
+            if slot is None:
+                continue
+            dims_raw = raw_field[1:]
+            lists = targets.get(dims_raw)
+            if lists is None:
+                lists = targets[dims_raw] = [
+                    sums.setdefault(g, [0, 0, 0, 0])
+                    for g in _groups(orjson.loads(dims_raw), index)]
+            value = int(raw_value)
+            for totals in lists:
+                totals[slot] += value
+    report = Report(tuple(by))
+    for group, (cost, requests, tin, tout) in sums.items():
+        report.groups[group] = Totals(cost, requests, tin, tout)
     return report
