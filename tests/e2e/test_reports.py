@@ -72,3 +72,32 @@ def test_report_totals_equal_the_costs_clients_were_told(
         "usage", "--by", "key", "--since", "1d").stdout.splitlines()}
     assert Decimal(by_key[name_a]["cost_usd"]) == sum(
         c for (n, _m), v in told.items() if n == name_a for c in v)
+
+
+def test_ingested_calls_are_reported_once_by_use_case(
+    stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
+) -> None:
+    """Telemetry-only mode (the payi SDK's ingest): a retried ingest counts once in the report,
+    under the use case the application named."""
+    from payi import Payi
+
+    name, key = new_named_key()
+    client = Payi(api_key=key, base_url=stack.base_url, max_retries=0)
+    use_case = "summarise-" + name
+    told = Decimal(0)
+    for tokens in (1000, 3000):
+        def ingest(tokens: int = tokens) -> Any:
+            return client.ingest.units(
+                category="system.openai", resource="gpt-4o",
+                units={"text": {"input": tokens, "output": 100}}, use_case_name=use_case,
+                event_timestamp=f"2026-11-30T10:{tokens // 1000:02d}:00+00:00")
+        first = ingest()
+        assert ingest().xproxy_result.duplicate_request is True  # the SDK's retry
+        told += Decimal(str(first.xproxy_result.cost.total.base))
+    rows = [orjson.loads(line) for line in cli(
+        "usage", "--by", "use_case,key,model", "--from", "2026-11-30T10:00Z", "--to",
+        "2026-11-30T11:00Z").stdout.splitlines()]
+    (row,) = [r for r in rows if r["use_case"] == use_case]
+    assert (row["key"], row["model"], row["requests"]) == (name, "gpt-4o", 2)
+    assert (row["input_tokens"], row["output_tokens"]) == (4000, 200)
+    assert Decimal(row["cost_usd"]) == told
