@@ -491,9 +491,18 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
+    from extproc import cli_report
     from extproc.core.pricing import format_nanos
     from extproc.gen.tollgate.v1 import usage_pb2
 
+    if cli_report.wanted(args):
+        try:
+            return cli_report.run(args, lambda hours: with_store(
+                args, lambda store: store.read_rollups(hours)))
+        except cli_report.ReportError as exc:
+            raise CliError(str(exc)) from exc
+    if getattr(args, "output", "jsonl") == "csv":
+        raise CliError("-o csv is for reports (--by, --since, --from or --to)")
     if args.count < 0:
         raise CliError("--count must be 0 or more")
     entries = with_store(args, lambda store: store.read_usage(args.count)) if args.count else []
@@ -847,10 +856,17 @@ def build_parser() -> argparse.ArgumentParser:
     redis_opt(delete)
     delete.set_defaults(func=cmd_delete)
 
-    usage = sub.add_parser("usage", help="print the newest usage events as JSON lines")
+    usage = sub.add_parser("usage", help="print the newest usage events as JSON lines, or a "
+                           "spend report (--by, --since, --from/--to; docs/reports.md)")
     usage.add_argument("--count", type=int, default=20, help="how many events (20)")
-    usage.add_argument("-o", "--output", choices=("jsonl", *OUTPUTS), default="jsonl",
-                       help="jsonl (default: one object per line), table, json or yaml")
+    usage.add_argument("--by", help="report: group totals by a comma-separated list of key, "
+                       "user, group, model, upstream, tag, use_case, limit")
+    usage.add_argument("--since", help="report: the last 24h, 7d, 4w ... (default 7d)")
+    usage.add_argument("--from", dest="from_", help="report: start (ISO 8601, UTC by default)")
+    usage.add_argument("--to", help="report: end (ISO 8601; default now)")
+    usage.add_argument("-o", "--output", choices=("jsonl", *OUTPUTS, "csv"), default="jsonl",
+                       help="jsonl (default: one object per line), table, json, yaml, or csv "
+                       "(reports)")
     redis_opt(usage)
     usage.set_defaults(func=cmd_usage)
 

@@ -41,6 +41,11 @@ class KeySchema:
         """STREAM: one entry per priced request, field `event` = tollgate.v1.UsageEvent bytes."""
         return f"{self.prefix}usage"
 
+    def rollup(self, hour: int) -> str:
+        """HASH: per-hour usage totals by dimension tuple (`extproc/store/rollup.py`), written by
+        settle.lua. `hour` = unix ms // 3,600,000."""
+        return f"{self.prefix}usage:h:{hour}"
+
     @property
     def operator_lease(self) -> str:
         """STRING with TTL: id of the operator replica allowed to write configuration."""

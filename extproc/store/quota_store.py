@@ -28,6 +28,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from extproc.core.pricing import MAX_AMOUNT_NANOS
 from extproc.core.quota import BUCKET_MS, BUCKETS, CredentialCharge, ReservationPlan
+from extproc.store import rollup
 from extproc.store.keyschema import KeySchema
 from extproc.store.redis_store import StoreRejected, StoreUnavailable, is_cluster_client
 
@@ -337,8 +338,15 @@ class QuotaStore:
         reply = await self._run(self._cooldown, keys, [base_ms, max_ms, retry_after_ms])
         return int(reply[0]), int(reply[1])
 
+    def _wire(self, call: SettleCall) -> tuple[list[str], list[bytes]]:
+        """Keys and arguments of a settle call, with its hourly rollup (store/rollup.py) added
+        on the wire only: journals and hold records keep the settle layout unchanged."""
+        extra_keys, extra_args = rollup.wire(call.keys, call.args, self.keys)
+        return [*call.keys, *extra_keys], [*call.wire_args(), *extra_args]
+
     async def settle(self, call: SettleCall, background: bool = False) -> list[int]:
-        reply = await self._run(self._settle, list(call.keys), call.wire_args(), background)
+        keys, args = self._wire(call)
+        reply = await self._run(self._settle, keys, args, background)
         return [int(v) for v in reply]
 
     async def settle_many(self, calls: list[SettleCall]) -> None:
@@ -352,7 +360,8 @@ class QuotaStore:
         try:
             async with self.background.pipeline(transaction=False) as pipe:
                 for call in calls:
-                    await self._settle(keys=list(call.keys), args=call.wire_args(), client=pipe)
+                    keys, args = self._wire(call)
+                    await self._settle(keys=keys, args=args, client=pipe)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc

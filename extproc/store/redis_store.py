@@ -241,6 +241,18 @@ class Store:
             raise StoreUnavailable(str(exc)) from exc
         return [(eid.decode(), fields[b"event"]) for eid, fields in reversed(entries)]
 
+    async def read_rollups(self, hours: list[int]) -> list[dict[bytes, bytes]]:
+        """The hourly usage rollups (store/rollup.py) of these hours, in one pipelined round
+        trip (an absent hour reads as empty)."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for hour in hours:
+                    pipe.hgetall(self.keys.rollup(hour))
+                replies: list[dict[bytes, bytes]] = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return replies
+
 
 def _decode(kind: str, ident: bytes | str, raw: bytes | str) -> Resource | None:
     label = ident.decode() if isinstance(ident, bytes) else ident

@@ -125,7 +125,8 @@ async def test_offline_settlement_that_lands_first_stops_the_late_reserve(
 async def test_confirmed_settlement_keeps_no_record_per_request(quota: QuotaStore) -> None:
     """Settled requests with a confirmed hold leave no key behind: their idempotency comes from
     the hold record that the first settlement deletes. Requests without limits leave one member
-    of a per-minute set that expires as a whole."""
+    of a per-minute set that expires as a whole. The hourly usage rollup is one hash per hour,
+    not a key per request."""
     for _ in range(20):
         p = plan()
         assert (await reserve(quota, p)).denial is None
@@ -143,6 +144,7 @@ async def test_confirmed_settlement_keeps_no_record_per_request(quota: QuotaStor
     settled = quota.keys.settled(int(NOW * 1000) // 60_000)
     assert keys == sorted([
         f"{p}spend:hard:all", f"{p}spend:soft:all", f"{p}usage", f"{p}rl:conc:k:tpm", settled,
+        quota.keys.rollup(int(NOW * 1000) // 3_600_000),
     ])
     assert await quota.redis.scard(settled) == 20
     assert 0 < await quota.redis.pttl(settled) <= 600_000

@@ -38,6 +38,10 @@ ARGV (1: a JSON array holding the positional values below; 2: the usage event by
   14 cancel (1 = release only)
   then per limit  (3 each): max nano-dollars, threshold nano-dollars, state key TTL ms
   then per window (1 each): bucket number charged at reservation
+ARGV 3..6, optional (the hourly rollup, extproc/store/rollup.py; absent = no rollup, as
+      for calls from before rollups): 3 dimension tuple (JSON), 4 input tokens, 5 output tokens,
+      6 rollup TTL ms (0 = none). When present, the LAST key is that hour's rollup hash: a charged
+      request adds cost/requests/tokens to fields `c|n|i|o` + tuple there, in this same call.
 Reply
   { settled (1 first time, 0 already settled), then per limit: spent, held, state code
     (0 ok, 1 exceeded, 2 overrun) }
@@ -67,11 +71,15 @@ if not (actual and tokens and nl and nw and nc and estimate and est_tokens and n
 then
   return bad('header arguments')
 end
-if #KEYS ~= 4 + nl + nw + nc + nd or #A ~= 14 + 3 * nl + nw then
+local rollup = ARGV[3] ~= nil
+if #KEYS ~= 4 + nl + nw + nc + nd + (rollup and 1 or 0) or #A ~= 14 + 3 * nl + nw then
   return bad('key or argument count')
 end
 for i = 15, #A do
   if not tonumber(A[i]) then return bad('argument ' .. i) end
+end
+if rollup and not (tonumber(ARGV[4]) and tonumber(ARGV[5]) and tonumber(ARGV[6])) then
+  return bad('rollup arguments')
 end
 
 local hold = redis.call('GET', KEYS[2])
@@ -136,5 +144,14 @@ end
 if charge then
   for i = 1, nd do redis.call('DEL', KEYS[kcon + nc + i]) end
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', A[6], '*', 'event', ARGV[2])
+  if rollup then
+    local r, d = KEYS[#KEYS], ARGV[3]
+    redis.call('HINCRBY', r, 'c' .. d, int(actual))
+    redis.call('HINCRBY', r, 'n' .. d, 1)
+    redis.call('HINCRBY', r, 'i' .. d, ARGV[4])
+    redis.call('HINCRBY', r, 'o' .. d, ARGV[5])
+    local ttl = tonumber(ARGV[6])
+    if ttl > 0 and redis.call('PTTL', r) < ttl then redis.call('PEXPIRE', r, ttl) end
+  end
 end
 return reply
