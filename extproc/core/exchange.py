@@ -167,6 +167,9 @@ class Exchange:
         "_subject",
         "admitted",
         "annotations",
+        "backups",
+        "body_in",
+        "body_redacted",
         "clamped",
         "client_headers",
         "client_ip",
@@ -221,6 +224,11 @@ class Exchange:
         self.key: KeyRecord | None = None
         self.facts: RequestFacts | None = None
         self.upstream: UpstreamSpec | None = None
+        # Further upstreams serving the model, tried in order when the current one has no
+        # usable credential (`next_upstream`); the request body after policies, for them.
+        self.backups: list[UpstreamSpec] = []
+        self.body_in = b""
+        self.body_redacted = False
         # A chat/completions call translated for an Anthropic or Gemini Upstream: the API the
         # provider speaks, and (for a stream) the translation of its events back.
         self.upstream_endpoint: Endpoint | None = None
@@ -487,14 +495,14 @@ class Exchange:
                 403, "model_not_allowed", f"This API key may not use model '{facts.model}'."
             )
         azure = self.route.azure_deployment is not None
-        upstream = snapshot.choose_upstream(facts.endpoint, facts.model, azure)
-        if upstream is None:
+        upstreams = snapshot.upstreams_for(facts.endpoint, facts.model, azure)
+        if not upstreams:
             if azure and not any(u.provider == "azure-openai" for u in snapshot.upstreams):
                 return Deny(404, "model_not_found",
                             "No Azure OpenAI upstream is configured: Azure deployment paths "
                             "need an Upstream with provider azure-openai.")
             return Deny(404, "model_not_found", f"No upstream serves model '{facts.model}'.")
-        self.upstream = upstream
+        self.upstream, self.backups = upstreams[0], upstreams[1:]
         redacted = False
         if snapshot.policies:
             checked = self._request_policies(snapshot, facts, body, now)
@@ -502,18 +510,44 @@ class Exchange:
                 return checked
             if checked is not None:
                 body, redacted = checked, True
+        self.body_in, self.body_redacted = body, redacted
+        return self._route(snapshot, now)
 
+    def next_upstream(self, now: float) -> Decision | Reserve | None:
+        """The current upstream had no usable credential (reserve refusal kind 4): the request
+        as the next backup upstream would send it, or None when there is none left. Policies
+        are not run again: they saw the request once, before any upstream was tried."""
+        if not self.backups or self._snapshot is None or self.presented is None:
+            return None
+        self.upstream = self.backups.pop(0)
+        self.pool, self.credential, self.upstream_endpoint = (), None, None
+        self.hide_usage_chunk, self.price, self.priced_as = False, None, None
+        self.plan, self.reservation, self.logged = None, None, None
+        return self._route(self._snapshot, now)
+
+    def _route(self, snapshot: Snapshot, now: float) -> Decision | Reserve:
+        """Everything that depends on the upstream: headers, credential pool, body rewrite,
+        price and reservation plan."""
+        assert self.presented is not None and self.upstream is not None
+        assert self.facts is not None and self.route is not None
+        facts, upstream = self.facts, self.upstream
+        body, redacted = self.body_in, self.body_redacted
         sets: list[tuple[str, str]] = [(ROUTING_HEADER, upstream.cluster)]
         if self.presented.bring_your_own_key:
             removes: tuple[str, ...] = (BYOK_HEADER,)
         else:
             candidates = _candidates(upstream, snapshot, self.priced_model)
             if not candidates:
+                backup = self.next_upstream(now)
+                if backup is not None:
+                    return backup
                 return Deny(
                     503, "upstream_credential_unavailable",
                     f"No credential is configured for upstream '{upstream.name}'.",
                 )
-            if len(candidates) > 1 or any(c.rpm or c.tpm for c in candidates):
+            # With backups a lone credential is pooled too, so that its cooldown is checked
+            # (and the backup used) before the call goes out.
+            if len(candidates) > 1 or self.backups or any(c.rpm or c.tpm for c in candidates):
                 # A pool: the reserve script picks the credential (round robin, caps,
                 # cooldowns); its header is added in `on_reserved`.
                 self.pool = tuple(candidates)
