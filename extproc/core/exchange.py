@@ -564,7 +564,7 @@ class Exchange:
             self.presented.bring_your_own_key)))
 
         new_body = None
-        alias = upstream.aliases.get(facts.model)
+        alias = upstream.alias_of(facts.model)
         wants_usage = (
             facts.stream
             and not facts.include_usage
@@ -799,7 +799,7 @@ class Exchange:
         """The model the provider bills: the alias target when the body is rewritten."""
         assert self.facts is not None
         if self.upstream is not None:
-            return self.upstream.aliases.get(self.facts.model, self.facts.model)
+            return self.upstream.alias_of(self.facts.model) or self.facts.model
         return self.facts.model
 
     def _auth(self, credential: CredentialCharge) -> list[tuple[str, str]]:

@@ -64,7 +64,7 @@ class Snapshot:
             ):
                 continue
             # An alias is a model the upstream serves by definition (it rewrites it).
-            if model in upstream.aliases or any(
+            if upstream.alias_of(model) is not None or any(
                 fnmatch.fnmatchcase(model, p) for p in upstream.models if p != "*"
             ):
                 found.append(upstream)

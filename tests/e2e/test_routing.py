@@ -33,7 +33,7 @@ spec:
   cluster: second
   models: ["special-*", "fast"]
   priority: 10
-  aliases: {fast: special-large-2}
+  aliases: {fast: special-large-2, "turbo*": special-small-1}
   credentials:
     - {name: main, secretRef: SECOND_API_KEY}
 ---
@@ -100,6 +100,17 @@ def test_alias_rewrites_the_model_and_content_length(
     # length would have cut the body short or stalled the request).
     assert sent["body"]["model"] == "special-large-2"
     assert sent["body"]["messages"] == chat_body()["messages"]
+
+
+def test_glob_alias_routes_every_matching_name_to_its_target(
+    stack: Stack, routed: str, second_upstream: int
+) -> None:
+    httpx.delete(f"http://127.0.0.1:{second_upstream}/__mock/requests", timeout=5)
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=routed, max_retries=0)
+    for name in ("turbo", "turbo-latest"):
+        assert client.chat.completions.create(**chat_body(name)).model == "special-small-1"
+    assert [r["body"]["model"] for r in _second_requests(second_upstream)] == [
+        "special-small-1", "special-small-1"]
 
 
 def test_openai_call_routed_to_azure_gets_azure_path_and_header(

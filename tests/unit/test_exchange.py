@@ -678,3 +678,21 @@ def test_an_alias_is_served_without_listing_it_in_models(
     assert isinstance(decision, Continue), decision
     assert dict(decision.headers.set)[ROUTING_HEADER] == "east"
     assert decision.body is not None and orjson.loads(decision.body)["model"] == "gpt-4o-mini"
+
+
+def test_a_glob_alias_serves_every_matching_name_as_its_target(
+    builtin_resources: list[Resource],
+) -> None:
+    aliased = _resource("Upstream", "east", {
+        "provider": "openai", "cluster": "east", "models": ["gpt-4o"],
+        "priority": 10, "aliases": {"fast*": "gpt-4o-mini", "fast-exact": "gpt-4o"},
+        "credentials": [_cred("d", "OPENAI_API_KEY")],
+    })
+    snap = build_snapshot(1, builtin_resources, [*STORED[:1], aliased], SECRETS.get)
+    for name, target in (("fast", "gpt-4o-mini"), ("fast-v2", "gpt-4o-mini"),
+                         ("fast-exact", "gpt-4o")):
+        _, decision = send_request(snap, request_headers(),
+                                   orjson.dumps({"model": name, "messages": MSG}))
+        assert isinstance(decision, Continue), decision
+        assert dict(decision.headers.set)[ROUTING_HEADER] == "east"
+        assert decision.body is not None and orjson.loads(decision.body)["model"] == target
