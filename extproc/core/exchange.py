@@ -40,6 +40,7 @@ stream that ends early is settled by the edge with `settlement_on_abort`.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -106,6 +107,10 @@ class Options:
     image_tokens: int = 4096  # strict bound of one image for models without `imageTokens`
     unpriced: str = "default"  # unpriced models, unless the Upstream says: see `_unpriced`
     cors: Cors = NO_CORS  # browser clients (core/policy/cors.py); off without origins
+    denied_models: tuple[str, ...] = ()  # globs no key may use, whatever it allows
+
+    def denies(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, p) for p in self.denied_models)
 
     @property
     def bounds(self) -> Bounds:
@@ -461,14 +466,22 @@ class Exchange:
             f"Request body is larger than the {self.options.max_body_bytes} bytes allowed.",
         )
 
-    def _models_reply(self, snapshot: Snapshot, now: float) -> Reply:
+    def _models_reply(self, snapshot: Snapshot, now: float) -> Reply | Deny:
         assert self.key is not None
         created = int(now)
         data = [
             {"id": model, "object": "model", "created": created, "owned_by": "tollgate"}
             for model in snapshot.prices.models()
-            if model_allowed(self.key, model)
+            if model_allowed(self.key, model) and not self.options.denies(model)
         ]
+        wanted = self.route.model if self.route is not None else None
+        if wanted is not None:
+            # `GET /v1/models/{id}` (models.retrieve): the same entry as in the list, or 404.
+            found = next((d for d in data if d["id"] == wanted), None)
+            if found is None:
+                return Deny(404, "model_not_found", f"The model '{wanted}' does not exist "
+                            "or this key may not use it.")
+            return Reply(200, orjson.dumps(found))
         return Reply(200, orjson.dumps({"object": "list", "data": data}))
 
     # -- request body ----------------------------------------------------------------------
@@ -502,6 +515,10 @@ class Exchange:
                             "No Azure OpenAI upstream is configured: Azure deployment paths "
                             "need an Upstream with provider azure-openai.")
             return Deny(404, "model_not_found", f"No upstream serves model '{facts.model}'.")
+        target = upstreams[0].alias_of(facts.model)
+        if self.options.denies(facts.model) or (target and self.options.denies(target)):
+            return Deny(403, "model_denied",
+                        f"Model '{facts.model}' is not available through this gateway.")
         self.upstream, self.backups = upstreams[0], upstreams[1:]
         redacted = False
         if snapshot.policies:
