@@ -732,6 +732,15 @@ async def _responses(ctx: _Ctx) -> web.StreamResponse:
 # --------------------------------------------------------------------------------------------
 
 
+async def _count_messages(ctx: _Ctx) -> web.StreamResponse:
+    """Anthropic's `messages/count_tokens`: the prompt's input tokens, nothing generated."""
+    body = ctx.body
+    if not isinstance(body.get("messages"), list):
+        return _error(ANTHROPIC, 400, ctx.request_id, "messages: Field required")
+    tokens = count_input_tokens(body.get("system"), body.get("messages"))
+    return _json({"input_tokens": tokens}, "request-id", ctx.request_id)
+
+
 async def _messages(ctx: _Ctx) -> web.StreamResponse:
     body, c = ctx.body, ctx.controls
     # The real API rejects both omissions; so does the mock, to catch a body mangled in transit.
@@ -993,6 +1002,7 @@ def create_app() -> web.Application:
         )
     app.router.add_post("/v1/responses", _endpoint(OPENAI, _responses))
     app.router.add_post("/v1/messages", _endpoint(ANTHROPIC, _messages))
+    app.router.add_post("/v1/messages/count_tokens", _endpoint(ANTHROPIC, _count_messages))
     for version in ("v1", "v1beta"):
         app.router.add_post(f"/{version}/models/{{call}}", _gemini_endpoint())
     app.router.add_get("/__mock/requests", _list_requests)

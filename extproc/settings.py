@@ -59,6 +59,7 @@ class Settings:
     image_tokens: int = 4096  # strict bound of one image, for models without `imageTokens`
     unpriced: str = "default"  # unpriced models: default | refuse | zero | price-as: <model>
     cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); `*` = any
+    denied_models: tuple[str, ...] = ()  # model globs no key may use (docs/providers.md)
     # Admission control per worker: requests in their request phases at once before new ones
     # get a JSON 503 + Retry-After (0 = no bound). See docs/performance.md.
     max_pending: int = 256
@@ -101,6 +102,7 @@ class Settings:
             "TOLLGATE_IMAGE_TOKENS": ("image_tokens", int),
             "TOLLGATE_UNPRICED": ("unpriced", _unpriced),
             "TOLLGATE_CORS_ORIGINS": ("cors_origins", _origins),
+            "TOLLGATE_DENIED_MODELS": ("denied_models", _names),
             "TOLLGATE_MAX_PENDING": ("max_pending", int),
             "TOLLGATE_MAX_LAG_MS": ("max_lag_s", lambda v: int(v) / 1000),
         }
@@ -117,6 +119,10 @@ class Settings:
 
 def _origins(value: str) -> tuple[str, ...]:
     return tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in value.split(",") if n.strip())
 
 
 def _unpriced(value: str) -> str:

@@ -40,6 +40,7 @@ stream that ends early is settled by the edge with `settlement_on_abort`.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -106,6 +107,10 @@ class Options:
     image_tokens: int = 4096  # strict bound of one image for models without `imageTokens`
     unpriced: str = "default"  # unpriced models, unless the Upstream says: see `_unpriced`
     cors: Cors = NO_CORS  # browser clients (core/policy/cors.py); off without origins
+    denied_models: tuple[str, ...] = ()  # globs no key may use, whatever it allows
+
+    def denies(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, p) for p in self.denied_models)
 
     @property
     def bounds(self) -> Bounds:
@@ -167,6 +172,9 @@ class Exchange:
         "_subject",
         "admitted",
         "annotations",
+        "backups",
+        "body_in",
+        "body_redacted",
         "clamped",
         "client_headers",
         "client_ip",
@@ -221,6 +229,11 @@ class Exchange:
         self.key: KeyRecord | None = None
         self.facts: RequestFacts | None = None
         self.upstream: UpstreamSpec | None = None
+        # Further upstreams serving the model, tried in order when the current one has no
+        # usable credential (`next_upstream`); the request body after policies, for them.
+        self.backups: list[UpstreamSpec] = []
+        self.body_in = b""
+        self.body_redacted = False
         # A chat/completions call translated for an Anthropic or Gemini Upstream: the API the
         # provider speaks, and (for a stream) the translation of its events back.
         self.upstream_endpoint: Endpoint | None = None
@@ -453,14 +466,22 @@ class Exchange:
             f"Request body is larger than the {self.options.max_body_bytes} bytes allowed.",
         )
 
-    def _models_reply(self, snapshot: Snapshot, now: float) -> Reply:
+    def _models_reply(self, snapshot: Snapshot, now: float) -> Reply | Deny:
         assert self.key is not None
         created = int(now)
         data = [
             {"id": model, "object": "model", "created": created, "owned_by": "tollgate"}
             for model in snapshot.prices.models()
-            if model_allowed(self.key, model)
+            if model_allowed(self.key, model) and not self.options.denies(model)
         ]
+        wanted = self.route.model if self.route is not None else None
+        if wanted is not None:
+            # `GET /v1/models/{id}` (models.retrieve): the same entry as in the list, or 404.
+            found = next((d for d in data if d["id"] == wanted), None)
+            if found is None:
+                return Deny(404, "model_not_found", f"The model '{wanted}' does not exist "
+                            "or this key may not use it.")
+            return Reply(200, orjson.dumps(found))
         return Reply(200, orjson.dumps({"object": "list", "data": data}))
 
     # -- request body ----------------------------------------------------------------------
@@ -487,14 +508,18 @@ class Exchange:
                 403, "model_not_allowed", f"This API key may not use model '{facts.model}'."
             )
         azure = self.route.azure_deployment is not None
-        upstream = snapshot.choose_upstream(facts.endpoint, facts.model, azure)
-        if upstream is None:
+        upstreams = snapshot.upstreams_for(facts.endpoint, facts.model, azure)
+        if not upstreams:
             if azure and not any(u.provider == "azure-openai" for u in snapshot.upstreams):
                 return Deny(404, "model_not_found",
                             "No Azure OpenAI upstream is configured: Azure deployment paths "
                             "need an Upstream with provider azure-openai.")
             return Deny(404, "model_not_found", f"No upstream serves model '{facts.model}'.")
-        self.upstream = upstream
+        target = upstreams[0].alias_of(facts.model)
+        if self.options.denies(facts.model) or (target and self.options.denies(target)):
+            return Deny(403, "model_denied",
+                        f"Model '{facts.model}' is not available through this gateway.")
+        self.upstream, self.backups = upstreams[0], upstreams[1:]
         redacted = False
         if snapshot.policies:
             checked = self._request_policies(snapshot, facts, body, now)
@@ -502,18 +527,44 @@ class Exchange:
                 return checked
             if checked is not None:
                 body, redacted = checked, True
+        self.body_in, self.body_redacted = body, redacted
+        return self._route(snapshot, now)
 
+    def next_upstream(self, now: float) -> Decision | Reserve | None:
+        """The current upstream had no usable credential (reserve refusal kind 4): the request
+        as the next backup upstream would send it, or None when there is none left. Policies
+        are not run again: they saw the request once, before any upstream was tried."""
+        if not self.backups or self._snapshot is None or self.presented is None:
+            return None
+        self.upstream = self.backups.pop(0)
+        self.pool, self.credential, self.upstream_endpoint = (), None, None
+        self.hide_usage_chunk, self.price, self.priced_as = False, None, None
+        self.plan, self.reservation, self.logged = None, None, None
+        return self._route(self._snapshot, now)
+
+    def _route(self, snapshot: Snapshot, now: float) -> Decision | Reserve:
+        """Everything that depends on the upstream: headers, credential pool, body rewrite,
+        price and reservation plan."""
+        assert self.presented is not None and self.upstream is not None
+        assert self.facts is not None and self.route is not None
+        facts, upstream = self.facts, self.upstream
+        body, redacted = self.body_in, self.body_redacted
         sets: list[tuple[str, str]] = [(ROUTING_HEADER, upstream.cluster)]
         if self.presented.bring_your_own_key:
             removes: tuple[str, ...] = (BYOK_HEADER,)
         else:
             candidates = _candidates(upstream, snapshot, self.priced_model)
             if not candidates:
+                backup = self.next_upstream(now)
+                if backup is not None:
+                    return backup
                 return Deny(
                     503, "upstream_credential_unavailable",
                     f"No credential is configured for upstream '{upstream.name}'.",
                 )
-            if len(candidates) > 1 or any(c.rpm or c.tpm for c in candidates):
+            # With backups a lone credential is pooled too, so that its cooldown is checked
+            # (and the backup used) before the call goes out.
+            if len(candidates) > 1 or self.backups or any(c.rpm or c.tpm for c in candidates):
                 # A pool: the reserve script picks the credential (round robin, caps,
                 # cooldowns); its header is added in `on_reserved`.
                 self.pool = tuple(candidates)
@@ -530,7 +581,7 @@ class Exchange:
             self.presented.bring_your_own_key)))
 
         new_body = None
-        alias = upstream.aliases.get(facts.model)
+        alias = upstream.alias_of(facts.model)
         wants_usage = (
             facts.stream
             and not facts.include_usage
@@ -765,7 +816,7 @@ class Exchange:
         """The model the provider bills: the alias target when the body is rewritten."""
         assert self.facts is not None
         if self.upstream is not None:
-            return self.upstream.aliases.get(self.facts.model, self.facts.model)
+            return self.upstream.alias_of(self.facts.model) or self.facts.model
         return self.facts.model
 
     def _auth(self, credential: CredentialCharge) -> list[tuple[str, str]]:

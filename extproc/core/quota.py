@@ -339,6 +339,7 @@ class Reservation:
     credential: CredentialCharge | None = None
     credential_requests: int = 0  # in the credential's current window, this one included
     credential_tokens: int = 0
+    no_credential: bool = False  # refused because no credential candidate was usable
 
 
 def state_of(spent: int, limit: LimitSpec) -> str:
@@ -388,7 +389,7 @@ def interpret_reservation(plan: ReservationPlan, reply: Sequence[int]) -> Reserv
             "retry shortly.",
             headers=(("retry-after", str(wait)),),
         )
-        return Reservation(plan, limit_statuses, window_statuses, deny)
+        return Reservation(plan, limit_statuses, window_statuses, deny, no_credential=True)
     if kind == 1:
         charge = plan.limits[index - 1]
         limit = charge.limit

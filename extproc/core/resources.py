@@ -10,6 +10,7 @@ Errors name the document, the resource and the field path.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -728,6 +729,17 @@ class UpstreamSpec:
     cooldown_statuses: tuple[int, ...] = DEFAULT_COOLDOWN_STATUSES
     unpriced: str = "default"  # default | refuse | zero | price-as: <model>
     translate: bool = False  # serves OpenAI chat/completions calls, translated
+
+    def alias_of(self, model: str) -> str | None:
+        """The model an alias stands for: an exact alias first, else the first glob alias
+        (`fast*`, in configured order) that matches; None when `model` is no alias."""
+        exact = self.aliases.get(model)
+        if exact is not None:
+            return exact
+        for pattern, target in self.aliases.items():
+            if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(model, pattern):
+                return target
+        return None
 
 
 def upstream_spec(resource: Resource) -> UpstreamSpec:

@@ -47,18 +47,31 @@ class Snapshot:
     def choose_upstream(self, endpoint: Endpoint, model: str, azure: bool) -> UpstreamSpec | None:
         """The first upstream (by priority, then name) that speaks this API and serves `model`.
         `azure`: the path names an Azure deployment (only Azure serves those)."""
+        found = self.upstreams_for(endpoint, model, azure)
+        return found[0] if found else None
+
+    def upstreams_for(self, endpoint: Endpoint, model: str, azure: bool) -> list[UpstreamSpec]:
+        """Every upstream that speaks this API and serves `model`, by priority then name: the
+        first is tried, the others are its backups (docs/providers.md, "Routing"). An upstream
+        that serves the model only through the bare `*` pattern (the built-in OpenAI one) is a
+        default route, not a backup: a pool of a named model that runs dry must not spill
+        over to a provider nobody chose for it."""
         route = Route(endpoint, azure_deployment="" if azure else None)
+        found = []
         for upstream in self.upstreams:
             if not providers.get(upstream.provider).serves(route) and not (
                 upstream.translate and endpoint is Endpoint.CHAT and not azure
             ):
                 continue
             # An alias is a model the upstream serves by definition (it rewrites it).
-            if model in upstream.aliases or any(
-                fnmatch.fnmatchcase(model, p) for p in upstream.models
+            if upstream.alias_of(model) is not None or any(
+                fnmatch.fnmatchcase(model, p) for p in upstream.models if p != "*"
             ):
-                return upstream
-        return None
+                found.append(upstream)
+            elif "*" in upstream.models and not found:
+                found.append(upstream)
+                break
+        return found
 
     def price(self, model: str) -> ModelPrice | None:
         return self.prices.lookup(model)

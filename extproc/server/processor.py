@@ -384,6 +384,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     exchange.clamp_failed(reserve)
         if reservation.blocked_limit:
             metrics.LIMIT_DENIALS.labels(reservation.blocked_limit).inc()
+        if reservation.no_credential:
+            # No usable credential on this upstream: the next one serving the model, if any
+            # (a further round trip only on this path; the refusal held nothing).
+            backup = exchange.next_upstream(time.time())
+            if isinstance(backup, Reserve):
+                return await self._reserve(exchange, backup, started)
+            if backup is not None:
+                return backup
         return exchange.on_reserved(reserve, reservation)
 
     async def _reserve_clamped(

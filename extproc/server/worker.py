@@ -65,6 +65,7 @@ async def run_worker(settings: Settings, index: int) -> None:
         image_tokens=settings.image_tokens,
         unpriced=settings.unpriced,
         cors=Cors(tuple(settings.cors_origins)),  # a list after the JSON hand-over
+        denied_models=tuple(settings.denied_models),
     )
 
     limit = settings.grpc_max_message_bytes

@@ -42,6 +42,7 @@ def e2e_env(redis_url: str) -> dict[str, str]:
         POOL_KEY_1="sk-pool-1", POOL_KEY_2="sk-pool-2", POOL_FALLBACK="sk-pool-fallback",
         TOLLGATE_RELOAD_POLL_MS="500",
         TOLLGATE_CORS_ORIGINS="https://app.example.test",  # test_policies: CORS
+        TOLLGATE_DENIED_MODELS="o1-pro*",  # test_routing: the global deny list
     )
     return env
 

@@ -19,7 +19,7 @@ import pytest
 
 from extproc import envoyconf
 from extproc.launch import Managed, Stack, free_port, start_envoy, start_extproc
-from tests.e2e.conftest import CliRunner, chat_body
+from tests.e2e.conftest import CliRunner, chat_body, clear_upstream, upstream_requests
 
 pytestmark = pytest.mark.e2e
 
@@ -141,3 +141,48 @@ def test_cooldown_is_shared_by_every_replica(
         there.chat.completions.create(**chat_body(model))
     used = keys_used(second_upstream)
     assert len(used) == 4 and resting not in used
+
+
+def test_backup_upstream_serves_when_the_primary_has_no_credential_left(
+    stack: Stack, cli: CliRunner, new_key: Callable[..., str], second_upstream: int
+) -> None:
+    """`primary` (rpm 1, cluster `second`) and `backup` (the main fake provider) serve the
+    same model: the second request goes to the backup instead of a 503."""
+    model = "backup-" + uuid.uuid4().hex[:6]
+    suffix = model[-6:]
+    cli("apply", "-f", "-", stdin=upstream_doc("primary-" + suffix, model, """\
+    - {name: only, secretRef: POOL_KEY_1, rpm: 1}
+""").replace("priority: 5", "priority: 1"))
+    cli("apply", "-f", "-", stdin=f"""apiVersion: tollgate.io/v1alpha1
+kind: Upstream
+metadata: {{name: backup-{suffix}}}
+spec:
+  provider: openai-compatible
+  cluster: openai
+  models: ["{model}"]
+  priority: 2
+  credentials:
+    - {{name: main, secretRef: SECOND_API_KEY}}
+""")
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=new_key(), max_retries=0)
+    # Both Upstreams are loaded once the backup answers (the primary is then at its cap).
+    deadline, primary_served = time.monotonic() + 5, False
+    while True:
+        clear_second(second_upstream)
+        clear_upstream(stack)
+        with contextlib.suppress(openai.APIStatusError):
+            client.chat.completions.create(**chat_body(model))
+        primary_served = primary_served or bool(second_requests(second_upstream))
+        if primary_served and [r for r in upstream_requests(stack)
+                               if r["body"].get("model") == model]:
+            break
+        assert time.monotonic() < deadline, "the backup Upstream never served"
+        time.sleep(0.1)
+    clear_second(second_upstream)
+    clear_upstream(stack)
+    answer = client.chat.completions.create(**chat_body(model))
+    assert answer.choices[0].message.content
+    assert second_requests(second_upstream) == []  # the primary's only credential is capped
+    served = [r for r in upstream_requests(stack) if r["body"].get("model") == model]
+    assert len(served) == 1
+    assert served[0]["headers"]["authorization"] == "Bearer sk-second-e2e"

@@ -7,12 +7,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
 
+from extproc.core.pricing import format_nanos
 from extproc.launch import Stack
 from tests.e2e.conftest import (
+    ANTHROPIC_UPSTREAM_KEY,
     AZURE_UPSTREAM_KEY,
     OPENAI_UPSTREAM_KEY,
     SECOND_UPSTREAM_KEY,
@@ -33,7 +36,7 @@ spec:
   cluster: second
   models: ["special-*", "fast"]
   priority: 10
-  aliases: {fast: special-large-2}
+  aliases: {fast: special-large-2, "turbo*": special-small-1}
   credentials:
     - {name: main, secretRef: SECOND_API_KEY}
 ---
@@ -102,6 +105,17 @@ def test_alias_rewrites_the_model_and_content_length(
     assert sent["body"]["messages"] == chat_body()["messages"]
 
 
+def test_glob_alias_routes_every_matching_name_to_its_target(
+    stack: Stack, routed: str, second_upstream: int
+) -> None:
+    httpx.delete(f"http://127.0.0.1:{second_upstream}/__mock/requests", timeout=5)
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=routed, max_retries=0)
+    for name in ("turbo", "turbo-latest"):
+        assert client.chat.completions.create(**chat_body(name)).model == "special-small-1"
+    assert [r["body"]["model"] for r in _second_requests(second_upstream)] == [
+        "special-small-1", "special-small-1"]
+
+
 def test_openai_call_routed_to_azure_gets_azure_path_and_header(
     stack: Stack, routed: str
 ) -> None:
@@ -136,3 +150,45 @@ def test_models_endpoint_lists_what_the_key_may_use(
     ids = {m["id"] for m in listed["data"]}
     assert listed["object"] == "list" and ids and all(i.startswith("gpt-4o") for i in ids)
     assert httpx.get(f"{stack.base_url}/v1/models", timeout=10).status_code == 401
+
+
+def test_models_retrieve_answers_one_model_like_the_list(
+    stack: Stack, new_key: Callable[..., str]
+) -> None:
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=new_key("--models", "gpt-4o*"),
+                           max_retries=0)
+    model = client.models.retrieve("gpt-4o-mini")
+    assert (model.id, model.object) == ("gpt-4o-mini", "model")
+    with pytest.raises(openai.NotFoundError) as other:  # priced, but not for this key
+        client.models.retrieve("gpt-4.1")
+    assert other.value.code == "model_not_found"
+
+
+def test_denied_models_are_refused_and_not_listed(
+    stack: Stack, new_key: Callable[..., str]
+) -> None:
+    """TOLLGATE_DENIED_MODELS=o1-pro* in this stack: no key reaches them, whatever it allows."""
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=new_key(), max_retries=0)
+    clear_upstream(stack)
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.chat.completions.create(**chat_body("o1-pro"))
+    assert refused.value.code == "model_denied"
+    assert upstream_requests(stack) == []
+    listed = {m.id for m in client.models.list()}
+    assert "o1" in listed and "o1-pro" not in listed
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("o1-pro")
+
+
+def test_anthropic_count_tokens_is_passed_through_at_no_cost(
+    stack: Stack, new_key: Callable[..., str]
+) -> None:
+    client = anthropic.Anthropic(base_url=stack.base_url, api_key=new_key(), max_retries=0)
+    clear_upstream(stack)
+    raw = client.messages.with_raw_response.count_tokens(
+        model="claude-haiku-4-5", messages=[{"role": "user", "content": "How many tokens?"}])
+    assert raw.parse().input_tokens > 0
+    assert raw.headers["x-tollgate-cost"] == format_nanos(0)
+    (seen,) = upstream_requests(stack)
+    assert seen["path"] == "/v1/messages/count_tokens"
+    assert seen["headers"]["x-api-key"] == ANTHROPIC_UPSTREAM_KEY

@@ -463,3 +463,11 @@ async def test_primaries_take_turns_and_fallbacks_wait_for_them(quota: QuotaStor
     chosen = [(await reserve(quota, plan(credentials=pool))).credential for _ in range(4)]
     names = [c.name if c else None for c in chosen]
     assert names in (["a", "b", "a", "b"], ["b", "a", "b", "a"])  # never the fallback
+
+
+async def test_fallbacks_take_turns_once_the_primaries_are_full(quota: QuotaStore) -> None:
+    pool = [cred("a", rpm=1), cred("f1", primary=False), cred("f2", primary=False)]
+    chosen = [(await reserve(quota, plan(credentials=pool))).credential for _ in range(5)]
+    names = [c.name if c else None for c in chosen]
+    assert names[0] == "a"
+    assert names[1:] in (["f1", "f2", "f1", "f2"], ["f2", "f1", "f2", "f1"])

@@ -23,6 +23,7 @@ from extproc.core.exchange import (
 )
 from extproc.core.keys import find_key, hash_key
 from extproc.core.pricing import format_nanos
+from extproc.core.providers.base import Endpoint
 from extproc.core.quota import interpret_reservation
 from extproc.core.resources import Resource, validate_document
 from extproc.core.snapshot import Snapshot, build_snapshot
@@ -678,3 +679,56 @@ def test_an_alias_is_served_without_listing_it_in_models(
     assert isinstance(decision, Continue), decision
     assert dict(decision.headers.set)[ROUTING_HEADER] == "east"
     assert decision.body is not None and orjson.loads(decision.body)["model"] == "gpt-4o-mini"
+
+
+def test_a_glob_alias_serves_every_matching_name_as_its_target(
+    builtin_resources: list[Resource],
+) -> None:
+    aliased = _resource("Upstream", "east", {
+        "provider": "openai", "cluster": "east", "models": ["gpt-4o"],
+        "priority": 10, "aliases": {"fast*": "gpt-4o-mini", "fast-exact": "gpt-4o"},
+        "credentials": [_cred("d", "OPENAI_API_KEY")],
+    })
+    snap = build_snapshot(1, builtin_resources, [*STORED[:1], aliased], SECRETS.get)
+    for name, target in (("fast", "gpt-4o-mini"), ("fast-v2", "gpt-4o-mini"),
+                         ("fast-exact", "gpt-4o")):
+        _, decision = send_request(snap, request_headers(),
+                                   orjson.dumps({"model": name, "messages": MSG}))
+        assert isinstance(decision, Continue), decision
+        assert dict(decision.headers.set)[ROUTING_HEADER] == "east"
+        assert decision.body is not None and orjson.loads(decision.body)["model"] == target
+
+
+def test_the_next_upstream_is_tried_when_the_first_has_no_credential(
+    builtin_resources: list[Resource],
+) -> None:
+    primary = _resource("Upstream", "primary", {
+        "provider": "openai-compatible", "cluster": "east", "models": ["shared-*"],
+        "priority": 1, "credentials": [_cred("gone", "NOT_SET_ANYWHERE")],
+    })
+    backup = _resource("Upstream", "backup", {
+        "provider": "openai", "cluster": "west", "models": ["shared-*"], "priority": 2,
+        "aliases": {"shared-fast": "gpt-4o-mini"},
+        "credentials": [_cred("d", "OPENAI_API_KEY")],
+    })
+    snap = build_snapshot(1, builtin_resources, [*STORED[:1], primary, backup], SECRETS.get)
+    assert [u.name for u in snap.upstreams_for(Endpoint.CHAT, "shared-fast", False)] == [
+        "primary", "backup"]  # the built-in `*` upstream is no backup
+    exchange, decision = send_request(snap, request_headers(),
+                                      orjson.dumps({"model": "shared-fast", "messages": MSG}))
+    assert not isinstance(decision, Deny), decision
+    assert exchange.upstream is not None and exchange.upstream.name == "backup"
+    proceed = decision.proceed if not isinstance(decision, Continue) else decision
+    assert dict(proceed.headers.set)[ROUTING_HEADER] == "west"
+    assert proceed.body is not None and orjson.loads(proceed.body)["model"] == "gpt-4o-mini"
+
+
+def test_a_denied_model_is_refused_whatever_the_key_allows(snapshot: Snapshot) -> None:
+    options = Options(denied_models=("gpt-4o-m*",))
+    _, decision = send_request(snapshot, request_headers(),
+                               orjson.dumps({"model": "gpt-4o-mini", "messages": MSG}), options)
+    assert isinstance(decision, Deny)
+    assert (decision.status, decision.code) == (403, "model_denied")
+    _, allowed = send_request(snapshot, request_headers(),
+                              orjson.dumps({"model": "gpt-4o", "messages": MSG}), options)
+    assert not isinstance(allowed, Deny)

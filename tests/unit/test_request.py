@@ -73,8 +73,7 @@ def test_classify_path_known(path: str, expected: Route) -> None:
         "/v1/chat",
         "/v1/files",
         "/v1/images/generations",
-        "/v1/messages/count_tokens",
-        "/v1/models/gpt-4o",
+        "/v1/models/a/b",
         "/v2/chat/completions",
         "/chat/completions",
         "/health?path=/v1/chat/completions",
@@ -87,6 +86,13 @@ def test_classify_path_known(path: str, expected: Route) -> None:
 )
 def test_classify_path_unknown_is_none(path: str) -> None:
     assert classify_path(path) is None
+
+
+def test_models_retrieve_and_anthropic_count_tokens_are_classified() -> None:
+    assert classify_path("/v1/models/gpt-4o") == Route(Endpoint.MODELS, model="gpt-4o")
+    assert classify_path("/v1/models/ft:gpt-4o:org::x1") == Route(
+        Endpoint.MODELS, model="ft:gpt-4o:org::x1")
+    assert classify_path("/v1/messages/count_tokens") == Route(Endpoint.MESSAGES_COUNT_TOKENS)
 
 
 # ---- parse_request on the golden bodies ------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Anthropic: `/v1/messages`, authenticated with `x-api-key`, versioned by `anthropic-version`.
+"""Anthropic: `/v1/messages` (and `/v1/messages/count_tokens`, passed through at no cost),
+authenticated with `x-api-key`, versioned by `anthropic-version`.
 
 Usage: `input_tokens` excludes cache reads and writes, which Tollgate's `Usage.input` includes,
 so they are added here. Streams: input and cache counts in `message_start`, output in the last
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 DEFAULT_VERSION = "2023-06-01"
 _RULES = RequestRules(("max_tokens",), ("messages", "system"), "messages", "max_tokens")
+_COUNT_RULES = RequestRules((), ("messages", "system"), "messages", streams=False)
+_PATHS = {"/v1/messages": Endpoint.MESSAGES,
+          "/v1/messages/count_tokens": Endpoint.MESSAGES_COUNT_TOKENS}
 
 
 def usage_from_anthropic(usage: Any) -> Usage:
@@ -76,14 +80,15 @@ class Anthropic:
     name = "anthropic"
     dialect = "anthropic"
     auth_header = "x-api-key"
-    endpoints = frozenset({Endpoint.MESSAGES})
+    endpoints = frozenset(_PATHS.values())
     cluster: Cluster | None = Cluster("anthropic", "api.anthropic.com")
 
     def classify(self, path: str) -> Route | None:
-        return Route(Endpoint.MESSAGES) if path == "/v1/messages" else None
+        endpoint = _PATHS.get(path)
+        return Route(endpoint) if endpoint else None
 
     def serves(self, route: Route) -> bool:
-        return route.endpoint is Endpoint.MESSAGES
+        return route.endpoint in self.endpoints
 
     def auth_value(self, secret: str) -> str:
         return secret
@@ -94,12 +99,14 @@ class Anthropic:
         return [("anthropic-version", req.upstream.anthropic_version)]
 
     def rules(self, endpoint: Endpoint) -> RequestRules:
-        return _RULES
+        return _COUNT_RULES if endpoint is Endpoint.MESSAGES_COUNT_TOKENS else _RULES
 
     def key_from_path(self, path: str) -> str | None:
         return None
 
     def usage_from_json(self, endpoint: Endpoint, doc: Any) -> Usage | None:
+        if endpoint is Endpoint.MESSAGES_COUNT_TOKENS:
+            return Usage()  # counting tokens is free
         usage = doc.get("usage") if isinstance(doc, dict) else None
         return usage_from_anthropic(usage) if isinstance(usage, dict) else None
 

@@ -53,10 +53,11 @@ class Endpoint(enum.Enum):
     GENERATE = "gemini.generateContent"
     STREAM_GENERATE = "gemini.streamGenerateContent"
     COUNT_TOKENS = "gemini.countTokens"
+    MESSAGES_COUNT_TOKENS = "messages.count_tokens"
 
     @property
     def is_anthropic(self) -> bool:
-        return self is Endpoint.MESSAGES
+        return self in (Endpoint.MESSAGES, Endpoint.MESSAGES_COUNT_TOKENS)
 
 
 @dataclass(frozen=True, slots=True)

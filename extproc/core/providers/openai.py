@@ -158,6 +158,9 @@ class OpenAIDialect:
         return deny.body(False)
 
 
+_GEMINI_CALLS = (":generateContent", ":streamGenerateContent", ":countTokens")
+
+
 class OpenAI(OpenAIDialect):
     name = "openai"
     endpoints = frozenset(_RULES)
@@ -169,6 +172,12 @@ class OpenAI(OpenAIDialect):
         rest = path[4:]
         if rest == "models":
             return Route(Endpoint.MODELS)
+        model = rest.removeprefix("models/")
+        if model != rest and model and "/" not in model and not model.endswith(_GEMINI_CALLS):
+            # `models.retrieve`: one model, answered like the list (`Route.model` names it).
+            # Gemini's `/v1/models/<m>:generateContent` is not one (fine-tuned OpenAI ids
+            # contain colons, so the method suffix is what tells them apart).
+            return Route(Endpoint.MODELS, model=model)
         endpoint = SUFFIXES.get(rest)
         return Route(endpoint) if endpoint else None
 

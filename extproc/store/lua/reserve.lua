@@ -39,7 +39,7 @@ Reply
 
 Credentials: primaries are tried round robin (the counter picks the first one to try), each
 skipped while its cooldown marker exists or its windows are full; fallbacks only after every
-primary, in order.
+primary, round robin among themselves too.
 
 Window semantics (rolling, conservative): the window is `buckets` buckets wide and the sum covers
 the current bucket plus `buckets` older ones, so the oldest bucket, which is only partly inside
@@ -159,7 +159,9 @@ if denied_kind == 0 and nk > 0 then
   redis.call('PEXPIRE', KEYS[kcred + 1], 86400000)
   local order = {}
   for k = 0, np - 1 do order[#order + 1] = ((rr - 1 + k) % np) + 1 end
-  for k = np + 1, nk do order[#order + 1] = k end
+  -- Fallbacks take turns as well (the same counter), after every primary.
+  local nf = nk - np
+  for k = 0, nf - 1 do order[#order + 1] = np + ((rr - 1 + k) % nf) + 1 end
   local current = math.floor(now / cwidth)
   local soonest = -1
   for _, idx in ipairs(order) do
