@@ -58,6 +58,8 @@ class Settings:
     xff_trusted_hops: int = 0
     image_tokens: int = 4096  # strict bound of one image, for models without `imageTokens`
     unpriced: str = "default"  # unpriced models: default | refuse | zero | price-as: <model>
+    # Policy `moderation`: base URL of the moderation endpoint (`/v1/moderations` is appended).
+    moderation_url: str = "https://api.openai.com"
     cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); `*` = any
     # Admission control per worker: requests in their request phases at once before new ones
     # get a JSON 503 + Retry-After (0 = no bound). See docs/performance.md.
@@ -101,6 +103,7 @@ class Settings:
             "TOLLGATE_IMAGE_TOKENS": ("image_tokens", int),
             "TOLLGATE_UNPRICED": ("unpriced", _unpriced),
             "TOLLGATE_CORS_ORIGINS": ("cors_origins", _origins),
+            "TOLLGATE_MODERATION_URL": ("moderation_url", str),
             "TOLLGATE_MAX_PENDING": ("max_pending", int),
             "TOLLGATE_MAX_LAG_MS": ("max_lag_s", lambda v: int(v) / 1000),
         }

@@ -26,6 +26,7 @@ from extproc.core.exchange import Options
 from extproc.core.policy.cors import Cors
 from extproc.server import logfilter
 from extproc.server.admission import LoopLag
+from extproc.server.moderation import ModerationClient
 from extproc.server.policy_hits import PolicyHitRecorder
 from extproc.server.processor import Processor
 from extproc.server.settlement import Settler
@@ -77,8 +78,9 @@ async def run_worker(settings: Settings, index: int) -> None:
         ]
     )
     lag = LoopLag(settings.max_lag_s)
+    moderation = ModerationClient(settings.moderation_url)
     processor = Processor(watcher, keys, quota, settler, options, policy_hits,
-                          max_pending=settings.max_pending, lag=lag)
+                          max_pending=settings.max_pending, lag=lag, moderation=moderation)
     ep_grpc.add_ExternalProcessorServicer_to_server(
         processor, server
     )
@@ -131,6 +133,7 @@ async def run_worker(settings: Settings, index: int) -> None:
     watch_task.cancel()
     hits_task.cancel()
     await policy_hits.close()
+    await moderation.close()
     sweep_task.cancel()
     settle_task.cancel()
     await settler.close(timeout=5)
