@@ -606,6 +606,8 @@ async def _moderations(ctx: _Ctx) -> web.StreamResponse:
     if value is None:
         return _error(OPENAI, 400, ctx.request_id, "Missing required parameter: 'input'.")
     items = value if isinstance(value, list) else [value]
+    if "mock-moderation-500" in orjson.dumps(items).decode():  # a failing endpoint, on demand
+        return _error(OPENAI, 500, ctx.request_id, "The server had an error.")
     markers = _moderation_markers()
     results = []
     for item in items:
