@@ -60,6 +60,11 @@ class Settings:
     unpriced: str = "default"  # unpriced models: default | refuse | zero | price-as: <model>
     # Policy `moderation`: base URL of the moderation endpoint (`/v1/moderations` is appended).
     moderation_url: str = "https://api.openai.com"
+    # Opt-in body log (Policy `logBodies`): also to this JSON-lines file ("" = stream only),
+    # rotated at `body_log_file_max_bytes`, keeping `body_log_file_backups` older files.
+    body_log_file: str = ""
+    body_log_file_max_bytes: int = 100 * 1024 * 1024
+    body_log_file_backups: int = 3
     cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); `*` = any
     # Admission control per worker: requests in their request phases at once before new ones
     # get a JSON 503 + Retry-After (0 = no bound). See docs/performance.md.
@@ -104,6 +109,9 @@ class Settings:
             "TOLLGATE_UNPRICED": ("unpriced", _unpriced),
             "TOLLGATE_CORS_ORIGINS": ("cors_origins", _origins),
             "TOLLGATE_MODERATION_URL": ("moderation_url", str),
+            "TOLLGATE_BODY_LOG_FILE": ("body_log_file", str),
+            "TOLLGATE_BODY_LOG_FILE_MAX_BYTES": ("body_log_file_max_bytes", int),
+            "TOLLGATE_BODY_LOG_FILE_BACKUPS": ("body_log_file_backups", int),
             "TOLLGATE_MAX_PENDING": ("max_pending", int),
             "TOLLGATE_MAX_LAG_MS": ("max_lag_s", lambda v: int(v) / 1000),
         }
