@@ -3,10 +3,11 @@ stream: the same entries (after redaction), one JSON object a line.
 
 Bounded: the file is rotated at `TOLLGATE_BODY_LOG_FILE_MAX_BYTES` (100 MiB) and
 `TOLLGATE_BODY_LOG_FILE_BACKUPS` (3) older files are kept (`bodylog.jsonl.1`, `.2`, ...),
-with the standard library's RotatingFileHandler rather than hand-written rotation. Each worker process writes its own file (worker 0 the path
-as given, worker N `<stem>-wN<suffix>`): rotation renames files, which two processes sharing
-one file would race on. Written from a thread, once a second, off the request path; the file
-is created with mode 0600 (it holds prompts).
+with the standard library's RotatingFileHandler rather than hand-written rotation. Each
+worker process writes its own file (worker 0 the path as given, worker N
+`<stem>-wN<suffix>`): rotation renames files, which two processes sharing one file would
+race on. Written from a thread, once a second, off the request path; the file is created
+with mode 0600 (it holds prompts).
 """
 
 from __future__ import annotations
