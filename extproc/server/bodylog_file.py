@@ -12,6 +12,7 @@ with mode 0600 (it holds prompts).
 
 from __future__ import annotations
 
+import io
 import logging
 import logging.handlers
 import os
@@ -19,6 +20,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+class _PrivateRotatingHandler(logging.handlers.RotatingFileHandler):
+    """Every file it opens (the first and each after a rotation) is created 0600."""
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 def worker_path(path: str, index: int) -> Path:
@@ -29,14 +38,12 @@ def worker_path(path: str, index: int) -> Path:
 class BodyLogFile:
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            path.touch(mode=0o600)
         self.path = path
         # A private logger: its records go to this file only, never to the process log.
         self._logger = logging.getLogger(f"tollgate.bodylog.{os.getpid()}.{path}")
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
-        self.handler = logging.handlers.RotatingFileHandler(
+        self.handler = _PrivateRotatingHandler(
             path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True)
         self.handler.setFormatter(logging.Formatter("%(message)s"))
         self._logger.addHandler(self.handler)
