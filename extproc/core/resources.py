@@ -583,10 +583,12 @@ def _moderation(f: _Fields | None) -> dict[str, Any] | None:
     if not model.strip():
         raise f.error("model", "must not be blank")
     upstream = f.string("upstream")
-    timeout_ms = f.integer("timeoutMs", 2000, minimum=50)
+    # Bounded below Envoy's ext_proc message timeout (1 s, envoyconf): the call runs inside
+    # the request-body message, and the reserve still needs its Redis round trip after it.
+    timeout_ms = f.integer("timeoutMs", 500, minimum=50)
     assert timeout_ms is not None
-    if timeout_ms > 30_000:
-        raise f.error("timeoutMs", "must be at most 30000")
+    if timeout_ms > 800:
+        raise f.error("timeoutMs", "must be at most 800 (Envoy's ext_proc message timeout is 1 s)")
     on_error = f.string("onError", "open")
     if on_error not in MODERATION_ON_ERROR:
         raise f.error("onError", f"must be one of {', '.join(MODERATION_ON_ERROR)}")

@@ -5,7 +5,8 @@ answering, so the worker calls the moderation endpoint over HTTP with aiohttp: b
 `TOLLGATE_MODERATION_URL` (default OpenAI's API host, over TLS; `tollgate up --mock` and the
 tests point it at the fake upstream), the path `/v1/moderations`, and the first credential
 (with a secret) of the Upstream the policy names, else of the request's Upstream. A strict
-per-call timeout (`timeoutMs`, default 2 s); on a timeout, a connection error, a non-2xx status
+per-call timeout (`timeoutMs`, default 500 ms, at most 800: below Envoy's 1 s ext_proc
+message timeout); on a timeout, a connection error, a non-2xx status
 or an answer that is not a moderation answer the policy's `onError` decides: `open` (default)
 lets the request through with an `error` hit, `closed` refuses it.
 
