@@ -356,6 +356,8 @@ def start_stack(
             # The fake upstream accepts any key; give the default Upstreams one to inject.
             for name, value in MOCK_SECRETS.items():
                 child_env.setdefault(name, value)
+            # Policy moderation calls go to the fake upstream's /v1/moderations too.
+            child_env.setdefault("TOLLGATE_MODERATION_URL", f"http://127.0.0.1:{mock_port}")
             clusters = envoyconf.mock_clusters("127.0.0.1", mock_port)
         else:
             clusters = envoyconf.provider_clusters(azure_host)

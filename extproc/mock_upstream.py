@@ -44,6 +44,7 @@ import asyncio
 import base64
 import itertools
 import math
+import os
 import signal
 import struct
 import time
@@ -583,6 +584,46 @@ def _embedding_vector(seed_text: Any, index: int) -> list[float]:
     return [round(x / norm, 8) for x in raw]
 
 
+# /v1/moderations: an input containing a marker word (case-insensitive) is flagged in the
+# marker's category. Markers: `MOCK_MODERATION_MARKERS` ("word:category,..."), else these.
+MODERATION_MARKERS = {"kaboom": "violence", "meanie": "harassment"}
+MODERATION_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",
+    "illicit/violent", "self-harm", "self-harm/intent", "self-harm/instructions", "sexual",
+    "sexual/minors", "violence", "violence/graphic",
+)
+
+
+def _moderation_markers() -> dict[str, str]:
+    raw = os.environ.get("MOCK_MODERATION_MARKERS", "")
+    pairs = [item.split(":", 1) for item in raw.split(",") if ":" in item]
+    return {word.strip().lower(): cat.strip() for word, cat in pairs} or MODERATION_MARKERS
+
+
+async def _moderations(ctx: _Ctx) -> web.StreamResponse:
+    """OpenAI's moderation answer: one result per input item, all categories present."""
+    value = ctx.body.get("input")
+    if value is None:
+        return _error(OPENAI, 400, ctx.request_id, "Missing required parameter: 'input'.")
+    items = value if isinstance(value, list) else [value]
+    if "mock-moderation-500" in orjson.dumps(items).decode():  # a failing endpoint, on demand
+        return _error(OPENAI, 500, ctx.request_id, "The server had an error.")
+    markers = _moderation_markers()
+    results = []
+    for item in items:
+        text = item if isinstance(item, str) else str(
+            item.get("text", "")) if isinstance(item, dict) else ""
+        hit = {cat for word, cat in markers.items() if word in text.lower()}
+        results.append({
+            "flagged": bool(hit),
+            "categories": {c: c in hit for c in MODERATION_CATEGORIES},
+            "category_scores": {c: 0.97 if c in hit else 0.0001 for c in MODERATION_CATEGORIES},
+            "category_applied_input_types": {c: ["text"] for c in MODERATION_CATEGORIES},
+        })
+    return _json({"id": "modr-" + ctx.request_id, "model": ctx.model, "results": results},
+                 "x-request-id", ctx.request_id)
+
+
 async def _embeddings(ctx: _Ctx) -> web.StreamResponse:
     body = ctx.body
     value = body.get("input")
@@ -1001,6 +1042,7 @@ def create_app() -> web.Application:
             "/openai/deployments/{deployment}" + suffix, _endpoint(OPENAI, build, azure=True)
         )
     app.router.add_post("/v1/responses", _endpoint(OPENAI, _responses))
+    app.router.add_post("/v1/moderations", _endpoint(OPENAI, _moderations))
     app.router.add_post("/v1/messages", _endpoint(ANTHROPIC, _messages))
     app.router.add_post("/v1/messages/count_tokens", _endpoint(ANTHROPIC, _count_messages))
     for version in ("v1", "v1beta"):

@@ -58,6 +58,13 @@ class Settings:
     xff_trusted_hops: int = 0
     image_tokens: int = 4096  # strict bound of one image, for models without `imageTokens`
     unpriced: str = "default"  # unpriced models: default | refuse | zero | price-as: <model>
+    # Policy `moderation`: base URL of the moderation endpoint (`/v1/moderations` is appended).
+    moderation_url: str = "https://api.openai.com"
+    # Opt-in body log (Policy `logBodies`): also to this JSON-lines file ("" = stream only),
+    # rotated at `body_log_file_max_bytes`, keeping `body_log_file_backups` older files.
+    body_log_file: str = ""
+    body_log_file_max_bytes: int = 100 * 1024 * 1024
+    body_log_file_backups: int = 3
     cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); `*` = any
     denied_models: tuple[str, ...] = ()  # model globs no key may use (docs/providers.md)
     # Admission control per worker: requests in their request phases at once before new ones
@@ -103,6 +110,10 @@ class Settings:
             "TOLLGATE_UNPRICED": ("unpriced", _unpriced),
             "TOLLGATE_CORS_ORIGINS": ("cors_origins", _origins),
             "TOLLGATE_DENIED_MODELS": ("denied_models", _names),
+            "TOLLGATE_MODERATION_URL": ("moderation_url", str),
+            "TOLLGATE_BODY_LOG_FILE": ("body_log_file", str),
+            "TOLLGATE_BODY_LOG_FILE_MAX_BYTES": ("body_log_file_max_bytes", int),
+            "TOLLGATE_BODY_LOG_FILE_BACKUPS": ("body_log_file_backups", int),
             "TOLLGATE_MAX_PENDING": ("max_pending", int),
             "TOLLGATE_MAX_LAG_MS": ("max_lag_s", lambda v: int(v) / 1000),
         }

@@ -63,6 +63,7 @@ from extproc.core.policy import autoreply
 from extproc.core.policy import engine as policy_engine
 from extproc.core.policy import gate as policy_gate
 from extproc.core.policy import headers as policy_headers
+from extproc.core.policy import moderation as policy_moderation
 from extproc.core.policy.cors import NO_CORS, Cors
 from extproc.core.policy.rules import RuleFacts
 from extproc.core.policy.streaming import StreamGuard
@@ -192,6 +193,7 @@ class Exchange:
         "logged",
         "meter",
         "model_identity",
+        "moderation_calls",
         "named_limits",
         "offline",
         "options",
@@ -278,6 +280,9 @@ class Exchange:
         # Opt-in body logging (a Policy's `logBodies`): [request, response] as sent on.
         self.logged: list[bytes] | None = None
         self.response_policy: policy_gate.Outcome | None = None  # on a buffered answer
+        # Calls to the moderation endpoint the server makes before reserving (Policy
+        # `moderation`; core/policy/moderation.py, server/moderation.py).
+        self.moderation_calls: tuple[policy_moderation.ModerationCall, ...] = ()
         self._limits: list[LimitSpec] = []
         self._subject: Subject | None = None
         # Headers as Envoy counts them (set by the edge when it has them): a request that
@@ -527,6 +532,9 @@ class Exchange:
                 return checked
             if checked is not None:
                 body, redacted = checked, True
+            if any(p.moderation for p in self.policies):
+                self.moderation_calls = policy_moderation.plan_calls(
+                    self.policies, facts.endpoint.value, body)
         self.body_in, self.body_redacted = body, redacted
         return self._route(snapshot, now)
 
@@ -671,6 +679,15 @@ class Exchange:
             return Reply(200, answer, (("content-type", content_type),
                                        *self._policy_headers()))
         return outcome.body
+
+    def on_moderated(self, hits: tuple[policy_engine.Hit, ...],
+                     refusal: policy_engine.Refusal | None) -> Deny | None:
+        """What a moderation call found: hits to report, and the 400 when a policy blocks."""
+        self.policy_hits += hits
+        if refusal is None:
+            return None
+        return replace(policy_gate.refusal_deny(refusal, policy_engine.REQUEST),
+                       headers=self._policy_headers())
 
     def _policy_headers(self) -> tuple[tuple[str, str], ...]:
         if not self.policy_hits:

@@ -543,6 +543,7 @@ def _policy(f: _Fields) -> dict[str, Any]:
         reflection_spec["minChars"] = reflection.integer("minChars", 20, minimum=1)
         reflection.done()
     log_bodies = f.boolean("logBodies")
+    moderation_spec = _moderation(f.mapping("moderation"))
     forward = f.mapping("forwardHeaders")
     forward_spec: dict[str, list[str]] = {"allow": [], "deny": []}
     if forward is not None:
@@ -561,7 +562,40 @@ def _policy(f: _Fields) -> dict[str, Any]:
         "forwardHeaders": forward_spec,
         # Opt-in: full request and response bodies (after redaction) to a bounded Redis stream.
         "logBodies": log_bodies,
+        # Optional: the prompt to the provider's moderation endpoint first (None = off).
+        "moderation": moderation_spec,
     }
+
+
+MODERATION_ACTIONS = ("block", "audit")
+MODERATION_ON_ERROR = ("open", "closed")
+
+
+def _moderation(f: _Fields | None) -> dict[str, Any] | None:
+    if f is None:
+        return None
+    action = f.string("action", "block")
+    if action not in MODERATION_ACTIONS:
+        raise f.error("action", f"must be one of {', '.join(MODERATION_ACTIONS)}")
+    categories = f.strings("categories")
+    if any(not c.strip() for c in categories):
+        raise f.error("categories", "must be non-blank category names")
+    model = f.string("model", "omni-moderation-latest")
+    if not model.strip():
+        raise f.error("model", "must not be blank")
+    upstream = f.string("upstream")
+    # Bounded below Envoy's ext_proc message timeout (1 s, envoyconf): the call runs inside
+    # the request-body message, and the reserve still needs its Redis round trip after it.
+    timeout_ms = f.integer("timeoutMs", 500, minimum=50)
+    assert timeout_ms is not None
+    if timeout_ms > 800:
+        raise f.error("timeoutMs", "must be at most 800 (Envoy's ext_proc message timeout is 1 s)")
+    on_error = f.string("onError", "open")
+    if on_error not in MODERATION_ON_ERROR:
+        raise f.error("onError", f"must be one of {', '.join(MODERATION_ON_ERROR)}")
+    f.done()
+    return {"action": action, "categories": categories, "model": model, "upstream": upstream,
+            "timeoutMs": timeout_ms, "onError": on_error}
 
 
 SPEC_READERS: dict[str, Callable[[_Fields], dict[str, Any]]] = {

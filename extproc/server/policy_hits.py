@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from extproc.core.policy.engine import Hit
 from extproc.server import metrics
+from extproc.server.bodylog_file import BodyLogFile
 from extproc.store.live_state import utc_day
 from extproc.store.redis_store import Store
 
@@ -34,14 +35,19 @@ _MAX_PENDING_LOGS = 1_000  # Redis unreachable: older entries are dropped, memor
 
 
 class PolicyHitRecorder:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, body_file: BodyLogFile | None = None) -> None:
         self.store = store
+        # Opt-in second target (TOLLGATE_BODY_LOG_FILE): the same entries as JSON lines.
+        self.body_file = body_file
+        self.file_logs: collections.deque[bytes] = collections.deque(maxlen=_MAX_PENDING_LOGS)
         self.tally: collections.Counter[tuple[str, str]] = collections.Counter()
         self.logs: collections.deque[bytes] = collections.deque(maxlen=_MAX_PENDING_LOGS)
 
     def log_bodies(self, entry: bytes) -> None:
         """One request's opt-in body log entry (JSON), written with the next flush."""
         self.logs.append(entry)
+        if self.body_file is not None:
+            self.file_logs.append(entry)
 
     def record(self, hits: Iterable[Hit]) -> None:
         """One request's hits: each rule that acted counts the request once per action."""
@@ -51,6 +57,11 @@ class PolicyHitRecorder:
             self.tally[(hit.policy, f"{hit.rule}:{hit.action}")] += 1
 
     async def flush(self) -> None:
+        if self.file_logs and self.body_file is not None:
+            lines = list(self.file_logs)
+            self.file_logs.clear()
+            # Written whatever Redis does; a thread, so a slow disk never stalls requests.
+            await asyncio.to_thread(self.body_file.write, lines)
         if not self.tally and not self.logs:
             return
         tally, self.tally = self.tally, collections.Counter()
@@ -85,3 +96,5 @@ class PolicyHitRecorder:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.flush()
+        if self.body_file is not None:
+            self.body_file.close()

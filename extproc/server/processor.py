@@ -54,6 +54,7 @@ from extproc.server.admission import LoopLag
 from extproc.server.annotations import annotate_event
 from extproc.server.ingest import answer_ingest
 from extproc.server.ingest import refuse as ingest_refuse
+from extproc.server.moderation import ModerationClient
 from extproc.server.policy_hits import PolicyHitRecorder
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
@@ -99,8 +100,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         policy_hits: PolicyHitRecorder | None = None,
         max_pending: int = 0,
         lag: LoopLag | None = None,
+        moderation: ModerationClient | None = None,
     ) -> None:
         self.watcher = watcher
+        self.moderation = moderation or ModerationClient()
         self.keys = keys
         self.quota = quota
         self.settler = settler
@@ -332,6 +335,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             self.settler.enqueue(self._settle_call(
                 exchange, Settlement(0, 0, 200, "auto_reply"), started))
             return adapter.reply_response(decision, exchange.deny_headers())
+        if exchange.moderation_calls and not isinstance(decision, Deny):
+            # Before anything is reserved: a flagged request holds nothing.
+            refused = await self._moderate(exchange, snapshot, started)
+            if refused is not None:
+                return self._deny(exchange, refused)
         if isinstance(decision, Reserve):
             decision = await self._reserve(exchange, decision, started)
         if isinstance(decision, Deny):
@@ -339,6 +347,31 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         exchange.admitted = True
         metrics.labelled(metrics.REQUESTS, "allowed", "ok").inc()
         return adapter.continue_response("request_body", decision)
+
+    async def _moderate(self, exchange: Exchange, snapshot: Snapshot,
+                        started: float) -> Deny | None:
+        """The Policy moderation calls (server/moderation.py), each recorded as its own usage
+        event: model = the moderation model, priced only if a PriceTable prices it."""
+        upstream = exchange.upstream.name if exchange.upstream else ""
+        for call in exchange.moderation_calls:
+            with tracing.span("moderation", {"tollgate.request_id": exchange.request_id}):
+                hits, refusal, answered = await self.moderation.check(call, snapshot, upstream)
+            if answered:
+                price = snapshot.price(call.model)
+                cost = -(-call.tokens * price.input // 1_000_000) if price else 0
+                event = usage_pb2.UsageEvent.FromString(self._event(
+                    exchange, Settlement(cost, call.tokens, 200, "moderation"), started))
+                event.model, event.endpoint = call.model, "moderations"
+                event.priced = price is not None
+                event.streamed = False
+                del event.policies[:]
+                self.settler.enqueue(self.quota.settle_call(
+                    None, cost, call.tokens, event.SerializeToString(), False,
+                    request_id=f"{exchange.request_id}:moderation:{call.model}"))
+            denied = exchange.on_moderated(hits, refusal)
+            if denied is not None:
+                return denied
+        return None
 
     async def _reserve(self, exchange: Exchange, reserve: Reserve, started: float) -> Decision:
         plan = reserve.plan

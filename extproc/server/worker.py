@@ -26,6 +26,8 @@ from extproc.core.exchange import Options
 from extproc.core.policy.cors import Cors
 from extproc.server import logfilter
 from extproc.server.admission import LoopLag
+from extproc.server.bodylog_file import BodyLogFile, worker_path
+from extproc.server.moderation import ModerationClient
 from extproc.server.policy_hits import PolicyHitRecorder
 from extproc.server.processor import Processor
 from extproc.server.settlement import Settler
@@ -56,7 +58,10 @@ async def run_worker(settings: Settings, index: int) -> None:
     hot = connect(settings.redis_url, settings.redis_hot_timeout_s)
     quota = QuotaStore(hot, store.keys, settings.usage_stream_maxlen, background=store.redis)
     settler = Settler(quota, settings.journal_path)
-    policy_hits = PolicyHitRecorder(store)
+    body_file = BodyLogFile(
+        worker_path(settings.body_log_file, index), settings.body_log_file_max_bytes,
+        settings.body_log_file_backups) if settings.body_log_file else None
+    policy_hits = PolicyHitRecorder(store, body_file)
     options = Options(
         max_body_bytes=settings.max_body_bytes,
         result_object=settings.result_object,
@@ -78,8 +83,9 @@ async def run_worker(settings: Settings, index: int) -> None:
         ]
     )
     lag = LoopLag(settings.max_lag_s)
+    moderation = ModerationClient(settings.moderation_url)
     processor = Processor(watcher, keys, quota, settler, options, policy_hits,
-                          max_pending=settings.max_pending, lag=lag)
+                          max_pending=settings.max_pending, lag=lag, moderation=moderation)
     ep_grpc.add_ExternalProcessorServicer_to_server(
         processor, server
     )
@@ -132,6 +138,7 @@ async def run_worker(settings: Settings, index: int) -> None:
     watch_task.cancel()
     hits_task.cancel()
     await policy_hits.close()
+    await moderation.close()
     sweep_task.cancel()
     settle_task.cancel()
     await settler.close(timeout=5)

@@ -29,7 +29,7 @@ SECOND_UPSTREAM_KEY = "sk-second-e2e"
 
 
 @pytest.fixture(scope="session")
-def e2e_env(redis_url: str) -> dict[str, str]:
+def e2e_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         REDIS_URL=redis_url,
@@ -43,6 +43,8 @@ def e2e_env(redis_url: str) -> dict[str, str]:
         TOLLGATE_RELOAD_POLL_MS="500",
         TOLLGATE_CORS_ORIGINS="https://app.example.test",  # test_policies: CORS
         TOLLGATE_DENIED_MODELS="o1-pro*",  # test_routing: the global deny list
+        # test_bodylog_file: the opt-in body log's JSON-lines file (one per worker)
+        TOLLGATE_BODY_LOG_FILE=str(tmp_path_factory.mktemp("bodylog") / "bodylog.jsonl"),
     )
     return env
 

@@ -50,6 +50,7 @@ class CompiledPolicy:
     reflection: dict[str, Any] | None = None  # {action, delimiter, minChars} unless none
     forward_headers: dict[str, list[str]] | None = None  # {allow, deny} when either is set
     log_bodies: bool = False  # opt-in: request and response bodies to the log stream
+    moderation: dict[str, Any] | None = None  # {action, categories, model, ...} when set
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,7 @@ def compile_policy(policy_id: str, selector: Selector, spec: dict[str, Any],
         replies=tuple((r["name"], r["reply"]) for r in spec.get("autoReplies", ())),
         reply_matcher=_side_matcher(auto, REQUEST, factory),
         log_bodies=bool(spec.get("logBodies")),
+        moderation=spec.get("moderation") or None,
         forward_headers=(spec.get("forwardHeaders") if any(
             (spec.get("forwardHeaders") or {}).values()) else None),
         reflection=(spec.get("reflection") if (spec.get("reflection") or {}).get(
