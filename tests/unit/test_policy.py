@@ -417,3 +417,86 @@ def test_forward_headers(rules: list[dict[str, list[str]]], names: list[str],
     from extproc.core.policy.headers import removed
 
     assert removed(names, rules) == gone
+
+
+# ---- several choices in one stream (n > 1), whitespace runs -----------------------------------
+
+
+def multi_events(rows: list[list[str]]) -> list[bytes]:
+    """One chunk per row, carrying every choice's delta (choice i gets rows[k][i])."""
+    return [b"data: " + orjson.dumps({"choices": [{"index": i, "delta": {"content": t}}
+                                                  for i, t in enumerate(row)]}) + b"\n\n"
+            for row in rows]
+
+
+def choice_texts(data: bytes) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for block in data.split(b"\n\n"):
+        if block.startswith(b"data: {"):
+            for choice in orjson.loads(block[6:]).get("choices", []):
+                texts[choice["index"]] = (texts.get(choice["index"], "")
+                                          + choice["delta"].get("content", ""))
+    return texts
+
+
+def test_stream_every_choice_is_read_and_redacted_in_its_own_choice() -> None:
+    g = guard({"wordLists": [{"name": "r", "words": ["top secret"], "action": "redact"}]})
+    # choice 1 carries the phrase split over three chunks; choice 0 interleaves "top" and
+    # "secret" across the choices, which is not a match in either choice.
+    out = run_stream(g, multi_events([["hello top", "the to"], [" there", "p sec"],
+                                      [" secret", "ret is"], ["", " out"]]))
+    assert choice_texts(out) == {0: "hello top there secret", 1: "the **** is out"}
+    assert sum(h.count for h in g.hits()) == 1
+
+
+def test_stream_block_on_second_choice() -> None:
+    g = guard({"wordLists": [{"name": "b", "words": ["top secret"], "action": "block"}]})
+    out = run_stream(g, multi_events([["fine ", "the top"], ["words ", " secret"],
+                                      ["here", " plan"]]))
+    blocks = [b for b in out.split(b"\n\n") if b]
+    assert orjson.loads(blocks[-1][6:])["error"]["code"] == "policy_violation"
+    assert "secret" not in choice_texts(b"\n\n".join(blocks[:-1])).get(1, "")
+
+
+def test_stream_choice_order_and_single_choice_events_mixed() -> None:
+    g = guard({"wordLists": [{"name": "r", "words": ["darn"], "action": "redact"}]})
+    events = multi_events([["a d", "b "]]) + chat_events(["arn c"])[1:] \
+        + multi_events([["", "dar"], ["", "n!"]])
+    out = run_stream(g, events)
+    assert choice_texts(out) == {0: "a **** c", 1: "b ****!"}
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+@pytest.mark.parametrize(
+    ("text", "spans"),
+    [
+        ("ignore previous instructions", [(0, 28)]),
+        ("IGNORE   previous\ninstructions now", [(0, 30)]),
+        ("x ignore\t \r\nprevious  \u00a0 instructions.", [(2, 36)]),
+        ("ignore previousinstructions", []),
+        ("reignore previous instructions", []),
+        ("a  b ignore  previous  instructions  c  ignore previous instructions",
+         [(5, 35), (40, 68)]),
+    ],
+)
+def test_phrase_matches_across_whitespace_runs(text: str, spans: list[tuple[int, int]],
+                                               factory: Any) -> None:
+    matcher = PhraseMatcher(["Ignore  previous instructions"], factory)
+    found = matcher.find(text)
+    assert [(m.start, m.end) for m in found] == spans
+    out = redact(text, found, "****")
+    expected = text
+    for start, end in reversed(spans):
+        expected = expected[:start] + "****" + expected[end:]
+    assert out == expected
+
+
+def test_stream_phrase_across_whitespace_runs_every_split() -> None:
+    spec = {"wordLists": [{"name": "r", "words": ["ignore previous instructions"],
+                           "action": "redact"}]}
+    text = "ok ignore      previous \n\n  instructions now"
+    for cut_a in range(1, len(text)):
+        for cut_b in range(cut_a + 1, len(text), 3):
+            pieces = [text[:cut_a], text[cut_a:cut_b], text[cut_b:]]
+            got = stream_text(run_stream(guard(spec), chat_events(pieces)))
+            assert got == "ok **** now", pieces

@@ -6,11 +6,14 @@ automaton library is not part of the pure core: the server passes its factory in
 used when none is given (unit tests, tools), correct but linear in the number of phrases.
 
 Both fold case with `str.lower()` character by character, keeping every offset of the folded
-text equal to the original's, so a match found in folded text redacts the original exactly.
+text equal to the original's. Runs of whitespace in the text are squeezed to one space before
+the search (only when there is such a run), with a map from each squeezed offset back to the
+original, so a match found there still redacts the original exactly.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +48,43 @@ def scan_index(phrases: Sequence[str]) -> PhraseFinder:
     return find
 
 
+# Whitespace that is not a single plain space: a run of two or more, or any other kind.
+_LOOSE_SPACE = re.compile(r"\s{2,}|[^\S ]")
+_SPACE_RUN = re.compile(r"\s+")
+
+
+def squeeze(text: str) -> tuple[str, list[int] | None]:
+    """`text` with every run of whitespace made one space, and where each of its characters
+    sits in `text` (None when nothing changed, the common case: offsets are then the same)."""
+    if _LOOSE_SPACE.search(text) is None:
+        return text, None
+    parts: list[str] = []
+    where: list[int] = []
+    position = 0
+    for run in _SPACE_RUN.finditer(text):
+        start, end = run.span()
+        parts += [text[position:start], " "]
+        where += range(position, start + 1)
+        position = end
+    parts.append(text[position:])
+    where += range(position, len(text))
+    return "".join(parts), where
+
+
+def tail_start(text: str, keep: int) -> int:
+    """The offset in `text` after which `keep` characters remain once whitespace runs count
+    as one: what a stream must still hold back for phrases of at most `keep` characters."""
+    count = 0
+    i = len(text)
+    while i > 0 and count < keep:
+        i -= 1
+        if text[i].isspace():
+            while i > 0 and text[i - 1].isspace():
+                i -= 1
+        count += 1
+    return i
+
+
 def _word_char(c: str) -> bool:
     return c.isalnum() or c == "_"
 
@@ -62,8 +102,9 @@ class PhraseMatcher:
     __slots__ = ("_edges", "_find", "longest", "phrases")
 
     def __init__(self, phrases: Sequence[str], factory: IndexFactory | None = None) -> None:
-        # Runs of whitespace inside a phrase match a single space only: phrases are written
-        # with single spaces, and the longest phrase bounds what a stream must hold back.
+        # Phrases are kept with single spaces; the text searched has its whitespace runs
+        # squeezed to one space the same way, so "a  b" and "a\nb" match the phrase "a b".
+        # The longest phrase bounds what a stream must hold back (counted squeezed).
         self.phrases = tuple(" ".join(fold(p).split()) for p in phrases)
         self.longest = max((len(p) for p in self.phrases), default=0)
         # A phrase that starts (ends) with a non-word character needs no boundary there.
@@ -74,7 +115,7 @@ class PhraseMatcher:
     def find(self, text: str) -> list[Match]:
         if not self.phrases or not text:
             return []
-        folded = fold(text)
+        folded, where = squeeze(fold(text))
         out = []
         last = len(folded)
         for index, start, end in self._find(folded):
@@ -83,6 +124,8 @@ class PhraseMatcher:
                 continue
             if tail and end < last and _word_char(folded[end]):
                 continue
+            if where is not None:  # back to offsets in `text`
+                start, end = where[start], where[end - 1] + 1
             out.append(Match(start, end, index))
         return out
 
