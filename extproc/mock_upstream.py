@@ -499,13 +499,19 @@ async def _chat(ctx: _Ctx) -> web.StreamResponse:
             obj["obfuscation"] = _OBFUSCATION[len(events) % len(_OBFUSCATION)]
         events.append(_data_event(obj))
 
-    def choice(delta: JSONObj, finish_reason: str | None = None) -> JSONObj:
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    # A stream with "n" > 1 carries every choice (the same reply) in each chunk, as a chunk
+    # of a real n > 1 stream may; the usage stays that of one reply.
+    n = body.get("n")
+    indexes = range(n if isinstance(n, int) and not isinstance(n, bool) and 1 < n <= 8 else 1)
 
-    chunk([choice({"role": "assistant", "content": "", "refusal": None})])
+    def choice(delta: JSONObj, finish_reason: str | None = None) -> list[JSONObj]:
+        return [{"index": i, "delta": dict(delta), "logprobs": None,
+                 "finish_reason": finish_reason} for i in indexes]
+
+    chunk(choice({"role": "assistant", "content": "", "refusal": None}))
     for piece in _pieces(words):
-        chunk([choice({"content": piece})])
-    chunk([choice({}, finish)])
+        chunk(choice({"content": piece}))
+    chunk(choice({}, finish))
     if include_usage:
         chunk([], usage)
     events.append(_SSE_DONE)

@@ -218,6 +218,23 @@ def test_stream_response_redaction_openai(stack: Stack, cli: CliRunner,
     assert result["cost_nanos"]["total"] > 0  # priced on what the provider produced
 
 
+def test_stream_response_redaction_every_choice(stack: Stack, cli: CliRunner,
+                                               new_named_key: NewKey) -> None:
+    """n=2 on a stream: the fake upstream puts both choices in every chunk; both are read."""
+    name, key = new_named_key()
+    apply_policy(cli, name, "  wordLists:\n    - {name: leaks, words: ['top secret'], "
+                 "action: redact, 'on': response}\n")
+    wait_for_policy(stack, key, chat("x"), headers={"x-mock-reply": "top secret"})
+    chunks = list(oa(stack, key).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "tell me"}], n=2,
+        stream=True, extra_headers={"x-mock-reply": "the TOP secret is top secrets"}))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == {0: "the **** is top secrets", 1: "the **** is top secrets"}
+
+
 def test_stream_response_block_anthropic(stack: Stack, cli: CliRunner,
                                          new_named_key: NewKey) -> None:
     name, key = new_named_key()
