@@ -38,7 +38,7 @@ from extproc.core.quota import (
     limits_result,
     plan_reservation,
 )
-from extproc.core.request import MAX_MODEL_CHARS
+from extproc.core.request import MAX_MODEL_CHARS, load_body
 from extproc.core.resources import KeyRecord, qualify
 from extproc.core.snapshot import Snapshot
 from extproc.core.usage import Usage
@@ -259,12 +259,9 @@ def parse_ingest(
 ) -> Ingest | Deny:
     """An ingest request body: one event, or for bulk an array of them (items that are
     unusable are refused one by one, the others recorded)."""
-    if not body:
-        return _bad("Request body is empty; a JSON object is required.")
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return _bad(f"Request body is not valid JSON (or not valid UTF-8): {exc}")
+    doc = load_body(body)
+    if isinstance(doc, Deny):
+        return doc
     if not bulk:
         event = parse_event(doc, key_id, now, header_notes, header_limits, header_tags,
                             header_user)

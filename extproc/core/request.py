@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -75,15 +76,23 @@ def _bad(message: str) -> Deny:
     return Deny(400, "invalid_request", message)
 
 
-def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
-    """Read the facts Tollgate needs from a request body, or explain why it is unusable."""
-    endpoint = route.endpoint
+def load_body(body: bytes) -> Any | Deny:
+    """A request body's JSON value, or the 400 for an empty or undecodable body (every JSON
+    endpoint, the ingest API included, says the same)."""
     if not body:
         return _bad("Request body is empty; a JSON object is required.")
     try:
-        doc = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         return _bad(f"Request body is not valid JSON (or not valid UTF-8): {exc}")
+
+
+def parse_request(route: Route, body: bytes) -> RequestFacts | Deny:
+    """Read the facts Tollgate needs from a request body, or explain why it is unusable."""
+    endpoint = route.endpoint
+    doc = load_body(body)
+    if isinstance(doc, Deny):
+        return doc
     if not isinstance(doc, dict):
         return _bad("Request body must be a JSON object.")
     if _nested_deeper(body, doc, MAX_JSON_DEPTH):
