@@ -2,8 +2,8 @@
 `tollgate.io/inject: "true"` (the way service-mesh users expect a sidecar to arrive).
 
 Two native sidecars (init containers with `restartPolicy: Always`, Kubernetes >= 1.29), the same
-shape as `deploy/k8s/overlays/sidecar/app.yaml`: `tollgate serve` (the ext_proc server) and Envoy (from
-the same image), started before the app and stopped after it; their volumes; and in each app
+shape as `deploy/k8s/overlays/sidecar/app.yaml`: `tollgate serve` (the ext_proc server) and
+Envoy (from the same image), started before the app and stopped after it; their volumes; and in each app
 container, the SDKs' base-URL variables pointing at the local Envoy listener unless the pod sets
 them. Pure: pod in, the changed parts of the pod out.
 """
