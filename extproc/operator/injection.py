@@ -3,9 +3,9 @@
 
 Two native sidecars (init containers with `restartPolicy: Always`, Kubernetes >= 1.29), the same
 shape as `deploy/k8s/overlays/sidecar/app.yaml`: `tollgate serve` (the ext_proc server) and
-Envoy (from the same image), started before the app and stopped after it; their volumes; and in each app
-container, the SDKs' base-URL variables pointing at the local Envoy listener unless the pod sets
-them. Pure: pod in, the changed parts of the pod out.
+Envoy (from the same image), started before the app and stopped after it; their volumes; and in
+each app container, the SDKs' base-URL variables pointing at the local Envoy listener unless the
+pod sets them. Pure: pod in, the changed parts of the pod out.
 """
 
 from __future__ import annotations
