@@ -8,13 +8,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from extproc.core.periods import period_bounds
 from extproc.core.quota import BUCKET_MS, BUCKETS
 from extproc.core.reports import LimitReport, limit_report
 from extproc.core.resources import Resource, limit_spec
-from extproc.store.redis_store import Store, StoreUnavailable
+from extproc.store.redis_store import REDIS_DOWN, Store, StoreUnavailable
 
 
 async def limit_reports(
@@ -44,7 +42,7 @@ async def _scan(store: Store, pattern: str) -> list[str]:
     try:
         async for key in store.redis.scan_iter(match=pattern, count=500):
             out.append(key.decode() if isinstance(key, bytes) else str(key))
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         raise StoreUnavailable(str(exc)) from exc
     return out
 
@@ -61,7 +59,7 @@ async def cooldowns(store: Store, upstream_id: str, now_ms: int | None = None) -
             for key in keys:
                 pipe.pttl(key)
             ttls = await pipe.execute()
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         raise StoreUnavailable(str(exc)) from exc
     out = []
     for key, ttl in zip(keys, ttls, strict=True):
@@ -95,7 +93,7 @@ async def rate_usage(store: Store, rate_limit_id: str, now_ms: int | None = None
             for key in leases:
                 pipe.zcount(key, now_ms, "+inf")
             replies: list[Any] = await pipe.execute()
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         raise StoreUnavailable(str(exc)) from exc
     current = now_ms // BUCKET_MS
     usage: dict[str, dict[str, int]] = {}
@@ -125,7 +123,7 @@ async def policy_hits(store: Store, policy_ids: list[str],
             for policy in policy_ids:
                 pipe.hgetall(store.keys.policy_hits(policy, day))
             replies = await pipe.execute()
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         raise StoreUnavailable(str(exc)) from exc
     return [{(k.decode() if isinstance(k, bytes) else str(k)): int(v)
              for k, v in reply.items()} for reply in replies]

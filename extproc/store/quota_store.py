@@ -24,13 +24,13 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from extproc.core.pricing import MAX_AMOUNT_NANOS
 from extproc.core.quota import BUCKET_MS, BUCKETS, CredentialCharge, ReservationPlan
 from extproc.store import rollup
 from extproc.store.keyschema import KeySchema
-from extproc.store.redis_store import StoreRejected, StoreUnavailable, is_cluster_client
+from extproc.store.redis_store import REDIS_DOWN, StoreRejected, StoreUnavailable, is_cluster_client
 
 
 def _lua(name: str) -> str:
@@ -186,14 +186,14 @@ class QuotaStore:
                 return list(await script(keys=keys, args=args, client=self.background))
             except ResponseError as exc:
                 raise StoreRejected(str(exc)) from exc
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 raise StoreUnavailable(str(exc)) from exc
         self.breaker.check()
         try:
             reply = await script(keys=keys, args=args)
         except ResponseError as exc:
             raise StoreRejected(str(exc)) from exc
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             self.breaker.failure()
             raise StoreUnavailable(str(exc)) from exc
         self.breaker.success()
@@ -363,14 +363,14 @@ class QuotaStore:
                     keys, args = self._wire(call)
                     await self._settle(keys=keys, args=args, client=pipe)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     async def drop_hold(self, request_id: str) -> None:
         try:
             await self.background.zrem(self.keys.holds, request_id)
             await self.background.delete(self.keys.hold(request_id))
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     # -- sweeping --------------------------------------------------------------------------
@@ -383,7 +383,7 @@ class QuotaStore:
                 return []
             rids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
             payloads = await self.background.mget([self.keys.hold(r) for r in rids])
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         calls = []
         stale = []
@@ -395,7 +395,7 @@ class QuotaStore:
         if stale:
             try:
                 await self.background.zrem(self.keys.holds, *stale)
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 raise StoreUnavailable(str(exc)) from exc
         return calls
 
@@ -418,6 +418,6 @@ class QuotaStore:
                     continue
                 moved += int(await self._migrate(keys=[old, new], args=[_LEGACY_SCALE],
                                                  client=self.background))
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         return moved
