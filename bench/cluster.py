@@ -110,7 +110,7 @@ def client(url: str, tag: str, key: str, duration: float, concurrency: int, jour
     from extproc.store.quota_store import QuotaStore
     from extproc.store.redis_store import Store, connect, ready
 
-    async def go() -> tuple[int, int]:
+    async def go() -> tuple[int, int, float]:
         store = Store.from_url(url, tag, 5.0)
         hot = connect(url, 1.0)
         for redis_client in (hot, store.redis):  # as the worker does before serving
@@ -131,7 +131,8 @@ def client(url: str, tag: str, key: str, duration: float, concurrency: int, jour
             ep.ProcessingRequest(response_body=ep.HttpBody(body=ANSWER, end_of_stream=True)),
         ]
         done = refused = 0
-        stop = time.monotonic() + duration
+        started = time.monotonic()
+        stop = started + duration
 
         async def feed() -> Any:
             for message in messages:
@@ -148,12 +149,13 @@ def client(url: str, tag: str, key: str, duration: float, concurrency: int, jour
                     done += 1
 
         await asyncio.gather(*(loop() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
         settling.cancel()  # as the worker does: stop the background flush, then flush once
         await settler.close(timeout=10)
         refused += len(settler.journal)  # settlements Redis did not take
         await hot.aclose()
         await store.close()
-        return done, refused
+        return done, refused, elapsed
 
     out.put(asyncio.run(go()))
 
@@ -193,7 +195,6 @@ def run(name: str, url: str, ports: list[int], tags: list[str], args: argparse.N
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     before = node_stats(ports)
-    started = time.monotonic()
     procs = []
     for i in range(args.procs):
         tag = tags[i % len(tags)]
@@ -205,14 +206,14 @@ def run(name: str, url: str, ports: list[int], tags: list[str], args: argparse.N
     results = [out.get(timeout=args.duration + 120) for _ in procs]
     for p in procs:
         p.join(timeout=30)
-    elapsed = time.monotonic() - started
     after = node_stats(ports)
     done = sum(r[0] for r in results)
     refused = sum(r[1] for r in results)
     if refused or not done:
         raise RuntimeError(f"{name}: {refused} requests refused or unsettled, {done} done")
     nodes = {p: (after[p][0] - before[p][0], after[p][1] - before[p][1]) for p in ports}
-    return {"name": name, "tags": len(tags), "requests": done, "rps": done / elapsed,
+    rps = sum(r[0] / r[2] for r in results)  # each process's own measured span (no start-up)
+    return {"name": name, "tags": len(tags), "requests": done, "rps": rps,
             "nodes": nodes}
 
 
