@@ -595,12 +595,21 @@ def cmd_up(args: argparse.Namespace) -> int:
         MOCK_SECRETS,
         StartupError,
         remove_up_state,
+        running_up_state,
         start_stack,
         tollgate_home,
         write_up_state,
     )
 
     explicit = args.redis_url or os.environ.get("REDIS_URL") or None
+    other = running_up_state()
+    if other is not None:
+        # One `up` per home: a second would overwrite the first's record (the CLI would lose
+        # track of it) and, with embedded Redis, append to the same data files.
+        raise CliError(
+            f"a `tollgate up` is already running here (pid {other['pid']}, "
+            f"{other.get('base_url', '')}, home {tollgate_home()}). Stop it first, or run a "
+            "second one with its own home: TOLLGATE_HOME=/another/dir tollgate up --port ...")
     if getattr(args, "log_format", None):
         os.environ["TOLLGATE_LOG_FORMAT"] = args.log_format  # read by the extproc it starts
     # A temporary log folder is removed on exit (failures print the log's tail first);
