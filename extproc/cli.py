@@ -336,8 +336,9 @@ def _columns(r: Resource) -> tuple[str, ...]:
     if r.kind == "PriceTable":
         return (r.name, str(len(s["models"])))
     if r.kind == "RateLimit":
-        return (r.name, s["per"], str(s["requestsPerMinute"] or "-"),
-                str(s["tokensPerMinute"] or "-"), str(s["concurrent"] or "-"))
+        return (r.name, s["per"], s.get("window") or "1m",
+                str(s.get("requests") or s["requestsPerMinute"] or "-"),
+                str(s.get("tokens") or s["tokensPerMinute"] or "-"), str(s["concurrent"] or "-"))
     if r.kind == "Policy":
         rules = ",".join(f"{w['name']}:{w['action']}" for w in s["wordLists"]) or "-"
         req = ",".join(k for k, v in s["requestRules"].items() if v) or "-"
@@ -354,7 +355,7 @@ _HEADERS = {
     "VirtualKey": ("NAME", "GROUP", "USER", "MODELS", "STATUS"),
     "PriceTable": ("NAME", "MODELS"),
     "Upstream": ("NAME", "PROVIDER", "CLUSTER", "MODELS", "PRIORITY", "CREDENTIALS"),
-    "RateLimit": ("NAME", "PER", "RPM", "TPM", "CONCURRENT"),
+    "RateLimit": ("NAME", "PER", "WINDOW", "REQUESTS", "TOKENS", "CONCURRENT"),
     "Policy": ("NAME", "WORD-RULES", "REQUEST-RULES"),
 }
 

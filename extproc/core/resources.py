@@ -31,7 +31,7 @@ from extproc.core.pricing import (
 from extproc.core.providers.anthropic import DEFAULT_VERSION as ANTHROPIC_VERSION
 from extproc.core.providers.azure_openai import DEFAULT_API_VERSION as AZURE_API_VERSION
 from extproc.core.providers.translation import translator_for
-from extproc.core.quota import LimitSpec, RateLimitSpec, Selector
+from extproc.core.quota import WINDOW_MS, LimitSpec, RateLimitSpec, Selector, parse_window
 
 API_VERSION = "tollgate.io/v1alpha1"
 GROUP = "tollgate.io"
@@ -436,16 +436,32 @@ def _rate_limit(f: _Fields) -> dict[str, Any]:
     per = f.string("per", required=True)
     if per not in RATE_SCOPES:
         raise f.error("per", f"must be one of {', '.join(RATE_SCOPES)}")
+    window = f.string("window", "1m")
+    window_ms = parse_window(window)
+    if window_ms is None:
+        raise f.error("window", "must be a duration such as 10s, 5m, 1h or 1d (1s to 30d)")
     spec = {
         "per": per,
         "selector": _selector(f),
+        "window": window,
+        "requests": f.integer("requests", minimum=1),
+        "tokens": f.integer("tokens", minimum=1),
         "requestsPerMinute": f.integer("requestsPerMinute", minimum=1),
         "tokensPerMinute": f.integer("tokensPerMinute", minimum=1),
         "concurrent": f.integer("concurrent", minimum=1),
     }
-    if all(spec[k] is None for k in ("requestsPerMinute", "tokensPerMinute", "concurrent")):
-        raise f.error("requestsPerMinute",
-                      "set at least one of requestsPerMinute, tokensPerMinute, concurrent")
+    # `requestsPerMinute` / `tokensPerMinute` are the 60 s window's names for `requests` /
+    # `tokens`: kept for the resources written before windows could be chosen.
+    for short, long in (("requests", "requestsPerMinute"), ("tokens", "tokensPerMinute")):
+        if spec[long] is not None:
+            if spec[short] is not None:
+                raise f.error(long, f"set {short} or {long}, not both")
+            if window_ms != WINDOW_MS:
+                raise f.error(long, f"counts per minute; with window {window} set {short}")
+    if all(spec[k] is None for k in ("requests", "tokens", "requestsPerMinute",
+                                     "tokensPerMinute", "concurrent")):
+        raise f.error("requests",
+                      "set at least one of requests, tokens (per window), concurrent")
     return spec
 
 
@@ -846,7 +862,8 @@ def rate_limit_spec(resource: Resource) -> RateLimitSpec:
         name=resource.id,
         per=s["per"],
         selector=_selector_of(resource),
-        requests_per_minute=s.get("requestsPerMinute"),
-        tokens_per_minute=s.get("tokensPerMinute"),
+        requests_per_minute=s.get("requests") or s.get("requestsPerMinute"),
+        tokens_per_minute=s.get("tokens") or s.get("tokensPerMinute"),
         concurrent=s.get("concurrent"),
+        window_ms=parse_window(s.get("window") or "1m") or WINDOW_MS,
     )

@@ -21,7 +21,14 @@ from typing import Any
 import kopf
 
 from extproc.core.keys import generate_key, hash_key
-from extproc.core.resources import Resource, ResourceError, resource_id, validate_document
+from extproc.core.quota import WINDOW_MS
+from extproc.core.resources import (
+    Resource,
+    ResourceError,
+    rate_limit_spec,
+    resource_id,
+    validate_document,
+)
 from extproc.operator.injection import injection_patch
 from extproc.operator.secrets import (
     ForeignSecret,
@@ -176,10 +183,15 @@ async def live_status(store: Store, resource: Resource) -> dict[str, Any]:
     if resource.kind == "Limit":
         return (await limit_reports(store, [resource], now.timestamp()))[0].status()
     if resource.kind == "RateLimit":
-        usage = await rate_usage(store, resource.id, int(now.timestamp() * 1000))
+        spec = rate_limit_spec(resource)
+        usage = await rate_usage(store, resource.id, int(now.timestamp() * 1000),
+                                 spec.window_ms)
+        counts = ({"requestsLastMinute": usage.requests, "tokensLastMinute": usage.tokens}
+                  if spec.window_ms == WINDOW_MS else {})
         return {"identities": usage.identities, "busiest": usage.busiest or None,
-                "requestsLastMinute": usage.requests, "tokensLastMinute": usage.tokens,
-                "inFlight": usage.in_flight}
+                "window": resource.spec.get("window") or "1m",
+                "requestsInWindow": usage.requests, "tokensInWindow": usage.tokens,
+                **counts, "inFlight": usage.in_flight}
     if resource.kind == "Upstream":
         resting = await cooldowns(store, resource.id, int(now.timestamp() * 1000))
         return {"coolingDown": [
