@@ -143,6 +143,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         "description": args.description or "",
         "allowClientUser": args.allow_client_user,
         "allowedRequestTags": _patterns(args.allowed_request_tags),
+        "allowedUpstreams": _patterns(args.allowed_upstreams),
     }
     if args.expires:
         spec["expiresAt"] = parse_expiry(args.expires, datetime.now(UTC))
@@ -819,6 +820,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--allowed-request-tags", action="append", metavar="PATTERN[,PATTERN...]",
                         help="request tags (x-tollgate-tags) that may select limits (globs), "
                         "comma-separated or the flag repeated")
+    create.add_argument("--allowed-upstreams", action="append", metavar="PATTERN[,PATTERN...]",
+                        help="Upstream ids (globs) this key's calls may go through (default: "
+                        "every Upstream), comma-separated or the flag repeated")
     namespace_opt(create)
     redis_opt(create)
     create.set_defaults(func=cmd_keys_create)

@@ -41,7 +41,7 @@ stream that ends early is settled by the edge with `settlement_on_abort`.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import orjson
@@ -58,7 +58,13 @@ from extproc.core.estimate import (
 )
 from extproc.core.header_budget import HeaderTally, check_fits
 from extproc.core.ingest import Ingest, ingest_kind, parse_ingest
-from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
+from extproc.core.keys import (
+    BYOK_HEADER,
+    PresentedKey,
+    check_key,
+    model_allowed,
+    upstream_allowed,
+)
 from extproc.core.policy import autoreply
 from extproc.core.policy import engine as policy_engine
 from extproc.core.policy import gate as policy_gate
@@ -513,7 +519,12 @@ class Exchange:
                 403, "model_not_allowed", f"This API key may not use model '{facts.model}'."
             )
         azure = self.route.azure_deployment is not None
-        upstreams = snapshot.upstreams_for(facts.endpoint, facts.model, azure)
+        upstreams = snapshot.upstreams_for(facts.endpoint, facts.model, azure,
+                                           self._upstream_filter())
+        if not upstreams and self.key.allowed_upstreams and snapshot.upstreams_for(
+                facts.endpoint, facts.model, azure):
+            return Deny(403, "upstream_not_allowed", f"Model '{facts.model}' is served only "
+                        "through upstreams this API key may not use.")
         if not upstreams:
             if azure and not any(u.provider == "azure-openai" for u in snapshot.upstreams):
                 return Deny(404, "model_not_found",
@@ -537,6 +548,13 @@ class Exchange:
                     self.policies, facts.endpoint.value, body)
         self.body_in, self.body_redacted = body, redacted
         return self._route(snapshot, now)
+
+    def _upstream_filter(self) -> Callable[[str], bool] | None:
+        """The key's `allowedUpstreams` as a predicate on Upstream ids (None: all allowed)."""
+        key = self.key
+        if key is None or not key.allowed_upstreams:
+            return None
+        return lambda upstream: upstream_allowed(key, upstream)
 
     def next_upstream(self, now: float) -> Decision | Reserve | None:
         """The current upstream had no usable credential (reserve refusal kind 4): the request

@@ -218,6 +218,8 @@ def _virtual_key(f: _Fields) -> dict[str, Any]:
         # Request tags (`x-tollgate-tags`) that may select limits, as glob patterns; the key's
         # own `tags` always may. Other request tags are recorded, never matched.
         "allowedRequestTags": f.strings("allowedRequestTags"),
+        # Upstream ids (globs) routing may send this key's calls through; empty = every one.
+        "allowedUpstreams": f.strings("allowedUpstreams"),
     }
     # Kubernetes only: the Secret the operator delivers a generated key in (ignored elsewhere).
     secret_name = f.string("secretName")
@@ -701,6 +703,7 @@ class KeyRecord:
     allow_client_user: bool = False
     allowed_request_tags: tuple[str, ...] = ()
     namespace: str = DEFAULT_NAMESPACE
+    allowed_upstreams: tuple[str, ...] = ()  # Upstream id globs; empty = every Upstream
 
 
 def key_record(resource: Resource) -> KeyRecord:
@@ -719,6 +722,7 @@ def key_record(resource: Resource) -> KeyRecord:
         allow_client_user=bool(s.get("allowClientUser", False)),
         allowed_request_tags=tuple(s.get("allowedRequestTags", ())),
         namespace=resource.namespace,
+        allowed_upstreams=tuple(s.get("allowedUpstreams", ())),
     )
 
 

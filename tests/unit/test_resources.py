@@ -47,7 +47,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "keySha256": SHA, "group": "", "user": "", "models": [], "tags": [],
                 "expiresAt": None, "revoked": False, "description": "",
                 "allowRequestLimits": False, "allowClientUser": False, "allowedRequestTags": [],
-                "secretName": "",
+                "allowedUpstreams": [], "secretName": "",
             },
         ),
         (
@@ -61,7 +61,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "keySha256": SHA, "group": "team-a", "user": "alice", "models": ["gpt-4o*"],
                 "tags": ["ci"], "expiresAt": "2026-01-01T00:00:00Z", "revoked": True,
                 "description": "CI key", "allowRequestLimits": False, "allowClientUser": False,
-                "allowedRequestTags": [], "secretName": "",
+                "allowedRequestTags": [], "allowedUpstreams": [], "secretName": "",
             },
         ),
         (
@@ -155,7 +155,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "keySha256": SHA, "group": "", "user": "", "models": [], "tags": [],
                 "expiresAt": None, "revoked": False, "description": "",
                 "allowRequestLimits": True, "allowClientUser": True,
-                "allowedRequestTags": ["team-*"], "secretName": "",
+                "allowedRequestTags": ["team-*"], "allowedUpstreams": [], "secretName": "",
             },
         ),
         (
