@@ -48,6 +48,7 @@ import orjson
 
 from extproc.core import attribution, payi, providers
 from extproc.core.attribution import LIMIT_IDS_HEADERS, TAGS_HEADERS, USER_HEADERS
+from extproc.core.catalog import reachable_models
 from extproc.core.decisions import CONTINUE, BodyMode, Continue, Decision, Deny, HeaderEdit
 from extproc.core.estimate import (
     Bounds,
@@ -482,8 +483,7 @@ class Exchange:
         created = int(now)
         data = [
             {"id": model, "object": "model", "created": created, "owned_by": "tollgate"}
-            for model in snapshot.prices.models()
-            if model_allowed(self.key, model) and not self.options.denies(model)
+            for model in reachable_models(snapshot, self.key, self.options.denies)
         ]
         wanted = self.route.model if self.route is not None else None
         if wanted is not None:

@@ -216,3 +216,22 @@ def test_allowed_upstreams_restrict_what_a_key_reaches(
                                messages=[{"role": "user", "content": "hi"}])
     assert denied.value.body["error"]["type"] == "permission_error"  # type: ignore[index]
     assert upstream_requests(stack) == []
+
+
+def test_models_list_follows_routing_for_the_key(
+    stack: Stack, routed: str, new_key: Callable[..., str]
+) -> None:
+    """models.list() names what the key can call: with `--allowed-upstreams second` the
+    Upstream's alias and exact model names and nothing the built-in Upstreams serve; an
+    unrestricted key also sees the Azure Upstream's models and the alias; models.retrieve
+    agrees with the list both ways."""
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1",
+                           api_key=new_key("--allowed-upstreams", "second"), max_retries=0)
+    assert [m.id for m in client.models.list()] == ["fast"]
+    assert client.models.retrieve("fast").id == "fast"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    everyone = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=routed, max_retries=0)
+    listed = [m.id for m in everyone.models.list()]
+    assert {"gpt-4o", "claude-haiku-4-5", "fast", "gpt-4o-azure", "gpt-35-dep"} <= set(listed)
+    assert everyone.models.retrieve("gpt-35-dep").id == "gpt-35-dep"

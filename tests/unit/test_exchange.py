@@ -277,7 +277,8 @@ def test_models_lists_every_priced_model_for_an_unrestricted_key(
     _, reply = open_exchange(
         snapshot, request_headers("/v1/models?limit=100", method="GET", via="x-api-key")
     )
-    assert _model_ids(reply) == sorted(table.spec["models"])
+    # every priced model, and the exact alias `fast` of the stored Upstream "fast"
+    assert _model_ids(reply) == [*sorted(table.spec["models"]), "fast"]
 
 
 # ---- request body ----------------------------------------------------------------------------
@@ -796,3 +797,38 @@ def test_allowed_upstreams_keep_the_default_route_when_allowed(
                                       orjson.dumps({"model": "gpt-4o", "messages": MSG}))
     assert not isinstance(decision, Deny), decision
     assert exchange.upstream is not None and exchange.upstream.name == "openai"
+
+
+def test_models_lists_what_routing_reaches_for_the_key(
+    builtin_resources: list[Resource],
+) -> None:
+    """/v1/models follows routing: a key allowed only the `second` Upstream lists its aliases
+    and exact models (not a priced gpt-4o it cannot reach), a key allowed only `openai` lists
+    no `claude-*` (the built-in `*` route does not make a Claude model OpenAI's), an alias to a
+    denied model is not listed, and /v1/models/{id} agrees with the list."""
+    key = "tg-" + "w" * 43
+    second = _resource("Upstream", "second", {
+        "provider": "openai-compatible", "cluster": "second", "models": ["special-*", "solo"],
+        "aliases": {"fast2": "special-large", "bad": "o1-pro", "turbo*": "special-small"},
+        "credentials": [_cred("d", "OPENAI_API_KEY")]})
+    options = Options(denied_models=("o1-pro*",))
+    snap = _keyed_snapshot(builtin_resources, key, ["second"], second)
+    _, reply = open_exchange(snap, request_headers("/v1/models", method="GET", key=key),
+                             options=options)
+    assert _model_ids(reply) == ["fast2", "solo"]
+    _, found = open_exchange(snap, request_headers("/v1/models/solo", method="GET", key=key),
+                             options=options)
+    assert isinstance(found, Reply) and orjson.loads(found.body)["id"] == "solo"
+    _, missing = open_exchange(snap, request_headers("/v1/models/gpt-4o", method="GET",
+                                                     key=key), options=options)
+    assert isinstance(missing, Deny) and missing.status == 404
+    only_openai = _keyed_snapshot(builtin_resources, key, ["openai"])
+    _, reply = open_exchange(only_openai, request_headers("/v1/models", method="GET", key=key))
+    ids = _model_ids(reply)
+    assert "gpt-4o" in ids and "text-embedding-3-small" in ids
+    assert not [i for i in ids if i.startswith(("claude-", "gemini-"))]
+    only_anthropic = _keyed_snapshot(builtin_resources, key, ["anthropic"])
+    _, reply = open_exchange(only_anthropic, request_headers("/v1/models", method="GET",
+                                                             key=key))
+    ids = _model_ids(reply)
+    assert ids and all(i.startswith("claude-") for i in ids)

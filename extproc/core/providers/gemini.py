@@ -137,6 +137,7 @@ class Gemini:
     auth_header = "x-goog-api-key"
     endpoints = frozenset(_RULES)
     cluster: Cluster | None = Cluster("gemini", "generativelanguage.googleapis.com")
+    model_names: tuple[str, ...] = ("gemini-*", "gemma-*", "text-embedding-004")
 
     def classify(self, path: str) -> Route | None:
         match = _PATH.fullmatch(path)
