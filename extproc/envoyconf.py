@@ -29,23 +29,30 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from extproc.core import providers
 
 __all__ = [
+    "CLUSTERS_ENV",
     "DEFAULT_AZURE_HOST",
     "EXTPROC_CLUSTER",
     "ROUTING_HEADER",
     "SIDECAR_LISTEN_ADDRESS",
     "ClusterSpec",
     "ListenerTls",
+    "cluster_from_url",
+    "configured_clusters",
+    "known_clusters",
     "main",
     "mock_clusters",
     "provider_clusters",
@@ -64,6 +71,7 @@ REQUEST_ID_HEADER = "x-tollgate-request-id"
 
 #: Name of the cluster Envoy uses to reach the ext_proc gRPC server.
 EXTPROC_CLUSTER = "tollgate_extproc"
+_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 #: Dynamic-metadata namespace the extproc writes its request id into (key ``request_id``).
 METADATA_NAMESPACE = "tollgate"
@@ -135,6 +143,44 @@ def provider_clusters(azure_host: str = DEFAULT_AZURE_HOST) -> list[ClusterSpec]
         host = azure_host if cluster.name == "azure-openai" else cluster.host
         out.append(ClusterSpec(cluster.name, host, 443, tls=True, sni=host))
     return out
+
+
+#: More upstream clusters, comma-separated `NAME=http://HOST:PORT` or `NAME=https://HOST[:PORT]`:
+#: the generator adds them (as `--cluster`), and `tollgate apply` and the operator accept the
+#: Upstreams that name them. One list for both, so an accepted Upstream has its cluster.
+CLUSTERS_ENV = "TOLLGATE_ENVOY_CLUSTERS"
+
+
+def cluster_from_url(name: str, url: str) -> ClusterSpec:
+    """`http://host:port` (plain) or `https://host[:port]` (TLS, SNI and SAN = host)."""
+    parsed = urlsplit(url.strip())
+    if (parsed.scheme not in ("http", "https") or not parsed.hostname
+            or parsed.path.strip("/") or parsed.query or parsed.username):
+        raise ValueError(f"cluster {name!r}: expected http://HOST:PORT or https://HOST[:PORT], "
+                         f"got {url!r}")
+    if not _CLUSTER_NAME.match(name) or name == EXTPROC_CLUSTER:
+        raise ValueError(f"cluster name {name!r} must be letters, digits, '-', '_' or '.'")
+    tls = parsed.scheme == "https"
+    port = parsed.port or (443 if tls else 80)
+    return ClusterSpec(name, parsed.hostname, port, tls=tls, sni=parsed.hostname if tls else None)
+
+
+def configured_clusters(value: str | None = None) -> list[ClusterSpec]:
+    """The clusters of `TOLLGATE_ENVOY_CLUSTERS` (or `value`)."""
+    text = os.environ.get(CLUSTERS_ENV, "") if value is None else value
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, url = item.partition("=")
+        if not sep:
+            raise ValueError(f"{CLUSTERS_ENV}: expected NAME=URL, got {item!r}")
+        out.append(cluster_from_url(name.strip(), url))
+    return out
+
+
+def known_clusters(value: str | None = None) -> set[str]:
+    """Every cluster name the generated Envoy configuration defines for Upstreams: the
+    providers' and those of `TOLLGATE_ENVOY_CLUSTERS` (or `value`)."""
+    return {c.name for c in (*provider_clusters(), *configured_clusters(value))}
 
 
 def mock_clusters(host: str, port: int) -> list[ClusterSpec]:
@@ -784,6 +830,7 @@ def sidecar_config(
     bypass_cluster: str | None = None,
     xff_num_trusted_hops: int = 0,
     tls: ListenerTls | None = None,
+    extra_clusters: Sequence[ClusterSpec] = (),
 ) -> dict[str, Any]:
     """The config ``main()`` prints; with no arguments, the checked-in ``envoy/envoy.yaml``."""
     clusters = (
@@ -792,7 +839,7 @@ def sidecar_config(
         else provider_clusters(azure_host)
     )
     return render_bootstrap(
-        clusters=clusters,
+        clusters=[*clusters, *extra_clusters],
         listen_address=listen_address,
         listen_port=listen_port,
         admin_port=admin_port,
@@ -863,6 +910,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m extproc.envoyconf
         help="directory Envoy finds the SDS files in at run time (default /etc/envoy)",
     )
     parser.add_argument(
+        "--cluster",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="one more upstream cluster (http://HOST:PORT or https://HOST[:PORT]) for Upstreams "
+        f"to name; also ${CLUSTERS_ENV} (comma-separated)",
+    )
+    parser.add_argument(
         "--output-dir",
         metavar="DIR",
         help="write envoy.yaml (and the SDS files, with TLS) into DIR instead of stdout",
@@ -876,6 +931,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m extproc.envoyconf
             parser.error("TLS needs --output-dir: Envoy reads the certificates through SDS files")
         tls = ListenerTls(args.tls_cert, args.tls_key, args.tls_client_ca, args.sds_dir)
     try:
+        extra = [*configured_clusters(), *configured_clusters(",".join(args.cluster))]
         config = sidecar_config(
             listen_address=args.listen_address,
             listen_port=args.port,
@@ -887,6 +943,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m extproc.envoyconf
             bypass_cluster=args.bypass_cluster if args.bypass_port is not None else None,
             xff_num_trusted_hops=args.xff_trusted_hops,
             tls=tls,
+            extra_clusters=extra,
         )
     except ValueError as exc:
         parser.error(str(exc))

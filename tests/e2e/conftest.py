@@ -86,13 +86,16 @@ CliRunner = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="session")
-def cli(e2e_env: dict[str, str]) -> CliRunner:
+def cli(e2e_env: dict[str, str], second_upstream: int) -> CliRunner:
+    # The stack's Envoy has the cluster `second` too: `apply` accepts Upstreams naming it.
+    env = {**e2e_env, "TOLLGATE_ENVOY_CLUSTERS": f"second=http://127.0.0.1:{second_upstream}"}
+
     def run(
         *args: str, check: bool = True, stdin: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "extproc", *args],
-            env=e2e_env, capture_output=True, text=True, timeout=60, input=stdin,
+            env=env, capture_output=True, text=True, timeout=60, input=stdin,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"tollgate {' '.join(args)} failed:\n{result.stderr}")
