@@ -222,3 +222,19 @@ def test_local_replies_keep_own_json_and_wrap_envoys() -> None:
     assert "local_reply_config" not in _hcm(_listener(envoyconf.render_bootstrap(
         clusters=envoyconf.mock_clusters("127.0.0.1", 18080), bypass_port=18003,
         bypass_cluster="openai"), "bypass"))
+
+
+def test_configured_clusters_read_name_equals_url() -> None:
+    from extproc.envoyconf import ClusterSpec, configured_clusters, known_clusters
+
+    assert configured_clusters(" local=http://10.0.0.5:8000 , west=https://w.example.com") == [
+        ClusterSpec("local", "10.0.0.5", 8000),
+        ClusterSpec("west", "w.example.com", 443, tls=True, sni="w.example.com"),
+    ]
+    assert configured_clusters("") == []
+    assert {"openai", "anthropic", "gemini", "azure-openai", "local"} <= known_clusters(
+        "local=http://h:1")
+    for bad in ("local", "local=ftp://h:1", "local=http://h:1/v1", "bad name=http://h:1",
+                "tollgate_extproc=http://h:1"):
+        with pytest.raises(ValueError):
+            configured_clusters(bad)
