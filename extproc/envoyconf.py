@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from extproc.core import providers
+from extproc.core.targets import PROXY_CLUSTER_HTTP, PROXY_CLUSTER_HTTPS, PROXY_CLUSTERS
 
 __all__ = [
     "CLUSTERS_ENV",
@@ -180,7 +181,8 @@ def configured_clusters(value: str | None = None) -> list[ClusterSpec]:
 def known_clusters(value: str | None = None) -> set[str]:
     """Every cluster name the generated Envoy configuration defines for Upstreams: the
     providers' and those of `TOLLGATE_ENVOY_CLUSTERS` (or `value`)."""
-    return {c.name for c in (*provider_clusters(), *configured_clusters(value))}
+    return {c.name for c in (*provider_clusters(), *configured_clusters(value))} | set(
+        PROXY_CLUSTERS)
 
 
 def mock_clusters(host: str, port: int) -> list[ClusterSpec]:
@@ -317,6 +319,69 @@ def _upstream_cluster(spec: ClusterSpec, buffer_limit_bytes: int) -> dict[str, A
             },
         }
     return cluster
+
+
+def _dns_cache() -> dict[str, Any]:
+    """The DNS cache the forward proxy filter and its two clusters share (same name, same
+    settings, or Envoy refuses the configuration)."""
+    return {"name": "tollgate_dfp", "dns_lookup_family": "V4_PREFERRED", "max_hosts": 1024}
+
+
+def _proxy_filter() -> dict[str, Any]:
+    """Resolves the `:authority` of calls routed to a forward proxy cluster (a credential's
+    `baseUrl`, core/targets.py) before the router connects; a no-op for every other cluster."""
+    return {
+        "name": "envoy.filters.http.dynamic_forward_proxy",
+        "typed_config": {
+            "@type": _type_url(
+                "envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig"),
+            "dns_cache_config": _dns_cache(),
+        },
+    }
+
+
+def _proxy_clusters(buffer_limit_bytes: int) -> list[dict[str, Any]]:
+    """Two dynamic forward proxy clusters, plain and TLS: credentials with their own base URL
+    (another Tollgate, any OpenAI-compatible server) need no cluster of their own. The
+    extproc picks the cluster and writes the URL's host as `:authority`; with TLS the SNI and
+    the certificate's name check come from that host (auto_sni, auto_san_validation)."""
+    out = []
+    for name, tls in ((PROXY_CLUSTER_HTTP, False), (PROXY_CLUSTER_HTTPS, True)):
+        cluster: dict[str, Any] = {
+            "name": name,
+            "connect_timeout": "5s",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "cluster_type": {
+                "name": "envoy.clusters.dynamic_forward_proxy",
+                "typed_config": {
+                    "@type": _type_url(
+                        "envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig"),
+                    "dns_cache_config": _dns_cache(),
+                },
+            },
+            "per_connection_buffer_limit_bytes": buffer_limit_bytes,
+            "circuit_breakers": _circuit_breakers(),
+        }
+        if tls:
+            cluster["transport_socket"] = {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": _type_url(
+                        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"),
+                    "common_tls_context": {
+                        "validation_context": {"trusted_ca": {"filename": _CA_BUNDLE}}},
+                },
+            }
+            cluster["typed_extension_protocol_options"] = {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": _type_url("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"),
+                    "upstream_http_protocol_options": {
+                        "auto_sni": True, "auto_san_validation": True},
+                    "explicit_http_config": {"http_protocol_options": {}},
+                },
+            }
+        out.append(cluster)
+    return out
 
 
 def _ext_proc_filter(message_timeout_ms: int) -> dict[str, Any]:
@@ -725,6 +790,8 @@ def render_bootstrap(
         raise ValueError(f"duplicate cluster names: {names}")
     if EXTPROC_CLUSTER in names:
         raise ValueError(f"cluster name {EXTPROC_CLUSTER!r} is reserved")
+    if set(names) & set(PROXY_CLUSTERS):
+        raise ValueError(f"cluster names {', '.join(PROXY_CLUSTERS)} are reserved")
     if buffer_limit_bytes <= 0:
         raise ValueError("buffer_limit_bytes must be positive")
     if bypass_port is not None:
@@ -746,7 +813,8 @@ def render_bootstrap(
             _http_connection_manager(
                 stat_prefix="tollgate",
                 route_config=_main_route_config(),
-                http_filters=[_ext_proc_filter(message_timeout_ms), _router_filter()],
+                http_filters=[_ext_proc_filter(message_timeout_ms), _proxy_filter(),
+                              _router_filter()],
                 xff_num_trusted_hops=xff_num_trusted_hops,
                 local_reply=True,
                 request_timeout_ms=request_timeout_ms,
@@ -783,6 +851,7 @@ def render_bootstrap(
             "clusters": [
                 _extproc_cluster(extproc_host, extproc_port, buffer_limit_bytes),
                 *(_upstream_cluster(spec, buffer_limit_bytes) for spec in clusters),
+                *_proxy_clusters(buffer_limit_bytes),
             ],
         },
         # Envoy otherwise accepts connections until it runs out of file descriptors (and warns

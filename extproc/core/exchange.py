@@ -94,9 +94,16 @@ from extproc.core.quota import (
 )
 from extproc.core.request import Endpoint, RequestFacts, Route, classify_path, parse_request
 from extproc.core.resources import KeyRecord, UpstreamSpec, qualify
-from extproc.core.result import Priced, cost_headers, result_object, splice_result
+from extproc.core.result import (
+    RESULT_FIELD,
+    Priced,
+    cost_headers,
+    result_object,
+    splice_result,
+)
 from extproc.core.snapshot import Snapshot
 from extproc.core.streams import StreamMeter, StreamStep
+from extproc.core.targets import target_of, without_inner_result
 from extproc.core.usage import Usage
 
 ROUTING_HEADER = "x-tollgate-cluster"
@@ -215,6 +222,7 @@ class Exchange:
         "priced",
         "priced_as",
         "prompt_bound",
+        "proxied",
         "request_id",
         "request_tags",
         "reservation",
@@ -270,6 +278,7 @@ class Exchange:
         self.price: ModelPrice | None = None
         self.path = "/"
         self.pool: tuple[CredentialCharge, ...] = ()  # candidates, when a pool decides
+        self.proxied = False  # the credential has its own baseUrl (core/targets.py)
         self.credential: CredentialCharge | None = None  # the credential the call went out with
         self.cooldown_due: int | None = None  # Retry-After ms (0 = none) when it must rest
         self._snapshot: Snapshot | None = None
@@ -652,6 +661,8 @@ class Exchange:
                 self._pool_auth_placeholder()), new_body is not None)
             if too_many is not None:
                 return too_many
+        if self.credential is not None:
+            proceed = self._to_target(proceed, self.credential)
         plan = self._plan(snapshot, facts, now)
         if isinstance(plan, Deny):
             return plan
@@ -870,7 +881,25 @@ class Exchange:
     def _with_credential(self, proceed: Continue, credential: CredentialCharge) -> Continue:
         self.credential = credential
         auth = HeaderEdit(set=tuple(self._auth(credential)))
-        return replace(proceed, headers=proceed.headers.plus(auth))
+        return self._to_target(replace(proceed, headers=proceed.headers.plus(auth)), credential)
+
+    def _to_target(self, proceed: Continue, credential: CredentialCharge) -> Continue:
+        """A credential with its own `baseUrl` (core/targets.py): the proxy cluster, its host as
+        `:authority` and its path in front of the call's, in place of the Upstream's cluster."""
+        assert self.upstream is not None
+        base_url = next((c.base_url for c in self.upstream.credentials
+                         if c.name == credential.name), None)
+        if base_url is None:
+            return proceed
+        self.proxied = True
+        target = target_of(base_url)
+        edit = proceed.headers
+        path = next((v for k, v in reversed(edit.set) if k == ":path"), self.path)
+        kept = tuple((k, v) for k, v in edit.set
+                     if k not in (ROUTING_HEADER, ":authority", ":path"))
+        sets = (*kept, (ROUTING_HEADER, target.cluster), (":authority", target.authority),
+                (":path", target.path(path)))
+        return replace(proceed, headers=replace(edit, set=sets))
 
     def on_reserved(self, reserve: Reserve, reservation: Reservation) -> Decision:
         self.reservation = reservation
@@ -923,6 +952,16 @@ class Exchange:
     # -- response headers ------------------------------------------------------------------
 
     def on_response_headers(self, headers: Mapping[str, str]) -> Continue:
+        proceed = self._on_response_headers(headers)
+        if not self.proxied:
+            return proceed
+        # Another Tollgate's own report (its cost, limits, request id) is not this gateway's:
+        # the client gets this gateway's, priced from the same usage.
+        setting = {name for name, _ in proceed.headers.set}
+        inner = tuple(n for n in headers if n.startswith(INTERNAL_PREFIX) and n not in setting)
+        return replace(proceed, headers=replace(proceed.headers, remove=inner))
+
+    def _on_response_headers(self, headers: Mapping[str, str]) -> Continue:
         status = headers.get(":status", "0")
         self.status = int(status) if status.isdigit() else 0
         sets: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, self.request_id),)
@@ -1094,6 +1133,10 @@ class Exchange:
         edit = HeaderEdit(set=cost_headers(self.priced) + self._policy_headers()).plus(
             self.after_settlement(statuses))
         new_body = None
+        if self.proxied:  # another Tollgate answered: its result object is not ours
+            stripped = without_inner_result(body, RESULT_FIELD)
+            if stripped is not body:
+                body = new_body = stripped
         if self.upstream_endpoint is not None:  # translated: the answer in OpenAI's shape
             assert self.facts is not None
             back = (translation.from_anthropic if self.upstream_endpoint is Endpoint.MESSAGES

@@ -32,6 +32,7 @@ from extproc.core.providers.anthropic import DEFAULT_VERSION as ANTHROPIC_VERSIO
 from extproc.core.providers.azure_openai import DEFAULT_API_VERSION as AZURE_API_VERSION
 from extproc.core.providers.translation import translator_for
 from extproc.core.quota import WINDOW_MS, LimitSpec, RateLimitSpec, Selector, parse_window
+from extproc.core.targets import base_url_problem
 
 API_VERSION = "tollgate.io/v1alpha1"
 GROUP = "tollgate.io"
@@ -279,12 +280,19 @@ def _credential(where: str, path: str, value: Any) -> dict[str, Any]:
     secret = f.string("secretRef", required=True)
     if not _ENV_NAME.match(secret):
         raise f.error("secretRef", "must be an environment variable or secret file name")
+    base_url = f.string("baseUrl") or None
+    if base_url is not None:
+        problem = base_url_problem(base_url)
+        if problem is not None:
+            raise f.error("baseUrl", problem)
     spec = {
         "name": name,
         "secretRef": secret,
         "rpm": f.integer("rpm"),
         "tpm": f.integer("tpm"),
         "isFallback": f.boolean("isFallback"),
+        # Its own server (core/targets.py) instead of the Upstream's cluster.
+        "baseUrl": base_url,
     }
     f.done()
     return spec
@@ -764,6 +772,7 @@ class CredentialSpec:
     rpm: int | None
     tpm: int | None
     is_fallback: bool
+    base_url: str | None = None  # its own server instead of the Upstream's cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -812,7 +821,7 @@ def upstream_spec(resource: Resource) -> UpstreamSpec:
         translate=bool(s.get("translate")),
         credentials=tuple(
             CredentialSpec(c["name"], c["secretRef"], c.get("rpm"), c.get("tpm"),
-                           bool(c.get("isFallback")))
+                           bool(c.get("isFallback")), c.get("baseUrl"))
             for c in s.get("credentials", ())
         ),
         cooldown_ms=int((s.get("cooldown") or {}).get("seconds", 30)) * 1000,

@@ -33,7 +33,8 @@ def test_sidecar_defaults() -> None:
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 10000}
     assert cfg["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     names = [c["name"] for c in cfg["static_resources"]["clusters"]]
-    assert names == ["tollgate_extproc", "openai", "azure-openai", "anthropic", "gemini"]
+    assert names == ["tollgate_extproc", "openai", "azure-openai", "anthropic", "gemini",
+                     "tollgate_dfp_http", "tollgate_dfp_https"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,8 +98,10 @@ def test_routes_on_routing_header_and_strips_it() -> None:
 def test_ext_proc_filter_settings() -> None:
     cfg = envoyconf.render_bootstrap(clusters=envoyconf.provider_clusters())
     hcm = _hcm(_listener(cfg, "tollgate"))
-    ext_proc, router = hcm["http_filters"]
+    ext_proc, proxy, router = hcm["http_filters"]
     assert router["name"] == "envoy.filters.http.router"
+    # after ext_proc (which names the cluster and :authority), before the router
+    assert proxy["name"] == "envoy.filters.http.dynamic_forward_proxy"
     assert ext_proc["name"] == "envoy.filters.http.ext_proc"
     tc = ext_proc["typed_config"]
     assert tc["grpc_service"] == {"envoy_grpc": {"cluster_name": "tollgate_extproc"}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -107,9 +108,9 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "unpriced": "default",
                 "credentials": [
                     {"name": "a", "secretRef": "AZURE_KEY", "rpm": None, "tpm": None,
-                     "isFallback": False},
+                     "isFallback": False, "baseUrl": None},
                     {"name": "b", "secretRef": "AZURE_KEY_2", "rpm": 60, "tpm": 0,
-                     "isFallback": True},
+                     "isFallback": True, "baseUrl": None},
                 ],
                 "cooldown": COOLDOWN,
             },
@@ -503,6 +504,25 @@ def test_rate_limit_windows(window: str, ms: int, buckets: tuple[int, int]) -> N
     minute = validate_document(doc("RateLimit", {"per": "key", "window": "60s",
                                                  "requestsPerMinute": 3}))
     assert rate_limit_spec(minute).requests_per_minute == 3
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("ftp://h", "http:// or https://"), ("http://", "with a host"),
+    ("https://u:p@h.example", "user"), ("http://h:1/v1?x=1", "query"),
+    ("http://h:99999", "http:// or https://"), ("h.example:8000", "http:// or https://"),
+])
+def test_credential_base_url_is_refused_when_not_a_plain_url(url: str, problem: str) -> None:
+    with pytest.raises(ResourceError, match=r"credentials\[0\]\.baseUrl.*" + re.escape(problem)):
+        validate_document(doc("Upstream", {"provider": "openai-compatible", "cluster": "openai",
+                                           "credentials": [{"name": "a", "secretRef": "K",
+                                                            "baseUrl": url}]}))
+
+
+def test_credential_base_url_is_kept() -> None:
+    spec = upstream_spec(validate_document(doc("Upstream", {
+        "provider": "openai", "cluster": "openai",
+        "credentials": [{"name": "a", "secretRef": "K", "baseUrl": "http://127.0.0.1:9/v1"}]})))
+    assert spec.credentials[0].base_url == "http://127.0.0.1:9/v1"
 
 
 LIMIT_WHERE = "document (Limit/r1)"
