@@ -181,8 +181,7 @@ def configured_clusters(value: str | None = None) -> list[ClusterSpec]:
 def known_clusters(value: str | None = None) -> set[str]:
     """Every cluster name the generated Envoy configuration defines for Upstreams: the
     providers' and those of `TOLLGATE_ENVOY_CLUSTERS` (or `value`)."""
-    return {c.name for c in (*provider_clusters(), *configured_clusters(value))} | set(
-        PROXY_CLUSTERS)
+    return {c.name for c in (*provider_clusters(), *configured_clusters(value))}
 
 
 def mock_clusters(host: str, port: int) -> list[ClusterSpec]:
@@ -407,6 +406,10 @@ def _ext_proc_filter(message_timeout_ms: int) -> dict[str, Any]:
             # response via mode_override in its response-headers reply; Envoy ignores
             # mode_override unless this is set.
             "allow_mode_override": True,
+            # A credential with its own base URL (core/targets.py) is reached by setting
+            # `:authority` for the forward proxy filter; Envoy drops a mutation of :authority,
+            # host, :scheme or :method from ext_proc without this.
+            "mutation_rules": {"allow_all_routing": True},
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "response_header_mode": "SEND",

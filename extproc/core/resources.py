@@ -32,7 +32,7 @@ from extproc.core.providers.anthropic import DEFAULT_VERSION as ANTHROPIC_VERSIO
 from extproc.core.providers.azure_openai import DEFAULT_API_VERSION as AZURE_API_VERSION
 from extproc.core.providers.translation import translator_for
 from extproc.core.quota import WINDOW_MS, LimitSpec, RateLimitSpec, Selector, parse_window
-from extproc.core.targets import base_url_problem
+from extproc.core.targets import PROXY_CLUSTERS, base_url_problem
 
 API_VERSION = "tollgate.io/v1alpha1"
 GROUP = "tollgate.io"
@@ -355,11 +355,17 @@ def _upstream(f: _Fields) -> dict[str, Any]:
     if translate and not translator_for(provider):
         raise f.error("translate", "only anthropic and gemini Upstreams translate "
                       "chat/completions calls")
+    cluster = f.string("cluster", required=True)
+    if cluster in PROXY_CLUSTERS:
+        # A forward proxy cluster goes wherever :authority says, which the client writes
+        # unless a credential's baseUrl sets it: never an Upstream's own cluster.
+        raise f.error("cluster", "is a forward proxy cluster; give credentials a baseUrl "
+                      "instead")
     return {
         "provider": provider,
         "translate": translate,
         "unpriced": unpriced,
-        "cluster": f.string("cluster", required=True),
+        "cluster": cluster,
         "models": f.strings("models") or ["*"],
         "priority": f.integer("priority", 100),
         "aliases": alias_map,

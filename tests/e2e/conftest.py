@@ -26,6 +26,9 @@ ANTHROPIC_UPSTREAM_KEY = "sk-upstream-anthropic-e2e"
 AZURE_UPSTREAM_KEY = "azure-upstream-e2e"
 GEMINI_UPSTREAM_KEY = "gemini-upstream-e2e"
 SECOND_UPSTREAM_KEY = "sk-second-e2e"
+# A virtual key of a second (inner) Tollgate, the credential an outer one chains with
+# (test_base_url.py); in the outer gateway's environment as INNER_GATEWAY_KEY.
+INNER_GATEWAY_KEY = "tg-" + "inner" * 8 + "abc"
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +42,7 @@ def e2e_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         AZURE_OPENAI_API_KEY=AZURE_UPSTREAM_KEY,
         GEMINI_API_KEY=GEMINI_UPSTREAM_KEY,
         SECOND_API_KEY=SECOND_UPSTREAM_KEY,
+        INNER_GATEWAY_KEY=INNER_GATEWAY_KEY,
         POOL_KEY_1="sk-pool-1", POOL_KEY_2="sk-pool-2", POOL_FALLBACK="sk-pool-fallback",
         TOLLGATE_RELOAD_POLL_MS="500",
         TOLLGATE_CORS_ORIGINS="https://app.example.test",  # test_policies: CORS

@@ -518,6 +518,11 @@ def test_credential_base_url_is_refused_when_not_a_plain_url(url: str, problem: 
                                                             "baseUrl": url}]}))
 
 
+def test_an_upstream_may_not_name_a_forward_proxy_cluster() -> None:
+    with pytest.raises(ResourceError, match=r"spec\.cluster.*forward proxy"):
+        validate_document(doc("Upstream", {"provider": "openai", "cluster": "tollgate_dfp_http"}))
+
+
 def test_credential_base_url_is_kept() -> None:
     spec = upstream_spec(validate_document(doc("Upstream", {
         "provider": "openai", "cluster": "openai",
