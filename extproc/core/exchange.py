@@ -978,7 +978,7 @@ class Exchange:
         if 200 <= self.status < 300 and content_type.startswith("text/event-stream"):
             # Chunks flow through one by one (STREAMED), metered on the way.
             self.meter = StreamMeter(self.upstream_endpoint or self.facts.endpoint,
-                                     self.hide_usage_chunk)
+                                     self.hide_usage_chunk, self.proxied)
             if self.upstream_endpoint is not None:
                 self.translation = (translation.AnthropicStream(self.facts.model)
                                     if self.upstream_endpoint is Endpoint.MESSAGES

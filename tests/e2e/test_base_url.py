@@ -151,3 +151,39 @@ def test_tollgate_chained_to_tollgate_prices_once(
             break
         time.sleep(0.1)
     assert (spent - spent_before, held) == (type(spent)(cost), 0)
+
+
+def _stream_results(base_url: str, key: str, model: str) -> tuple[str, list[str]]:
+    """A streamed chat call read raw: the request id header and the request id of every result
+    object in the stream (SSE comments and the usage chunk)."""
+    body = {**chat_body(model), "stream": True, "stream_options": {"include_usage": True}}
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=30,
+                          headers={"authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    ids = []
+    for line in response.text.splitlines():
+        if line.startswith(": xproxy_result "):
+            ids.append(json.loads(line[len(": xproxy_result "):])["request_id"])
+        elif line.startswith("data: {") and "xproxy_result" in line:
+            ids.append(json.loads(line[len("data: "):])["xproxy_result"]["request_id"])
+    return response.headers["x-tollgate-request-id"], ids
+
+
+def test_a_chained_stream_carries_only_the_outer_result(
+    stack: Stack, inner: Stack, cli: CliRunner, new_key: Callable[..., str]
+) -> None:
+    """Streams too: the inner gateway's result comment and usage-chunk member are dropped; the
+    client reads as many results as from an unchained call, all the outer gateway's."""
+    upstream = "chains-" + uuid.uuid4().hex[:6]
+    _apply(cli, f"kind: Upstream\nmetadata: {{name: {upstream}}}\nspec:\n"
+                f"  provider: openai\n  cluster: openai\n  models: [{upstream}-*]\n"
+                f"  aliases: {{{upstream}-mini: gpt-4o-mini}}\n"
+                f"  credentials:\n    - {{name: inner, secretRef: INNER_GATEWAY_KEY, "
+                f"baseUrl: 'http://127.0.0.1:{inner.port}/v1'}}\n")
+    key = new_key()
+    _until_routed(openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0),
+                  f"{upstream}-mini")
+    request_id, chained = _stream_results(stack.base_url, key, f"{upstream}-mini")
+    _, direct = _stream_results(stack.base_url, key, "gpt-4o-mini")
+    assert len(chained) == len(direct) >= 1
+    assert set(chained) == {request_id}
