@@ -761,7 +761,7 @@ class Exchange:
         shape = facts.shape
         choices = shape.choices if shape is not None else 1
         requested = facts.max_output_tokens if clamp_to is None else clamp_to
-        embeddings = facts.endpoint is Endpoint.EMBEDDINGS
+        embeddings = facts.endpoint.embeds
         # Rate windows count tokens, not money: they keep the closer estimate (corrected at
         # settle), so that a request without an output cap is not charged a model's maximum.
         close_out = 0 if embeddings else (
@@ -827,7 +827,7 @@ class Exchange:
         request fits at a smaller output cap, and at least the limit's minimum fits, the
         request with that cap (body rewritten) and its smaller reservation; else None."""
         facts, price, plan = self.facts, self.price, reserve.plan
-        if facts is None or price is None or facts.endpoint is Endpoint.EMBEDDINGS:
+        if facts is None or price is None or facts.endpoint.embeds:
             return None
         blocking = next((c.limit for c in plan.limits
                          if c.limit.name == reservation.blocked_limit), None)
@@ -1016,6 +1016,11 @@ class Exchange:
         assert self.facts is not None and self.key is not None and self.upstream is not None
         warnings: list[str] = []
         usage = parse_response_usage(self.upstream_endpoint or self.facts.endpoint, body)
+        if usage is None and self.facts.endpoint.embeds and self.facts.endpoint.is_gemini:
+            # Gemini's embeddings answer carries no counts: the input is what the request
+            # holds (~4 characters a token, rounded up), so the call is never free.
+            usage = Usage(input=self._prompt_estimate())
+            warnings.append("usage-estimated-from-request")
         if usage is None:
             usage = Usage()
             warnings.append("no-usage-in-response")

@@ -57,6 +57,17 @@ class Endpoint(enum.Enum):
     STREAM_GENERATE = "gemini.streamGenerateContent"
     COUNT_TOKENS = "gemini.countTokens"
     MESSAGES_COUNT_TOKENS = "messages.count_tokens"
+    EMBED_CONTENT = "gemini.embedContent"
+    BATCH_EMBED_CONTENTS = "gemini.batchEmbedContents"
+
+    @property
+    def embeds(self) -> bool:
+        """An embeddings call: input only, no output to cap or bound."""
+        return self in (Endpoint.EMBEDDINGS, Endpoint.EMBED_CONTENT, Endpoint.BATCH_EMBED_CONTENTS)
+
+    @property
+    def is_gemini(self) -> bool:
+        return self.value.startswith("gemini.")
 
     @property
     def is_anthropic(self) -> bool:
