@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.core.periods import period_bounds
-from extproc.core.quota import BUCKET_MS, BUCKETS
+from extproc.core.quota import WINDOW_MS, window_buckets
 from extproc.core.reports import LimitReport, limit_report
 from extproc.core.resources import Resource, limit_spec
 from extproc.store.redis_store import REDIS_DOWN, Store, StoreUnavailable
@@ -80,8 +80,11 @@ class RateUsage:
     in_flight: int  # concurrency leases held now, over every identity
 
 
-async def rate_usage(store: Store, rate_limit_id: str, now_ms: int | None = None) -> RateUsage:
+async def rate_usage(store: Store, rate_limit_id: str, now_ms: int | None = None,
+                     window_ms: int = WINDOW_MS) -> RateUsage:
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    suffixes = {store.keys.window("", "", metric, window_ms).rpartition(":")[2]: metric
+                for metric in ("requests", "tokens")}
     window_prefix = store.keys.window(rate_limit_id, "", "requests")[: -len(":rpm")]
     lease_prefix = store.keys.leases(rate_limit_id, "")
     windows = await _scan(store, window_prefix + "*")
@@ -95,19 +98,23 @@ async def rate_usage(store: Store, rate_limit_id: str, now_ms: int | None = None
             replies: list[Any] = await pipe.execute()
     except REDIS_DOWN as exc:
         raise StoreUnavailable(str(exc)) from exc
-    current = now_ms // BUCKET_MS
+    width, count = window_buckets(window_ms)
+    current = now_ms // width
     usage: dict[str, dict[str, int]] = {}
     for key, buckets in zip(windows, replies[: len(windows)], strict=True):
-        ident, _, metric = key[len(window_prefix):].rpartition(":")
-        total = sum(int(v) for b, v in buckets.items() if int(b) >= current - BUCKETS)
+        ident, _, short = key[len(window_prefix):].rpartition(":")
+        metric = suffixes.get(short)
+        if metric is None:
+            continue  # a hash of the window the RateLimit had before a change
+        total = sum(int(v) for b, v in buckets.items() if int(b) >= current - count)
         if total:
             usage.setdefault(ident, {})[metric] = total
     in_flight = sum(int(n) for n in replies[len(windows):])
     if not usage:
         return RateUsage(0, "", 0, 0, in_flight)
-    busiest = max(usage, key=lambda i: (usage[i].get("rpm", 0), usage[i].get("tpm", 0)))
-    return RateUsage(len(usage), busiest, usage[busiest].get("rpm", 0),
-                     usage[busiest].get("tpm", 0), in_flight)
+    busiest = max(usage, key=lambda i: (usage[i].get("requests", 0), usage[i].get("tokens", 0)))
+    return RateUsage(len(usage), busiest, usage[busiest].get("requests", 0),
+                     usage[busiest].get("tokens", 0), in_flight)
 
 
 def utc_day(now: float | None = None) -> str:

@@ -205,7 +205,8 @@ class QuotaStore:
         return [self.keys.limit_state(c.limit.name, c.period_id) for c in plan.limits]
 
     def _window_keys(self, plan: ReservationPlan) -> list[str]:
-        return [self.keys.window(w.rate_limit, w.ident, w.metric) for w in plan.windows]
+        return [self.keys.window(w.rate_limit, w.ident, w.metric, w.window_ms)
+                for w in plan.windows]
 
     def _lease_keys(self, plan: ReservationPlan) -> list[str]:
         return [self.keys.leases(lease.rate_limit, lease.ident) for lease in plan.leases]
@@ -244,7 +245,7 @@ class QuotaStore:
             mode = 0 if not c.limit.block else (1 if c.limit.strict else 2)
             args += [mode, c.limit.max_nanos, c.ttl_ms, 0]
         for w in plan.windows:
-            args += [w.limit, _exact(w.amount), BUCKET_MS, BUCKETS]
+            args += [w.limit, _exact(w.amount), *w.buckets]
         for _lease in plan.leases:
             args += [_lease.limit, plan.lease_deadline_ms]
         primaries = sum(1 for c in plan.credentials if c.primary)
@@ -289,12 +290,15 @@ class QuotaStore:
             args: list[Any] = [rid, now, _exact(actual_nanos), _exact(actual_tokens), event,
                                self.stream_maxlen, 0, 0, 0, 0, 0, 0, USAGE_MARKER_MS, 0]
             return SettleCall(tuple(keys), tuple(args))
-        token_windows = [self.keys.window(w.rate_limit, w.ident, w.metric)
+        token_windows = [self.keys.window(w.rate_limit, w.ident, w.metric, w.window_ms)
                          for w in plan.token_windows]
+        # The bucket each window charged its estimate to (widths differ by window).
+        buckets = [plan.now_ms // w.buckets[0] for w in plan.token_windows]
         if credential is not None and credential.tpm:
             # The credential's token window was charged the estimate too: correct it as well.
             token_windows.append(
                 self.keys.credential_window(credential.upstream, credential.name, "tokens"))
+            buckets.append(plan.bucket)
         deletes = []
         if success and credential is not None:
             deletes.append(self.keys.credential_errors(credential.upstream, credential.name))
@@ -326,8 +330,7 @@ class QuotaStore:
         ]
         for c in plan.limits:
             args += [c.limit.max_nanos, c.limit.threshold_nanos, c.ttl_ms]
-        for _w in token_windows:
-            args.append(plan.bucket)
+        args += buckets
         return SettleCall(tuple(keys), tuple(args))
 
     async def cool_down(self, credential: CredentialCharge, base_ms: int, max_ms: int,
