@@ -38,6 +38,7 @@ class Settler:
         self.journal: collections.deque[SettleCall] = collections.deque()
         self._wake = asyncio.Event()
         self._closing = False
+        self._writing = 0  # calls taken off `batch` by a flush whose write has not finished
         self._tasks: set[asyncio.Task[list[int] | None]] = set()
         self.dir = Path(journal_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +92,7 @@ class Settler:
     async def _replay(self) -> None:
         while self.journal:
             call = self.journal.popleft()  # before the await: see `flush`
+            self._writing += 1
             try:
                 await self.quota.settle(call, background=True)
             except StoreRejected as exc:
@@ -98,6 +100,8 @@ class Settler:
             except BaseException:
                 self.journal.appendleft(call)
                 raise
+            finally:
+                self._writing -= 1
             metrics.JOURNAL_PENDING.dec()
         with contextlib.suppress(OSError):
             self.path.write_bytes(b"")  # everything landed: start the file afresh
@@ -129,7 +133,8 @@ class Settler:
 
     @property
     def pending(self) -> int:
-        return len(self.batch) + len(self.journal)
+        """Settlements not yet written: queued, being written, or journaled."""
+        return len(self.batch) + self._writing + len(self.journal)
 
     @property
     def in_flight(self) -> int:
@@ -143,6 +148,7 @@ class Settler:
         # same calls; a flush cut short puts its calls back (settling twice is harmless).
         while self.batch:
             calls = [self.batch.popleft() for _ in range(min(self.max_batch, len(self.batch)))]
+            self._writing += len(calls)
             try:
                 with tracing.span("redis.settle_batch", {"tollgate.settlements": len(calls)}):
                     await self.quota.settle_many(calls)
@@ -155,6 +161,8 @@ class Settler:
             except BaseException:
                 self.batch.extendleft(reversed(calls))
                 raise
+            finally:
+                self._writing -= len(calls)
         if self.journal:
             await self._replay()
 
