@@ -96,6 +96,16 @@ ROUTING_HEADER = "x-tollgate-cluster"
 LOGGED_BYTES = 256 * 1024  # per body in the opt-in log stream; longer ones are cut
 REQUEST_ID_HEADER = "x-tollgate-request-id"
 INTERNAL_PREFIX = "x-tollgate-"
+# Retry on the next credential (docs/providers.md; extproc/server/retry.py). The extproc sets
+# how many further tries Envoy may make; a client can neither raise that nor add retry rules.
+MAX_RETRIES_HEADER = "x-envoy-max-retries"
+_CLIENT_STRIPPED = (INTERNAL_PREFIX, MAX_RETRIES_HEADER, "x-envoy-retr",
+                    "x-envoy-upstream-rq-per-try", "x-envoy-hedge")
+# On a pooled call that may be retried: "<request id> <estimated tokens> <upstream> <model>",
+# what the per-try filter needs to pick the next credential (no secret in it).
+TRY_HEADER = "x-tollgate-try"
+# Set by the per-try filter on an answer from a retry: the credential that answered.
+ANSWERED_BY_HEADER = "x-tollgate-credential"
 # Pay-i-style headers (`xProxy-*`) are the gateway's too: never forwarded to a provider.
 
 
@@ -109,6 +119,7 @@ class Options:
     unpriced: str = "default"  # unpriced models, unless the Upstream says: see `_unpriced`
     cors: Cors = NO_CORS  # browser clients (core/policy/cors.py); off without origins
     denied_models: tuple[str, ...] = ()  # globs no key may use, whatever it allows
+    max_retries: int = 2  # further tries of a failed call on the pool's other credentials
 
     def denies(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self.denied_models)
@@ -356,7 +367,7 @@ class Exchange:
     ) -> Decision | Reply:
         # Pay-i's annotation headers never reach the provider either (its key header is
         # handled with the other key headers in `on_request_body`).
-        removes = [name for name in headers if name.startswith(INTERNAL_PREFIX) or (
+        removes = [name for name in headers if name.startswith(_CLIENT_STRIPPED) or (
             name.startswith(payi.PAYI_PREFIX) and name != BYOK_HEADER)]
         if "accept-encoding" in headers:
             removes.append("accept-encoding")
@@ -561,7 +572,7 @@ class Exchange:
         if self.presented.bring_your_own_key:
             removes: tuple[str, ...] = (BYOK_HEADER,)
         else:
-            candidates = _candidates(upstream, snapshot, self.priced_model)
+            candidates = credential_candidates(upstream, snapshot, self.priced_model)
             if not candidates:
                 backup = self.next_upstream(now)
                 if backup is not None:
@@ -852,6 +863,14 @@ class Exchange:
     def _with_credential(self, proceed: Continue, credential: CredentialCharge) -> Continue:
         self.credential = credential
         auth = HeaderEdit(set=tuple(self._auth(credential)))
+        retries = min(len(self.pool) - 1, self.options.max_retries)
+        if retries > 0 and self.plan is not None and self.upstream is not None:
+            # A 429/5xx/connect failure is retried by Envoy on the pool's next credential,
+            # chosen per try by the upstream filter (extproc/server/retry.py).
+            auth = auth.plus(HeaderEdit(set=(
+                (MAX_RETRIES_HEADER, str(retries)),
+                (TRY_HEADER, f"{self.request_id} {self.plan.estimate_tokens} "
+                             f"{self.upstream.name} {credential.model}"))))
         return replace(proceed, headers=proceed.headers.plus(auth))
 
     def on_reserved(self, reserve: Reserve, reservation: Reservation) -> Decision:
@@ -916,6 +935,9 @@ class Exchange:
         content_type = headers.get("content-type", "")
         if self.facts is None or self.upstream is None:
             return Continue(HeaderEdit(set=sets))  # not an admitted LLM call (e.g. Envoy's 404)
+        answered_by = headers.get(ANSWERED_BY_HEADER)
+        if answered_by is not None:
+            return self._answered_by(answered_by, headers)
         if 200 <= self.status < 300 and content_type.startswith("application/json"):
             return Continue(HeaderEdit(set=sets), response_body_mode=BodyMode.BUFFERED)
         if 200 <= self.status < 300 and content_type.startswith("text/event-stream"):
@@ -944,6 +966,19 @@ class Exchange:
             ):
                 self.cooldown_due = _retry_after_ms(headers)
         return Continue(HeaderEdit(set=sets))
+
+    def _answered_by(self, name: str, headers: Mapping[str, str]) -> Continue:
+        """The answer came from a retry on another credential of the pool: settle for that
+        one. The per-try filter has already rested every credential that failed, this one
+        included if it failed too, so nothing is cooled down here again."""
+        credential = next((c for c in self.pool if c.name == name), None)
+        if credential is not None:
+            self.credential = credential
+        decision = self.on_response_headers({k: v for k, v in headers.items()
+                                             if k != ANSWERED_BY_HEADER})
+        self.cooldown_due = None
+        edit = decision.headers.plus(HeaderEdit(remove=(ANSWERED_BY_HEADER,)))
+        return replace(decision, headers=edit)
 
     def after_settlement(self, statuses: tuple[LimitStatus, ...] | None) -> HeaderEdit:
         """Headers that report limit states once the settlement is recorded. `None` means it
@@ -1127,7 +1162,8 @@ def _set_output_cap(endpoint: Endpoint, body: bytes, cap: int) -> tuple[str, byt
     return (present or [default])[0], orjson.dumps(doc)
 
 
-def _candidates(upstream: UpstreamSpec, snapshot: Snapshot, model: str) -> list[CredentialCharge]:
+def credential_candidates(upstream: UpstreamSpec, snapshot: Snapshot,
+                          model: str) -> list[CredentialCharge]:
     """Credentials that have a secret, primaries first (each group in configured order)."""
     out = [
         CredentialCharge(upstream.name, c.name, c.secret_ref, model, not c.is_fallback,
