@@ -346,6 +346,8 @@ def _per_try_filter() -> dict[str, Any]:
         # The request was admitted and reserved by the listener's filter already: if the
         # extproc cannot answer, the retry goes on with the credential it has.
         "failure_mode_allow": True,
+        # Its own answer past the retry deadline carries `x-envoy-overloaded` (no more tries).
+        "mutation_rules": {"allow_envoy": True},
         "message_timeout": "1s",
         "processing_mode": {
             "request_header_mode": "SEND",

@@ -101,8 +101,9 @@ INTERNAL_PREFIX = "x-tollgate-"
 MAX_RETRIES_HEADER = "x-envoy-max-retries"
 _CLIENT_STRIPPED = (INTERNAL_PREFIX, MAX_RETRIES_HEADER, "x-envoy-retr",
                     "x-envoy-upstream-rq-per-try", "x-envoy-hedge")
-# On a pooled call that may be retried: "<request id> <estimated tokens> <upstream> <model>",
-# what the per-try filter needs to pick the next credential (no secret in it).
+# On a pooled call that may be retried: "<request id> <estimated tokens> <retry deadline, unix
+# ms> <upstream> <model>", what the per-try filter needs to pick the next credential (no
+# secret in it).
 TRY_HEADER = "x-tollgate-try"
 # Set by the per-try filter on an answer from a retry: the credential that answered.
 ANSWERED_BY_HEADER = "x-tollgate-credential"
@@ -120,6 +121,7 @@ class Options:
     cors: Cors = NO_CORS  # browser clients (core/policy/cors.py); off without origins
     denied_models: tuple[str, ...] = ()  # globs no key may use, whatever it allows
     max_retries: int = 2  # further tries of a failed call on the pool's other credentials
+    retry_deadline_ms: int = 30_000  # no further try starts later than this after admission
 
     def denies(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self.denied_models)
@@ -870,6 +872,7 @@ class Exchange:
             auth = auth.plus(HeaderEdit(set=(
                 (MAX_RETRIES_HEADER, str(retries)),
                 (TRY_HEADER, f"{self.request_id} {self.plan.estimate_tokens} "
+                             f"{self.plan.now_ms + self.options.retry_deadline_ms} "
                              f"{self.upstream.name} {credential.model}"))))
         return replace(proceed, headers=proceed.headers.plus(auth))
 
@@ -968,16 +971,19 @@ class Exchange:
         return Continue(HeaderEdit(set=sets))
 
     def _answered_by(self, name: str, headers: Mapping[str, str]) -> Continue:
-        """The answer came from a retry on another credential of the pool: settle for that
-        one. The per-try filter has already rested every credential that failed, this one
-        included if it failed too, so nothing is cooled down here again."""
+        """The answer came from a retry: settle for the credential that answered (and rest it
+        if it failed: it was the last try). An empty name: the per-try filter answered itself
+        (the retry deadline had passed), after resting the credential that failed."""
         credential = next((c for c in self.pool if c.name == name), None)
         if credential is not None:
             self.credential = credential
         decision = self.on_response_headers({k: v for k, v in headers.items()
                                              if k != ANSWERED_BY_HEADER})
-        self.cooldown_due = None
-        edit = decision.headers.plus(HeaderEdit(remove=(ANSWERED_BY_HEADER,)))
+        if credential is None:
+            self.cooldown_due = None
+        # x-envoy-overloaded: how the per-try filter's own answer stops further retries.
+        edit = decision.headers.plus(HeaderEdit(remove=(ANSWERED_BY_HEADER,
+                                                        "x-envoy-overloaded")))
         return replace(decision, headers=edit)
 
     def after_settlement(self, statuses: tuple[LimitStatus, ...] | None) -> HeaderEdit:

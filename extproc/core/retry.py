@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from extproc.core import providers
-from extproc.core.exchange import TRY_HEADER, credential_candidates
+from extproc.core.decisions import Deny
+from extproc.core.exchange import ANSWERED_BY_HEADER, TRY_HEADER, credential_candidates
 from extproc.core.quota import CredentialCharge
 from extproc.core.resources import UpstreamSpec
 from extproc.core.snapshot import Snapshot
@@ -32,6 +33,7 @@ class Try:
 
     request_id: str
     estimate_tokens: int
+    deadline_ms: int  # unix ms; no further try starts after it
     upstream: UpstreamSpec
     candidates: tuple[CredentialCharge, ...]
     failed: int  # index into candidates
@@ -53,10 +55,10 @@ def parse_try(headers: Mapping[str, str], snapshot: Snapshot) -> Try | None:
     raw = headers.get(TRY_HEADER)
     if raw is None:
         return None
-    parts = raw.split(" ", 3)
-    if len(parts) != 4 or not parts[1].isdigit():
+    parts = raw.split(" ", 4)
+    if len(parts) != 5 or not (parts[1].isdigit() and parts[2].isdigit()):
         return None
-    request_id, tokens, name, model = parts
+    request_id, tokens, deadline, name, model = parts
     upstream = next((u for u in snapshot.upstreams if u.name == name), None)
     if upstream is None:
         return None
@@ -69,4 +71,14 @@ def parse_try(headers: Mapping[str, str], snapshot: Snapshot) -> Try | None:
                    if provider.auth_value(snapshot.secrets[c.secret_ref]) == sent), None)
     if failed is None:
         return None
-    return Try(request_id, int(tokens), upstream, candidates, failed)
+    return Try(request_id, int(tokens), int(deadline), upstream, candidates, failed)
+
+
+def deadline_passed(attempt: Try) -> Deny:
+    """The answer when a retry would start past the deadline: a 504 in the provider's shape
+    (the failed try's own answer is gone by then). `x-envoy-overloaded` tells Envoy's router
+    not to retry it; the exchange removes it (and the empty credential name) again."""
+    return Deny(504, "retry_deadline_exceeded",
+                f"The provider failed and no other credential could be tried before the "
+                f"retry deadline (request {attempt.request_id}).",
+                headers=(("x-envoy-overloaded", "true"), (ANSWERED_BY_HEADER, "")))

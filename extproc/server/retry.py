@@ -18,9 +18,10 @@ from collections.abc import AsyncIterator
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from extproc.core import providers
 from extproc.core.decisions import Continue, HeaderEdit
 from extproc.core.exchange import ANSWERED_BY_HEADER
-from extproc.core.retry import Try, parse_try
+from extproc.core.retry import Try, deadline_passed, parse_try
 from extproc.server import adapter, metrics
 from extproc.server.state import ConfigWatcher
 from extproc.store.quota_store import QuotaStore
@@ -40,7 +41,7 @@ class TryHandler:
         chosen = ""  # the credential this try went out with, once picked
         async for request in requests:
             phase = request.WhichOneof("request")
-            decision = Continue()
+            decision: Continue | ep.ProcessingResponse = Continue()
             try:
                 if phase == "request_headers":
                     chosen, decision = await self._next_credential(request)
@@ -49,9 +50,15 @@ class TryHandler:
             except Exception:
                 # The retry goes on with the credential it has; never a broken stream.
                 log.exception("bug in the per-try handler (%s)", phase)
+                decision = Continue()
+            if isinstance(decision, ep.ProcessingResponse):
+                yield decision
+                return
             yield adapter.continue_response(phase, decision)
 
-    async def _next_credential(self, request: ep.ProcessingRequest) -> tuple[str, Continue]:
+    async def _next_credential(
+        self, request: ep.ProcessingRequest
+    ) -> tuple[str, Continue | ep.ProcessingResponse]:
         snapshot = self.watcher.snapshot
         if snapshot is None:
             return "", Continue()
@@ -60,10 +67,16 @@ class TryHandler:
         if attempt is None:
             return "", Continue()
         await self._rest(attempt)
+        now_ms = int(time.time() * 1000)
+        if now_ms > attempt.deadline_ms:
+            metrics.REQUESTS.labels("denied", "retry_deadline_exceeded").inc()
+            deny = deadline_passed(attempt)
+            body = providers.get(attempt.upstream.provider).error_body(deny)
+            return "", adapter.deny_response(deny, body, ())
         try:
             index = await self.quota.pick_retry(
                 attempt.request_id, attempt.candidates, attempt.failed,
-                attempt.estimate_tokens, int(time.time() * 1000))
+                attempt.estimate_tokens, now_ms)
         except (StoreUnavailable, StoreRejected):
             metrics.REDIS_ERRORS.labels("retry_pick").inc()
             index = attempt.after(attempt.failed)  # no shared view: the next in the pool

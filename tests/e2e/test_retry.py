@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,8 +21,9 @@ import openai
 import pytest
 import redis
 
+from extproc import envoyconf
 from extproc.gen.tollgate.v1 import usage_pb2
-from extproc.launch import Stack
+from extproc.launch import Managed, Stack, free_port, start_envoy, start_extproc
 from extproc.store.keyschema import KeySchema
 from tests.e2e.conftest import CliRunner, chat_body, spent_and_held
 from tests.e2e.test_pools import (  # noqa: F401 (a fixture)
@@ -127,7 +129,8 @@ def faults(second_upstream: int) -> Any:
 
 def test_a_429_under_load_is_retried_on_the_next_credential_and_settled_once(
     stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]],
-    second_upstream: int, second_gateway: str, e2e_env: dict[str, str], redis_url: str,
+    second_upstream: int, second_gateway: str,  # noqa: F811 (the fixture, imported)
+    e2e_env: dict[str, str], redis_url: str,
     faults: Any,
 ) -> None:
     upstream, model = pool(cli, "r429")
@@ -237,3 +240,46 @@ def test_when_every_credential_fails_the_providers_error_reaches_the_client(
     assert keys_used(second_upstream) == [FIRST, SECOND]
     assert settled(cli, limit, spent_before) == (spent_before, 0)
     assert second_requests(second_upstream)
+
+
+@pytest.fixture
+def impatient_gateway(
+    stack: Stack, e2e_env: dict[str, str], tmp_path: Path, second_upstream: int
+) -> Iterator[str]:
+    """A replica whose retry deadline has always passed (TOLLGATE_RETRY_DEADLINE_MS=0)."""
+    procs: list[Managed] = []
+    try:
+        extproc, ports = start_extproc(tmp_path, stack.redis_url, 1,
+                                       {**e2e_env, "TOLLGATE_RETRY_DEADLINE_MS": "0"})
+        procs.append(extproc)
+        admin, port = free_port(), free_port()
+        clusters = [*envoyconf.mock_clusters("127.0.0.1", stack.mock_port or 0),
+                    envoyconf.ClusterSpec("second", "127.0.0.1", second_upstream)]
+        config = envoyconf.render_bootstrap(clusters=clusters, listen_port=port,
+                                            admin_port=admin, extproc_port=ports.grpc)
+        procs.append(start_envoy(tmp_path, config, admin, concurrency=1))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def test_no_retry_starts_after_the_deadline(
+    stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]],
+    second_upstream: int, impatient_gateway: str, e2e_env: dict[str, str], redis_url: str,
+    faults: Any,
+) -> None:
+    upstream, model = pool(cli, "rdl")
+    key, limit = tracked_key(cli, new_named_key)
+    client = openai.OpenAI(base_url=f"{impatient_gateway}/v1", api_key=key, max_retries=0)
+    wait_routed(client, model, second_upstream)
+    spent_before, _ = settled(cli, limit, spent_and_held(cli, limit)[0])
+    fault(second_upstream, FIRST, 503)
+    with pytest.raises(openai.APIStatusError) as late:
+        client.chat.completions.create(**chat_body(model, max_tokens=5))
+    assert late.value.status_code == 504
+    assert late.value.code == "retry_deadline_exceeded"
+    assert "x-envoy-overloaded" not in late.value.response.headers
+    assert keys_used(second_upstream) == [FIRST]  # the retry was not sent
+    assert cooling(e2e_env, redis_url, upstream, "c1", model) > 0
+    assert settled(cli, limit, spent_before) == (spent_before, 0)
