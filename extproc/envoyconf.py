@@ -72,6 +72,12 @@ METADATA_NAMESPACE = "tollgate"
 #: failed try asks the extproc for the next credential (extproc/server/retry.py).
 TRY_ROLE_METADATA = ("x-tollgate-role", "try")
 
+#: The same for the streams of the filter that sees every failed try's answer (a 4xx/5xx).
+FAILED_ROLE_METADATA = ("x-tollgate-role", "failed")
+
+#: Request header on a pooled call that may be retried (`extproc.core.exchange.TRY_HEADER`).
+TRY_HEADER = "x-tollgate-try"
+
 #: Placeholder Azure OpenAI resource host; operators pass ``--azure-host`` to set theirs.
 DEFAULT_AZURE_HOST = "YOUR-RESOURCE.openai.azure.com"
 
@@ -256,7 +262,8 @@ def _upstream_cluster(spec: ClusterSpec, buffer_limit_bytes: int) -> dict[str, A
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _type_url("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"),
                 "explicit_http_config": {"http_protocol_options": {}},  # HTTP/1.1, the default
-                "http_filters": [_per_try_filter(), _upstream_codec_filter()],
+                "http_filters": [_per_try_filter(), _failed_try_filter(),
+                                 _upstream_codec_filter()],
             }
         },
         "load_assignment": _load_assignment(spec.name, spec.host, spec.port),
@@ -333,8 +340,8 @@ def _per_try_filter() -> dict[str, Any]:
     Envoy's router retries (the route's `retry_policy`) resend the request headers the
     listener's ext_proc set once, so on their own they would retry the credential that just
     failed. Upstream filters run again for every try: on a retry (`x-envoy-attempt-count` > 1)
-    this one asks the extproc (gRPC metadata `x-tollgate-role: try`) to rest the credential
-    that failed and set the next one. The first try skips it (`match_delegate`), so a call that
+    this one asks the extproc (gRPC metadata `x-tollgate-role: try`) for the next credential
+    and sets it. The first try skips it (`match_delegate`), so a call that
     needs no retry costs nothing more.
     """
     ext_proc = {
@@ -396,6 +403,71 @@ def _per_try_filter() -> dict[str, Any]:
     }
 
 
+def _failed_try_filter() -> dict[str, Any]:
+    """An ext_proc filter in the upstream filter chain that sees the answer of every try that
+    failed with a 4xx/5xx, the first try's included (Envoy discards a retried try's answer, so
+    no other filter sees it): the extproc rests that try's credential with the provider's
+    Retry-After. `match_delegate` skips it on any other status, and it sends no request
+    message, so a call answered 1xx-3xx never opens its gRPC stream. Which call and credential
+    it was come as attributes: the request's `x-tollgate-try` and auth headers (CEL)."""
+    headers = (TRY_HEADER, *sorted({p.auth_header for p in providers.REGISTRY}))
+    ext_proc = {
+        "@type": _type_url("envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"),
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
+            "initial_metadata": [{"key": FAILED_ROLE_METADATA[0],
+                                  "value": FAILED_ROLE_METADATA[1]}],
+        },
+        "failure_mode_allow": True,  # it only rests credentials: never hold an answer for it
+        "message_timeout": "1s",
+        "response_attributes": [f"request.headers['{h}']" for h in headers],
+        "processing_mode": {
+            "request_header_mode": "SKIP",
+            "response_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+    }
+    skip_success = {
+        "matcher_list": {
+            "matchers": [
+                {
+                    "predicate": {
+                        "single_predicate": {
+                            "input": {
+                                "name": "status",
+                                "typed_config": {
+                                    "@type": _type_url(
+                                        "envoy.type.matcher.v3.HttpResponseHeaderMatchInput"),
+                                    "header_name": ":status",
+                                },
+                            },
+                            "value_match": {"safe_regex": {"google_re2": {}, "regex": "[123].."}},
+                        }
+                    },
+                    "on_match": {
+                        "action": {
+                            "name": "skip",
+                            "typed_config": {"@type": _type_url(
+                                "envoy.extensions.filters.common.matcher.action.v3.SkipFilter")},
+                        }
+                    },
+                }
+            ]
+        }
+    }
+    return {
+        "name": "envoy.filters.http.match_delegate",
+        "typed_config": {
+            "@type": _type_url("envoy.extensions.common.matching.v3.ExtensionWithMatcher"),
+            "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+            "xds_matcher": skip_success,
+        },
+    }
+
+
 def _upstream_codec_filter() -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.upstream_codec",
@@ -413,6 +485,14 @@ def _retry_policy() -> dict[str, Any]:
         "retry_on": "retriable-status-codes,5xx,reset,connect-failure,refused-stream",
         "retriable_status_codes": [429],
         "num_retries": 0,
+        # A cluster with several endpoints: a retry goes to another one than the try that
+        # failed (a closed port, a reset), when there is one.
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {"@type": _type_url(
+                "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate")},
+        }],
+        "host_selection_retry_max_attempts": 3,
         "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
     }
 

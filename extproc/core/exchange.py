@@ -226,6 +226,7 @@ class Exchange:
         "reservation",
         "reserve_maybe_ran",
         "response_policy",
+        "retries",
         "route",
         "settled",
         "status",
@@ -278,6 +279,9 @@ class Exchange:
         self.pool: tuple[CredentialCharge, ...] = ()  # candidates, when a pool decides
         self.credential: CredentialCharge | None = None  # the credential the call went out with
         self.cooldown_due: int | None = None  # Retry-After ms (0 = none) when it must rest
+        # Further tries Envoy may make (retry on the next credential); when > 0 every failed
+        # try's credential is rested by the upstream filter (server/retry.py), not here.
+        self.retries = 0
         self._snapshot: Snapshot | None = None
         self.hide_usage_chunk = False  # Tollgate turned include_usage on for this stream
         self.meter: StreamMeter | None = None
@@ -867,6 +871,7 @@ class Exchange:
         auth = HeaderEdit(set=tuple(self._auth(credential)))
         retries = min(len(self.pool) - 1, self.options.max_retries)
         if retries > 0 and self.plan is not None and self.upstream is not None:
+            self.retries = retries
             # A 429/5xx/connect failure is retried by Envoy on the pool's next credential,
             # chosen per try by the upstream filter (extproc/server/retry.py).
             auth = auth.plus(HeaderEdit(set=(
@@ -964,23 +969,20 @@ class Exchange:
         else:
             # The provider refused or failed: release the reservation at zero cost.
             self.due = Settlement(0, 0, self.status, "upstream_error")
-            if self.pool and self.credential is not None and (
+            if self.pool and self.credential is not None and not self.retries and (
                 self.status in self.upstream.cooldown_statuses
             ):
-                self.cooldown_due = _retry_after_ms(headers)
+                self.cooldown_due = retry_after_ms(headers)
         return Continue(HeaderEdit(set=sets))
 
     def _answered_by(self, name: str, headers: Mapping[str, str]) -> Continue:
-        """The answer came from a retry: settle for the credential that answered (and rest it
-        if it failed: it was the last try). An empty name: the per-try filter answered itself
-        (the retry deadline had passed), after resting the credential that failed."""
+        """The answer came from a retry: settle for the credential that answered. An empty
+        name: the per-try filter answered itself (the retry deadline had passed)."""
         credential = next((c for c in self.pool if c.name == name), None)
         if credential is not None:
             self.credential = credential
         decision = self.on_response_headers({k: v for k, v in headers.items()
                                              if k != ANSWERED_BY_HEADER})
-        if credential is None:
-            self.cooldown_due = None
         # x-envoy-overloaded: how the per-try filter's own answer stops further retries.
         edit = decision.headers.plus(HeaderEdit(remove=(ANSWERED_BY_HEADER,
                                                         "x-envoy-overloaded")))
@@ -1135,7 +1137,7 @@ class Exchange:
         return Continue(edit, body=new_body if new_body is not None else redacted)
 
 
-def _retry_after_ms(headers: Mapping[str, str]) -> int:
+def retry_after_ms(headers: Mapping[str, str]) -> int:
     """The provider's Retry-After in ms (`retry-after-ms`, or `retry-after` in seconds), 0 when
     absent or unreadable (an HTTP-date is treated as absent: the default cooldown applies)."""
     for name, scale in (("retry-after-ms", 1.0), ("retry-after", 1000.0)):

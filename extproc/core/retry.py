@@ -7,11 +7,14 @@ listener's ext_proc filter ran once, for the first try; an ext_proc filter in th
 `extproc/server/retry.py`, which uses this module:
 
 * the request headers of try n carry the exchange's `x-tollgate-try` header (request id,
-  estimated tokens, Upstream, model) and the credential try n-1 went out with (upstream
-  filters edit the one header map every try is sent from);
-* that credential is rested (cooldown.lua) and the next one picked (retry_pick.lua);
-* its auth header replaces the failed one, and the answer names it in `x-tollgate-credential`
-  so that the exchange settles the one reservation for the credential that answered.
+  estimated tokens, retry deadline, Upstream, model) and the credential try n-1 went out with
+  (upstream filters edit the one header map every try is sent from);
+* the next credential is picked (retry_pick.lua) and its auth header replaces the failed one;
+  the answer names it in `x-tollgate-credential`, so that the exchange settles the one
+  reservation for the credential that answered.
+
+A second upstream filter sees the answer of every try that failed with a 4xx/5xx and rests its
+credential (the same `x-tollgate-try` and auth header, sent as attributes).
 """
 
 from __future__ import annotations

@@ -283,3 +283,80 @@ def test_no_retry_starts_after_the_deadline(
     assert keys_used(second_upstream) == [FIRST]  # the retry was not sent
     assert cooling(e2e_env, redis_url, upstream, "c1", model) > 0
     assert settled(cli, limit, spent_before) == (spent_before, 0)
+
+
+@pytest.fixture
+def flaky_gateway(
+    stack: Stack, e2e_env: dict[str, str], tmp_path: Path, second_upstream: int
+) -> Iterator[tuple[str, int]]:
+    """A replica with a cluster `flaky` of two endpoints: a closed port and the second fake
+    provider. Yields (base URL, Envoy admin port)."""
+    procs: list[Managed] = []
+    try:
+        extproc, ports = start_extproc(tmp_path, stack.redis_url, 1, e2e_env)
+        procs.append(extproc)
+        admin, port, closed = free_port(), free_port(), free_port()  # nothing listens on closed
+        clusters = [*envoyconf.mock_clusters("127.0.0.1", stack.mock_port or 0),
+                    envoyconf.ClusterSpec("flaky", "127.0.0.1", closed)]
+        config = envoyconf.render_bootstrap(clusters=clusters, listen_port=port,
+                                            admin_port=admin, extproc_port=ports.grpc)
+        flaky = next(c for c in config["static_resources"]["clusters"] if c["name"] == "flaky")
+        flaky["connect_timeout"] = "1s"
+        endpoints = flaky["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        endpoints.append({"endpoint": {"address": {"socket_address": {
+            "address": "127.0.0.1", "port_value": second_upstream}}}})
+        procs.append(start_envoy(tmp_path, config, admin, concurrency=1))
+        yield f"http://127.0.0.1:{port}", admin
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def envoy_counter(admin: int, name: str) -> int:
+    stats = httpx.get(f"http://127.0.0.1:{admin}/stats", params={"filter": f"^{name}$"},
+                      timeout=5).text
+    return sum(int(line.rsplit(": ", 1)[1]) for line in stats.splitlines() if ": " in line)
+
+
+def test_a_connect_failure_is_retried_on_another_endpoint_with_the_next_credential(
+    stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]],
+    second_upstream: int, flaky_gateway: tuple[str, int], e2e_env: dict[str, str],
+    redis_url: str, faults: Any,
+) -> None:
+    base_url, admin = flaky_gateway
+    model = f"rcx-{uuid.uuid4().hex[:6]}"
+    upstream = f"retry-{model[-6:]}"
+    cli("apply", "-f", "-", stdin=f"""apiVersion: tollgate.io/v1alpha1
+kind: Upstream
+metadata: {{name: retry-{model[-6:]}}}
+spec:
+  provider: openai-compatible
+  cluster: flaky
+  models: ["{model}"]
+  priority: 5
+  credentials:
+    - {{name: c1, secretRef: POOL_KEY_1}}
+    - {{name: c2, secretRef: POOL_KEY_2, isFallback: true}}
+""")
+    key, _ = tracked_key(cli, new_named_key)
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
+    deadline = time.monotonic() + 10  # until the replica has loaded the Upstream
+    while True:
+        try:
+            client.chat.completions.create(**chat_body(model, max_tokens=5))
+            break
+        except openai.APIStatusError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    clear_second(second_upstream)
+    # Envoy balances round robin over the two endpoints: half of the first tries meet the
+    # closed port. None of it reaches the client.
+    for _ in range(6):
+        assert client.chat.completions.create(**chat_body(model, max_tokens=5)).choices
+    assert len(keys_used(second_upstream)) == 6  # one answer each, from the live endpoint
+    assert envoy_counter(admin, "cluster.flaky.upstream_cx_connect_fail") >= 1
+    assert envoy_counter(admin, "cluster.flaky.upstream_rq_retry") >= 1
+    # A closed port is not the credentials' fault: neither rests.
+    assert cooling(e2e_env, redis_url, upstream, "c1", model) <= 0
+    assert cooling(e2e_env, redis_url, upstream, "c2", model) <= 0

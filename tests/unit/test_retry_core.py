@@ -117,13 +117,21 @@ def test_the_answer_of_a_retry_is_settled_for_the_credential_that_gave_it(
     assert exchange.cooldown_due is None
 
 
-def test_a_failed_last_try_rests_the_credential_that_answered(snapshot: Snapshot) -> None:
+def test_a_failed_last_try_is_settled_at_zero_and_rested_by_the_upstream_filter(
+    snapshot: Snapshot,
+) -> None:
     exchange, _ = admitted(snapshot)
     exchange.on_response_headers({":status": "429", "retry-after": "7",
                                   ANSWERED_BY_HEADER: "fb"})
     assert exchange.credential is not None and exchange.credential.name == "fb"
-    assert exchange.cooldown_due == 7000
+    assert exchange.cooldown_due is None  # the failed-try filter rests it, with its 7 s
     assert exchange.due is not None and exchange.due.cost_nanos == 0
+
+
+def test_a_call_that_cannot_be_retried_rests_its_credential_here(snapshot: Snapshot) -> None:
+    exchange, _ = admitted(snapshot, Options(max_retries=0))
+    exchange.on_response_headers({":status": "429", "retry-after": "7"})
+    assert exchange.cooldown_due == 7000
 
 
 def test_past_the_deadline_the_filter_answers_and_nothing_is_rested_twice(
@@ -135,6 +143,6 @@ def test_past_the_deadline_the_filter_answers_and_nothing_is_rested_twice(
     deny = deadline_passed(attempt)
     assert deny.status == 504 and ("x-envoy-overloaded", "true") in deny.headers
     reply = exchange.on_response_headers({":status": "504", **dict(deny.headers)})
-    assert exchange.cooldown_due is None  # the per-try filter rested p already
+    assert exchange.cooldown_due is None  # the failed-try filter rested p already
     assert {"x-envoy-overloaded", ANSWERED_BY_HEADER} <= set(reply.headers.remove)
     assert exchange.due is not None and exchange.due.cost_nanos == 0
