@@ -864,7 +864,12 @@ class Exchange:
         if not self.pool:
             return HeaderEdit()
         longest = max((self._auth(c)[0] for c in self.pool), key=lambda h: len(h[1]))
-        return HeaderEdit(set=(longest,))
+        if len(self.pool) < 2 or self.options.max_retries < 1 or self.upstream is None:
+            return HeaderEdit(set=(longest,))
+        # And the retry headers (`_with_credential`), with the longest numbers they can carry.
+        model = max((c.model for c in self.pool), key=len)
+        try_value = f"{self.request_id} {'9' * 20} {'9' * 13} {self.upstream.name} {model}"
+        return HeaderEdit(set=(longest, (MAX_RETRIES_HEADER, "99"), (TRY_HEADER, try_value)))
 
     def _with_credential(self, proceed: Continue, credential: CredentialCharge) -> Continue:
         self.credential = credential
