@@ -369,7 +369,9 @@ def _per_try_filter() -> dict[str, Any]:
         "matcher_list": {
             "matchers": [
                 {
-                    "predicate": {
+                    # Skipped unless the attempt count says 2 or more: also when the header
+                    # is absent (a route without `include_request_attempt_count`).
+                    "predicate": {"not_matcher": {
                         "single_predicate": {
                             "input": {
                                 "name": "attempt",
@@ -379,9 +381,10 @@ def _per_try_filter() -> dict[str, Any]:
                                     "header_name": "x-envoy-attempt-count",
                                 },
                             },
-                            "value_match": {"exact": "1"},
+                            "value_match": {"safe_regex": {"google_re2": {},
+                                                           "regex": "[2-9]|[1-9][0-9]+"}},
                         }
-                    },
+                    }},
                     "on_match": {
                         "action": {
                             "name": "skip",
