@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -360,3 +361,52 @@ spec:
     # A closed port is not the credentials' fault: neither rests.
     assert cooling(e2e_env, redis_url, upstream, "c1", model) <= 0
     assert cooling(e2e_env, redis_url, upstream, "c2", model) <= 0
+
+
+def test_an_anthropic_call_is_retried_with_the_next_x_api_key(
+    stack: Stack, cli: CliRunner, new_key: Callable[..., str], e2e_env: dict[str, str],
+    redis_url: str,
+) -> None:
+    """The same through Anthropic's API and SDK: the credential travels in `x-api-key`."""
+    model = f"claude-retry-{uuid.uuid4().hex[:6]}"
+    upstream = f"retry-{model[-6:]}"
+    cli("apply", "-f", "-", stdin=f"""apiVersion: tollgate.io/v1alpha1
+kind: Upstream
+metadata: {{name: {upstream}}}
+spec:
+  provider: anthropic
+  cluster: anthropic
+  models: ["{model}"]
+  priority: 5
+  credentials:
+    - {{name: c1, secretRef: POOL_KEY_1}}
+    - {{name: c2, secretRef: POOL_KEY_2, isFallback: true}}
+""")
+    client = anthropic.Anthropic(base_url=stack.base_url, api_key=new_key(), max_retries=0)
+
+    def ask() -> Any:
+        return client.messages.create(model=model, max_tokens=5,
+                                      messages=[{"role": "user", "content": "Hello"}])
+
+    deadline = time.monotonic() + 10  # until every worker has the Upstream
+    while True:
+        try:
+            ask()
+            break
+        except anthropic.APIStatusError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    mock = f"http://127.0.0.1:{stack.mock_port}"
+    httpx.delete(f"{mock}/__mock/requests", timeout=5)
+    fault(stack.mock_port or 0, FIRST, 529, count=1)  # Anthropic's "overloaded"
+    try:
+        answer = ask()
+    finally:
+        clear_faults(stack.mock_port or 0)
+    assert answer.content[0].text  # type: ignore[union-attr]
+    sent = [r["headers"]["x-api-key"] for r in httpx.get(f"{mock}/__mock/requests",
+                                                           timeout=5).json()]
+    assert sent == [FIRST, SECOND]
+    # Retried as a 5xx, but not rested: 529 is not one of the default `cooldown.statuses`.
+    assert cooling(e2e_env, redis_url, upstream, "c1", model) <= 0
