@@ -77,6 +77,16 @@ _CLUSTER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 #: Dynamic-metadata namespace the extproc writes its request id into (key ``request_id``).
 METADATA_NAMESPACE = "tollgate"
 
+#: gRPC metadata that marks the ext_proc streams of the per-try (upstream) filter: a retry of a
+#: failed try asks the extproc for the next credential (extproc/server/retry.py).
+TRY_ROLE_METADATA = ("x-tollgate-role", "try")
+
+#: The same for the streams of the filter that sees every failed try's answer (a 4xx/5xx).
+FAILED_ROLE_METADATA = ("x-tollgate-role", "failed")
+
+#: Request header on a pooled call that may be retried (`extproc.core.exchange.TRY_HEADER`).
+TRY_HEADER = "x-tollgate-try"
+
 #: Placeholder Azure OpenAI resource host; operators pass ``--azure-host`` to set theirs.
 DEFAULT_AZURE_HOST = "YOUR-RESOURCE.openai.azure.com"
 
@@ -293,6 +303,16 @@ def _upstream_cluster(spec: ClusterSpec, buffer_limit_bytes: int) -> dict[str, A
         # Large buffered response bodies (BUFFERED mode for JSON responses) must fit as well.
         "per_connection_buffer_limit_bytes": buffer_limit_bytes,
         "circuit_breakers": _circuit_breakers(),
+        # Retries on the next credential (docs/providers.md, "Retry on the next candidate"):
+        # upstream filters run once per try, unlike the listener's ext_proc filter.
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _type_url("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"),
+                "explicit_http_config": {"http_protocol_options": {}},  # HTTP/1.1, the default
+                "http_filters": [_per_try_filter(), _failed_try_filter(),
+                                 _upstream_codec_filter()],
+            }
+        },
         "load_assignment": _load_assignment(spec.name, spec.host, spec.port),
     }
     if spec.tls:
@@ -408,8 +428,10 @@ def _ext_proc_filter(message_timeout_ms: int) -> dict[str, Any]:
             "allow_mode_override": True,
             # A credential with its own base URL (core/targets.py) is reached by setting
             # `:authority` for the forward proxy filter; Envoy drops a mutation of :authority,
-            # host, :scheme or :method from ext_proc without this.
-            "mutation_rules": {"allow_all_routing": True},
+            # host, :scheme or :method from ext_proc without allow_all_routing.
+            # `x-envoy-max-retries` (how many other credentials a failed try may go to) is set
+            # by the extproc; x-envoy-* mutations are refused without allow_envoy.
+            "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "response_header_mode": "SEND",
@@ -422,6 +444,172 @@ def _ext_proc_filter(message_timeout_ms: int) -> dict[str, Any]:
                 "response_trailer_mode": "SKIP",
             },
         },
+    }
+
+
+def _per_try_filter() -> dict[str, Any]:
+    """An ext_proc filter in the cluster's upstream filter chain, skipped on the first try.
+
+    Envoy's router retries (the route's `retry_policy`) resend the request headers the
+    listener's ext_proc set once, so on their own they would retry the credential that just
+    failed. Upstream filters run again for every try: on a retry (`x-envoy-attempt-count` > 1)
+    this one asks the extproc (gRPC metadata `x-tollgate-role: try`) for the next credential
+    and sets it. The first try skips it (`match_delegate`), so a call that
+    needs no retry costs nothing more.
+    """
+    ext_proc = {
+        "@type": _type_url("envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"),
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
+            "initial_metadata": [{"key": TRY_ROLE_METADATA[0], "value": TRY_ROLE_METADATA[1]}],
+        },
+        # The request was admitted and reserved by the listener's filter already: if the
+        # extproc cannot answer, the retry goes on with the credential it has.
+        "failure_mode_allow": True,
+        # Its own answer past the retry deadline carries `x-envoy-overloaded` (no more tries).
+        "mutation_rules": {"allow_envoy": True},
+        "message_timeout": "1s",
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+    }
+    skip_first_try = {
+        "matcher_list": {
+            "matchers": [
+                {
+                    # Skipped unless the attempt count says 2 or more: also when the header
+                    # is absent (a route without `include_request_attempt_count`).
+                    "predicate": {"not_matcher": {
+                        "single_predicate": {
+                            "input": {
+                                "name": "attempt",
+                                "typed_config": {
+                                    "@type": _type_url(
+                                        "envoy.type.matcher.v3.HttpRequestHeaderMatchInput"),
+                                    "header_name": "x-envoy-attempt-count",
+                                },
+                            },
+                            "value_match": {"safe_regex": {"google_re2": {},
+                                                           "regex": "[2-9]|[1-9][0-9]+"}},
+                        }
+                    }},
+                    "on_match": {
+                        "action": {
+                            "name": "skip",
+                            "typed_config": {"@type": _type_url(
+                                "envoy.extensions.filters.common.matcher.action.v3.SkipFilter")},
+                        }
+                    },
+                }
+            ]
+        }
+    }
+    return {
+        "name": "envoy.filters.http.match_delegate",
+        "typed_config": {
+            "@type": _type_url("envoy.extensions.common.matching.v3.ExtensionWithMatcher"),
+            "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+            "xds_matcher": skip_first_try,
+        },
+    }
+
+
+def _failed_try_filter() -> dict[str, Any]:
+    """An ext_proc filter in the upstream filter chain that sees the answer of every try that
+    failed with a 4xx/5xx, the first try's included (Envoy discards a retried try's answer, so
+    no other filter sees it): the extproc rests that try's credential with the provider's
+    Retry-After. `match_delegate` skips it on any other status, and it sends no request
+    message, so a call answered 1xx-3xx never opens its gRPC stream. Which call and credential
+    it was come as attributes: the request's `x-tollgate-try` and auth headers (CEL)."""
+    headers = (TRY_HEADER, *sorted({p.auth_header for p in providers.REGISTRY}))
+    ext_proc = {
+        "@type": _type_url("envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"),
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
+            "initial_metadata": [{"key": FAILED_ROLE_METADATA[0],
+                                  "value": FAILED_ROLE_METADATA[1]}],
+        },
+        "failure_mode_allow": True,  # it only rests credentials: never hold an answer for it
+        "message_timeout": "1s",
+        "response_attributes": [f"request.headers['{h}']" for h in headers],
+        "processing_mode": {
+            "request_header_mode": "SKIP",
+            "response_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+    }
+    skip_success = {
+        "matcher_list": {
+            "matchers": [
+                {
+                    "predicate": {
+                        "single_predicate": {
+                            "input": {
+                                "name": "status",
+                                "typed_config": {
+                                    "@type": _type_url(
+                                        "envoy.type.matcher.v3.HttpResponseHeaderMatchInput"),
+                                    "header_name": ":status",
+                                },
+                            },
+                            "value_match": {"safe_regex": {"google_re2": {}, "regex": "[123].."}},
+                        }
+                    },
+                    "on_match": {
+                        "action": {
+                            "name": "skip",
+                            "typed_config": {"@type": _type_url(
+                                "envoy.extensions.filters.common.matcher.action.v3.SkipFilter")},
+                        }
+                    },
+                }
+            ]
+        }
+    }
+    return {
+        "name": "envoy.filters.http.match_delegate",
+        "typed_config": {
+            "@type": _type_url("envoy.extensions.common.matching.v3.ExtensionWithMatcher"),
+            "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
+            "xds_matcher": skip_success,
+        },
+    }
+
+
+def _upstream_codec_filter() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.upstream_codec",
+        "typed_config": {"@type": _type_url(
+            "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec")},
+    }
+
+
+def _retry_policy() -> dict[str, Any]:
+    """Retries on the next credential. `num_retries` 0 here: the extproc names the number per
+    request in `x-envoy-max-retries` (the pool's other credentials, at most
+    TOLLGATE_MAX_RETRIES), so a call with one credential is never resent to it."""
+    return {
+        # 5xx covers resets and connect failures (a closed port) too.
+        "retry_on": "retriable-status-codes,5xx,reset,connect-failure,refused-stream",
+        "retriable_status_codes": [429],
+        "num_retries": 0,
+        # A cluster with several endpoints: a retry goes to another one than the try that
+        # failed (a closed port, a reset), when there is one.
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {"@type": _type_url(
+                "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate")},
+        }],
+        "host_selection_retry_max_attempts": 3,
+        "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
     }
 
 
@@ -685,6 +873,8 @@ def _main_route_config() -> dict[str, Any]:
             {
                 "name": "tollgate",
                 "domains": ["*"],
+                # The per-try filter (`_per_try_filter`) runs from the second try on.
+                "include_request_attempt_count": True,
                 "routes": [
                     {
                         "name": "selected_upstream",
@@ -701,6 +891,7 @@ def _main_route_config() -> dict[str, Any]:
                             # Send the provider its own Host (api.openai.com, ...), not the
                             # sidecar's address the SDK used. No-op for STATIC mock clusters.
                             "auto_host_rewrite": True,
+                            "retry_policy": _retry_policy(),
                         },
                         # The routing header is internal: never let it reach the provider;
                         # nor the client address Envoy records (use_remote_address).

@@ -31,8 +31,12 @@ the cap would bill), whatever the reply text is.
 
 Fault injection: ``x-mock-status`` (provider-shaped error, with ``retry-after`` from
 ``x-mock-retry-after``), ``x-mock-delay-ms``; streaming: ``x-mock-chunk-delay-ms`` and
-``x-mock-odd-chunks: 1``. Every API request is kept in a 500-entry ring buffer exposed at
-``GET``/``DELETE /__mock/requests``; ``GET /__mock/health`` answers 200.
+``x-mock-odd-chunks: 1``. Per credential (the key the request carries):
+``POST /__mock/faults`` with ``{"credential": KEY, "status": 429, "count": N, "retry_after":
+"1"}`` makes the next N requests with that key (0 or absent: every one, until ``DELETE
+/__mock/faults``) fail with that provider-shaped error. Every API request is kept in a
+500-entry ring buffer exposed at ``GET``/``DELETE /__mock/requests``; ``GET /__mock/health``
+answers 200.
 
 Run it standalone with ``python -m extproc.mock_upstream --port 8089``.
 """
@@ -94,12 +98,26 @@ _OBFUSCATION: Final = ("Qz4", "a1Bc9", "Xy", "k7LmP2", "T0", "w3Rz", "NpQ8sV")
 class _State:
     """Per-application state: the request ring buffer and an id counter."""
 
-    __slots__ = ("_ids", "requests")
+    __slots__ = ("_ids", "faults", "requests")
 
     def __init__(self) -> None:
         # deque(maxlen) drops the oldest entry in O(1): bounded memory under a benchmark.
         self.requests: deque[JSONObj] = deque(maxlen=RING_SIZE)
         self._ids = itertools.count(1)
+        # credential -> [status, requests left (-1 = no end), retry-after or None]
+        self.faults: dict[str, list[Any]] = {}
+
+    def fault_for(self, headers: Mapping[str, str]) -> tuple[int, str | None] | None:
+        """The injected error for the credential these headers carry, if any (counted)."""
+        if not self.faults:
+            return None
+        for name in ("authorization", "x-api-key", "api-key", "x-goog-api-key"):
+            key = headers.get(name, "").removeprefix("Bearer ")
+            fault = self.faults.get(key)
+            if fault is not None and fault[1] != 0:
+                fault[1] -= 1 if fault[1] > 0 else 0
+                return int(fault[0]), fault[2]
+        return None
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}mock{next(self._ids):020d}"
@@ -976,6 +994,9 @@ def _gemini_endpoint() -> Handler:
             await asyncio.sleep(controls.delay_s)
         if controls.status:
             return _error(GEMINI, controls.status, request_id, None, controls.retry_after)
+        fault = state.fault_for(request.headers)
+        if fault is not None:
+            return _error(GEMINI, fault[0], request_id, None, fault[1])
         if not isinstance(body, dict):
             return _error(GEMINI, 400, request_id, "The request body is not a JSON object.")
         return await _gemini(_Ctx(request, state, body, controls, model, request_id), method)
@@ -1014,6 +1035,9 @@ def _endpoint(dialect: str, build: Builder, *, azure: bool = False) -> Handler:
             await asyncio.sleep(controls.delay_s)
         if controls.status:
             return _error(dialect, controls.status, request_id, None, controls.retry_after)
+        fault = state.fault_for(request.headers)
+        if fault is not None:
+            return _error(dialect, fault[0], request_id, None, fault[1])
         if not isinstance(body, dict):
             return _error(dialect, 400, request_id, "The request body is not a JSON object.")
         model = body.get("model")
@@ -1037,6 +1061,19 @@ async def _clear_requests(request: web.Request) -> web.StreamResponse:
     cleared = len(state.requests)
     state.requests.clear()
     return web.Response(body=orjson.dumps({"cleared": cleared}), headers={"Content-Type": _JSON_CT})
+
+
+async def _set_fault(request: web.Request) -> web.StreamResponse:
+    spec = orjson.loads(await request.read())
+    count = int(spec.get("count") or 0)
+    request.app[STATE_KEY].faults[str(spec["credential"])] = [
+        int(spec.get("status", 429)), count if count > 0 else -1, spec.get("retry_after")]
+    return web.Response(body=b'{"ok":true}', headers={"Content-Type": _JSON_CT})
+
+
+async def _clear_faults(request: web.Request) -> web.StreamResponse:
+    request.app[STATE_KEY].faults.clear()
+    return web.Response(body=b'{"ok":true}', headers={"Content-Type": _JSON_CT})
 
 
 async def _health(request: web.Request) -> web.StreamResponse:
@@ -1075,6 +1112,8 @@ def create_app() -> web.Application:
     app.router.add_get("/__mock/requests", _list_requests)
     app.router.add_delete("/__mock/requests", _clear_requests)
     app.router.add_get("/__mock/health", _health)
+    app.router.add_post("/__mock/faults", _set_fault)
+    app.router.add_delete("/__mock/faults", _clear_faults)
     # Last, so it only sees what nothing above matched (including wrong methods).
     app.router.add_route("*", "/{tail:.*}", _unmatched)
     return app

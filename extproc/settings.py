@@ -67,6 +67,8 @@ class Settings:
     body_log_file_backups: int = 3
     cors_origins: tuple[str, ...] = ()  # browser origins allowed (CORS); `*` = any
     denied_models: tuple[str, ...] = ()  # model globs no key may use (docs/providers.md)
+    max_retries: int = 2  # further tries on the pool's next credential (docs/providers.md)
+    retry_deadline_ms: int = 30_000  # no retry starts later than this after admission
     # Admission control per worker: requests in their request phases at once before new ones
     # get a JSON 503 + Retry-After (0 = no bound). See docs/performance.md.
     max_pending: int = 256
@@ -110,6 +112,8 @@ class Settings:
             "TOLLGATE_UNPRICED": ("unpriced", _unpriced),
             "TOLLGATE_CORS_ORIGINS": ("cors_origins", _origins),
             "TOLLGATE_DENIED_MODELS": ("denied_models", _names),
+            "TOLLGATE_MAX_RETRIES": ("max_retries", int),
+            "TOLLGATE_RETRY_DEADLINE_MS": ("retry_deadline_ms", int),
             "TOLLGATE_MODERATION_URL": ("moderation_url", str),
             "TOLLGATE_BODY_LOG_FILE": ("body_log_file", str),
             "TOLLGATE_BODY_LOG_FILE_MAX_BYTES": ("body_log_file_max_bytes", int),

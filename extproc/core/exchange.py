@@ -110,6 +110,17 @@ ROUTING_HEADER = "x-tollgate-cluster"
 LOGGED_BYTES = 256 * 1024  # per body in the opt-in log stream; longer ones are cut
 REQUEST_ID_HEADER = "x-tollgate-request-id"
 INTERNAL_PREFIX = "x-tollgate-"
+# Retry on the next credential (docs/providers.md; extproc/server/retry.py). The extproc sets
+# how many further tries Envoy may make; a client can neither raise that nor add retry rules.
+MAX_RETRIES_HEADER = "x-envoy-max-retries"
+_CLIENT_STRIPPED = (INTERNAL_PREFIX, MAX_RETRIES_HEADER, "x-envoy-retr",
+                    "x-envoy-upstream-rq-per-try", "x-envoy-hedge")
+# On a pooled call that may be retried: "<request id> <estimated tokens> <retry deadline, unix
+# ms> <upstream> <model>", what the per-try filter needs to pick the next credential (no
+# secret in it).
+TRY_HEADER = "x-tollgate-try"
+# Set by the per-try filter on an answer from a retry: the credential that answered.
+ANSWERED_BY_HEADER = "x-tollgate-credential"
 # Pay-i-style headers (`xProxy-*`) are the gateway's too: never forwarded to a provider.
 
 
@@ -123,6 +134,8 @@ class Options:
     unpriced: str = "default"  # unpriced models, unless the Upstream says: see `_unpriced`
     cors: Cors = NO_CORS  # browser clients (core/policy/cors.py); off without origins
     denied_models: tuple[str, ...] = ()  # globs no key may use, whatever it allows
+    max_retries: int = 2  # further tries of a failed call on the pool's other credentials
+    retry_deadline_ms: int = 30_000  # no further try starts later than this after admission
 
     def denies(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self.denied_models)
@@ -228,6 +241,7 @@ class Exchange:
         "reservation",
         "reserve_maybe_ran",
         "response_policy",
+        "retries",
         "route",
         "settled",
         "status",
@@ -281,6 +295,9 @@ class Exchange:
         self.proxied = False  # the credential has its own baseUrl (core/targets.py)
         self.credential: CredentialCharge | None = None  # the credential the call went out with
         self.cooldown_due: int | None = None  # Retry-After ms (0 = none) when it must rest
+        # Further tries Envoy may make (retry on the next credential); when > 0 every failed
+        # try's credential is rested by the upstream filter (server/retry.py), not here.
+        self.retries = 0
         self._snapshot: Snapshot | None = None
         self.hide_usage_chunk = False  # Tollgate turned include_usage on for this stream
         self.meter: StreamMeter | None = None
@@ -372,7 +389,7 @@ class Exchange:
     ) -> Decision | Reply:
         # Pay-i's annotation headers never reach the provider either (its key header is
         # handled with the other key headers in `on_request_body`).
-        removes = [name for name in headers if name.startswith(INTERNAL_PREFIX) or (
+        removes = [name for name in headers if name.startswith(_CLIENT_STRIPPED) or (
             name.startswith(payi.PAYI_PREFIX) and name != BYOK_HEADER)]
         if "accept-encoding" in headers:
             removes.append("accept-encoding")
@@ -588,7 +605,7 @@ class Exchange:
         if self.presented.bring_your_own_key:
             removes: tuple[str, ...] = (BYOK_HEADER,)
         else:
-            candidates = _candidates(upstream, snapshot, self.priced_model)
+            candidates = credential_candidates(upstream, snapshot, self.priced_model)
             if not candidates:
                 backup = self.next_upstream(now)
                 if backup is not None:
@@ -876,11 +893,32 @@ class Exchange:
         if not self.pool:
             return HeaderEdit()
         longest = max((self._auth(c)[0] for c in self.pool), key=lambda h: len(h[1]))
-        return HeaderEdit(set=(longest,))
+        if len(self.pool) < 2 or self.options.max_retries < 1 or self.upstream is None:
+            return HeaderEdit(set=(longest,))
+        # And the retry headers (`_with_credential`), with the longest numbers they can carry.
+        model = max((c.model for c in self.pool), key=len)
+        try_value = f"{self.request_id} {'9' * 20} {'9' * 13} {self.upstream.name} {model}"
+        return HeaderEdit(set=(longest, (MAX_RETRIES_HEADER, "99"), (TRY_HEADER, try_value)))
 
     def _with_credential(self, proceed: Continue, credential: CredentialCharge) -> Continue:
         self.credential = credential
         auth = HeaderEdit(set=tuple(self._auth(credential)))
+        own_host = [c for c in self.upstream.credentials if c.base_url is None] \
+            if self.upstream is not None else []
+        # Retried only among the credentials on the Upstream's own cluster: a retry changes the
+        # auth header, never the destination, so a credential with its own baseUrl is neither
+        # retried from nor onto (its secret must only ever reach its own server).
+        retries = min(len(own_host) - 1, self.options.max_retries)
+        if retries > 0 and self.plan is not None and self.upstream is not None and \
+                any(c.name == credential.name for c in own_host):
+            self.retries = retries
+            # A 429/5xx/connect failure is retried by Envoy on the pool's next credential,
+            # chosen per try by the upstream filter (extproc/server/retry.py).
+            auth = auth.plus(HeaderEdit(set=(
+                (MAX_RETRIES_HEADER, str(retries)),
+                (TRY_HEADER, f"{self.request_id} {self.plan.estimate_tokens} "
+                             f"{self.plan.now_ms + self.options.retry_deadline_ms} "
+                             f"{self.upstream.name} {credential.model}"))))
         return self._to_target(replace(proceed, headers=proceed.headers.plus(auth)), credential)
 
     def _to_target(self, proceed: Continue, credential: CredentialCharge) -> Continue:
@@ -973,6 +1011,9 @@ class Exchange:
         content_type = headers.get("content-type", "")
         if self.facts is None or self.upstream is None:
             return Continue(HeaderEdit(set=sets))  # not an admitted LLM call (e.g. Envoy's 404)
+        answered_by = headers.get(ANSWERED_BY_HEADER)
+        if answered_by is not None:
+            return self._answered_by(answered_by, headers)
         if 200 <= self.status < 300 and content_type.startswith("application/json"):
             return Continue(HeaderEdit(set=sets), response_body_mode=BodyMode.BUFFERED)
         if 200 <= self.status < 300 and content_type.startswith("text/event-stream"):
@@ -996,11 +1037,24 @@ class Exchange:
         else:
             # The provider refused or failed: release the reservation at zero cost.
             self.due = Settlement(0, 0, self.status, "upstream_error")
-            if self.pool and self.credential is not None and (
+            if self.pool and self.credential is not None and not self.retries and (
                 self.status in self.upstream.cooldown_statuses
             ):
-                self.cooldown_due = _retry_after_ms(headers)
+                self.cooldown_due = retry_after_ms(headers)
         return Continue(HeaderEdit(set=sets))
+
+    def _answered_by(self, name: str, headers: Mapping[str, str]) -> Continue:
+        """The answer came from a retry: settle for the credential that answered. An empty
+        name: the per-try filter answered itself (the retry deadline had passed)."""
+        credential = next((c for c in self.pool if c.name == name), None)
+        if credential is not None:
+            self.credential = credential
+        decision = self.on_response_headers({k: v for k, v in headers.items()
+                                             if k != ANSWERED_BY_HEADER})
+        # x-envoy-overloaded: how the per-try filter's own answer stops further retries.
+        edit = decision.headers.plus(HeaderEdit(remove=(ANSWERED_BY_HEADER,
+                                                        "x-envoy-overloaded")))
+        return replace(decision, headers=edit)
 
     def after_settlement(self, statuses: tuple[LimitStatus, ...] | None) -> HeaderEdit:
         """Headers that report limit states once the settlement is recorded. `None` means it
@@ -1160,7 +1214,7 @@ class Exchange:
         return Continue(edit, body=new_body if new_body is not None else redacted)
 
 
-def _retry_after_ms(headers: Mapping[str, str]) -> int:
+def retry_after_ms(headers: Mapping[str, str]) -> int:
     """The provider's Retry-After in ms (`retry-after-ms`, or `retry-after` in seconds), 0 when
     absent or unreadable (an HTTP-date is treated as absent: the default cooldown applies)."""
     for name, scale in (("retry-after-ms", 1.0), ("retry-after", 1000.0)):
@@ -1193,7 +1247,8 @@ def _set_output_cap(endpoint: Endpoint, body: bytes, cap: int) -> tuple[str, byt
     return (present or [default])[0], orjson.dumps(doc)
 
 
-def _candidates(upstream: UpstreamSpec, snapshot: Snapshot, model: str) -> list[CredentialCharge]:
+def credential_candidates(upstream: UpstreamSpec, snapshot: Snapshot,
+                          model: str) -> list[CredentialCharge]:
     """Credentials that have a secret, primaries first (each group in configured order)."""
     out = [
         CredentialCharge(upstream.name, c.name, c.secret_ref, model, not c.is_fallback,

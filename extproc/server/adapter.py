@@ -38,14 +38,14 @@ def header_map(http_headers: Any) -> dict[str, str]:
     return out
 
 
-_ATTRIBUTES = "envoy.filters.http.ext_proc"
+ATTRIBUTES = "envoy.filters.http.ext_proc"  # the key Envoy files ext_proc attributes under
 
 
 def client_address(request: Any) -> str:
     """The client address Envoy derived (`source.address` request attribute, sent with the
     request headers when the filter lists it in `request_attributes`), without the port; ""
     when Envoy sent none."""
-    attributes = request.attributes.get(_ATTRIBUTES)
+    attributes = request.attributes.get(ATTRIBUTES)
     if attributes is None:
         return ""
     value = attributes.fields.get("source.address")

@@ -47,7 +47,7 @@ from extproc.core.quota import (
 )
 from extproc.core.request import classify_path
 from extproc.core.snapshot import Snapshot
-from extproc.envoyconf import METADATA_NAMESPACE
+from extproc.envoyconf import FAILED_ROLE_METADATA, METADATA_NAMESPACE, TRY_ROLE_METADATA
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.server import adapter, logs, metrics, tracing
 from extproc.server.admission import LoopLag
@@ -56,6 +56,7 @@ from extproc.server.ingest import answer_ingest
 from extproc.server.ingest import refuse as ingest_refuse
 from extproc.server.moderation import ModerationClient
 from extproc.server.policy_hits import PolicyHitRecorder
+from extproc.server.retry import TryHandler
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
 from extproc.store.quota_store import CircuitOpen, QuotaStore, SettleCall
@@ -121,10 +122,23 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         # And while the event loop runs late, new requests would only queue into Envoy's
         # message timeout: refused too (see admission.py).
         self.lag = lag
+        self.tries = TryHandler(watcher, quota)
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
     ) -> AsyncIterator[ep.ProcessingResponse]:
+        if context is not None:
+            metadata = context.invocation_metadata()
+            if TRY_ROLE_METADATA in metadata:
+                # A retried try, from the cluster's upstream filter (server/retry.py).
+                async for response in self.tries.process(request_iterator):
+                    yield response
+                return
+            if FAILED_ROLE_METADATA in metadata:
+                # The answer of a try that failed (server/retry.py).
+                async for response in self.tries.observe_failure(request_iterator):
+                    yield response
+                return
         exchange = Exchange(new_request_id(), self.options)
         started = time.monotonic()
         snapshot = self.watcher.snapshot  # one snapshot for the whole request

@@ -71,6 +71,8 @@ async def run_worker(settings: Settings, index: int) -> None:
         unpriced=settings.unpriced,
         cors=Cors(tuple(settings.cors_origins)),  # a list after the JSON hand-over
         denied_models=tuple(settings.denied_models),
+        max_retries=max(0, settings.max_retries),
+        retry_deadline_ms=max(0, settings.retry_deadline_ms),
     )
 
     limit = settings.grpc_max_message_bytes

@@ -142,6 +142,10 @@ class KeySchema:
         """INT: consecutive failures of a credential; a success deletes it."""
         return f"{self.prefix}err:{upstream}:{credential}"
 
+    def retry_tried(self, request_id: str) -> str:
+        """SET with TTL: candidate numbers of the credentials a retried request has tried."""
+        return f"{self.prefix}tried:{request_id}"
+
     def credential_window(self, upstream: str, credential: str, metric: str) -> str:
         """HASH: bucket -> requests or tokens sent with this credential."""
         short = "rpm" if metric == "requests" else "tpm"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources as importlib_resources
 from typing import Any
@@ -47,6 +47,7 @@ SETTLE_LAYOUT = 3
 # of one request name the same set.
 SETTLED_BUCKET_MS = 60_000
 UNCONFIRMED_BUCKET_MS = 3_600_000
+RETRY_TRIED_MS = 600_000  # how long a request's tried credentials are remembered
 # How long an unconfirmed settlement is remembered. Requests with no plan only write a usage
 # event: a replay later than this (a journal line whose first attempt did land) could add the
 # event twice, nothing else. Plans settled without a confirmed hold (Redis did not answer the
@@ -177,6 +178,7 @@ class QuotaStore:
         self._settle = client.register_script(_lua("settle.lua"))
         self._cooldown = client.register_script(_lua("cooldown.lua"))
         self._migrate = client.register_script(_lua("migrate.lua"))
+        self._retry_pick = client.register_script(_lua("retry_pick.lua"))
 
     async def _run(
         self, script: Any, keys: list[str], args: list[Any], background: bool = False
@@ -340,6 +342,21 @@ class QuotaStore:
                 self.keys.credential_errors(credential.upstream, credential.name)]
         reply = await self._run(self._cooldown, keys, [base_ms, max_ms, retry_after_ms])
         return int(reply[0]), int(reply[1])
+
+    async def pick_retry(self, request_id: str, candidates: Sequence[CredentialCharge],
+                         failed: int, estimate_tokens: int, now_ms: int) -> int:
+        """The candidate (0-based index) for the next try after `failed` failed; -1 when every
+        one was tried. Charges its request and token windows (retry_pick.lua)."""
+        keys = [self.keys.retry_tried(request_id)]
+        args: list[Any] = [failed + 1, len(candidates), sum(1 for c in candidates if c.primary),
+                           now_ms, BUCKET_MS, BUCKETS, _exact(estimate_tokens), RETRY_TRIED_MS]
+        for cred in candidates:
+            keys += [self.keys.cooldown(cred.upstream, cred.name, cred.model),
+                     self.keys.credential_window(cred.upstream, cred.name, "requests"),
+                     self.keys.credential_window(cred.upstream, cred.name, "tokens")]
+            args += [cred.rpm or 0, cred.tpm or 0]
+        reply = await self._run(self._retry_pick, keys, args)
+        return int(reply[0]) - 1
 
     def _wire(self, call: SettleCall) -> tuple[list[str], list[bytes]]:
         """Keys and arguments of a settle call, with its hourly rollup (store/rollup.py) added

@@ -1,0 +1,68 @@
+"""The generated Envoy config for retry on the next credential: the route's retry policy
+(retries only when the extproc names a number), and the two upstream filters on every
+provider cluster, skipped on a first try and on a successful answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from extproc import envoyconf
+from extproc.core import exchange
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    return envoyconf.render_bootstrap(clusters=envoyconf.provider_clusters())
+
+
+def _listener_hcm(config: dict[str, Any]) -> dict[str, Any]:
+    listener = config["static_resources"]["listeners"][0]
+    hcm: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
+
+
+def test_the_route_retries_only_as_many_times_as_the_extproc_says(
+    config: dict[str, Any],
+) -> None:
+    vhost = _listener_hcm(config)["route_config"]["virtual_hosts"][0]
+    assert vhost["include_request_attempt_count"] is True
+    route = vhost["routes"][0]["route"]
+    policy = route["retry_policy"]
+    assert policy["num_retries"] == 0  # x-envoy-max-retries (set by the extproc) raises it
+    assert set(policy["retry_on"].split(",")) >= {"retriable-status-codes", "5xx", "reset",
+                                                  "connect-failure"}
+    assert policy["retriable_status_codes"] == [429]
+    ext_proc = _listener_hcm(config)["http_filters"][0]["typed_config"]
+    assert ext_proc["mutation_rules"] == {"allow_envoy": True}
+
+
+def test_every_provider_cluster_has_the_per_try_and_failed_try_filters(
+    config: dict[str, Any],
+) -> None:
+    clusters = [c for c in config["static_resources"]["clusters"]
+                if c["name"] != envoyconf.EXTPROC_CLUSTER]
+    assert clusters
+    for cluster in clusters:
+        options = cluster["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        per_try, failed, codec = options["http_filters"]
+        assert codec["name"] == "envoy.filters.http.upstream_codec"
+        for wrapped, role in ((per_try, envoyconf.TRY_ROLE_METADATA),
+                              (failed, envoyconf.FAILED_ROLE_METADATA)):
+            assert wrapped["name"] == "envoy.filters.http.match_delegate"
+            inner = wrapped["typed_config"]["extension_config"]["typed_config"]
+            assert inner["grpc_service"]["initial_metadata"] == [
+                {"key": role[0], "value": role[1]}]
+            assert inner["failure_mode_allow"] is True
+        failed_proc = failed["typed_config"]["extension_config"]["typed_config"]
+        assert failed_proc["processing_mode"]["request_header_mode"] == "SKIP"
+        assert "request.headers['x-tollgate-try']" in failed_proc["response_attributes"]
+        assert "request.headers['x-api-key']" in failed_proc["response_attributes"]
+
+
+def test_the_header_names_agree() -> None:
+    assert envoyconf.TRY_HEADER == exchange.TRY_HEADER
