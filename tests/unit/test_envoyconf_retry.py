@@ -10,6 +10,7 @@ import pytest
 
 from extproc import envoyconf
 from extproc.core import exchange
+from extproc.core.targets import PROXY_CLUSTERS
 
 pytestmark = pytest.mark.unit
 
@@ -37,15 +38,24 @@ def test_the_route_retries_only_as_many_times_as_the_extproc_says(
                                                   "connect-failure"}
     assert policy["retriable_status_codes"] == [429]
     ext_proc = _listener_hcm(config)["http_filters"][0]["typed_config"]
-    assert ext_proc["mutation_rules"] == {"allow_envoy": True}
+    # allow_all_routing: the `:authority` of a credential with its own baseUrl (core/targets.py)
+    assert ext_proc["mutation_rules"] == {"allow_envoy": True, "allow_all_routing": True}
 
 
 def test_every_provider_cluster_has_the_per_try_and_failed_try_filters(
     config: dict[str, Any],
 ) -> None:
     clusters = [c for c in config["static_resources"]["clusters"]
-                if c["name"] != envoyconf.EXTPROC_CLUSTER]
+                if c["name"] != envoyconf.EXTPROC_CLUSTER and c["name"] not in PROXY_CLUSTERS]
     assert clusters
+    # The forward proxy clusters of credentials with their own baseUrl get no per-try filter:
+    # such a credential is never retried from or onto (its secret stays with its own server).
+    proxies = [c for c in config["static_resources"]["clusters"] if c["name"] in PROXY_CLUSTERS]
+    assert proxies
+    for cluster in proxies:
+        options = cluster.get("typed_extension_protocol_options", {}).get(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", {})
+        assert "http_filters" not in options
     for cluster in clusters:
         options = cluster["typed_extension_protocol_options"][
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]

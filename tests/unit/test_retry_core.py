@@ -25,6 +25,7 @@ from tests.unit.test_exchange import (
     REQUEST_ID,
     SECRETS,
     STORED,
+    _resource,
     open_exchange,
     request_headers,
     send_request,
@@ -146,3 +147,37 @@ def test_past_the_deadline_the_filter_answers_and_nothing_is_rested_twice(
     assert exchange.cooldown_due is None  # the failed-try filter rested p already
     assert {"x-envoy-overloaded", ANSWERED_BY_HEADER} <= set(reply.headers.remove)
     assert exchange.due is not None and exchange.due.cost_nanos == 0
+
+
+def test_a_credential_with_its_own_base_url_is_never_retried_from_or_onto(
+    builtin_resources: list[Resource],
+) -> None:
+    """A try changes the auth header, not the destination: were a credential with a baseUrl
+    part of the retries, its secret could go to the Upstream's cluster, or another credential's
+    secret to its server. The pool "primary" with its fallback on a server of its own."""
+    stored = [r for r in STORED if r.name != "primary"] + [_resource("Upstream", "primary", {
+        "provider": "openai", "cluster": "primary", "models": ["primary-*"], "priority": 10,
+        "credentials": [
+            {"name": "fb", "secretRef": "ANTHROPIC_API_KEY", "isFallback": True,
+             "baseUrl": "http://127.0.0.1:9/v1"},
+            {"name": "p", "secretRef": "OPENAI_API_KEY"}]})]
+    proxied = build_snapshot(1, builtin_resources, stored, SECRETS.get)
+    # Sent out with p: the only other credential has its own server, so no retry at all.
+    _, proceed = admitted(proxied)
+    sets = dict(proceed.headers.set)
+    assert sets["authorization"] == "Bearer sk-up"
+    assert MAX_RETRIES_HEADER not in sets and TRY_HEADER not in sets
+    # Even a try header naming this Upstream finds no second candidate on its cluster.
+    attempt = parse_try({TRY_HEADER: f"{REQUEST_ID} 1 9999999999999 primary primary-1",
+                         "authorization": "Bearer sk-up"}, proxied)
+    assert attempt is None
+    # Sent out with fb (the reserve script chose it): to its own server, never retried.
+    exchange, decision = send_request(
+        proxied, request_headers(), orjson.dumps({"model": "primary-1", "messages": MSG}))
+    assert isinstance(decision, Reserve)
+    proceed = exchange.on_reserved(decision, interpret_reservation(
+        decision.plan, [1, 0, 0, 0, 2, 1, 0]))
+    assert isinstance(proceed, Continue)
+    sets = dict(proceed.headers.set)
+    assert sets[":authority"] == "127.0.0.1:9"
+    assert MAX_RETRIES_HEADER not in sets and TRY_HEADER not in sets
