@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -63,7 +64,27 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> aioredis.R
         socket_connect_timeout=timeout_s,
         health_check_interval=30,
     )
+    # The scheme chose the class (TCP, TLS, unix socket): the same one, packing with hiredis.
+    base = pool.connection_class
+    pool.connection_class = type(f"Packed{base.__name__}", (_HiredisPacking, base), {})
     return aioredis.Redis(connection_pool=pool)
+
+
+class _HiredisPacking:
+    """Commands packed by hiredis' C packer. redis-py's sync client already uses it; its
+    asyncio connection packs every argument in Python instead, ≈ 10 µs for a reservation's
+    40-odd arguments on the request path. Same bytes (checked by tests/store); a command name
+    with a space (`SCRIPT LOAD`) or an argument hiredis does not take goes the Python way."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        if not (b" " in first if isinstance(first, bytes) else " " in str(first)):
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError:
+                pass
+        packed: list[bytes] = super().pack_command(*args)  # type: ignore[misc]
+        return packed
 
 
 async def ready(client: aioredis.Redis) -> None:
