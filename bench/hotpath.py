@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import logging
 import os
@@ -42,7 +43,7 @@ from extproc.core.exchange import Options  # noqa: E402
 from extproc.core.keys import generate_key, hash_key  # noqa: E402
 from extproc.core.resources import validate_document  # noqa: E402
 from extproc.launch import start_redis  # noqa: E402
-from extproc.server import logs, metrics  # noqa: E402
+from extproc.server import metrics  # noqa: E402
 from extproc.server.processor import Processor  # noqa: E402
 from extproc.server.settlement import Settler  # noqa: E402
 from extproc.server.state import ConfigWatcher, KeyDirectory  # noqa: E402
@@ -103,7 +104,7 @@ async def one_request(processor: Processor, sequence: list[ep.ProcessingRequest]
 async def run(args: argparse.Namespace, url: str, tmp: Path) -> None:
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench")
     store = Store.from_url(url, "hot-" + uuid.uuid4().hex[:8], 5.0)
-    hot = connect(url, 1.0)
+    hot = connect(url, args.redis_timeout)
     quota = QuotaStore(hot, store.keys, 1000, background=store.redis)
     settler = Settler(quota, str(tmp / "journal"))
     settle_task = asyncio.create_task(settler.run())
@@ -120,6 +121,13 @@ async def run(args: argparse.Namespace, url: str, tmp: Path) -> None:
                                          "period": "day", "selector": {"keys": ["bench-limited"]}}),
         )])
         if args.log_file is not None:  # the access log line as a worker writes it
+            # Imported here: checkouts before the access log (PYTHONPATH=<old tree>, to compare
+            # with git history) have no `logs` module and run without it.
+            try:
+                from extproc.server import logs
+            except ImportError:
+                logs = None  # type: ignore[assignment]
+        if args.log_file is not None and logs is not None:
             logs.configure("INFO", "text", "worker-0")
             handler = logging.getLogger().handlers[0]
             assert isinstance(handler, logging.StreamHandler)
@@ -183,8 +191,10 @@ async def run(args: argparse.Namespace, url: str, tmp: Path) -> None:
             stats.sort_stats("tottime").print_stats(args.top)
             stats.sort_stats("cumulative").print_stats(args.top)
     finally:
+        settle_task.cancel()  # then close() writes what is left (two flushes would race)
+        with contextlib.suppress(asyncio.CancelledError):
+            await settle_task
         await settler.close(timeout=5)
-        settle_task.cancel()
         await hot.aclose()
         await store.close()
 
@@ -194,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=3000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (16)")
+    p.add_argument("--redis-timeout", type=float, default=1.0,
+                   help="request-path Redis timeout, s (raise it under valgrind)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--top", type=int, default=45)
     p.add_argument("--log-file", default="/dev/null",
