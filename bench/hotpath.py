@@ -185,7 +185,7 @@ async def run(args: argparse.Namespace, url: str, tmp: Path) -> None:
             profiler.enable()
             await round_cpu(args.requests)
             profiler.disable()
-            out = tmp / "hotpath.prof"
+            out = args.profile_out or tmp / "hotpath.prof"
             profiler.dump_stats(out)
             stats = pstats.Stats(str(out))
             stats.sort_stats("tottime").print_stats(args.top)
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="request-path Redis timeout, s (raise it under valgrind)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--top", type=int, default=45)
+    p.add_argument("--profile-out", type=Path, help="keep the cProfile data (pstats) here")
     p.add_argument("--log-file", default="/dev/null",
                    help="access log lines go here, as in a worker (default /dev/null)")
     p.add_argument("--no-log", dest="log_file", action="store_const", const=None,

@@ -173,6 +173,7 @@ class QuotaStore:
         self.keys = schema
         self.stream_maxlen = stream_maxlen
         self.breaker = CircuitBreaker()
+        self._cluster = is_cluster_client(self.background)  # asked once, not per batch
         self._reserve = client.register_script(_lua("reserve.lua"))
         self._settle = client.register_script(_lua("settle.lua"))
         self._cooldown = client.register_script(_lua("cooldown.lua"))
@@ -352,7 +353,7 @@ class QuotaStore:
     async def settle_many(self, calls: list[SettleCall]) -> None:
         """Several settlements in one pipelined round trip. A cluster client refuses scripts in
         a pipeline, so there they go one after the other, in order (off the request path)."""
-        if is_cluster_client(self.background):
+        if self._cluster:
             for call in calls:
                 # A failure part way is safe to replay whole: settlement is idempotent.
                 await self.settle(call, background=True)
