@@ -24,7 +24,8 @@ class HeaderTally:
 
     __slots__ = ("bytes", "entries", "sizes")
 
-    def __init__(self, headers: Iterable[tuple[str, str]]) -> None:
+    def __init__(self, headers: Iterable[tuple[str, str | bytes]]) -> None:
+        # A value may be Envoy's raw bytes: only its length counts (latin-1, one byte a char).
         self.sizes: dict[str, tuple[int, int]] = {}  # name -> (entries, bytes)
         for name, value in headers:
             entries, size = self.sizes.get(name, (0, 0))

@@ -143,8 +143,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                         return
                     self.pending += 1
                     counted = True
-                with tracing.span(f"ext_proc.{phase}", {"tollgate.request_id":
-                                                        exchange.request_id}):
+                if tracing.enabled():
+                    with tracing.span(f"ext_proc.{phase}", {"tollgate.request_id":
+                                                            exchange.request_id}):
+                        response = await self._handle(phase, request, exchange, snapshot,
+                                                      started)
+                else:  # no span name or attributes built per message while tracing is off
                     response = await self._handle(phase, request, exchange, snapshot, started)
                 metrics.observe(_PHASE_TIMERS[phase], time.perf_counter() - t0)
                 if response.HasField("immediate_response"):
@@ -299,9 +303,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             log.warning("Envoy sends no client address (ext_proc request_attributes lacks "
                         "source.address): every request shares one `per: ip` window")
         # Every entry as Envoy counts it (duplicates and pseudo-headers too).
+        # Sizes only: a raw value's byte length is its latin-1 length (no decoding needed).
         exchange.header_tally = HeaderTally(
-            (h.key, h.raw_value.decode("latin-1") if h.raw_value else h.value)
-            for h in message.headers.headers)
+            (h.key, h.raw_value or h.value) for h in message.headers.headers)
         decision = exchange.on_request_headers(
             headers, presented, record, snapshot, message.end_of_stream, time.time(),
             client_ip=client_ip,
