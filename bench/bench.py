@@ -464,6 +464,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="extproc worker processes (2)")
     p.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads (2)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--rounds", type=int, default=0, metavar="N",
+                   help="only the full limits path: N alternating load runs with Envoy direct, "
+                        "CPU per request by component, medians (bench/README.md)")
     p.add_argument("--quick", action="store_true",
                    help="only direct vs tollgate (skip limits, refusals and streaming)")
     args = p.parse_args(argv)
@@ -531,6 +534,21 @@ def run_bench(
     check = check_paths(bench, key)
     print(f"paths checked: tollgate adds {COST_HEADER}: {check['tollgate_cost_header']}, "
           "direct does not", flush=True)
+
+    if args.rounds:
+        import extended
+
+        summary = extended.run_rounds(bench, stack, args.duration, log_dir, args.rounds)
+        metrics_text = fetch_metrics(f"http://127.0.0.1:{stack.extproc.http}/metrics")
+        print_phases(phase_means(metrics_text))
+        trouble = trouble_counters(metrics_text)
+        trouble = {k: v for k, v in trouble.items() if "limit_denials" not in k
+                   and 'decision="denied"' not in k}  # the blocked key of the setup check
+        if trouble:
+            print(f"WARNING: extproc counters moved: {trouble}")
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        return 0 if not trouble else 1
 
     results: dict[str, WrkResult] = {}
     for scenario in ("direct", "tollgate"):

@@ -130,6 +130,52 @@ def run_limits(bench: Bench, stack: Stack, duration: int, log_dir: Path) -> dict
     }
 
 
+def run_rounds(bench: Bench, stack: Stack, duration: int, log_dir: Path,
+               rounds: int) -> dict[str, Any]:
+    """`rounds` alternating load runs of Envoy direct and the full limits path: req/s, the
+    ratio of the two from the same round, and CPU time per request by component (the figure
+    that stays put on a shared machine); medians over the rounds."""
+    limited, _blocked = _setup_keys(bench, stack)
+    script = write_lua_script(log_dir / "limited.lua", json.dumps(BODY).encode(),
+                              {"Content-Type": "application/json",
+                               "Authorization": f"Bearer {limited}"})
+    print("limits: warm-up 2s ...", flush=True)
+    bench.run("limits", "load", 2, script=script)
+    rows: list[dict[str, Any]] = []
+    for n in range(rounds):
+        direct = bench.run("direct", "load", duration)
+        limits = bench.run("limits", "load", duration, script=script)
+        if not (direct.clean and limits.clean):
+            raise RuntimeError(f"round {n + 1} had errors: {direct.problems()} "
+                               f"{limits.problems()}")
+        cpu = {k: round(v * 1e4 / limits.rps, 1) for k, v in limits.cpu_pct.items()
+               if k not in ("idle", "other")}
+        row = {"direct_rps": direct.rps, "limits_rps": limits.rps,
+               "pct_of_direct": round(100 * limits.rps / direct.rps, 1), "cpu_us": cpu,
+               "other_pct": limits.cpu_pct.get("other", 0.0)}
+        rows.append(row)
+        print(f"round {n + 1}: direct {direct.rps:.0f} req/s, limits {limits.rps:.0f} req/s "
+              f"({row['pct_of_direct']} %), CPU us/request "
+              + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+              + f"; other load {row['other_pct']:.0f} % of a core", flush=True)
+
+    def med(values: list[float]) -> float:
+        return round(statistics.median(values), 1)
+
+    summary = {
+        "rounds": rows,
+        "median_direct_rps": med([r["direct_rps"] for r in rows]),
+        "median_limits_rps": med([r["limits_rps"] for r in rows]),
+        "median_pct_of_direct": med([r["pct_of_direct"] for r in rows]),
+        "median_cpu_us": {k: med([r["cpu_us"][k] for r in rows]) for k in rows[0]["cpu_us"]},
+    }
+    print(f"\nmedians over {rounds} rounds: direct {summary['median_direct_rps']:.0f} req/s, "
+          f"full limits path {summary['median_limits_rps']:.0f} req/s "
+          f"({summary['median_pct_of_direct']} % of direct); CPU us per request: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in summary["median_cpu_us"].items()))
+    return summary
+
+
 CHUNK_GAP_MS = 2  # the fake upstream writes one event every 2 ms: each is its own chunk
 
 

@@ -129,7 +129,8 @@ def build_snapshot(
         prices=PriceBook(prices),
         upstreams=tuple(upstreams),
         secrets=secrets,
-        resources=merged,
+        # Not the VirtualKeys: they are `keys_by_hash` (100,000 keys are ≈ 10 MB of entries).
+        resources={k: r for k, r in merged.items() if k[0] != "VirtualKey"},
         limits=tuple(limits),
         rate_limits=tuple(rate_limits),
         policies=tuple(policies),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from extproc.core.payi import Annotations
+from extproc.core.payi import NO_ANNOTATIONS, Annotations
 from extproc.gen.tollgate.v1 import usage_pb2
 
 
 def annotate_event(event: usage_pb2.UsageEvent, notes: Annotations) -> None:
+    if notes is NO_ANNOTATIONS:  # most requests: every field stays at its default
+        return
     event.use_case_name = notes.use_case_name
     event.use_case_id = notes.use_case_id
     event.use_case_version = notes.use_case_version

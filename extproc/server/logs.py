@@ -12,9 +12,10 @@ request path and needs nothing the standard `logging.Formatter` does not already
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -59,16 +60,82 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(level: str, fmt: str, process_label: str) -> None:
+    global _writer
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter(process_label) if fmt == "json"
                          else TextFormatter(process_label))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    _writer = AccessWriter(handler, fmt == "json", process_label)
+
+
+class AccessWriter:
+    """The access line written straight to the root handler's stream, in the same format the
+    formatters above give it: through `logging` (a LogRecord, the formatter, a flush per line)
+    it cost ≈ 16 µs per request, about 5 % of a worker's handler time. Lines are joined and
+    written once per event-loop turn. Used only while the access logger has no handler of its
+    own (tests attach one) and the root handler is the one `configure` installed."""
+
+    def __init__(self, handler: logging.StreamHandler[TextIO], json: bool, label: str) -> None:
+        self.handler = handler
+        self.json = json
+        self.label = label
+        self.lines: list[str] = []
+        self.second = -1
+        self.stamp = ""
+
+    def write(self, fields: dict[str, Any]) -> None:
+        now = time.time()
+        second = int(now)
+        if second != self.second:  # the time prefix, formatted once per second
+            self.second = second
+            self.stamp = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+                          if self.json else time.strftime("%Y-%m-%d %H:%M:%S",
+                                                          time.localtime(second)))
+        millis = int((now - second) * 1000)
+        if self.json:
+            line = orjson.dumps({"time": f"{self.stamp}.{millis:03d}Z", "level": "info",
+                                 "logger": ACCESS.name, "process": self.label,
+                                 "message": "request", **fields}, default=str).decode()
+        else:
+            line = (f"{self.stamp},{millis:03d} {self.label} INFO {ACCESS.name}: request "
+                    + " ".join(f"{k}={v}" for k, v in fields.items()))
+        self.lines.append(line)
+        if len(self.lines) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop: at once
+                self.flush()
+
+    def flush(self) -> None:
+        lines, self.lines = self.lines, []
+        if not lines:
+            return
+        stream = self.handler.stream
+        try:
+            stream.write("\n".join(lines) + "\n")
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: as logging would, go on
+            pass
+
+
+_writer: AccessWriter | None = None
+
+
+def flush_access() -> None:
+    """Write the access lines still waiting for their loop turn (at a worker's exit)."""
+    if _writer is not None:
+        _writer.flush()
 
 
 def access(fields: dict[str, Any]) -> None:
     """One line per request: request id, key name, model, upstream, status, error code, cost,
     latency."""
     if ACCESS.isEnabledFor(logging.INFO):
-        ACCESS.info("request", extra={"fields": fields})
+        writer = _writer
+        if (writer is not None and not ACCESS.handlers
+                and logging.getLogger().handlers == [writer.handler]):
+            writer.write(fields)
+        else:
+            ACCESS.info("request", extra={"fields": fields})

@@ -3,6 +3,8 @@ the supervisor before a worker starts) and the supervisor serves the sum on /met
 
 from __future__ import annotations
 
+import asyncio
+from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -136,9 +138,9 @@ _MODELS = BoundedValues(MAX_LABEL_MODELS)
 def count_spend(key: str, model: str, priced: bool, upstream: str, cost_nanos: int,
                 input_tokens: int, output_tokens: int) -> None:
     labels = (_KEYS(key), _MODELS(model) if priced else "_unpriced", upstream)
-    SPEND_NANOS.labels(*labels).inc(cost_nanos)
-    SPEND_TOKENS.labels(*labels, "input").inc(input_tokens)
-    SPEND_TOKENS.labels(*labels, "output").inc(output_tokens)
+    count(labelled(SPEND_NANOS, *labels), cost_nanos)
+    count(labelled(SPEND_TOKENS, *labels, "input"), input_tokens)
+    count(labelled(SPEND_TOKENS, *labels, "output"), output_tokens)
 
 
 POLICY_ACTIONS = Counter(
@@ -160,3 +162,52 @@ def labelled(metric: Any, *values: str) -> Any:
     if child is None:
         child = _CHILDREN[key] = metric.labels(*values)
     return child
+
+
+class Tally:
+    """Increments of the request path, summed in memory and written to the metric values once
+    per event-loop turn. In multiprocess mode every `inc` writes the worker's mmap file (≈ 1.3 µs
+    for a counter, ≈ 2.4 µs for a histogram observation, about 14 of them per request); requests
+    handled in the same loop turn share those writes here. Values are written before the loop
+    runs anything else, so a /metrics read after a response always sees that request."""
+
+    __slots__ = ("pending", "scheduled")
+
+    def __init__(self) -> None:
+        self.pending: dict[Any, float] = {}  # a metric child's value object -> amount to add
+        self.scheduled = False
+
+    def add(self, value: Any, amount: float) -> None:
+        pending = self.pending
+        pending[value] = pending.get(value, 0.0) + amount
+        if not self.scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop (a CLI, a test): written at once
+                self.flush()
+                return
+            self.scheduled = True
+
+    def flush(self) -> None:
+        self.scheduled = False
+        pending, self.pending = self.pending, {}
+        for value, amount in pending.items():
+            value.inc(amount)
+
+
+TALLY = Tally()
+
+
+def count(child: Any, amount: float = 1) -> None:
+    """`child.inc(amount)` for a Counter child (from `labelled` or an unlabelled Counter),
+    written with the loop turn's other increments (Tally)."""
+    if amount:
+        TALLY.add(child._value, amount)  # the child's value object (prometheus_client's)
+
+
+def observe(child: Any, amount: float) -> None:
+    """`child.observe(amount)` for a Histogram child, written like `count`: the sum and the
+    one bucket the amount falls in (multiprocess buckets are not cumulative; the collector
+    adds them up, as prometheus_client's own `observe` writes them)."""
+    TALLY.add(child._sum, amount)
+    TALLY.add(child._buckets[bisect_left(child._upper_bounds, amount)], 1)

@@ -157,10 +157,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                         return
                     self.pending += 1
                     counted = True
-                with tracing.span(f"ext_proc.{phase}", {"tollgate.request_id":
-                                                        exchange.request_id}):
+                if tracing.enabled():
+                    with tracing.span(f"ext_proc.{phase}", {"tollgate.request_id":
+                                                            exchange.request_id}):
+                        response = await self._handle(phase, request, exchange, snapshot,
+                                                      started)
+                else:  # no span name or attributes built per message while tracing is off
                     response = await self._handle(phase, request, exchange, snapshot, started)
-                _PHASE_TIMERS[phase].observe(time.perf_counter() - t0)
+                metrics.observe(_PHASE_TIMERS[phase], time.perf_counter() - t0)
                 if response.HasField("immediate_response"):
                     immediate = response.immediate_response
                     answered = (immediate.status.code, immediate.details)
@@ -313,9 +317,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             log.warning("Envoy sends no client address (ext_proc request_attributes lacks "
                         "source.address): every request shares one `per: ip` window")
         # Every entry as Envoy counts it (duplicates and pseudo-headers too).
+        # Sizes only: a raw value's byte length is its latin-1 length (no decoding needed).
         exchange.header_tally = HeaderTally(
-            (h.key, h.raw_value.decode("latin-1") if h.raw_value else h.value)
-            for h in message.headers.headers)
+            (h.key, h.raw_value or h.value) for h in message.headers.headers)
         decision = exchange.on_request_headers(
             headers, presented, record, snapshot, message.end_of_stream, time.time(),
             client_ip=client_ip,
@@ -359,7 +363,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if isinstance(decision, Deny):
             return self._deny(exchange, decision)
         exchange.admitted = True
-        metrics.labelled(metrics.REQUESTS, "allowed", "ok").inc()
+        metrics.count(metrics.labelled(metrics.REQUESTS, "allowed", "ok"))
         return adapter.continue_response("request_body", decision)
 
     async def _moderate(self, exchange: Exchange, snapshot: Snapshot,
@@ -414,7 +418,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         reservation = interpret_reservation(plan, reply)
         if reservation.credential is not None:
             cred = reservation.credential
-            metrics.labelled(metrics.CRED_REQUESTS, cred.upstream, cred.name).inc()
+            metrics.count(metrics.labelled(metrics.CRED_REQUESTS, cred.upstream, cred.name))
             metrics.labelled(metrics.CRED_RPM, cred.upstream, cred.name).set(
                 reservation.credential_requests)
             metrics.labelled(metrics.CRED_TPM, cred.upstream, cred.name).set(
@@ -569,15 +573,17 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         priced = exchange.priced
         if priced is None:
             return
-        metrics.labelled(metrics.PRICED, priced.upstream, "yes" if priced.priced else "no").inc()
+        metrics.count(metrics.labelled(metrics.PRICED, priced.upstream,
+                                       "yes" if priced.priced else "no"))
         if not priced.priced:
             metrics.UNPRICED.labels("unknown_model").inc()
-        metrics.labelled(metrics.COST_NANOS, priced.upstream).inc(priced.cost.total_nanos)
+        metrics.count(metrics.labelled(metrics.COST_NANOS, priced.upstream),
+                      priced.cost.total_nanos)
         metrics.count_spend(priced.key_name, exchange.model_identity or priced.model,
                             priced.priced, priced.upstream, priced.cost.total_nanos,
                             priced.usage.input, priced.usage.output)
         if exchange.credential is not None:
-            metrics.labelled(metrics.CRED_TOKENS, priced.upstream, exchange.credential.name).inc(
-                priced.usage.total)
-        metrics.labelled(metrics.TOKENS, "input").inc(priced.usage.input)
-        metrics.labelled(metrics.TOKENS, "output").inc(priced.usage.output)
+            metrics.count(metrics.labelled(metrics.CRED_TOKENS, priced.upstream,
+                                           exchange.credential.name), priced.usage.total)
+        metrics.count(metrics.labelled(metrics.TOKENS, "input"), priced.usage.input)
+        metrics.count(metrics.labelled(metrics.TOKENS, "output"), priced.usage.output)

@@ -152,7 +152,7 @@ class Settler:
             try:
                 with tracing.span("redis.settle_batch", {"tollgate.settlements": len(calls)}):
                     await self.quota.settle_many(calls)
-                metrics.USAGE_WRITTEN.inc(len(calls))
+                metrics.count(metrics.USAGE_WRITTEN, len(calls))
             except (StoreUnavailable, StoreRejected):
                 # Journaled one by one: a rejected call is then set aside alone on replay.
                 metrics.REDIS_ERRORS.labels("usage").inc()

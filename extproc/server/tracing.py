@@ -22,6 +22,10 @@ _NOOP: AbstractContextManager[None] = contextlib.nullcontext()
 _tracer: Any = None
 
 
+def enabled() -> bool:
+    return _tracer is not None
+
+
 def span(name: str, attributes: Mapping[str, Any]) -> AbstractContextManager[Any]:
     if _tracer is None:
         return _NOOP

@@ -177,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     tracing.enable_from_env()  # off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
     import uvloop
 
-    uvloop.run(run_worker(settings, args.index))
+    try:
+        uvloop.run(run_worker(settings, args.index))
+    finally:  # what waited for a loop turn that never came
+        from extproc.server import logs, metrics
+
+        metrics.TALLY.flush()
+        logs.flush_access()
     return 0
 
 

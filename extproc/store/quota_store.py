@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from extproc.core.pricing import MAX_AMOUNT_NANOS
 from extproc.core.quota import BUCKET_MS, BUCKETS, CredentialCharge, ReservationPlan
@@ -174,6 +174,7 @@ class QuotaStore:
         self.keys = schema
         self.stream_maxlen = stream_maxlen
         self.breaker = CircuitBreaker()
+        self._cluster = is_cluster_client(self.background)  # asked once, not per batch
         self._reserve = client.register_script(_lua("reserve.lua"))
         self._settle = client.register_script(_lua("settle.lua"))
         self._cooldown = client.register_script(_lua("cooldown.lua"))
@@ -372,19 +373,30 @@ class QuotaStore:
     async def settle_many(self, calls: list[SettleCall]) -> None:
         """Several settlements in one pipelined round trip. A cluster client refuses scripts in
         a pipeline, so there they go one after the other, in order (off the request path)."""
-        if is_cluster_client(self.background):
+        if self._cluster:
             for call in calls:
                 # A failure part way is safe to replay whole: settlement is idempotent.
                 await self.settle(call, background=True)
             return
+        wired = [self._wire(call) for call in calls]
         try:
-            async with self.background.pipeline(transaction=False) as pipe:
-                for call in calls:
-                    keys, args = self._wire(call)
-                    await self._settle(keys=keys, args=args, client=pipe)
-                await pipe.execute()
+            try:
+                await self._settle_pipelined(wired)
+            except NoScriptError:
+                # Redis lost its script cache (restart, SCRIPT FLUSH): load it and run the
+                # batch again; nothing of it ran (every call failed the same way).
+                await self.background.script_load(self._settle.script)
+                await self._settle_pipelined(wired)
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
+
+    async def _settle_pipelined(self, wired: list[tuple[list[str], list[bytes]]]) -> None:
+        # EVALSHA directly: a registered Script in a pipeline makes redis-py send SCRIPT EXISTS
+        # for it before every batch (Pipeline.load_scripts), a second command per batch.
+        async with self.background.pipeline(transaction=False) as pipe:
+            for keys, args in wired:
+                pipe.evalsha(self._settle.sha, len(keys), *keys, *args)
+            await pipe.execute()
 
     async def drop_hold(self, request_id: str) -> None:
         try:

@@ -15,7 +15,7 @@ from extproc.core.snapshot import build_snapshot
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.launch import free_port, redis_ping, start_process, wait_until
 from extproc.server.state import ConfigWatcher, KeyDirectory, builtin_resources
-from extproc.store.redis_store import Store, StoreUnavailable
+from extproc.store.redis_store import Store, StoreUnavailable, connect
 
 pytestmark = pytest.mark.redis
 
@@ -255,3 +255,40 @@ async def _eventually(check: object, timeout: float = 5.0) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("condition not met in time")
+
+
+async def test_a_settle_batch_lands_after_redis_lost_its_scripts(store: Store) -> None:
+    """Batches call EVALSHA directly (no SCRIPT EXISTS first): after a Redis restart or a
+    SCRIPT FLUSH the script is loaded again and the batch still lands, once."""
+    from extproc.store.quota_store import QuotaStore
+
+    quota = QuotaStore(store.redis, store.keys, stream_maxlen=1000)
+    event = usage_pb2.UsageEvent(request_id="before", key="k").SerializeToString()
+    await quota.settle_many([quota.settle_call(None, 0, 0, event, False, request_id="before")])
+    await store.redis.script_flush()
+    events = [usage_pb2.UsageEvent(request_id=f"after{i}", key="k").SerializeToString()
+              for i in range(3)]
+    await quota.settle_many([quota.settle_call(None, 0, 0, e, False, request_id=f"after{i}")
+                             for i, e in enumerate(events)])
+    ids = [usage_pb2.UsageEvent.FromString(raw).request_id
+           for _, raw in await store.read_usage(count=10)]
+    assert ids == ["before", "after0", "after1", "after2"]
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    """The request path's connections pack with hiredis: the same bytes as redis-py's own
+    packer, for every kind of argument Tollgate sends; what hiredis refuses goes the Python
+    way (and fails as redis-py fails)."""
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    client = connect("redis://127.0.0.1:1/0", 1.0)
+    packed = client.connection_pool.connection_class()
+    assert "hiredis" in type(packed).__mro__[1].__doc__  # the packing class is in place
+    plain = Connection()
+    for args in [("EVALSHA", "ab" * 20, 2, "k1", b"k2", -5, 0, 2**53, "é", 1.5, b"\x00\xff"),
+                 ("SCRIPT LOAD", "return 1"), (b"CLIENT SETINFO", b"LIB-NAME", "x"),
+                 ("GET", "")]:
+        assert b"".join(packed.pack_command(*args)) == b"".join(plain.pack_command(*args))
+    with pytest.raises(DataError):
+        packed.pack_command("SET", "k", True)
