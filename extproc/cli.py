@@ -641,6 +641,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"redis: {stack.redis_url}{'' if explicit else ' (embedded)'}")
     print(f"extproc: grpc 127.0.0.1:{stack.extproc.grpc}, "
           f"health/metrics http://127.0.0.1:{stack.extproc.http}")
+    if Settings.from_env().dashboard:
+        print(f"dashboard: http://127.0.0.1:{stack.extproc.http}/dashboard")
     print(f"upstream: {upstream}")
     try:
         for warning in _up_warnings(stack.redis_url, MOCK_SECRETS if args.mock_upstream else {}):
