@@ -27,7 +27,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
-from extproc.launch import Stack, free_port
+from extproc.launch import Stack, free_port, start_extproc
 from tests.e2e.conftest import ADMIN_TOKEN, CliRunner, chat_body, spent_and_held
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
@@ -267,3 +267,18 @@ def test_the_server_refuses_the_dashboard_without_a_token(redis_url: str) -> Non
         env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert "TOLLGATE_DASHBOARD=1 needs TOLLGATE_ADMIN_TOKEN" in done.stderr
+
+
+def test_the_dashboard_is_not_served_unless_turned_on(
+    redis_url: str, tmp_path: Path, e2e_env: dict[str, str]
+) -> None:
+    env = {k: v for k, v in e2e_env.items() if k != "TOLLGATE_DASHBOARD"}
+    proc, ports = start_extproc(tmp_path, redis_url, 1, env)
+    try:
+        for path in ("/dashboard", "/dashboard/api/summary", "/dashboard/login"):
+            answer = httpx.get(f"http://127.0.0.1:{ports.http}{path}",
+                               headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
+            assert answer.status_code == 404, path
+        assert httpx.get(f"http://127.0.0.1:{ports.http}/readyz", timeout=10).status_code == 200
+    finally:
+        proc.stop()
