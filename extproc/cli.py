@@ -143,6 +143,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         "description": args.description or "",
         "allowClientUser": args.allow_client_user,
         "allowedRequestTags": _patterns(args.allowed_request_tags),
+        "allowedUseCases": _patterns(args.allowed_use_cases),
+        "allowedAccounts": _patterns(args.allowed_accounts),
     }
     if args.expires:
         spec["expiresAt"] = parse_expiry(args.expires, datetime.now(UTC))
@@ -820,6 +822,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--allowed-request-tags", action="append", metavar="PATTERN[,PATTERN...]",
                         help="request tags (x-tollgate-tags) that may select limits (globs), "
                         "comma-separated or the flag repeated")
+    create.add_argument("--allowed-use-cases", action="append", metavar="PATTERN[,PATTERN...]",
+                        help="use cases (name or id, xProxy-UseCase-*) that may select limits "
+                        "(globs)")
+    create.add_argument("--allowed-accounts", action="append", metavar="PATTERN[,PATTERN...]",
+                        help="account names (xProxy-Account-Name) that may select limits (globs)")
     namespace_opt(create)
     redis_opt(create)
     create.set_defaults(func=cmd_keys_create)

@@ -332,6 +332,9 @@ def price_event(event: IngestEvent, key: KeyRecord, snapshot: Snapshot,
         key=key.name, group=key.group, user=user,
         tags=attribution.limit_tags(key.tags, key.allowed_request_tags, event.request_tags),
         model=model, ip="", requested_model=event.resource, namespace=key.namespace,
+        use_cases=attribution.limit_use_cases(key.allowed_use_cases, event.notes.use_case_name,
+                                              event.notes.use_case_id),
+        account=attribution.limit_account(key.allowed_accounts, event.notes.account_name),
     )
     named = tuple(qualify(ref, key.namespace) for ref in event.limit_ids)
     limits, unknown = applicable(snapshot.limits, subject, named)

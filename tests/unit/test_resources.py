@@ -47,7 +47,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "keySha256": SHA, "group": "", "user": "", "models": [], "tags": [],
                 "expiresAt": None, "revoked": False, "description": "",
                 "allowRequestLimits": False, "allowClientUser": False, "allowedRequestTags": [],
-                "secretName": "",
+                "allowedUseCases": [], "allowedAccounts": [], "secretName": "",
             },
         ),
         (
@@ -61,7 +61,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "keySha256": SHA, "group": "team-a", "user": "alice", "models": ["gpt-4o*"],
                 "tags": ["ci"], "expiresAt": "2026-01-01T00:00:00Z", "revoked": True,
                 "description": "CI key", "allowRequestLimits": False, "allowClientUser": False,
-                "allowedRequestTags": [], "secretName": "",
+                "allowedRequestTags": [], "allowedUseCases": [], "allowedAccounts": [],
+                "secretName": "",
             },
         ),
         (
@@ -155,7 +156,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "keySha256": SHA, "group": "", "user": "", "models": [], "tags": [],
                 "expiresAt": None, "revoked": False, "description": "",
                 "allowRequestLimits": True, "allowClientUser": True,
-                "allowedRequestTags": ["team-*"], "secretName": "",
+                "allowedRequestTags": ["team-*"], "allowedUseCases": [], "allowedAccounts": [],
+                "secretName": "",
             },
         ),
         (
@@ -166,6 +168,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "timeZone": "UTC", "enforcement": "strict", "failOpen": False,
                 "onInsufficient": "refuse", "minOutputTokens": 16,
                 "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": [],
+                             "useCases": [], "accounts": [],
                              "namespaces": []},
             },
         ),
@@ -177,6 +180,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "timeZone": "UTC", "enforcement": "strict", "failOpen": False,
                 "onInsufficient": "refuse", "minOutputTokens": 16,
                 "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": [],
+                             "useCases": [], "accounts": [],
                              "namespaces": []},
             },
         ),
@@ -192,7 +196,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "timeZone": "Europe/Berlin", "enforcement": "reactive", "failOpen": True,
                 "onInsufficient": "refuse", "minOutputTokens": 16,
                 "selector": {"keys": [], "groups": ["team-a"], "users": [], "tags": [],
-                             "models": ["gpt-4o*"], "namespaces": []},
+                             "models": ["gpt-4o*"], "useCases": [], "accounts": [],
+                             "namespaces": []},
             },
         ),
         (
@@ -201,6 +206,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "per": "key",
                 "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": [],
+                             "useCases": [], "accounts": [],
                              "namespaces": []},
                 "requestsPerMinute": 60, "tokensPerMinute": None, "concurrent": None,
             },
@@ -214,7 +220,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "per": "global",
                 "selector": {"keys": ["a"], "groups": [], "users": [], "tags": ["ci"],
-                             "models": [], "namespaces": []},
+                             "models": [], "useCases": [], "accounts": [], "namespaces": []},
                 "requestsPerMinute": 1, "tokensPerMinute": 200_000, "concurrent": 20,
             },
         ),
