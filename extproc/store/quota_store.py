@@ -177,6 +177,7 @@ class QuotaStore:
         self._settle = client.register_script(_lua("settle.lua"))
         self._cooldown = client.register_script(_lua("cooldown.lua"))
         self._migrate = client.register_script(_lua("migrate.lua"))
+        self._first_seen = client.register_script(_lua("first_seen.lua"))
 
     async def _run(
         self, script: Any, keys: list[str], args: list[Any], background: bool = False
@@ -337,6 +338,13 @@ class QuotaStore:
                 self.keys.credential_errors(credential.upstream, credential.name)]
         reply = await self._run(self._cooldown, keys, [base_ms, max_ms, retry_after_ms])
         return int(reply[0]), int(reply[1])
+
+    async def first_seen(self, request_ids: list[str], now_ms: int, ttl_ms: int) -> list[int]:
+        """When each ingested event (by request id) was first received, unix ms; records `now_ms`
+        for those seen for the first time (kept `ttl_ms`). One round trip."""
+        keys = [self.keys.ingest_seen(rid) for rid in request_ids]
+        reply = await self._run(self._first_seen, keys, [now_ms, ttl_ms])
+        return [int(v) for v in reply]
 
     def _wire(self, call: SettleCall) -> tuple[list[str], list[bytes]]:
         """Keys and arguments of a settle call, with its hourly rollup (store/rollup.py) added
