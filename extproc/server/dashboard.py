@@ -32,7 +32,7 @@ from extproc.core.resources import rate_limit_spec
 from extproc.settings import Settings
 from extproc.store.live_state import all_cooldowns, limit_reports, rate_pressure
 from extproc.store.redis_store import Store, StoreRejected, StoreUnavailable
-from extproc.store.rollup import HOUR_MS, aggregate, documents, hours_of
+from extproc.store.rollup import HOUR_MS, Report, Totals, aggregate, documents, hours_of
 
 # The page's ranges (as `tollgate usage --since`) and the hours one bar of its charts covers.
 RANGES = {"24h": 1, "7d": 6, "30d": 24}
@@ -81,39 +81,64 @@ async def read_summary(store: Store, range_: str, now_ms: int) -> dict[str, Any]
     first, last = hours_of(range_, None, None, now_ms)
     hours = list(range(first, last + 1))
     hashes = await store.read_rollups(hours)
-    total = documents(aggregate(hashes, ()))
+    # Summing a month of busy hours takes a while: in a thread, so that /healthz and /readyz
+    # (same event loop) keep answering meanwhile.
+    usage = await asyncio.to_thread(usage_summary, hours, hashes, RANGES[range_])
+    limits, more_limits = await _limits(store, now_ms)
+    return {
+        "range": range_, "from": iso_ms(first * HOUR_MS), "to": iso_ms((last + 1) * HOUR_MS),
+        "generated_at": iso_ms(now_ms), **usage, "limits": limits, "more_limits": more_limits,
+        "rate_limits": await _rate_limits(store, now_ms),
+        "cooldowns": await _cooldowns(store, now_ms),
+    }
+
+
+def usage_summary(hours: list[int], hashes: list[dict[bytes, bytes]], bucket_hours: int
+                  ) -> dict[str, Any]:
+    """Totals by key and by model (the rows `tollgate usage --by key|model -o json` prints for
+    the same hours) and their series per bar of `bucket_hours`, from one pass over the rollup
+    cells: each bar is summed by (key, model), and everything else is added up from the bars
+    (key and model are single-valued, so the sums are exact partitions)."""
+    start = hours[0] - hours[0] % bucket_hours  # bars aligned to UTC (hour 0 is 00:00 UTC)
+    buckets = list(range(start, hours[-1] + 1, bucket_hours))
+    parts: list[list[dict[bytes, bytes]]] = [[] for _ in buckets]
+    for hour, hashed in zip(hours, hashes, strict=True):
+        parts[(hour - start) // bucket_hours].append(hashed)
+    bars = [aggregate(part, ("key", "model")).groups for part in parts]
+    by: dict[str, Report] = {"key": Report(("key",)), "model": Report(("model",))}
+    total = Report(())
+    for bar in bars:
+        for (key, model), t in bar.items():
+            for report, target in ((by["key"], (key,)), (by["model"], (model,)), (total, ())):
+                _add(report.groups.setdefault(target, Totals()), t)
     usage: dict[str, Any] = {}
-    series: dict[str, Any] = {}
-    bucket_hours = RANGES[range_]
-    start = first - first % bucket_hours  # bars aligned to UTC (hour numbers start at 00:00)
-    buckets = list(range(start, last + 1, bucket_hours))
-    for dim in ("key", "model"):
-        rows = documents(aggregate(hashes, (dim,)))
+    series: dict[str, Any] = {"starts": [iso_ms(b * HOUR_MS) for b in buckets],
+                              "bucket_hours": bucket_hours}
+    for slot, dim in enumerate(("key", "model")):
+        rows = documents(by[dim])
         usage[f"by_{dim}"] = rows[:MAX_ROWS]
         usage[f"more_{dim}"] = max(0, len(rows) - MAX_ROWS)
         named = [r[dim] for r in rows[:TOP_SERIES] if r["cost_nanos"] > 0]
         others = any(r["cost_nanos"] > 0 for r in rows[TOP_SERIES:])
         lines = {n: [0] * len(buckets) for n in (*named, *([OTHERS] if others else []))}
-        for i, bucket in enumerate(buckets):
-            part = [h for hour, h in zip(hours, hashes, strict=True)
-                    if bucket <= hour < bucket + bucket_hours]
-            for (name,), totals in aggregate(part, (dim,)).groups.items():
-                line = lines.get(name if name in named else OTHERS)
+        for i, bar in enumerate(bars):
+            for pair, t in bar.items():
+                line = lines.get(pair[slot] if pair[slot] in named else OTHERS)
                 if line is not None:
-                    line[i] += totals.cost_nanos
+                    line[i] += t.cost_nanos
         series[f"by_{dim}"] = [{"name": n, "cost_nanos": v} for n, v in lines.items()]
-    series["starts"] = [iso_ms(b * HOUR_MS) for b in buckets]
-    series["bucket_hours"] = bucket_hours
-    limits, more_limits = await _limits(store, now_ms)
-    return {
-        "range": range_, "from": iso_ms(first * HOUR_MS), "to": iso_ms((last + 1) * HOUR_MS),
-        "generated_at": iso_ms(now_ms),
-        "total": total[0] if total else {"requests": 0, "cost_usd": "0", "cost_nanos": 0,
-                                         "input_tokens": 0, "output_tokens": 0, "tokens": 0},
-        "usage": usage, "series": series, "limits": limits, "more_limits": more_limits,
-        "rate_limits": await _rate_limits(store, now_ms),
-        "cooldowns": await _cooldowns(store, now_ms),
-    }
+    totals = documents(total)
+    return {"total": totals[0] if totals else {
+                "requests": 0, "cost_usd": "0", "cost_nanos": 0, "input_tokens": 0,
+                "output_tokens": 0, "tokens": 0},
+            "usage": usage, "series": series}
+
+
+def _add(into: Totals, t: Totals) -> None:
+    into.cost_nanos += t.cost_nanos
+    into.requests += t.requests
+    into.input_tokens += t.input_tokens
+    into.output_tokens += t.output_tokens
 
 
 async def _limits(store: Store, now_ms: int) -> tuple[list[dict[str, Any]], int]:

@@ -96,3 +96,36 @@ def test_the_dashboard_is_off_unless_asked_and_never_without_a_token() -> None:
                               "TOLLGATE_ADMIN_TOKEN": "0123456789abcdef0123"})
     assert startup_problem(good) is None
     assert "0123456789abcdef0123" not in repr(good)
+
+
+def test_the_summary_rows_are_the_reports_rows() -> None:
+    """One pass by (key, model) per bar, added up, gives exactly what `tollgate usage --by key`
+    (and `--by model`) computes over the same hours: tags and limits (list dimensions) do not
+    double anything."""
+    import random
+
+    import orjson
+
+    from extproc.server.dashboard import usage_summary
+    from extproc.store.rollup import aggregate, documents
+
+    rng = random.Random(7)
+    hours = list(range(490_000, 490_030))
+    hashes: list[dict[bytes, bytes]] = []
+    for _hour in hours:
+        cells: dict[bytes, bytes] = {}
+        for _ in range(rng.randrange(0, 12)):
+            dims = orjson.dumps([rng.choice(["a", "b", "c", ""]), "", "", rng.choice(
+                ["gpt-4o", "m2", "m3"]), "openai", rng.sample(["t1", "t2", "t3"], 2), "",
+                rng.sample(["l1", "l2"], rng.randrange(3))])
+            for letter in b"cnio":
+                field = bytes([letter]) + dims
+                cells[field] = str(int(cells.get(field, b"0")) + rng.randrange(1, 10**6)).encode()
+        hashes.append(cells)
+    for bucket_hours in (1, 6, 24):
+        summary = usage_summary(hours, hashes, bucket_hours)
+        for dim in ("key", "model"):
+            assert summary["usage"][f"by_{dim}"] == documents(aggregate(hashes, (dim,)))
+            drawn = sum(sum(s["cost_nanos"]) for s in summary["series"][f"by_{dim}"])
+            assert drawn == documents(aggregate(hashes, ()))[0]["cost_nanos"]
+        assert summary["total"] == documents(aggregate(hashes, ()))[0]
