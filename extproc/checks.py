@@ -35,10 +35,14 @@ def credential_warnings(resources: Iterable[Resource], lookup: SecretLookup,
 
 
 def cluster_warnings(resources: Iterable[Resource], known: Collection[str]) -> list[str]:
+    """One line per Upstream naming a cluster outside `known` (the generated configuration's:
+    `envoyconf.known_clusters`). `tollgate apply` and the operator refuse such an Upstream
+    unless told otherwise: Envoy would answer its calls with a bare 503."""
     return [
         f"upstream {r.name!r} uses Envoy cluster {r.spec['cluster']!r}, which the generated "
-        f"Envoy configuration does not define (it has {', '.join(sorted(known))}); add it to "
-        "your Envoy configuration or requests routed there fail"
+        f"Envoy configuration does not define (it has {', '.join(sorted(known))}); define it "
+        f"with TOLLGATE_ENVOY_CLUSTERS={r.spec['cluster']}=http://HOST:PORT (read by the "
+        "Envoy config generator and by this check) or give its credentials a baseUrl"
         for r in resources
         if r.kind == "Upstream" and r.spec["cluster"] not in known
     ]

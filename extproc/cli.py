@@ -145,6 +145,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         "allowedRequestTags": _patterns(args.allowed_request_tags),
         "allowedUseCases": _patterns(args.allowed_use_cases),
         "allowedAccounts": _patterns(args.allowed_accounts),
+        "allowedUpstreams": _patterns(args.allowed_upstreams),
     }
     if args.expires:
         spec["expiresAt"] = parse_expiry(args.expires, datetime.now(UTC))
@@ -293,8 +294,18 @@ def cmd_apply(args: argparse.Namespace) -> int:
     resources = load_files(args.filename, _namespace(args))
     if not resources:
         raise CliError("no resources found in " + ", ".join(args.filename))
-    for warning in _config_warnings(resources, os.environ.get("TOLLGATE_SECRETS_DIR")):
+    for warning in _config_warnings(resources, os.environ.get("TOLLGATE_SECRETS_DIR"),
+                                    clusters=False):
         print(f"tollgate: warning: {warning}", file=sys.stderr)
+    unknown = _cluster_problems(resources)
+    if unknown and not getattr(args, "allow_unknown_clusters", False):
+        for problem in unknown:
+            print(f"tollgate: error: {problem}", file=sys.stderr)
+        raise CliError("nothing applied: an Upstream names an Envoy cluster the generated "
+                       "configuration lacks (--allow-unknown-clusters stores it anyway, for an "
+                       "Envoy configuration of your own)")
+    for problem in unknown:
+        print(f"tollgate: warning: {problem}", file=sys.stderr)
     if getattr(args, "dry_run", False):
         for r in resources:
             print(f"{r.kind.lower()}/{r.name} valid (dry run: nothing stored)")
@@ -306,12 +317,35 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_warnings(resources: Sequence[Resource], secrets_dir: str | None,
-                     extra_secrets: dict[str, str] | None = None) -> list[str]:
-    """Upstreams whose secrets this machine cannot find, or whose Envoy cluster the generated
-    Envoy configuration lacks (see extproc/checks.py)."""
+def _env_clusters() -> list[Any]:
+    """The clusters of TOLLGATE_ENVOY_CLUSTERS (envoyconf), or a CLI error saying what is
+    wrong with it."""
     from extproc import envoyconf
-    from extproc.checks import cluster_warnings, credential_warnings
+
+    try:
+        return envoyconf.configured_clusters()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _cluster_problems(resources: Sequence[Resource]) -> list[str]:
+    """Upstreams naming an Envoy cluster the generated configuration lacks (checks.py)."""
+    from extproc import envoyconf
+    from extproc.checks import cluster_warnings
+
+    try:
+        known = envoyconf.known_clusters()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return cluster_warnings(resources, known)
+
+
+def _config_warnings(resources: Sequence[Resource], secrets_dir: str | None,
+                     extra_secrets: dict[str, str] | None = None,
+                     clusters: bool = True) -> list[str]:
+    """Upstreams whose secrets this machine cannot find, or (`clusters`) whose Envoy cluster
+    the generated Envoy configuration lacks (see extproc/checks.py)."""
+    from extproc.checks import credential_warnings
     from extproc.server.state import secret_reader
     from extproc.settings import Settings
 
@@ -321,9 +355,8 @@ def _config_warnings(resources: Sequence[Resource], secrets_dir: str | None,
     def lookup(name: str) -> str | None:
         return (extra_secrets or {}).get(name) or read(name)
 
-    known = {c.name for c in envoyconf.provider_clusters()}
     return [*credential_warnings(resources, lookup, f"the environment or {folder}"),
-            *cluster_warnings(resources, known)]
+            *(_cluster_problems(resources) if clusters else [])]
 
 
 def _summary(r: Resource) -> tuple[str, ...]:
@@ -338,8 +371,9 @@ def _columns(r: Resource) -> tuple[str, ...]:
     if r.kind == "PriceTable":
         return (r.name, str(len(s["models"])))
     if r.kind == "RateLimit":
-        return (r.name, s["per"], str(s["requestsPerMinute"] or "-"),
-                str(s["tokensPerMinute"] or "-"), str(s["concurrent"] or "-"))
+        return (r.name, s["per"], s.get("window") or "1m",
+                str(s.get("requests") or s["requestsPerMinute"] or "-"),
+                str(s.get("tokens") or s["tokensPerMinute"] or "-"), str(s["concurrent"] or "-"))
     if r.kind == "Policy":
         rules = ",".join(f"{w['name']}:{w['action']}" for w in s["wordLists"]) or "-"
         req = ",".join(k for k, v in s["requestRules"].items() if v) or "-"
@@ -356,7 +390,7 @@ _HEADERS = {
     "VirtualKey": ("NAME", "GROUP", "USER", "MODELS", "STATUS"),
     "PriceTable": ("NAME", "MODELS"),
     "Upstream": ("NAME", "PROVIDER", "CLUSTER", "MODELS", "PRIORITY", "CREDENTIALS"),
-    "RateLimit": ("NAME", "PER", "RPM", "TPM", "CONCURRENT"),
+    "RateLimit": ("NAME", "PER", "WINDOW", "REQUESTS", "TOKENS", "CONCURRENT"),
     "Policy": ("NAME", "WORD-RULES", "REQUEST-RULES"),
 }
 
@@ -597,12 +631,21 @@ def cmd_up(args: argparse.Namespace) -> int:
         MOCK_SECRETS,
         StartupError,
         remove_up_state,
+        running_up_state,
         start_stack,
         tollgate_home,
         write_up_state,
     )
 
     explicit = args.redis_url or os.environ.get("REDIS_URL") or None
+    other = running_up_state()
+    if other is not None:
+        # One `up` per home: a second would overwrite the first's record (the CLI would lose
+        # track of it) and, with embedded Redis, append to the same data files.
+        raise CliError(
+            f"a `tollgate up` is already running here (pid {other['pid']}, "
+            f"{other.get('base_url', '')}, home {tollgate_home()}). Stop it first, or run a "
+            "second one with its own home: TOLLGATE_HOME=/another/dir tollgate up --port ...")
     if getattr(args, "log_format", None):
         os.environ["TOLLGATE_LOG_FORMAT"] = args.log_format  # read by the extproc it starts
     # A temporary log folder is removed on exit (failures print the log's tail first);
@@ -631,6 +674,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             xff_num_trusted_hops=Settings.from_env().xff_trusted_hops
             if args.xff_trusted_hops is None else args.xff_trusted_hops,
             tls=_listener_tls(args),
+            extra_clusters=tuple(_env_clusters()),
         )
     except StartupError as exc:
         if not keep_logs:
@@ -827,6 +871,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(globs)")
     create.add_argument("--allowed-accounts", action="append", metavar="PATTERN[,PATTERN...]",
                         help="account names (xProxy-Account-Name) that may select limits (globs)")
+    create.add_argument("--allowed-upstreams", action="append", metavar="PATTERN[,PATTERN...]",
+                        help="Upstream ids (globs) this key's calls may go through (default: "
+                        "every Upstream), comma-separated or the flag repeated")
     namespace_opt(create)
     redis_opt(create)
     create.set_defaults(func=cmd_keys_create)
@@ -846,6 +893,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML file with one or more documents ('-' for stdin)")
     apply.add_argument("--dry-run", action="store_true",
                        help="validate and warn (missing secrets, unknown clusters); store nothing")
+    apply.add_argument("--allow-unknown-clusters", action="store_true",
+                       help="store Upstreams whose Envoy cluster the generated configuration "
+                       "lacks (TOLLGATE_ENVOY_CLUSTERS), for an Envoy configuration of your own")
     namespace_opt(apply)
     redis_opt(apply)
     apply.set_defaults(func=cmd_apply)

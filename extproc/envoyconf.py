@@ -29,23 +29,31 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from extproc.core import providers
+from extproc.core.targets import PROXY_CLUSTER_HTTP, PROXY_CLUSTER_HTTPS, PROXY_CLUSTERS
 
 __all__ = [
+    "CLUSTERS_ENV",
     "DEFAULT_AZURE_HOST",
     "EXTPROC_CLUSTER",
     "ROUTING_HEADER",
     "SIDECAR_LISTEN_ADDRESS",
     "ClusterSpec",
     "ListenerTls",
+    "cluster_from_url",
+    "configured_clusters",
+    "known_clusters",
     "main",
     "mock_clusters",
     "provider_clusters",
@@ -64,6 +72,7 @@ REQUEST_ID_HEADER = "x-tollgate-request-id"
 
 #: Name of the cluster Envoy uses to reach the ext_proc gRPC server.
 EXTPROC_CLUSTER = "tollgate_extproc"
+_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 #: Dynamic-metadata namespace the extproc writes its request id into (key ``request_id``).
 METADATA_NAMESPACE = "tollgate"
@@ -135,6 +144,44 @@ def provider_clusters(azure_host: str = DEFAULT_AZURE_HOST) -> list[ClusterSpec]
         host = azure_host if cluster.name == "azure-openai" else cluster.host
         out.append(ClusterSpec(cluster.name, host, 443, tls=True, sni=host))
     return out
+
+
+#: More upstream clusters, comma-separated `NAME=http://HOST:PORT` or `NAME=https://HOST[:PORT]`:
+#: the generator adds them (as `--cluster`), and `tollgate apply` and the operator accept the
+#: Upstreams that name them. One list for both, so an accepted Upstream has its cluster.
+CLUSTERS_ENV = "TOLLGATE_ENVOY_CLUSTERS"
+
+
+def cluster_from_url(name: str, url: str) -> ClusterSpec:
+    """`http://host:port` (plain) or `https://host[:port]` (TLS, SNI and SAN = host)."""
+    parsed = urlsplit(url.strip())
+    if (parsed.scheme not in ("http", "https") or not parsed.hostname
+            or parsed.path.strip("/") or parsed.query or parsed.username):
+        raise ValueError(f"cluster {name!r}: expected http://HOST:PORT or https://HOST[:PORT], "
+                         f"got {url!r}")
+    if not _CLUSTER_NAME.match(name) or name == EXTPROC_CLUSTER:
+        raise ValueError(f"cluster name {name!r} must be letters, digits, '-', '_' or '.'")
+    tls = parsed.scheme == "https"
+    port = parsed.port or (443 if tls else 80)
+    return ClusterSpec(name, parsed.hostname, port, tls=tls, sni=parsed.hostname if tls else None)
+
+
+def configured_clusters(value: str | None = None) -> list[ClusterSpec]:
+    """The clusters of `TOLLGATE_ENVOY_CLUSTERS` (or `value`)."""
+    text = os.environ.get(CLUSTERS_ENV, "") if value is None else value
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, url = item.partition("=")
+        if not sep:
+            raise ValueError(f"{CLUSTERS_ENV}: expected NAME=URL, got {item!r}")
+        out.append(cluster_from_url(name.strip(), url))
+    return out
+
+
+def known_clusters(value: str | None = None) -> set[str]:
+    """Every cluster name the generated Envoy configuration defines for Upstreams: the
+    providers' and those of `TOLLGATE_ENVOY_CLUSTERS` (or `value`)."""
+    return {c.name for c in (*provider_clusters(), *configured_clusters(value))}
 
 
 def mock_clusters(host: str, port: int) -> list[ClusterSpec]:
@@ -273,6 +320,69 @@ def _upstream_cluster(spec: ClusterSpec, buffer_limit_bytes: int) -> dict[str, A
     return cluster
 
 
+def _dns_cache() -> dict[str, Any]:
+    """The DNS cache the forward proxy filter and its two clusters share (same name, same
+    settings, or Envoy refuses the configuration)."""
+    return {"name": "tollgate_dfp", "dns_lookup_family": "V4_PREFERRED", "max_hosts": 1024}
+
+
+def _proxy_filter() -> dict[str, Any]:
+    """Resolves the `:authority` of calls routed to a forward proxy cluster (a credential's
+    `baseUrl`, core/targets.py) before the router connects; a no-op for every other cluster."""
+    return {
+        "name": "envoy.filters.http.dynamic_forward_proxy",
+        "typed_config": {
+            "@type": _type_url(
+                "envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig"),
+            "dns_cache_config": _dns_cache(),
+        },
+    }
+
+
+def _proxy_clusters(buffer_limit_bytes: int) -> list[dict[str, Any]]:
+    """Two dynamic forward proxy clusters, plain and TLS: credentials with their own base URL
+    (another Tollgate, any OpenAI-compatible server) need no cluster of their own. The
+    extproc picks the cluster and writes the URL's host as `:authority`; with TLS the SNI and
+    the certificate's name check come from that host (auto_sni, auto_san_validation)."""
+    out = []
+    for name, tls in ((PROXY_CLUSTER_HTTP, False), (PROXY_CLUSTER_HTTPS, True)):
+        cluster: dict[str, Any] = {
+            "name": name,
+            "connect_timeout": "5s",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "cluster_type": {
+                "name": "envoy.clusters.dynamic_forward_proxy",
+                "typed_config": {
+                    "@type": _type_url(
+                        "envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig"),
+                    "dns_cache_config": _dns_cache(),
+                },
+            },
+            "per_connection_buffer_limit_bytes": buffer_limit_bytes,
+            "circuit_breakers": _circuit_breakers(),
+        }
+        if tls:
+            cluster["transport_socket"] = {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": _type_url(
+                        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"),
+                    "common_tls_context": {
+                        "validation_context": {"trusted_ca": {"filename": _CA_BUNDLE}}},
+                },
+            }
+            cluster["typed_extension_protocol_options"] = {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": _type_url("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"),
+                    "upstream_http_protocol_options": {
+                        "auto_sni": True, "auto_san_validation": True},
+                    "explicit_http_config": {"http_protocol_options": {}},
+                },
+            }
+        out.append(cluster)
+    return out
+
+
 def _ext_proc_filter(message_timeout_ms: int) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.ext_proc",
@@ -296,6 +406,10 @@ def _ext_proc_filter(message_timeout_ms: int) -> dict[str, Any]:
             # response via mode_override in its response-headers reply; Envoy ignores
             # mode_override unless this is set.
             "allow_mode_override": True,
+            # A credential with its own base URL (core/targets.py) is reached by setting
+            # `:authority` for the forward proxy filter; Envoy drops a mutation of :authority,
+            # host, :scheme or :method from ext_proc without this.
+            "mutation_rules": {"allow_all_routing": True},
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "response_header_mode": "SEND",
@@ -679,6 +793,8 @@ def render_bootstrap(
         raise ValueError(f"duplicate cluster names: {names}")
     if EXTPROC_CLUSTER in names:
         raise ValueError(f"cluster name {EXTPROC_CLUSTER!r} is reserved")
+    if set(names) & set(PROXY_CLUSTERS):
+        raise ValueError(f"cluster names {', '.join(PROXY_CLUSTERS)} are reserved")
     if buffer_limit_bytes <= 0:
         raise ValueError("buffer_limit_bytes must be positive")
     if bypass_port is not None:
@@ -700,7 +816,8 @@ def render_bootstrap(
             _http_connection_manager(
                 stat_prefix="tollgate",
                 route_config=_main_route_config(),
-                http_filters=[_ext_proc_filter(message_timeout_ms), _router_filter()],
+                http_filters=[_ext_proc_filter(message_timeout_ms), _proxy_filter(),
+                              _router_filter()],
                 xff_num_trusted_hops=xff_num_trusted_hops,
                 local_reply=True,
                 request_timeout_ms=request_timeout_ms,
@@ -737,6 +854,7 @@ def render_bootstrap(
             "clusters": [
                 _extproc_cluster(extproc_host, extproc_port, buffer_limit_bytes),
                 *(_upstream_cluster(spec, buffer_limit_bytes) for spec in clusters),
+                *_proxy_clusters(buffer_limit_bytes),
             ],
         },
         # Envoy otherwise accepts connections until it runs out of file descriptors (and warns
@@ -784,6 +902,7 @@ def sidecar_config(
     bypass_cluster: str | None = None,
     xff_num_trusted_hops: int = 0,
     tls: ListenerTls | None = None,
+    extra_clusters: Sequence[ClusterSpec] = (),
 ) -> dict[str, Any]:
     """The config ``main()`` prints; with no arguments, the checked-in ``envoy/envoy.yaml``."""
     clusters = (
@@ -792,7 +911,7 @@ def sidecar_config(
         else provider_clusters(azure_host)
     )
     return render_bootstrap(
-        clusters=clusters,
+        clusters=[*clusters, *extra_clusters],
         listen_address=listen_address,
         listen_port=listen_port,
         admin_port=admin_port,
@@ -863,6 +982,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m extproc.envoyconf
         help="directory Envoy finds the SDS files in at run time (default /etc/envoy)",
     )
     parser.add_argument(
+        "--cluster",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="one more upstream cluster (http://HOST:PORT or https://HOST[:PORT]) for Upstreams "
+        f"to name; also ${CLUSTERS_ENV} (comma-separated)",
+    )
+    parser.add_argument(
         "--output-dir",
         metavar="DIR",
         help="write envoy.yaml (and the SDS files, with TLS) into DIR instead of stdout",
@@ -876,6 +1003,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m extproc.envoyconf
             parser.error("TLS needs --output-dir: Envoy reads the certificates through SDS files")
         tls = ListenerTls(args.tls_cert, args.tls_key, args.tls_client_ca, args.sds_dir)
     try:
+        extra = [*configured_clusters(), *configured_clusters(",".join(args.cluster))]
         config = sidecar_config(
             listen_address=args.listen_address,
             listen_port=args.port,
@@ -887,6 +1015,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m extproc.envoyconf
             bypass_cluster=args.bypass_cluster if args.bypass_port is not None else None,
             xff_num_trusted_hops=args.xff_trusted_hops,
             tls=tls,
+            extra_clusters=extra,
         )
     except ValueError as exc:
         parser.error(str(exc))

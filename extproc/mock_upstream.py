@@ -906,8 +906,26 @@ def _gemini_response(ctx: _Ctx, text: str, finish: str | None, usage: JSONObj) -
             "responseId": ctx.request_id}
 
 
+def _gemini_embedding(text_chars: int) -> JSONObj:
+    return {"values": [round(0.001 * ((text_chars + i) % 997), 3) for i in range(8)]}
+
+
 async def _gemini(ctx: _Ctx, method: str) -> web.StreamResponse:
     body, c = ctx.body, ctx.controls
+    # Embeddings: the vectors only, no token counts (as the Gemini API answers them).
+    if method == "embedContent":
+        if not isinstance(body.get("content"), dict):
+            return _error(GEMINI, 400, ctx.request_id, "* EmbedContentRequest.content: "
+                          "content is not specified")
+        return _json({"embedding": _gemini_embedding(len(orjson.dumps(body["content"])))},
+                     "x-request-id", ctx.request_id)
+    if method == "batchEmbedContents":
+        requests = body.get("requests")
+        if not isinstance(requests, list) or not requests:
+            return _error(GEMINI, 400, ctx.request_id, "* BatchEmbedContentsRequest.requests: "
+                          "requests is not specified")
+        return _json({"embeddings": [_gemini_embedding(len(orjson.dumps(r))) for r in requests]},
+                     "x-request-id", ctx.request_id)
     if not isinstance(body.get("contents"), list) and method != "countTokens":
         return _error(GEMINI, 400, ctx.request_id, "* GenerateContentRequest.contents: "
                       "contents is not specified")
@@ -947,7 +965,8 @@ def _gemini_endpoint() -> Handler:
         state.record(request, body)
         request_id = state.new_id("req_")
         model, _, method = request.match_info["call"].partition(":")
-        if method not in ("generateContent", "streamGenerateContent", "countTokens"):
+        if method not in ("generateContent", "streamGenerateContent", "countTokens",
+                          "embedContent", "batchEmbedContents"):
             return _error(GEMINI, 404, request_id, f"Method not found: {method}")
         try:
             controls = _parse_controls(request.headers)

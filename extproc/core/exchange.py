@@ -41,13 +41,14 @@ stream that ends early is settled by the edge with `settlement_on_abort`.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import orjson
 
 from extproc.core import attribution, payi, providers
 from extproc.core.attribution import LIMIT_IDS_HEADERS, TAGS_HEADERS, USER_HEADERS
+from extproc.core.catalog import reachable_models
 from extproc.core.decisions import CONTINUE, BodyMode, Continue, Decision, Deny, HeaderEdit
 from extproc.core.estimate import (
     Bounds,
@@ -58,7 +59,13 @@ from extproc.core.estimate import (
 )
 from extproc.core.header_budget import HeaderTally, check_fits
 from extproc.core.ingest import Ingest, ingest_kind, parse_ingest
-from extproc.core.keys import BYOK_HEADER, PresentedKey, check_key, model_allowed
+from extproc.core.keys import (
+    BYOK_HEADER,
+    PresentedKey,
+    check_key,
+    model_allowed,
+    upstream_allowed,
+)
 from extproc.core.policy import autoreply
 from extproc.core.policy import engine as policy_engine
 from extproc.core.policy import gate as policy_gate
@@ -87,9 +94,16 @@ from extproc.core.quota import (
 )
 from extproc.core.request import Endpoint, RequestFacts, Route, classify_path, parse_request
 from extproc.core.resources import KeyRecord, UpstreamSpec, qualify
-from extproc.core.result import Priced, cost_headers, result_object, splice_result
+from extproc.core.result import (
+    RESULT_FIELD,
+    Priced,
+    cost_headers,
+    result_object,
+    splice_result,
+)
 from extproc.core.snapshot import Snapshot
 from extproc.core.streams import StreamMeter, StreamStep
+from extproc.core.targets import target_of, without_inner_result
 from extproc.core.usage import Usage
 
 ROUTING_HEADER = "x-tollgate-cluster"
@@ -208,6 +222,7 @@ class Exchange:
         "priced",
         "priced_as",
         "prompt_bound",
+        "proxied",
         "request_id",
         "request_tags",
         "reservation",
@@ -263,6 +278,7 @@ class Exchange:
         self.price: ModelPrice | None = None
         self.path = "/"
         self.pool: tuple[CredentialCharge, ...] = ()  # candidates, when a pool decides
+        self.proxied = False  # the credential has its own baseUrl (core/targets.py)
         self.credential: CredentialCharge | None = None  # the credential the call went out with
         self.cooldown_due: int | None = None  # Retry-After ms (0 = none) when it must rest
         self._snapshot: Snapshot | None = None
@@ -476,8 +492,7 @@ class Exchange:
         created = int(now)
         data = [
             {"id": model, "object": "model", "created": created, "owned_by": "tollgate"}
-            for model in snapshot.prices.models()
-            if model_allowed(self.key, model) and not self.options.denies(model)
+            for model in reachable_models(snapshot, self.key, self.options.denies)
         ]
         wanted = self.route.model if self.route is not None else None
         if wanted is not None:
@@ -513,7 +528,12 @@ class Exchange:
                 403, "model_not_allowed", f"This API key may not use model '{facts.model}'."
             )
         azure = self.route.azure_deployment is not None
-        upstreams = snapshot.upstreams_for(facts.endpoint, facts.model, azure)
+        upstreams = snapshot.upstreams_for(facts.endpoint, facts.model, azure,
+                                           self._upstream_filter())
+        if not upstreams and self.key.allowed_upstreams and snapshot.upstreams_for(
+                facts.endpoint, facts.model, azure):
+            return Deny(403, "upstream_not_allowed", f"Model '{facts.model}' is served only "
+                        "through upstreams this API key may not use.")
         if not upstreams:
             if azure and not any(u.provider == "azure-openai" for u in snapshot.upstreams):
                 return Deny(404, "model_not_found",
@@ -537,6 +557,13 @@ class Exchange:
                     self.policies, facts.endpoint.value, body)
         self.body_in, self.body_redacted = body, redacted
         return self._route(snapshot, now)
+
+    def _upstream_filter(self) -> Callable[[str], bool] | None:
+        """The key's `allowedUpstreams` as a predicate on Upstream ids (None: all allowed)."""
+        key = self.key
+        if key is None or not key.allowed_upstreams:
+            return None
+        return lambda upstream: upstream_allowed(key, upstream)
 
     def next_upstream(self, now: float) -> Decision | Reserve | None:
         """The current upstream had no usable credential (reserve refusal kind 4): the request
@@ -634,6 +661,8 @@ class Exchange:
                 self._pool_auth_placeholder()), new_body is not None)
             if too_many is not None:
                 return too_many
+        if self.credential is not None:
+            proceed = self._to_target(proceed, self.credential)
         plan = self._plan(snapshot, facts, now)
         if isinstance(plan, Deny):
             return plan
@@ -737,7 +766,7 @@ class Exchange:
         shape = facts.shape
         choices = shape.choices if shape is not None else 1
         requested = facts.max_output_tokens if clamp_to is None else clamp_to
-        embeddings = facts.endpoint is Endpoint.EMBEDDINGS
+        embeddings = facts.endpoint.embeds
         # Rate windows count tokens, not money: they keep the closer estimate (corrected at
         # settle), so that a request without an output cap is not charged a model's maximum.
         close_out = 0 if embeddings else (
@@ -803,7 +832,7 @@ class Exchange:
         request fits at a smaller output cap, and at least the limit's minimum fits, the
         request with that cap (body rewritten) and its smaller reservation; else None."""
         facts, price, plan = self.facts, self.price, reserve.plan
-        if facts is None or price is None or facts.endpoint is Endpoint.EMBEDDINGS:
+        if facts is None or price is None or facts.endpoint.embeds:
             return None
         blocking = next((c.limit for c in plan.limits
                          if c.limit.name == reservation.blocked_limit), None)
@@ -857,7 +886,25 @@ class Exchange:
     def _with_credential(self, proceed: Continue, credential: CredentialCharge) -> Continue:
         self.credential = credential
         auth = HeaderEdit(set=tuple(self._auth(credential)))
-        return replace(proceed, headers=proceed.headers.plus(auth))
+        return self._to_target(replace(proceed, headers=proceed.headers.plus(auth)), credential)
+
+    def _to_target(self, proceed: Continue, credential: CredentialCharge) -> Continue:
+        """A credential with its own `baseUrl` (core/targets.py): the proxy cluster, its host as
+        `:authority` and its path in front of the call's, in place of the Upstream's cluster."""
+        assert self.upstream is not None
+        base_url = next((c.base_url for c in self.upstream.credentials
+                         if c.name == credential.name), None)
+        if base_url is None:
+            return proceed
+        self.proxied = True
+        target = target_of(base_url)
+        edit = proceed.headers
+        path = next((v for k, v in reversed(edit.set) if k == ":path"), self.path)
+        kept = tuple((k, v) for k, v in edit.set
+                     if k not in (ROUTING_HEADER, ":authority", ":path"))
+        sets = (*kept, (ROUTING_HEADER, target.cluster), (":authority", target.authority),
+                (":path", target.path(path)))
+        return replace(proceed, headers=replace(edit, set=sets))
 
     def on_reserved(self, reserve: Reserve, reservation: Reservation) -> Decision:
         self.reservation = reservation
@@ -910,6 +957,16 @@ class Exchange:
     # -- response headers ------------------------------------------------------------------
 
     def on_response_headers(self, headers: Mapping[str, str]) -> Continue:
+        proceed = self._on_response_headers(headers)
+        if not self.proxied:
+            return proceed
+        # Another Tollgate's own report (its cost, limits, request id) is not this gateway's:
+        # the client gets this gateway's, priced from the same usage.
+        setting = {name for name, _ in proceed.headers.set}
+        inner = tuple(n for n in headers if n.startswith(INTERNAL_PREFIX) and n not in setting)
+        return replace(proceed, headers=replace(proceed.headers, remove=inner))
+
+    def _on_response_headers(self, headers: Mapping[str, str]) -> Continue:
         status = headers.get(":status", "0")
         self.status = int(status) if status.isdigit() else 0
         sets: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, self.request_id),)
@@ -926,7 +983,7 @@ class Exchange:
         if 200 <= self.status < 300 and content_type.startswith("text/event-stream"):
             # Chunks flow through one by one (STREAMED), metered on the way.
             self.meter = StreamMeter(self.upstream_endpoint or self.facts.endpoint,
-                                     self.hide_usage_chunk)
+                                     self.hide_usage_chunk, self.proxied)
             if self.upstream_endpoint is not None:
                 self.translation = (translation.AnthropicStream(self.facts.model)
                                     if self.upstream_endpoint is Endpoint.MESSAGES
@@ -964,6 +1021,11 @@ class Exchange:
         assert self.facts is not None and self.key is not None and self.upstream is not None
         warnings: list[str] = []
         usage = parse_response_usage(self.upstream_endpoint or self.facts.endpoint, body)
+        if usage is None and self.facts.endpoint.embeds and self.facts.endpoint.is_gemini:
+            # Gemini's embeddings answer carries no counts: the input is what the request
+            # holds (~4 characters a token, rounded up), so the call is never free.
+            usage = Usage(input=self._prompt_estimate())
+            warnings.append("usage-estimated-from-request")
         if usage is None:
             usage = Usage()
             warnings.append("no-usage-in-response")
@@ -1081,6 +1143,10 @@ class Exchange:
         edit = HeaderEdit(set=cost_headers(self.priced) + self._policy_headers()).plus(
             self.after_settlement(statuses))
         new_body = None
+        if self.proxied:  # another Tollgate answered: its result object is not ours
+            stripped = without_inner_result(body, RESULT_FIELD)
+            if stripped is not body:
+                body = new_body = stripped
         if self.upstream_endpoint is not None:  # translated: the answer in OpenAI's shape
             assert self.facts is not None
             back = (translation.from_anthropic if self.upstream_endpoint is Endpoint.MESSAGES

@@ -78,6 +78,13 @@ def check_key(record: KeyRecord | None, now: float) -> Deny | None:
 _pattern_cache: dict[tuple[str, ...], re.Pattern[str]] = {}
 
 
+def upstream_allowed(record: KeyRecord, upstream: str) -> bool:
+    """May this key's calls go out through the Upstream with this id? (`allowedUpstreams`
+    globs, as lm-proxy's `allowed_connections`; none = every Upstream.)"""
+    return not record.allowed_upstreams or any(
+        fnmatch.fnmatchcase(upstream, p) for p in record.allowed_upstreams)
+
+
 def model_allowed(record: KeyRecord, model: str) -> bool:
     """A key with no model patterns may use every model."""
     if not record.models:

@@ -27,6 +27,37 @@ from extproc.core.pricing import format_nanos, nanos_to_usd
 WINDOW_MS = 60_000
 BUCKET_MS = 5_000  # rolling-window granularity: a refusal is at most this early
 BUCKETS = WINDOW_MS // BUCKET_MS
+_DURATION = re.compile(r"^([1-9][0-9]{0,6})(s|m|h|d)$")
+_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+MAX_WINDOW_MS = 30 * 86_400_000
+
+
+def parse_window(text: str) -> int | None:
+    """A rate-limit window in LiteLLM's duration format (`30s`, `5m`, `1h`, `1d`, as its
+    `budget_duration`) -> ms; None when it is not one or lies outside 1 s .. 30 d."""
+    match = _DURATION.match(text.strip())
+    if match is None:
+        return None
+    ms = int(match.group(1)) * _UNIT_MS[match.group(2)]
+    return ms if ms <= MAX_WINDOW_MS else None
+
+
+def window_buckets(window_ms: int) -> tuple[int, int]:
+    """(bucket width ms, buckets) of a rolling window: 12 buckets (the 60 s window's 5 s), or
+    10 when the window's ms do not split in 12 (every whole-second window splits in 10). A
+    refusal is at most one bucket early."""
+    count = 12 if window_ms % 12 == 0 else 10
+    return window_ms // count, count
+
+
+def window_label(window_ms: int) -> str:
+    """`minute` for the 60 s window, else the shortest duration text (`10s`, `1h`, `90m`)."""
+    if window_ms == WINDOW_MS:
+        return "minute"
+    for unit in ("d", "h", "m"):
+        if window_ms % _UNIT_MS[unit] == 0:
+            return f"{window_ms // _UNIT_MS[unit]}{unit}"
+    return f"{window_ms // 1000}s"
 STATES = ("ok", "exceeded", "overrun")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._@/+-]{1,128}$")
 
@@ -91,9 +122,10 @@ class RateLimitSpec:
     name: str
     per: str  # key | user | group | model | ip | global
     selector: Selector
-    requests_per_minute: int | None
+    requests_per_minute: int | None  # per window (the name is from when it was always 60 s)
     tokens_per_minute: int | None
     concurrent: int | None
+    window_ms: int = WINDOW_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +180,12 @@ class WindowCharge:
     metric: str  # "requests" | "tokens"
     limit: int
     amount: int
+    window_ms: int = WINDOW_MS
+
+    @property
+    def buckets(self) -> tuple[int, int]:
+        """(bucket width ms, buckets) of this window."""
+        return window_buckets(self.window_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,10 +327,10 @@ def plan_reservation(
         ident = scope_id(rl, subject)
         if rl.requests_per_minute is not None:
             windows.append(WindowCharge(rl.name, rl.per, ident, "requests",
-                                        rl.requests_per_minute, 1))
+                                        rl.requests_per_minute, 1, rl.window_ms))
         if rl.tokens_per_minute is not None:
             windows.append(WindowCharge(rl.name, rl.per, ident, "tokens", rl.tokens_per_minute,
-                                        estimate_tokens))
+                                        estimate_tokens, rl.window_ms))
         if rl.concurrent is not None:
             leases.append(LeaseCharge(rl.name, rl.per, ident, rl.concurrent))
     deadline = now_ms + int(hold_seconds * 1000)
@@ -412,7 +450,7 @@ def interpret_reservation(plan: ReservationPlan, reply: Sequence[int]) -> Reserv
     retry_after = None if retry_ms < 0 else max(1, -(-retry_ms // 1000))
     if kind == 2:
         hit = plan.windows[index - 1]
-        message = (f"Rate limit reached for {hit.metric} per minute "
+        message = (f"Rate limit reached for {hit.metric} per {window_label(hit.window_ms)} "
                    f"({hit.rate_limit}, per {hit.scope}): limit {hit.limit}.")
         if retry_after is None:
             message += " This request alone is larger than the limit."
@@ -457,6 +495,9 @@ def _duration(ms: int) -> str:
         return f"{max(ms, 0)}ms"
     seconds = -(-ms // 1000)
     minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:  # windows of an hour or a day (`window: 1d`), as Go prints a duration
+        return f"{hours}h{minutes}m{seconds}s"
     return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
 
 
@@ -524,26 +565,27 @@ class LocalWindows:
         self.max_windows = max_windows
 
     def admit(self, plan: ReservationPlan) -> Deny | None:
-        bucket = plan.now_ms // BUCKET_MS
         checked = []
         for w in plan.windows:
-            key = (w.rate_limit, w.ident, w.metric)
+            width, count = w.buckets
+            bucket = plan.now_ms // width
+            key = (w.rate_limit, w.ident, f"{w.metric}/{w.window_ms}")
             counts = self._windows.get(key)
             if counts is None:
                 if len(self._windows) >= self.max_windows:
                     self._windows.clear()  # bounded memory beats precision during an outage
                 counts = self._windows[key] = {}
-            for old in [b for b in counts if b < bucket - BUCKETS]:
+            for old in [b for b in counts if b < bucket - count]:
                 del counts[old]
             if sum(counts.values()) + w.amount > w.limit:
                 return Deny(
                     429, "rate_limit_exceeded",
-                    f"Rate limit reached for {w.metric} per minute ({w.rate_limit}, per "
-                    f"{w.scope}): limit {w.limit}.",
-                    headers=(("retry-after", str(BUCKET_MS // 1000)),),
+                    f"Rate limit reached for {w.metric} per {window_label(w.window_ms)} "
+                    f"({w.rate_limit}, per {w.scope}): limit {w.limit}.",
+                    headers=(("retry-after", str(max(1, width // 1000))),),
                 )
-            checked.append(counts)
-        for w, counts in zip(plan.windows, checked, strict=True):
+            checked.append((counts, bucket))
+        for w, (counts, bucket) in zip(plan.windows, checked, strict=True):
             counts[bucket] = counts.get(bucket, 0) + w.amount
         return None
 

@@ -31,7 +31,8 @@ from extproc.core.pricing import (
 from extproc.core.providers.anthropic import DEFAULT_VERSION as ANTHROPIC_VERSION
 from extproc.core.providers.azure_openai import DEFAULT_API_VERSION as AZURE_API_VERSION
 from extproc.core.providers.translation import translator_for
-from extproc.core.quota import LimitSpec, RateLimitSpec, Selector
+from extproc.core.quota import WINDOW_MS, LimitSpec, RateLimitSpec, Selector, parse_window
+from extproc.core.targets import PROXY_CLUSTERS, base_url_problem
 
 API_VERSION = "tollgate.io/v1alpha1"
 GROUP = "tollgate.io"
@@ -222,6 +223,8 @@ def _virtual_key(f: _Fields) -> dict[str, Any]:
         # may select limits, as glob patterns; others are recorded, never matched.
         "allowedUseCases": f.strings("allowedUseCases"),
         "allowedAccounts": f.strings("allowedAccounts"),
+        # Upstream ids (globs) routing may send this key's calls through; empty = every one.
+        "allowedUpstreams": f.strings("allowedUpstreams"),
     }
     # Kubernetes only: the Secret the operator delivers a generated key in (ignored elsewhere).
     secret_name = f.string("secretName")
@@ -281,12 +284,19 @@ def _credential(where: str, path: str, value: Any) -> dict[str, Any]:
     secret = f.string("secretRef", required=True)
     if not _ENV_NAME.match(secret):
         raise f.error("secretRef", "must be an environment variable or secret file name")
+    base_url = f.string("baseUrl") or None
+    if base_url is not None:
+        problem = base_url_problem(base_url)
+        if problem is not None:
+            raise f.error("baseUrl", problem)
     spec = {
         "name": name,
         "secretRef": secret,
         "rpm": f.integer("rpm"),
         "tpm": f.integer("tpm"),
         "isFallback": f.boolean("isFallback"),
+        # Its own server (core/targets.py) instead of the Upstream's cluster.
+        "baseUrl": base_url,
     }
     f.done()
     return spec
@@ -349,11 +359,17 @@ def _upstream(f: _Fields) -> dict[str, Any]:
     if translate and not translator_for(provider):
         raise f.error("translate", "only anthropic and gemini Upstreams translate "
                       "chat/completions calls")
+    cluster = f.string("cluster", required=True)
+    if cluster in PROXY_CLUSTERS:
+        # A forward proxy cluster goes wherever :authority says, which the client writes
+        # unless a credential's baseUrl sets it: never an Upstream's own cluster.
+        raise f.error("cluster", "is a forward proxy cluster; give credentials a baseUrl "
+                      "instead")
     return {
         "provider": provider,
         "translate": translate,
         "unpriced": unpriced,
-        "cluster": f.string("cluster", required=True),
+        "cluster": cluster,
         "models": f.strings("models") or ["*"],
         "priority": f.integer("priority", 100),
         "aliases": alias_map,
@@ -440,16 +456,32 @@ def _rate_limit(f: _Fields) -> dict[str, Any]:
     per = f.string("per", required=True)
     if per not in RATE_SCOPES:
         raise f.error("per", f"must be one of {', '.join(RATE_SCOPES)}")
+    window = f.string("window", "1m")
+    window_ms = parse_window(window)
+    if window_ms is None:
+        raise f.error("window", "must be a duration such as 10s, 5m, 1h or 1d (1s to 30d)")
     spec = {
         "per": per,
         "selector": _selector(f),
+        "window": window,
+        "requests": f.integer("requests", minimum=1),
+        "tokens": f.integer("tokens", minimum=1),
         "requestsPerMinute": f.integer("requestsPerMinute", minimum=1),
         "tokensPerMinute": f.integer("tokensPerMinute", minimum=1),
         "concurrent": f.integer("concurrent", minimum=1),
     }
-    if all(spec[k] is None for k in ("requestsPerMinute", "tokensPerMinute", "concurrent")):
-        raise f.error("requestsPerMinute",
-                      "set at least one of requestsPerMinute, tokensPerMinute, concurrent")
+    # `requestsPerMinute` / `tokensPerMinute` are the 60 s window's names for `requests` /
+    # `tokens`: kept for the resources written before windows could be chosen.
+    for short, long in (("requests", "requestsPerMinute"), ("tokens", "tokensPerMinute")):
+        if spec[long] is not None:
+            if spec[short] is not None:
+                raise f.error(long, f"set {short} or {long}, not both")
+            if window_ms != WINDOW_MS:
+                raise f.error(long, f"counts per minute; with window {window} set {short}")
+    if all(spec[k] is None for k in ("requests", "tokens", "requestsPerMinute",
+                                     "tokensPerMinute", "concurrent")):
+        raise f.error("requests",
+                      "set at least one of requests, tokens (per window), concurrent")
     return spec
 
 
@@ -691,6 +723,7 @@ class KeyRecord:
     namespace: str = DEFAULT_NAMESPACE
     allowed_use_cases: tuple[str, ...] = ()
     allowed_accounts: tuple[str, ...] = ()
+    allowed_upstreams: tuple[str, ...] = ()  # Upstream id globs; empty = every Upstream
 
 
 def key_record(resource: Resource) -> KeyRecord:
@@ -711,6 +744,7 @@ def key_record(resource: Resource) -> KeyRecord:
         namespace=resource.namespace,
         allowed_use_cases=tuple(s.get("allowedUseCases", ())),
         allowed_accounts=tuple(s.get("allowedAccounts", ())),
+        allowed_upstreams=tuple(s.get("allowedUpstreams", ())),
     )
 
 
@@ -752,6 +786,7 @@ class CredentialSpec:
     rpm: int | None
     tpm: int | None
     is_fallback: bool
+    base_url: str | None = None  # its own server instead of the Upstream's cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -800,7 +835,7 @@ def upstream_spec(resource: Resource) -> UpstreamSpec:
         translate=bool(s.get("translate")),
         credentials=tuple(
             CredentialSpec(c["name"], c["secretRef"], c.get("rpm"), c.get("tpm"),
-                           bool(c.get("isFallback")))
+                           bool(c.get("isFallback")), c.get("baseUrl"))
             for c in s.get("credentials", ())
         ),
         cooldown_ms=int((s.get("cooldown") or {}).get("seconds", 30)) * 1000,
@@ -855,7 +890,8 @@ def rate_limit_spec(resource: Resource) -> RateLimitSpec:
         name=resource.id,
         per=s["per"],
         selector=_selector_of(resource),
-        requests_per_minute=s.get("requestsPerMinute"),
-        tokens_per_minute=s.get("tokensPerMinute"),
+        requests_per_minute=s.get("requests") or s.get("requestsPerMinute"),
+        tokens_per_minute=s.get("tokens") or s.get("tokensPerMinute"),
         concurrent=s.get("concurrent"),
+        window_ms=parse_window(s.get("window") or "1m") or WINDOW_MS,
     )

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
+
 from extproc.core import providers
 from extproc.core.providers.base import Endpoint
-from extproc.core.sse import SseSplitter
+from extproc.core.sse import SseEvent, SseSplitter
 from extproc.core.usage import Usage
 
 RESULT_COMMENT = b": xproxy_result "
+_RESULT_MEMBER = b'"xproxy_result"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +41,12 @@ class StreamStep:
 
 
 class StreamMeter:
-    def __init__(self, endpoint: Endpoint, hide_usage_chunk: bool) -> None:
+    def __init__(self, endpoint: Endpoint, hide_usage_chunk: bool,
+                 proxied: bool = False) -> None:
         self.endpoint = endpoint
         self.hide_usage_chunk = hide_usage_chunk
+        # Another Tollgate answers (a credential's baseUrl): its result is not this one's.
+        self.proxied = proxied
         self.splitter = SseSplitter()
         # The provider's reader of this endpoint's events (core/providers/).
         self.reader = providers.owner(endpoint).stream_reader(endpoint, hide_usage_chunk)
@@ -64,7 +70,10 @@ class StreamMeter:
             return StreamStep(chunk + (self.splitter.take_rest() if end_of_stream else b""),
                               False)
         out: list[bytes] = []
-        for event in self.splitter.feed(chunk, final=end_of_stream):
+        for parsed in self.splitter.feed(chunk, final=end_of_stream):
+            event = _without_inner_result(parsed) if self.proxied else parsed
+            if event is None:
+                continue
             self.events += 1
             if self.finished:
                 self._terminator += event.raw
@@ -119,3 +128,22 @@ def _with_result(raw_event: bytes, result_json: bytes | None) -> bytes:
     if not sep or not body.endswith(b"}"):
         return raw_event
     return head + sep + body[:-1] + b',"xproxy_result":' + result_json + b"}\n\n"
+
+
+def _without_inner_result(event: SseEvent) -> SseEvent | None:
+    """An event of another Tollgate's stream without that gateway's result: its result comment
+    dropped (None), its `xproxy_result` member taken out of the chunk that carries it."""
+    if event.raw.startswith(RESULT_COMMENT):
+        return None
+    if _RESULT_MEMBER not in event.data:
+        return event
+    try:
+        doc = orjson.loads(event.data)
+    except orjson.JSONDecodeError:
+        return event
+    if not isinstance(doc, dict) or "xproxy_result" not in doc:
+        return event
+    del doc["xproxy_result"]
+    data = orjson.dumps(doc)
+    head = f"event: {event.event}\n".encode() if event.event else b""
+    return SseEvent(head + b"data: " + data + b"\n\n", event.event, data)

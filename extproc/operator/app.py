@@ -23,6 +23,7 @@ import kopf
 
 from extproc.core.resources import GROUP, KINDS, PLURALS
 from extproc.operator import handlers
+from extproc.operator.handlers import known_clusters_setting
 from extproc.operator.injection import INJECT_ANNOTATION, SidecarConfig
 from extproc.store.lease import RedisLease
 from extproc.store.redis_store import Store, ready
@@ -109,6 +110,7 @@ def build_registry(config: OperatorConfig, on_lost: Callable[[], None]) -> kopf.
         await lease.acquire()
         logger.info("holding the operator lease: this replica writes")
         memo.store, memo.lease = store, lease
+        memo.known_clusters = known_clusters_setting(os.environ)
         memo.keeper = asyncio.create_task(lease.keep(on_lost=on_lost))
         try:
             from extproc.operator.secrets import SecretApi

@@ -20,8 +20,16 @@ from typing import Any
 
 import kopf
 
+from extproc.checks import cluster_warnings
 from extproc.core.keys import generate_key, hash_key
-from extproc.core.resources import Resource, ResourceError, resource_id, validate_document
+from extproc.core.quota import WINDOW_MS
+from extproc.core.resources import (
+    Resource,
+    ResourceError,
+    rate_limit_spec,
+    resource_id,
+    validate_document,
+)
 from extproc.operator.injection import injection_patch
 from extproc.operator.secrets import (
     ForeignSecret,
@@ -62,9 +70,21 @@ def _ident(body: Mapping[str, Any]) -> tuple[str, str]:
                                               str(meta.get("name")))
 
 
-def _reject(patch: kopf.Patch, body: Mapping[str, Any], message: str) -> kopf.PermanentError:
+def known_clusters_setting(env: Mapping[str, str]) -> set[str] | None:
+    """The Envoy cluster names Upstreams may use: the generated configuration's (providers and
+    `TOLLGATE_ENVOY_CLUSTERS`), or None (no check) with `TOLLGATE_ALLOW_UNKNOWN_CLUSTERS=true`.
+    A malformed TOLLGATE_ENVOY_CLUSTERS stops the operator at startup, saying why."""
+    from extproc import envoyconf
+
+    if env.get("TOLLGATE_ALLOW_UNKNOWN_CLUSTERS", "").strip().lower() in ("1", "true", "yes"):
+        return None
+    return envoyconf.known_clusters(env.get(envoyconf.CLUSTERS_ENV, ""))
+
+
+def _reject(patch: kopf.Patch, body: Mapping[str, Any], message: str,
+            reason: str = "Invalid") -> kopf.PermanentError:
     generation = (body.get("metadata") or {}).get("generation")
-    patch.status["conditions"] = [accepted_condition(False, "Invalid", message, generation,
+    patch.status["conditions"] = [accepted_condition(False, reason, message, generation,
                                                      _now())]
     return kopf.PermanentError(message)
 
@@ -104,6 +124,14 @@ async def on_change(
         resource = validate_document(doc, "custom resource", doc["metadata"]["namespace"])
     except ResourceError as exc:
         raise _reject(patch, body, str(exc)) from None
+    # The clusters the gateways' generated Envoy configuration defines (set at startup from
+    # TOLLGATE_ENVOY_CLUSTERS; None: TOLLGATE_ALLOW_UNKNOWN_CLUSTERS, an Envoy config of one's
+    # own). An Upstream naming another would only ever get Envoy's bare 503.
+    known = getattr(memo, "known_clusters", None)
+    if resource.kind == "Upstream" and known is not None:
+        problems = cluster_warnings([resource], known)
+        if problems:
+            raise _reject(patch, body, problems[0], "UnknownCluster") from None
     if generates_key:
         try:
             doc["spec"]["keySha256"] = await _generated_key_hash(body, doc, memo)
@@ -176,10 +204,15 @@ async def live_status(store: Store, resource: Resource) -> dict[str, Any]:
     if resource.kind == "Limit":
         return (await limit_reports(store, [resource], now.timestamp()))[0].status()
     if resource.kind == "RateLimit":
-        usage = await rate_usage(store, resource.id, int(now.timestamp() * 1000))
+        spec = rate_limit_spec(resource)
+        usage = await rate_usage(store, resource.id, int(now.timestamp() * 1000),
+                                 spec.window_ms)
+        counts = ({"requestsLastMinute": usage.requests, "tokensLastMinute": usage.tokens}
+                  if spec.window_ms == WINDOW_MS else {})
         return {"identities": usage.identities, "busiest": usage.busiest or None,
-                "requestsLastMinute": usage.requests, "tokensLastMinute": usage.tokens,
-                "inFlight": usage.in_flight}
+                "window": resource.spec.get("window") or "1m",
+                "requestsInWindow": usage.requests, "tokensInWindow": usage.tokens,
+                **counts, "inFlight": usage.in_flight}
     if resource.kind == "Upstream":
         resting = await cooldowns(store, resource.id, int(now.timestamp() * 1000))
         return {"coolingDown": [

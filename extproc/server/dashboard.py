@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from extproc.core.quota import window_label
 from extproc.core.resources import rate_limit_spec
 from extproc.settings import Settings
 from extproc.store.live_state import all_cooldowns, limit_reports, rate_pressure
@@ -158,7 +159,7 @@ async def _rate_limits(store: Store, now_ms: int) -> list[dict[str, Any]]:
     specs = [rate_limit_spec(r) for r in await store.list_kind("RateLimit")]
     if not specs:
         return []
-    pressure = await rate_pressure(store, [s.name for s in specs], now_ms, top=5,
+    pressure = await rate_pressure(store, {s.name: s.window_ms for s in specs}, now_ms, top=5,
                                    limit=SCAN_LIMIT)
     ranked: list[tuple[float, int, str, dict[str, Any]]] = []
     for spec in specs:
@@ -166,8 +167,9 @@ async def _rate_limits(store: Store, now_ms: int) -> list[dict[str, Any]]:
         rpm = spec.requests_per_minute
         share = max((b.requests / rpm for b in p.busiest), default=0.0) if rpm else 0.0
         ranked.append((-share, -p.in_flight, spec.name, {
-            "id": spec.name, "per": spec.per, "requests_per_minute": rpm,
-            "tokens_per_minute": spec.tokens_per_minute, "concurrent": spec.concurrent,
+            "id": spec.name, "per": spec.per, "window": window_label(spec.window_ms),
+            "requests_per_window": rpm, "tokens_per_window": spec.tokens_per_minute,
+            "concurrent": spec.concurrent,
             "identities": p.identities, "in_flight": p.in_flight, "truncated": p.truncated,
             "busiest": [{"identity": b.identity, "requests": b.requests, "tokens": b.tokens}
                         for b in p.busiest],

@@ -19,13 +19,11 @@ import logging
 import time
 from collections.abc import Iterable
 
-from redis.exceptions import RedisError
-
 from extproc.core.policy.engine import Hit
 from extproc.server import metrics
 from extproc.server.bodylog_file import BodyLogFile
 from extproc.store.live_state import utc_day
-from extproc.store.redis_store import Store
+from extproc.store.redis_store import REDIS_DOWN, Store
 
 log = logging.getLogger(__name__)
 _TTL_S = 35 * 86_400
@@ -83,7 +81,7 @@ class PolicyHitRecorder:
                     pipe.xtrim(stream, minid=str(oldest_ms), approximate=False)
                     pipe.expire(stream, BODY_LOG_TTL_S)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             self.tally.update(tally)  # try again next round
             self.logs.extendleft(reversed(logs))
             log.debug("policy hit counts not written yet: %s", exc)

@@ -37,6 +37,7 @@ class Settler:
         self.batch: collections.deque[SettleCall] = collections.deque()
         self.journal: collections.deque[SettleCall] = collections.deque()
         self._wake = asyncio.Event()
+        self._closing = False
         self._tasks: set[asyncio.Task[list[int] | None]] = set()
         self.dir = Path(journal_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -89,12 +90,14 @@ class Settler:
 
     async def _replay(self) -> None:
         while self.journal:
-            call = self.journal[0]
+            call = self.journal.popleft()  # before the await: see `flush`
             try:
                 await self.quota.settle(call, background=True)
             except StoreRejected as exc:
                 self._dead_letter(call, str(exc))
-            self.journal.popleft()
+            except BaseException:
+                self.journal.appendleft(call)
+                raise
             metrics.JOURNAL_PENDING.dec()
         with contextlib.suppress(OSError):
             self.path.write_bytes(b"")  # everything landed: start the file afresh
@@ -135,8 +138,11 @@ class Settler:
         return len(self._tasks)
 
     async def flush(self) -> None:
+        # Calls leave the queue before the await, so two flushes at once (the background loop
+        # and `close`, when a cancellation was swallowed inside the Redis client) never take the
+        # same calls; a flush cut short puts its calls back (settling twice is harmless).
         while self.batch:
-            calls = [self.batch[i] for i in range(min(self.max_batch, len(self.batch)))]
+            calls = [self.batch.popleft() for _ in range(min(self.max_batch, len(self.batch)))]
             try:
                 with tracing.span("redis.settle_batch", {"tollgate.settlements": len(calls)}):
                     await self.quota.settle_many(calls)
@@ -146,15 +152,20 @@ class Settler:
                 metrics.REDIS_ERRORS.labels("usage").inc()
                 for call in calls:
                     self._journal(call)
-            for _ in calls:
-                self.batch.popleft()
+            except BaseException:
+                self.batch.extendleft(reversed(calls))
+                raise
         if self.journal:
             await self._replay()
 
     async def run(self) -> None:
         backoff = 0.05
-        while True:
+        # Ends when `close` starts, also if the cancellation meant to stop it was swallowed
+        # inside the Redis client (seen with redis-py's timeouts under load).
+        while not self._closing:
             await self._wake.wait()
+            if self._closing:
+                return
             self._wake.clear()
             await asyncio.sleep(0.002)  # let concurrent requests share one round trip
             try:
@@ -167,12 +178,16 @@ class Settler:
                 self._wake.set()
 
     async def close(self, timeout: float) -> None:
+        self._closing = True
+        self._wake.set()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout)
         try:
             await asyncio.wait_for(self.flush(), timeout=timeout)
         except (StoreUnavailable, TimeoutError) as exc:
-            # Still journaled on disk: the next worker to start here replays it.
+            # Journaled on disk (the queued ones too): the next worker to start here replays it.
+            while self.batch:
+                self._journal(self.batch.popleft())
             log.error("stopping with %d settlements journaled: %s", len(self.journal), exc)
 
     # -- sweeper ---------------------------------------------------------------------------

@@ -16,11 +16,11 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from redis.exceptions import RedisError
 
 from extproc.core.exchange import Options
 from extproc.core.policy.cors import Cors
@@ -34,7 +34,7 @@ from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
 from extproc.settings import Settings
 from extproc.store.quota_store import QuotaStore
-from extproc.store.redis_store import Store, connect
+from extproc.store.redis_store import REDIS_DOWN, Store, connect
 from extproc.store.redis_store import ready as connect_ready
 
 log = logging.getLogger("tollgate.worker")
@@ -96,11 +96,9 @@ async def run_worker(settings: Settings, index: int) -> None:
         raise SystemExit(f"tollgate worker {index}: cannot bind {address}")
     await server.start()
     lag.start()
-    for client in (store.redis, hot):
-        try:
-            await connect_ready(client)
-        except (RedisError, OSError) as exc:  # Redis down at start: the watcher keeps trying
-            log.warning("redis not reachable yet: %s", exc)
+    # A Cluster client must learn the topology before concurrent use (see `ready`). Redis down
+    # at start: retried every half second below, before the first burst of requests can race.
+    unready = [client for client in (store.redis, hot) if not await _ready(client, warn=True)]
 
     state_file = Path(settings.run_dir) / f"worker-{index}.json" if settings.run_dir else None
     stopping = asyncio.Event()
@@ -115,6 +113,8 @@ async def run_worker(settings: Settings, index: int) -> None:
     serving = False
     log.info("worker %d (pid %d) listening on %s", index, os.getpid(), address)
     while not stopping.is_set():
+        if unready:
+            unready = [client for client in unready if not await _ready(client)]
         ready = watcher.snapshot is not None
         if ready != serving:
             status = health_pb2.HealthCheckResponse.SERVING if ready else (
@@ -145,6 +145,16 @@ async def run_worker(settings: Settings, index: int) -> None:
     await hot.aclose()
     await store.close()
     log.info("worker %d stopped", index)
+
+
+async def _ready(client: Any, warn: bool = False) -> bool:
+    try:
+        await connect_ready(client)
+    except REDIS_DOWN as exc:
+        if warn:  # the watcher keeps trying to load the configuration meanwhile
+            log.warning("redis not reachable yet: %s", exc)
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

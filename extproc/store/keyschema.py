@@ -84,9 +84,14 @@ class KeySchema:
             return f"{self.prefix}spend:" + legacy_key[len(old):]
         return legacy_key
 
-    def window(self, rate_limit: str, ident: str, metric: str) -> str:
-        """HASH: bucket number -> requests or tokens charged in that bucket."""
-        short = "rpm" if metric == "requests" else "tpm"
+    def window(self, rate_limit: str, ident: str, metric: str, window_ms: int = 60_000) -> str:
+        """HASH: bucket number -> requests or tokens charged in that bucket. The name carries
+        a window other than 60 s (`r3600s`, `t10s`): bucket numbers of different widths must
+        never share a hash when a RateLimit's window is changed."""
+        if window_ms == 60_000:
+            short = "rpm" if metric == "requests" else "tpm"
+        else:
+            short = f"{metric[0]}{window_ms // 1000}s"
         return f"{self.prefix}rl:{rate_limit}:{ident}:{short}"
 
     def leases(self, rate_limit: str, ident: str) -> str:

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from importlib import resources as importlib_resources
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+
+from extproc.store.redis_store import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class RedisLease:
                 self._valid_until = started + self.ttl_ms / 1000
                 return True
             return await self.renew()
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             log.warning("lease %s: cannot reach Redis: %s", self.key, exc)
             return False
 
@@ -74,7 +75,7 @@ class RedisLease:
         self._valid_until = 0.0
         try:
             await self._release(keys=[self.key], args=[self.holder])
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             log.warning("lease %s: release failed (it will expire): %s", self.key, exc)
 
     async def keep(self, on_lost: Callable[[], None], every_s: float | None = None) -> None:
@@ -88,7 +89,7 @@ class RedisLease:
                 if await self.renew():
                     continue
                 log.error("lease %s: now held by someone else", self.key)
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 if self.held:
                     log.warning("lease %s: renewal failed, retrying: %s", self.key, exc)
                     continue

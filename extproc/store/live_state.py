@@ -8,13 +8,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from extproc.core.periods import period_bounds
-from extproc.core.quota import BUCKET_MS, BUCKETS
+from extproc.core.quota import WINDOW_MS, window_buckets
 from extproc.core.reports import LimitReport, limit_report
 from extproc.core.resources import Resource, limit_spec
-from extproc.store.redis_store import Store, StoreUnavailable
+from extproc.store.redis_store import REDIS_DOWN, Store, StoreUnavailable
 
 
 async def limit_reports(
@@ -47,7 +45,7 @@ async def _scan(store: Store, pattern: str, limit: int | None = None) -> list[st
             out.append(key.decode() if isinstance(key, bytes) else str(key))
             if limit is not None and len(out) >= limit:
                 break
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         raise StoreUnavailable(str(exc)) from exc
     return out
 
@@ -77,7 +75,7 @@ async def _cooldowns(store: Store, prefix: str, now_ms: int | None, limit: int |
             for key in keys:
                 pipe.pttl(key)
             ttls = await pipe.execute()
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         raise StoreUnavailable(str(exc)) from exc
     whole = f"{store.keys.prefix}cool:"
     out = []
@@ -100,8 +98,10 @@ class RateUsage:
     in_flight: int  # concurrency leases held now, over every identity
 
 
-async def rate_usage(store: Store, rate_limit_id: str, now_ms: int | None = None) -> RateUsage:
-    pressure = (await rate_pressure(store, [rate_limit_id], now_ms, top=1))[rate_limit_id]
+async def rate_usage(store: Store, rate_limit_id: str, now_ms: int | None = None,
+                     window_ms: int = WINDOW_MS) -> RateUsage:
+    pressure = (await rate_pressure(store, {rate_limit_id: window_ms}, now_ms, top=1)
+                )[rate_limit_id]
     if not pressure.busiest:
         return RateUsage(0, "", 0, 0, pressure.in_flight)
     top = pressure.busiest[0]
@@ -112,7 +112,7 @@ async def rate_usage(store: Store, rate_limit_id: str, now_ms: int | None = None
 @dataclass(frozen=True, slots=True)
 class IdentityUsage:
     identity: str
-    requests: int  # over the current rolling window (a minute)
+    requests: int  # over the rate limit's current rolling window
     tokens: int
 
 
@@ -126,53 +126,58 @@ class RatePressure:
     truncated: bool = False  # the scan stopped at its key bound: numbers are a lower bound
 
 
-async def rate_pressure(store: Store, rate_limit_ids: list[str], now_ms: int | None = None,
+async def rate_pressure(store: Store, windows: dict[str, int], now_ms: int | None = None,
                         top: int = 5, limit: int | None = None) -> dict[str, RatePressure]:
-    """Per rate limit id: the `top` busiest identities of the current rolling window and the
-    leases in flight. One SCAN per key family whatever the number of rate limits (ids have
-    no colon, so a key names its rate limit up to the first one)."""
+    """Per rate limit id (mapped to its window, ms): the `top` busiest identities of its
+    current rolling window and the leases in flight. One SCAN per key family whatever the
+    number of rate limits (ids have no colon, so a key names its rate limit up to the first
+    one). Hashes of a window the RateLimit had before a change are not counted."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     head_w, head_c = f"{store.keys.prefix}rl:", f"{store.keys.prefix}cc:"
-    if len(rate_limit_ids) == 1:  # the operator's status of one resource: a narrow pattern
-        (only,) = rate_limit_ids
-        windows = await _scan(store, f"{head_w}{only}:*", limit)
+    if len(windows) == 1:  # the operator's status of one resource: a narrow pattern
+        (only,) = windows
+        found = await _scan(store, f"{head_w}{only}:*", limit)
         leases = await _scan(store, f"{head_c}{only}:*", limit)
     else:
-        windows = await _scan(store, head_w + "*", limit)
+        found = await _scan(store, head_w + "*", limit)
         leases = await _scan(store, head_c + "*", limit)
-    truncated = limit is not None and (len(windows) >= limit or len(leases) >= limit)
+    truncated = limit is not None and (len(found) >= limit or len(leases) >= limit)
     try:
         async with store.redis.pipeline(transaction=False) as pipe:
-            for key in windows:
+            for key in found:
                 pipe.hgetall(key)
             for key in leases:
                 pipe.zcount(key, now_ms, "+inf")
             replies: list[Any] = await pipe.execute()
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         raise StoreUnavailable(str(exc)) from exc
-    wanted = set(rate_limit_ids)
-    current = now_ms // BUCKET_MS
-    usage: dict[str, dict[str, dict[str, int]]] = {i: {} for i in rate_limit_ids}
-    for key, buckets in zip(windows, replies[: len(windows)], strict=True):
+    suffixes = {rl: {store.keys.window("", "", metric, ms).rpartition(":")[2]: metric
+                     for metric in ("requests", "tokens")} for rl, ms in windows.items()}
+    usage: dict[str, dict[str, dict[str, int]]] = {i: {} for i in windows}
+    for key, buckets in zip(found, replies[: len(found)], strict=True):
         rate_limit, _, rest = key[len(head_w):].partition(":")
-        ident, _, metric = rest.rpartition(":")
-        if rate_limit not in wanted:
-            continue
-        total = sum(int(v) for b, v in buckets.items() if int(b) >= current - BUCKETS)
+        ident, _, short = rest.rpartition(":")
+        metric = suffixes.get(rate_limit, {}).get(short)
+        if metric is None:
+            continue  # another rate limit's, or a window this one had before a change
+        width, count = window_buckets(windows[rate_limit])
+        current = now_ms // width
+        total = sum(int(v) for b, v in buckets.items() if int(b) >= current - count)
         if total:
             usage[rate_limit].setdefault(ident, {})[metric] = total
-    in_flight = dict.fromkeys(rate_limit_ids, 0)
-    for key, count in zip(leases, replies[len(windows):], strict=True):
+    in_flight = dict.fromkeys(windows, 0)
+    for key, count_ in zip(leases, replies[len(found):], strict=True):
         rate_limit = key[len(head_c):].partition(":")[0]
-        if rate_limit in wanted:
-            in_flight[rate_limit] += int(count)
+        if rate_limit in in_flight:
+            in_flight[rate_limit] += int(count_)
     out = {}
     for rate_limit, by_ident in usage.items():
-        ranked = sorted(by_ident.items(),
-                        key=lambda kv: (-kv[1].get("rpm", 0), -kv[1].get("tpm", 0), kv[0]))
+        ranked = sorted(by_ident.items(), key=lambda kv: (
+            -kv[1].get("requests", 0), -kv[1].get("tokens", 0), kv[0]))
         out[rate_limit] = RatePressure(
             len(by_ident),
-            tuple(IdentityUsage(i, m.get("rpm", 0), m.get("tpm", 0)) for i, m in ranked[:top]),
+            tuple(IdentityUsage(i, m.get("requests", 0), m.get("tokens", 0))
+                  for i, m in ranked[:top]),
             in_flight[rate_limit], truncated)
     return out
 
@@ -190,7 +195,7 @@ async def policy_hits(store: Store, policy_ids: list[str],
             for policy in policy_ids:
                 pipe.hgetall(store.keys.policy_hits(policy, day))
             replies = await pipe.execute()
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         raise StoreUnavailable(str(exc)) from exc
     return [{(k.decode() if isinstance(k, bytes) else str(k)): int(v)
              for k, v in reply.items()} for reply in replies]

@@ -24,13 +24,13 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from extproc.core.pricing import MAX_AMOUNT_NANOS
 from extproc.core.quota import BUCKET_MS, BUCKETS, CredentialCharge, ReservationPlan
 from extproc.store import rollup
 from extproc.store.keyschema import KeySchema
-from extproc.store.redis_store import StoreRejected, StoreUnavailable, is_cluster_client
+from extproc.store.redis_store import REDIS_DOWN, StoreRejected, StoreUnavailable, is_cluster_client
 
 
 def _lua(name: str) -> str:
@@ -187,14 +187,14 @@ class QuotaStore:
                 return list(await script(keys=keys, args=args, client=self.background))
             except ResponseError as exc:
                 raise StoreRejected(str(exc)) from exc
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 raise StoreUnavailable(str(exc)) from exc
         self.breaker.check()
         try:
             reply = await script(keys=keys, args=args)
         except ResponseError as exc:
             raise StoreRejected(str(exc)) from exc
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             self.breaker.failure()
             raise StoreUnavailable(str(exc)) from exc
         self.breaker.success()
@@ -206,7 +206,8 @@ class QuotaStore:
         return [self.keys.limit_state(c.limit.name, c.period_id) for c in plan.limits]
 
     def _window_keys(self, plan: ReservationPlan) -> list[str]:
-        return [self.keys.window(w.rate_limit, w.ident, w.metric) for w in plan.windows]
+        return [self.keys.window(w.rate_limit, w.ident, w.metric, w.window_ms)
+                for w in plan.windows]
 
     def _lease_keys(self, plan: ReservationPlan) -> list[str]:
         return [self.keys.leases(lease.rate_limit, lease.ident) for lease in plan.leases]
@@ -245,7 +246,7 @@ class QuotaStore:
             mode = 0 if not c.limit.block else (1 if c.limit.strict else 2)
             args += [mode, c.limit.max_nanos, c.ttl_ms, 0]
         for w in plan.windows:
-            args += [w.limit, _exact(w.amount), BUCKET_MS, BUCKETS]
+            args += [w.limit, _exact(w.amount), *w.buckets]
         for _lease in plan.leases:
             args += [_lease.limit, plan.lease_deadline_ms]
         primaries = sum(1 for c in plan.credentials if c.primary)
@@ -290,12 +291,15 @@ class QuotaStore:
             args: list[Any] = [rid, now, _exact(actual_nanos), _exact(actual_tokens), event,
                                self.stream_maxlen, 0, 0, 0, 0, 0, 0, USAGE_MARKER_MS, 0]
             return SettleCall(tuple(keys), tuple(args))
-        token_windows = [self.keys.window(w.rate_limit, w.ident, w.metric)
+        token_windows = [self.keys.window(w.rate_limit, w.ident, w.metric, w.window_ms)
                          for w in plan.token_windows]
+        # The bucket each window charged its estimate to (widths differ by window).
+        buckets = [plan.now_ms // w.buckets[0] for w in plan.token_windows]
         if credential is not None and credential.tpm:
             # The credential's token window was charged the estimate too: correct it as well.
             token_windows.append(
                 self.keys.credential_window(credential.upstream, credential.name, "tokens"))
+            buckets.append(plan.bucket)
         deletes = []
         if success and credential is not None:
             deletes.append(self.keys.credential_errors(credential.upstream, credential.name))
@@ -327,8 +331,7 @@ class QuotaStore:
         ]
         for c in plan.limits:
             args += [c.limit.max_nanos, c.limit.threshold_nanos, c.ttl_ms]
-        for _w in token_windows:
-            args.append(plan.bucket)
+        args += buckets
         return SettleCall(tuple(keys), tuple(args))
 
     async def cool_down(self, credential: CredentialCharge, base_ms: int, max_ms: int,
@@ -371,14 +374,14 @@ class QuotaStore:
                     keys, args = self._wire(call)
                     await self._settle(keys=keys, args=args, client=pipe)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     async def drop_hold(self, request_id: str) -> None:
         try:
             await self.background.zrem(self.keys.holds, request_id)
             await self.background.delete(self.keys.hold(request_id))
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     # -- sweeping --------------------------------------------------------------------------
@@ -391,7 +394,7 @@ class QuotaStore:
                 return []
             rids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
             payloads = await self.background.mget([self.keys.hold(r) for r in rids])
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         calls = []
         stale = []
@@ -403,7 +406,7 @@ class QuotaStore:
         if stale:
             try:
                 await self.background.zrem(self.keys.holds, *stale)
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 raise StoreUnavailable(str(exc)) from exc
         return calls
 
@@ -426,6 +429,6 @@ class QuotaStore:
                     continue
                 moved += int(await self._migrate(keys=[old, new], args=[_LEGACY_SCALE],
                                                  client=self.background))
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         return moved

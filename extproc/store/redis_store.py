@@ -29,6 +29,13 @@ class StoreRejected(Exception):
     """Redis answered with an error for this call (e.g. a script error): retrying will not help."""
 
 
+# What a Redis call raises when Redis is down, slow or its connection breaks. redis-py 8.1
+# (redis/redis-py#4287, and seen here on a Cluster under load: a node's connections torn down by a
+# timeout while other commands were mid-handshake) can leak the transport's own TypeError or
+# AttributeError instead of a ConnectionError; without them here such a request became a 500
+# "bug" instead of Redis-unavailable handling (fail open/closed, journal, circuit breaker).
+REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError, TypeError, AttributeError)
+
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
@@ -100,7 +107,7 @@ class Store:
     async def ping(self) -> bool:
         try:
             return bool(await self.redis.ping())
-        except (RedisError, OSError):
+        except REDIS_DOWN:
             return False
 
     # -- configuration ---------------------------------------------------------------------
@@ -108,7 +115,7 @@ class Store:
     async def generation(self) -> int:
         try:
             value = await self.redis.get(self.keys.generation)
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         return int(value or 0)
 
@@ -120,7 +127,7 @@ class Store:
                 for kind in KINDS:
                     pipe.hgetall(self.keys.config(kind))
                 replies = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         generation = int(replies[0] or 0)
         resources: list[Resource] = []
@@ -143,7 +150,7 @@ class Store:
     async def list_kind(self, kind: str) -> list[Resource]:
         try:
             docs = await self.redis.hgetall(self.keys.config(kind))
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         found = (_decode(kind, name, raw) for name, raw in docs.items())
         return sorted((r for r in found if r is not None), key=lambda r: (r.namespace, r.name))
@@ -152,7 +159,7 @@ class Store:
         """The resource with this canonical id (`ns/name`, bare name in `default`)."""
         try:
             raw = await self.redis.hget(self.keys.config(kind), ident)
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         return None if raw is None else _decode(kind, ident, raw)
 
@@ -191,7 +198,7 @@ class Store:
             generation = int(replies[-1])
             await self.redis.publish(self.keys.config_channel, str(generation))
             return generation
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     async def delete(self, kind: str, ident: str) -> bool:
@@ -207,14 +214,14 @@ class Store:
                 replies = await pipe.execute()
             await self.redis.publish(self.keys.config_channel, str(replies[-1]))
             return True
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     async def key_name(self, key_sha256: str) -> str | None:
         """Name of the VirtualKey with this hash, straight from the index (cache misses only)."""
         try:
             raw = await self.redis.get(self.keys.key_index(key_sha256))
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
 
@@ -227,7 +234,7 @@ class Store:
                 for name, period in names_periods:
                     pipe.hgetall(self.keys.limit_state(name, period))
                 replies = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         return [{k.decode(): int(v) for k, v in reply.items()} for reply in replies]
 
@@ -237,7 +244,7 @@ class Store:
         """The newest `count` usage entries, oldest first: (stream id, event bytes)."""
         try:
             entries: Any = await self.redis.xrevrange(self.keys.usage_stream, count=count)
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         return [(eid.decode(), fields[b"event"]) for eid, fields in reversed(entries)]
 
@@ -249,7 +256,7 @@ class Store:
                 for hour in hours:
                     pipe.hgetall(self.keys.rollup(hour))
                 replies: list[dict[bytes, bytes]] = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         return replies
 

@@ -183,18 +183,50 @@ def test_apply_dry_run_warns_and_stores_nothing(tg: Run, env: dict[str, str],
                                                 tmp_path: Path) -> None:
     bare = {k: v for k, v in env.items() if k != "AZURE_EAST_KEY_1"}
     bare["TOLLGATE_SECRETS_DIR"] = str(tmp_path / "secrets")
+    bare["TOLLGATE_ENVOY_CLUSTERS"] = "azure-openai-east=https://east.openai.azure.com"
     result = tg("apply", "--dry-run", "-f", "-", stdin=AZURE_EAST, environ=bare)
     assert result.returncode == 0, result.stderr
     assert "upstream/azure-east valid (dry run: nothing stored)" in result.stdout
     assert "AZURE_EAST_KEY_1 not found" in result.stderr
     assert "gpt-4o get 503" in result.stderr
-    assert "cluster 'azure-openai-east'" in result.stderr
     assert tg("get", "upstreams", "azure-east").returncode == 1  # nothing was stored
     # With the secret available as a mounted file, the credential warning goes away.
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "AZURE_EAST_KEY_1").write_text("k\n")
     quiet = tg("apply", "--dry-run", "-f", "-", stdin=AZURE_EAST, environ=bare)
-    assert "AZURE_EAST_KEY_1" not in quiet.stderr
+    assert "AZURE_EAST_KEY_1" not in quiet.stderr and quiet.stderr.count("warning") == 0
+
+
+def test_apply_refuses_an_upstream_whose_cluster_envoy_lacks(tg: Run, env: dict[str, str]) -> None:
+    """An Upstream naming a cluster the generated Envoy configuration does not define is
+    refused (exit 1, nothing stored, the fix named), also on --dry-run; TOLLGATE_ENVOY_CLUSTERS
+    (which `tollgate envoy-config` generates) makes it known; --allow-unknown-clusters stores it
+    anyway with a warning."""
+    env = {**env, "AZURE_EAST_KEY_1": "k"}
+    for flags in ((), ("--dry-run",)):
+        refused = tg("apply", *flags, "-f", "-", stdin=AZURE_EAST, environ=env)
+        assert refused.returncode == 1
+        assert "tollgate: error: upstream 'azure-east' uses Envoy cluster 'azure-openai-east'" \
+            in refused.stderr
+        assert "TOLLGATE_ENVOY_CLUSTERS=azure-openai-east=http://HOST:PORT" in refused.stderr
+        assert "--allow-unknown-clusters" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert tg("get", "upstreams", "azure-east").returncode == 1  # nothing was stored
+    forced = tg("apply", "--allow-unknown-clusters", "-f", "-", stdin=AZURE_EAST, environ=env)
+    assert forced.returncode == 0, forced.stderr
+    assert "warning: upstream 'azure-east' uses Envoy cluster" in forced.stderr
+    known = {**env, "TOLLGATE_ENVOY_CLUSTERS": "a=http://127.0.0.1:9,"
+             "azure-openai-east=https://east.openai.azure.com"}
+    accepted = tg("apply", "-f", "-", stdin=AZURE_EAST, environ=known)
+    assert accepted.returncode == 0 and "cluster" not in accepted.stderr
+    # the generator defines that cluster, TLS with SNI = the host
+    config = yaml.safe_load(tg("envoy-config", environ=known).stdout)
+    (east,) = [c for c in config["static_resources"]["clusters"]
+               if c["name"] == "azure-openai-east"]
+    assert east["transport_socket"]["typed_config"]["sni"] == "east.openai.azure.com"
+    broken = tg("apply", "-f", "-", stdin=AZURE_EAST,
+                environ={**env, "TOLLGATE_ENVOY_CLUSTERS": "azure-openai-east"})
+    assert broken.returncode == 1 and "expected NAME=URL" in broken.stderr
 
 
 def test_bash_completion_script_completes_the_commands(tg: Run, tmp_path: Path) -> None:

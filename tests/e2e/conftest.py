@@ -27,6 +27,9 @@ AZURE_UPSTREAM_KEY = "azure-upstream-e2e"
 GEMINI_UPSTREAM_KEY = "gemini-upstream-e2e"
 SECOND_UPSTREAM_KEY = "sk-second-e2e"
 ADMIN_TOKEN = "e2e-admin-token-0123456789abcdef"  # test_dashboard: the dashboard's token
+# A virtual key of a second (inner) Tollgate, the credential an outer one chains with
+# (test_base_url.py); in the outer gateway's environment as INNER_GATEWAY_KEY.
+INNER_GATEWAY_KEY = "tg-" + "inner" * 8 + "abc"
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +43,7 @@ def e2e_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         AZURE_OPENAI_API_KEY=AZURE_UPSTREAM_KEY,
         GEMINI_API_KEY=GEMINI_UPSTREAM_KEY,
         SECOND_API_KEY=SECOND_UPSTREAM_KEY,
+        INNER_GATEWAY_KEY=INNER_GATEWAY_KEY,
         POOL_KEY_1="sk-pool-1", POOL_KEY_2="sk-pool-2", POOL_FALLBACK="sk-pool-fallback",
         TOLLGATE_RELOAD_POLL_MS="500",
         TOLLGATE_CORS_ORIGINS="https://app.example.test",  # test_policies: CORS
@@ -90,13 +94,16 @@ CliRunner = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="session")
-def cli(e2e_env: dict[str, str]) -> CliRunner:
+def cli(e2e_env: dict[str, str], second_upstream: int) -> CliRunner:
+    # The stack's Envoy has the cluster `second` too: `apply` accepts Upstreams naming it.
+    env = {**e2e_env, "TOLLGATE_ENVOY_CLUSTERS": f"second=http://127.0.0.1:{second_upstream}"}
+
     def run(
         *args: str, check: bool = True, stdin: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "extproc", *args],
-            env=e2e_env, capture_output=True, text=True, timeout=60, input=stdin,
+            env=env, capture_output=True, text=True, timeout=60, input=stdin,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"tollgate {' '.join(args)} failed:\n{result.stderr}")

@@ -135,3 +135,57 @@ def test_block_limit_refuses_gemini_calls(
     with pytest.raises(errors.ClientError):
         list(client.models.generate_content_stream(model=MODEL, contents="Hi", config=config))
     assert len(upstream_requests(stack)) == before  # nothing reached the provider
+
+
+def test_vertex_style_paths_are_served_by_the_gemini_api(stack: Stack, new_key: Any) -> None:
+    """The SDK with `vertexai=True`, in express mode (API key in x-goog-api-key) and with a
+    project and location (the key as an OAuth bearer token): the same pricing, JSON and SSE,
+    the call sent to the Gemini API's path with the provider key; errors in Google's shape."""
+    from google.oauth2.credentials import Credentials
+
+    key = new_key()
+    options = types.HttpOptions(base_url=stack.base_url, headers={"x-mock-words": "5"})
+    express = genai.Client(vertexai=True, api_key=key, http_options=options)
+    projects = genai.Client(vertexai=True, project="p1", location="us-central1",
+                            credentials=Credentials(token=key), http_options=options)
+    for client in (express, projects):
+        response = client.models.generate_content(model=MODEL, contents="Hello there")
+        meta = response.usage_metadata
+        assert meta is not None and meta.candidates_token_count == 5
+        headers = response.sdk_http_response.headers if response.sdk_http_response else {}
+        assert headers is not None
+        assert headers["x-tollgate-cost"] == f"{expected_nanos(meta) / 1e9:.9f}"
+        upstream = last_gemini_call(stack)
+        assert upstream["path"] == f"/v1beta/models/{MODEL}:generateContent"
+        assert upstream["headers"]["x-goog-api-key"] == GEMINI_UPSTREAM_KEY
+        assert key not in orjson.dumps(upstream).decode()
+    chunks = list(express.models.generate_content_stream(model=MODEL, contents="Count"))
+    assert "".join(c.text or "" for c in chunks).split() and chunks[-1].usage_metadata
+    assert last_gemini_call(stack)["path"] == \
+        f"/v1beta/models/{MODEL}:streamGenerateContent"
+    refused = genai.Client(vertexai=True, api_key="tg-not-a-key", http_options=options)
+    with pytest.raises(errors.ClientError) as denied:
+        refused.models.generate_content(model=MODEL, contents="Hello")
+    assert (denied.value.code, denied.value.status) == (401, "UNAUTHENTICATED")
+
+
+def test_embeddings_are_priced_from_the_request_text(stack: Stack, new_key: Any) -> None:
+    """`embed_content` (the SDK sends batchEmbedContents) and a raw embedContent: the Gemini
+    API answers vectors without token counts, so the input is the request's text at ~4
+    characters a token, rounded up, at gemini-embedding-001's $0.15 per 1M tokens."""
+    model = "gemini-embedding-001"
+    client = client_for(stack, new_key())
+    response = client.models.embed_content(model=model, contents=["Hello there", "General K"])
+    assert response.embeddings is not None and len(response.embeddings) == 2
+    headers = response.sdk_http_response.headers if response.sdk_http_response else {}
+    assert headers is not None
+    tokens = -(-len("Hello thereGeneral K") // 4)  # 5
+    assert headers["x-tollgate-cost"] == f"{tokens * 150 / 1e9:.9f}"
+    assert last_gemini_call(stack)["path"] == f"/v1beta/models/{model}:batchEmbedContents"
+    raw = httpx.post(f"{stack.base_url}/v1beta/models/{model}:embedContent",
+                     headers={"x-goog-api-key": client._api_client.api_key or ""},
+                     json={"content": {"parts": [{"text": "12345678"}]}}, timeout=30)
+    assert raw.status_code == 200, raw.text
+    assert raw.headers["x-tollgate-cost"] == f"{2 * 150 / 1e9:.9f}"
+    result = raw.json()["xproxy_result"]
+    assert "usage-estimated-from-request" in str(result)

@@ -231,3 +231,29 @@ def test_budget_refusal_is_not_retried_by_the_openai_sdk(
     # Seconds until the day (UTC) ends: positive and at most a day.
     assert 0 < int(refused.response.headers["retry-after"]) <= 86_400
     http.close()
+
+
+def test_a_window_of_an_hour(
+    stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
+) -> None:
+    """`window: 1h`: the third request within the hour is refused with the hour's reset (not a
+    minute's), and `tollgate get ratelimits` shows the window."""
+    name, key = new_named_key()
+    rl = "hourly-" + uuid.uuid4().hex[:6]
+    apply(cli, "RateLimit", rl, f"  per: key\n  selector: {{keys: [{name}]}}\n"
+                                f"  window: 1h\n  requests: 2\n")
+    client = client_for(stack, key)
+    first = until_applied(client, "x-ratelimit-limit-requests")
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    call(client)
+    with pytest.raises(openai.RateLimitError) as refused:
+        call(client)
+    assert "requests per 1h" in refused.value.message
+    headers = refused.value.response.headers
+    # the first request's 5-minute bucket leaves the window 60 to 65 minutes after it
+    assert 3600 <= int(headers["retry-after"]) <= 3900
+    assert headers["x-ratelimit-reset-requests"].startswith("1h")
+    listing = cli("get", "ratelimits").stdout
+    (row,) = [line.split() for line in listing.splitlines() if rl in line]
+    assert row[row.index(rl) + 1:row.index(rl) + 5] == ["key", "1h", "2", "-"]

@@ -192,3 +192,46 @@ def test_anthropic_count_tokens_is_passed_through_at_no_cost(
     (seen,) = upstream_requests(stack)
     assert seen["path"] == "/v1/messages/count_tokens"
     assert seen["headers"]["x-api-key"] == ANTHROPIC_UPSTREAM_KEY
+
+
+def test_allowed_upstreams_restrict_what_a_key_reaches(
+    stack: Stack, routed: str, new_key: Callable[..., str], second_upstream: int
+) -> None:
+    """A key created with `--allowed-upstreams second`: its calls go only through that
+    Upstream; a model only other Upstreams serve is a 403 in the dialect's own shape (the
+    openai and anthropic SDKs raise PermissionDeniedError) and nothing reaches a provider."""
+    key = new_key("--allowed-upstreams", "sec*")
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+    httpx.delete(f"http://127.0.0.1:{second_upstream}/__mock/requests", timeout=5)
+    assert client.chat.completions.create(**chat_body("fast")).model == "special-large-2"
+    assert len(_second_requests(second_upstream)) == 1
+    clear_upstream(stack)
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.chat.completions.create(**chat_body("gpt-4o-mini"))
+    assert refused.value.code == "upstream_not_allowed"
+    assert "gpt-4o-mini" in refused.value.message
+    claude = anthropic.Anthropic(base_url=stack.base_url, api_key=key, max_retries=0)
+    with pytest.raises(anthropic.PermissionDeniedError) as denied:
+        claude.messages.create(model="claude-haiku-4-5", max_tokens=5,
+                               messages=[{"role": "user", "content": "hi"}])
+    assert denied.value.body["error"]["type"] == "permission_error"  # type: ignore[index]
+    assert upstream_requests(stack) == []
+
+
+def test_models_list_follows_routing_for_the_key(
+    stack: Stack, routed: str, new_key: Callable[..., str]
+) -> None:
+    """models.list() names what the key can call: with `--allowed-upstreams second` the
+    Upstream's alias and exact model names and nothing the built-in Upstreams serve; an
+    unrestricted key also sees the Azure Upstream's models and the alias; models.retrieve
+    agrees with the list both ways."""
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1",
+                           api_key=new_key("--allowed-upstreams", "second"), max_retries=0)
+    assert [m.id for m in client.models.list()] == ["fast"]
+    assert client.models.retrieve("fast").id == "fast"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    everyone = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=routed, max_retries=0)
+    listed = [m.id for m in everyone.models.list()]
+    assert {"gpt-4o", "claude-haiku-4-5", "fast", "gpt-4o-azure", "gpt-35-dep"} <= set(listed)
+    assert everyone.models.retrieve("gpt-35-dep").id == "gpt-35-dep"

@@ -146,6 +146,31 @@ def test_up_refuses_a_listener_port_another_gateway_holds(redis_url: str,
     assert time.monotonic() - started < 30  # nothing was started and waited for
 
 
+def test_a_second_up_in_the_same_home_refuses_and_names_the_first(tmp_path: Path) -> None:
+    """Two `up`s in one home would share its record of the running gateway (the CLI would lose
+    the first) and the embedded Redis' data files: the second refuses before starting anything."""
+    home = tmp_path / "home"
+    home.mkdir()
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (home / "up.json").write_text(json.dumps({
+            "pid": first.pid, "redis_url": "redis://127.0.0.1:1/0",
+            "base_url": "http://127.0.0.1:10000"}))
+        result = subprocess.run(
+            [sys.executable, "-m", "extproc", "up", "--mock-upstream", "--port",
+             str(free_port())],
+            capture_output=True, text=True, env=dict(os.environ, TOLLGATE_HOME=str(home)),
+            timeout=60)
+    finally:
+        first.kill()
+        first.wait()
+    assert result.returncode == 1
+    assert f"already running here (pid {first.pid}, http://127.0.0.1:10000" in result.stderr
+    assert "TOLLGATE_HOME=" in result.stderr
+    assert "ready" not in result.stdout and "starting" not in result.stdout
+    assert not (home / "data").exists()  # no Redis was started on the first one's files
+
+
 def test_serve_refuses_a_grpc_port_another_server_holds(redis_url: str) -> None:
     grpc_port, http_port = free_port(), free_port()
     other = _listening_with_reuseport(grpc_port)

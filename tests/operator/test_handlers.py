@@ -267,3 +267,32 @@ async def test_virtual_key_status_and_revocation_through_the_resource(
     await handlers.sync_status(body=custom_resource("VirtualKey", ns, "temp", {}), patch=patch,
                                memo=memo)
     assert patch["status"]["state"] == "revoked"
+
+
+async def test_an_upstream_naming_an_unknown_cluster_is_not_accepted(
+    memo: kopf.Memo, logger: logging.Logger
+) -> None:
+    """With the clusters of the generated Envoy configuration known (TOLLGATE_ENVOY_CLUSTERS),
+    an Upstream naming another is Accepted=False (UnknownCluster) and not stored; one naming a
+    configured cluster is stored; TOLLGATE_ALLOW_UNKNOWN_CLUSTERS turns the check off."""
+    ns = namespace()
+    store: Store = memo.store
+    checked = kopf.Memo(store=store, lease=memo.lease, secrets=None,
+                        known_clusters=handlers.known_clusters_setting(
+                            {"TOLLGATE_ENVOY_CLUSTERS": "local-llm=http://vllm.ml:8000"}))
+    spec = {"provider": "openai-compatible", "cluster": "nowhere", "models": ["m"]}
+    patch = kopf.Patch()
+    with pytest.raises(kopf.PermanentError):
+        await handlers.on_change(body=custom_resource("Upstream", ns, "lost", spec),
+                                 patch=patch, logger=logger, memo=checked)
+    condition = patch["status"]["conditions"][0]
+    assert (condition["status"], condition["reason"]) == ("False", "UnknownCluster")
+    assert "Envoy cluster 'nowhere'" in condition["message"]
+    assert "TOLLGATE_ENVOY_CLUSTERS" in condition["message"]
+    assert await store.get("Upstream", f"{ns}/lost") is None
+    patch = kopf.Patch()
+    await handlers.on_change(body=custom_resource("Upstream", ns, "found",
+                                                  {**spec, "cluster": "local-llm"}),
+                             patch=patch, logger=logger, memo=checked)
+    assert patch["status"]["conditions"][0]["status"] == "True"
+    assert handlers.known_clusters_setting({"TOLLGATE_ALLOW_UNKNOWN_CLUSTERS": "true"}) is None

@@ -37,8 +37,32 @@ async def test_rate_limit_status_shows_the_busiest_identity_and_in_flight(store:
         reply = await quota.reserve(plan, b"")
         assert reply[0] == 1
     status = await live_status(store, rl_resource)  # type: ignore[arg-type]
-    assert status == {"identities": 2, "busiest": "team-a/ci", "requestsLastMinute": 3,
+    assert status == {"identities": 2, "busiest": "team-a/ci", "window": "1m",
+                      "requestsInWindow": 3, "tokensInWindow": 300, "requestsLastMinute": 3,
                       "tokensLastMinute": 300, "inFlight": 4}
+
+
+async def test_rate_limit_status_counts_over_its_own_window(store: Store) -> None:
+    """`window: 1h`: the status counts the hour's requests (a minute's numbers are not
+    written), and a same-named 1m window's hash does not leak into it."""
+    hourly = resource("RateLimit", "team-a", "hourly",
+                      {"per": "key", "window": "1h", "requests": 100, "tokens": 10_000})
+    minute = resource("RateLimit", "team-a", "hourly", {"per": "key", "requests": 100})
+    quota = QuotaStore(store.redis, store.keys, stream_maxlen=1000)
+    subject = Subject(key="team-a/ci", group="", user="", tags=(), model="gpt-4o", ip="",
+                      namespace="team-a")
+    now = time.time()
+    # two requests 20 minutes ago and one now: all three inside the hour
+    for i, (res, at) in enumerate([(hourly, now - 1200), (hourly, now - 1200), (hourly, now),
+                                   (minute, now)]):
+        plan = plan_reservation(request_id=f"h{i}", now=at, limits=[],
+                                rate_limits=[rate_limit_spec(res)],  # type: ignore[arg-type]
+                                subject=subject, estimate_nanos=0, estimate_tokens=50,
+                                hold_seconds=600)
+        assert (await quota.reserve(plan, b""))[0] == 1
+    status = await live_status(store, hourly)  # type: ignore[arg-type]
+    assert status == {"identities": 1, "busiest": "team-a/ci", "window": "1h",
+                      "requestsInWindow": 3, "tokensInWindow": 150, "inFlight": 0}
 
 
 async def test_upstream_status_lists_credentials_cooling_down_and_until_when(

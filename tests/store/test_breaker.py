@@ -5,6 +5,9 @@ failure reopens it."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 import pytest
 
 from extproc.gen.tollgate.v1 import usage_pb2
@@ -82,3 +85,25 @@ async def test_background_calls_do_not_trip_the_breaker(own_redis: OwnRedis) -> 
         assert (await quota.settle(_call(quota, "request-path")))[0] == 1
     finally:
         await client.aclose()
+
+
+async def test_a_cluster_clients_leaked_transport_errors_count_as_redis_down(
+    redis_cluster_url: str,
+) -> None:
+    """A Cluster client used by many requests at once before it learned the topology (Redis was
+    down when the worker started) fails some of them with the transport's AttributeError
+    (redis-py 8.1, redis/redis-py#4287). They must reach the request path as `StoreUnavailable`
+    (fail open/closed, journal, breaker), never as an unexpected error (a 500 and a traceback)."""
+    client = connect(redis_cluster_url, 2.0)  # deliberately not `ready()`
+    quota = QuotaStore(client, KeySchema("leak-" + uuid.uuid4().hex[:8]), stream_maxlen=1000)
+    quota.breaker = CircuitBreaker(failures=1_000, open_s=1.0)
+    try:
+        results = await asyncio.gather(
+            *(quota.settle(_call(quota, f"burst-{i}")) for i in range(32)),
+            return_exceptions=True)
+    finally:
+        await client.aclose()
+    unexpected = [r for r in results if isinstance(r, BaseException)
+                  and not isinstance(r, StoreUnavailable)]
+    assert unexpected == []
+    assert any(not isinstance(r, BaseException) for r in results)  # Redis itself was fine

@@ -22,6 +22,8 @@ from extproc.core.quota import (
     Subject,
     interpret_settlement,
     plan_reservation,
+    window_buckets,
+    window_label,
 )
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.store.quota_store import (
@@ -471,3 +473,57 @@ async def test_fallbacks_take_turns_once_the_primaries_are_full(quota: QuotaStor
     names = [c.name if c else None for c in chosen]
     assert names[0] == "a"
     assert names[1:] in (["f1", "f2", "f1", "f2"], ["f2", "f1", "f2", "f1"])
+
+
+@pytest.mark.parametrize("window_ms", [10_000, 3_600_000, 86_400_000])
+async def test_windows_other_than_a_minute_never_admit_more_than_the_limit(
+    quota: QuotaStore, window_ms: int
+) -> None:
+    """`window: 10s | 1h | 1d`: at most `limit` in ANY rolling window of that length, the
+    limit reached again within one window + one bucket, and the refusal's Retry-After says
+    when a slot frees (never a minute's numbers)."""
+    width, count = window_buckets(window_ms)
+    assert width * count == window_ms
+    rl = RateLimitSpec("hourly", "key", Selector(), 5, None, None, window_ms=window_ms)
+    step = window_ms / 1000 / 40  # 40 probes per window, 3 probes each
+    admitted: list[float] = []
+    t = NOW + 0.001
+    while t < NOW + 3 * window_ms / 1000:
+        for _ in range(3):
+            r = await reserve(quota, plan(rate_limits=[rl], now=t))
+            if r.denial is None:
+                admitted.append(t)
+            else:
+                assert "per " + window_label(window_ms) in r.denial.message
+                retry = int(dict(r.denial.headers)["retry-after"])
+                assert 1 <= retry <= window_ms / 1000 + width / 1000
+        t += step
+    for i, first in enumerate(admitted):
+        assert len([x for x in admitted[i:] if x - first < window_ms / 1000]) <= 5
+    assert len(admitted) >= 5 * int(3 * window_ms / (window_ms + width))
+
+
+async def test_a_token_window_of_an_hour_is_corrected_at_settlement(quota: QuotaStore) -> None:
+    """The settle script corrects the bucket the estimate went into, in the window's own
+    bucket width (5 min for an hour), not the minute's 5 s."""
+    hourly = RateLimitSpec("tph", "key", Selector(), None, 1000, None, window_ms=3_600_000)
+    p1 = plan(rate_limits=[hourly], tokens=900, now=NOW + 100)
+    assert (await reserve(quota, p1)).denial is None
+    later = NOW + 100 + 30  # a later 5 s bucket, the same 5 min bucket
+    refused = await reserve(quota, plan(rate_limits=[hourly], tokens=200, now=later))
+    assert refused.denial is not None and "per 1h" in refused.denial.message
+    call = quota.settle_call(p1, 0, 100, EVENT, confirmed=True, now_ms=int(later * 1000))
+    await quota.settle(call)
+    ok = await reserve(quota, plan(rate_limits=[hourly], tokens=200, now=later))
+    assert ok.denial is None and ok.windows[0].used == 300
+
+
+async def test_changing_a_window_starts_a_new_count(quota: QuotaStore) -> None:
+    """A RateLimit moved from 1m to 1h counts in a new hash: the minute's bucket numbers are
+    never read as hours."""
+    minute = RateLimitSpec("moved", "key", Selector(), 2, None, None)
+    hour = RateLimitSpec("moved", "key", Selector(), 2, None, None, window_ms=3_600_000)
+    for _ in range(2):
+        assert (await reserve(quota, plan(rate_limits=[minute]))).denial is None
+    assert (await reserve(quota, plan(rate_limits=[minute]))).denial is not None
+    assert (await reserve(quota, plan(rate_limits=[hour]))).denial is None

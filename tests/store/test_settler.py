@@ -5,6 +5,8 @@ of being retried forever or blocking the settlements queued behind it."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import time
 import uuid
@@ -195,6 +197,52 @@ async def test_close_flushes_what_is_queued_and_keeps_what_cannot_land(
     assert errors("usage")._value.get() == usage_errors + 1
     assert errors("settle")._value.get() == settle_errors + 1
     await offline.redis.aclose()
+
+
+async def test_two_flushes_at_once_write_each_settlement_once(
+    quota: QuotaStore, tmp_path: Path
+) -> None:
+    """Shutdown flushes while the background loop may still be mid-flush (a cancellation the
+    Redis client swallowed): the two must share the queue, not both write and pop it."""
+    settler = Settler(quota, str(tmp_path), max_batch=7)
+    rids = [f"f-{i}-{uuid.uuid4().hex[:6]}" for i in range(60)]
+    for rid in rids:
+        settler.enqueue(quota.settle_call(None, 10, 1, _event(rid), False, request_id=rid))
+    await asyncio.gather(settler.flush(), settler.flush(), settler.flush())
+    assert settler.pending == 0
+    assert sorted(await _usage_ids(quota, 200)) == sorted(rids)
+
+
+async def test_a_flush_cut_short_keeps_its_calls_and_close_journals_them(
+    quota: QuotaStore, tmp_path: Path
+) -> None:
+    """A flush cancelled while Redis does not answer puts its calls back; a close that runs out
+    of time writes the whole queue to the journal on disk, so the next worker settles them."""
+    server = OwnRedis(tmp_path / "stalled")
+    server.start()
+    stalled = QuotaStore(connect(server.url, 5.0), quota.keys, stream_maxlen=10)
+    settler = Settler(stalled, str(tmp_path / "journal"))
+    rids = [f"s-{i}" for i in range(5)]
+    for rid in rids:
+        settler.enqueue(quota.settle_call(None, 10, 1, _event(rid), False, request_id=rid))
+    await stalled.redis.ping()  # connected before the stall
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)  # our own redis-server, by PID: nothing answers
+    try:
+        flushing = asyncio.create_task(settler.flush())
+        await asyncio.sleep(0.2)
+        flushing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flushing
+        assert len(settler.batch) == 5  # nothing lost by the cancellation
+        await settler.close(timeout=0.3)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        await stalled.redis.aclose()
+        server.stop()
+    journaled = [SettleCall.from_json(line).request_id
+                 for line in settler.path.read_bytes().splitlines()]
+    assert journaled == rids
 
 
 def _swept_total() -> float:

@@ -71,3 +71,16 @@ def test_local_windows_decide_like_the_redis_windows(
     limits = [RateLimitSpec("rl", "key", Selector(), rpm, tpm, None)]
     shared, alone = asyncio.run(decisions(redis_url, limits, steps))
     assert alone == shared
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(window_ms=st.sampled_from([10_000, 3_600_000, 86_400_000]), rpm=st.integers(1, 8),
+       tpm=st.one_of(st.none(), st.integers(100, 3000)), steps=STEPS)
+def test_local_windows_decide_like_the_redis_windows_of_any_length(
+    redis_url: str, window_ms: int, rpm: int, tpm: int | None, steps: list[tuple[int, int]]
+) -> None:
+    """The same for `window: 10s | 1h | 1d`: the gaps are stretched to the window's length."""
+    limits = [RateLimitSpec("rl", "key", Selector(), rpm, tpm, None, window_ms=window_ms)]
+    scaled = [(gap * window_ms // WINDOW_MS, tokens) for gap, tokens in steps]
+    shared, alone = asyncio.run(decisions(redis_url, limits, scaled))
+    assert alone == shared

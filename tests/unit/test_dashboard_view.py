@@ -34,8 +34,9 @@ def summary(model: str = "gpt-4o") -> dict[str, Any]:
                     "spent": "6.000000000", "held": "0.000000000", "remaining": "0.000000000",
                     "state": "blocked", "requests": {}}],
         "more_limits": 0,
-        "rate_limits": [{"id": "per-key", "per": "key", "requests_per_minute": 10,
-                         "tokens_per_minute": None, "concurrent": 4, "identities": 1,
+        "rate_limits": [{"id": "per-key", "per": "key", "window": "minute",
+                         "requests_per_window": 10, "tokens_per_window": None,
+                         "concurrent": 4, "identities": 1,
                          "in_flight": 2, "truncated": False,
                          "busiest": [{"identity": "team-a", "requests": 12, "tokens": 0}]}],
         "cooldowns": [{"upstream": "openai", "credential": "c1", "model": "gpt-4o",
@@ -66,7 +67,7 @@ def test_the_page_shows_the_summary_numbers() -> None:
     page = render_page(summary(), ("24h", "7d", "30d"))
     assert re.search(r'data-field="cost_usd">0\.000455000<', page)
     assert 'data-limit="monthly"' in page and ">blocked<" in page
-    assert 'data-identity="team-a"' in page and "12</span> of 10 rpm" in page
+    assert 'data-identity="team-a"' in page and "12</span> of 10 requests" in page
     assert 'data-upstream="openai"' in page
     assert "<script" not in page and "http://" not in page and "https://" not in page
 

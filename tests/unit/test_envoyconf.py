@@ -33,7 +33,8 @@ def test_sidecar_defaults() -> None:
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 10000}
     assert cfg["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     names = [c["name"] for c in cfg["static_resources"]["clusters"]]
-    assert names == ["tollgate_extproc", "openai", "azure-openai", "anthropic", "gemini"]
+    assert names == ["tollgate_extproc", "openai", "azure-openai", "anthropic", "gemini",
+                     "tollgate_dfp_http", "tollgate_dfp_https"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,8 +98,10 @@ def test_routes_on_routing_header_and_strips_it() -> None:
 def test_ext_proc_filter_settings() -> None:
     cfg = envoyconf.render_bootstrap(clusters=envoyconf.provider_clusters())
     hcm = _hcm(_listener(cfg, "tollgate"))
-    ext_proc, router = hcm["http_filters"]
+    ext_proc, proxy, router = hcm["http_filters"]
     assert router["name"] == "envoy.filters.http.router"
+    # after ext_proc (which names the cluster and :authority), before the router
+    assert proxy["name"] == "envoy.filters.http.dynamic_forward_proxy"
     assert ext_proc["name"] == "envoy.filters.http.ext_proc"
     tc = ext_proc["typed_config"]
     assert tc["grpc_service"] == {"envoy_grpc": {"cluster_name": "tollgate_extproc"}}
@@ -222,3 +225,19 @@ def test_local_replies_keep_own_json_and_wrap_envoys() -> None:
     assert "local_reply_config" not in _hcm(_listener(envoyconf.render_bootstrap(
         clusters=envoyconf.mock_clusters("127.0.0.1", 18080), bypass_port=18003,
         bypass_cluster="openai"), "bypass"))
+
+
+def test_configured_clusters_read_name_equals_url() -> None:
+    from extproc.envoyconf import ClusterSpec, configured_clusters, known_clusters
+
+    assert configured_clusters(" local=http://10.0.0.5:8000 , west=https://w.example.com") == [
+        ClusterSpec("local", "10.0.0.5", 8000),
+        ClusterSpec("west", "w.example.com", 443, tls=True, sni="w.example.com"),
+    ]
+    assert configured_clusters("") == []
+    assert {"openai", "anthropic", "gemini", "azure-openai", "local"} <= known_clusters(
+        "local=http://h:1")
+    for bad in ("local", "local=ftp://h:1", "local=http://h:1/v1", "bad name=http://h:1",
+                "tollgate_extproc=http://h:1"):
+        with pytest.raises(ValueError):
+            configured_clusters(bad)

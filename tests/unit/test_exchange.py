@@ -277,7 +277,8 @@ def test_models_lists_every_priced_model_for_an_unrestricted_key(
     _, reply = open_exchange(
         snapshot, request_headers("/v1/models?limit=100", method="GET", via="x-api-key")
     )
-    assert _model_ids(reply) == sorted(table.spec["models"])
+    # every priced model, and the exact alias `fast` of the stored Upstream "fast"
+    assert _model_ids(reply) == [*sorted(table.spec["models"]), "fast"]
 
 
 # ---- request body ----------------------------------------------------------------------------
@@ -732,3 +733,102 @@ def test_a_denied_model_is_refused_whatever_the_key_allows(snapshot: Snapshot) -
     _, allowed = send_request(snapshot, request_headers(),
                               orjson.dumps({"model": "gpt-4o", "messages": MSG}), options)
     assert not isinstance(allowed, Deny)
+
+
+def _keyed_snapshot(builtin: list[Resource], key: str, allowed: list[str],
+                    *extra: Resource) -> Snapshot:
+    return build_snapshot(1, builtin, [
+        *STORED, *extra,
+        _resource("VirtualKey", "restricted", {"keySha256": hash_key(key),
+                                               "allowedUpstreams": allowed}),
+    ], SECRETS.get)
+
+
+def test_allowed_upstreams_restrict_routing_to_those_upstreams(
+    builtin_resources: list[Resource],
+) -> None:
+    """`allowedUpstreams`: the forbidden pool of a model is skipped for its allowed backup;
+    a model only a forbidden Upstream serves is a 403 in the dialect's shape (Anthropic's
+    on /v1/messages), never the built-in `*` route nobody chose for it."""
+    key = "tg-" + "u" * 43
+    pool = _resource("Upstream", "pool", {
+        "provider": "openai", "cluster": "east", "models": ["shared-*"], "priority": 1,
+        "credentials": [_cred("a", "OPENAI_API_KEY")]})
+    backup = _resource("Upstream", "backup", {
+        "provider": "openai", "cluster": "west", "models": ["shared-*"], "priority": 2,
+        "credentials": [_cred("b", "OPENAI_API_KEY")]})
+    snap = _keyed_snapshot(builtin_resources, key, ["back*", "anthropic"], pool, backup)
+    exchange, decision = send_request(snap, request_headers(key=key),
+                                      orjson.dumps({"model": "shared-1", "messages": MSG}))
+    assert not isinstance(decision, Deny), decision
+    assert exchange.upstream is not None and exchange.upstream.name == "backup"
+    assert exchange.backups == []
+    # gpt-4o is served by the built-in openai Upstream only, which this key may not use
+    _, refused = send_request(snap, request_headers(key=key),
+                              orjson.dumps({"model": "gpt-4o", "messages": MSG}))
+    assert isinstance(refused, Deny)
+    assert (refused.status, refused.code) == (403, "upstream_not_allowed")
+    assert "gpt-4o" in refused.message
+    # only the built-in `*` route serves claude-x on chat/completions: forbidden too
+    only_pool = _keyed_snapshot(builtin_resources, key, ["pool"], pool)
+    _, missing = send_request(only_pool, request_headers(key=key),
+                              orjson.dumps({"model": "claude-x", "messages": MSG}))
+    assert isinstance(missing, Deny) and missing.status == 403  # openai `*` serves it
+    # the same refusal on Anthropic's path, in Anthropic's error shape
+    exchange, refused = send_request(
+        only_pool, request_headers(MESSAGES_PATH, key=key, via="x-api-key"),
+        orjson.dumps({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": MSG}))
+    assert isinstance(refused, Deny) and refused.code == "upstream_not_allowed"
+    body = orjson.loads(exchange.error_body(refused))
+    assert body["type"] == "error" and body["error"]["type"] == "permission_error"
+
+
+def test_allowed_upstreams_keep_the_default_route_when_allowed(
+    builtin_resources: list[Resource],
+) -> None:
+    """A key allowed only the built-in `openai` Upstream reaches gpt-4o through it even where
+    a more specific pool (which it may not use) serves the model."""
+    key = "tg-" + "v" * 43
+    pool = _resource("Upstream", "pool", {
+        "provider": "openai", "cluster": "east", "models": ["gpt-4o"], "priority": 1,
+        "credentials": [_cred("a", "OPENAI_API_KEY")]})
+    snap = _keyed_snapshot(builtin_resources, key, ["openai"], pool)
+    exchange, decision = send_request(snap, request_headers(key=key),
+                                      orjson.dumps({"model": "gpt-4o", "messages": MSG}))
+    assert not isinstance(decision, Deny), decision
+    assert exchange.upstream is not None and exchange.upstream.name == "openai"
+
+
+def test_models_lists_what_routing_reaches_for_the_key(
+    builtin_resources: list[Resource],
+) -> None:
+    """/v1/models follows routing: a key allowed only the `second` Upstream lists its aliases
+    and exact models (not a priced gpt-4o it cannot reach), a key allowed only `openai` lists
+    no `claude-*` (the built-in `*` route does not make a Claude model OpenAI's), an alias to a
+    denied model is not listed, and /v1/models/{id} agrees with the list."""
+    key = "tg-" + "w" * 43
+    second = _resource("Upstream", "second", {
+        "provider": "openai-compatible", "cluster": "second", "models": ["special-*", "solo"],
+        "aliases": {"fast2": "special-large", "bad": "o1-pro", "turbo*": "special-small"},
+        "credentials": [_cred("d", "OPENAI_API_KEY")]})
+    options = Options(denied_models=("o1-pro*",))
+    snap = _keyed_snapshot(builtin_resources, key, ["second"], second)
+    _, reply = open_exchange(snap, request_headers("/v1/models", method="GET", key=key),
+                             options=options)
+    assert _model_ids(reply) == ["fast2", "solo"]
+    _, found = open_exchange(snap, request_headers("/v1/models/solo", method="GET", key=key),
+                             options=options)
+    assert isinstance(found, Reply) and orjson.loads(found.body)["id"] == "solo"
+    _, missing = open_exchange(snap, request_headers("/v1/models/gpt-4o", method="GET",
+                                                     key=key), options=options)
+    assert isinstance(missing, Deny) and missing.status == 404
+    only_openai = _keyed_snapshot(builtin_resources, key, ["openai"])
+    _, reply = open_exchange(only_openai, request_headers("/v1/models", method="GET", key=key))
+    ids = _model_ids(reply)
+    assert "gpt-4o" in ids and "text-embedding-3-small" in ids
+    assert not [i for i in ids if i.startswith(("claude-", "gemini-"))]
+    only_anthropic = _keyed_snapshot(builtin_resources, key, ["anthropic"])
+    _, reply = open_exchange(only_anthropic, request_headers("/v1/models", method="GET",
+                                                             key=key))
+    ids = _model_ids(reply)
+    assert ids and all(i.startswith("claude-") for i in ids)

@@ -45,7 +45,7 @@ def test_gemini_paths(path: str, route: Route) -> None:
 
 
 @pytest.mark.parametrize("path", [
-    "/v1beta/models/gemini-2.5-flash:embedContent",  # not served (yet): 404, not mispriced
+    "/v1beta/models/gemini-2.5-flash:predict",  # Vertex's embeddings method: not served
     "/v1beta/models/gemini-2.5-flash",
     "/v1beta/models:generateContent",
     "/v1/models",  # OpenAI's models list, not Gemini's
@@ -264,3 +264,35 @@ def test_no_gemini_bill_within_the_caps_exceeds_the_reservation(
     assert billed_in <= prompt and billed_out <= out
     worst = Usage(input=billed_in, output=billed_out, reasoning=billed_out)
     assert price_usage(price, worst).total_nanos <= estimate
+
+
+@pytest.mark.parametrize("path", [
+    "/v1beta1/publishers/google/models/gemini-2.5-flash:generateContent",
+    "/v1/projects/p1/locations/us-central1/publishers/google/models/gemini-2.5-flash"
+    ":generateContent",
+])
+def test_vertex_paths_are_gemini_routes_rewritten_to_the_gemini_api(path: str) -> None:
+    from extproc.core.providers import classify_path, gemini
+    from extproc.core.providers.base import RewriteInput
+
+    route = classify_path(path)
+    assert route is not None and route.model == "gemini-2.5-flash"
+    sets = gemini.PROVIDER.rewrite(RewriteInput(
+        None, route, path + "?alt=sse&key=tg-x", "gemini-2.5-flash",  # type: ignore[arg-type]
+        frozenset(), False))
+    assert sets == [(":path", "/v1beta/models/gemini-2.5-flash:generateContent?alt=sse")]
+    assert gemini.PROVIDER.key_from_path(path + "?key=tg-x") == "tg-x"
+    assert classify_path(path.replace("google", "anthropic")) is None
+
+
+def test_embed_paths_are_embedding_endpoints_priced_from_the_request_when_google_counts_none(
+) -> None:
+    from extproc.core.providers import classify_path, gemini
+
+    for method, endpoint in (("embedContent", Endpoint.EMBED_CONTENT),
+                             ("batchEmbedContents", Endpoint.BATCH_EMBED_CONTENTS)):
+        route = classify_path(f"/v1beta/models/gemini-embedding-001:{method}")
+        assert route is not None and route.endpoint is endpoint and endpoint.embeds
+        assert gemini.PROVIDER.usage_from_json(endpoint, {"embeddings": []}) is None
+        assert gemini.PROVIDER.usage_from_json(
+            endpoint, {"usageMetadata": {"promptTokenCount": 9}}) == Usage(input=9)

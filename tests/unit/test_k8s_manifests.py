@@ -61,7 +61,7 @@ MINIMAL: dict[str, dict[str, Any]] = {
 }
 # Fields of which at least one must be set (the CRD's `anyOf` of `required` lists).
 ONE_OF: dict[str, tuple[str, ...]] = {
-    "RateLimit": ("requestsPerMinute", "tokensPerMinute", "concurrent"),
+    "RateLimit": ("requests", "tokens", "requestsPerMinute", "tokensPerMinute", "concurrent"),
 }
 # The fields every spec must have: MINIMAL without the `anyOf` ones.
 REQUIRED: dict[str, set[str]] = {
@@ -508,8 +508,8 @@ def operator_status_fields(kind: str) -> set[str]:
         return set(report.status()) | {"lastSynced", "conditions", "id"}
     return {
         "VirtualKey": {"state", "expiresAt", "secretName"},
-        "RateLimit": {"identities", "busiest", "requestsLastMinute", "tokensLastMinute",
-                      "inFlight"},
+        "RateLimit": {"identities", "busiest", "window", "requestsInWindow", "tokensInWindow",
+                      "requestsLastMinute", "tokensLastMinute", "inFlight"},
         "Policy": {"blocked", "redacted", "audited", "rules"},
     }.get(kind, set()) | {"lastSynced", "conditions", "id"}
 
@@ -636,6 +636,11 @@ AGREE: list[tuple[str, dict[str, Any], bool]] = [
     ("RateLimit", {"per": "key", "concurrent": 1.5}, False),
     ("RateLimit", {"per": "key", "concurrent": True}, False),
     ("RateLimit", {"per": "key", "rpm": 60}, False),
+    ("RateLimit", {"per": "key", "window": "1h", "requests": 1000}, True),
+    ("RateLimit", {"per": "key", "window": "10s", "tokens": 5}, True),
+    ("RateLimit", {"per": "key", "window": "1w", "requests": 5}, False),
+    ("RateLimit", {"per": "key", "window": "0s", "requests": 5}, False),
+    ("RateLimit", {"per": "key", "window": 60, "requests": 5}, False),
 ]
 
 

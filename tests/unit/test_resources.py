@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from extproc.core.pricing import ModelPrice
-from extproc.core.quota import LimitSpec, RateLimitSpec, Selector
+from extproc.core.quota import LimitSpec, RateLimitSpec, Selector, window_buckets
 from extproc.core.resources import (
     DEFAULT_COOLDOWN_STATUSES,
     Resource,
@@ -47,7 +48,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "keySha256": SHA, "group": "", "user": "", "models": [], "tags": [],
                 "expiresAt": None, "revoked": False, "description": "",
                 "allowRequestLimits": False, "allowClientUser": False, "allowedRequestTags": [],
-                "allowedUseCases": [], "allowedAccounts": [], "secretName": "",
+                "allowedUseCases": [], "allowedAccounts": [], "allowedUpstreams": [],
+                "secretName": "",
             },
         ),
         (
@@ -62,6 +64,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "tags": ["ci"], "expiresAt": "2026-01-01T00:00:00Z", "revoked": True,
                 "description": "CI key", "allowRequestLimits": False, "allowClientUser": False,
                 "allowedRequestTags": [], "allowedUseCases": [], "allowedAccounts": [],
+                "allowedUpstreams": [],
                 "secretName": "",
             },
         ),
@@ -108,9 +111,9 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "unpriced": "default",
                 "credentials": [
                     {"name": "a", "secretRef": "AZURE_KEY", "rpm": None, "tpm": None,
-                     "isFallback": False},
+                     "isFallback": False, "baseUrl": None},
                     {"name": "b", "secretRef": "AZURE_KEY_2", "rpm": 60, "tpm": 0,
-                     "isFallback": True},
+                     "isFallback": True, "baseUrl": None},
                 ],
                 "cooldown": COOLDOWN,
             },
@@ -157,6 +160,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "expiresAt": None, "revoked": False, "description": "",
                 "allowRequestLimits": True, "allowClientUser": True,
                 "allowedRequestTags": ["team-*"], "allowedUseCases": [], "allowedAccounts": [],
+                "allowedUpstreams": [],
                 "secretName": "",
             },
         ),
@@ -208,6 +212,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "selector": {"keys": [], "groups": [], "users": [], "tags": [], "models": [],
                              "useCases": [], "accounts": [],
                              "namespaces": []},
+                "window": "1m", "requests": None, "tokens": None,
                 "requestsPerMinute": 60, "tokensPerMinute": None, "concurrent": None,
             },
         ),
@@ -221,6 +226,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "per": "global",
                 "selector": {"keys": ["a"], "groups": [], "users": [], "tags": ["ci"],
                              "models": [], "useCases": [], "accounts": [], "namespaces": []},
+                "window": "1m", "requests": None, "tokens": None,
                 "requestsPerMinute": 1, "tokensPerMinute": 200_000, "concurrent": 20,
             },
         ),
@@ -493,6 +499,46 @@ def test_rate_limit_accepts_any_one_rate(per: str, rate: str) -> None:
     assert all(spec[name] is None for name in others)
 
 
+@pytest.mark.parametrize(("window", "ms", "buckets"), [
+    ("1m", 60_000, (5_000, 12)), ("60s", 60_000, (5_000, 12)), ("10s", 10_000, (1_000, 10)),
+    ("1h", 3_600_000, (300_000, 12)), ("1d", 86_400_000, (7_200_000, 12)),
+    ("30d", 30 * 86_400_000, (216_000_000, 12)), ("7s", 7_000, (700, 10)),
+])
+def test_rate_limit_windows(window: str, ms: int, buckets: tuple[int, int]) -> None:
+    spec = rate_limit_spec(validate_document(doc("RateLimit", {
+        "per": "key", "window": window, "requests": 5, "tokens": 100})))
+    assert (spec.window_ms, spec.requests_per_minute, spec.tokens_per_minute) == (ms, 5, 100)
+    assert window_buckets(ms) == buckets
+    # the 60 s window keeps its per-minute names; "60s" is that window too
+    minute = validate_document(doc("RateLimit", {"per": "key", "window": "60s",
+                                                 "requestsPerMinute": 3}))
+    assert rate_limit_spec(minute).requests_per_minute == 3
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("ftp://h", "http:// or https://"), ("http://", "with a host"),
+    ("https://u:p@h.example", "user"), ("http://h:1/v1?x=1", "query"),
+    ("http://h:99999", "http:// or https://"), ("h.example:8000", "http:// or https://"),
+])
+def test_credential_base_url_is_refused_when_not_a_plain_url(url: str, problem: str) -> None:
+    with pytest.raises(ResourceError, match=r"credentials\[0\]\.baseUrl.*" + re.escape(problem)):
+        validate_document(doc("Upstream", {"provider": "openai-compatible", "cluster": "openai",
+                                           "credentials": [{"name": "a", "secretRef": "K",
+                                                            "baseUrl": url}]}))
+
+
+def test_an_upstream_may_not_name_a_forward_proxy_cluster() -> None:
+    with pytest.raises(ResourceError, match=r"spec\.cluster.*forward proxy"):
+        validate_document(doc("Upstream", {"provider": "openai", "cluster": "tollgate_dfp_http"}))
+
+
+def test_credential_base_url_is_kept() -> None:
+    spec = upstream_spec(validate_document(doc("Upstream", {
+        "provider": "openai", "cluster": "openai",
+        "credentials": [{"name": "a", "secretRef": "K", "baseUrl": "http://127.0.0.1:9/v1"}]})))
+    assert spec.credentials[0].base_url == "http://127.0.0.1:9/v1"
+
+
 LIMIT_WHERE = "document (Limit/r1)"
 RATE_WHERE = "document (RateLimit/r1)"
 
@@ -533,10 +579,18 @@ RATE_WHERE = "document (RateLimit/r1)"
         ("Limit", _with(LIMIT, selector=["a"]), "spec.selector", "must be a mapping"),
         ("Limit", _with(LIMIT, per="key"), "spec.per", "unknown field"),
         # RateLimit
-        ("RateLimit", {"per": "key"}, "spec.requestsPerMinute",
-         "set at least one of requestsPerMinute, tokensPerMinute, concurrent"),
-        ("RateLimit", {"per": "key", "selector": {"keys": ["a"]}}, "spec.requestsPerMinute",
+        ("RateLimit", {"per": "key"}, "spec.requests",
+         "set at least one of requests, tokens (per window), concurrent"),
+        ("RateLimit", {"per": "key", "selector": {"keys": ["a"]}}, "spec.requests",
          "set at least one of"),
+        ("RateLimit", _with(RATE, window="1w"), "spec.window", "must be a duration"),
+        ("RateLimit", _with(RATE, window="31d"), "spec.window", "1s to 30d"),
+        ("RateLimit", _with(RATE, window="0s"), "spec.window", "must be a duration"),
+        ("RateLimit", _with(RATE, window=60), "spec.window", "must be a string"),
+        ("RateLimit", _with(RATE, window="1h"), "spec.requestsPerMinute",
+         "counts per minute; with window 1h set requests"),
+        ("RateLimit", _with(RATE, requests=5), "spec.requestsPerMinute",
+         "set requests or requestsPerMinute, not both"),
         ("RateLimit", {"requestsPerMinute": 1}, "spec.per", "is required"),
         ("RateLimit", _with(RATE, per="tenant"), "spec.per",
          "must be one of key, user, group, model, ip, global"),

@@ -11,6 +11,8 @@ Adding a provider: one module with a `PROVIDER` object, one line in `REGISTRY`, 
 
 from __future__ import annotations
 
+import fnmatch
+
 import orjson
 
 from extproc.core.providers import anthropic, azure_openai, gemini, openai, openai_compatible
@@ -37,6 +39,7 @@ __all__ = [
     "RewriteInput",
     "Route",
     "StreamReader",
+    "claims",
     "classify_path",
     "clusters",
     "get",
@@ -99,6 +102,15 @@ def key_from_path(path: str) -> str | None:
         if key is not None:
             return key
     return None
+
+
+def claims(provider: Provider, model: str) -> bool:
+    """Whether `model` is a name of this provider's public API (rule 10 of `base`): for the
+    models list, when an Upstream of it serves `*`."""
+    if provider.model_names:
+        return any(fnmatch.fnmatchcase(model, p) for p in provider.model_names)
+    return not any(fnmatch.fnmatchcase(model, p) for other in REGISTRY
+                   for p in other.model_names)
 
 
 def clusters() -> tuple[Cluster, ...]:

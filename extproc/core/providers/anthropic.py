@@ -82,6 +82,7 @@ class Anthropic:
     auth_header = "x-api-key"
     endpoints = frozenset(_PATHS.values())
     cluster: Cluster | None = Cluster("anthropic", "api.anthropic.com")
+    model_names: tuple[str, ...] = ("claude-*",)
 
     def classify(self, path: str) -> Route | None:
         endpoint = _PATHS.get(path)

@@ -25,6 +25,9 @@ Rules (every provider module follows them; the registry in `__init__` is the onl
    prompt, and the field that is required, for the endpoints it owns.
 9. `cluster`: the Envoy cluster name and host of the provider's public API (TLS on 443), or
    None when there is no single host (OpenAI-compatible servers are configured per Upstream).
+10. `model_names`: globs of the model names its public API serves, which the models list
+   (`/v1/models`) asks when an Upstream of it serves `*`; empty for the OpenAI dialect, which
+   takes every name no other provider claims.
 """
 
 from __future__ import annotations
@@ -54,6 +57,17 @@ class Endpoint(enum.Enum):
     STREAM_GENERATE = "gemini.streamGenerateContent"
     COUNT_TOKENS = "gemini.countTokens"
     MESSAGES_COUNT_TOKENS = "messages.count_tokens"
+    EMBED_CONTENT = "gemini.embedContent"
+    BATCH_EMBED_CONTENTS = "gemini.batchEmbedContents"
+
+    @property
+    def embeds(self) -> bool:
+        """An embeddings call: input only, no output to cap or bound."""
+        return self in (Endpoint.EMBEDDINGS, Endpoint.EMBED_CONTENT, Endpoint.BATCH_EMBED_CONTENTS)
+
+    @property
+    def is_gemini(self) -> bool:
+        return self.value.startswith("gemini.")
 
     @property
     def is_anthropic(self) -> bool:
@@ -129,6 +143,7 @@ class Provider(Protocol):
     endpoints: frozenset[Endpoint]  # the endpoints whose paths it owns (rule 2)
     auth_header: str
     cluster: Cluster | None
+    model_names: tuple[str, ...]
 
     def classify(self, path: str) -> Route | None: ...
 

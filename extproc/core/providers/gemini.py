@@ -40,12 +40,22 @@ if TYPE_CHECKING:
     from extproc.core.decisions import Deny
 
 _PATH = re.compile(
-    r"/(?:v1|v1beta|v1alpha)/models/([^/:?]+):(generateContent|streamGenerateContent|countTokens)"
+    r"/(?:v1|v1beta|v1alpha)/models/([^/:?]+):(generateContent|streamGenerateContent|countTokens"
+    r"|embedContent|batchEmbedContents)"
+)
+# Vertex AI's paths for the same methods (the google-genai SDK with `vertexai=True`: with a
+# project and location, or in express mode with an API key). They are served by the Gemini
+# API: the path is rewritten to `_PATH`'s form, the credential is the Upstream's API key.
+_VERTEX = re.compile(
+    r"/(?:v1|v1beta1)/(?:projects/[^/]+/locations/[^/]+/)?publishers/google/models/"
+    r"([^/:?]+):(generateContent|streamGenerateContent|countTokens)"
 )
 _METHODS = {
     "generateContent": Endpoint.GENERATE,
     "streamGenerateContent": Endpoint.STREAM_GENERATE,
     "countTokens": Endpoint.COUNT_TOKENS,
+    "embedContent": Endpoint.EMBED_CONTENT,
+    "batchEmbedContents": Endpoint.BATCH_EMBED_CONTENTS,
 }
 _PROMPT = ("contents", "systemInstruction", "system_instruction")
 _CAP = "generationConfig.maxOutputTokens"
@@ -55,6 +65,10 @@ _RULES = {
     # countTokens takes `contents` or a whole `generateContentRequest`.
     Endpoint.COUNT_TOKENS: RequestRules((), ("contents", "generateContentRequest"),
                                         streams=False),
+    # Embeddings: the text is all there is to price. The Gemini API's answer carries no
+    # token counts (only the vectors); the exchange then prices the request's own estimate.
+    Endpoint.EMBED_CONTENT: RequestRules((), ("content",), "content", streams=False),
+    Endpoint.BATCH_EMBED_CONTENTS: RequestRules((), ("requests",), "requests", streams=False),
 }
 # google.rpc.Code names, by HTTP status, as Google's APIs send them.
 _STATUS = {
@@ -137,9 +151,10 @@ class Gemini:
     auth_header = "x-goog-api-key"
     endpoints = frozenset(_RULES)
     cluster: Cluster | None = Cluster("gemini", "generativelanguage.googleapis.com")
+    model_names: tuple[str, ...] = ("gemini-*", "gemma-*", "text-embedding-004")
 
     def classify(self, path: str) -> Route | None:
-        match = _PATH.fullmatch(path)
+        match = _PATH.fullmatch(path) or _VERTEX.fullmatch(path)
         if match is None:
             return None
         return Route(_METHODS[match.group(2)], model=match.group(1))
@@ -152,7 +167,7 @@ class Gemini:
 
     def key_from_path(self, path: str) -> str | None:
         base, _, query = path.partition("?")
-        if not query or _PATH.fullmatch(base.rstrip("/")) is None:
+        if not query or self.classify(base.rstrip("/")) is None:
             return None
         for name, value in parse_qsl(query, keep_blank_values=True):
             if name == "key" and value.strip():
@@ -161,11 +176,16 @@ class Gemini:
 
     def rewrite(self, req: RewriteInput) -> list[tuple[str, str]]:
         base, _, query = req.path.partition("?")
+        vertex = _VERTEX.fullmatch(base.rstrip("/"))
+        if vertex is not None:  # the Gemini API's path for the same model and method
+            base = f"/v1beta/models/{vertex.group(1)}:{vertex.group(2)}"
         if not query or req.bring_your_own_key:
-            return []
+            if vertex is None:
+                return []
+            return [(":path", base + ("?" + query if query else ""))]
         params = parse_qsl(query, keep_blank_values=True)
         kept = [(n, v) for n, v in params if n != "key"]
-        if len(kept) == len(params):
+        if len(kept) == len(params) and vertex is None:
             return []
         # The key in the query is the virtual key: it must not reach Google.
         return [(":path", base + ("?" + urlencode(kept) if kept else ""))]
@@ -176,6 +196,10 @@ class Gemini:
     def usage_from_json(self, endpoint: Endpoint, doc: Any) -> Usage | None:
         if endpoint is Endpoint.COUNT_TOKENS:
             return Usage()  # counting tokens is free
+        if endpoint.embeds:  # counts only where Google sends them (`usageMetadata`)
+            meta = doc.get("usageMetadata") if isinstance(doc, dict) else None
+            return Usage(input=count(meta, "promptTokenCount")) if isinstance(
+                meta, dict) else None
         if isinstance(doc, list):  # streamGenerateContent without alt=sse: a JSON array
             metas = [d["usageMetadata"] for d in doc
                      if isinstance(d, dict) and isinstance(d.get("usageMetadata"), dict)]

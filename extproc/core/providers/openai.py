@@ -129,6 +129,7 @@ class OpenAIDialect:
 
     dialect = "openai"
     auth_header = "authorization"
+    model_names: tuple[str, ...] = ()  # every name no other provider claims
 
     def serves(self, route: Route) -> bool:
         return route.endpoint in _RULES and route.azure_deployment is None
