@@ -26,6 +26,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import WebDriverWait
 
 from extproc.launch import Stack, free_port, start_extproc
 from tests.e2e.conftest import ADMIN_TOKEN, CliRunner, chat_body, spent_and_held
@@ -76,6 +77,9 @@ def sign_in(driver: webdriver.Chrome, stack: Stack, token: str) -> None:
     field = driver.find_element(By.ID, "token")
     field.send_keys(token)
     driver.find_element(By.ID, "sign-in").click()
+    # The click returns before the next page may have loaded: wait for one of the two outcomes.
+    WebDriverWait(driver, 15).until(
+        lambda d: d.find_elements(By.ID, "totals") or d.find_elements(By.ID, "login-error"))
 
 
 def cells(row: WebElement) -> dict[str, str]:
@@ -119,7 +123,7 @@ def test_the_dashboard_needs_the_admin_token(stack: Stack, browser: webdriver.Ch
     assert not browser.find_elements(By.ID, "totals")
     console_errors(browser)
     sign_in(browser, stack, ADMIN_TOKEN)
-    assert browser.find_element(By.ID, "totals")
+    assert browser.find_elements(By.ID, "totals"), browser.page_source[:2000]
     assert console_errors(browser) == []
     # The cookie holds no token, and is for the dashboard only.
     (cookie,) = browser.get_cookies()
