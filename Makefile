@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: run run-mock test test-unit test-redis test-e2e mutation setup lint typecheck bench clean \
-	image container-tools
+	image container-tools browser
 
 $(STAMP): pyproject.toml setup.py scripts/ensure-venv.sh $(wildcard protos/*/*/*.proto)
 	@scripts/ensure-venv.sh $(VENV) $(PYTHON)
@@ -29,13 +29,18 @@ run-mock: $(STAMP)
 	$(BIN)/tollgate up --mock-upstream $(ARGS)
 
 ## The whole test suite (unit, real Redis, real Envoy end-to-end, the image and the sidecar pod
-## under podman). CI runs exactly this; podman, runc, mmdebstrap are installed when missing.
-test: $(STAMP) container-tools
+## under podman, the dashboard in headless Chromium). CI runs exactly this; podman, runc,
+## mmdebstrap, chromium and chromedriver are installed when missing.
+test: $(STAMP) container-tools browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 container-tools:
 	@for t in podman runc mmdebstrap catatonit; do command -v $$t >/dev/null || { \
 		scripts/install-container-tools.sh; break; }; done
+
+## Debian's Chromium + ChromeDriver for the dashboard's browser test (tests/e2e/test_dashboard.py).
+browser:
+	@scripts/install-browser.sh
 
 ## The container image (tollgate + Envoy): docker if a Docker engine answers, else podman.
 ## IMAGE=... sets the tag, BASE=... the base image (default: bootstrapped from Debian packages).
@@ -43,6 +48,7 @@ image: $(STAMP)
 	PYTHON=$(BIN)/python scripts/build-image.sh
 
 ## One tier at a time (markers): unit (pure core), redis (real Redis), e2e (real Envoy).
+test-e2e: browser
 test-unit test-redis test-e2e: test-%: $(STAMP)
 	$(BIN)/python -m pytest -q -m $* $(PYTEST_ARGS)
 

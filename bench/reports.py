@@ -7,6 +7,7 @@ rollups are exactly what production writes), then times:
 
 * report: the CLI's own code path (Store.read_rollups + rollup.aggregate) for `--by key,model`
   and `--by tag` over all hours, best of 3;
+* dashboard: the built-in dashboard's summary (`read_summary`) for each of its ranges, best of 3;
 * scan: XRANGE of the whole usage stream + protobuf decode + the same grouping, once — what a
   report would cost without rollups.
 
@@ -80,6 +81,17 @@ async def main_async(args: argparse.Namespace, url: str) -> None:
         total = sum(t.requests for t in report.groups.values())
         print(f"report --by {','.join(by) or '(total)':10} {len(report.groups):5} groups, "
               f"{total} requests: {best * 1000:8.1f} ms")
+    # The dashboard's summary (server/dashboard.py): the same rollups, per key and per model,
+    # plus a series per bar; no Limits/RateLimits here, so this is its rollup part.
+    from extproc.server.dashboard import RANGES, read_summary
+
+    for range_ in RANGES:
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            await read_summary(store, range_, int(time.time() * 1000))
+            best = min(best, time.perf_counter() - t0)
+        print(f"dashboard summary, range {range_:4}: {best * 1000:8.1f} ms")
     t0 = time.perf_counter()
     sums: dict[tuple[str, str], int] = defaultdict(int)
     last = "-"

@@ -143,6 +143,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         "description": args.description or "",
         "allowClientUser": args.allow_client_user,
         "allowedRequestTags": _patterns(args.allowed_request_tags),
+        "allowedUseCases": _patterns(args.allowed_use_cases),
+        "allowedAccounts": _patterns(args.allowed_accounts),
         "allowedUpstreams": _patterns(args.allowed_upstreams),
     }
     if args.expires:
@@ -685,6 +687,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"redis: {stack.redis_url}{'' if explicit else ' (embedded)'}")
     print(f"extproc: grpc 127.0.0.1:{stack.extproc.grpc}, "
           f"health/metrics http://127.0.0.1:{stack.extproc.http}")
+    if Settings.from_env().dashboard:
+        print(f"dashboard: http://127.0.0.1:{stack.extproc.http}/dashboard")
     print(f"upstream: {upstream}")
     try:
         for warning in _up_warnings(stack.redis_url, MOCK_SECRETS if args.mock_upstream else {}):
@@ -862,6 +866,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--allowed-request-tags", action="append", metavar="PATTERN[,PATTERN...]",
                         help="request tags (x-tollgate-tags) that may select limits (globs), "
                         "comma-separated or the flag repeated")
+    create.add_argument("--allowed-use-cases", action="append", metavar="PATTERN[,PATTERN...]",
+                        help="use cases (name or id, xProxy-UseCase-*) that may select limits "
+                        "(globs)")
+    create.add_argument("--allowed-accounts", action="append", metavar="PATTERN[,PATTERN...]",
+                        help="account names (xProxy-Account-Name) that may select limits (globs)")
     create.add_argument("--allowed-upstreams", action="append", metavar="PATTERN[,PATTERN...]",
                         help="Upstream ids (globs) this key's calls may go through (default: "
                         "every Upstream), comma-separated or the flag repeated")

@@ -6,6 +6,7 @@ CLI flags override the environment for local use.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -75,6 +76,10 @@ class Settings:
     # ... and while the worker's event loop runs this late (a quarter of Envoy's 1 s message
     # timeout), new requests get the 503 too. 0 = off.
     max_lag_s: float = 0.25
+    # The built-in dashboard on the HTTP port (/dashboard, docs/reports.md): off unless asked,
+    # and then only behind the admin token (never printed: repr=False; workers never get it).
+    dashboard: bool = False
+    admin_token: str = dataclasses.field(default="", repr=False)
 
     @property
     def journal_path(self) -> str:
@@ -120,6 +125,8 @@ class Settings:
             "TOLLGATE_BODY_LOG_FILE_BACKUPS": ("body_log_file_backups", int),
             "TOLLGATE_MAX_PENDING": ("max_pending", int),
             "TOLLGATE_MAX_LAG_MS": ("max_lag_s", lambda v: int(v) / 1000),
+            "TOLLGATE_DASHBOARD": ("dashboard", _bool),
+            "TOLLGATE_ADMIN_TOKEN": ("admin_token", str),
         }
         for var, (field, convert) in table.items():
             raw = env.get(var)

@@ -9,6 +9,10 @@ per client address. A client controls its headers and body, so anything it sends
 * request tags (`x-tollgate-tags` / `xProxy-Request-Tags`) are recorded for attribution, but
   select limits only when the key carries that tag itself or lists it (glob) in
   `allowedRequestTags`: an unrelated key cannot spend another team's budget by naming its tag;
+* use case (name or id: `x-tollgate-use-case-name/-id`, `xProxy-UseCase-Name/-ID`) and account
+  (`x-tollgate-account-name`, `xProxy-Account-Name`) are recorded, and select limits (`useCases`,
+  `accounts` selectors) only when they match the key's `allowedUseCases` / `allowedAccounts`
+  glob patterns: as with tags, a key cannot reach a budget by naming someone else's use case;
 * the client address is the one Envoy derived (see `envoyconf`), never a header.
 
 Every client string that may be stored (usage events, Redis keys) is bounded here, and a request
@@ -92,3 +96,17 @@ def host_of(address: str) -> str:
     if sep and port.isdigit() and ":" not in host:
         return host
     return address
+
+
+def limit_use_cases(allowed: tuple[str, ...], name: str, ident: str) -> tuple[str, ...]:
+    """The request's use case name and id that may select limits (`useCases` selectors): those
+    matching one of the key's `allowedUseCases` glob patterns."""
+    return tuple(dict.fromkeys(
+        c for c in (name, ident) if c and any(fnmatch.fnmatchcase(c, p) for p in allowed)))
+
+
+def limit_account(allowed: tuple[str, ...], account: str) -> str:
+    """The request's account name if it may select limits (`accounts` selectors), else ""."""
+    if account and any(fnmatch.fnmatchcase(account, p) for p in allowed):
+        return account
+    return ""

@@ -756,6 +756,11 @@ class Exchange:
             ip=self.client_ip,
             requested_model=facts.model,
             namespace=self.key.namespace,
+            use_cases=attribution.limit_use_cases(self.key.allowed_use_cases,
+                                                  self.annotations.use_case_name,
+                                                  self.annotations.use_case_id),
+            account=attribution.limit_account(self.key.allowed_accounts,
+                                              self.annotations.account_name),
         )
 
     def _plan(

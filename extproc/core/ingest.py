@@ -50,6 +50,10 @@ MAX_UNITS = 1_000_000_000  # per unit kind and direction; far above any real cal
 #: How far back an event's own timestamp may lie (its period is charged), and ahead.
 MAX_EVENT_AGE_S = 7 * 86400
 MAX_EVENT_AHEAD_S = 300
+# How long a retried event is recognised (recorded once). The settle script keeps the ids of
+# unconfirmed settlements 48 h after the last write to their hour's set
+# (quota_store.UNCONFIRMED_MARKER_MS); this must not be longer.
+RETRY_WINDOW_S = 48 * 3600
 
 _KNOWN_UNITS = ("text", "text_cache_read", "text_cache_write")
 
@@ -81,6 +85,9 @@ class IngestEvent:
     limit_ids: tuple[str, ...]
     request_tags: tuple[str, ...]
     user: str
+    # The client gave `event_timestamp`. Without one, `event_time` is the arrival, replaced by
+    # the first arrival of the same event (`first_seen`) before it is recorded.
+    timed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +236,16 @@ def parse_event(
         http_status=int(status) or 200, notes=notes,
         limit_ids=tuple(dict.fromkeys(header_limits + limits)),
         request_tags=tuple(dict.fromkeys(header_tags + tags)), user=checked_user,
+        timed=doc.get("event_timestamp") not in (None, ""),
     )
+
+
+def first_seen(event: IngestEvent, first_ms: int) -> IngestEvent:
+    """An event without its own timestamp, at the time it was first received (a retry is
+    planned, and so recorded once, at the same time as the first attempt)."""
+    when = first_ms / 1000
+    return replace(event, event_time=when,
+                   event_timestamp=datetime.fromtimestamp(when, UTC).isoformat())
 
 
 def _merge(headers: Annotations, body: Annotations) -> Annotations:
@@ -241,7 +257,8 @@ def _merge(headers: Annotations, body: Annotations) -> Annotations:
 
 def event_id(key_id: str, doc: Mapping[str, object]) -> str:
     """The request id of a reported event: the same key reporting the same event (a retry
-    sends the same body) gets the same id, which the settle script records only once."""
+    sends the same body) gets the same id, which the settle script records only once (within
+    RETRY_WINDOW_S: events without a timestamp are planned at their first arrival for that)."""
     digest = hashlib.sha256(key_id.encode() + b"\0" + orjson.dumps(
         doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return "ingest-" + digest[:32]
@@ -332,6 +349,9 @@ def price_event(event: IngestEvent, key: KeyRecord, snapshot: Snapshot,
         key=key.name, group=key.group, user=user,
         tags=attribution.limit_tags(key.tags, key.allowed_request_tags, event.request_tags),
         model=model, ip="", requested_model=event.resource, namespace=key.namespace,
+        use_cases=attribution.limit_use_cases(key.allowed_use_cases, event.notes.use_case_name,
+                                              event.notes.use_case_id),
+        account=attribution.limit_account(key.allowed_accounts, event.notes.account_name),
     )
     named = tuple(qualify(ref, key.namespace) for ref in event.limit_ids)
     limits, unknown = applicable(snapshot.limits, subject, named)

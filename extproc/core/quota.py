@@ -75,6 +75,10 @@ class Selector:
     # Namespaces whose keys are covered; empty = every namespace. Limits from resources carry
     # their own namespace here unless they ask for more (`selector.namespaces`).
     namespaces: tuple[str, ...] = ()
+    # Use case (name or id) and account name the request says it is for (Pay-i annotations);
+    # the subject carries only the ones its key may use (core/attribution.py).
+    use_cases: tuple[str, ...] = ()
+    accounts: tuple[str, ...] = ()
 
     def matches(self, subject: Subject) -> bool:
         if self.namespaces and subject.namespace not in self.namespaces:
@@ -86,6 +90,10 @@ class Selector:
         if self.users and subject.user not in self.users:
             return False
         if self.tags and not set(self.tags) & set(subject.tags):
+            return False
+        if self.use_cases and not set(self.use_cases) & set(subject.use_cases):
+            return False
+        if self.accounts and subject.account not in self.accounts:
             return False
         return not self.models or any(
             fnmatch.fnmatchcase(subject.model, p)
@@ -132,6 +140,8 @@ class Subject:
     ip: str
     requested_model: str = ""  # the exact name asked for, when it differs from `model`
     namespace: str = "default"  # the key's namespace; `key` is its canonical id
+    use_cases: tuple[str, ...] = ()  # use case name and id, when the key may select by them
+    account: str = ""  # account name, when the key may select by it
 
 
 def scope_id(rate_limit: RateLimitSpec, subject: Subject) -> str:

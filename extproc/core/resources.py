@@ -219,6 +219,10 @@ def _virtual_key(f: _Fields) -> dict[str, Any]:
         # Request tags (`x-tollgate-tags`) that may select limits, as glob patterns; the key's
         # own `tags` always may. Other request tags are recorded, never matched.
         "allowedRequestTags": f.strings("allowedRequestTags"),
+        # Use cases (name or id) and account names requests may claim (Pay-i annotations) that
+        # may select limits, as glob patterns; others are recorded, never matched.
+        "allowedUseCases": f.strings("allowedUseCases"),
+        "allowedAccounts": f.strings("allowedAccounts"),
         # Upstream ids (globs) routing may send this key's calls through; empty = every one.
         "allowedUpstreams": f.strings("allowedUpstreams"),
     }
@@ -376,7 +380,7 @@ def _upstream(f: _Fields) -> dict[str, Any]:
     }
 
 
-_SELECTOR_FIELDS = ("keys", "groups", "users", "tags", "models")
+_SELECTOR_FIELDS = ("keys", "groups", "users", "tags", "models", "useCases", "accounts")
 
 
 def _selector(f: _Fields) -> dict[str, list[str]]:
@@ -717,6 +721,8 @@ class KeyRecord:
     allow_client_user: bool = False
     allowed_request_tags: tuple[str, ...] = ()
     namespace: str = DEFAULT_NAMESPACE
+    allowed_use_cases: tuple[str, ...] = ()
+    allowed_accounts: tuple[str, ...] = ()
     allowed_upstreams: tuple[str, ...] = ()  # Upstream id globs; empty = every Upstream
 
 
@@ -736,6 +742,8 @@ def key_record(resource: Resource) -> KeyRecord:
         allow_client_user=bool(s.get("allowClientUser", False)),
         allowed_request_tags=tuple(s.get("allowedRequestTags", ())),
         namespace=resource.namespace,
+        allowed_use_cases=tuple(s.get("allowedUseCases", ())),
+        allowed_accounts=tuple(s.get("allowedAccounts", ())),
         allowed_upstreams=tuple(s.get("allowedUpstreams", ())),
     )
 
@@ -847,6 +855,7 @@ def _selector_of(resource: Resource) -> Selector:
     sel = resource.spec.get("selector") or {}
     lists = {name: tuple(sel.get(name) or ()) for name in _SELECTOR_FIELDS}
     lists["keys"] = tuple(qualify(k, resource.namespace) for k in lists["keys"])
+    lists["use_cases"] = lists.pop("useCases")
     namespaces = tuple(sel.get("namespaces") or ())
     if not namespaces:
         namespaces = (resource.namespace,)

@@ -16,7 +16,16 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc.core.decisions import Deny
 from extproc.core.exchange import REQUEST_ID_HEADER, Exchange
-from extproc.core.ingest import Ingest, PricedEvent, error_body, event_result, iso, price_event
+from extproc.core.ingest import (
+    RETRY_WINDOW_S,
+    Ingest,
+    PricedEvent,
+    error_body,
+    event_result,
+    first_seen,
+    iso,
+    price_event,
+)
 from extproc.core.pricing import nanos_to_micros
 from extproc.core.quota import interpret_settlement
 from extproc.core.snapshot import Snapshot
@@ -51,6 +60,12 @@ def _event_bytes(p: PricedEvent, key_group: str, key_tags: tuple[str, ...], key_
     return raw
 
 
+def _unavailable() -> Deny:
+    return Deny(503, "limits_unavailable",
+                "Usage cannot be recorded right now (limit store unreachable); retry shortly "
+                "(a retried event is never counted twice).", headers=(("retry-after", "1"),))
+
+
 def _answer(status: int, doc: dict[str, object], exchange: Exchange, code: str
             ) -> ep.ProcessingResponse:
     return adapter.immediate_response(status, orjson.dumps(doc),
@@ -72,7 +87,20 @@ async def answer_ingest(quota: QuotaStore, exchange: Exchange, ingest: Ingest,
     received = time.time()
     results: list[dict[str, object]] = []
     refused = list(ingest.refused)
-    for index, event in enumerate(ingest.events):
+    events = list(ingest.events)
+    untimed = [i for i, e in enumerate(events) if not e.timed]
+    if untimed:
+        # Retries of an event without a timestamp are planned at its first arrival: the settle
+        # script then finds them for RETRY_WINDOW_S, not only within the hour they came in.
+        try:
+            firsts = await quota.first_seen([events[i].request_id for i in untimed],
+                                            int(received * 1000), RETRY_WINDOW_S * 1000)
+        except (StoreUnavailable, StoreRejected):
+            metrics.REDIS_ERRORS.labels("ingest").inc()
+            return refuse(exchange, _unavailable())
+        for i, first_ms in zip(untimed, firsts, strict=True):
+            events[i] = first_seen(events[i], first_ms)
+    for index, event in enumerate(events):
         priced = price_event(event, key, snapshot, hold_seconds)
         if isinstance(priced, Deny):
             if not ingest.bulk:
@@ -86,10 +114,7 @@ async def answer_ingest(quota: QuotaStore, exchange: Exchange, ingest: Ingest,
             reply = await quota.settle(call)
         except (StoreUnavailable, StoreRejected):
             metrics.REDIS_ERRORS.labels("ingest").inc()
-            return refuse(exchange, Deny(
-                503, "limits_unavailable",
-                "Usage cannot be recorded right now (limit store unreachable); retry shortly "
-                "(a retried event is never counted twice).", headers=(("retry-after", "1"),)))
+            return refuse(exchange, _unavailable())
         duplicate = reply[0] == 0
         if not duplicate:
             metrics.COST_NANOS.labels("ingest").inc(priced.cost.total_nanos)

@@ -3,6 +3,8 @@
   /healthz  200 while every worker process is alive (liveness)
   /readyz   200 when every worker has loaded a configuration and is not draining (readiness)
   /metrics  Prometheus text, summed over the workers (prometheus_client multiprocess mode)
+  /dashboard  spend, limits, rate-limit pressure, cooldowns; only with TOLLGATE_DASHBOARD=1
+            and an admin token (server/dashboard.py)
 
 Health is the AND of its parts, as in envoyproxy/ratelimit. A worker that dies is restarted.
 SIGTERM/SIGINT: forward SIGTERM to the workers, wait for them to drain, then exit.
@@ -49,7 +51,10 @@ class Supervisor:
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PROMETHEUS_MULTIPROC_DIR"] = str(self.prom_dir)
-        env[SETTINGS_ENV] = json.dumps(dataclasses.asdict(self.settings))
+        # Workers never serve the dashboard: they do not get its token.
+        env.pop("TOLLGATE_ADMIN_TOKEN", None)
+        env[SETTINGS_ENV] = json.dumps(dataclasses.asdict(
+            dataclasses.replace(self.settings, admin_token="")))
         return env
 
     async def _spawn(self, index: int) -> None:
@@ -113,6 +118,14 @@ class Supervisor:
                 if port_in_use(host, port)]
 
     async def run(self) -> int:
+        from extproc.server.dashboard import startup_problem
+
+        problem = startup_problem(self.settings)
+        if problem:
+            print(f"tollgate: error: {problem}", file=sys.stderr, flush=True)
+            if self.own_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            return 1
         busy = self.busy_ports()
         if busy:
             print(f"tollgate: error: {' and '.join(busy)} already in use; stop the other "
@@ -127,6 +140,10 @@ class Supervisor:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
+        if self.settings.dashboard:  # off: no route, nothing imported, nothing read
+            from extproc.server.dashboard import Dashboard
+
+            Dashboard(self.settings).add_routes(app)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)

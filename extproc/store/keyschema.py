@@ -46,6 +46,11 @@ class KeySchema:
         settle.lua. `hour` = unix ms // 3,600,000."""
         return f"{self.prefix}usage:h:{hour}"
 
+    def ingest_seen(self, request_id: str) -> str:
+        """STRING with TTL: unix ms an ingested event without its own timestamp was first
+        received (first_seen.lua); its retries are planned at that time."""
+        return f"{self.prefix}ingestseen:{request_id}"
+
     @property
     def operator_lease(self) -> str:
         """STRING with TTL: id of the operator replica allowed to write configuration."""

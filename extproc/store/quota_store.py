@@ -180,6 +180,7 @@ class QuotaStore:
         self._cooldown = client.register_script(_lua("cooldown.lua"))
         self._migrate = client.register_script(_lua("migrate.lua"))
         self._retry_pick = client.register_script(_lua("retry_pick.lua"))
+        self._first_seen = client.register_script(_lua("first_seen.lua"))
 
     async def _run(
         self, script: Any, keys: list[str], args: list[Any], background: bool = False
@@ -358,6 +359,13 @@ class QuotaStore:
             args += [cred.rpm or 0, cred.tpm or 0]
         reply = await self._run(self._retry_pick, keys, args)
         return int(reply[0]) - 1
+
+    async def first_seen(self, request_ids: list[str], now_ms: int, ttl_ms: int) -> list[int]:
+        """When each ingested event (by request id) was first received, unix ms; records `now_ms`
+        for those seen for the first time (kept `ttl_ms`). One round trip."""
+        keys = [self.keys.ingest_seen(rid) for rid in request_ids]
+        reply = await self._run(self._first_seen, keys, [now_ms, ttl_ms])
+        return [int(v) for v in reply]
 
     def _wire(self, call: SettleCall) -> tuple[list[str], list[bytes]]:
         """Keys and arguments of a settle call, with its hourly rollup (store/rollup.py) added

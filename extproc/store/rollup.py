@@ -18,12 +18,15 @@ write; the raw stream keeps its own (length) limit.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from extproc.core.pricing import format_nanos
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.store.keyschema import KeySchema
 
@@ -125,3 +128,78 @@ def aggregate(hashes: Iterable[dict[bytes, bytes]], by: Sequence[str]) -> Report
     for group, (cost, requests, tin, tout) in sums.items():
         report.groups[group] = Totals(cost, requests, tin, tout)
     return report
+
+
+# ---- report options and rows (`tollgate usage --by ...` and the dashboard) ---------------
+
+# A report never reads more than this many hourly hashes (about 3 years).
+MAX_HOURS = 27_000
+_UNITS = {"h": HOUR_MS, "d": 24 * HOUR_MS, "w": 7 * 24 * HOUR_MS}
+_ALIASES = {"use-case": "use_case", "usecase": "use_case", "tags": "tag", "limits": "limit",
+            "keys": "key", "users": "user", "groups": "group", "models": "model",
+            "upstreams": "upstream"}
+
+
+class ReportError(ValueError):
+    """A bad report option (the CLI turns it into a usage error, the dashboard into a 400)."""
+
+
+def parse_by(value: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    names = [_ALIASES.get(n.strip().lower(), n.strip().lower()) for n in value.split(",")
+             if n.strip()]
+    for name in names:
+        if name not in DIMENSIONS:
+            raise ReportError(f"--by: unknown dimension {name!r} (one or more of "
+                              f"{', '.join(DIMENSIONS)})")
+    if len(set(names)) != len(names):
+        raise ReportError("--by: a dimension is named twice")
+    return tuple(names)
+
+
+def parse_time(value: str, flag: str) -> int:
+    """An ISO 8601 date or date-time (UTC unless it says otherwise) as unix ms."""
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ReportError(f"{flag}: {value!r} is not an ISO 8601 date or time "
+                          "(e.g. 2026-12-01 or 2026-12-01T08:00Z)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def hours_of(since: str | None, from_: str | None, to: str | None, now_ms: int
+             ) -> tuple[int, int]:
+    """First and last hour (inclusive, unix ms // HOUR_MS) of a report given the way
+    `tollgate usage` takes it (`--since`, `--from`, `--to`; the dashboard asks the same way)."""
+    if since and from_:
+        raise ReportError("--since and --from cannot be combined")
+    end_ms = parse_time(to, "--to") if to else now_ms
+    if since:
+        match = re.fullmatch(r"(\d+)([hdw])", since.strip())
+        if not match or int(match.group(1)) == 0:
+            raise ReportError(f"--since: {since!r} is not a duration like 24h, 7d or 4w")
+        start_ms = end_ms - int(match.group(1)) * _UNITS[match.group(2)]
+    elif from_:
+        start_ms = parse_time(from_, "--from")
+    else:
+        start_ms = end_ms - 7 * 24 * HOUR_MS  # a week unless told otherwise
+    if start_ms >= end_ms:
+        raise ReportError("the report's start is not before its end")
+    first, last = start_ms // HOUR_MS, (end_ms - 1) // HOUR_MS
+    if last - first + 1 > MAX_HOURS:
+        raise ReportError(f"the range spans more than {MAX_HOURS} hours")
+    return first, last
+
+
+def documents(report: Report) -> list[dict[str, Any]]:
+    rows = sorted(report.groups.items(), key=lambda kv: (-kv[1].cost_nanos, kv[0]))
+    return [
+        {**dict(zip(report.by, group, strict=True)),
+         "requests": t.requests, "cost_usd": format_nanos(t.cost_nanos),
+         "cost_nanos": t.cost_nanos, "input_tokens": t.input_tokens,
+         "output_tokens": t.output_tokens, "tokens": t.tokens}
+        for group, t in rows
+    ]

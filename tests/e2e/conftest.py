@@ -26,6 +26,7 @@ ANTHROPIC_UPSTREAM_KEY = "sk-upstream-anthropic-e2e"
 AZURE_UPSTREAM_KEY = "azure-upstream-e2e"
 GEMINI_UPSTREAM_KEY = "gemini-upstream-e2e"
 SECOND_UPSTREAM_KEY = "sk-second-e2e"
+ADMIN_TOKEN = "e2e-admin-token-0123456789abcdef"  # test_dashboard: the dashboard's token
 # A virtual key of a second (inner) Tollgate, the credential an outer one chains with
 # (test_base_url.py); in the outer gateway's environment as INNER_GATEWAY_KEY.
 INNER_GATEWAY_KEY = "tg-" + "inner" * 8 + "abc"
@@ -49,6 +50,9 @@ def e2e_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         TOLLGATE_DENIED_MODELS="o1-pro*",  # test_routing: the global deny list
         # test_bodylog_file: the opt-in body log's JSON-lines file (one per worker)
         TOLLGATE_BODY_LOG_FILE=str(tmp_path_factory.mktemp("bodylog") / "bodylog.jsonl"),
+        # test_dashboard: the built-in dashboard on the HTTP port, behind its admin token
+        TOLLGATE_DASHBOARD="1",
+        TOLLGATE_ADMIN_TOKEN=ADMIN_TOKEN,
     )
     return env
 

@@ -508,3 +508,67 @@ def test_spend_metrics_by_key_model_and_upstream(stack: Stack, payi_key: Setup) 
     assert spend("openai") == before_proxy + cost
     assert spend("ingest") == pytest.approx(
         before_ingest + result.xproxy_result.cost.total.base * 1e9)
+
+
+def test_use_case_and_account_select_limits_only_for_keys_allowed_to(
+    stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]
+) -> None:
+    """`useCases` / `accounts` selectors, reached through the SDK's own headers
+    (`create_headers`), the `x-tollgate-*` twins and the ingest API; a key without
+    `allowedUseCases` / `allowedAccounts` naming the same use case spends nothing of it."""
+    tag = uuid.uuid4().hex[:6]
+    _, delegate = new_named_key("--allowed-use-cases", f"summarise-{tag}*",
+                                "--allowed-accounts", f"acme-{tag}")
+    _, stranger = new_named_key()
+    uc_limit, acct_limit = f"uc-{tag}", f"acct-{tag}"
+    apply(cli, f"""apiVersion: tollgate.io/v1alpha1
+kind: Limit
+metadata: {{name: {uc_limit}}}
+spec: {{type: Block, max: 5, selector: {{useCases: [summarise-{tag}]}}}}
+---
+apiVersion: tollgate.io/v1alpha1
+kind: Limit
+metadata: {{name: {acct_limit}}}
+spec: {{type: Allow, max: 5, selector: {{accounts: [acme-{tag}]}}}}
+""")
+    claims = create_headers(use_case_name=f"summarise-{tag}", account_name=f"acme-{tag}")
+
+    def call(key: str, headers: dict[str, str]) -> Any:
+        client = openai.OpenAI(api_key=CLIENT_PROVIDER_KEY, max_retries=0,
+                               base_url=payi_openai_url(stack.base_url),
+                               default_headers={"xProxy-api-key": key})
+        return client.chat.completions.with_raw_response.create(
+            **chat_body(max_tokens=5), extra_headers=headers)
+
+    deadline = time.monotonic() + 6  # until both workers have the limits
+    while set(call(delegate, claims).parse().model_extra["xproxy_result"]["limits"]) != {
+            uc_limit, acct_limit}:
+        assert time.monotonic() < deadline, "the limits never selected the allowed key"
+        time.sleep(0.1)
+    uc_spent, acct_spent = limit_spent(cli, uc_limit), limit_spent(cli, acct_limit)
+    assert uc_spent > 0 and acct_spent > 0
+
+    # The stranger's claim is recorded (result object) but selects nothing.
+    raw = call(stranger, claims)
+    result = raw.parse().model_extra["xproxy_result"]
+    assert result["use_case_name"] == f"summarise-{tag}" and result["account_name"] == f"acme-{tag}"
+    assert result["limits"] == {} and "x-tollgate-limits" not in raw.headers
+    assert (limit_spent(cli, uc_limit), limit_spent(cli, acct_limit)) == (uc_spent, acct_spent)
+
+    # The Tollgate twins, and the use case id: `summarise-<tag>` as an id selects too.
+    raw = call(delegate, {"x-tollgate-use-case-id": f"summarise-{tag}"})
+    assert set(raw.parse().model_extra["xproxy_result"]["limits"]) == {uc_limit}
+    # A use case outside the key's patterns selects nothing, even for the delegate.
+    raw = call(delegate, {"x-tollgate-use-case-name": "translate",
+                          "x-tollgate-account-name": "globex"})
+    assert raw.parse().model_extra["xproxy_result"]["limits"] == {}
+
+    # Telemetry-only mode: an ingested call is charged by the same selectors.
+    from payi import Payi
+    before = limit_spent(cli, uc_limit)
+    for key, selected in ((delegate, True), (stranger, False)):
+        response = Payi(api_key=key, base_url=stack.base_url, max_retries=0).ingest.units(
+            category="system.openai", resource="gpt-4o",
+            units={"text": {"input": 1000, "output": 100}}, use_case_name=f"summarise-{tag}")
+        assert (uc_limit in (response.xproxy_result.limits or {})) is selected
+    assert limit_spent(cli, uc_limit) == pytest.approx(before + 3.5e-3, abs=1e-9)

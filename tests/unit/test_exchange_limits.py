@@ -53,6 +53,7 @@ OPEN = "tg-" + "o" * 43  # a Block limit that fails open
 FREE = "tg-" + "f" * 43  # nothing applies
 NAMER = "tg-" + "n" * 43  # may name limits in x-tollgate-limit-ids
 TAGGER = "tg-" + "t" * 43  # may select limits with request tags team-*
+CASEY = "tg-" + "k" * 43  # may select limits with use cases summarise* and account acme
 PROXY = "tg-" + "p" * 43  # a backend naming its end users (allowClientUser)
 USERED = "tg-" + "u" * 43  # a key with a user, under a per-user rate limit
 
@@ -78,6 +79,15 @@ STORED = [
                                       "allowRequestLimits": True}),
     _resource("VirtualKey", "tagger", {"keySha256": hash_key(TAGGER),
                                        "allowedRequestTags": ["team-*"]}),
+    _resource("VirtualKey", "casey", {"keySha256": hash_key(CASEY),
+                                      "allowedUseCases": ["summarise*"],
+                                      "allowedAccounts": ["acme"]}),
+    _resource("Limit", "summaries", {"type": "Block", "max": 3,
+                                     "selector": {"useCases": ["summarise"]}}),
+    _resource("Limit", "acme-monthly", {"type": "Allow", "max": 3, "period": "month",
+                                        "selector": {"accounts": ["acme"]}}),
+    _resource("RateLimit", "per-use-case", {"per": "key", "requestsPerMinute": 9,
+                                            "selector": {"useCases": ["summarise-v2"]}}),
     _resource("VirtualKey", "proxy", {"keySha256": hash_key(PROXY), "user": "svc",
                                       "allowClientUser": True}),
     _resource("VirtualKey", "usered", {"keySha256": hash_key(USERED), "user": "bob"}),
@@ -302,6 +312,37 @@ def test_request_tags_bring_limits_in_only_for_keys_allowed_to_use_them(
                               extra={"x-tollgate-tags": "team-a, other"})
     assert not isinstance(decision, Reserve)
     assert exchange.request_tags == ("team-a", "other")
+
+
+@pytest.mark.parametrize(
+    ("key", "headers", "limits", "rate_limits"),
+    [
+        (CASEY, {"xproxy-usecase-name": "summarise"}, ["summaries"], set()),
+        (CASEY, {"x-tollgate-use-case-id": "summarise"}, ["summaries"], set()),  # the id too
+        (CASEY, {"xproxy-account-name": "acme"}, ["acme-monthly"], set()),
+        (CASEY, {"x-tollgate-use-case-name": "summarise-v2", "xproxy-usecase-id": "summarise",
+                 "x-tollgate-account-name": "acme"},
+         ["acme-monthly", "summaries"], {"per-use-case"}),
+        (CASEY, {"xproxy-usecase-name": "translate", "xproxy-account-name": "globex"}, [],
+         set()),  # not among the key's allowed patterns: recorded, selects nothing
+        (FREE, {"xproxy-usecase-name": "summarise", "xproxy-account-name": "acme"}, [],
+         set()),  # a key without the permission cannot reach those budgets
+    ],
+)
+def test_use_case_and_account_select_limits_only_as_the_key_allows(
+    snapshot: Snapshot, key: str, headers: dict[str, str], limits: list[str],
+    rate_limits: set[str],
+) -> None:
+    exchange, decision = send(snapshot, key, chat(max_tokens=100), extra=headers)
+    if not limits and not rate_limits:
+        assert not isinstance(decision, Reserve)
+    else:
+        assert isinstance(decision, Reserve)
+        assert [c.limit.name for c in decision.plan.limits] == limits
+        assert {w.rate_limit for w in decision.plan.windows} == rate_limits
+    # Recorded either way (usage event, reports, xproxy_result).
+    claimed = exchange.annotations
+    assert (claimed.use_case_name or claimed.use_case_id or claimed.account_name)
 
 
 @pytest.mark.parametrize(

@@ -83,3 +83,16 @@ def test_bulk_keeps_good_events_and_lists_bad_ones() -> None:
                             NO_ANNOTATIONS, (), (), "")
     assert isinstance(too_many, Deny)
     assert isinstance(parse_ingest(b"{}", True, "k", NOW, NO_ANNOTATIONS, (), (), ""), Deny)
+
+
+def test_an_event_without_a_timestamp_is_recorded_at_its_first_arrival() -> None:
+    from extproc.core.ingest import first_seen
+
+    late = parse_event(GOOD, "k", NOW + 5 * 3600)  # a retry, five hours after the first try
+    assert isinstance(late, IngestEvent) and not late.timed
+    at_first = first_seen(late, int(NOW * 1000))
+    assert at_first.event_time == NOW
+    assert at_first.event_timestamp == parse_event(GOOD, "k", NOW).event_timestamp  # type: ignore[union-attr]
+    assert at_first.request_id == late.request_id
+    timed = parse_event({**GOOD, "event_timestamp": "2026-11-29T08:00:00Z"}, "k", NOW)
+    assert isinstance(timed, IngestEvent) and timed.timed
