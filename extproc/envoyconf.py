@@ -478,45 +478,11 @@ def _per_try_filter() -> dict[str, Any]:
             "response_trailer_mode": "SKIP",
         },
     }
-    skip_first_try = {
-        "matcher_list": {
-            "matchers": [
-                {
-                    # Skipped unless the attempt count says 2 or more: also when the header
-                    # is absent (a route without `include_request_attempt_count`).
-                    "predicate": {"not_matcher": {
-                        "single_predicate": {
-                            "input": {
-                                "name": "attempt",
-                                "typed_config": {
-                                    "@type": _type_url(
-                                        "envoy.type.matcher.v3.HttpRequestHeaderMatchInput"),
-                                    "header_name": "x-envoy-attempt-count",
-                                },
-                            },
-                            "value_match": {"safe_regex": {"google_re2": {},
-                                                           "regex": "[2-9]|[1-9][0-9]+"}},
-                        }
-                    }},
-                    "on_match": {
-                        "action": {
-                            "name": "skip",
-                            "typed_config": {"@type": _type_url(
-                                "envoy.extensions.filters.common.matcher.action.v3.SkipFilter")},
-                        }
-                    },
-                }
-            ]
-        }
-    }
-    return {
-        "name": "envoy.filters.http.match_delegate",
-        "typed_config": {
-            "@type": _type_url("envoy.extensions.common.matching.v3.ExtensionWithMatcher"),
-            "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
-            "xds_matcher": skip_first_try,
-        },
-    }
+    # Skipped unless the attempt count says 2 or more: also when the header is absent (a route
+    # without `include_request_attempt_count`).
+    return _skipped_unless(ext_proc, "envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                           "x-envoy-attempt-count", "[2-9]|[1-9][0-9]+", skip_on_match=False,
+                           label="attempt")
 
 
 def _failed_try_filter() -> dict[str, Any]:
@@ -546,40 +512,30 @@ def _failed_try_filter() -> dict[str, Any]:
             "response_trailer_mode": "SKIP",
         },
     }
-    skip_success = {
-        "matcher_list": {
-            "matchers": [
-                {
-                    "predicate": {
-                        "single_predicate": {
-                            "input": {
-                                "name": "status",
-                                "typed_config": {
-                                    "@type": _type_url(
-                                        "envoy.type.matcher.v3.HttpResponseHeaderMatchInput"),
-                                    "header_name": ":status",
-                                },
-                            },
-                            "value_match": {"safe_regex": {"google_re2": {}, "regex": "[123].."}},
-                        }
-                    },
-                    "on_match": {
-                        "action": {
-                            "name": "skip",
-                            "typed_config": {"@type": _type_url(
-                                "envoy.extensions.filters.common.matcher.action.v3.SkipFilter")},
-                        }
-                    },
-                }
-            ]
-        }
-    }
+    return _skipped_unless(ext_proc, "envoy.type.matcher.v3.HttpResponseHeaderMatchInput",
+                           ":status", "[123]..", skip_on_match=True, label="status")
+
+
+def _skipped_unless(ext_proc: dict[str, Any], input_type: str, header: str, regex: str,
+                    skip_on_match: bool, label: str) -> dict[str, Any]:
+    """`ext_proc` wrapped in `match_delegate`: skipped (no gRPC stream opened) when `header`
+    matches `regex` (`skip_on_match`) or when it does not."""
+    predicate: dict[str, Any] = {"single_predicate": {
+        "input": {"name": label,
+                  "typed_config": {"@type": _type_url(input_type), "header_name": header}},
+        "value_match": {"safe_regex": {"google_re2": {}, "regex": regex}},
+    }}
+    if not skip_on_match:
+        predicate = {"not_matcher": predicate}
+    skip = {"name": "skip", "typed_config": {"@type": _type_url(
+        "envoy.extensions.filters.common.matcher.action.v3.SkipFilter")}}
     return {
         "name": "envoy.filters.http.match_delegate",
         "typed_config": {
             "@type": _type_url("envoy.extensions.common.matching.v3.ExtensionWithMatcher"),
             "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
-            "xds_matcher": skip_success,
+            "xds_matcher": {"matcher_list": {"matchers": [
+                {"predicate": predicate, "on_match": {"action": skip}}]}},
         },
     }
 

@@ -104,6 +104,20 @@ def settled(cli: CliRunner, limit: str, expected: Decimal) -> tuple[Decimal, Dec
         time.sleep(0.2)
 
 
+def routed_pool(stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]],
+                second_upstream: int, prefix: str
+                ) -> tuple[str, str, openai.OpenAI, Decimal]:
+    """A pool Upstream (see `pool`), a tracked key, an SDK client (no SDK retries) once calls
+    reach the pool, and the key's limit's spend before the test's own calls.
+    Returns (model, limit, client, spent before)."""
+    _, model = pool(cli, prefix)
+    key, limit = tracked_key(cli, new_named_key)
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+    wait_routed(client, model, second_upstream)
+    spent_before, _ = settled(cli, limit, spent_and_held(cli, limit)[0])
+    return model, limit, client, spent_before
+
+
 def usage_events(e2e_env: dict[str, str], redis_url: str,
                  request_ids: set[str]) -> list[usage_pb2.UsageEvent]:
     client = redis.Redis.from_url(redis_url)
@@ -183,11 +197,8 @@ def test_a_5xx_is_retried_on_the_next_credential(
     stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]],
     second_upstream: int, faults: Any,
 ) -> None:
-    _, model = pool(cli, "r5xx")
-    key, limit = tracked_key(cli, new_named_key)
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
-    wait_routed(client, model, second_upstream)
-    spent_before, _ = settled(cli, limit, spent_and_held(cli, limit)[0])
+    model, limit, client, spent_before = routed_pool(stack, cli, new_named_key,
+                                                     second_upstream, "r5xx")
     fault(second_upstream, FIRST, 503, count=1)
     raw = client.chat.completions.with_raw_response.create(**chat_body(model, max_tokens=5))
     assert raw.parse().choices[0].message.content
@@ -201,11 +212,8 @@ def test_a_stream_is_retried_before_its_first_byte(
     stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]],
     second_upstream: int, faults: Any,
 ) -> None:
-    _, model = pool(cli, "rsse")
-    key, limit = tracked_key(cli, new_named_key)
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
-    wait_routed(client, model, second_upstream)
-    spent_before, _ = settled(cli, limit, spent_and_held(cli, limit)[0])
+    model, limit, client, spent_before = routed_pool(stack, cli, new_named_key,
+                                                     second_upstream, "rsse")
     fault(second_upstream, FIRST, 429, count=1)
     stream = client.chat.completions.create(**chat_body(model), stream=True,
                                             stream_options={"include_usage": True})
@@ -225,11 +233,8 @@ def test_when_every_credential_fails_the_providers_error_reaches_the_client(
     stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]],
     second_upstream: int, faults: Any,
 ) -> None:
-    _, model = pool(cli, "rall")
-    key, limit = tracked_key(cli, new_named_key)
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
-    wait_routed(client, model, second_upstream)
-    spent_before, _ = settled(cli, limit, spent_and_held(cli, limit)[0])
+    model, limit, client, spent_before = routed_pool(stack, cli, new_named_key,
+                                                     second_upstream, "rall")
     fault(second_upstream, FIRST, 429)
     fault(second_upstream, SECOND, 429)
     with pytest.raises(openai.RateLimitError) as refused:
