@@ -46,6 +46,7 @@ import redis as redis_sync
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.server.test_observability import _headers  # the messages Envoy sends
 
 BODY = orjson.dumps({"model": "gpt-4o-mini", "max_tokens": 16,
                      "messages": [{"role": "user", "content": "Say hello"}]})
@@ -54,15 +55,6 @@ ANSWER = orjson.dumps({
     "choices": [{"index": 0, "finish_reason": "stop",
                  "message": {"role": "assistant", "content": "Hello!"}}],
     "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}})
-
-
-def _headers(pairs: dict[str, str]) -> ep.HttpHeaders:
-    from envoy.config.core.v3 import base_pb2
-
-    message = ep.HttpHeaders()
-    for name, value in pairs.items():
-        message.headers.headers.append(base_pb2.HeaderValue(key=name, raw_value=value.encode()))
-    return message
 
 
 def _doc(kind: str, name: str, spec: dict[str, object]) -> dict[str, object]:
