@@ -668,6 +668,10 @@ def _local_reply_config() -> dict[str, Any]:
         }
         unknown: dict[str, Any] = {
             "filter": _cel(condition),
+            # The same id in the header as in the body: the extproc may have seen the request
+            # by the time the reply passes its response phase, and keeps this id then.
+            "headers_to_add": [{"header": {"key": REQUEST_ID_HEADER, "value": "%STREAM_ID%"},
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
             "body_format_override": _error_body(error_type, code, message, "%STREAM_ID%"),
         }
         if status:

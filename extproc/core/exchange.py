@@ -1011,6 +1011,11 @@ class Exchange:
         status = headers.get(":status", "0")
         self.status = int(status) if status.isdigit() else 0
         sets: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, self.request_id),)
+        if self.facts is None and REQUEST_ID_HEADER in headers:
+            # Envoy's own error reply for a request Tollgate had not yet named when Envoy
+            # answered (envoyconf's local reply mappers): its body and header carry Envoy's id;
+            # the header stays as it is, so the two agree.
+            sets = ()
         if self.reservation is not None:
             sets += rate_limit_headers(self.reservation.windows)
         if self.clamped is not None:

@@ -221,6 +221,12 @@ def test_local_replies_keep_own_json_and_wrap_envoys() -> None:
         error = mapper["body_format_override"]["json_format"]["error"]
         assert set(error) == {"message", "type", "code", "details", "request_id"}
     assert rest[-1]["filter"]["extension_filter"]["typed_config"]["expression"] == "true"
+    # Body and header name the same request: Tollgate's id once it named the request, else
+    # Envoy's stream id in both (the extproc keeps that header, see test_exchange).
+    for mapper in rest:
+        body_id = mapper["body_format_override"]["json_format"]["error"]["request_id"]
+        (header,) = [h["header"] for h in mapper["headers_to_add"]]
+        assert header == {"key": "x-tollgate-request-id", "value": body_id}
     # The bypass listener (benchmark baseline) stays plain Envoy.
     assert "local_reply_config" not in _hcm(_listener(envoyconf.render_bootstrap(
         clusters=envoyconf.mock_clusters("127.0.0.1", 18080), bypass_port=18003,

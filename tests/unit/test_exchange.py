@@ -832,3 +832,16 @@ def test_models_lists_what_routing_reaches_for_the_key(
                                                              key=key))
     ids = _model_ids(reply)
     assert ids and all(i.startswith("claude-") for i in ids)
+
+
+def test_envoys_own_error_keeps_the_request_id_its_body_names(snapshot: Snapshot) -> None:
+    """Envoy answered (e.g. a 413 from its buffer limit) while the request headers were still at
+    the extproc: the reply's body and header carry Envoy's stream id, and the extproc's
+    response phase leaves that header, so the client reads one id."""
+    exchange, _ = open_exchange(snapshot, request_headers())
+    reply = exchange.on_response_headers({":status": "413", "content-type": "application/json",
+                                          "x-tollgate-request-id": "envoy-stream-7"})
+    assert "x-tollgate-request-id" not in dict(reply.headers.set)
+    # A reply without one (Envoy's route 404) gets Tollgate's id, as before.
+    reply = exchange.on_response_headers({":status": "404"})
+    assert dict(reply.headers.set)["x-tollgate-request-id"] == REQUEST_ID
