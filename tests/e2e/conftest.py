@@ -3,6 +3,7 @@ session in that order (extproc.launch, the same code `tollgate up` runs), stoppe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,8 +18,17 @@ import httpx
 import pytest
 import redis
 
+from extproc import envoyconf
 from extproc.envoyconf import ClusterSpec
-from extproc.launch import Stack, free_port, start_mock_upstream, start_stack
+from extproc.launch import (
+    Managed,
+    Stack,
+    free_port,
+    start_envoy,
+    start_extproc,
+    start_mock_upstream,
+    start_stack,
+)
 from extproc.store.keyschema import KeySchema
 
 OPENAI_UPSTREAM_KEY = "sk-upstream-openai-e2e"
@@ -191,3 +201,26 @@ def clear_upstream(stack: Stack) -> None:
 
 
 DATA = Path(__file__).parent.parent / "data"
+
+
+@contextlib.contextmanager
+def replica(stack: Stack, env: dict[str, str], tmp_path: Path, clusters: list[ClusterSpec],
+            edit: Callable[[dict[str, Any]], None] | None = None) -> Iterator[tuple[str, int]]:
+    """Another extproc (one worker, `env`) + Envoy pair on the stack's Redis: a second replica of
+    the sidecar, with the fake OpenAI/Anthropic clusters plus `clusters`; `edit` may change the
+    generated Envoy configuration first. Yields (base URL, Envoy admin port); stops both by PID."""
+    procs: list[Managed] = []
+    try:
+        extproc, ports = start_extproc(tmp_path, stack.redis_url, 1, env)
+        procs.append(extproc)
+        admin, port = free_port(), free_port()
+        config = envoyconf.render_bootstrap(
+            clusters=[*envoyconf.mock_clusters("127.0.0.1", stack.mock_port or 0), *clusters],
+            listen_port=port, admin_port=admin, extproc_port=ports.grpc)
+        if edit is not None:
+            edit(config)
+        procs.append(start_envoy(tmp_path, config, admin, concurrency=1))
+        yield f"http://127.0.0.1:{port}", admin
+    finally:
+        for proc in reversed(procs):
+            proc.stop()

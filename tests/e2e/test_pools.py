@@ -18,8 +18,8 @@ import openai
 import pytest
 
 from extproc import envoyconf
-from extproc.launch import Managed, Stack, free_port, start_envoy, start_extproc
-from tests.e2e.conftest import CliRunner, chat_body, clear_upstream, upstream_requests
+from extproc.launch import Stack
+from tests.e2e.conftest import CliRunner, chat_body, clear_upstream, replica, upstream_requests
 
 pytestmark = pytest.mark.e2e
 
@@ -100,20 +100,9 @@ def second_gateway(
     stack: Stack, e2e_env: dict[str, str], tmp_path: Path, second_upstream: int
 ) -> Iterator[str]:
     """Another extproc + Envoy pair on the same Redis: a second replica of the sidecar."""
-    procs: list[Managed] = []
-    try:
-        extproc, ports = start_extproc(tmp_path, stack.redis_url, 1, e2e_env)
-        procs.append(extproc)
-        admin, port = free_port(), free_port()
-        clusters = [*envoyconf.mock_clusters("127.0.0.1", stack.mock_port or 0),
-                    envoyconf.ClusterSpec("second", "127.0.0.1", second_upstream)]
-        config = envoyconf.render_bootstrap(clusters=clusters, listen_port=port,
-                                            admin_port=admin, extproc_port=ports.grpc)
-        procs.append(start_envoy(tmp_path, config, admin, concurrency=1))
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
+    with replica(stack, e2e_env, tmp_path,
+                 [envoyconf.ClusterSpec("second", "127.0.0.1", second_upstream)]) as (url, _):
+        yield url
 
 
 def test_cooldown_is_shared_by_every_replica(

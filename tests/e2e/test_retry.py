@@ -24,9 +24,9 @@ import redis
 
 from extproc import envoyconf
 from extproc.gen.tollgate.v1 import usage_pb2
-from extproc.launch import Managed, Stack, free_port, start_envoy, start_extproc
+from extproc.launch import Stack, free_port
 from extproc.store.keyschema import KeySchema
-from tests.e2e.conftest import CliRunner, chat_body, spent_and_held
+from tests.e2e.conftest import CliRunner, chat_body, replica, spent_and_held
 from tests.e2e.test_pools import (  # noqa: F401 (a fixture)
     clear_second,
     keys_used,
@@ -253,21 +253,9 @@ def impatient_gateway(
     stack: Stack, e2e_env: dict[str, str], tmp_path: Path, second_upstream: int
 ) -> Iterator[str]:
     """A replica whose retry deadline has always passed (TOLLGATE_RETRY_DEADLINE_MS=0)."""
-    procs: list[Managed] = []
-    try:
-        extproc, ports = start_extproc(tmp_path, stack.redis_url, 1,
-                                       {**e2e_env, "TOLLGATE_RETRY_DEADLINE_MS": "0"})
-        procs.append(extproc)
-        admin, port = free_port(), free_port()
-        clusters = [*envoyconf.mock_clusters("127.0.0.1", stack.mock_port or 0),
-                    envoyconf.ClusterSpec("second", "127.0.0.1", second_upstream)]
-        config = envoyconf.render_bootstrap(clusters=clusters, listen_port=port,
-                                            admin_port=admin, extproc_port=ports.grpc)
-        procs.append(start_envoy(tmp_path, config, admin, concurrency=1))
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
+    with replica(stack, {**e2e_env, "TOLLGATE_RETRY_DEADLINE_MS": "0"}, tmp_path,
+                 [envoyconf.ClusterSpec("second", "127.0.0.1", second_upstream)]) as (url, _):
+        yield url
 
 
 def test_no_retry_starts_after_the_deadline(
@@ -297,25 +285,18 @@ def flaky_gateway(
 ) -> Iterator[tuple[str, int]]:
     """A replica with a cluster `flaky` of two endpoints: a closed port and the second fake
     provider. Yields (base URL, Envoy admin port)."""
-    procs: list[Managed] = []
-    try:
-        extproc, ports = start_extproc(tmp_path, stack.redis_url, 1, e2e_env)
-        procs.append(extproc)
-        admin, port, closed = free_port(), free_port(), free_port()  # nothing listens on closed
-        clusters = [*envoyconf.mock_clusters("127.0.0.1", stack.mock_port or 0),
-                    envoyconf.ClusterSpec("flaky", "127.0.0.1", closed)]
-        config = envoyconf.render_bootstrap(clusters=clusters, listen_port=port,
-                                            admin_port=admin, extproc_port=ports.grpc)
+    closed = free_port()  # nothing listens there
+
+    def add_live_endpoint(config: dict[str, Any]) -> None:
         flaky = next(c for c in config["static_resources"]["clusters"] if c["name"] == "flaky")
         flaky["connect_timeout"] = "1s"
         endpoints = flaky["load_assignment"]["endpoints"][0]["lb_endpoints"]
         endpoints.append({"endpoint": {"address": {"socket_address": {
             "address": "127.0.0.1", "port_value": second_upstream}}}})
-        procs.append(start_envoy(tmp_path, config, admin, concurrency=1))
-        yield f"http://127.0.0.1:{port}", admin
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
+
+    with replica(stack, e2e_env, tmp_path, [envoyconf.ClusterSpec("flaky", "127.0.0.1", closed)],
+                 add_live_endpoint) as gateway:
+        yield gateway
 
 
 def envoy_counter(admin: int, name: str) -> int:
