@@ -14,6 +14,7 @@ from typing import Any
 import hiredis
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from extproc.core.resources import KINDS, Resource, ResourceError, split_id, validate_document
@@ -30,12 +31,10 @@ class StoreRejected(Exception):
     """Redis answered with an error for this call (e.g. a script error): retrying will not help."""
 
 
-# What a Redis call raises when Redis is down, slow or its connection breaks. redis-py 8.1
-# (redis/redis-py#4287, and seen here on a Cluster under load: a node's connections torn down by a
-# timeout while other commands were mid-handshake) can leak the transport's own TypeError or
-# AttributeError instead of a ConnectionError; without them here such a request became a 500
-# "bug" instead of Redis-unavailable handling (fail open/closed, journal, circuit breaker).
-REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError, TypeError, AttributeError)
+# What a Redis call raises when Redis is down, slow or its connection breaks. (A transport error
+# redis-py leaks raw is turned into a ConnectionError by the connections themselves:
+# `_TransportErrors` below.)
+REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError)
 
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
@@ -60,6 +59,13 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> aioredis.R
             socket_connect_timeout=timeout_s,
             max_connections=max(1024, max_connections),
         )
+        # Connections the cluster client opens (to the startup nodes and to those it discovers)
+        # are of this class.
+        manager = cluster.nodes_manager
+        wrapped = _with_transport_errors(manager.connection_kwargs["connection_class"])
+        manager.connection_kwargs["connection_class"] = wrapped
+        for node in manager.startup_nodes.values():
+            node.connection_class = wrapped
         return cluster  # type: ignore[return-value]  # same command surface for our use
     # A blocking pool: under a burst, calls wait (up to the timeout) for a free connection
     # instead of failing with "Too many connections".
@@ -73,8 +79,28 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> aioredis.R
     )
     # The scheme chose the class (TCP, TLS, unix socket): the same one, packing with hiredis.
     base = pool.connection_class
-    pool.connection_class = type(f"Packed{base.__name__}", (_HiredisPacking, base), {})
+    pool.connection_class = type(f"Packed{base.__name__}",
+                                 (_HiredisPacking, _with_transport_errors(base)), {})
     return aioredis.Redis(connection_pool=pool)
+
+
+def _with_transport_errors(base: type[Any]) -> type[Any]:
+    return type(f"Checked{base.__name__}", (_TransportErrors, base), {})
+
+
+class _TransportErrors:
+    """redis-py 8.1 can leak the transport's own TypeError or AttributeError when it writes on a
+    connection torn down under it (redis/redis-py#4287; seen here with a Cluster client's first
+    burst of concurrent commands, before it knew the topology). They become the ConnectionError
+    every layer above already handles (redis-py's retries and topology refresh, then
+    `StoreUnavailable`: fail open/closed, journal, breaker) instead of a 500 and a traceback."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except (AttributeError, TypeError) as exc:
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            raise RedisConnectionError(f"connection lost while writing: {exc!r}") from exc
 
 
 class _HiredisPacking:
