@@ -41,7 +41,7 @@ stream that ends early is settled by the edge with `settlement_on_abort`.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import orjson
@@ -911,14 +911,10 @@ class Exchange:
     def _with_credential(self, proceed: Continue, credential: CredentialCharge) -> Continue:
         self.credential = credential
         auth = HeaderEdit(set=tuple(self._auth(credential)))
-        own_host = [c for c in self.upstream.credentials if c.base_url is None] \
-            if self.upstream is not None else []
-        # Retried only among the credentials on the Upstream's own cluster: a retry changes the
-        # auth header, never the destination, so a credential with its own baseUrl is neither
-        # retried from nor onto (its secret must only ever reach its own server).
-        retries = min(len(own_host) - 1, self.options.max_retries)
+        retryable = on_own_cluster(self.upstream, self.pool) if self.upstream is not None else []
+        retries = min(len(retryable) - 1, self.options.max_retries)
         if retries > 0 and self.plan is not None and self.upstream is not None and \
-                any(c.name == credential.name for c in own_host):
+                credential in retryable:
             self.retries = retries
             # A 429/5xx/connect failure is retried by Envoy on the pool's next credential,
             # chosen per try by the upstream filter (extproc/server/retry.py).
@@ -1258,6 +1254,16 @@ def _set_output_cap(endpoint: Endpoint, body: bytes, cap: int) -> tuple[str, byt
     for name in present or [default]:
         set_field(doc, name, cap)
     return (present or [default])[0], orjson.dumps(doc)
+
+
+def on_own_cluster(upstream: UpstreamSpec,
+                   charges: Iterable[CredentialCharge]) -> list[CredentialCharge]:
+    """The credentials among `charges` that go to the Upstream's own cluster (no `baseUrl`): the
+    only ones a retry may move between. A try changes the auth header, never the destination,
+    so a credential with its own server is neither retried from nor onto (its secret must only
+    ever reach that server)."""
+    proxied = {c.name for c in upstream.credentials if c.base_url is not None}
+    return [c for c in charges if c.name not in proxied]
 
 
 def credential_candidates(upstream: UpstreamSpec, snapshot: Snapshot,

@@ -24,7 +24,12 @@ from dataclasses import dataclass
 
 from extproc.core import providers
 from extproc.core.decisions import Deny
-from extproc.core.exchange import ANSWERED_BY_HEADER, TRY_HEADER, credential_candidates
+from extproc.core.exchange import (
+    ANSWERED_BY_HEADER,
+    TRY_HEADER,
+    credential_candidates,
+    on_own_cluster,
+)
 from extproc.core.quota import CredentialCharge
 from extproc.core.resources import UpstreamSpec
 from extproc.core.snapshot import Snapshot
@@ -65,11 +70,7 @@ def parse_try(headers: Mapping[str, str], snapshot: Snapshot) -> Try | None:
     upstream = next((u for u in snapshot.upstreams if u.name == name), None)
     if upstream is None:
         return None
-    # Only credentials on the Upstream's own cluster: a try can change the auth header, not the
-    # destination, so a credential with its own baseUrl never takes part (exchange.py).
-    own_host = {c.name for c in upstream.credentials if c.base_url is None}
-    candidates = tuple(c for c in credential_candidates(upstream, snapshot, model)
-                       if c.name in own_host)
+    candidates = tuple(on_own_cluster(upstream, credential_candidates(upstream, snapshot, model)))
     if len(candidates) < 2:
         return None
     provider = providers.get(upstream.provider)
