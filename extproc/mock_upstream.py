@@ -986,19 +986,9 @@ def _gemini_endpoint() -> Handler:
         if method not in ("generateContent", "streamGenerateContent", "countTokens",
                           "embedContent", "batchEmbedContents"):
             return _error(GEMINI, 404, request_id, f"Method not found: {method}")
-        try:
-            controls = _parse_controls(request.headers)
-        except _ControlError as exc:
-            return _error(GEMINI, 400, request_id, str(exc))
-        if controls.delay_s:
-            await asyncio.sleep(controls.delay_s)
-        if controls.status:
-            return _error(GEMINI, controls.status, request_id, None, controls.retry_after)
-        fault = state.fault_for(request.headers)
-        if fault is not None:
-            return _error(GEMINI, fault[0], request_id, None, fault[1])
-        if not isinstance(body, dict):
-            return _error(GEMINI, 400, request_id, "The request body is not a JSON object.")
+        controls = await _controlled(GEMINI, request, state, body, request_id)
+        if isinstance(controls, web.StreamResponse):
+            return controls
         return await _gemini(_Ctx(request, state, body, controls, model, request_id), method)
 
     return handler
@@ -1018,6 +1008,27 @@ def _parse_body(raw: bytes) -> Any:
         return raw.decode("utf-8", "replace")
 
 
+async def _controlled(dialect: str, request: web.Request, state: _State, body: Any,
+                      request_id: str) -> _Controls | web.StreamResponse:
+    """The steps every endpoint takes after recording the request, in the order that matters:
+    the test's controls (delay, then a forced status), then a per-credential fault, then a body
+    that is not a JSON object. The controls, or the answer that ends the call here."""
+    try:
+        controls = _parse_controls(request.headers)
+    except _ControlError as exc:
+        return _error(dialect, 400, request_id, str(exc))
+    if controls.delay_s:
+        await asyncio.sleep(controls.delay_s)
+    if controls.status:
+        return _error(dialect, controls.status, request_id, None, controls.retry_after)
+    fault = state.fault_for(request.headers)
+    if fault is not None:
+        return _error(dialect, fault[0], request_id, None, fault[1])
+    if not isinstance(body, dict):
+        return _error(dialect, 400, request_id, "The request body is not a JSON object.")
+    return controls
+
+
 def _endpoint(dialect: str, build: Builder, *, azure: bool = False) -> Handler:
     """Wrap a builder with the steps every API endpoint shares, in the order that matters:
     record first (so even failed or delayed requests are visible), then delay, then fault."""
@@ -1027,19 +1038,9 @@ def _endpoint(dialect: str, build: Builder, *, azure: bool = False) -> Handler:
         body = _parse_body(await request.read())
         state.record(request, body)
         request_id = state.new_id("req_")
-        try:
-            controls = _parse_controls(request.headers)
-        except _ControlError as exc:
-            return _error(dialect, 400, request_id, str(exc))
-        if controls.delay_s:
-            await asyncio.sleep(controls.delay_s)
-        if controls.status:
-            return _error(dialect, controls.status, request_id, None, controls.retry_after)
-        fault = state.fault_for(request.headers)
-        if fault is not None:
-            return _error(dialect, fault[0], request_id, None, fault[1])
-        if not isinstance(body, dict):
-            return _error(dialect, 400, request_id, "The request body is not a JSON object.")
+        controls = await _controlled(dialect, request, state, body, request_id)
+        if isinstance(controls, web.StreamResponse):
+            return controls
         model = body.get("model")
         if not isinstance(model, str) or not model:
             if not azure:
