@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -45,7 +46,8 @@ def worker_requests(http_port: int) -> list[int]:
     return [int(w.get("requests", 0)) for w in workers]
 
 
-def measure(cpus: set[int], workers: int, threads: int, duration: int, rounds: int) -> dict:
+def measure(cpus: set[int], workers: int, threads: int, duration: int,
+            rounds: int) -> dict[str, Any]:
     os.sched_setaffinity(0, cpus)  # inherited by every process the stack and wrk start
     log_dir = Path(tempfile.mkdtemp(prefix="tollgate-cores-"))
     env = dict(os.environ, TOLLGATE_JOURNAL_DIR=str(log_dir / "journal"))
