@@ -290,8 +290,8 @@ def _extproc_grpc_service() -> dict[str, Any]:
     """The listener filter's gRPC service. A stream whose connection cannot be made (a lane whose
     worker is restarting, or an extproc started without lanes) is opened again on the shared
     port (priority 1, `previous_priorities`), which any live worker answers: measured, killing a
-    worker under sequential traffic failed 19 requests in its second of absence without this, none
-    with it. Only connect failures and refused streams: nothing had
+    worker under sequential traffic failed 19 requests in its second of absence without this, 1
+    with it (the one in flight on it). Only connect failures and refused streams: nothing had
     reached the extproc, so nothing is reserved twice."""
     return {
         "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},

@@ -30,9 +30,16 @@ DEFAULT_LANES = 16
 
 
 def lane_name(grpc_port: int, lane: int) -> str:
-    """The abstract Unix socket of one lane (Linux; no file, gone with the process): Envoy
-    round-robins over the lanes so every worker gets its share (docs/performance.md, "lanes").
-    Named after the gRPC port, which is unique per stack in one network namespace."""
+    """The abstract Unix socket of one lane (Linux; no file, gone with the process).
+
+    Why lanes: with only the shared SO_REUSEPORT port, each Envoy worker thread keeps ONE
+    HTTP/2 connection to the extproc, and the kernel hands each connection to one worker
+    process. Measured on 2 cores (2 Envoy threads, 2 workers): whole runs where one worker did
+    all the work and the other idled, whenever the threads' connections, or the client
+    connections over the threads, landed unevenly. With lanes, every Envoy thread holds a
+    connection per lane and round-robins streams over them; lane j belongs to worker
+    j mod workers, so the load splits evenly by construction. Named after the gRPC port, which
+    is unique per stack on one network namespace (a pod, or a host)."""
     return f"tollgate-{grpc_port}-lane-{lane}"
 
 
