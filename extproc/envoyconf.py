@@ -42,7 +42,6 @@ import yaml
 
 from extproc.core import providers
 from extproc.core.targets import PROXY_CLUSTER_HTTP, PROXY_CLUSTER_HTTPS, PROXY_CLUSTERS
-from extproc.ports import DEFAULT_LANES, lane_name
 
 __all__ = [
     "CLUSTERS_ENV",
@@ -261,73 +260,10 @@ def _discovery_type(host: str) -> str:
     return "STATIC" if _is_ip(host) else "LOGICAL_DNS"
 
 
-def _extproc_endpoints(host: str, port: int, lanes: int) -> dict[str, Any]:
-    """Where Envoy finds the extproc: its lanes first, then the shared port.
-
-    The workers share one TCP port (SO_REUSEPORT), but Envoy keeps a single HTTP/2 connection
-    per worker thread to it, so the kernel's choice of worker per connection decided the split:
-    measured, whole runs where one worker took all the load (extproc/ports.py `lane_name`). The
-    lanes (abstract Unix sockets, one worker each) are priority 0, round robin: every stream
-    goes to the next lane, every worker gets its share. The shared port is priority 1: used
-    when lanes are ejected (a worker restarting, an extproc started with lanes off). Lanes need
-    the extproc in Envoy's network namespace (same pod or host), so only for a loopback address.
-    """
-    if lanes <= 0 or not (_is_ip(host) and ipaddress.ip_address(host).is_loopback):
-        return _load_assignment(EXTPROC_CLUSTER, host, port)
-    return {
-        "cluster_name": EXTPROC_CLUSTER,
-        "endpoints": [
-            {"priority": 0, "lb_endpoints": [
-                {"endpoint": {"address": {"pipe": {"path": "@" + lane_name(port, lane)}}}}
-                for lane in range(lanes)]},
-            {"priority": 1, "lb_endpoints": [
-                {"endpoint": {"address": _socket_address(host, port)}}]},
-        ],
-    }
-
-
-def _extproc_grpc_service() -> dict[str, Any]:
-    """The listener filter's gRPC service. A stream whose connection cannot be made (a lane whose
-    worker is restarting, or an extproc started without lanes) is opened again on the shared
-    port (priority 1, `previous_priorities`), which any live worker answers: measured, killing a
-    worker under sequential traffic failed 19 requests in its second of absence without this, 1
-    with it (the one in flight on it). Only connect failures and refused streams: nothing had
-    reached the extproc, so nothing is reserved twice."""
-    return {
-        "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
-        "retry_policy": {
-            "retry_on": "connect-failure,refused-stream",
-            "num_retries": 1,
-            "retry_priority": {
-                "name": "envoy.retry_priorities.previous_priorities",
-                "typed_config": {
-                    "@type": _type_url("envoy.extensions.retry.priority.previous_priorities.v3"
-                                       ".PreviousPrioritiesConfig"),
-                    "update_frequency": 1,
-                },
-            },
-        },
-    }
-
-
-def _extproc_cluster(host: str, port: int, buffer_limit_bytes: int,
-                     lanes: int = DEFAULT_LANES) -> dict[str, Any]:
+def _extproc_cluster(host: str, port: int, buffer_limit_bytes: int) -> dict[str, Any]:
     return {
         "name": EXTPROC_CLUSTER,
         "type": _discovery_type(host),
-        # A lane that refuses (its worker restarting) is out after one failure, back within
-        # seconds; passive only, so a quiet gateway sends no health checks.
-        "outlier_detection": {
-            "split_external_local_origin_errors": True,
-            "consecutive_local_origin_failure": 1,
-            "enforcing_consecutive_local_origin_failure": 100,
-            "enforcing_consecutive_5xx": 0,
-            "enforcing_success_rate": 0,
-            "enforcing_local_origin_success_rate": 0,
-            "interval": "1s",
-            "base_ejection_time": "2s",
-            "max_ejection_percent": 100,
-        },
         # The extproc runs next to Envoy (same pod / host): if it cannot be reached in 1 s it is
         # down, and failing fast beats holding the client.
         "connect_timeout": "1s",
@@ -351,7 +287,7 @@ def _extproc_cluster(host: str, port: int, buffer_limit_bytes: int,
                 },
             }
         },
-        "load_assignment": _extproc_endpoints(host, port, lanes),
+        "load_assignment": _load_assignment(EXTPROC_CLUSTER, host, port),
     }
 
 
@@ -472,7 +408,7 @@ def _ext_proc_filter(message_timeout_ms: int) -> dict[str, Any]:
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             "@type": _type_url("envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"),
-            "grpc_service": _extproc_grpc_service(),
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
             # Fail closed: if the extproc is unreachable, letting requests through would bypass
             # every budget and rate limit (and forward the virtual key to the provider).
             "failure_mode_allow": False,
@@ -524,7 +460,7 @@ def _per_try_filter() -> dict[str, Any]:
     ext_proc = {
         "@type": _type_url("envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"),
         "grpc_service": {
-            **_extproc_grpc_service(),
+            "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
             "initial_metadata": [{"key": TRY_ROLE_METADATA[0], "value": TRY_ROLE_METADATA[1]}],
         },
         # The request was admitted and reserved by the listener's filter already: if the
@@ -560,7 +496,7 @@ def _failed_try_filter() -> dict[str, Any]:
     ext_proc = {
         "@type": _type_url("envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"),
         "grpc_service": {
-            **_extproc_grpc_service(),
+            "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
             "initial_metadata": [{"key": FAILED_ROLE_METADATA[0],
                                   "value": FAILED_ROLE_METADATA[1]}],
         },
@@ -976,7 +912,6 @@ def render_bootstrap(
     admin_port: int = 9901,
     extproc_host: str = "127.0.0.1",
     extproc_port: int = 50051,
-    extproc_lanes: int = DEFAULT_LANES,
     message_timeout_ms: int = 1000,
     buffer_limit_bytes: int = 32 * 1024 * 1024,
     bypass_port: int | None = None,
@@ -1068,7 +1003,7 @@ def render_bootstrap(
         "static_resources": {
             "listeners": listeners,
             "clusters": [
-                _extproc_cluster(extproc_host, extproc_port, buffer_limit_bytes, extproc_lanes),
+                _extproc_cluster(extproc_host, extproc_port, buffer_limit_bytes),
                 *(_upstream_cluster(spec, buffer_limit_bytes) for spec in clusters),
                 *_proxy_clusters(buffer_limit_bytes),
             ],
@@ -1112,7 +1047,6 @@ def sidecar_config(
     listen_port: int = 10000,
     admin_port: int = 9901,
     extproc_port: int = 50051,
-    extproc_lanes: int = DEFAULT_LANES,
     azure_host: str = DEFAULT_AZURE_HOST,
     mock_upstream: tuple[str, int] | None = None,
     bypass_port: int | None = None,
@@ -1133,7 +1067,6 @@ def sidecar_config(
         listen_port=listen_port,
         admin_port=admin_port,
         extproc_port=extproc_port,
-        extproc_lanes=extproc_lanes,
         bypass_port=bypass_port,
         bypass_cluster=bypass_cluster,
         xff_num_trusted_hops=xff_num_trusted_hops,
@@ -1171,11 +1104,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m extproc.envoyconf
     parser.add_argument("--port", type=int, default=10000, help="listener port")
     parser.add_argument("--admin-port", type=int, default=9901)
     parser.add_argument("--extproc-port", type=int, default=50051)
-    parser.add_argument(
-        "--extproc-lanes", type=int, default=DEFAULT_LANES,
-        help=f"the extproc's lanes, as its TOLLGATE_GRPC_LANES ({DEFAULT_LANES}; 0: the shared "
-        "port only)",
-    )
     parser.add_argument("--azure-host", default=DEFAULT_AZURE_HOST)
     parser.add_argument(
         "--bypass-port",
@@ -1232,7 +1160,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m extproc.envoyconf
             listen_port=args.port,
             admin_port=args.admin_port,
             extproc_port=args.extproc_port,
-            extproc_lanes=args.extproc_lanes,
             azure_host=args.azure_host,
             mock_upstream=args.mock_upstream,
             bypass_port=args.bypass_port,

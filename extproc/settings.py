@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from extproc.ports import DEFAULT_LANES
-
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -39,9 +37,6 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 9464  # /healthz, /readyz, /metrics
     workers: int = 1
-    # Abstract Unix sockets the workers serve besides the shared port (extproc/ports.py
-    # `lane_name`): Envoy round-robins over them, so every worker gets its share of the load.
-    grpc_lanes: int = DEFAULT_LANES
     max_body_bytes: int = 8 * 1024 * 1024
     result_object: bool = True
     reload_poll_s: float = 1.0
@@ -104,7 +99,6 @@ class Settings:
             "TOLLGATE_HTTP_HOST": ("http_host", str),
             "TOLLGATE_HTTP_PORT": ("http_port", int),
             "TOLLGATE_WORKERS": ("workers", int),
-            "TOLLGATE_GRPC_LANES": ("grpc_lanes", int),
             "TOLLGATE_MAX_BODY_BYTES": ("max_body_bytes", int),
             "TOLLGATE_RESULT_OBJECT": ("result_object", _bool),
             "TOLLGATE_RELOAD_POLL_MS": ("reload_poll_s", lambda v: int(v) / 1000),

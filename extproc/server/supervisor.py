@@ -126,10 +126,6 @@ class Supervisor:
             if self.own_run_dir:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             return 1
-        if 0 < self.settings.grpc_lanes < self.settings.workers:
-            log.warning("%d workers but %d gRPC lanes: workers %d and up get no requests; "
-                        "raise TOLLGATE_GRPC_LANES and the Envoy config's --extproc-lanes together",
-                        self.settings.workers, self.settings.grpc_lanes, self.settings.grpc_lanes)
         busy = self.busy_ports()
         if busy:
             print(f"tollgate: error: {' and '.join(busy)} already in use; stop the other "

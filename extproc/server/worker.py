@@ -24,7 +24,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.core.exchange import Options
 from extproc.core.policy.cors import Cors
-from extproc.ports import lane_name, worker_lanes
 from extproc.server import logfilter
 from extproc.server.admission import LoopLag
 from extproc.server.bodylog_file import BodyLogFile, worker_path
@@ -97,14 +96,6 @@ async def run_worker(settings: Settings, index: int) -> None:
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     if server.add_insecure_port(address) == 0:
         raise SystemExit(f"tollgate worker {index}: cannot bind {address}")
-    for lane in worker_lanes(index, settings.workers, settings.grpc_lanes):
-        name = lane_name(settings.grpc_port, lane)
-        try:  # grpc raises (rather than returning 0) when a Unix socket is taken
-            server.add_insecure_port(f"unix-abstract:{name}")
-        except RuntimeError:
-            raise SystemExit(f"tollgate worker {index}: cannot bind lane @{name} "
-                             "(another extproc with this gRPC port in this network namespace?)"
-                             ) from None
     await server.start()
     lag.start()
     # A Cluster client must learn the topology before concurrent use (see `ready`). Redis down
@@ -136,8 +127,7 @@ async def run_worker(settings: Settings, index: int) -> None:
             serving = ready
         generation = watcher.snapshot.generation if watcher.snapshot else -1
         _write_state(state_file, ready=ready, draining=False, redis_ok=watcher.redis_ok,
-                     generation=generation, pending_usage=settler.pending,
-                     requests=processor.streams)
+                     generation=generation, pending_usage=settler.pending)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=0.5)
 

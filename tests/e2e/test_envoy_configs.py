@@ -258,7 +258,6 @@ def test_rendered_mock_config_boots_and_routes(tmp_path: Path) -> None:
             listen_port=listen_port,
             admin_port=admin_port,
             extproc_port=extproc_port,
-            extproc_lanes=0,  # the pass-through extproc serves the shared port only
             bypass_port=bypass_port,
             bypass_cluster="openai",
         )

@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from extproc import envoyconf
-from extproc.ports import DEFAULT_LANES, lane_name, worker_lanes
 
 pytestmark = pytest.mark.unit
 
@@ -105,9 +104,7 @@ def test_ext_proc_filter_settings() -> None:
     assert proxy["name"] == "envoy.filters.http.dynamic_forward_proxy"
     assert ext_proc["name"] == "envoy.filters.http.ext_proc"
     tc = ext_proc["typed_config"]
-    assert tc["grpc_service"]["envoy_grpc"] == {"cluster_name": "tollgate_extproc"}
-    # a stream that could not connect (to a lane) is opened again, on the shared port
-    assert tc["grpc_service"]["retry_policy"]["retry_on"] == "connect-failure,refused-stream"
+    assert tc["grpc_service"] == {"envoy_grpc": {"cluster_name": "tollgate_extproc"}}
     assert tc["failure_mode_allow"] is False
     assert tc["allow_mode_override"] is True
     assert tc["message_timeout"] == "1s"
@@ -250,34 +247,3 @@ def test_configured_clusters_read_name_equals_url() -> None:
                 "tollgate_extproc=http://h:1"):
         with pytest.raises(ValueError):
             configured_clusters(bad)
-
-
-def test_extproc_lanes_come_first_and_the_shared_port_backs_them() -> None:
-    cfg = envoyconf.render_bootstrap(clusters=envoyconf.provider_clusters(), extproc_port=6000,
-                                     extproc_lanes=4)
-    extproc = _cluster(cfg, "tollgate_extproc")
-    lanes, shared = extproc["load_assignment"]["endpoints"]
-    assert lanes["priority"] == 0 and shared["priority"] == 1
-    assert [e["endpoint"]["address"]["pipe"]["path"] for e in lanes["lb_endpoints"]] == [
-        f"@{lane_name(6000, j)}" for j in range(4)]
-    assert shared["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] == {
-        "address": "127.0.0.1", "port_value": 6000}
-    # a lane that refuses is ejected after one failure
-    assert extproc["outlier_detection"]["consecutive_local_origin_failure"] == 1
-
-
-@pytest.mark.parametrize("host, lanes", [("127.0.0.1", 0), ("10.0.0.7", 16), ("extproc", 16)])
-def test_no_lanes_when_off_or_the_extproc_is_not_on_loopback(host: str, lanes: int) -> None:
-    cfg = envoyconf.render_bootstrap(clusters=envoyconf.provider_clusters(), extproc_host=host,
-                                     extproc_lanes=lanes)
-    (only,) = _cluster(cfg, "tollgate_extproc")["load_assignment"]["endpoints"]
-    (endpoint,) = only["lb_endpoints"]
-    assert endpoint["endpoint"]["address"]["socket_address"]["address"] == host
-
-
-@pytest.mark.parametrize("workers", [1, 2, 3, 5, 16])
-def test_every_lane_belongs_to_exactly_one_worker_and_the_split_is_even(workers: int) -> None:
-    owned = [worker_lanes(i, workers, DEFAULT_LANES) for i in range(workers)]
-    assert sorted(lane for lanes in owned for lane in lanes) == list(range(DEFAULT_LANES))
-    sizes = [len(lanes) for lanes in owned]
-    assert max(sizes) - min(sizes) <= 1
