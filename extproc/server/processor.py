@@ -119,6 +119,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         # until Envoy's request timeout (60 s).
         self.max_pending = max_pending
         self.pending = 0
+        self.streams = 0  # requests this worker has seen (/readyz: how the load splits)
         # And while the event loop runs late, new requests would only queue into Envoy's
         # message timeout: refused too (see admission.py).
         self.lag = lag
@@ -139,6 +140,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 async for response in self.tries.observe_failure(request_iterator):
                     yield response
                 return
+        self.streams += 1
         exchange = Exchange(new_request_id(), self.options)
         started = time.monotonic()
         snapshot = self.watcher.snapshot  # one snapshot for the whole request

@@ -127,7 +127,8 @@ async def run_worker(settings: Settings, index: int) -> None:
             serving = ready
         generation = watcher.snapshot.generation if watcher.snapshot else -1
         _write_state(state_file, ready=ready, draining=False, redis_ok=watcher.redis_ok,
-                     generation=generation, pending_usage=settler.pending)
+                     generation=generation, pending_usage=settler.pending,
+                     requests=processor.streams)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=0.5)
 

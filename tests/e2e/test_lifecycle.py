@@ -116,3 +116,23 @@ def test_sigterm_lets_a_stream_in_flight_finish_and_settles_it(
         if envoy is not None:
             envoy.stop()
         extproc.stop()
+
+
+def test_readyz_counts_the_requests_each_worker_has_seen(
+    stack: Stack, new_key: Callable[..., str]
+) -> None:
+    """How the load splits over the workers is visible (docs/performance.md)."""
+    def seen() -> int:
+        workers = httpx.get(f"http://127.0.0.1:{stack.extproc.http}/readyz",
+                            timeout=5).json()["workers"]
+        assert len(workers) == 2
+        return sum(int(w["requests"]) for w in workers)
+
+    before = seen()
+    key = new_key()
+    with httpx.Client(base_url=stack.base_url, timeout=10,
+                      headers={"Authorization": f"Bearer {key}"}) as client:
+        for _ in range(5):
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+    poll(lambda: seen() >= before + 5, 5, "the workers to report 5 more requests")
