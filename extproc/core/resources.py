@@ -827,6 +827,16 @@ class UpstreamSpec:
         return None
 
 
+def _cooldown_statuses(spec: dict[str, Any]) -> tuple[int, ...]:
+    """The statuses that rest a credential. Anthropic's 529 (`overloaded_error`) is its 503: it
+    counts wherever 503 does, so Upstreams stored before this rule (whose normalised spec holds
+    the status list) need not be applied again."""
+    statuses = tuple((spec.get("cooldown") or {}).get("statuses", DEFAULT_COOLDOWN_STATUSES))
+    if spec.get("provider") == "anthropic" and 503 in statuses and 529 not in statuses:
+        statuses += (529,)
+    return statuses
+
+
 def upstream_spec(resource: Resource) -> UpstreamSpec:
     s = resource.spec
     azure = s.get("azure") or {}
@@ -848,8 +858,7 @@ def upstream_spec(resource: Resource) -> UpstreamSpec:
         ),
         cooldown_ms=int((s.get("cooldown") or {}).get("seconds", 30)) * 1000,
         cooldown_max_ms=int((s.get("cooldown") or {}).get("maxSeconds", 600)) * 1000,
-        cooldown_statuses=tuple((s.get("cooldown") or {}).get(
-            "statuses", DEFAULT_COOLDOWN_STATUSES)),
+        cooldown_statuses=_cooldown_statuses(s),
         unpriced=s.get("unpriced", "default"),
         # A bare group is one of the Upstream's own namespace, as a selector's `keys` entry.
         allowed_groups=tuple(split_id(g, resource.namespace) for g in s.get("allowedGroups", ())),
