@@ -126,11 +126,10 @@ def _gemini_reply(snapshot: Snapshot, key: KeyRecord, route: Route, query: str,
         target = (upstream.alias_of(name) if upstream else None) or name
         return gemini.model_resource(name, target, snapshot.price(target))
 
-    if route.model is not None:
-        name = route.model.removeprefix("models/")
-        if not retrievable(snapshot, key, name, denies, "gemini"):
-            return _not_found(name)
-        return 200, orjson.dumps(resource(name))
+    if route.model is not None:  # `/v1beta/models/<m>`: client.models.get(model=...)
+        if not retrievable(snapshot, key, route.model, denies, "gemini"):
+            return _not_found(route.model)
+        return 200, orjson.dumps(resource(route.model))
     page = gemini.page_request(query, GEMINI_PAGE_SIZE, GEMINI_MAX_PAGE_SIZE)
     if page is None:
         return Deny(400, "invalid_request", "pageSize and pageToken must be numbers.")
