@@ -382,14 +382,14 @@ def _columns(r: Resource) -> tuple[str, ...]:
         creds = ",".join(c["name"] + ("(fallback)" if c["isFallback"] else "")
                          for c in s["credentials"])
         return (r.name, s["provider"], s["cluster"], ",".join(s["models"]), str(s["priority"]),
-                creds or "-")
+                creds or "-", ",".join(s.get("allowedGroups") or ()) or "*")
     return (r.name,)
 
 
 _HEADERS = {
     "VirtualKey": ("NAME", "GROUP", "USER", "MODELS", "STATUS"),
     "PriceTable": ("NAME", "MODELS"),
-    "Upstream": ("NAME", "PROVIDER", "CLUSTER", "MODELS", "PRIORITY", "CREDENTIALS"),
+    "Upstream": ("NAME", "PROVIDER", "CLUSTER", "MODELS", "PRIORITY", "CREDENTIALS", "GROUPS"),
     "RateLimit": ("NAME", "PER", "WINDOW", "REQUESTS", "TOKENS", "CONCURRENT"),
     "Policy": ("NAME", "WORD-RULES", "REQUEST-RULES"),
 }

@@ -41,14 +41,14 @@ stream that ends early is settled by the edge with `settlement_on_abort`.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import orjson
 
 from extproc.core import attribution, payi, providers
 from extproc.core.attribution import LIMIT_IDS_HEADERS, TAGS_HEADERS, USER_HEADERS
-from extproc.core.catalog import reachable_models
+from extproc.core.catalog import models_reply
 from extproc.core.decisions import CONTINUE, BodyMode, Continue, Decision, Deny, HeaderEdit
 from extproc.core.estimate import (
     Bounds,
@@ -64,7 +64,7 @@ from extproc.core.keys import (
     PresentedKey,
     check_key,
     model_allowed,
-    upstream_allowed,
+    routing_filter,
 )
 from extproc.core.policy import autoreply
 from extproc.core.policy import engine as policy_engine
@@ -121,6 +121,8 @@ _CLIENT_STRIPPED = (INTERNAL_PREFIX, MAX_RETRIES_HEADER, "x-envoy-retr",
 TRY_HEADER = "x-tollgate-try"
 # Set by the per-try filter on an answer from a retry: the credential that answered.
 ANSWERED_BY_HEADER = "x-tollgate-credential"
+# Models lists, answered by the gateway from the snapshot (core/catalog.py).
+_LISTINGS = (Endpoint.MODELS, Endpoint.GEMINI_MODELS)
 # Pay-i-style headers (`xProxy-*`) are the gateway's too: never forwarded to a provider.
 
 
@@ -440,9 +442,9 @@ class Exchange:
         self.client_ip = client_ip
 
         method = headers.get(":method", "GET")
-        if self.route is not None and self.route.endpoint is Endpoint.MODELS:
+        if self.route is not None and self.route.endpoint in _LISTINGS:
             if method != "GET":
-                return Deny(405, "method_not_allowed", "Use GET for /v1/models.")
+                return Deny(405, "method_not_allowed", f"Use GET for {path.split('?')[0]}.")
             return self._models_reply(snapshot, now)
         if method != "POST":
             return Deny(405, "method_not_allowed", f"Use POST for {path.split('?')[0]}.")
@@ -508,21 +510,10 @@ class Exchange:
         )
 
     def _models_reply(self, snapshot: Snapshot, now: float) -> Reply | Deny:
-        assert self.key is not None
-        created = int(now)
-        data = [
-            {"id": model, "object": "model", "created": created, "owned_by": "tollgate"}
-            for model in reachable_models(snapshot, self.key, self.options.denies)
-        ]
-        wanted = self.route.model if self.route is not None else None
-        if wanted is not None:
-            # `GET /v1/models/{id}` (models.retrieve): the same entry as in the list, or 404.
-            found = next((d for d in data if d["id"] == wanted), None)
-            if found is None:
-                return Deny(404, "model_not_found", f"The model '{wanted}' does not exist "
-                            "or this key may not use it.")
-            return Reply(200, orjson.dumps(found))
-        return Reply(200, orjson.dumps({"object": "list", "data": data}))
+        assert self.key is not None and self.route is not None
+        reply = models_reply(snapshot, self.key, self.route, self.path.partition("?")[2],
+                             self.options.denies, now)
+        return reply if isinstance(reply, Deny) else Reply(*reply)
 
     # -- request body ----------------------------------------------------------------------
 
@@ -548,9 +539,9 @@ class Exchange:
                 403, "model_not_allowed", f"This API key may not use model '{facts.model}'."
             )
         azure = self.route.azure_deployment is not None
-        upstreams = snapshot.upstreams_for(facts.endpoint, facts.model, azure,
-                                           self._upstream_filter())
-        if not upstreams and self.key.allowed_upstreams and snapshot.upstreams_for(
+        allowed = routing_filter(self.key, snapshot.upstreams)
+        upstreams = snapshot.upstreams_for(facts.endpoint, facts.model, azure, allowed)
+        if not upstreams and allowed is not None and snapshot.upstreams_for(
                 facts.endpoint, facts.model, azure):
             return Deny(403, "upstream_not_allowed", f"Model '{facts.model}' is served only "
                         "through upstreams this API key may not use.")
@@ -577,13 +568,6 @@ class Exchange:
                     self.policies, facts.endpoint.value, body)
         self.body_in, self.body_redacted = body, redacted
         return self._route(snapshot, now)
-
-    def _upstream_filter(self) -> Callable[[str], bool] | None:
-        """The key's `allowedUpstreams` as a predicate on Upstream ids (None: all allowed)."""
-        key = self.key
-        if key is None or not key.allowed_upstreams:
-            return None
-        return lambda upstream: upstream_allowed(key, upstream)
 
     def next_upstream(self, now: float) -> Decision | Reserve | None:
         """The current upstream had no usable credential (reserve refusal kind 4): the request

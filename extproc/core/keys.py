@@ -12,12 +12,12 @@ import fnmatch
 import hashlib
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from extproc.core import providers
 from extproc.core.decisions import Deny
-from extproc.core.resources import KeyRecord
+from extproc.core.resources import KeyRecord, UpstreamSpec
 
 KEY_PREFIX = "tg-"
 BYOK_HEADER = "xproxy-api-key"
@@ -83,6 +83,24 @@ def upstream_allowed(record: KeyRecord, upstream: str) -> bool:
     globs, as lm-proxy's `allowed_connections`; none = every Upstream.)"""
     return not record.allowed_upstreams or any(
         fnmatch.fnmatchcase(upstream, p) for p in record.allowed_upstreams)
+
+
+def may_route(record: KeyRecord, upstream: UpstreamSpec) -> bool:
+    """May this key's calls go through this Upstream? Both sides must agree: the key's
+    `allowedUpstreams` names the Upstream (or is empty), and the Upstream's `allowedGroups`
+    names the key's group in its namespace (or is empty)."""
+    return upstream_allowed(record, upstream.name) and (not upstream.allowed_groups or any(
+        fnmatch.fnmatchcase(record.namespace, ns) and fnmatch.fnmatchcase(record.group, group)
+        for ns, group in upstream.allowed_groups))
+
+
+def routing_filter(record: KeyRecord, upstreams: Iterable[UpstreamSpec],
+                   ) -> Callable[[UpstreamSpec], bool] | None:
+    """`may_route` for this key as a predicate for `Snapshot.upstreams_for`, or None when
+    nothing restricts it (the common case: no predicate call per Upstream)."""
+    if not record.allowed_upstreams and not any(u.allowed_groups for u in upstreams):
+        return None
+    return lambda upstream: may_route(record, upstream)
 
 
 def model_allowed(record: KeyRecord, model: str) -> bool:

@@ -359,6 +359,10 @@ def _upstream(f: _Fields) -> dict[str, Any]:
     if translate and not translator_for(provider):
         raise f.error("translate", "only anthropic and gemini Upstreams translate "
                       "chat/completions calls")
+    groups = f.strings("allowedGroups")
+    for ref in groups:
+        if not ref or ref.count("/") > 1:
+            raise f.error("allowedGroups", f"{ref!r} is not a group or namespace/group pattern")
     cluster = f.string("cluster", required=True)
     if cluster in PROXY_CLUSTERS:
         # A forward proxy cluster goes wherever :authority says, which the client writes
@@ -377,6 +381,8 @@ def _upstream(f: _Fields) -> dict[str, Any]:
         "anthropicVersion": f.string("anthropicVersion", ANTHROPIC_VERSION),
         "credentials": creds,
         "cooldown": cooldown_spec,
+        # Key groups (globs) whose keys may route through this Upstream; empty = every key.
+        "allowedGroups": groups,
     }
 
 
@@ -806,6 +812,8 @@ class UpstreamSpec:
     cooldown_statuses: tuple[int, ...] = DEFAULT_COOLDOWN_STATUSES
     unpriced: str = "default"  # default | refuse | zero | price-as: <model>
     translate: bool = False  # serves OpenAI chat/completions calls, translated
+    # (namespace glob, group glob) pairs: the keys that may use it; empty = every key.
+    allowed_groups: tuple[tuple[str, str], ...] = ()
 
     def alias_of(self, model: str) -> str | None:
         """The model an alias stands for: an exact alias first, else the first glob alias
@@ -817,6 +825,16 @@ class UpstreamSpec:
             if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(model, pattern):
                 return target
         return None
+
+
+def _cooldown_statuses(spec: dict[str, Any]) -> tuple[int, ...]:
+    """The statuses that rest a credential. Anthropic's 529 (`overloaded_error`) is its 503: it
+    counts wherever 503 does, so Upstreams stored before this rule (whose normalised spec holds
+    the status list) need not be applied again."""
+    statuses = tuple((spec.get("cooldown") or {}).get("statuses", DEFAULT_COOLDOWN_STATUSES))
+    if spec.get("provider") == "anthropic" and 503 in statuses and 529 not in statuses:
+        statuses += (529,)
+    return statuses
 
 
 def upstream_spec(resource: Resource) -> UpstreamSpec:
@@ -840,9 +858,10 @@ def upstream_spec(resource: Resource) -> UpstreamSpec:
         ),
         cooldown_ms=int((s.get("cooldown") or {}).get("seconds", 30)) * 1000,
         cooldown_max_ms=int((s.get("cooldown") or {}).get("maxSeconds", 600)) * 1000,
-        cooldown_statuses=tuple((s.get("cooldown") or {}).get(
-            "statuses", DEFAULT_COOLDOWN_STATUSES)),
+        cooldown_statuses=_cooldown_statuses(s),
         unpriced=s.get("unpriced", "default"),
+        # A bare group is one of the Upstream's own namespace, as a selector's `keys` entry.
+        allowed_groups=tuple(split_id(g, resource.namespace) for g in s.get("allowedGroups", ())),
     )
 
 

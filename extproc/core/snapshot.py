@@ -51,17 +51,18 @@ class Snapshot:
         return found[0] if found else None
 
     def upstreams_for(self, endpoint: Endpoint, model: str, azure: bool,
-                      allowed: Callable[[str], bool] | None = None) -> list[UpstreamSpec]:
+                      allowed: Callable[[UpstreamSpec], bool] | None = None,
+                      ) -> list[UpstreamSpec]:
         """Every upstream that speaks this API and serves `model`, by priority then name: the
         first is tried, the others are its backups (docs/providers.md, "Routing"). An upstream
         that serves the model only through the bare `*` pattern (the built-in OpenAI one) is a
         default route, not a backup: a pool of a named model that runs dry must not spill
-        over to a provider nobody chose for it. `allowed` (an Upstream id -> bool): only those
-        are considered (a key's `allowedUpstreams`)."""
+        over to a provider nobody chose for it. `allowed`: only the Upstreams it accepts are
+        considered (a key's `allowedUpstreams`, an Upstream's `allowedGroups`)."""
         route = Route(endpoint, azure_deployment="" if azure else None)
         found = []
         for upstream in self.upstreams:
-            if allowed is not None and not allowed(upstream.name):
+            if allowed is not None and not allowed(upstream):
                 continue
             if not providers.get(upstream.provider).serves(route) and not (
                 upstream.translate and endpoint is Endpoint.CHAT and not azure

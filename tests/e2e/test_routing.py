@@ -222,12 +222,13 @@ def test_models_list_follows_routing_for_the_key(
     stack: Stack, routed: str, new_key: Callable[..., str]
 ) -> None:
     """models.list() names what the key can call: with `--allowed-upstreams second` the
-    Upstream's alias and exact model names and nothing the built-in Upstreams serve; an
+    Upstream's alias, its glob alias's target (not the glob) and exact model names and nothing
+    the built-in Upstreams serve; an
     unrestricted key also sees the Azure Upstream's models and the alias; models.retrieve
     agrees with the list both ways."""
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1",
                            api_key=new_key("--allowed-upstreams", "second"), max_retries=0)
-    assert [m.id for m in client.models.list()] == ["fast"]
+    assert [m.id for m in client.models.list()] == ["fast", "special-small-1"]
     assert client.models.retrieve("fast").id == "fast"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")

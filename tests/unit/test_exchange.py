@@ -805,7 +805,8 @@ def test_models_lists_what_routing_reaches_for_the_key(
     """/v1/models follows routing: a key allowed only the `second` Upstream lists its aliases
     and exact models (not a priced gpt-4o it cannot reach), a key allowed only `openai` lists
     no `claude-*` (the built-in `*` route does not make a Claude model OpenAI's), an alias to a
-    denied model is not listed, and /v1/models/{id} agrees with the list."""
+    denied model is not listed, a glob alias is not (its target is), and /v1/models/{id} agrees
+    with the list."""
     key = "tg-" + "w" * 43
     second = _resource("Upstream", "second", {
         "provider": "openai-compatible", "cluster": "second", "models": ["special-*", "solo"],
@@ -815,7 +816,7 @@ def test_models_lists_what_routing_reaches_for_the_key(
     snap = _keyed_snapshot(builtin_resources, key, ["second"], second)
     _, reply = open_exchange(snap, request_headers("/v1/models", method="GET", key=key),
                              options=options)
-    assert _model_ids(reply) == ["fast2", "solo"]
+    assert _model_ids(reply) == ["fast2", "special-small", "solo"]
     _, found = open_exchange(snap, request_headers("/v1/models/solo", method="GET", key=key),
                              options=options)
     assert isinstance(found, Reply) and orjson.loads(found.body)["id"] == "solo"

@@ -39,6 +39,9 @@ STREAM = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
     ("/v1/models/gemini-2.5-pro:countTokens", Route(Endpoint.COUNT_TOKENS, model="gemini-2.5-pro")),
     ("/v1beta/models/gemini-2.0-flash:generateContent?key=abc",
      Route(Endpoint.GENERATE, model="gemini-2.0-flash")),
+    # the models list and one model (client.models.list() / .get()), answered by Tollgate
+    ("/v1beta/models?pageSize=5", Route(Endpoint.GEMINI_MODELS)),
+    ("/v1beta/models/gemini-2.5-flash", Route(Endpoint.GEMINI_MODELS, model="gemini-2.5-flash")),
 ])
 def test_gemini_paths(path: str, route: Route) -> None:
     assert providers.classify_path(path) == route
@@ -46,7 +49,6 @@ def test_gemini_paths(path: str, route: Route) -> None:
 
 @pytest.mark.parametrize("path", [
     "/v1beta/models/gemini-2.5-flash:predict",  # Vertex's embeddings method: not served
-    "/v1beta/models/gemini-2.5-flash",
     "/v1beta/models:generateContent",
     "/v1/models",  # OpenAI's models list, not Gemini's
 ])

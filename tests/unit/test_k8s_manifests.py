@@ -686,6 +686,8 @@ def test_example_contents() -> None:
     credentials = upstreams["openai-compatible"]["credentials"]
     assert len(credentials) == 2
     assert [c["isFallback"] for c in credentials].count(True) == 1
+    # the local model is kept for the example key's group
+    assert upstreams["openai-compatible"]["allowedGroups"] == [key.spec["group"]]
     # the Limit and the RateLimit select the example key by name
     (limit,) = [r for r in resources if r.kind == "Limit"]
     (rate,) = [r for r in resources if r.kind == "RateLimit"]

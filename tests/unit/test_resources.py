@@ -90,6 +90,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
                 "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01", "translate": False,
+                "allowedGroups": [],
                 "unpriced": "default",
                 "credentials": [], "cooldown": COOLDOWN,
             },
@@ -108,6 +109,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
                 "priority": 5, "aliases": {"fast": "gpt-4o-mini"},
                 "azure": {"apiVersion": "2024-10-21", "deployments": {}},
                 "anthropicVersion": "2023-06-01", "translate": False,
+                "allowedGroups": [],
                 "unpriced": "default",
                 "credentials": [
                     {"name": "a", "secretRef": "AZURE_KEY", "rpm": None, "tpm": None,
@@ -124,6 +126,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
                 "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01", "translate": False,
+                "allowedGroups": [],
                 "unpriced": "default",
                 "credentials": [], "cooldown": COOLDOWN,
             },
@@ -135,7 +138,8 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "provider": "anthropic", "cluster": "anthropic", "models": ["*"],
                 "priority": 100, "aliases": {}, "azure": None,
-                "anthropicVersion": "2023-06-01", "translate": False, "unpriced": "default",
+                "anthropicVersion": "2023-06-01", "translate": False,
+                "allowedGroups": [], "unpriced": "default",
                 "credentials": [],
                 "cooldown": {"seconds": 5, "maxSeconds": 120, "statuses": [429, 529]},
             },
@@ -146,6 +150,7 @@ def doc(kind: str, spec: Any, name: str = "r1", **top: Any) -> dict[str, Any]:
             {
                 "provider": "openai", "cluster": "openai", "models": ["*"], "priority": 100,
                 "aliases": {}, "azure": None, "anthropicVersion": "2023-06-01", "translate": False,
+                "allowedGroups": [],
                 "unpriced": "default",
                 "credentials": [],
                 "cooldown": {**COOLDOWN, "seconds": 0},

@@ -59,6 +59,7 @@ class Endpoint(enum.Enum):
     MESSAGES_COUNT_TOKENS = "messages.count_tokens"
     EMBED_CONTENT = "gemini.embedContent"
     BATCH_EMBED_CONTENTS = "gemini.batchEmbedContents"
+    GEMINI_MODELS = "gemini.models"  # `GET /v1beta/models[/<model>]`, answered by Tollgate
 
     @property
     def embeds(self) -> bool:

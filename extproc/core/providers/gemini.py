@@ -38,6 +38,7 @@ from extproc.core.usage import Usage, count
 
 if TYPE_CHECKING:
     from extproc.core.decisions import Deny
+    from extproc.core.pricing import ModelPrice
 
 _PATH = re.compile(
     r"/(?:v1|v1beta|v1alpha)/models/([^/:?]+):(generateContent|streamGenerateContent|countTokens"
@@ -50,6 +51,9 @@ _VERTEX = re.compile(
     r"/(?:v1|v1beta1)/(?:projects/[^/]+/locations/[^/]+/)?publishers/google/models/"
     r"([^/:?]+):(generateContent|streamGenerateContent|countTokens)"
 )
+# The models list and one model (`client.models.list()` / `.get()`), answered by Tollgate from
+# what the key can reach (core/catalog.py). Only the beta versions: `/v1/models` is OpenAI's.
+_LIST = re.compile(r"/(?:v1beta|v1alpha)/models(?:/([^/:?]+))?")
 _METHODS = {
     "generateContent": Endpoint.GENERATE,
     "streamGenerateContent": Endpoint.STREAM_GENERATE,
@@ -69,6 +73,7 @@ _RULES = {
     # token counts (only the vectors); the exchange then prices the request's own estimate.
     Endpoint.EMBED_CONTENT: RequestRules((), ("content",), "content", streams=False),
     Endpoint.BATCH_EMBED_CONTENTS: RequestRules((), ("requests",), "requests", streams=False),
+    Endpoint.GEMINI_MODELS: RequestRules(),
 }
 # google.rpc.Code names, by HTTP status, as Google's APIs send them.
 _STATUS = {
@@ -156,11 +161,12 @@ class Gemini:
     def classify(self, path: str) -> Route | None:
         match = _PATH.fullmatch(path) or _VERTEX.fullmatch(path)
         if match is None:
-            return None
+            listing = _LIST.fullmatch(path)
+            return Route(Endpoint.GEMINI_MODELS, model=listing.group(1)) if listing else None
         return Route(_METHODS[match.group(2)], model=match.group(1))
 
     def serves(self, route: Route) -> bool:
-        return route.endpoint in _RULES
+        return route.endpoint in _RULES and route.endpoint is not Endpoint.GEMINI_MODELS
 
     def auth_value(self, secret: str) -> str:
         return secret
@@ -226,6 +232,37 @@ class Gemini:
         if deny.result is not None:
             doc["xproxy_result"] = deny.result
         return orjson.dumps(doc)
+
+
+def model_resource(name: str, target: str, price: ModelPrice | None) -> dict[str, object]:
+    """One `Model` as the Gemini API describes it (what `client.models.get()` parses): `name`
+    is what the client calls, `target` the model it reaches (an alias's), whose price carries
+    the token limits when the price table has them."""
+    embeds = "embedding" in target
+    doc: dict[str, object] = {
+        "name": f"models/{name}",
+        "displayName": name,
+        "description": f"{target}, through Tollgate" if target != name else "Through Tollgate",
+        "supportedGenerationMethods": (
+            ["embedContent", "batchEmbedContents"] if embeds
+            else ["generateContent", "streamGenerateContent", "countTokens"]),
+    }
+    if price is not None and price.context_window:
+        doc["inputTokenLimit"] = price.context_window
+    if price is not None and price.max_output_tokens and not embeds:
+        doc["outputTokenLimit"] = price.max_output_tokens
+    return doc
+
+
+def page_request(query: str, default: int, most: int) -> tuple[int, int] | None:
+    """`pageSize` and `pageToken` of a models list as (first index, page size); None when
+    either is not a number. The token is the index the page starts at (Tollgate's own: clients
+    pass back the `nextPageToken` they were given)."""
+    params = dict(parse_qsl(query, keep_blank_values=True))
+    size, token = params.get("pageSize", ""), params.get("pageToken", "")
+    if not (size or "0").isdigit() or not (token or "0").isdigit():
+        return None
+    return int(token or 0), min(int(size), most) if size and int(size) else default
 
 
 PROVIDER = Gemini()
