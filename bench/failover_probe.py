@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import random
 import tempfile
 import threading
 import urllib.request
@@ -22,15 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from extproc.envoyconf import _type_url
-import os
-import random
-
-import yaml
-
 from extproc.launch import envoy_binary, free_port, http_ok, start_process, wait_until
 
 SEEN: list[str] = []
@@ -39,7 +37,7 @@ SEEN: list[str] = []
 class Upstream(BaseHTTPRequestHandler):
     status = 200
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
         SEEN.append(f"upstream {self.server.server_port} status {self.status} "  # type: ignore[attr-defined]
                     f"body {len(body)} B headers {sorted(k.lower() for k in self.headers)}")
@@ -64,7 +62,7 @@ def _headers(message: Any) -> dict[str, str]:
 
 
 class Processor(ep_grpc.ExternalProcessorServicer):
-    async def Process(self, requests: Any, context: Any) -> Any:  # noqa: N802
+    async def Process(self, requests: Any, context: Any) -> Any:
         role = dict(context.invocation_metadata()).get("role", "listener")
         async for request in requests:
             phase = request.WhichOneof("request")
