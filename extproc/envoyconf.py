@@ -255,7 +255,11 @@ def _circuit_breakers() -> dict[str, Any]:
                 "max_connections": limit,
                 "max_pending_requests": limit,
                 "max_requests": limit,
-                "max_retries": 3,
+                # Concurrent retries per cluster. Envoy's default (3) silently skips the retry
+                # on the next credential, and with it the failover after the last try, once
+                # more than 3 calls of one cluster fail at the same moment (a provider's 429
+                # burst). Each call's tries are bounded anyway (x-envoy-max-retries).
+                "max_retries": limit,
             }
         ]
     }

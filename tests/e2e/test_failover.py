@@ -65,6 +65,7 @@ metadata: {{name: {backup}}}
 spec:
   provider: openai
   cluster: openai
+  models: ["{model}"]  # (none would mean every model)
   aliases: {{"{model}": gpt-4o-mini}}
   priority: 6
   credentials:
