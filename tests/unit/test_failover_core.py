@@ -153,3 +153,12 @@ def test_the_route_follows_only_the_failover_redirect() -> None:
     assert policy["redirect_response_codes"] == [307]
     assert policy["response_headers_to_copy"] == [envoyconf.FAILOVER_HEADER]
     assert policy["max_internal_redirects"] == envoyconf.MAX_FAILOVERS
+
+
+def test_concurrent_retries_of_a_cluster_are_not_capped_at_envoys_default() -> None:
+    # Envoy's default circuit breaker allows 3 concurrent retries per cluster: past that, a
+    # failed try goes to the client unretried, and the failover after the last try never comes.
+    config = envoyconf.render_bootstrap(clusters=envoyconf.provider_clusters())
+    for cluster in config["static_resources"]["clusters"]:
+        for threshold in cluster.get("circuit_breakers", {}).get("thresholds", []):
+            assert threshold["max_retries"] >= 10_000
