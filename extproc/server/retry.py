@@ -125,29 +125,34 @@ class TryHandler:
         moving = live is not None and failover_due(
             live.exchange, status, int(tries) if tries.isdigit() else 1,
             int(time.time() * 1000))
+        rest: tuple[CredentialCharge, UpstreamSpec, str] | None = None
         if attempt is not None:
-            await self._rest(attempt.candidates[attempt.failed], attempt.upstream, status,
-                             headers, attempt.request_id)
+            rest = (attempt.candidates[attempt.failed], attempt.upstream, attempt.request_id)
         elif moving and live is not None and live.exchange.credential is not None:
             # A lone credential (not retried): the listener filter would have rested it, but
             # it never sees this answer now.
             exchange = live.exchange
             assert exchange.upstream is not None and exchange.credential is not None
-            await self._rest(exchange.credential, exchange.upstream, status, headers,
-                             exchange.request_id)
-        if not moving or live is None:
-            return Continue()
-        exchange = live.exchange
-        assert exchange.upstream is not None
-        log.info("request %s: upstream %s answered %d on its last try: failing over to %s",
-                 exchange.request_id, exchange.upstream.name, status, exchange.backups[0].name)
-        metrics.FAILOVERS.labels(exchange.upstream.name, str(status)).inc()
-        nonce = self.failover.hand_over(live, status)
-        return Continue(HeaderEdit(set=((":status", "307"), ("location", FAILOVER_LOCATION),
-                                        (FAILOVER_HEADER, nonce))))
+            rest = (exchange.credential, exchange.upstream, exchange.request_id)
+        decision = Continue()
+        if moving and live is not None:
+            # Handed over before any await: the call's own stream may end meanwhile (its
+            # client gone), and must then find it moved, its hold released.
+            exchange = live.exchange
+            assert exchange.upstream is not None
+            log.info("request %s: upstream %s answered %d on its last try: failing over to %s",
+                     exchange.request_id, exchange.upstream.name, status,
+                     exchange.backups[0].name)
+            metrics.FAILOVERS.labels(exchange.upstream.name, str(status)).inc()
+            nonce = self.failover.hand_over(live, status)
+            decision = Continue(HeaderEdit(set=(
+                (":status", "307"), ("location", FAILOVER_LOCATION), (FAILOVER_HEADER, nonce))))
+        if rest is not None:
+            await self._rest(*rest, status, headers)
+        return decision
 
-    async def _rest(self, failed: CredentialCharge, upstream: UpstreamSpec, status: int,
-                    headers: Mapping[str, str], request_id: str) -> None:
+    async def _rest(self, failed: CredentialCharge, upstream: UpstreamSpec, request_id: str,
+                    status: int, headers: Mapping[str, str]) -> None:
         """Cool down the credential a try failed with, when its status is one of the
         Upstream's cooldown statuses: for the provider's Retry-After, else the Upstream's
         cooldown (doubling per consecutive error)."""
