@@ -87,6 +87,14 @@ FAILED_ROLE_METADATA = ("x-tollgate-role", "failed")
 #: Request header on a pooled call that may be retried (`extproc.core.exchange.TRY_HEADER`).
 TRY_HEADER = "x-tollgate-try"
 
+#: Failover to a backup Upstream (extproc/server/failover.py): the failed-try filter turns the
+#: last failed try into a 307 carrying this header, which Envoy's internal redirect copies into
+#: the re-run request; the listener's extproc finds the call by it.
+FAILOVER_HEADER = "x-tollgate-failover"
+
+#: At most this many failovers per call (the route's `max_internal_redirects`).
+MAX_FAILOVERS = 3
+
 #: Placeholder Azure OpenAI resource host; operators pass ``--azure-host`` to set theirs.
 DEFAULT_AZURE_HOST = "YOUR-RESOURCE.openai.azure.com"
 
@@ -247,7 +255,11 @@ def _circuit_breakers() -> dict[str, Any]:
                 "max_connections": limit,
                 "max_pending_requests": limit,
                 "max_requests": limit,
-                "max_retries": 3,
+                # Concurrent retries per cluster. Envoy's default (3) silently skips the retry
+                # on the next credential, and with it the failover after the last try, once
+                # more than 3 calls of one cluster fail at the same moment (a provider's 429
+                # burst). Each call's tries are bounded anyway (x-envoy-max-retries).
+                "max_retries": limit,
             }
         ]
     }
@@ -492,7 +504,8 @@ def _failed_try_filter() -> dict[str, Any]:
     Retry-After. `match_delegate` skips it on any other status, and it sends no request
     message, so a call answered 1xx-3xx never opens its gRPC stream. Which call and credential
     it was come as attributes: the request's `x-tollgate-try` and auth headers (CEL)."""
-    headers = (TRY_HEADER, *sorted({p.auth_header for p in providers.REGISTRY}))
+    headers = (TRY_HEADER, "x-envoy-attempt-count",
+               *sorted({p.auth_header for p in providers.REGISTRY}))
     ext_proc = {
         "@type": _type_url("envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"),
         "grpc_service": {
@@ -502,6 +515,8 @@ def _failed_try_filter() -> dict[str, Any]:
         },
         "failure_mode_allow": True,  # it only rests credentials: never hold an answer for it
         "message_timeout": "1s",
+        # A failover rewrites the answer's `:status` to 307 (see _internal_redirect_policy).
+        "mutation_rules": {"allow_all_routing": True},
         "response_attributes": [f"request.headers['{h}']" for h in headers],
         "processing_mode": {
             "request_header_mode": "SKIP",
@@ -566,6 +581,21 @@ def _retry_policy() -> dict[str, Any]:
         }],
         "host_selection_retry_max_attempts": 3,
         "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+    }
+
+
+def _internal_redirect_policy() -> dict[str, Any]:
+    """Failover to a backup Upstream (docs/providers.md): the failed-try filter rewrites the
+    last failed try's answer to a 307 with `FAILOVER_HEADER`; the router then re-runs the
+    listener's filter chain with the buffered body (an upstream filter's own
+    `ImmediateResponse` would go to the client instead: Envoy sends it as a local reply).
+    The header is copied into the re-run request, where the extproc finds the call by it."""
+    return {
+        "max_internal_redirects": MAX_FAILOVERS,
+        "redirect_response_codes": [307],
+        "response_headers_to_copy": [FAILOVER_HEADER],
+        # The re-run request's scheme is never used: the extproc names cluster and path again.
+        "allow_cross_scheme_redirect": True,
     }
 
 
@@ -852,6 +882,7 @@ def _main_route_config() -> dict[str, Any]:
                             # sidecar's address the SDK used. No-op for STATIC mock clusters.
                             "auto_host_rewrite": True,
                             "retry_policy": _retry_policy(),
+                            "internal_redirect_policy": _internal_redirect_policy(),
                         },
                         # The routing header is internal: never let it reach the provider;
                         # nor the client address Envoy records (use_remote_address).

@@ -581,6 +581,28 @@ class Exchange:
         self.plan, self.reservation, self.logged = None, None, None
         return self._route(self._snapshot, now)
 
+    def fail_over(self, request_id: str, now: float) -> Decision | Reserve | None:
+        """The current Upstream's last try failed and Envoy re-runs the call (server/failover.py):
+        the call as the next backup sends it, under a new request id (the failed Upstream's
+        hold was released under the old one), or None when no backup is left. Envoy replays
+        the body and headers as the failed Upstream got them: the original body and path are
+        sent again where the backup does not rewrite them."""
+        self.request_id = request_id
+        self.status, self.due, self.settled, self.admitted = 0, None, False, False
+        self.cooldown_due, self.retries, self.proxied, self.clamped = None, 0, False, None
+        self.offline, self.reserve_maybe_ran = False, True
+        self.meter, self.translation, self.guard, self.response_policy = None, None, None, None
+        step = self.next_upstream(now)
+        proceed = step.proceed if isinstance(step, Reserve) else step
+        if not isinstance(proceed, Continue):
+            return step
+        edit = proceed.headers
+        if not any(name == ":path" for name, _ in edit.set):
+            edit = edit.plus(HeaderEdit(set=((":path", self.path),)))
+        proceed = replace(proceed, headers=edit, body=(
+            proceed.body if proceed.body is not None else self.body_in))
+        return replace(step, proceed=proceed) if isinstance(step, Reserve) else proceed
+
     def _route(self, snapshot: Snapshot, now: float) -> Decision | Reserve:
         """Everything that depends on the upstream: headers, credential pool, body rewrite,
         price and reservation plan."""
@@ -885,7 +907,8 @@ class Exchange:
         if not self.pool:
             return HeaderEdit()
         longest = max((self._auth(c)[0] for c in self.pool), key=lambda h: len(h[1]))
-        if len(self.pool) < 2 or self.options.max_retries < 1 or self.upstream is None:
+        if ((len(self.pool) < 2 or self.options.max_retries < 1) and not self.backups) or \
+                self.upstream is None:
             return HeaderEdit(set=(longest,))
         # And the retry headers (`_with_credential`), with the longest numbers they can carry.
         model = max((c.model for c in self.pool), key=len)
@@ -897,16 +920,18 @@ class Exchange:
         auth = HeaderEdit(set=tuple(self._auth(credential)))
         retryable = on_own_cluster(self.upstream, self.pool) if self.upstream is not None else []
         retries = min(len(retryable) - 1, self.options.max_retries)
-        if retries > 0 and self.plan is not None and self.upstream is not None and \
-                credential in retryable:
-            self.retries = retries
+        retried = retries > 0 and credential in retryable
+        if (retried or self.backups) and self.plan is not None and self.upstream is not None:
             # A 429/5xx/connect failure is retried by Envoy on the pool's next credential,
-            # chosen per try by the upstream filter (extproc/server/retry.py).
-            auth = auth.plus(HeaderEdit(set=(
-                (MAX_RETRIES_HEADER, str(retries)),
-                (TRY_HEADER, f"{self.request_id} {self.plan.estimate_tokens} "
-                             f"{self.plan.now_ms + self.options.retry_deadline_ms} "
-                             f"{self.upstream.name} {credential.model}"))))
+            # chosen per try by the upstream filter (extproc/server/retry.py); the last failed
+            # try fails over to a backup Upstream (server/failover.py), found by the request id.
+            sets = [(TRY_HEADER, f"{self.request_id} {self.plan.estimate_tokens} "
+                                 f"{self.plan.now_ms + self.options.retry_deadline_ms} "
+                                 f"{self.upstream.name} {credential.model}")]
+            if retried:
+                self.retries = retries
+                sets.append((MAX_RETRIES_HEADER, str(retries)))
+            auth = auth.plus(HeaderEdit(set=tuple(sets)))
         return self._to_target(replace(proceed, headers=proceed.headers.plus(auth)), credential)
 
     def _to_target(self, proceed: Continue, credential: CredentialCharge) -> Continue:

@@ -27,6 +27,7 @@ from extproc.core.decisions import Deny
 from extproc.core.exchange import (
     ANSWERED_BY_HEADER,
     TRY_HEADER,
+    Exchange,
     credential_candidates,
     on_own_cluster,
 )
@@ -90,3 +91,18 @@ def deadline_passed(attempt: Try) -> Deny:
                 f"The provider failed and no other credential could be tried before the "
                 f"retry deadline (request {attempt.request_id}).",
                 headers=(("x-envoy-overloaded", "true"), (ANSWERED_BY_HEADER, "")))
+
+
+def failover_due(exchange: Exchange, status: int, attempt: int, now_ms: int) -> bool:
+    """Whether a try's failure moves the call on to its next backup Upstream
+    (server/failover.py): a status Envoy would retry (429, 5xx), on the last try this Upstream
+    may make, with a backup left and the retry deadline not passed. A 4xx other than 429 is
+    the request's own fault: every Upstream would refuse it."""
+    plan = exchange.plan
+    return bool(
+        (status == 429 or 500 <= status <= 599)
+        and exchange.backups
+        and attempt >= exchange.retries + 1
+        and plan is not None
+        and now_ms <= plan.now_ms + exchange.options.retry_deadline_ms
+    )

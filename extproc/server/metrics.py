@@ -86,6 +86,11 @@ CRED_COOLDOWNS = Counter(
     "tollgate_credential_cooldowns_total", "Times a credential was put in cooldown.",
     ["upstream", "credential"],
 )
+FAILOVERS = Counter(
+    "tollgate_failovers_total",
+    "Calls moved on to a backup Upstream after the last try of this one failed.",
+    ["upstream", "status"],
+)
 CRED_RPM = Gauge(
     "tollgate_credential_requests_per_minute",
     "Requests in the credential's current rolling minute (as last seen by a worker).",

@@ -25,9 +25,11 @@ import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-from extproc.core.decisions import Continue, Decision, Deny
+from extproc.core.decisions import Continue, Decision, Deny, HeaderEdit
 from extproc.core.exchange import (
     LOGGED_BYTES,
+    MAX_RETRIES_HEADER,
+    TRY_HEADER,
     Exchange,
     Options,
     Reply,
@@ -47,11 +49,17 @@ from extproc.core.quota import (
 )
 from extproc.core.request import classify_path
 from extproc.core.snapshot import Snapshot
-from extproc.envoyconf import FAILED_ROLE_METADATA, METADATA_NAMESPACE, TRY_ROLE_METADATA
+from extproc.envoyconf import (
+    FAILED_ROLE_METADATA,
+    FAILOVER_HEADER,
+    METADATA_NAMESPACE,
+    TRY_ROLE_METADATA,
+)
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.server import adapter, logs, metrics, tracing
 from extproc.server.admission import LoopLag
 from extproc.server.annotations import annotate_event
+from extproc.server.failover import FailoverBoard, Live
 from extproc.server.ingest import answer_ingest
 from extproc.server.ingest import refuse as ingest_refuse
 from extproc.server.moderation import ModerationClient
@@ -123,7 +131,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         # And while the event loop runs late, new requests would only queue into Envoy's
         # message timeout: refused too (see admission.py).
         self.lag = lag
-        self.tries = TryHandler(watcher, quota)
+        # Calls with a backup Upstream, for a failover after their last failed try.
+        self.failover = FailoverBoard(release=self._release_failed)
+        self.tries = TryHandler(watcher, quota, self.failover)
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
@@ -146,6 +156,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         snapshot = self.watcher.snapshot  # one snapshot for the whole request
         answered: tuple[int, str] | None = None  # (status, details) when Tollgate answered
         counted = False  # this stream is one of self.pending
+        owner = object()  # this stream, for the failover board
+        resumed = False  # a failover's re-run of a call (server/failover.py)
         try:
             async for request in request_iterator:
                 phase = request.WhichOneof("request")
@@ -159,13 +171,23 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                         return
                     self.pending += 1
                     counted = True
-                if tracing.enabled():
+                live = self._resumed(request) if (
+                    phase == "request_headers" and self.failover.handed) else None
+                if live is not None:
+                    exchange, resumed = live.exchange, True
+                    response = self._resume_headers(request, exchange)
+                elif resumed and phase == "request_body":
+                    response = await self._resume_body(exchange, started)
+                elif tracing.enabled():
                     with tracing.span(f"ext_proc.{phase}", {"tollgate.request_id":
                                                             exchange.request_id}):
                         response = await self._handle(phase, request, exchange, snapshot,
                                                       started)
                 else:  # no span name or attributes built per message while tracing is off
                     response = await self._handle(phase, request, exchange, snapshot, started)
+                if phase == "request_body" and exchange.backups and exchange.admitted and \
+                        exchange.credential is not None and not exchange.offline:
+                    self.failover.register(exchange, owner, started)
                 metrics.observe(_PHASE_TIMERS[phase], time.perf_counter() - t0)
                 if response.HasField("immediate_response"):
                     immediate = response.immediate_response
@@ -181,15 +203,74 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         finally:
             if counted:
                 self.pending -= 1
-            due = exchange.settlement_on_abort()
-            if due is not None:
-                self.settler.settle_later(self._settle_call(exchange, due, started))
-            if exchange.path != "/" or answered is not None:  # a request, not an empty stream
-                self._access(exchange, answered, started)
-            if exchange.policy_hits and self.policy_hits is not None:
-                self.policy_hits.record(exchange.policy_hits)
-            if exchange.logged is not None and self.policy_hits is not None:
-                self.policy_hits.log_bodies(self._body_log_entry(exchange))
+            # A call that moved on to a failover's re-run stream is settled and logged there.
+            if not self.failover.leave(exchange, owner):
+                self._finish(exchange, answered, started)
+
+    def _finish(self, exchange: Exchange, answered: tuple[int, str] | None,
+                started: float) -> None:
+        due = exchange.settlement_on_abort()
+        if due is not None:
+            self.settler.settle_later(self._settle_call(exchange, due, started))
+        if exchange.path != "/" or answered is not None:  # a request, not an empty stream
+            self._access(exchange, answered, started)
+        if exchange.policy_hits and self.policy_hits is not None:
+            self.policy_hits.record(exchange.policy_hits)
+        if exchange.logged is not None and self.policy_hits is not None:
+            self.policy_hits.log_bodies(self._body_log_entry(exchange))
+
+    def _resumed(self, request: ep.ProcessingRequest) -> Live | None:
+        """The call a failover's re-run continues, named by the failover header (only looked
+        for while a hand-over is pending). An unknown nonce is a client's header: stripped
+        with the other `x-tollgate-*` ones by the normal path."""
+        for h in request.request_headers.headers.headers:
+            if h.key == FAILOVER_HEADER:
+                return self.failover.take(h.raw_value.decode("latin-1") if h.raw_value
+                                          else h.value)
+        return None
+
+    def _resume_headers(
+        self, request: ep.ProcessingRequest, exchange: Exchange
+    ) -> ep.ProcessingResponse:
+        """The re-run's headers are those the failed Upstream got: the call's own were read
+        in its first pass. What that pass added for the failed Upstream's retries goes; the
+        rest is set again for the backup in the body phase."""
+        message = request.request_headers
+        exchange.header_tally = HeaderTally(
+            (h.key, h.raw_value or h.value) for h in message.headers.headers)
+        edit = HeaderEdit(remove=(FAILOVER_HEADER, "x-envoy-original-url", TRY_HEADER,
+                                  MAX_RETRIES_HEADER))
+        exchange.header_tally.apply(edit)
+        return adapter.continue_response("request_headers", Continue(edit))
+
+    async def _resume_body(self, exchange: Exchange, started: float) -> ep.ProcessingResponse:
+        """The call as its next backup Upstream sends it: planned and reserved again (its
+        price and body may differ), under a new request id."""
+        failed = exchange.request_id
+        decision = exchange.fail_over(new_request_id(), time.time())
+        log.info("request %s continues as %s on upstream %s", failed, exchange.request_id,
+                 exchange.upstream.name if exchange.upstream else "-")
+        if decision is None:
+            decision = Deny(502, "no_backup_left", "The upstream failed and no backup was left.")
+        if isinstance(decision, Reserve):
+            decision = await self._reserve(exchange, decision, started)
+        if isinstance(decision, Deny):
+            return self._deny(exchange, decision)
+        exchange.admitted = True
+        metrics.count(metrics.labelled(metrics.REQUESTS, "allowed", "ok"))
+        response = adapter.continue_response("request_body", decision)
+        adapter.name_request(response, METADATA_NAMESPACE, exchange.request_id)
+        return response
+
+    def _release_failed(self, live: Live, status: int) -> None:
+        """A call fails over: its hold on the failed Upstream is released at zero now, as for
+        a provider error that reaches the client (the re-run reserves for the backup)."""
+        exchange = live.exchange
+        exchange.status = status
+        exchange.settled = True
+        self.settler.settle_later(self._settle_call(
+            exchange, Settlement(0, 0, status, "upstream_error"), live.started))
+        self._access(exchange, None, live.started)
 
     def _shed(self, request: ep.ProcessingRequest, exchange: Exchange) -> ep.ProcessingResponse:
         """Past capacity: a cheap JSON 503 with Retry-After now, instead of queueing until
