@@ -122,36 +122,6 @@ def no_per_try_filter(config: Config) -> None:
         options["http_filters"] = options["http_filters"][1:]
 
 
-def composite_upstream_filters(config: Config) -> None:
-    """Each upstream ext_proc behind `composite` (ExecuteFilterAction on match) instead of a
-    SkipFilter action: the ext_proc filter is only created for a try that needs it."""
-    for cluster in _provider_clusters(config):
-        options = cluster["typed_extension_protocol_options"][
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-        options["http_filters"] = [_as_composite(f) if f["name"].endswith("match_delegate")
-                                   else f for f in options["http_filters"]]
-
-
-def _as_composite(wrapped: Config) -> Config:
-    config = wrapped["typed_config"]
-    ext_proc = config["extension_config"]
-    matcher = config["xds_matcher"]["matcher_list"]["matchers"][0]
-    predicate = matcher["predicate"]
-    single = predicate.get("not_matcher", predicate)["single_predicate"]
-    if "not_matcher" not in predicate:  # skip on [123]..: execute on the others
-        single = {**single, "value_match": {"safe_regex": {"google_re2": {}, "regex": "[45].."}}}
-    execute = {"name": "execute", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3."
-                 "ExecuteFilterAction",
-        "typed_config": ext_proc}}
-    return {"name": "envoy.filters.http.match_delegate", "typed_config": {
-        "@type": config["@type"],
-        "extension_config": {"name": "composite", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"}},
-        "xds_matcher": {"matcher_list": {"matchers": [
-            {"predicate": {"single_predicate": single}, "on_match": {"action": execute}}]}}}}
-
-
 def no_request_attributes(config: Config) -> None:
     _ext_proc(config).pop("request_attributes", None)
 
@@ -215,8 +185,94 @@ def trivial_processor(config: Config) -> None:
     _ext_proc(config)["processing_mode"]["response_body_mode"] = "BUFFERED"
 
 
-#: Variants whose Envoy talks to the trivial processor instead of Tollgate's extproc.
-TRIVIAL = {"trivial_processor"}
+#: What Tollgate's extproc answers on the limits path (read from Envoy's debug log), for the
+#: `mimic` processor: which of it costs Envoy what.
+MIMIC_PARTS = ("metadata", "route", "response_headers", "response_body")
+_MIMIC_BODY = b'{"id":"x","object":"chat.completion","tollgate":{' + b'"k":"v",' * 140 + b'"e":1}}'
+
+
+def serve_mimic(port: int, off: set[str]) -> None:
+    """A processor answering the four messages as Tollgate does on the limits path (same
+    header mutations, dynamic metadata, route cache clear, mode override, a body of the same
+    size), with the parts named in `off` left out. No Redis, no parsing."""
+    import grpc
+    import uvloop
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+    overwrite = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+    def put(mutation: Any, headers: list[tuple[str, str]]) -> None:
+        for name, value in headers:
+            option = mutation.set_headers.add()
+            option.header.key = name
+            option.header.raw_value = value.encode()
+            option.append_action = overwrite
+
+    class Mimic(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+        async def Process(self, requests: Any, _context: Any) -> Any:
+            async for request in requests:
+                phase = request.WhichOneof("request")
+                response = ep.ProcessingResponse()
+                message = getattr(response, phase)
+                message.SetInParent()
+                common = message.response
+                if phase == "request_headers" and "metadata" not in off:
+                    common.header_mutation.remove_headers.append("accept-encoding")
+                    response.dynamic_metadata.fields["tollgate"].struct_value.fields[
+                        "request_id"].string_value = "92d0a166ee4dc29794e693a8b0c2ac12"
+                elif phase == "request_body":
+                    put(common.header_mutation, [("x-tollgate-cluster", "openai"),
+                                                 ("authorization", "Bearer sk-mock-openai")])
+                    if "route" not in off:
+                        common.header_mutation.remove_headers.extend(
+                            ["x-api-key", "api-key", "x-goog-api-key", "xproxy-api-key"])
+                        common.clear_route_cache = True
+                elif phase == "response_headers":
+                    if "response_headers" not in off:
+                        put(common.header_mutation, [
+                            ("x-tollgate-request-id", "92d0a166ee4dc29794e693a8b0c2ac12"),
+                            *((f"x-ratelimit-{a}-{b}", "99999999")
+                              for b in ("requests", "tokens")
+                              for a in ("limit", "remaining", "reset"))])
+                    response.mode_override.response_body_mode = 1  # BUFFERED
+                elif phase == "response_body" and "response_body" not in off:
+                    put(common.header_mutation, [
+                        ("x-tollgate-cost", "0.000004350"), ("x-tollgate-cost-input", "0.00000135"),
+                        ("x-tollgate-cost-output", "0.000003000"), ("x-tollgate-input-tokens", "9"),
+                        ("x-tollgate-output-tokens", "5"), ("x-tollgate-total-tokens", "14"),
+                        ("content-length", str(len(_MIMIC_BODY)))])
+                    common.body_mutation.body = _MIMIC_BODY
+                yield response
+
+    async def main() -> None:
+        server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 10_000)])
+        ep_grpc.add_ExternalProcessorServicer_to_server(Mimic(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    uvloop.run(main())
+
+
+def _mimic(config: Config) -> None:
+    """Tollgate's route table and config; the answers come from `serve_mimic`."""
+
+
+def _mimic_no_route(config: Config) -> None:
+    """No routing by header: the route names its cluster, nothing clears the route cache."""
+    fixed_cluster(config)
+    _main_hcm(config)["route_config"]["virtual_hosts"][0]["routes"][0]["match"].pop("headers")
+
+
+#: Variants whose Envoy talks to another processor than Tollgate's extproc: its argv.
+PROCESSORS: dict[str, list[str]] = {
+    "trivial_processor": [str(Path(__file__).parent / "ext_proc_modes.py"), "--serve"],
+    "mimic": [__file__, "--serve-mimic", "", "--serve"],
+    **{f"mimic_no_{part}": [__file__, "--serve-mimic", part, "--serve"] for part in MIMIC_PARTS},
+}
+TRIVIAL = set(PROCESSORS)
 
 VARIANTS: dict[str, Callable[[Config], None]] = {
     "base": lambda _c: None,
@@ -226,7 +282,6 @@ VARIANTS: dict[str, Callable[[Config], None]] = {
     "no_upstream_filters": no_upstream_filters,
     "no_per_try_filter": no_per_try_filter,
     "no_failed_try_filter": no_failed_try_filter,
-    "composite_upstream_filters": composite_upstream_filters,
     "no_request_attributes": no_request_attributes,
     "no_metadata": no_metadata,
     "fixed_cluster": fixed_cluster,
@@ -238,6 +293,9 @@ VARIANTS: dict[str, Callable[[Config], None]] = {
     "no_host_rewrite": no_host_rewrite,
     "all_off": all_off,
     "trivial_processor": trivial_processor,
+    "mimic": _mimic,
+    **{f"mimic_no_{part}": _mimic for part in MIMIC_PARTS},
+    "mimic_no_route": _mimic_no_route,
 }
 
 
@@ -361,7 +419,7 @@ def build_config(name: str, log_dir: Path, mock_port: int, extproc_ports: dict[s
     config = envoyconf.render_bootstrap(
         clusters=envoyconf.mock_clusters("127.0.0.1", mock_port),
         listen_port=port, admin_port=admin_port,
-        extproc_port=extproc_ports["trivial" if name in TRIVIAL else "tollgate"],
+        extproc_port=extproc_ports[name if name in TRIVIAL else "tollgate"],
         bypass_port=bypass_port, bypass_cluster="openai", reuse_port=False)
     config = copy.deepcopy(config)
     VARIANTS[name](config)
@@ -468,6 +526,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--direct", action="store_true",
                         help="also measure the bypass listener (Envoy -> upstream alone)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--serve-mimic", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cpu", action="store_true",
                         help="instead of callgrind: native Envoy's CPU time per request at a "
                              "fixed offered rate (--rate), alternating the variants")
@@ -483,6 +543,9 @@ def _terminate(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.serve:
+        serve_mimic(args.serve, set(args.serve_mimic.split(",")) - {""})
+        return 0
     signal.signal(signal.SIGTERM, _terminate)
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
@@ -510,14 +573,13 @@ def main(argv: list[str] | None = None) -> int:
             env.setdefault(secret, secret_value)
         extproc, ports = start_extproc(log_dir, redis_url, 1, env)
         processes.append(extproc)
-        trivial_port = free_port()
-        if TRIVIAL & set(names):
-            processes.append(start_process("trivial", [
-                sys.executable, str(Path(__file__).parent / "ext_proc_modes.py"),
-                "--serve", str(trivial_port)], log_dir))
+        variant_ports = {"tollgate": ports.grpc}
+        for name in TRIVIAL & set(names):
+            variant_ports[name] = free_port()
+            processes.append(start_process(name, [
+                sys.executable, *PROCESSORS[name], str(variant_ports[name])], log_dir))
         key = cli(redis_url, "keys", "create", "cost-limited").strip().splitlines()[-1]
         cli(redis_url, "apply", "-f", "-", stdin=LIMITS)
-        variant_ports = {"tollgate": ports.grpc, "trivial": trivial_port}
         if args.cpu:
             cpu_rounds(args, names, log_dir, mock_port, variant_ports, key, body_path, results)
         else:
