@@ -6,11 +6,17 @@ configuration *variant* (the generated bootstrap with one feature turned off, se
 fresh Envoy is started, warmed up, its counters zeroed (`callgrind_control -z`), driven with
 `--requests` calls of the full limits path (RPM + TPM + Block + Allow, as bench.py's `limits`)
 by h2load, and its counters dumped (`callgrind_control -d`): Envoy's instructions of that window
-divided by the requests. Deterministic to about a percent, unlike CPU time on this shared
-machine, so features can be compared one by one. `direct` is the bypass listener of the same
-Envoy (no ext_proc) for reference.
+divided by the requests. Repeatable to about 1-1.5 %, unlike CPU time on this shared machine,
+so features can be compared one by one. `--direct` adds the bypass listener of the same Envoy
+(no ext_proc) for reference. The `trivial_processor` and `mimic*` variants put another
+processor behind the same config: empty answers (bench/ext_proc_modes.py), or answers shaped
+like Tollgate's on this path with one part left out, to price Tollgate's replies in Envoy.
 
     .venv/bin/python bench/envoy_cost.py [--requests 300] [--connections 4] [--variants base,...]
+
+`--cpu` measures instead native Envoy's CPU time per request (`/proc`, utime + stime) at a
+fixed offered rate (`--rate`, h2load `--rps`), variants alternating for `--rounds`, medians:
+comparing at one rate takes out how much a wake-up of Envoy's event loop is shared.
 
 Every variant's responses are checked (all 2xx, and the cost header present on the Tollgate
 path), so a variant that broke the path is reported as broken, not as cheap. Loopback only;
@@ -198,6 +204,7 @@ def serve_mimic(port: int, off: set[str]) -> None:
     import grpc
     import uvloop
     from envoy.config.core.v3 import base_pb2
+    from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
@@ -236,7 +243,8 @@ def serve_mimic(port: int, off: set[str]) -> None:
                             *((f"x-ratelimit-{a}-{b}", "99999999")
                               for b in ("requests", "tokens")
                               for a in ("limit", "remaining", "reset"))])
-                    response.mode_override.response_body_mode = 1  # BUFFERED
+                    response.mode_override.response_body_mode = (
+                        processing_mode_pb2.ProcessingMode.BUFFERED)
                 elif phase == "response_body" and "response_body" not in off:
                     put(common.header_mutation, [
                         ("x-tollgate-cost", "0.000004350"), ("x-tollgate-cost-input", "0.00000135"),
