@@ -171,6 +171,11 @@ def no_header_removal(config: Config) -> None:
     _route(config).pop("request_headers_to_remove", None)
 
 
+def no_request_id(config: Config) -> None:
+    """No x-request-id generated per request (a UUID; Tollgate names requests itself)."""
+    _main_hcm(config)["generate_request_id"] = False
+
+
 def no_host_rewrite(config: Config) -> None:
     _route(config)["route"].pop("auto_host_rewrite", None)
 
@@ -299,6 +304,7 @@ VARIANTS: dict[str, Callable[[Config], None]] = {
     "no_timeouts": no_timeouts,
     "no_header_removal": no_header_removal,
     "no_host_rewrite": no_host_rewrite,
+    "no_request_id": no_request_id,
     "all_off": all_off,
     "trivial_processor": trivial_processor,
     "mimic": _mimic,
