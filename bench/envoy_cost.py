@@ -199,6 +199,7 @@ def trivial_processor(config: Config) -> None:
 #: What Tollgate's extproc answers on the limits path (read from Envoy's debug log), for the
 #: `mimic` processor: which of it costs Envoy what.
 MIMIC_PARTS = ("metadata", "route", "response_headers", "response_body")
+#: `merged`: the response-headers reply's headers sent with the response-body reply instead.
 _MIMIC_BODY = b'{"id":"x","object":"chat.completion","tollgate":{' + b'"k":"v",' * 140 + b'"e":1}}'
 
 
@@ -222,6 +223,10 @@ def serve_mimic(port: int, off: set[str]) -> None:
             option.header.raw_value = value.encode()
             option.append_action = overwrite
 
+    early = [("x-tollgate-request-id", "92d0a166ee4dc29794e693a8b0c2ac12"),
+             *((f"x-ratelimit-{a}-{b}", "99999999")
+               for b in ("requests", "tokens") for a in ("limit", "remaining", "reset"))]
+
     class Mimic(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         async def Process(self, requests: Any, _context: Any) -> Any:
             async for request in requests:
@@ -242,12 +247,8 @@ def serve_mimic(port: int, off: set[str]) -> None:
                             ["x-api-key", "api-key", "x-goog-api-key", "xproxy-api-key"])
                         common.clear_route_cache = True
                 elif phase == "response_headers":
-                    if "response_headers" not in off:
-                        put(common.header_mutation, [
-                            ("x-tollgate-request-id", "92d0a166ee4dc29794e693a8b0c2ac12"),
-                            *((f"x-ratelimit-{a}-{b}", "99999999")
-                              for b in ("requests", "tokens")
-                              for a in ("limit", "remaining", "reset"))])
+                    if not off & {"response_headers", "merged"}:
+                        put(common.header_mutation, early)
                     response.mode_override.response_body_mode = (
                         processing_mode_pb2.ProcessingMode.BUFFERED)
                 elif phase == "response_body" and "response_body" not in off:
@@ -255,7 +256,8 @@ def serve_mimic(port: int, off: set[str]) -> None:
                         ("x-tollgate-cost", "0.000004350"), ("x-tollgate-cost-input", "0.00000135"),
                         ("x-tollgate-cost-output", "0.000003000"), ("x-tollgate-input-tokens", "9"),
                         ("x-tollgate-output-tokens", "5"), ("x-tollgate-total-tokens", "14"),
-                        ("content-length", str(len(_MIMIC_BODY)))])
+                        ("content-length", str(len(_MIMIC_BODY))),
+                        *(early if "merged" in off else [])])
                     common.body_mutation.body = _MIMIC_BODY
                 yield response
 
@@ -284,6 +286,7 @@ PROCESSORS: dict[str, list[str]] = {
     "trivial_processor": [str(Path(__file__).parent / "ext_proc_modes.py"), "--serve"],
     "mimic": [__file__, "--serve-mimic", "", "--serve"],
     **{f"mimic_no_{part}": [__file__, "--serve-mimic", part, "--serve"] for part in MIMIC_PARTS},
+    "mimic_merged": [__file__, "--serve-mimic", "merged", "--serve"],
 }
 TRIVIAL = set(PROCESSORS)
 
@@ -310,6 +313,7 @@ VARIANTS: dict[str, Callable[[Config], None]] = {
     "mimic": _mimic,
     **{f"mimic_no_{part}": _mimic for part in MIMIC_PARTS},
     "mimic_no_route": _mimic_no_route,
+    "mimic_merged": _mimic,
 }
 
 
