@@ -29,13 +29,20 @@ _MODES = {
 }
 
 
-def header_map(http_headers: Any) -> dict[str, str]:
-    """Lower-case name -> value. Values arrive in `raw_value` bytes (Envoy >= 1.27)."""
-    out: dict[str, str] = {}
-    for h in http_headers.headers.headers:
-        raw = h.raw_value
-        out[h.key] = raw.decode("latin-1") if raw else h.value
-    return out
+def header_entries(http_headers: Any) -> list[tuple[str, bytes]]:
+    """Every entry as Envoy sent it (duplicates and pseudo-headers too), values as bytes. Each
+    protobuf attribute read costs a lookup and a new Python object: read them once, here."""
+    return [(h.key, h.raw_value or h.value.encode("latin-1", "replace"))
+            for h in http_headers.headers.headers]
+
+
+def header_map(http_headers: Any, entries: list[tuple[str, bytes]] | None = None,
+               ) -> dict[str, str]:
+    """Lower-case name -> value. Values arrive in `raw_value` bytes (Envoy >= 1.27); older
+    Envoys sent `value`. `entries`: `header_entries(http_headers)`, when already read."""
+    if entries is None:
+        entries = header_entries(http_headers)
+    return {name: value.decode("latin-1") for name, value in entries}
 
 
 ATTRIBUTES = "envoy.filters.http.ext_proc"  # the key Envoy files ext_proc attributes under
