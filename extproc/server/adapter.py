@@ -166,6 +166,11 @@ def continue_response(phase: str, decision: Continue) -> ep.ProcessingResponse:
     return response
 
 
+# "Go on unchanged" for a chunk of a streamed body: one message shared by every such reply
+# (most of a stream's chunks), never modified after this line.
+UNCHANGED_RESPONSE_BODY = continue_response("response_body", Continue())
+
+
 def immediate_response(
     status: int,
     body: bytes,

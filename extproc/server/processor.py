@@ -289,7 +289,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self, request: ep.ProcessingRequest, exchange: Exchange, started: float
     ) -> ep.ProcessingResponse:
         message = request.response_body
-        step = exchange.on_stream_chunk(message.body, message.end_of_stream)
+        body = message.body  # each read of a bytes field copies it out of the message
+        step = exchange.on_stream_chunk(body, message.end_of_stream)
         data = step.forward
         if step.finished:
             due = exchange.take_due()
@@ -299,8 +300,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             else:
                 statuses = None
             data += exchange.stream_closing(statuses)
-        if data == message.body:
-            return adapter.continue_response("response_body", Continue())
+        if data == body:
+            return adapter.UNCHANGED_RESPONSE_BODY
         return adapter.continue_response("response_body", Continue(body=data,
                                                                    streamed_chunk=True))
 
