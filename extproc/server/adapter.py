@@ -61,8 +61,27 @@ def client_address(request: Any) -> str:
 
 def name_request(response: ep.ProcessingResponse, namespace: str, request_id: str) -> None:
     """Put the request id into Envoy's dynamic metadata, for the errors Envoy makes itself."""
-    response.dynamic_metadata.fields[namespace].struct_value.fields[
-        "request_id"].string_value = request_id
+    raw = request_id.encode()
+    prefix = _NAMING.get((namespace, len(raw)))
+    if prefix is None:
+        prefix = _naming_prefix(namespace, len(raw))
+    response.dynamic_metadata.MergeFromString(prefix + raw)
+
+
+# The metadata above as wire bytes: everything before the id depends only on the namespace and
+# the id's length (ids have one length), so it is serialized once by the protobuf API, with a
+# stand-in id, and reused (three nested map writes a request through the API cost ~4x more).
+_NAMING: dict[tuple[str, int], bytes] = {}
+
+
+def _naming_prefix(namespace: str, size: int) -> bytes:
+    metadata = ep.ProcessingResponse().dynamic_metadata
+    metadata.fields[namespace].struct_value.fields["request_id"].string_value = "x" * size
+    whole = metadata.SerializeToString()
+    prefix = whole[:-size] if size else whole
+    if len(_NAMING) < 64:
+        _NAMING[namespace, size] = prefix
+    return prefix
 
 
 # A HeaderMutation is written as protobuf wire bytes and merged in with one MergeFromString:

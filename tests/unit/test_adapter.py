@@ -42,3 +42,16 @@ def test_mutation_bytes_are_what_protobuf_writes(edit: HeaderEdit) -> None:
     assert [(o.header.key, o.header.raw_value) for o in parsed.set_headers] == [
         (n, v.encode("latin-1", "replace")) for n, v in edit.set]
     assert list(parsed.remove_headers) == list(edit.remove)
+
+
+@pytest.mark.parametrize("request_id", ["7a3712a215a9027432748af455eb80d1", "", "r" * 300, "é-id"])
+def test_request_named_in_dynamic_metadata(request_id: str) -> None:
+    response = ep.ProcessingResponse()
+    adapter.name_request(response, "tollgate", request_id)
+    adapter.name_request(ep.ProcessingResponse(), "tollgate", request_id)  # the kept prefix
+    again = ep.ProcessingResponse()
+    adapter.name_request(again, "tollgate", request_id)
+    for named in (response, again):
+        fields = named.dynamic_metadata.fields["tollgate"].struct_value.fields
+        assert fields.keys() == {"request_id"}
+        assert fields["request_id"].string_value == request_id
