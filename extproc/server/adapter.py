@@ -77,7 +77,7 @@ _NAMING: dict[tuple[str, int], bytes] = {}
 def _naming_prefix(namespace: str, size: int) -> bytes:
     metadata = ep.ProcessingResponse().dynamic_metadata
     metadata.fields[namespace].struct_value.fields["request_id"].string_value = "x" * size
-    whole = metadata.SerializeToString()
+    whole: bytes = metadata.SerializeToString()
     prefix = whole[:-size] if size else whole
     if len(_NAMING) < 64:
         _NAMING[namespace, size] = prefix
