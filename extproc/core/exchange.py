@@ -211,6 +211,7 @@ class Exchange:
         "cooldown_due",
         "credential",
         "due",
+        "event_head",
         "facts",
         "forwardable_headers",
         "guard",
@@ -323,6 +324,9 @@ class Exchange:
         # Headers as Envoy counts them (set by the edge when it has them): a request that
         # Envoy would fail after our edits is refused before anything is reserved.
         self.header_tally: HeaderTally | None = None
+        # The usage event's fields fixed once routed, serialized, for the upstream they were
+        # made for (the edge builds the event twice for a reserved request; server/processor).
+        self.event_head: tuple[object, bytes] | None = None
 
     @property
     def holds_reservation(self) -> bool:

@@ -22,31 +22,43 @@ ENVOY_MAX_HEADERS_KB = 60  # Envoy's default max_request_headers_kb
 class HeaderTally:
     """Entries and bytes of a header map as Envoy counts them, kept up to date across edits."""
 
-    __slots__ = ("bytes", "entries", "sizes")
+    __slots__ = ("_headers", "_sizes", "bytes", "entries")
 
     def __init__(self, headers: Iterable[tuple[str, str | bytes]]) -> None:
         # A value may be Envoy's raw bytes: only its length counts (latin-1, one byte a char).
-        self.sizes: dict[str, tuple[int, int]] = {}  # name -> (entries, bytes)
-        for name, value in headers:
-            entries, size = self.sizes.get(name, (0, 0))
-            self.sizes[name] = (entries + 1, size + len(name) + len(value))
-        self.entries = sum(e for e, _ in self.sizes.values())
-        self.bytes = sum(b for _, b in self.sizes.values())
+        # Only the totals are computed here: the per-name table is needed only when an edit is
+        # applied (`sizes`, built then), and most requests are checked on the totals alone.
+        self._headers = headers if isinstance(headers, list) else list(headers)
+        self._sizes: dict[str, tuple[int, int]] | None = None
+        self.entries = len(self._headers)
+        self.bytes = sum([len(name) + len(value) for name, value in self._headers])
+
+    @property
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        """Name -> (entries, bytes)."""
+        if self._sizes is None:
+            sizes: dict[str, tuple[int, int]] = {}
+            for name, value in self._headers:
+                entries, size = sizes.get(name, (0, 0))
+                sizes[name] = (entries + 1, size + len(name) + len(value))
+            self._sizes, self._headers = sizes, []
+        return self._sizes
 
     def apply(self, edit: HeaderEdit) -> None:
+        sizes = self.sizes
         for name in edit.remove:
-            entries, size = self.sizes.pop(name, (0, 0))
+            entries, size = sizes.pop(name, (0, 0))
             self.entries -= entries
             self.bytes -= size
         for name, value in edit.set:  # sets overwrite: one entry of that name remains
-            entries, size = self.sizes.get(name, (0, 0))
+            entries, size = sizes.get(name, (0, 0))
             self.entries += 1 - entries
             self.bytes += len(name) + len(value) - size
-            self.sizes[name] = (1, len(name) + len(value))
+            sizes[name] = (1, len(name) + len(value))
 
     def after(self, edit: HeaderEdit) -> HeaderTally:
-        copy = HeaderTally(())
-        copy.sizes, copy.entries, copy.bytes = dict(self.sizes), self.entries, self.bytes
+        copy = HeaderTally([])
+        copy._sizes, copy.entries, copy.bytes = dict(self.sizes), self.entries, self.bytes
         copy.apply(edit)
         return copy
 

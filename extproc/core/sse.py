@@ -27,6 +27,12 @@ class SseEvent:
 
 
 def parse_event(raw: bytes) -> SseEvent:
+    # Nearly every event of a provider's stream is one `data:` line ended by LF LF: read it
+    # without splitting into lines (this runs once per event of every stream).
+    if (raw.startswith(b"data:") and raw.endswith(b"\n\n") and raw.find(b"\n") == len(raw) - 2
+            and b"\r" not in raw):
+        value = raw[5:-2]
+        return SseEvent(raw, "", value[1:] if value.startswith(b" ") else value)
     name = ""
     data: list[bytes] = []
     for line in _LINE_END.split(raw):
@@ -54,6 +60,11 @@ class SseSplitter:
 
     def feed(self, chunk: bytes, final: bool = False) -> list[SseEvent]:
         """Complete events in `chunk` and what came before it. `final`: nothing follows."""
+        if (not self._buffer and chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2
+                and b"\r" not in chunk):
+            # The usual chunk: exactly one whole event (its only blank line is at its end).
+            self._scanned = 0
+            return [parse_event(chunk)]
         buffer = self._buffer + chunk
         events: list[SseEvent] = []
         start = 0

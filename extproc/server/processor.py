@@ -372,7 +372,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self, request: ep.ProcessingRequest, exchange: Exchange, started: float
     ) -> ep.ProcessingResponse:
         message = request.response_body
-        step = exchange.on_stream_chunk(message.body, message.end_of_stream)
+        body = message.body  # each read of a bytes field copies it out of the message
+        step = exchange.on_stream_chunk(body, message.end_of_stream)
         data = step.forward
         if step.finished:
             due = exchange.take_due()
@@ -382,8 +383,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             else:
                 statuses = None
             data += exchange.stream_closing(statuses)
-        if data == message.body:
-            return adapter.continue_response("response_body", Continue())
+        if data == body:
+            return adapter.UNCHANGED_RESPONSE_BODY
         return adapter.continue_response("response_body", Continue(body=data,
                                                                    streamed_chunk=True))
 
@@ -391,7 +392,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self, request: ep.ProcessingRequest, exchange: Exchange, snapshot: Snapshot
     ) -> ep.ProcessingResponse:
         message = request.request_headers
-        headers = adapter.header_map(message)
+        entries = adapter.header_entries(message)
+        headers = adapter.header_map(message, entries)
         presented = find_key(headers)
         record = await self.keys.resolve(snapshot, presented) if presented else None
         client_ip = adapter.client_address(request)
@@ -401,8 +403,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                         "source.address): every request shares one `per: ip` window")
         # Every entry as Envoy counts it (duplicates and pseudo-headers too).
         # Sizes only: a raw value's byte length is its latin-1 length (no decoding needed).
-        exchange.header_tally = HeaderTally(
-            (h.key, h.raw_value or h.value) for h in message.headers.headers)
+        exchange.header_tally = HeaderTally(entries)
         decision = exchange.on_request_headers(
             headers, presented, record, snapshot, message.end_of_stream, time.time(),
             client_ip=client_ip,
@@ -600,8 +601,45 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         return adapter.deny_response(deny, exchange.error_body(deny), exchange.deny_headers())
 
     def _event(self, exchange: Exchange, due: Settlement, started: float) -> bytes:
-        key, facts, upstream, priced = (exchange.key, exchange.facts, exchange.upstream,
-                                        exchange.priced)
+        """The usage event, serialized. A reserved request needs it twice (the sweeper's copy at
+        reserve time, the real one at settlement): the fields that never change after routing
+        are serialized once per upstream tried (`_event_head`) and the rest appended. Two
+        serialized messages concatenated parse as one message with the fields of both (the
+        protobuf wire format's merge rule; the two parts share no field)."""
+        head = exchange.event_head
+        if head is None or head[0] is not exchange.upstream:
+            head = exchange.event_head = (exchange.upstream, self._event_head(exchange))
+        priced = exchange.priced
+        hits = exchange.policy_hits
+        real = priced is not None and due.reason in ("priced", "stream_cut")
+        event = usage_pb2.UsageEvent(
+            status=due.status,
+            latency_ms=int((time.monotonic() - started) * 1000),
+            timestamp_ms=int(time.time() * 1000),
+            priced=real and priced.priced,  # type: ignore[union-attr]
+        )
+        if hits:
+            event.policies.extend([
+                usage_pb2.PolicyHit(policy=h.policy, rule=h.rule, action=h.action, side=h.side,
+                                    count=h.count) for h in hits])
+        if real:
+            assert priced is not None
+            u, c = priced.usage, priced.cost
+            event.tokens.CopyFrom(usage_pb2.TokenCounts(
+                input=u.input, output=u.output, cached_input=u.cached_input,
+                cache_write=u.cache_write, reasoning=u.reasoning))
+            event.cost.CopyFrom(cost_message(c.input_nanos, c.output_nanos))
+        else:
+            event.tokens.input = due.tokens
+            event.cost.total_nanos = due.cost_nanos  # an estimate or 0: no parts to tell
+            event.cost.total_micros = nanos_to_micros(due.cost_nanos)
+        raw: bytes = head[1] + event.SerializeToString()
+        return raw
+
+    @staticmethod
+    def _event_head(exchange: Exchange) -> bytes:
+        """The event's fields known once the request is routed (who, what, where)."""
+        key, facts, upstream = exchange.key, exchange.facts, exchange.upstream
         assert key is not None and facts is not None
         event = usage_pb2.UsageEvent(
             request_id=exchange.request_id,
@@ -613,27 +651,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             provider=upstream.provider if upstream else "",
             upstream=upstream.name if upstream else "",
             endpoint=facts.endpoint.value,
-            status=due.status,
-            latency_ms=int((time.monotonic() - started) * 1000),
-            timestamp_ms=int(time.time() * 1000),
-            priced=priced is not None and priced.priced and due.reason in ("priced",
-                                                                           "stream_cut"),
             streamed=facts.stream,
-            policies=[usage_pb2.PolicyHit(policy=h.policy, rule=h.rule, action=h.action,
-                                          side=h.side, count=h.count)
-                      for h in exchange.policy_hits],
         )
         annotate_event(event, exchange.annotations)
-        if priced is not None and due.reason in ("priced", "stream_cut"):
-            u, c = priced.usage, priced.cost
-            event.tokens.CopyFrom(usage_pb2.TokenCounts(
-                input=u.input, output=u.output, cached_input=u.cached_input,
-                cache_write=u.cache_write, reasoning=u.reasoning))
-            event.cost.CopyFrom(cost_message(c.input_nanos, c.output_nanos))
-        else:
-            event.tokens.input = due.tokens
-            event.cost.total_nanos = due.cost_nanos  # an estimate or 0: no parts to tell
-            event.cost.total_micros = nanos_to_micros(due.cost_nanos)
         raw: bytes = event.SerializeToString()
         return raw
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from extproc.core.providers import parse_response_usage
 from extproc.core.providers.anthropic import usage_from_anthropic
@@ -587,3 +589,24 @@ def test_usage_so_far_zero_reported_input_falls_back_to_estimate() -> None:
     meter = StreamMeter(Endpoint.CHAT, hide_usage_chunk=False)
     meter.feed(data, end_of_stream=False)
     assert meter.usage_so_far(33) == Usage(input=33, output=4)
+
+
+_LINE = st.sampled_from([b"data: x", b"data:y", b"data", b"event: e", b": note", b"data: {\"a\":1}",
+                         b"id: 7", b""])
+_END = st.sampled_from([b"\n", b"\r\n", b"\r"])
+
+
+@given(st.lists(st.tuples(st.lists(st.tuples(_LINE, _END), max_size=4), _END), max_size=6),
+       st.integers(min_value=1, max_value=9))
+def test_one_event_chunks_parse_like_any_chunking(
+        events: list[tuple[list[tuple[bytes, bytes]], bytes]], size: int) -> None:
+    """The one-event-per-chunk fast path gives what splitting arbitrary chunks gives."""
+    raws = [b"".join(line + end for line, end in lines) + end for lines, end in events]
+    whole = SseSplitter()
+    by_event = [e for raw in raws for e in whole.feed(raw)] + whole.feed(b"", final=True)
+    data = b"".join(raws)
+    by_piece, splitter = split_all(data, size)
+    by_piece += splitter.feed(b"", final=True)
+    assert [(e.raw, e.event, e.data) for e in by_event] == [
+        (e.raw, e.event, e.data) for e in by_piece]
+    assert whole.take_rest() == splitter.take_rest()
