@@ -1,0 +1,124 @@
+"""The pipelined connection the scripts use (store/pipelined.py), against a real Redis: replies
+reach the right callers under concurrency, errors and cancellations leave the connection in step,
+a stalled Redis costs a call its timeout and no more, and a restarted Redis (scripts flushed) is
+reconnected to without a lost or doubled reservation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from extproc.core.quota import ReservationPlan
+from extproc.store.keyschema import KeySchema
+from extproc.store.quota_store import QuotaStore
+from extproc.store.redis_store import StoreUnavailable, connect, pipelined
+from tests.conftest import OwnRedis
+
+pytestmark = pytest.mark.redis
+
+
+def _plan(rid: str) -> ReservationPlan:
+    return ReservationPlan(request_id=rid, now_ms=int(time.time() * 1000),
+                           hold_deadline_ms=int(time.time() * 1000) + 60_000,
+                           estimate_nanos=1000, estimate_tokens=10, limits=(), windows=(),
+                           leases=())
+
+
+async def test_concurrent_calls_get_their_own_replies(own_redis: OwnRedis) -> None:
+    client = connect(own_redis.url, 2.0)
+    connection = pipelined(client)
+    assert connection is not None
+    try:
+        values = [f"v{i}-{uuid.uuid4().hex}" for i in range(300)]
+        # Written in the same loop turns, answered in order, each to its own caller.
+        replies = await asyncio.gather(*(connection.call("ECHO", v) for v in values))
+        assert [r.decode() for r in replies] == values
+        # A batch gets its replies in order, Redis' errors among them as values.
+        batch = await connection.call_many([("SET", "pl-a", "1"), ("INCR", "pl-count"),
+                                            ("HSET", "pl-a", "f", "1"), ("GET", "pl-a")])
+        assert batch[:2] == [b"OK", 1] and isinstance(batch[2], ResponseError)
+        assert batch[3] == b"1"
+        # A single call's error reply is raised; the connection stays in step.
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await connection.call("HSET", "pl-a", "f", "1")
+        assert await connection.call("ECHO", "after") == b"after"
+    finally:
+        await client.aclose()
+
+
+async def test_a_cancelled_call_does_not_shift_the_replies(own_redis: OwnRedis) -> None:
+    client = connect(own_redis.url, 2.0)
+    connection = pipelined(client)
+    assert connection is not None
+    try:
+        slow = asyncio.create_task(connection.call("EVAL", "return redis.call('ECHO', 'slow')", 0))
+        fast = [asyncio.create_task(connection.call("ECHO", f"f{i}")) for i in range(20)]
+        await asyncio.sleep(0)
+        slow.cancel()  # its reply still comes, and must be skipped
+        assert [r.decode() for r in await asyncio.gather(*fast)] == [f"f{i}" for i in range(20)]
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert await connection.call("ECHO", "next") == b"next"
+    finally:
+        await client.aclose()
+
+
+async def test_a_stalled_redis_costs_the_timeout_then_the_connection_recovers(
+    own_redis: OwnRedis,
+) -> None:
+    """SIGSTOP: the oldest call times out after the client timeout, the ones behind it fail
+    with it (their replies would come later still), nothing waits longer; after SIGCONT the
+    next call connects afresh and late replies of the dropped connection reach nobody."""
+    client = connect(own_redis.url, 0.3)
+    connection = pipelined(client)
+    assert connection is not None and own_redis.proc is not None
+    try:
+        assert await connection.call("SET", "pl-stall", "0")
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)  # our own redis-server, by PID
+        try:
+            started = time.monotonic()
+            outcomes = await asyncio.gather(
+                *(connection.call("INCR", "pl-stall") for _ in range(10)),
+                return_exceptions=True)
+            waited = time.monotonic() - started
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        assert isinstance(outcomes[0], RedisTimeoutError)
+        assert all(isinstance(o, RedisConnectionError) for o in outcomes[1:])
+        assert 0.25 < waited < 1.5
+        # Redis ran what it had received before the stall was noticed (at most all ten: the
+        # scripts' idempotency covers this); what we read now is its own answer, not a stale one.
+        value = int(await connection.call("GET", "pl-stall"))
+        assert 0 <= value <= 10
+        assert await connection.call("INCR", "pl-stall") == value + 1
+    finally:
+        await client.aclose()
+
+
+async def test_reserve_survives_a_redis_restart_with_its_scripts_gone(
+    own_redis: OwnRedis,
+) -> None:
+    """Restart: the call in flight fails (StoreUnavailable, as before), the next one reconnects,
+    finds the script cache empty (NOSCRIPT), loads the script and reserves once."""
+    client = connect(own_redis.url, 1.0)
+    quota = QuotaStore(client, KeySchema("pl-restart"), stream_maxlen=100)
+    try:
+        assert (await quota.reserve(_plan("before"), b"e"))[0] == 1
+        own_redis.stop()
+        with pytest.raises(StoreUnavailable):
+            await quota.reserve(_plan("during"), b"e")
+        own_redis.start()  # empty: no keys, no scripts
+        quota.breaker.success()  # the breaker's own timing is tested in test_breaker.py
+        assert (await quota.reserve(_plan("after"), b"e"))[0] == 1
+        assert await client.zcard(quota.keys.holds) == 1
+        assert await client.exists(quota.keys.hold("after")) == 1
+    finally:
+        await client.aclose()
