@@ -19,11 +19,11 @@ What stays as it was with redis-py's pool:
   TLS or unix socket, AUTH, SELECT, its connect timeout); only then is its transport handed to
   this protocol.
 * Each call waits at most the pool's socket timeout, then raises redis-py's `TimeoutError`. As
-  redis-py disconnects a connection whose reply is late, the connection is then dropped: every
-  call still waiting on it fails with `ConnectionError` (its reply would come after the late one
-  anyway), and the next call connects afresh. Redis still runs what it had received (a stalled
-  Redis resumes): the scripts are idempotent per request id and settle.lua cancels a late
-  reserve, exactly as before.
+  redis-py discards a connection whose reply is late, the connection then takes no new call (the
+  next one connects afresh); the calls already on it keep their own deadlines (a Redis that was
+  only slow answers them), and it is closed once none is left waiting. Redis still runs what it
+  had received (a stalled Redis resumes): the scripts are idempotent per request id and
+  settle.lua cancels a late reserve, exactly as before.
 * Any error of the transport becomes redis-py's `ConnectionError` (what `REDIS_DOWN` catches,
   as `_TransportErrors` does for the pool's connections); Redis' error replies become redis-py's
   exceptions (`NoScriptError`, `ResponseError`), parsed by redis-py's own parser table.
@@ -69,6 +69,7 @@ class _Link(asyncio.Protocol):
         self.timeout_s = timeout_s
         self.where = where
         self.closed = False
+        self.stale = False  # a reply came too late: no new calls, closed when none wait
         self.loop = asyncio.get_running_loop()
         self.reader = hiredis.Reader(protocolError=InvalidResponse,
                                      replyError=BaseParser.parse_error, notEnoughData=_NOT_READY)
@@ -108,6 +109,8 @@ class _Link(asyncio.Protocol):
                 self.drop(RedisConnectionError(f"bad reply from {self.where}: {exc}"))
                 return
             if reply is _NOT_READY:
+                if self.stale and not waiting:
+                    self.drop(RedisConnectionError(f"connection to {self.where} retired"))
                 return
             if not waiting:  # a reply nobody asked for: the stream is out of step
                 self.drop(RedisConnectionError(f"unexpected reply from {self.where}"))
@@ -131,11 +134,13 @@ class _Link(asyncio.Protocol):
                     head.future.set_result(replies)
 
     def _expire(self, future: asyncio.Future[Any]) -> None:
-        if future.done():
-            return  # the caller was cancelled; its reply, when it comes, is skipped
-        future.set_exception(RedisTimeoutError(f"Timeout reading from {self.where}"))
-        self.drop(RedisConnectionError(
-            f"connection to {self.where} dropped: a reply took over {self.timeout_s} s"))
+        # A future already done was cancelled by its caller; its reply, if it comes, is skipped.
+        if not future.done():
+            future.set_exception(RedisTimeoutError(f"Timeout reading from {self.where}"))
+            self.stale = True
+        if self.stale and all(w.future.done() for w in self.waiting):
+            self.drop(RedisConnectionError(
+                f"connection to {self.where} dropped: a reply took over {self.timeout_s} s"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.drop(RedisConnectionError(
@@ -169,14 +174,14 @@ class PipelinedConnection:
     async def call(self, *args: Any) -> Any:
         """One command; its reply, or the error Redis answered raised as redis-py's."""
         link = self._link
-        if link is None or link.closed:
+        if link is None or link.closed or link.stale:
             link = await self._connected()
         return await link.send([_pack(args)])
 
     async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Several commands written at once; their replies, Redis' errors as values."""
         link = self._link
-        if link is None or link.closed:
+        if link is None or link.closed or link.stale:
             link = await self._connected()
         replies: list[Any] = await link.send([_pack(c) for c in commands])
         return replies
