@@ -40,7 +40,7 @@ from typing import Any
 import hiredis
 from redis._parsers.base import BaseParser
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse
+from redis.exceptions import DataError, InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _NOT_READY = object()  # hiredis' "no complete reply buffered yet" (RESP2 has no False reply)
@@ -216,7 +216,10 @@ class PipelinedConnection:
 
 
 def _pack(args: tuple[Any, ...]) -> bytes:
-    packed: bytes = hiredis.pack_command(args)
+    try:
+        packed: bytes = hiredis.pack_command(args)
+    except TypeError as exc:  # an argument of a type Redis cannot take: redis-py's error
+        raise DataError(f"cannot send {args[0]!r}: {exc}") from exc
     return packed
 
 

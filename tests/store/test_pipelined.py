@@ -8,18 +8,22 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 import uuid
+from pathlib import Path
 
 import pytest
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from extproc.core.quota import ReservationPlan
+from extproc.launch import find_redis_binary, free_port, start_process, wait_until
 from extproc.store.keyschema import KeySchema
 from extproc.store.quota_store import QuotaStore
 from extproc.store.redis_store import StoreUnavailable, connect, pipelined
 from tests.conftest import OwnRedis
+from tests.e2e.test_listener_tls import make_ca
 
 pytestmark = pytest.mark.redis
 
@@ -145,3 +149,52 @@ async def test_a_late_reply_costs_only_its_own_call(own_redis: OwnRedis) -> None
         assert len(clients) <= 2  # the old connection was closed once nothing waited on it
     finally:
         await client.aclose()
+
+
+async def test_an_argument_redis_cannot_take_is_a_redis_error(own_redis: OwnRedis) -> None:
+    """As with redis-py: a store error (StoreUnavailable upstream), not a crash of the caller."""
+    client = connect(own_redis.url, 2.0)
+    connection = pipelined(client)
+    assert connection is not None
+    try:
+        with pytest.raises(DataError):
+            await connection.call("SET", "pl-bad", None)
+        assert await connection.call("ECHO", "still") == b"still"
+    finally:
+        await client.aclose()
+
+
+async def test_reserve_over_tls(tmp_path: Path) -> None:
+    """`rediss://`: redis-py's TLS connection is set up, then its transport carries the
+    pipelined calls (reserve, settle batch) like a plain one."""
+    binary = find_redis_binary(prefer_embedded=False)
+    assert binary is not None
+    issued = make_ca("127.0.0.1")
+    (tmp_path / "cert.pem").write_bytes(issued.cert_pem)
+    (tmp_path / "key.pem").write_bytes(issued.key_pem)
+    port = free_port()
+    proc = start_process("redis-tls", [
+        binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--tls-cert-file", str(tmp_path / "cert.pem"), "--tls-key-file", str(tmp_path / "key.pem"),
+        "--tls-ca-cert-file", str(tmp_path / "cert.pem"), "--tls-auth-clients", "no"], tmp_path)
+    client = connect(f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none", 2.0)
+    try:
+        def up() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(up, proc, 10, "starting")
+        quota = QuotaStore(client, KeySchema("pl-tls"), stream_maxlen=100)
+        replies = await asyncio.gather(*(quota.reserve(_plan(f"tls-{i}"), b"e")
+                                         for i in range(20)))
+        assert all(r[0] == 1 for r in replies)
+        await quota.settle_many([quota.settle_call(None, 10, 1, b"e", False, request_id=f"u{i}")
+                                 for i in range(5)])
+        assert await client.zcard(quota.keys.holds) == 20
+        assert await client.xlen(quota.keys.usage_stream) == 5
+    finally:
+        await client.aclose()
+        proc.stop()
