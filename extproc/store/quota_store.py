@@ -30,7 +30,14 @@ from extproc.core.pricing import MAX_AMOUNT_NANOS
 from extproc.core.quota import BUCKET_MS, BUCKETS, CredentialCharge, ReservationPlan
 from extproc.store import rollup
 from extproc.store.keyschema import KeySchema
-from extproc.store.redis_store import REDIS_DOWN, StoreRejected, StoreUnavailable, is_cluster_client
+from extproc.store.pipelined import PipelinedConnection
+from extproc.store.redis_store import (
+    REDIS_DOWN,
+    StoreRejected,
+    StoreUnavailable,
+    is_cluster_client,
+    pipelined,
+)
 
 
 def _lua(name: str) -> str:
@@ -175,6 +182,9 @@ class QuotaStore:
         self.stream_maxlen = stream_maxlen
         self.breaker = CircuitBreaker()
         self._cluster = is_cluster_client(self.background)  # asked once, not per batch
+        # The scripts' own connections (store/pipelined.py); None: redis-py's path (Cluster).
+        self._hot = pipelined(client)
+        self._slow = pipelined(self.background)
         self._reserve = client.register_script(_lua("reserve.lua"))
         self._settle = client.register_script(_lua("settle.lua"))
         self._cooldown = client.register_script(_lua("cooldown.lua"))
@@ -187,14 +197,14 @@ class QuotaStore:
     ) -> list[Any]:
         if background:
             try:
-                return list(await script(keys=keys, args=args, client=self.background))
+                return list(await self._eval(self._slow, self.background, script, keys, args))
             except ResponseError as exc:
                 raise StoreRejected(str(exc)) from exc
             except REDIS_DOWN as exc:
                 raise StoreUnavailable(str(exc)) from exc
         self.breaker.check()
         try:
-            reply = await script(keys=keys, args=args)
+            reply = await self._eval(self._hot, self.redis, script, keys, args)
         except ResponseError as exc:
             raise StoreRejected(str(exc)) from exc
         except REDIS_DOWN as exc:
@@ -202,6 +212,19 @@ class QuotaStore:
             raise StoreUnavailable(str(exc)) from exc
         self.breaker.success()
         return list(reply)
+
+    @staticmethod
+    async def _eval(connection: PipelinedConnection | None, client: aioredis.Redis,
+                    script: Any, keys: list[str], args: list[Any]) -> Any:
+        if connection is None:
+            return await script(keys=keys, args=args, client=client)
+        try:
+            return await connection.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Redis lost its script cache (restart, SCRIPT FLUSH): load it and call again, as
+            # redis-py's Script does.
+            await connection.call("SCRIPT", "LOAD", script.script)
+            return await connection.call("EVALSHA", script.sha, len(keys), *keys, *args)
 
     # -- reserve ---------------------------------------------------------------------------
 
@@ -393,12 +416,23 @@ class QuotaStore:
             except NoScriptError:
                 # Redis lost its script cache (restart, SCRIPT FLUSH): load it and run the
                 # batch again; nothing of it ran (every call failed the same way).
-                await self.background.script_load(self._settle.script)
+                if self._slow is not None:
+                    await self._slow.call("SCRIPT", "LOAD", self._settle.script)
+                else:
+                    await self.background.script_load(self._settle.script)
                 await self._settle_pipelined(wired)
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
 
     async def _settle_pipelined(self, wired: list[tuple[list[str], list[bytes]]]) -> None:
+        sha = self._settle.sha
+        if self._slow is not None:
+            replies = await self._slow.call_many(
+                [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in wired])
+            for reply in replies:  # the first error, as redis-py's pipeline raises it
+                if isinstance(reply, Exception):
+                    raise reply
+            return
         # EVALSHA directly: a registered Script in a pipeline makes redis-py send SCRIPT EXISTS
         # for it before every batch (Pipeline.load_scripts), a second command per batch.
         async with self.background.pipeline(transaction=False) as pipe:

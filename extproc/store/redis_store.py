@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from extproc.core.resources import KINDS, Resource, ResourceError, split_id, validate_document
 from extproc.store.keyschema import KeySchema
+from extproc.store.pipelined import PipelinedConnection
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> aioredis.R
         return cluster  # type: ignore[return-value]  # same command surface for our use
     # A blocking pool: under a burst, calls wait (up to the timeout) for a free connection
     # instead of failing with "Too many connections".
-    pool = aioredis.BlockingConnectionPool.from_url(
+    pool = _Pool.from_url(
         url,
         max_connections=max_connections,
         timeout=timeout_s,
@@ -81,7 +82,25 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> aioredis.R
     base = pool.connection_class
     pool.connection_class = type(f"Packed{base.__name__}",
                                  (_HiredisPacking, _with_transport_errors(base)), {})
+    pool.pipelined = PipelinedConnection(pool)
     return aioredis.Redis(connection_pool=pool)
+
+
+class _Pool(aioredis.BlockingConnectionPool):
+    """redis-py's pool, plus the pipelined connection for script calls (store/pipelined.py),
+    set up from the same settings and closed with the pool."""
+
+    pipelined: PipelinedConnection
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        self.pipelined.close()
+        await super().disconnect(inuse_connections)
+
+
+def pipelined(client: object) -> PipelinedConnection | None:
+    """The pipelined connection of a client made by `connect` (None: a Cluster client, or one
+    made elsewhere, which keep redis-py's path for everything)."""
+    return getattr(getattr(client, "connection_pool", None), "pipelined", None)
 
 
 def _with_transport_errors(base: type[Any]) -> type[Any]:

@@ -47,9 +47,10 @@ Reply
     (0 ok, 1 exceeded, 2 overrun) }
 ]]
 local A = cjson.decode(ARGV[1])
--- Amounts go to HINCRBY as exact integer strings: Lua would print a number with 14 significant
--- digits ("3e+14" for $300,000 in nano-dollars), which HINCRBY rejects.
-local function int(x) return string.format('%d', x) end
+-- Numbers go to redis.call as integer strings made here: exact (see reserve.lua) and far
+-- cheaper for Redis than converting a Lua number itself.
+local fmt = string.format
+local function int(x) return fmt('%d', x) end
 
 local rid = A[1]
 local actual = tonumber(A[3])
@@ -90,7 +91,7 @@ if marker_ttl == 0 then
 else
   first = redis.call('SADD', KEYS[1], rid) == 1
   if redis.call('PTTL', KEYS[1]) < marker_ttl then
-    redis.call('PEXPIRE', KEYS[1], marker_ttl)
+    redis.call('PEXPIRE', KEYS[1], int(marker_ttl))
   end
 end
 local reply = {first and 1 or 0}
@@ -109,19 +110,19 @@ for i = 1, nl do
   local key = KEYS[klim + i]
   if first and had_hold and estimate ~= 0 then
     if redis.call('HINCRBY', key, 'held', int(0 - estimate)) < 0 then
-      redis.call('HSET', key, 'held', 0)  -- never negative, whatever happened (manual reset)
+      redis.call('HSET', key, 'held', '0')  -- never negative, whatever happened (manual reset)
     end
   end
   if charge then
     redis.call('HINCRBY', key, 'spent', int(actual))
-    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+    if ttl > 0 then redis.call('PEXPIRE', key, int(ttl)) end
   end
   local state = redis.call('HMGET', key, 'spent', 'held')
   local spent, held = tonumber(state[1]) or 0, tonumber(state[2]) or 0
   local code = 0
   if spent > max then code = 2 elseif spent >= threshold then code = 1 end
   if charge then
-    redis.call('HINCRBY', key, ({'ok', 'exceeded', 'overrun'})[code + 1], 1)
+    redis.call('HINCRBY', key, ({'ok', 'exceeded', 'overrun'})[code + 1], '1')
   end
   reply[#reply + 1] = spent
   reply[#reply + 1] = held
@@ -132,26 +133,26 @@ if first and had_hold then
   -- Only a reservation that happened charged the windows and took the leases.
   local delta = (cancel and 0 or tokens) - est_tokens
   for i = 1, nw do
-    local bucket = A[wbase + i]
+    local bucket = int(A[wbase + i])
     -- Correct the bucket the estimate went into, if it is still inside the window.
     if delta ~= 0 and redis.call('HEXISTS', KEYS[kwin + i], bucket) == 1 then
       local value = redis.call('HINCRBY', KEYS[kwin + i], bucket, int(delta))
-      if value < 0 then redis.call('HSET', KEYS[kwin + i], bucket, 0) end
+      if value < 0 then redis.call('HSET', KEYS[kwin + i], bucket, '0') end
     end
   end
   for i = 1, nc do redis.call('ZREM', KEYS[kcon + i], rid) end
 end
 if charge then
   for i = 1, nd do redis.call('DEL', KEYS[kcon + nc + i]) end
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', A[6], '*', 'event', ARGV[2])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', int(A[6]), '*', 'event', ARGV[2])
   if rollup then
     local r, d = KEYS[#KEYS], ARGV[3]
     redis.call('HINCRBY', r, 'c' .. d, int(actual))
-    redis.call('HINCRBY', r, 'n' .. d, 1)
+    redis.call('HINCRBY', r, 'n' .. d, '1')
     redis.call('HINCRBY', r, 'i' .. d, ARGV[4])
     redis.call('HINCRBY', r, 'o' .. d, ARGV[5])
     local ttl = tonumber(ARGV[6])
-    if ttl > 0 and redis.call('PTTL', r) < ttl then redis.call('PEXPIRE', r, ttl) end
+    if ttl > 0 and redis.call('PTTL', r) < ttl then redis.call('PEXPIRE', r, ARGV[6]) end
   end
 end
 return reply
