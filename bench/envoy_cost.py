@@ -45,6 +45,8 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+from extended import limits_yaml
+
 from bench import BODY, PATH, post
 from extproc import envoyconf
 from extproc.core.targets import PROXY_CLUSTERS
@@ -398,23 +400,7 @@ def cli(redis_url: str, *args: str, stdin: str | None = None) -> str:
     return proc.stdout
 
 
-LIMITS = """
-apiVersion: tollgate.io/v1alpha1
-kind: RateLimit
-metadata: {name: cost-rates}
-spec: {per: key, selector: {keys: [cost-limited]}, requestsPerMinute: 100000000,
-       tokensPerMinute: 1000000000}
----
-apiVersion: tollgate.io/v1alpha1
-kind: Limit
-metadata: {name: cost-block}
-spec: {type: Block, max: 1000000, period: month, selector: {keys: [cost-limited]}}
----
-apiVersion: tollgate.io/v1alpha1
-kind: Limit
-metadata: {name: cost-allow}
-spec: {type: Allow, max: 1, threshold: 0.5, period: day, selector: {keys: [cost-limited]}}
-"""
+LIMITS = limits_yaml("cost", "cost-limited")
 
 
 def wait_path(url: str, key: str, header: str | None) -> None:

@@ -61,26 +61,31 @@ def _wait_status(bench: Bench, key: str, want: int, header: str | None = None) -
     raise RuntimeError(f"limits never applied (wanted {want} with {header})")
 
 
+def limits_yaml(prefix: str, key: str) -> str:
+    """The full limits path every benchmark measures: an RPM + TPM rate limit, a Block and an
+    Allow limit on one key, all far from full, so every request reserves and settles."""
+    return f"""apiVersion: tollgate.io/v1alpha1
+kind: RateLimit
+metadata: {{name: {prefix}-rates}}
+spec: {{per: key, selector: {{keys: [{key}]}}, requestsPerMinute: 100000000,
+       tokensPerMinute: 1000000000}}
+---
+apiVersion: tollgate.io/v1alpha1
+kind: Limit
+metadata: {{name: {prefix}-block}}
+spec: {{type: Block, max: 1000000, period: month, selector: {{keys: [{key}]}}}}
+---
+apiVersion: tollgate.io/v1alpha1
+kind: Limit
+metadata: {{name: {prefix}-allow}}
+spec: {{type: Allow, max: 1, threshold: 0.5, period: day, selector: {{keys: [{key}]}}}}
+"""
+
+
 def _setup_keys(bench: Bench, stack: Stack) -> tuple[str, str]:
     limited = _cli(stack, "keys", "create", "bench-limited").strip().splitlines()[-1]
     blocked = _cli(stack, "keys", "create", "bench-blocked").strip().splitlines()[-1]
-    _cli(stack, "apply", "-f", "-", stdin="""
-apiVersion: tollgate.io/v1alpha1
-kind: RateLimit
-metadata: {name: bench-rates}
-spec: {per: key, selector: {keys: [bench-limited]}, requestsPerMinute: 100000000,
-       tokensPerMinute: 1000000000}
----
-apiVersion: tollgate.io/v1alpha1
-kind: Limit
-metadata: {name: bench-block}
-spec: {type: Block, max: 1000000, period: month, selector: {keys: [bench-limited]}}
----
-apiVersion: tollgate.io/v1alpha1
-kind: Limit
-metadata: {name: bench-allow}
-spec: {type: Allow, max: 1, threshold: 0.5, period: day, selector: {keys: [bench-limited]}}
----
+    _cli(stack, "apply", "-f", "-", stdin=limits_yaml("bench", "bench-limited") + """---
 apiVersion: tollgate.io/v1alpha1
 kind: Limit
 metadata: {name: bench-empty}
