@@ -23,6 +23,7 @@ from tests.e2e.test_pools import (  # noqa: F401 (fixtures)
     clear_second,
     keys_used,
     second_gateway,
+    upstream_doc,
     wait_routed,
 )
 from tests.e2e.test_retry import (  # noqa: F401 (a fixture)
@@ -46,19 +47,10 @@ def two_upstreams(cli: CliRunner, prefix: str) -> tuple[str, str, str]:
     """
     model = f"{prefix}-{uuid.uuid4().hex[:6]}"
     primary, backup = f"fo-a-{model[-6:]}", f"fo-b-{model[-6:]}"
-    cli("apply", "-f", "-", stdin=f"""apiVersion: tollgate.io/v1alpha1
-kind: Upstream
-metadata: {{name: {primary}}}
-spec:
-  provider: openai-compatible
-  cluster: second
-  models: ["{model}"]
-  priority: 5
-  cooldown: {{seconds: 30}}
-  credentials:
-    - {{name: c1, secretRef: POOL_KEY_1}}
-    - {{name: c2, secretRef: POOL_KEY_2}}
----
+    cli("apply", "-f", "-", stdin=upstream_doc(primary, model, """\
+    - {name: c1, secretRef: POOL_KEY_1}
+    - {name: c2, secretRef: POOL_KEY_2}
+""") + f"""---
 apiVersion: tollgate.io/v1alpha1
 kind: Upstream
 metadata: {{name: {backup}}}

@@ -32,6 +32,7 @@ from tests.e2e.test_pools import (  # noqa: F401 (a fixture)
     keys_used,
     second_gateway,
     second_requests,
+    upstream_doc,
     wait_routed,
 )
 
@@ -57,19 +58,10 @@ def pool(cli: CliRunner, prefix: str) -> tuple[str, str]:
     (primary: every call tries it first) and `c2` (fallback). Returns (upstream, model)."""
     model = f"{prefix}-{uuid.uuid4().hex[:6]}"
     name = f"retry-{model[-6:]}"
-    cli("apply", "-f", "-", stdin=f"""apiVersion: tollgate.io/v1alpha1
-kind: Upstream
-metadata: {{name: {name}}}
-spec:
-  provider: openai-compatible
-  cluster: second
-  models: ["{model}"]
-  priority: 5
-  cooldown: {{seconds: 30}}
-  credentials:
-    - {{name: c1, secretRef: POOL_KEY_1}}
-    - {{name: c2, secretRef: POOL_KEY_2, isFallback: true}}
----
+    cli("apply", "-f", "-", stdin=upstream_doc(name, model, """\
+    - {name: c1, secretRef: POOL_KEY_1}
+    - {name: c2, secretRef: POOL_KEY_2, isFallback: true}
+""") + f"""---
 apiVersion: tollgate.io/v1alpha1
 kind: PriceTable
 metadata: {{name: {name}}}
