@@ -18,6 +18,7 @@ what to compare; req/s swings on a shared machine. Loopback only, bounded by --d
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -46,12 +47,15 @@ ATTRIBUTES = ["source.address", "request.path", "request.method",
               "request.headers['authorization']", "request.headers['x-api-key']"]
 
 
-def serve(port: int) -> None:
-    """The trivial processor (its own process, so its CPU can be read from /proc)."""
+def serve(port: int, transport: str) -> None:
+    """The trivial processor (its own process, so its CPU can be read from /proc), on grpc.aio
+    or on Tollgate's own HTTP/2 transport (extproc/server/h2grpc.py)."""
     import grpc
     import uvloop
     from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+    from extproc.server import h2grpc
 
     class Trivial(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         async def Process(self, requests: Any, _context: Any) -> Any:
@@ -61,6 +65,12 @@ def serve(port: int) -> None:
                 yield response
 
     async def main() -> None:
+        if transport == "native":
+            native = h2grpc.GrpcServer({h2grpc.EXT_PROC_PATH: h2grpc.Method(
+                Trivial().Process, ep.ProcessingRequest.FromString,
+                ep.ProcessingResponse.SerializeToString)}, 64 << 20)
+            await native.start("127.0.0.1", port)
+            await asyncio.Event().wait()
         server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 10_000)])
         ep_grpc.add_ExternalProcessorServicer_to_server(Trivial(), server)
         server.add_insecure_port(f"127.0.0.1:{port}")
@@ -105,11 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--transport", choices=("grpcio", "native", "both"), default="both",
+                   help="the trivial ext_proc's gRPC server: grpc.aio, Tollgate's own, or both")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: "
+                   + ", ".join(MODES))
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, args.transport)
         return 0
+    modes = {name: MODES[name] for name in args.modes.split(",")}
+    transports = ("grpcio", "native") if args.transport == "both" else (args.transport,)
     wrk = shutil.which("wrk")
     if wrk is None:
         print("wrk not found (make bench installs it)", file=sys.stderr)
@@ -123,19 +139,26 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(envoy_version)}; wrk -c{args.connections} -d{args.duration}s, "
           f"{args.rounds} rounds per mode, alternating; logs in {log_dir}", flush=True)
     mock, mock_port = start_mock_upstream(log_dir)
-    extproc_port = free_port()
-    extproc = subprocess.Popen([sys.executable, __file__, "--serve", str(extproc_port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers = {}
+    for transport in transports:
+        extproc_port = free_port()
+        servers[transport] = (extproc_port, subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(extproc_port), "--transport", transport],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     script = write_lua_script(log_dir / "post.lua", json.dumps(BODY).encode(),
                               {"Content-Type": "application/json",
                                "Authorization": "Bearer tg-bench"})
-    rows: dict[str, list[dict[str, float]]] = {name: [] for name in MODES}
+    combos = [(f"{mode} / {transport}", mode, transport) for mode in modes
+              for transport in transports]
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name, _m, _t in combos}
     try:
         time.sleep(1.0)
         for _round in range(args.rounds):
-            for name, mode in MODES.items():
+            for name, mode_name, transport in combos:
+                mode = MODES[mode_name]
+                extproc_port, extproc = servers[transport]
                 port, admin = free_port(), free_port()
-                envoy = start_envoy(log_dir / name.replace(" ", "-"),
+                envoy = start_envoy(log_dir / name.replace(" ", "-").replace("/", ""),
                                     config(mode, mock_port, extproc_port, port, admin), admin)
                 try:
                     url = f"http://127.0.0.1:{port}{PATH}"
@@ -169,20 +192,21 @@ def main(argv: list[str] | None = None) -> int:
                       f"{rows[name][-1]['envoy_us']:.0f} us/req, "
                       f"{rows[name][-1]['messages']:.2f} msgs/req", flush=True)
     finally:
-        extproc.terminate()
-        extproc.wait(10)
+        for _port, process in servers.values():
+            process.terminate()
+            process.wait(10)
         mock.stop()
-    expected = {"4 messages": 4, "2 messages": 2}
     print(f"\nmedians of {args.rounds} runs")
-    print(f"{'mode':<12}{'req/s':>9}{'extproc us/req':>16}{'envoy us/req':>14}{'msgs/req':>10}"
+    print(f"{'mode':<22}{'req/s':>9}{'extproc us/req':>16}{'envoy us/req':>14}{'msgs/req':>10}"
           f"{'p50 ms':>8}")
     for name, runs in rows.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        if abs(med["messages"] - expected[name]) > 0.2:
+        expected = int(name.split()[0])
+        if abs(med["messages"] - expected) > 0.2:
             print(f"{name}: measured {med['messages']:.2f} messages per request, not "
-                  f"{expected[name]}: the mode was not applied; not reported", file=sys.stderr)
+                  f"{expected}: the mode was not applied; not reported", file=sys.stderr)
             return 1
-        print(f"{name:<12}{med['rps']:>9.0f}{med['extproc_us']:>16.0f}{med['envoy_us']:>14.0f}"
+        print(f"{name:<22}{med['rps']:>9.0f}{med['extproc_us']:>16.0f}{med['envoy_us']:>14.0f}"
               f"{med['messages']:>10.2f}{med['p50_ms']:>8.2f}")
     return 0
 

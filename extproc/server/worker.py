@@ -1,4 +1,4 @@
-"""One extproc worker process: the grpc.aio server on the shared port (SO_REUSEPORT).
+"""One extproc worker process: the gRPC server on the shared port (SO_REUSEPORT).
 
 Envoy opens one HTTP/2 connection per Envoy worker thread, so several worker processes bound to
 one port spread the load across cores. On SIGTERM a worker reports NOT_SERVING, stops accepting
@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.core.exchange import Options
 from extproc.core.policy.cors import Cors
-from extproc.server import logfilter
+from extproc.server import h2grpc, logfilter
 from extproc.server.admission import LoopLag
 from extproc.server.bodylog_file import BodyLogFile, worker_path
 from extproc.server.moderation import ModerationClient
@@ -39,6 +40,7 @@ from extproc.store.redis_store import ready as connect_ready
 
 log = logging.getLogger("tollgate.worker")
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"
 
 
 def _write_state(path: Path | None, **state: object) -> None:
@@ -75,28 +77,15 @@ async def run_worker(settings: Settings, index: int) -> None:
         retry_deadline_ms=max(0, settings.retry_deadline_ms),
     )
 
-    limit = settings.grpc_max_message_bytes
-    server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_concurrent_streams", 10_000),
-        ]
-    )
     lag = LoopLag(settings.max_lag_s)
     moderation = ModerationClient(settings.moderation_url)
     processor = Processor(watcher, keys, quota, settler, options, policy_hits,
                           max_pending=settings.max_pending, lag=lag, moderation=moderation)
-    ep_grpc.add_ExternalProcessorServicer_to_server(
-        processor, server
-    )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
-    if server.add_insecure_port(address) == 0:
-        raise SystemExit(f"tollgate worker {index}: cannot bind {address}")
-    await server.start()
+    try:
+        server = await serve_grpc(settings, processor)
+    except OSError as exc:
+        raise SystemExit(f"tollgate worker {index}: cannot bind {address}: {exc}") from None
     lag.start()
     # A Cluster client must learn the topology before concurrent use (see `ready`). Redis down
     # at start: retried every half second below, before the first burst of requests can race.
@@ -119,11 +108,7 @@ async def run_worker(settings: Settings, index: int) -> None:
             unready = [client for client in unready if not await _ready(client)]
         ready = watcher.snapshot is not None
         if ready != serving:
-            status = health_pb2.HealthCheckResponse.SERVING if ready else (
-                health_pb2.HealthCheckResponse.NOT_SERVING
-            )
-            await health_servicer.set("", status)
-            await health_servicer.set(SERVICE, status)
+            await server.set_serving(ready)
             serving = ready
         generation = watcher.snapshot.generation if watcher.snapshot else -1
         _write_state(state_file, ready=ready, draining=False, redis_ok=watcher.redis_ok,
@@ -135,7 +120,6 @@ async def run_worker(settings: Settings, index: int) -> None:
     log.info("worker %d draining", index)
     _write_state(state_file, ready=False, draining=True, redis_ok=watcher.redis_ok,
                  generation=-1, pending_usage=settler.pending)
-    await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_s)
     lag.stop()
     watch_task.cancel()
@@ -148,6 +132,84 @@ async def run_worker(settings: Settings, index: int) -> None:
     await hot.aclose()
     await store.close()
     log.info("worker %d stopped", index)
+
+
+def health_method(status: dict[str, int]) -> h2grpc.Method:
+    """gRPC health's Check (grpc.health.v1) answering from `status` (service -> status)."""
+
+    async def check(request: health_pb2.HealthCheckRequest,
+                    _context: h2grpc.Context) -> health_pb2.HealthCheckResponse:
+        if request.service not in status:
+            raise h2grpc.GrpcError(h2grpc.NOT_FOUND, "unknown service")
+        return health_pb2.HealthCheckResponse(status=status[request.service])
+
+    return h2grpc.Method(check, health_pb2.HealthCheckRequest.FromString,
+                         health_pb2.HealthCheckResponse.SerializeToString, unary=True)
+
+
+class _Native:
+    """The ext_proc and gRPC health services on Tollgate's own HTTP/2 server (h2grpc.py)."""
+
+    def __init__(self, server: h2grpc.GrpcServer, status: dict[str, int]) -> None:
+        self.server = server
+        self.status = status
+
+    async def set_serving(self, ready: bool) -> None:
+        value = health_pb2.HealthCheckResponse.SERVING if ready else (
+            health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.status.update({"": value, SERVICE: value})
+
+    async def stop(self, grace: float) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace)
+
+
+class _GrpcAio:
+    """The same services on grpc.aio (TOLLGATE_GRPC_TRANSPORT=grpcio)."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: Any) -> None:
+        self.server = server
+        self.health = health_servicer
+
+    async def set_serving(self, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else (
+            health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set("", status)
+        await self.health.set(SERVICE, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def serve_grpc(settings: Settings, processor: Processor) -> _Native | _GrpcAio:
+    """The ext_proc service (and gRPC health) on the transport the settings name."""
+    limit = settings.grpc_max_message_bytes
+    if settings.grpc_transport == "native":
+        status: dict[str, int] = {}
+        native = h2grpc.GrpcServer({
+            h2grpc.EXT_PROC_PATH: h2grpc.Method(
+                processor.Process, ep.ProcessingRequest.FromString,
+                ep.ProcessingResponse.SerializeToString),
+            HEALTH_CHECK_PATH: health_method(status),
+        }, max_message_bytes=limit)
+        await native.start(settings.grpc_host, settings.grpc_port)
+        return _Native(native, status)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_concurrent_streams", 10_000),
+        ]
+    )
+    ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}") == 0:
+        raise OSError("address in use or not available")
+    await server.start()
+    return _GrpcAio(server, health_servicer)
 
 
 async def _ready(client: Any, warn: bool = False) -> bool:

@@ -1,6 +1,7 @@
-"""The ext_proc servicer over real gRPC (grpc.aio server and client in this process) with a real
-Redis behind it, driven with the messages Envoy sends: the answers a client sees when the
-configuration is not loaded yet, and when a handler has a bug."""
+"""The ext_proc servicer over real gRPC with a real Redis behind it, driven with the messages Envoy
+sends: the answers a client sees when the configuration is not loaded yet, and when a handler has
+a bug. Served by the worker's own wiring on each transport (Tollgate's HTTP/2 server and
+grpc.aio), with grpc.aio's client in this process."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from extproc.launch import free_port
 from extproc.server.processor import Processor
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
+from extproc.server.worker import serve_grpc
+from extproc.settings import Settings
 from extproc.store.quota_store import QuotaStore
 from extproc.store.redis_store import Store
 
@@ -36,8 +39,9 @@ class Servicer:
     key: str
 
 
-@pytest.fixture
-async def servicer(redis_url: str, tag: str, tmp_path: Path) -> AsyncIterator[Servicer]:
+@pytest.fixture(params=["native", "grpcio"])
+async def servicer(redis_url: str, tag: str, tmp_path: Path,
+                   request: pytest.FixtureRequest) -> AsyncIterator[Servicer]:
     store = Store.from_url(redis_url, tag=tag, timeout_s=2)
     key = generate_key()
     await store.apply([validate_document({
@@ -49,16 +53,14 @@ async def servicer(redis_url: str, tag: str, tmp_path: Path) -> AsyncIterator[Se
     quota = QuotaStore(store.redis, store.keys, stream_maxlen=1000)
     settler = Settler(quota, str(tmp_path / "journal"))
     processor = Processor(watcher, KeyDirectory(store), quota, settler, Options())
-    server = grpc.aio.server()
-    ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
-    await server.start()
+    port = free_port()
+    server = await serve_grpc(Settings(grpc_port=port, grpc_transport=request.param), processor)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         yield Servicer(ep_grpc.ExternalProcessorStub(channel), watcher, key)
     finally:
         await channel.close()
-        await server.stop(None)
+        await server.stop(0)
         await store.close()
 
 
