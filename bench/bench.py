@@ -489,8 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     log_dir = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
     redis_url = os.environ.get("REDIS_URL") or None
+    transport = os.environ.get("TOLLGATE_GRPC_TRANSPORT") or "native"
     print(f"starting stack (workers={args.workers}, envoy concurrency={args.envoy_concurrency}, "
-          f"redis={'$REDIS_URL' if redis_url else 'embedded'}; logs in {log_dir}) ...", flush=True)
+          f"gRPC transport={transport}, redis={'$REDIS_URL' if redis_url else 'embedded'}; "
+          f"logs in {log_dir}) ...", flush=True)
     # A journal of this run's own: never adopt settlements another stack left in the shared default
     # directory (they belong to another Redis), nor leave ours for the next `tollgate up`.
     env = dict(os.environ, TOLLGATE_JOURNAL_DIR=str(log_dir / "journal"))
@@ -590,6 +592,7 @@ def run_bench(
             "config": {"duration_s": args.duration, "connections": args.connections,
                        "workers": args.workers,
                        "envoy_concurrency": args.envoy_concurrency,
+                       "grpc_transport": os.environ.get("TOLLGATE_GRPC_TRANSPORT") or "native",
                        "redis": "REDIS_URL" if redis_url else "embedded"},
             "results": {k: {**asdict(r), "clean": r.clean} for k, r in results.items()},
             "derived": derived,

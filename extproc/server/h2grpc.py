@@ -70,9 +70,12 @@ OK, NOT_FOUND, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = 0, 5, 8, 12, 13
 _U32 = struct.Struct(">I")
 
 
+_HEAD = struct.Struct(">IBI")  # (length << 8 | type), flags, stream id: a frame's 9 bytes
+_DATA_HEAD = struct.Struct(">IBIBI")  # a DATA frame's head + the gRPC message's 5-byte prefix
+
+
 def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    return (len(payload).to_bytes(3, "big") + bytes((kind, flags))
-            + stream_id.to_bytes(4, "big") + payload)
+    return _HEAD.pack(len(payload) << 8 | kind, flags, stream_id) + payload
 
 
 def _literal(name: bytes, value: bytes) -> bytes:
@@ -202,6 +205,9 @@ class _Connection(asyncio.Protocol):
         self.need = 0  # bytes `inbuf` must hold before parsing is worth it
         self.preface_seen = False
         self.decoder = hpack.Decoder()
+        self.header_cache: dict[bytes, list[tuple[str, str]]] = {}
+        self.table_first: object = None  # the dynamic table's newest entry, by identity
+        self.table_state = (0, self.decoder.header_table.maxsize)
         self.streams: dict[int, _Stream] = {}
         self.last_stream_id = 0
         self.header_block: bytearray | None = None  # HEADERS awaiting CONTINUATION
@@ -348,11 +354,8 @@ class _Connection(asyncio.Protocol):
             self._on_header_block(stream_id, block, self.header_end_stream)
 
     def _on_header_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
-        try:  # decoded even for a stream we refuse: the dynamic table must stay in step
-            # str pairs (raw=False), whatever the package's annotations say
-            headers = cast(list[tuple[str, str]], self.decoder.decode(block))
-        except hpack.HPACKError as exc:
-            raise _ConnectionError(COMPRESSION_ERROR, "bad header block") from exc
+        # Decoded even for a stream we refuse: the dynamic table must stay in step.
+        headers = self._decode(block)
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers from the client: the request side is over
             if end_stream:
@@ -381,6 +384,33 @@ class _Connection(asyncio.Protocol):
         stream.remote_done = end_stream
         self.streams[stream_id] = stream
         stream.task = self.loop.create_task(self._serve(stream))
+
+    def _decode(self, block: bytes) -> list[tuple[str, str]]:
+        """HPACK-decodes a header block, from a cache when decoding it cannot change anything.
+
+        Envoy sends every stream's request headers as the same few bytes once its dynamic table
+        is warm, but `:path` as a Huffman literal that is never indexed, and decoding that in
+        pure Python was about 40 % of this transport's CPU per request. A block whose decoding
+        left the dynamic table as it was decodes to the same headers for as long as the table
+        stays so; any block that changes the table empties the cache."""
+        entry = self.header_cache.get(block)
+        if entry is not None:
+            return entry
+        table = self.decoder.header_table
+        try:
+            # str pairs (raw=False), whatever the package's annotations say
+            headers = cast(list[tuple[str, str]], self.decoder.decode(block))
+        except hpack.HPACKError as exc:
+            raise _ConnectionError(COMPRESSION_ERROR, "bad header block") from exc
+        entries = table.dynamic_entries
+        first = entries[0] if entries else None
+        state = (len(entries), table.maxsize)
+        if first is not self.table_first or state != self.table_state:
+            self.table_first, self.table_state = first, state
+            self.header_cache.clear()
+        elif len(self.header_cache) < 64:
+            self.header_cache[block] = headers
+        return headers
 
     def _on_data(self, stream_id: int, flags: int, payload: memoryview) -> None:
         length = len(payload)
@@ -525,15 +555,17 @@ class _Connection(asyncio.Protocol):
         if not stream.headers_sent:
             stream.headers_sent = True
             self._write(_frame(HEADERS, END_HEADERS, stream.id, _RESPONSE_HEADERS))
-        data = b"\x00" + len(message).to_bytes(4, "big") + message
-        if stream.pending or len(data) > min(stream.send_window, self.send_window,
-                                             self.peer_max_frame):
-            stream.pending += data
+        size = len(message) + 5
+        if stream.pending or size > min(stream.send_window, self.send_window,
+                                        self.peer_max_frame):
+            stream.pending += b"\x00" + len(message).to_bytes(4, "big") + message
             self._send_pending(stream)
             return
-        stream.send_window -= len(data)
-        self.send_window -= len(data)
-        self._write(_frame(DATA, 0, stream.id, data))
+        stream.send_window -= size
+        self.send_window -= size
+        # Head and message as two pieces: the one join per loop turn is the only copy.
+        self._write(_DATA_HEAD.pack(size << 8 | DATA, 0, stream.id, 0, len(message)))
+        self._write(message)
 
     def _send_pending(self, stream: _Stream) -> None:
         """Writes as much of the stream's waiting data as both windows allow, then its
