@@ -38,6 +38,8 @@ from typing import Any, cast
 
 import hpack
 
+from extproc.server.balance import Balancer
+
 log = logging.getLogger(__name__)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -233,6 +235,8 @@ class _Connection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.connections.add(self)
+        if self.server.balancer is not None:
+            self.server.balancer.opened()
         settings = b"".join(struct.pack(">HI", key, value) for key, value in (
             (S_ENABLE_PUSH, 0),
             (S_MAX_CONCURRENT_STREAMS, self.server.max_concurrent_streams),
@@ -248,6 +252,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        if self.server.balancer is not None:
+            self.server.balancer.closed()
         for stream in list(self.streams.values()):
             self._cancel(stream)
         self.streams.clear()
@@ -658,6 +664,11 @@ class _ConnectionError(Exception):
         self.code = code
 
 
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("serving an ext_proc connection failed: %s", task.exception())
+
+
 class GrpcServer:
     """Serves `methods` ({"/package.Service/Method": Method}) on one TCP port."""
 
@@ -668,16 +679,58 @@ class GrpcServer:
         self.max_concurrent_streams = max_concurrent_streams
         self.connections: set[_Connection] = set()
         self.stopping = False
-        self._server: asyncio.base_events.Server | None = None
+        self.balancer: Balancer | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
 
-    async def start(self, host: str, port: int, reuse_port: bool = True) -> int:
-        """Binds and serves; returns the bound port (useful with port 0)."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, reuse_port=reuse_port, backlog=1024)
-        bound: int = self._server.sockets[0].getsockname()[1]
+    async def start(self, host: str, port: int, balancer: Balancer | None = None) -> int:
+        """Binds (SO_REUSEPORT: the workers share the port) and serves; returns the bound port
+        (useful with port 0). With a `balancer`, new connections may go to a sibling worker."""
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind(address)
+            listener.listen(1024)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self.balancer = balancer
+        if balancer is not None:
+            balancer.start(self._adopt)
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(listener))
+        bound: int = listener.getsockname()[1]
         return bound
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _address = await loop.sock_accept(listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:  # e.g. EMFILE: wait instead of spinning
+                log.warning("accepting an ext_proc connection failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if self.balancer is not None and self.balancer.hand_over(conn):
+                conn.close()  # the sibling's descriptor keeps the connection open
+                continue
+            self._adopt(conn)
+
+    def _adopt(self, conn: socket.socket) -> None:
+        """Serves an accepted connection (ours, or one a sibling handed over)."""
+        if self.stopping:
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(lambda: _Connection(self), conn))
+        task.add_done_callback(_log_failure)
 
     def check_idle(self) -> None:
         if self.stopping and all(conn.idle for conn in self.connections):
@@ -687,8 +740,12 @@ class GrpcServer:
         """Stops accepting, lets open streams finish for up to `grace` seconds, then cancels
         what is left and closes the connections."""
         self.stopping = True
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._listener is not None:
+            self._listener.close()
+        if self.balancer is not None:
+            self.balancer.stop()
         for conn in list(self.connections):
             conn.start_drain()
         self.check_idle()

@@ -27,6 +27,7 @@ from extproc.core.exchange import Options
 from extproc.core.policy.cors import Cors
 from extproc.server import h2grpc, logfilter
 from extproc.server.admission import LoopLag
+from extproc.server.balance import Balancer
 from extproc.server.bodylog_file import BodyLogFile, worker_path
 from extproc.server.moderation import ModerationClient
 from extproc.server.policy_hits import PolicyHitRecorder
@@ -83,7 +84,7 @@ async def run_worker(settings: Settings, index: int) -> None:
                           max_pending=settings.max_pending, lag=lag, moderation=moderation)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     try:
-        server = await serve_grpc(settings, processor)
+        server = await serve_grpc(settings, processor, index)
     except OSError as exc:
         raise SystemExit(f"tollgate worker {index}: cannot bind {address}: {exc}") from None
     lag.start()
@@ -113,7 +114,7 @@ async def run_worker(settings: Settings, index: int) -> None:
         generation = watcher.snapshot.generation if watcher.snapshot else -1
         _write_state(state_file, ready=ready, draining=False, redis_ok=watcher.redis_ok,
                      generation=generation, pending_usage=settler.pending,
-                     requests=processor.streams)
+                     requests=processor.streams, **server.connection_counts())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=0.5)
 
@@ -163,6 +164,12 @@ class _Native:
         await self.set_serving(False)
         await self.server.stop(grace)
 
+    def connection_counts(self) -> dict[str, int]:
+        """Envoy connections served, and handed to a sibling worker (/readyz)."""
+        balancer = self.server.balancer
+        return {"connections": len(self.server.connections),
+                "handed_over": balancer.handed if balancer is not None else 0}
+
 
 class _GrpcAio:
     """The same services on grpc.aio (TOLLGATE_GRPC_TRANSPORT=grpcio)."""
@@ -181,9 +188,14 @@ class _GrpcAio:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
+    def connection_counts(self) -> dict[str, int]:
+        return {}  # grpc.aio does not tell
 
-async def serve_grpc(settings: Settings, processor: Processor) -> _Native | _GrpcAio:
-    """The ext_proc service (and gRPC health) on the transport the settings name."""
+
+async def serve_grpc(settings: Settings, processor: Processor, index: int = 0
+                     ) -> _Native | _GrpcAio:
+    """The ext_proc service (and gRPC health) on the transport the settings name; with several
+    workers, connections are balanced over them (balance.py, native transport only)."""
     limit = settings.grpc_max_message_bytes
     if settings.grpc_transport == "native":
         status: dict[str, int] = {}
@@ -193,7 +205,9 @@ async def serve_grpc(settings: Settings, processor: Processor) -> _Native | _Grp
                 ep.ProcessingResponse.SerializeToString),
             HEALTH_CHECK_PATH: health_method(status),
         }, max_message_bytes=limit)
-        await native.start(settings.grpc_host, settings.grpc_port)
+        balancer = Balancer(settings.run_dir, index, settings.workers) if (
+            settings.workers > 1 and settings.run_dir) else None
+        await native.start(settings.grpc_host, settings.grpc_port, balancer)
         return _Native(native, status)
     server = grpc.aio.server(
         options=[

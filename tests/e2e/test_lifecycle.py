@@ -136,3 +136,26 @@ def test_readyz_counts_the_requests_each_worker_has_seen(
             body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
             assert client.post("/v1/chat/completions", json=body).status_code == 200
     poll(lambda: seen() >= before + 5, 5, "the workers to report 5 more requests")
+
+
+def test_envoy_connections_are_spread_over_the_workers(
+    stack: Stack, new_key: Callable[..., str]
+) -> None:
+    """Envoy keeps one connection per thread (2 here, and 2 workers): each worker gets one,
+    whichever worker the kernel handed them to, so both workers serve requests
+    (docs/performance.md)."""
+    key = new_key()
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(16):  # new client connections: Envoy spreads them over its two threads
+        with httpx.Client(base_url=stack.base_url, timeout=10,
+                          headers={"Authorization": f"Bearer {key}"}) as client:
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+    def workers() -> list[dict[str, int]]:
+        listed: list[dict[str, int]] = httpx.get(
+            f"http://127.0.0.1:{stack.extproc.http}/readyz", timeout=5).json()["workers"]
+        return listed
+
+    poll(lambda: sorted(w.get("connections", 0) for w in workers()) == [1, 1], 5,
+         "one Envoy connection per worker")
+    assert all(w["requests"] > 0 for w in workers())

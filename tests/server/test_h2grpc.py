@@ -13,6 +13,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.launch import free_port
 from extproc.server import h2grpc
+from extproc.server.balance import Balancer
 
 pytestmark = pytest.mark.unit
 
@@ -298,3 +300,40 @@ async def test_the_worker_serves_grpc_health() -> None:
         answer = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE))
         assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
     await server.stop(1)
+
+
+async def test_connections_are_spread_evenly_over_the_workers(tmp_path: Path) -> None:
+    """Two servers as two workers of one run directory. The kernel gives every connection to
+    the first (the second listens elsewhere, so the hash cannot help): it hands every other
+    one to the second, and every handed-over connection is served."""
+
+    async def once(request: bytes, _context: h2grpc.Context) -> bytes:
+        return request
+
+    servers, ports = [], []
+    for index in range(2):
+        server = h2grpc.GrpcServer({UNARY: h2grpc.Method(once, _identity, _identity,
+                                                         unary=True)}, 1 << 20)
+        ports.append(await server.start("127.0.0.1", free_port(),
+                                        Balancer(str(tmp_path), index, 2)))
+        servers.append(server)
+    channels = []
+    try:
+        for n in range(6):
+            # A channel per connection: grpc.aio would share one between identical targets.
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}",
+                                                options=[("grpc.channel_id", n)])
+            channels.append(channel)
+            assert await channel.unary_unary(UNARY)(b"%d" % n) == b"%d" % n
+        assert [len(s.connections) for s in servers] == [3, 3]
+        assert servers[0].balancer is not None and servers[0].balancer.handed == 3
+        for n, channel in enumerate(channels):  # every connection still answers
+            assert await channel.unary_unary(UNARY)(b"again%d" % n) == b"again%d" % n
+        await channels.pop().close()  # a closed connection is counted out
+        await asyncio.sleep(0.2)
+        assert sorted(len(s.connections) for s in servers) == [2, 3]
+    finally:
+        for channel in channels:
+            await channel.close()
+        for server in servers:
+            await server.stop(1)
