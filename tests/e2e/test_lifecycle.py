@@ -70,12 +70,15 @@ def test_a_killed_worker_is_restarted_and_healthz_says_so(
     assert response.status_code == 200 and response.headers["x-tollgate-cost"]
 
 
+@pytest.mark.parametrize("transport", ["native", "grpcio"])
 def test_sigterm_lets_a_stream_in_flight_finish_and_settles_it(
     stack: Stack, redis_url: str, e2e_env: dict[str, str], tmp_path: Path,
-    new_key: Callable[..., str],
+    new_key: Callable[..., str], transport: str,
 ) -> None:
+    """On either gRPC transport (TOLLGATE_GRPC_TRANSPORT)."""
     key = new_key()  # created before this extproc starts: in its first snapshot
-    extproc, ports = start_extproc(tmp_path / "extproc", redis_url, workers=1, env=e2e_env)
+    extproc, ports = start_extproc(tmp_path / "extproc", redis_url, workers=1,
+                                   env={**e2e_env, "TOLLGATE_GRPC_TRANSPORT": transport})
     envoy = None
     try:
         admin, port = free_port(), free_port()
