@@ -105,6 +105,7 @@ from extproc.core.snapshot import Snapshot
 from extproc.core.streams import StreamMeter, StreamStep
 from extproc.core.targets import target_of, without_inner_result
 from extproc.core.usage import Usage
+from extproc.core.values import value_type
 
 ROUTING_HEADER = "x-tollgate-cluster"
 LOGGED_BYTES = 256 * 1024  # per body in the opt-in log stream; longer ones are cut
@@ -148,7 +149,7 @@ class Options:
                       default_max_output_tokens=self.default_max_output_tokens)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Reserve:
     """Run `plan` atomically, then call `on_reserved` (or `on_reserve_failed`)."""
 
@@ -174,7 +175,7 @@ class Clamp:
                 "limit": self.limit}
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Settlement:
     """What to record for this request: its real cost and tokens (or the best known)."""
 
@@ -184,7 +185,7 @@ class Settlement:
     reason: str  # priced | upstream_error | unpriced_response | aborted
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Reply:
     """A successful answer made by the gateway itself (e.g. `GET /v1/models`)."""
 

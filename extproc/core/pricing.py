@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 
 from extproc.core.usage import Usage
+from extproc.core.values import value_type
 
 NANOS_PER_USD = 1_000_000_000
 _PER_TOKENS = 1_000_000  # prices are quoted per 1M tokens
@@ -140,7 +141,7 @@ class ModelPrice:
                 max(self.highest_output, tier.highest_output))
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Cost:
     """The cost of one call in nano-dollars; `total_nanos` is rounded once (see module doc)."""
 

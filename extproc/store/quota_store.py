@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from importlib import resources as importlib_resources
 from typing import Any
 
@@ -28,6 +27,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from extproc.core.pricing import MAX_AMOUNT_NANOS
 from extproc.core.quota import BUCKET_MS, BUCKETS, CredentialCharge, ReservationPlan
+from extproc.core.values import value_type
 from extproc.store import rollup
 from extproc.store.keyschema import KeySchema
 from extproc.store.pipelined import PipelinedConnection
@@ -72,7 +72,7 @@ def _exact(n: int) -> int:
     return min(n, MAX_AMOUNT_NANOS + 1)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class SettleCall:
     """One settle script call: its keys and its positional values (see settle.lua). On the wire
     the values travel as ONE JSON argument plus the event bytes: redis-py packs every argument

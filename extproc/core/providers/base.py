@@ -40,6 +40,7 @@ import orjson
 
 from extproc.core.sse import SseEvent
 from extproc.core.usage import Usage
+from extproc.core.values import value_type
 
 if TYPE_CHECKING:
     from extproc.core.decisions import Deny
@@ -75,7 +76,7 @@ class Endpoint(enum.Enum):
         return self in (Endpoint.MESSAGES, Endpoint.MESSAGES_COUNT_TOKENS)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Route:
     """What the path says: the endpoint, the Azure deployment when the path names one, the
     model when the path names it (Gemini: `/v1beta/models/<model>:generateContent`)."""
@@ -105,7 +106,7 @@ class Cluster:
     host: str
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class RewriteInput:
     """What `Provider.rewrite` may look at."""
 
