@@ -22,6 +22,8 @@ class BodyMode(enum.Enum):
     BUFFERED = "BUFFERED"
     STREAMED = "STREAMED"
 
+    __hash__ = object.__hash__  # identity, in C (see `Endpoint`)
+
 
 @value_type
 class HeaderEdit:

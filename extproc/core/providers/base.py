@@ -62,6 +62,11 @@ class Endpoint(enum.Enum):
     BATCH_EMBED_CONTENTS = "gemini.batchEmbedContents"
     GEMINI_MODELS = "gemini.models"  # `GET /v1beta/models[/<model>]`, answered by Tollgate
 
+    # Members are singletons compared by identity: hashing by identity too is consistent, and
+    # runs in C (Enum's own `__hash__` is Python, hashing the name; endpoints key the provider
+    # tables looked up several times per request).
+    __hash__ = object.__hash__
+
     @property
     def embeds(self) -> bool:
         """An embeddings call: input only, no output to cap or bound."""
