@@ -196,8 +196,22 @@ class Tally:
     def flush(self) -> None:
         self.scheduled = False
         pending, self.pending = self.pending, {}
+        checked = False
         for value, amount in pending.items():
-            value.inc(amount)
+            file = getattr(value, "_file", None)
+            if file is None or not checked:
+                # prometheus_client's own `inc`: the value and the lock around it in a single
+                # process; in multiprocess mode it also notices a fork (and then reopens every
+                # value's file), once per flush is enough: nothing forks during this loop.
+                value.inc(amount)
+                checked = file is not None
+                continue
+            # The rest of the flush writes its mmap values as `inc` does, minus the lock (the
+            # worker writes metrics from its event-loop thread only) and the fork check
+            # (made above): about half of the cost of the ~19 writes of a request.
+            value._value += amount
+            value._timestamp = 0.0
+            file.write_value(value._key, value._value, 0.0)
 
 
 TALLY = Tally()
