@@ -125,6 +125,7 @@ ANSWERED_BY_HEADER = "x-tollgate-credential"
 # Models lists, answered by the gateway from the snapshot (core/catalog.py).
 _LISTINGS = (Endpoint.MODELS, Endpoint.GEMINI_MODELS)
 # Pay-i-style headers (`xProxy-*`) are the gateway's too: never forwarded to a provider.
+_STRIPPED_OR_PAYI = (*_CLIENT_STRIPPED, payi.PAYI_PREFIX)  # one test for most headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,8 +397,8 @@ class Exchange:
     ) -> Decision | Reply:
         # Pay-i's annotation headers never reach the provider either (its key header is
         # handled with the other key headers in `on_request_body`).
-        removes = [name for name in headers if name.startswith(_CLIENT_STRIPPED) or (
-            name.startswith(payi.PAYI_PREFIX) and name != BYOK_HEADER)]
+        removes = [name for name in headers if name.startswith(_STRIPPED_OR_PAYI) and (
+            name.startswith(_CLIENT_STRIPPED) or name != BYOK_HEADER)]
         # Limit ids, tags, user and annotations all travel in such headers: without any, the
         # attribution defaults stand (most requests; saves a dozen header lookups).
         attributed = bool(removes)
@@ -421,7 +422,8 @@ class Exchange:
             if cors.allowed(headers.get("origin")):
                 self.origin = headers.get("origin")
         self.client_headers = frozenset(headers)
-        self.forwardable_headers = tuple(n for n in headers if n not in removes)
+        self.forwardable_headers = tuple(n for n in headers if n not in removes) if removes \
+            else tuple(headers)
         ingest = ingest_kind(path)
         self.ingest_bulk = ingest  # an ingest call is answered by Tollgate in the body phase
         self.route = classify_path(path) if ingest is None else None

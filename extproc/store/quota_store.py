@@ -92,10 +92,10 @@ class SettleCall:
         return [orjson.dumps(values), event if isinstance(event, bytes) else str(event).encode()]
 
     def to_json(self) -> bytes:
-        args = [
-            {"b": base64.b64encode(a).decode()} if isinstance(a, bytes) else a for a in self.args
-        ]
-        return orjson.dumps({"v": SETTLE_LAYOUT, "keys": list(self.keys), "args": args})
+        # orjson writes the tuples as arrays itself and hands only what it cannot write (the
+        # event's bytes) to `_bytes_arg`; a Python pass over the ~30 arguments cost ~5x more.
+        return orjson.dumps({"v": SETTLE_LAYOUT, "keys": self.keys, "args": self.args},
+                            default=_bytes_arg)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> SettleCall:
@@ -109,6 +109,13 @@ class SettleCall:
         if version < 3:
             keys, args = _upgrade_micro_call(keys, args)
         return cls(tuple(keys), tuple(args))
+
+
+def _bytes_arg(value: object) -> dict[str, str]:
+    """A bytes argument in a settle call's JSON: `{"b": <base64>}` (`SettleCall.from_json`)."""
+    if isinstance(value, bytes):
+        return {"b": base64.b64encode(value).decode()}
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def _upgrade_micro_call(keys: list[str], args: list[Any]) -> tuple[list[str], list[Any]]:
