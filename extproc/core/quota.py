@@ -234,7 +234,7 @@ class ReservationPlan:
 
     @property
     def token_windows(self) -> tuple[WindowCharge, ...]:
-        return tuple(w for w in self.windows if w.metric == "tokens")
+        return tuple([w for w in self.windows if w.metric == "tokens"])
 
     @property
     def bucket(self) -> int:

@@ -69,7 +69,10 @@ def _exact(n: int) -> int:
     exact to 2**53. Larger ones (only absurd requests, e.g. max_tokens of 1e17) are capped at
     2**53, still more than any Limit's max (validated below it), so a Block limit refuses them
     instead of the script failing half way or JSON refusing the integer."""
-    return min(n, MAX_AMOUNT_NANOS + 1)
+    return n if n < _EXACT_CAP else _EXACT_CAP
+
+
+_EXACT_CAP = MAX_AMOUNT_NANOS + 1
 
 
 @value_type
