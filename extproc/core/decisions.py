@@ -8,9 +8,11 @@ Denials are values too (`Deny`), never exceptions: an exception means a fault, n
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import orjson
+
+from extproc.core.values import value_type
 
 
 class BodyMode(enum.Enum):
@@ -20,8 +22,10 @@ class BodyMode(enum.Enum):
     BUFFERED = "BUFFERED"
     STREAMED = "STREAMED"
 
+    __hash__ = object.__hash__  # identity, in C (see `Endpoint`)
 
-@dataclass(frozen=True, slots=True)
+
+@value_type
 class HeaderEdit:
     """Headers to set (overwrite) and to remove. Names are lower-case."""
 
@@ -38,7 +42,7 @@ class HeaderEdit:
 NO_EDIT = HeaderEdit()
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Continue:
     """Let the message through, possibly changed.
 
@@ -71,7 +75,7 @@ _ERROR_TYPES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Deny:
     """Answer the client now, without calling the upstream.
 

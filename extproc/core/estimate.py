@@ -25,10 +25,9 @@ What the bound reads from a body is a `PromptShape` (core/shape.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from extproc.core.pricing import MAX_AMOUNT_NANOS, ModelPrice, estimate_cost
 from extproc.core.shape import PromptShape
+from extproc.core.values import value_type
 
 # Tokens a provider adds around the messages of one call (reply priming, end-of-prompt markers).
 REQUEST_OVERHEAD_TOKENS = 64
@@ -39,7 +38,7 @@ TOOLS_OVERHEAD_TOKENS = 1024
 MAX_ESTIMATE_NANOS = MAX_AMOUNT_NANOS
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Bounds:
     """Knobs that are not per model (settings)."""
 

@@ -105,6 +105,7 @@ from extproc.core.snapshot import Snapshot
 from extproc.core.streams import StreamMeter, StreamStep
 from extproc.core.targets import target_of, without_inner_result
 from extproc.core.usage import Usage
+from extproc.core.values import value_type
 
 ROUTING_HEADER = "x-tollgate-cluster"
 LOGGED_BYTES = 256 * 1024  # per body in the opt-in log stream; longer ones are cut
@@ -124,6 +125,7 @@ ANSWERED_BY_HEADER = "x-tollgate-credential"
 # Models lists, answered by the gateway from the snapshot (core/catalog.py).
 _LISTINGS = (Endpoint.MODELS, Endpoint.GEMINI_MODELS)
 # Pay-i-style headers (`xProxy-*`) are the gateway's too: never forwarded to a provider.
+_STRIPPED_OR_PAYI = (*_CLIENT_STRIPPED, payi.PAYI_PREFIX)  # one test for most headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +150,7 @@ class Options:
                       default_max_output_tokens=self.default_max_output_tokens)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Reserve:
     """Run `plan` atomically, then call `on_reserved` (or `on_reserve_failed`)."""
 
@@ -174,7 +176,7 @@ class Clamp:
                 "limit": self.limit}
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Settlement:
     """What to record for this request: its real cost and tokens (or the best known)."""
 
@@ -184,7 +186,7 @@ class Settlement:
     reason: str  # priced | upstream_error | unpriced_response | aborted
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Reply:
     """A successful answer made by the gateway itself (e.g. `GET /v1/models`)."""
 
@@ -395,8 +397,8 @@ class Exchange:
     ) -> Decision | Reply:
         # Pay-i's annotation headers never reach the provider either (its key header is
         # handled with the other key headers in `on_request_body`).
-        removes = [name for name in headers if name.startswith(_CLIENT_STRIPPED) or (
-            name.startswith(payi.PAYI_PREFIX) and name != BYOK_HEADER)]
+        removes = [name for name in headers if name.startswith(_STRIPPED_OR_PAYI) and (
+            name.startswith(_CLIENT_STRIPPED) or name != BYOK_HEADER)]
         # Limit ids, tags, user and annotations all travel in such headers: without any, the
         # attribution defaults stand (most requests; saves a dozen header lookups).
         attributed = bool(removes)
@@ -420,7 +422,8 @@ class Exchange:
             if cors.allowed(headers.get("origin")):
                 self.origin = headers.get("origin")
         self.client_headers = frozenset(headers)
-        self.forwardable_headers = tuple(n for n in headers if n not in removes)
+        self.forwardable_headers = tuple(n for n in headers if n not in removes) if removes \
+            else tuple(headers)
         ingest = ingest_kind(path)
         self.ingest_bulk = ingest  # an ingest call is answered by Tollgate in the body phase
         self.route = classify_path(path) if ingest is None else None

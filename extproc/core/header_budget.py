@@ -12,6 +12,7 @@ this module makes that prediction from the headers Envoy sent and the edit about
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import chain
 
 from extproc.core.decisions import Deny, HeaderEdit
 
@@ -31,7 +32,7 @@ class HeaderTally:
         self._headers = headers if isinstance(headers, list) else list(headers)
         self._sizes: dict[str, tuple[int, int]] | None = None
         self.entries = len(self._headers)
-        self.bytes = sum([len(name) + len(value) for name, value in self._headers])
+        self.bytes = sum(map(len, chain.from_iterable(self._headers)))  # names and values
 
     @property
     def sizes(self) -> dict[str, tuple[int, int]]:

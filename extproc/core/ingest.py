@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 
 import orjson
@@ -42,6 +42,7 @@ from extproc.core.request import MAX_MODEL_CHARS, load_body
 from extproc.core.resources import KeyRecord, qualify
 from extproc.core.snapshot import Snapshot
 from extproc.core.usage import Usage
+from extproc.core.values import value_type
 
 INGEST_PATH = "/api/v1/ingest"
 BULK_PATH = "/api/v1/ingest/bulk"
@@ -68,7 +69,7 @@ def ingest_kind(path: str) -> bool | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class IngestEvent:
     """One reported call, checked."""
 
@@ -90,7 +91,7 @@ class IngestEvent:
     timed: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Ingest:
     """The request-body decision for an ingest call: the events to record, and for bulk the
     items refused (index, refusal)."""
@@ -248,9 +249,12 @@ def first_seen(event: IngestEvent, first_ms: int) -> IngestEvent:
                    event_timestamp=datetime.fromtimestamp(when, UTC).isoformat())
 
 
+_ANNOTATION_FIELDS = tuple(f.name for f in fields(Annotations))
+
+
 def _merge(headers: Annotations, body: Annotations) -> Annotations:
     """Body values win over header values, field by field."""
-    changes = {name: getattr(body, name) for name in Annotations.__slots__
+    changes = {name: getattr(body, name) for name in _ANNOTATION_FIELDS
                if getattr(body, name)}
     return replace(headers, **changes)
 
@@ -316,7 +320,7 @@ def error_body(deny: Deny) -> dict[str, object]:
     }
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class PricedEvent:
     """An event with its price and the plan whose settlement records it."""
 

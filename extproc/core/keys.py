@@ -13,11 +13,11 @@ import hashlib
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 from extproc.core import providers
 from extproc.core.decisions import Deny
 from extproc.core.resources import KeyRecord, UpstreamSpec
+from extproc.core.values import value_type
 
 KEY_PREFIX = "tg-"
 BYOK_HEADER = "xproxy-api-key"
@@ -31,7 +31,7 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class PresentedKey:
     value: str
     # Where it came from: authorization | x-api-key | api-key | x-goog-api-key |

@@ -16,11 +16,11 @@ those mean here, so that changing `PAYI_BASE_URL` and the key is the whole migra
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import orjson
 
 from extproc.core.decisions import Deny
+from extproc.core.values import value_type
 
 PROXY_ROOT = "/api/v1/proxy/"
 #: Pay-i provider segments served, all by stripping `/api/v1/proxy/<segment>`.
@@ -52,7 +52,7 @@ def proxy_path(path: str) -> str | Deny | None:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Annotations:
     """What a request says about itself beyond tags and user, for reports and events."""
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 
 from extproc.core.usage import Usage
+from extproc.core.values import value_type
 
 NANOS_PER_USD = 1_000_000_000
 _PER_TOKENS = 1_000_000  # prices are quoted per 1M tokens
@@ -67,9 +68,12 @@ def nanos_to_micros(nanos: int) -> int:
 def format_nanos(nanos: int) -> str:
     """Integer nano-dollars -> decimal USD string with 9 places, no float rounding:
     400 -> "0.000000400"."""
-    sign = "-" if nanos < 0 else ""
-    nanos = abs(nanos)
-    return f"{sign}{nanos // NANOS_PER_USD}.{nanos % NANOS_PER_USD:09d}"
+    if nanos < 0:
+        return "-" + format_nanos(-nanos)
+    whole, fraction = divmod(nanos, NANOS_PER_USD)
+    # fraction + 10**9 has ten digits, the last nine being the fraction zero-padded: no format
+    # spec to parse (about twice as fast; eight of these a request go into headers).
+    return f"{whole}.{str(fraction + NANOS_PER_USD)[1:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +144,7 @@ class ModelPrice:
                 max(self.highest_output, tier.highest_output))
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Cost:
     """The cost of one call in nano-dollars; `total_nanos` is rounded once (see module doc)."""
 

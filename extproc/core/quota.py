@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from extproc.core.decisions import Deny
 from extproc.core.periods import period_bounds
 from extproc.core.pricing import format_nanos, nanos_to_usd
+from extproc.core.values import value_type
 
 WINDOW_MS = 60_000
 BUCKET_MS = 5_000  # rolling-window granularity: a refusal is at most this early
@@ -128,7 +129,7 @@ class RateLimitSpec:
     window_ms: int = WINDOW_MS
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Subject:
     """Who and what a request is, for matching limits."""
 
@@ -164,7 +165,7 @@ def scope_id(rate_limit: RateLimitSpec, subject: Subject) -> str:
     return "h-" + hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class LimitCharge:
     limit: LimitSpec
     period_id: str
@@ -172,7 +173,7 @@ class LimitCharge:
     ends_ms: int | None = None  # when the period ends (None: `period: none` never resets)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class WindowCharge:
     rate_limit: str
     scope: str
@@ -196,7 +197,7 @@ class LeaseCharge:
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class CredentialCharge:
     """One candidate credential of the chosen upstream, in the order they may be tried."""
 
@@ -209,7 +210,7 @@ class CredentialCharge:
     tpm: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class ReservationPlan:
     request_id: str
     now_ms: int
@@ -233,7 +234,7 @@ class ReservationPlan:
 
     @property
     def token_windows(self) -> tuple[WindowCharge, ...]:
-        return tuple(w for w in self.windows if w.metric == "tokens")
+        return tuple([w for w in self.windows if w.metric == "tokens"])
 
     @property
     def bucket(self) -> int:
@@ -350,7 +351,7 @@ def plan_reservation(
 # ---- interpreting replies ----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class LimitStatus:
     name: str
     state: str  # ok | exceeded | overrun | blocked
@@ -364,7 +365,7 @@ class LimitStatus:
         return max(0, self.max_nanos - self.spent_nanos - self.held_nanos)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class WindowStatus:
     charge: WindowCharge
     used: int
@@ -375,7 +376,7 @@ class WindowStatus:
         return max(0, self.charge.limit - self.used)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Reservation:
     """What the reserve script said. `denial` is None when everything was reserved."""
 

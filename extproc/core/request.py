@@ -8,7 +8,6 @@ input: anything malformed becomes a `Deny(400, ...)` whose message says what is 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -20,6 +19,7 @@ from extproc.core.providers.base import Endpoint as Endpoint
 from extproc.core.providers.base import Route as Route
 from extproc.core.providers.base import field
 from extproc.core.shape import PromptScan, PromptShape, prompt_shape
+from extproc.core.values import value_type
 
 
 def classify_path(path: str) -> Route | None:
@@ -27,7 +27,7 @@ def classify_path(path: str) -> Route | None:
     return providers.classify_path(path)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class RequestFacts:
     endpoint: Endpoint
     model: str

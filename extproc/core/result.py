@@ -9,17 +9,16 @@ the provider's JSON, so the provider's formatting and key order survive.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import orjson
 
 from extproc.core.pricing import Cost, format_nanos, nanos_to_usd
 from extproc.core.usage import Usage
+from extproc.core.values import value_type
 
 RESULT_FIELD = "xproxy_result"
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Priced:
     """The outcome of pricing one response."""
 

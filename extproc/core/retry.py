@@ -20,7 +20,6 @@ credential (the same `x-tollgate-try` and auth header, sent as attributes).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from extproc.core import providers
 from extproc.core.decisions import Deny
@@ -34,9 +33,10 @@ from extproc.core.exchange import (
 from extproc.core.quota import CredentialCharge
 from extproc.core.resources import UpstreamSpec
 from extproc.core.snapshot import Snapshot
+from extproc.core.values import value_type
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Try:
     """A retried try of a pooled call: its pool and the candidate that failed last."""
 

@@ -7,10 +7,11 @@ parts. No second pass over the JSON.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from extproc.core.values import value_type
 
 _IMAGE_TYPES = frozenset({"image_url", "input_image", "image"})
 _DOCUMENT_TYPES = frozenset({"document", "file", "input_file"})
@@ -21,7 +22,7 @@ NON_TEXT_PART_CHARS = 4000
 _MAX_DEPTH = 64  # deeper structures are not searched for media (their bytes still count)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class PromptShape:
     """What the strict bound needs to know about a request body."""
 

@@ -11,7 +11,8 @@ event ends at an empty line.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from extproc.core.values import value_type
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 # Two line ends in a row: the end of an event's last line, then an empty line. A CR followed
@@ -19,7 +20,7 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class SseEvent:
     raw: bytes  # the event's exact bytes, blank-line terminator included
     event: str  # the `event:` field, "" when absent

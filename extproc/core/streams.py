@@ -18,20 +18,19 @@ the client receives is the same bytes, possibly re-chunked on event boundaries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import orjson
 
 from extproc.core import providers
 from extproc.core.providers.base import Endpoint
 from extproc.core.sse import SseEvent, SseSplitter
 from extproc.core.usage import Usage
+from extproc.core.values import value_type
 
 RESULT_COMMENT = b": xproxy_result "
 _RESULT_MEMBER = b'"xproxy_result"'
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class StreamStep:
     """What to send on now, and whether the stream reached its end (then: price, settle and
     append `StreamMeter.closing(...)`)."""

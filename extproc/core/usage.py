@@ -10,11 +10,12 @@ writes; OpenAI's `prompt_tokens` includes cached ones), so each provider module
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from extproc.core.values import value_type
 
-@dataclass(frozen=True, slots=True)
+
+@value_type
 class Usage:
     input: int = 0
     output: int = 0

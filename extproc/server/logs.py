@@ -70,6 +70,9 @@ def configure(level: str, fmt: str, process_label: str) -> None:
     _writer = AccessWriter(handler, fmt == "json", process_label)
 
 
+_PAIR = "%s=%s"  # `key=value` of the text line; `map` with it keeps the join in C
+
+
 class AccessWriter:
     """The access line written straight to the root handler's stream, in the same format the
     formatters above give it: through `logging` (a LogRecord, the formatter, a flush per line)
@@ -100,7 +103,7 @@ class AccessWriter:
                                  "message": "request", **fields}, default=str).decode()
         else:
             line = (f"{self.stamp},{millis:03d} {self.label} INFO {ACCESS.name}: request "
-                    + " ".join(f"{k}={v}" for k, v in fields.items()))
+                    + " ".join(map(_PAIR.__mod__, fields.items())))
         self.lines.append(line)
         if len(self.lines) == 1:
             try:

@@ -6,16 +6,17 @@ and script lands on one slot and runs unchanged on Redis Cluster.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
 class KeySchema:
     tag: str = "llm"
+    # `tg:{<tag>}:`, made once: every key name starts with it (two dozen a request).
+    prefix: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def prefix(self) -> str:
-        return f"tg:{{{self.tag}}}:"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", f"tg:{{{self.tag}}}:")
 
     def config(self, kind: str) -> str:
         """HASH: canonical id (`ns/name`, bare name in `default`) -> normalised JSON document,

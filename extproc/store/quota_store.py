@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from importlib import resources as importlib_resources
 from typing import Any
 
@@ -28,6 +27,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from extproc.core.pricing import MAX_AMOUNT_NANOS
 from extproc.core.quota import BUCKET_MS, BUCKETS, CredentialCharge, ReservationPlan
+from extproc.core.values import value_type
 from extproc.store import rollup
 from extproc.store.keyschema import KeySchema
 from extproc.store.pipelined import PipelinedConnection
@@ -69,10 +69,13 @@ def _exact(n: int) -> int:
     exact to 2**53. Larger ones (only absurd requests, e.g. max_tokens of 1e17) are capped at
     2**53, still more than any Limit's max (validated below it), so a Block limit refuses them
     instead of the script failing half way or JSON refusing the integer."""
-    return min(n, MAX_AMOUNT_NANOS + 1)
+    return n if n < _EXACT_CAP else _EXACT_CAP
 
 
-@dataclass(frozen=True, slots=True)
+_EXACT_CAP = MAX_AMOUNT_NANOS + 1
+
+
+@value_type
 class SettleCall:
     """One settle script call: its keys and its positional values (see settle.lua). On the wire
     the values travel as ONE JSON argument plus the event bytes: redis-py packs every argument
@@ -92,10 +95,10 @@ class SettleCall:
         return [orjson.dumps(values), event if isinstance(event, bytes) else str(event).encode()]
 
     def to_json(self) -> bytes:
-        args = [
-            {"b": base64.b64encode(a).decode()} if isinstance(a, bytes) else a for a in self.args
-        ]
-        return orjson.dumps({"v": SETTLE_LAYOUT, "keys": list(self.keys), "args": args})
+        # orjson writes the tuples as arrays itself and hands only what it cannot write (the
+        # event's bytes) to `_bytes_arg`; a Python pass over the ~30 arguments cost ~5x more.
+        return orjson.dumps({"v": SETTLE_LAYOUT, "keys": self.keys, "args": self.args},
+                            default=_bytes_arg)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> SettleCall:
@@ -109,6 +112,13 @@ class SettleCall:
         if version < 3:
             keys, args = _upgrade_micro_call(keys, args)
         return cls(tuple(keys), tuple(args))
+
+
+def _bytes_arg(value: object) -> dict[str, str]:
+    """A bytes argument in a settle call's JSON: `{"b": <base64>}` (`SettleCall.from_json`)."""
+    if isinstance(value, bytes):
+        return {"b": base64.b64encode(value).decode()}
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def _upgrade_micro_call(keys: list[str], args: list[Any]) -> tuple[list[str], list[Any]]:

@@ -27,6 +27,8 @@ def by_api(edit: HeaderEdit) -> bytes:
 @pytest.mark.parametrize("edit", [
     HeaderEdit(),
     HeaderEdit(set=(("x-tollgate-cost", "0.000002550"), ("x-tollgate-request-id", "a" * 32))),
+    # The same names and sizes again, other values (each entry's start is kept per name and size).
+    HeaderEdit(set=(("x-tollgate-cost", "1.000009999"), ("x-tollgate-request-id", "b" * 32))),
     HeaderEdit(remove=("x-api-key", "api-key")),
     HeaderEdit(set=(("authorization", "Bearer " + "k" * 200),), remove=("x-goog-api-key",)),
     # Lengths around the one-byte boundaries of each nested length.

@@ -9,7 +9,7 @@ extproc/data/builtin.yaml or the table row.
 from __future__ import annotations
 
 from collections.abc import Callable
-from decimal import Decimal
+from decimal import Context, Decimal
 
 import pytest
 from hypothesis import given
@@ -246,6 +246,12 @@ def test_rate_from_usd_per_mtok_is_exact_and_never_rounds_down() -> None:
 )
 def test_format_usd(nanos: int, text: str) -> None:
     assert format_nanos(nanos) == text
+
+
+@given(st.integers(min_value=-(10**30), max_value=10**30))
+def test_format_usd_is_the_exact_decimal(nanos: int) -> None:
+    exact = Decimal(nanos).scaleb(-9, Context(prec=60))
+    assert format_nanos(nanos) == f"{exact:.9f}"
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from extproc.core.policy.rules import RuleFacts, broken_rule
 from extproc.core.policy.texts import Slot
 from extproc.core.policy.wordlists import shipped
 from extproc.core.quota import Selector, Subject
+from extproc.core.values import value_type
 
 REQUEST, RESPONSE = "request", "response"
 POLICY_HEADER = "x-tollgate-policy"
@@ -53,7 +54,7 @@ class CompiledPolicy:
     moderation: dict[str, Any] | None = None  # {action, categories, model, ...} when set
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Hit:
     """One rule that acted on one side of one request, and how many matches it had."""
 
@@ -68,14 +69,14 @@ class Hit:
                 "side": self.side, "count": self.count}
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Refusal:
     policy: str
     rule: str
     reason: str  # never contains matched text
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class ScanResult:
     hits: tuple[Hit, ...] = ()
     blocked: Refusal | None = None
@@ -161,7 +162,7 @@ def reflection_policies(policies: Iterable[CompiledPolicy],
     return tuple(out), changed
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class AutoReply:
     policy: str
     name: str

@@ -5,7 +5,6 @@ when a redaction changed it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import orjson
 
@@ -25,9 +24,10 @@ from extproc.core.policy.engine import (
 )
 from extproc.core.policy.rules import RuleFacts
 from extproc.core.policy.texts import request_slots, response_slots
+from extproc.core.values import value_type
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Outcome:
     refusal: Deny | None = None
     body: bytes | None = None  # the rewritten body, when a redaction changed it

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+
+from extproc.core.values import value_type
 
 # Finds every occurrence (overlapping ones too) of the phrases it was built from, in text that
 # is already folded: a list of (phrase index, start, end), offsets in characters.
@@ -89,7 +90,7 @@ def _word_char(c: str) -> bool:
     return c.isalnum() or c == "_"
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Match:
     start: int
     end: int

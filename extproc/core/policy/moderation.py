@@ -10,13 +10,13 @@ because ext_proc cannot send a second request through Envoy's stream.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from extproc.core.policy.engine import REQUEST, CompiledPolicy, Hit, Refusal
 from extproc.core.policy.texts import request_slots
+from extproc.core.values import value_type
 
 RULE = "moderation"
 # The endpoint reports no usage: tokens are estimated from characters (about 4 a token, the
@@ -24,7 +24,7 @@ RULE = "moderation"
 CHARS_PER_TOKEN = 4
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class ModerationCall:
     model: str
     upstream: str  # the Upstream whose credential is sent ("" = the request's)

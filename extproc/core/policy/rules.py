@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from extproc.core.values import value_type
 
-@dataclass(frozen=True, slots=True)
+
+@value_type
 class RuleFacts:
     """What request rules look at (taken from `RequestFacts` and the effective user)."""
 

@@ -40,6 +40,7 @@ import orjson
 
 from extproc.core.sse import SseEvent
 from extproc.core.usage import Usage
+from extproc.core.values import value_type
 
 if TYPE_CHECKING:
     from extproc.core.decisions import Deny
@@ -61,6 +62,11 @@ class Endpoint(enum.Enum):
     BATCH_EMBED_CONTENTS = "gemini.batchEmbedContents"
     GEMINI_MODELS = "gemini.models"  # `GET /v1beta/models[/<model>]`, answered by Tollgate
 
+    # Members are singletons compared by identity: hashing by identity too is consistent, and
+    # runs in C (Enum's own `__hash__` is Python, hashing the name; endpoints key the provider
+    # tables looked up several times per request).
+    __hash__ = object.__hash__
+
     @property
     def embeds(self) -> bool:
         """An embeddings call: input only, no output to cap or bound."""
@@ -75,7 +81,7 @@ class Endpoint(enum.Enum):
         return self in (Endpoint.MESSAGES, Endpoint.MESSAGES_COUNT_TOKENS)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Route:
     """What the path says: the endpoint, the Azure deployment when the path names one, the
     model when the path names it (Gemini: `/v1beta/models/<model>:generateContent`)."""
@@ -105,7 +111,7 @@ class Cluster:
     host: str
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class RewriteInput:
     """What `Provider.rewrite` may look at."""
 

@@ -18,7 +18,6 @@ Rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -27,6 +26,7 @@ from extproc.core.decisions import Deny
 from extproc.core.providers.base import Endpoint
 from extproc.core.sse import SseEvent, SseSplitter
 from extproc.core.usage import Usage
+from extproc.core.values import value_type
 
 _MAPPED = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature",
                      "top_p", "stop", "stream", "tools", "tool_choice", "n"})
@@ -38,7 +38,7 @@ def _bad(message: str) -> Deny:
     return Deny(400, "untranslatable_request", message)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Translated:
     """The provider's request: its body, path and endpoint."""
 
