@@ -81,7 +81,7 @@ class Settings:
     retry_deadline_ms: int = 30_000  # no retry starts later than this after admission
     # Admission control per worker: requests in their request phases at once before new ones
     # get a JSON 503 + Retry-After (0 = no bound). See docs/performance.md.
-    max_pending: int = 256
+    max_pending: int = 1024
     # ... and while the worker's event loop runs this late (a quarter of Envoy's 1 s message
     # timeout), new requests get the 503 too. 0 = off.
     max_lag_s: float = 0.25
