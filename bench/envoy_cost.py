@@ -465,6 +465,21 @@ def callgrind_variant(args: argparse.Namespace, name: str, first: str, log_dir: 
     return out
 
 
+def start_backends(log_dir: Path, processes: list[Managed]
+                   ) -> tuple[str, int, dict[str, str]]:
+    """A Redis and the fake upstream of this run (appended to `processes`, to be stopped by the
+    caller), and the environment an extproc needs to use them: (redis URL, upstream port, env)."""
+    redis, redis_url = start_redis(log_dir)
+    processes.append(redis)
+    mock, mock_port = start_mock_upstream(log_dir)
+    processes.append(mock)
+    env = dict(os.environ, REDIS_URL=redis_url, TOLLGATE_JOURNAL_DIR=str(log_dir / "journal"),
+               TOLLGATE_MODERATION_URL=f"http://127.0.0.1:{mock_port}")
+    for secret, secret_value in MOCK_SECRETS.items():
+        env.setdefault(secret, secret_value)
+    return redis_url, mock_port, env
+
+
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
@@ -567,14 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     processes: list[Managed] = []
     results: dict[str, dict[str, float]] = {}
     try:
-        redis, redis_url = start_redis(log_dir)
-        processes.append(redis)
-        mock, mock_port = start_mock_upstream(log_dir)
-        processes.append(mock)
-        env = dict(os.environ, TOLLGATE_JOURNAL_DIR=str(log_dir / "journal"),
-                   TOLLGATE_MODERATION_URL=f"http://127.0.0.1:{mock_port}")
-        for secret, secret_value in MOCK_SECRETS.items():
-            env.setdefault(secret, secret_value)
+        redis_url, mock_port, env = start_backends(log_dir, processes)
         extproc, ports = start_extproc(log_dir, redis_url, 1, env)
         processes.append(extproc)
         variant_ports = {"tollgate": ports.grpc}

@@ -36,20 +36,13 @@ from envoy_cost import (
     cli,
     dumped_instructions,
     h2load,
+    start_backends,
     wait_path,
 )
 
 from bench import BODY, PATH
 from extproc import envoyconf
-from extproc.launch import (
-    MOCK_SECRETS,
-    Managed,
-    free_port,
-    start_envoy,
-    start_mock_upstream,
-    start_process,
-    start_redis,
-)
+from extproc.launch import Managed, free_port, start_envoy, start_process
 
 TRANSPORTS = ("native", "grpcio")
 
@@ -126,15 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     processes: list[Managed] = []
     results: dict[str, dict[str, float]] = {}
     try:
-        redis, redis_url = start_redis(log_dir)
-        processes.append(redis)
-        mock, mock_port = start_mock_upstream(log_dir)
-        processes.append(mock)
-        env = dict(os.environ, REDIS_URL=redis_url,
-                   TOLLGATE_JOURNAL_DIR=str(log_dir / "journal"),
-                   TOLLGATE_MODERATION_URL=f"http://127.0.0.1:{mock_port}")
-        for secret, secret_value in MOCK_SECRETS.items():
-            env.setdefault(secret, secret_value)
+        redis_url, mock_port, env = start_backends(log_dir, processes)
         keys = {"limits": cli(redis_url, "keys", "create", "cost-limited").split()[-1],
                 "key": cli(redis_url, "keys", "create", "cost-plain").split()[-1]}
         cli(redis_url, "apply", "-f", "-", stdin=LIMITS)
