@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from extproc import envoyconf
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.launch import Stack, free_port, start_envoy, start_extproc
 from extproc.store.keyschema import KeySchema
+from tests.e2e.conftest import CliRunner, chat_body, spent_and_held
+from tests.e2e.test_retry import tracked_key
 
 pytestmark = pytest.mark.e2e
 
@@ -162,3 +165,46 @@ def test_envoy_connections_are_spread_over_the_workers(
     poll(lambda: sorted(w.get("connections", 0) for w in workers()) == [1, 1], 5,
          "one Envoy connection per worker")
     assert all(w["requests"] > 0 for w in workers())
+
+
+def test_a_worker_stalled_past_the_message_timeout_costs_only_that_request(
+    stack: Stack, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]],
+    redis_url: str, e2e_env: dict[str, str], tmp_path: Path,
+) -> None:
+    """The worker freezes (SIGSTOP) while a call waits for its provider. Envoy gives up on the
+    response message after its 1 s message timeout and resets the ext_proc stream: the client
+    gets Envoy's JSON 504, and once the worker runs again it reads the reset, releases that
+    call's hold and serves the next call."""
+    key, limit = tracked_key(cli, new_named_key)
+    extproc, ports = start_extproc(tmp_path / "extproc", redis_url, workers=1, env=e2e_env)
+    envoy = None
+    worker = 0
+    try:
+        admin, port = free_port(), free_port()
+        config = envoyconf.render_bootstrap(
+            clusters=envoyconf.mock_clusters("127.0.0.1", stack.mock_port or 0),
+            listen_port=port, admin_port=admin, extproc_port=ports.grpc)
+        envoy = start_envoy(tmp_path / "envoy", config, admin, concurrency=1)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        auth = {"authorization": f"Bearer {key}"}
+        assert httpx.post(url, json=chat_body(), headers=auth, timeout=10).status_code == 200
+        worker = httpx.get(f"http://127.0.0.1:{ports.http}/readyz",
+                           timeout=5).json()["workers"][0]["pid"]
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(httpx.post, url, json=chat_body(), timeout=20,
+                               headers={**auth, "x-mock-delay-ms": "700"})
+            time.sleep(0.3)  # admitted and reserved, waiting for the provider
+            os.kill(worker, signal.SIGSTOP)
+            response = slow.result()
+        # Envoy's answer to a message timeout, in Tollgate's error shape.
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "gateway_processing_failed"
+        os.kill(worker, signal.SIGCONT)
+        assert httpx.post(url, json=chat_body(), headers=auth, timeout=10).status_code == 200
+        poll(lambda: spent_and_held(cli, limit)[1] == 0, 10, "the stalled call's hold to go")
+    finally:
+        if worker:
+            os.kill(worker, signal.SIGCONT)
+        if envoy is not None:
+            envoy.stop()
+        extproc.stop()
