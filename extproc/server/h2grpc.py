@@ -328,6 +328,11 @@ class _Connection(asyncio.Protocol):
         except _ConnectionError as exc:
             self._abort(exc.code, str(exc))
             return
+        except (IndexError, ValueError, struct.error):
+            # A frame too short for what its type and flags promise, in a spot not checked
+            # above: the peer is not a correct HTTP/2 client, and only its connection ends.
+            self._abort(PROTOCOL_ERROR, "malformed frame")
+            return
         if pos < size:
             self.inbuf = bytearray(view[pos:])
 
@@ -336,6 +341,8 @@ class _Connection(asyncio.Protocol):
     def _on_headers(self, stream_id: int, flags: int, payload: memoryview) -> None:
         start, end = 0, len(payload)
         if flags & PADDED:
+            if not payload:
+                raise _ConnectionError(PROTOCOL_ERROR, "bad HEADERS padding")
             start, end = 1, end - payload[0]
         if flags & PRIORITY_FLAG:
             start += 5

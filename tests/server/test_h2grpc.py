@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -337,3 +338,35 @@ async def test_connections_are_spread_evenly_over_the_workers(tmp_path: Path) ->
             await channel.close()
         for server in servers:
             await server.stop(1)
+
+
+async def test_garbage_after_the_preface_closes_only_that_connection(
+        served: Served, caplog: pytest.LogCaptureFixture) -> None:
+    """Random frames (bad lengths, unknown types, broken header blocks, data for streams that
+    never opened) from one client: that connection is closed or ignored, with a one-line
+    warning and no traceback, and the server goes on serving the others."""
+    import random
+
+    rng = random.Random(12)
+
+    def run(seed: int) -> None:
+        rng.seed(seed)
+        with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+            sock.settimeout(2)
+            frames = h2grpc.PREFACE + _frame(h2grpc.SETTINGS, 0, 0)
+            for _ in range(20):
+                kind = rng.choice([0, 1, 3, 4, 6, 8, 9, 0x20, rng.randrange(256)])
+                payload = rng.randbytes(rng.choice([0, 1, 5, 8, 40]))
+                frames += _frame(kind, rng.randrange(256), rng.randrange(8), payload)
+            frames += rng.randbytes(rng.randrange(64))
+            try:
+                sock.sendall(frames)
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass  # closed by the server, or the 2 s timeout with nothing more to read
+
+    for seed in range(25):
+        await asyncio.to_thread(run, seed)
+        assert await served.channel.unary_unary(UNARY)(b"ok%d" % seed) == (b"ok%d" % seed)[::-1]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
