@@ -17,7 +17,7 @@ import redis
 
 from extproc import envoyconf
 from extproc.gen.tollgate.v1 import usage_pb2
-from extproc.launch import Stack, free_port, start_envoy, start_extproc
+from extproc.launch import Managed, Stack, free_port, start_envoy, start_extproc
 from extproc.store.keyschema import KeySchema
 from tests.e2e.conftest import CliRunner, chat_body, spent_and_held
 from tests.e2e.test_retry import tracked_key
@@ -42,6 +42,16 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def own_envoy(stack: Stack, grpc_port: int, tmp_path: Path) -> tuple[Managed, int]:
+    """A one-thread Envoy in front of the fake upstream and the extproc on `grpc_port`, for a
+    test that runs its own extproc: (Envoy, listener port)."""
+    admin, port = free_port(), free_port()
+    config = envoyconf.render_bootstrap(
+        clusters=envoyconf.mock_clusters("127.0.0.1", stack.mock_port or 0),
+        listen_port=port, admin_port=admin, extproc_port=grpc_port)
+    return start_envoy(tmp_path / "envoy", config, admin, concurrency=1), port
 
 
 def test_a_killed_worker_is_restarted_and_healthz_says_so(
@@ -84,11 +94,7 @@ def test_sigterm_lets_a_stream_in_flight_finish_and_settles_it(
                                    env={**e2e_env, "TOLLGATE_GRPC_TRANSPORT": transport})
     envoy = None
     try:
-        admin, port = free_port(), free_port()
-        config = envoyconf.render_bootstrap(
-            clusters=envoyconf.mock_clusters("127.0.0.1", stack.mock_port or 0),
-            listen_port=port, admin_port=admin, extproc_port=ports.grpc)
-        envoy = start_envoy(tmp_path / "envoy", config, admin, concurrency=1)
+        envoy, port = own_envoy(stack, ports.grpc, tmp_path)
         body = {"model": "gpt-4o-mini", "stream": True,
                 "messages": [{"role": "user", "content": "Tell me something"}]}
         slow = {"x-mock-chunk-delay-ms": "50", "x-mock-words": "10"}
@@ -182,11 +188,7 @@ def test_a_worker_stalled_past_the_message_timeout_costs_only_that_request(
     envoy = None
     worker = 0
     try:
-        admin, port = free_port(), free_port()
-        config = envoyconf.render_bootstrap(
-            clusters=envoyconf.mock_clusters("127.0.0.1", stack.mock_port or 0),
-            listen_port=port, admin_port=admin, extproc_port=ports.grpc)
-        envoy = start_envoy(tmp_path / "envoy", config, admin, concurrency=1)
+        envoy, port = own_envoy(stack, ports.grpc, tmp_path)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         auth = {"authorization": f"Bearer {key}"}
         assert httpx.post(url, json=chat_body(), headers=auth, timeout=10).status_code == 200
