@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from extproc.core import providers
 from extproc.core.policy.engine import CompiledPolicy, compile_policy
@@ -82,6 +82,22 @@ class Snapshot:
         return self.prices.lookup(model)
 
 
+@dataclass(frozen=True, slots=True)
+class ConfigChange:
+    """One stored resource that a configuration write touched since the last load."""
+
+    kind: str
+    ident: str  # canonical id (`ns/name`, bare name in `default`)
+    before: Resource | None  # as the replica last saw it (None: was not stored)
+    after: Resource | None  # None: deleted (or its stored document is invalid)
+
+
+def _order(item: tuple[tuple[str, str], Resource]) -> tuple[str, bool, str]:
+    # Price tables merge in name order ("default" first), so a later table overrides a model.
+    kind, name = item[0]
+    return kind, name != "default", name
+
+
 def build_snapshot(
     generation: int,
     builtin: Iterable[Resource],
@@ -92,21 +108,31 @@ def build_snapshot(
     merged: dict[tuple[str, str], Resource] = {}
     for resource in (*builtin, *stored):
         merged[(resource.kind, resource.id)] = resource
-
     keys: dict[str, KeyRecord] = {}
+    for (kind, _name), resource in sorted(merged.items(), key=_order):
+        if kind == "VirtualKey":
+            record = key_record(resource)
+            keys[record.key_sha256] = record
+    # Not the VirtualKeys: they are `keys_by_hash` (100,000 keys are ≈ 10 MB of entries).
+    configured = {k: r for k, r in merged.items() if k[0] != "VirtualKey"}
+    return _assemble(generation, keys, configured, secret_lookup, index_factory)
+
+
+def _assemble(
+    generation: int,
+    keys: dict[str, KeyRecord],
+    configured: dict[tuple[str, str], Resource],
+    secret_lookup: SecretLookup,
+    index_factory: IndexFactory | None,
+) -> Snapshot:
+    """The snapshot of these keys and these (merged, non-key) resources."""
     prices: dict[str, ModelPrice] = {}
     upstreams: list[UpstreamSpec] = []
     limits: list[LimitSpec] = []
     rate_limits: list[RateLimitSpec] = []
     policies: list[CompiledPolicy] = []
-    # Price tables merge in name order ("default" first), so a later table overrides a model.
-    for (kind, _name), resource in sorted(
-        merged.items(), key=lambda kv: (kv[0][0], kv[0][1] != "default", kv[0][1])
-    ):
-        if kind == "VirtualKey":
-            record = key_record(resource)
-            keys[record.key_sha256] = record
-        elif kind == "PriceTable":
+    for (kind, _name), resource in sorted(configured.items(), key=_order):
+        if kind == "PriceTable":
             prices.update(model_prices(resource))
         elif kind == "Upstream":
             upstreams.append(upstream_spec(resource))
@@ -118,21 +144,80 @@ def build_snapshot(
             policies.append(compile_policy(resource.id, selector_of(resource), resource.spec,
                                            index_factory))
     upstreams.sort(key=lambda u: (u.priority, u.name))
+    return Snapshot(
+        generation=generation,
+        keys_by_hash=keys,
+        prices=PriceBook(prices),
+        upstreams=tuple(upstreams),
+        secrets=_secrets(upstreams, secret_lookup),
+        resources=configured,
+        limits=tuple(limits),
+        rate_limits=tuple(rate_limits),
+        policies=tuple(policies),
+    )
+
+
+def _secrets(upstreams: Iterable[UpstreamSpec], secret_lookup: SecretLookup) -> dict[str, str]:
     secrets: dict[str, str] = {}
     for upstream in upstreams:
         for cred in upstream.credentials:
             value = secret_lookup(cred.secret_ref)
             if value:
                 secrets[cred.secret_ref] = value
-    return Snapshot(
-        generation=generation,
-        keys_by_hash=keys,
-        prices=PriceBook(prices),
-        upstreams=tuple(upstreams),
-        secrets=secrets,
-        # Not the VirtualKeys: they are `keys_by_hash` (100,000 keys are ≈ 10 MB of entries).
-        resources={k: r for k, r in merged.items() if k[0] != "VirtualKey"},
-        limits=tuple(limits),
-        rate_limits=tuple(rate_limits),
-        policies=tuple(policies),
-    )
+    return secrets
+
+
+def refresh_secrets(snapshot: Snapshot, secret_lookup: SecretLookup) -> Snapshot:
+    """The same snapshot with its credentials read again (files and env change on their own)."""
+    return replace(snapshot, secrets=_secrets(snapshot.upstreams, secret_lookup))
+
+
+def patch_snapshot(
+    snapshot: Snapshot,
+    generation: int,
+    changes: Iterable[ConfigChange],
+    builtin: Iterable[Resource],
+    secret_lookup: SecretLookup,
+    index_factory: IndexFactory | None = None,
+) -> Snapshot | None:
+    """`snapshot` with these changes applied, as `build_snapshot` over everything would build
+    it, in time proportional to the changes (plus the non-key resources when one of those
+    changed): a key created among 100,000 no longer rebuilds all of them (bench/scale.py).
+    None when it cannot tell the same answer cheaply (a key hash claimed by two keys):
+    build everything instead."""
+    keys: dict[str, KeyRecord] | None = None
+    configured: dict[tuple[str, str], Resource] | None = None
+    shipped = {(r.kind, r.id): r for r in builtin}
+    for change in changes:
+        ident = (change.kind, change.ident)
+        if change.kind != "VirtualKey":
+            if configured is None:
+                configured = dict(snapshot.resources)
+            # Deleting a stored resource uncovers the built-in one of the same name, if any.
+            after = change.after or shipped.get(ident)
+            if after is None:
+                configured.pop(ident, None)
+            else:
+                configured[ident] = after
+            continue
+        if ident in shipped:
+            return None
+        if keys is None:
+            keys = dict(snapshot.keys_by_hash)  # the old snapshot stays as it was for its requests
+        if change.before is not None:
+            old = keys.get(change.before.spec["keySha256"])
+            if old is not None and old.name == change.ident:
+                del keys[old.key_sha256]
+        if change.after is not None:
+            record = key_record(change.after)
+            holder = keys.get(record.key_sha256)
+            if holder is not None and holder.name != record.name:
+                return None
+            keys[record.key_sha256] = record
+    if configured is not None:
+        return _assemble(generation, snapshot.keys_by_hash if keys is None else keys,
+                         configured, secret_lookup, index_factory)
+    # Credentials are read again on every reload, as a full build does (a few file reads).
+    return replace(snapshot, generation=generation,
+                   keys_by_hash=snapshot.keys_by_hash if keys is None else keys,
+                   secrets=_secrets(snapshot.upstreams, secret_lookup))

@@ -17,7 +17,7 @@ import yaml
 
 from extproc.core.keys import PresentedKey, hash_key
 from extproc.core.resources import KeyRecord, Resource, key_record, validate_documents
-from extproc.core.snapshot import Snapshot, build_snapshot
+from extproc.core.snapshot import Snapshot, build_snapshot, patch_snapshot, refresh_secrets
 from extproc.server import metrics, tracing
 from extproc.server.phrase_index import automaton
 from extproc.store.redis_store import Store, StoreUnavailable
@@ -48,7 +48,14 @@ def secret_reader(secrets_dir: str) -> Callable[[str], str | None]:
 
 class ConfigWatcher:
     """Keeps `snapshot` current: reload on a pub/sub notice, with polling as the backstop (a
-    notice can be missed during a reconnect). Secret files are re-read at least every 30 s."""
+    notice can be missed during a reconnect). A reload applies only what changed when the
+    store's change log accounts for every write since the snapshot (a key created among 100,000
+    takes milliseconds, not the second a full rebuild blocks the worker for); otherwise, and
+    every `FULL_RELOAD_S` as a backstop against writes that bypass the log, everything is
+    loaded. Secret files are re-read at least every 30 s."""
+
+    SECRETS_S = 30.0
+    FULL_RELOAD_S = 600.0
 
     def __init__(self, store: Store, secrets_dir: str, poll_s: float) -> None:
         self.store = store
@@ -57,27 +64,51 @@ class ConfigWatcher:
         self.redis_ok = False
         self._builtin = builtin_resources()
         self._secrets = secret_reader(secrets_dir)
-        self._loaded_at = 0.0
+        self._loaded_at = 0.0  # last full load
+        self._secrets_at = 0.0
         self.changed = asyncio.Event()
 
     async def reload(self) -> None:
+        """Bring the snapshot up to the stored generation: the changes if they can be read,
+        everything otherwise."""
+        if self.snapshot is not None:
+            changes = await self.store.load_changes(self.snapshot.generation)
+            if changes is not None:
+                patched = patch_snapshot(self.snapshot, changes.generation, changes.changes,
+                                         self._builtin, self._secrets, automaton)
+                if patched is not None:
+                    self._swap(patched)
+                    log.info("configuration generation %d loaded (%d changed resources)",
+                             patched.generation, len(changes.changes))
+                    return
+        await self.full_reload()
+
+    async def full_reload(self) -> None:
         generation, stored = await self.store.load()
-        self.snapshot = build_snapshot(generation, self._builtin, stored, self._secrets,
-                                       automaton)
+        self._swap(build_snapshot(generation, self._builtin, stored, self._secrets, automaton))
         self._loaded_at = time.monotonic()
-        metrics.CONFIG_GENERATION.set(generation)
+        log.info("configuration generation %d loaded (%d resources)", generation, len(stored))
+
+    def _swap(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self._secrets_at = time.monotonic()
+        metrics.CONFIG_GENERATION.set(snapshot.generation)
         metrics.CONFIG_RELOADS.inc()
         self.changed.set()
         self.changed.clear()
-        log.info("configuration generation %d loaded (%d resources)", generation, len(stored))
 
     async def _check(self) -> None:
         try:
             generation = await self.store.generation()
             self.redis_ok = True
-            stale = time.monotonic() - self._loaded_at > 30
-            if self.snapshot is None or generation != self.snapshot.generation or stale:
+            now = time.monotonic()
+            if self.snapshot is None or now - self._loaded_at > self.FULL_RELOAD_S:
+                await self.full_reload()
+            elif generation != self.snapshot.generation:
                 await self.reload()
+            elif now - self._secrets_at > self.SECRETS_S:
+                self.snapshot = refresh_secrets(self.snapshot, self._secrets)
+                self._secrets_at = now
         except StoreUnavailable as exc:
             if self.redis_ok:
                 log.warning("redis unavailable, serving the cached configuration: %s", exc)

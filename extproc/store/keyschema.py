@@ -29,6 +29,14 @@ class KeySchema:
         return f"{self.prefix}cfg:gen"
 
     @property
+    def config_changes(self) -> str:
+        """STREAM: one entry per configuration write (the same transaction that bumps the
+        generation), field `c` = JSON list of [kind, canonical id] it stored or deleted. Lets a
+        replica reload only what changed (`Store.load_changes`); trimmed to about the last
+        thousand writes."""
+        return f"{self.prefix}cfg:changes"
+
+    @property
     def config_channel(self) -> str:
         """Pub/sub channel announcing a new generation (polling is the backstop)."""
         return f"{self.prefix}cfg:events"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import hiredis
@@ -18,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from extproc.core.resources import KINDS, Resource, ResourceError, split_id, validate_document
+from extproc.core.snapshot import ConfigChange
 from extproc.store.keyschema import KeySchema
 from extproc.store.pipelined import PipelinedConnection
 
@@ -38,6 +40,17 @@ class StoreRejected(Exception):
 REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError)
 
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+# Configuration writes the change log keeps (approximately: trimmed with `MAXLEN ~`). A replica
+# further behind than that, or shown more changed resources than this at once, reloads
+# everything instead.
+CHANGE_LOG_LENGTH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChanges:
+    generation: int
+    changes: tuple[ConfigChange, ...]
 
 
 def is_cluster_url(url: str) -> bool:
@@ -162,7 +175,10 @@ class Store:
         # 100,000 keys, bench/scale.py), and drops the ones no longer stored.
         # Kept as a 16-byte digest of the bytes, not the bytes (~250 B per resource).
         # One map per kind (no (kind, field) tuple per resource: ≈ 60 B each with 100k keys).
-        self._decoded: dict[str, dict[bytes | str, tuple[bytes, Resource]]] = {}
+        self._decoded: dict[str, dict[str, tuple[bytes, Resource]]] = {}
+        # Position in the change log (`KeySchema.config_changes`) of the last load: where
+        # `load_changes` reads on from. None until a full load has set it.
+        self._change_id: str | None = None
 
     @classmethod
     def from_url(cls, url: str, tag: str = "llm", timeout_s: float = 1.0) -> Store:
@@ -193,31 +209,104 @@ class Store:
                 pipe.get(self.keys.generation)
                 for kind in KINDS:
                     pipe.hgetall(self.keys.config(kind))
+                pipe.xrevrange(self.keys.config_changes, count=1)
                 replies = await pipe.execute()
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         generation = int(replies[0] or 0)
+        last = replies[-1]
         resources: list[Resource] = []
         previous = self._decoded
-        decoded: dict[str, dict[bytes | str, tuple[bytes, Resource]]] = {}
-        for kind, docs in zip(KINDS, replies[1:], strict=True):
+        decoded: dict[str, dict[str, tuple[bytes, Resource]]] = {}
+        for kind, docs in zip(KINDS, replies[1:-1], strict=True):
             before = previous.get(kind, {})
             now = decoded[kind] = {}
             for name, raw in docs.items():
-                digest = hashlib.blake2b(
-                    raw if isinstance(raw, bytes) else raw.encode(), digest_size=16).digest()
-                known = before.get(name)
-                if known is not None and known[0] == digest:
-                    resource: Resource | None = known[1]
-                else:
-                    resource = _decode(kind, name, raw)
-                    if resource is not None and kind == "VirtualKey":
-                        resource = _compact(resource, kind)
+                label = name.decode() if isinstance(name, bytes) else name
+                digest = _digest(raw)
+                resource = self._decoded_once(kind, label, raw, digest, before)
                 if resource is not None:
-                    now[name] = (digest, resource)
+                    now[label] = (digest, resource)
                     resources.append(resource)
         self._decoded = decoded
+        self._change_id = _text(last[0][0]) if last else "0-0"
         return generation, resources
+
+    @staticmethod
+    def _decoded_once(kind: str, label: str, raw: bytes | str, digest: bytes,
+                      before: dict[str, tuple[bytes, Resource]]) -> Resource | None:
+        """The document as a resource, validated only if its bytes changed since `before`."""
+        known = before.get(label)
+        if known is not None and known[0] == digest:
+            return known[1]
+        resource = _decode(kind, label, raw)
+        if resource is not None and kind == "VirtualKey":
+            resource = _compact(resource, kind)
+        return resource
+
+    async def load_changes(self, generation: int) -> ConfigChanges | None:
+        """What was stored or deleted since the last load (or change set), if the change log
+        accounts for every write between `generation` (the caller's) and now; otherwise None,
+        and the caller loads everything. Two round trips: the log, then the touched documents.
+
+        A write's log entry and its generation bump are one transaction, so the entries read
+        with the generation are exactly the writes up to it: as many entries as generations, or
+        something wrote without logging (an older Tollgate, a hand edit) or the log was trimmed
+        past us."""
+        if self._change_id is None:
+            return None
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.get(self.keys.generation)
+                pipe.xrange(self.keys.config_changes, min="(" + self._change_id,
+                            count=CHANGE_LOG_LENGTH + 1)
+                current, entries = await pipe.execute()
+        except REDIS_DOWN as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        current = int(current or 0)
+        if len(entries) != current - generation or len(entries) > CHANGE_LOG_LENGTH:
+            return None
+        touched: dict[str, dict[str, None]] = {}  # kind -> ids, in write order
+        try:
+            for _entry_id, fields in entries:
+                for kind, ident in orjson.loads(fields.get(b"c") or fields.get("c") or b""):
+                    if kind not in KINDS or not isinstance(ident, str):
+                        return None
+                    touched.setdefault(kind, {})[ident] = None
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            return None
+        if sum(len(ids) for ids in touched.values()) > CHANGE_LOG_LENGTH:
+            return None
+        raws: list[list[bytes | None]] = []
+        if touched:
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    for kind, ids in touched.items():
+                        pipe.hmget(self.keys.config(kind), list(ids))
+                    raws = await pipe.execute()
+            except REDIS_DOWN as exc:
+                raise StoreUnavailable(str(exc)) from exc
+        changes: list[ConfigChange] = []
+        for (kind, ids), docs in zip(touched.items(), raws, strict=True):
+            cache = self._decoded.setdefault(kind, {})
+            for ident, raw in zip(ids, docs, strict=True):
+                known = cache.get(ident)
+                after = None
+                if raw is not None:
+                    digest = _digest(raw)
+                    after = self._decoded_once(kind, ident, raw, digest, cache)
+                if after is None:
+                    cache.pop(ident, None)
+                else:
+                    cache[ident] = (digest, after)
+                if known is None and after is None:
+                    continue
+                if known is not None and after is known[1]:
+                    continue  # stored again unchanged
+                changes.append(ConfigChange(kind, ident, known[1] if known else None, after))
+        if entries:
+            self._change_id = _text(entries[-1][0])
+        return ConfigChanges(current, tuple(changes))
 
     async def list_kind(self, kind: str) -> list[Resource]:
         try:
@@ -265,6 +354,7 @@ class Store:
                             pipe.delete(self.keys.key_index(new_hash))
                         else:
                             pipe.set(self.keys.key_index(new_hash), resource.id)
+                self._log_change(pipe, [(r.kind, r.id) for r in resources])
                 pipe.incr(self.keys.generation)
                 replies = await pipe.execute()
             generation = int(replies[-1])
@@ -282,12 +372,18 @@ class Store:
                 pipe.hdel(self.keys.config(kind), ident)
                 if kind == "VirtualKey":
                     pipe.delete(self.keys.key_index(existing.spec["keySha256"]))
+                self._log_change(pipe, [(kind, ident)])
                 pipe.incr(self.keys.generation)
                 replies = await pipe.execute()
             await self.redis.publish(self.keys.config_channel, str(replies[-1]))
             return True
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
+
+    def _log_change(self, pipe: Any, touched: list[tuple[str, str]]) -> None:
+        """The change log entry of a write, queued in the write's own transaction."""
+        pipe.xadd(self.keys.config_changes, {"c": orjson.dumps(touched)},
+                  maxlen=CHANGE_LOG_LENGTH, approximate=True)
 
     async def key_name(self, key_sha256: str) -> str | None:
         """Name of the VirtualKey with this hash, straight from the index (cache misses only)."""
@@ -331,6 +427,15 @@ class Store:
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
         return replies
+
+
+def _digest(raw: bytes | str) -> bytes:
+    return hashlib.blake2b(raw if isinstance(raw, bytes) else raw.encode(),
+                           digest_size=16).digest()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _compact(resource: Resource, kind: str) -> Resource:
