@@ -45,6 +45,8 @@ CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 # further behind than that, or shown more changed resources than this at once, reloads
 # everything instead.
 CHANGE_LOG_LENGTH = 1000
+# A write touching more resources than this is logged as "reload everything".
+LOGGED_IDS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +271,10 @@ class Store:
         touched: dict[str, dict[str, None]] = {}  # kind -> ids, in write order
         try:
             for _entry_id, fields in entries:
-                for kind, ident in orjson.loads(fields.get(b"c") or fields.get("c") or b""):
+                logged = orjson.loads(fields.get(b"c") or fields.get("c") or b"")
+                if not isinstance(logged, list):
+                    return None  # `*`: a bulk write
+                for kind, ident in logged:
                     if kind not in KINDS or not isinstance(ident, str):
                         return None
                     touched.setdefault(kind, {})[ident] = None
@@ -381,8 +386,11 @@ class Store:
             raise StoreUnavailable(str(exc)) from exc
 
     def _log_change(self, pipe: Any, touched: list[tuple[str, str]]) -> None:
-        """The change log entry of a write, queued in the write's own transaction."""
-        pipe.xadd(self.keys.config_changes, {"c": orjson.dumps(touched)},
+        """The change log entry of a write, queued in the write's own transaction. A bulk write
+        is logged as `*` ("reload everything", which it is cheaper to do anyway): an entry holds
+        at most LOGGED_IDS ids, so the log stays within a few MB."""
+        entry = orjson.dumps(touched if len(touched) <= LOGGED_IDS else "*")
+        pipe.xadd(self.keys.config_changes, {"c": entry},
                   maxlen=CHANGE_LOG_LENGTH, approximate=True)
 
     async def key_name(self, key_sha256: str) -> str | None:

@@ -173,3 +173,18 @@ async def test_a_replica_further_behind_than_the_log_loads_everything(
     assert hash_key(keys[0]) not in watcher.snapshot.keys_by_hash
     assert counting.full_loads == 2
     assert view(watcher.snapshot) == view(await full_build(counting, tmp_path))
+
+
+async def test_a_bulk_write_is_logged_as_reload_everything(
+    counting: CountingStore, tmp_path: Path
+) -> None:
+    watcher = ConfigWatcher(counting, str(tmp_path), poll_s=1.0)
+    await watcher.reload()
+    keys = [generate_key() for _ in range(redis_store.LOGGED_IDS + 1)]
+    await counting.apply([key_doc(f"b{i}", k) for i, k in enumerate(keys)])
+    entries = await counting.redis.xrange(counting.keys.config_changes)
+    assert len(entries[-1][1][b"c"]) < 10  # not a hundred ids
+    await watcher.reload()
+    assert watcher.snapshot is not None
+    assert all(hash_key(k) in watcher.snapshot.keys_by_hash for k in keys)
+    assert counting.full_loads == 2
