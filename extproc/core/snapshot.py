@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from extproc.core import providers
 from extproc.core.policy.engine import CompiledPolicy, compile_policy
@@ -124,37 +125,74 @@ def _assemble(
     configured: dict[tuple[str, str], Resource],
     secret_lookup: SecretLookup,
     index_factory: IndexFactory | None,
+    reuse: Snapshot | None = None,
+    changed: dict[str, set[str]] | None = None,
 ) -> Snapshot:
-    """The snapshot of these keys and these (merged, non-key) resources."""
-    prices: dict[str, ModelPrice] = {}
-    upstreams: list[UpstreamSpec] = []
-    limits: list[LimitSpec] = []
-    rate_limits: list[RateLimitSpec] = []
-    policies: list[CompiledPolicy] = []
-    for (kind, _name), resource in sorted(configured.items(), key=_order):
-        if kind == "PriceTable":
-            prices.update(model_prices(resource))
-        elif kind == "Upstream":
-            upstreams.append(upstream_spec(resource))
-        elif kind == "Limit":
-            limits.append(limit_spec(resource))
-        elif kind == "RateLimit":
-            rate_limits.append(rate_limit_spec(resource))
-        elif kind == "Policy":
-            policies.append(compile_policy(resource.id, selector_of(resource), resource.spec,
-                                           index_factory))
-    upstreams.sort(key=lambda u: (u.priority, u.name))
+    """The snapshot of these keys and these (merged, non-key) resources. With `reuse`, only
+    the kinds in `changed` (kind -> ids) are built again, and of the Limits and RateLimits
+    (the kinds that can number 100,000) only the changed ones: one Limit changed among
+    100,000 stored is not 100,000 parsed again."""
+    changed = changed or {}
+
+    def fresh(kind: str) -> bool:
+        return kind in changed
+
+    def of_kind(kind: str) -> list[Resource]:
+        return [r for _, r in sorted(((k, r) for k, r in configured.items() if k[0] == kind),
+                                     key=_order)]
+
+    if reuse is None or fresh("PriceTable"):
+        prices: dict[str, ModelPrice] = {}
+        for table in of_kind("PriceTable"):  # in name order: a later table overrides a model
+            prices.update(model_prices(table))
+        book = PriceBook(prices)
+    else:
+        book = reuse.prices
+    if reuse is None or fresh("Upstream"):
+        upstreams = sorted((upstream_spec(r) for r in of_kind("Upstream")),
+                           key=lambda u: (u.priority, u.name))
+    else:
+        upstreams = list(reuse.upstreams)
+    if reuse is None or fresh("Policy"):
+        policies = tuple(compile_policy(r.id, selector_of(r), r.spec, index_factory)
+                         for r in of_kind("Policy"))
+    else:
+        policies = reuse.policies
+    if reuse is None:
+        limits = tuple(limit_spec(r) for r in of_kind("Limit"))
+        rate_limits = tuple(rate_limit_spec(r) for r in of_kind("RateLimit"))
+    else:
+        limits = _respec(reuse.limits, changed.get("Limit", set()), configured, "Limit",
+                         limit_spec)
+        rate_limits = _respec(reuse.rate_limits, changed.get("RateLimit", set()), configured,
+                              "RateLimit", rate_limit_spec)
     return Snapshot(
         generation=generation,
         keys_by_hash=keys,
-        prices=PriceBook(prices),
+        prices=book,
         upstreams=tuple(upstreams),
         secrets=_secrets(upstreams, secret_lookup),
         resources=configured,
-        limits=tuple(limits),
-        rate_limits=tuple(rate_limits),
-        policies=tuple(policies),
+        limits=limits,
+        rate_limits=rate_limits,
+        policies=policies,
     )
+
+
+_Spec = TypeVar("_Spec", LimitSpec, RateLimitSpec)
+
+
+def _respec(previous: tuple[_Spec, ...], ids: set[str],
+            configured: dict[tuple[str, str], Resource], kind: str,
+            build: Callable[[Resource], _Spec]) -> tuple[_Spec, ...]:
+    """`previous` with the specs of `ids` built again (or dropped, if no longer stored), in
+    the order a full build gives (by name, "default" first)."""
+    if not ids:
+        return previous
+    kept = [spec for spec in previous if spec.name not in ids]
+    kept += [build(configured[(kind, i)]) for i in ids if (kind, i) in configured]
+    # Mostly sorted already: Python's sort merges the appended run in about linear time.
+    return tuple(sorted(kept, key=lambda spec: (spec.name != "default", spec.name)))
 
 
 def _secrets(upstreams: Iterable[UpstreamSpec], secret_lookup: SecretLookup) -> dict[str, str]:
@@ -187,12 +225,14 @@ def patch_snapshot(
     build everything instead."""
     keys: dict[str, KeyRecord] | None = None
     configured: dict[tuple[str, str], Resource] | None = None
+    changed: dict[str, set[str]] = {}  # non-key kind -> ids
     shipped = {(r.kind, r.id): r for r in builtin}
     for change in changes:
         ident = (change.kind, change.ident)
         if change.kind != "VirtualKey":
             if configured is None:
                 configured = dict(snapshot.resources)
+            changed.setdefault(change.kind, set()).add(change.ident)
             # Deleting a stored resource uncovers the built-in one of the same name, if any.
             after = change.after or shipped.get(ident)
             if after is None:
@@ -216,7 +256,7 @@ def patch_snapshot(
             keys[record.key_sha256] = record
     if configured is not None:
         return _assemble(generation, snapshot.keys_by_hash if keys is None else keys,
-                         configured, secret_lookup, index_factory)
+                         configured, secret_lookup, index_factory, snapshot, changed)
     # Credentials are read again on every reload, as a full build does (a few file reads).
     return replace(snapshot, generation=generation,
                    keys_by_hash=snapshot.keys_by_hash if keys is None else keys,

@@ -55,7 +55,7 @@ def view(snapshot: Snapshot) -> dict[str, object]:
         "upstreams": snapshot.upstreams,
         "limits": snapshot.limits,
         "rate_limits": snapshot.rate_limits,
-        "policies": [p.name for p in snapshot.policies],
+        "policies": [(p.id, p.selector, p.rules) for p in snapshot.policies],
         "secrets": snapshot.secrets,
     }
 
@@ -95,9 +95,10 @@ async def test_patched_snapshots_match_a_full_build_through_random_changes(
     watcher = ConfigWatcher(counting, str(tmp_path), poll_s=1.0)
     await watcher.reload()
     builtin_price = next(r for r in builtin_resources() if r.kind == "PriceTable")
-    for step in range(40):
+    for step in range(60):
         action = rng.choice(["create", "rotate", "revoke", "delete", "limit", "unlimit",
-                             "prices", "unprices", "upstream", "unupstream", "mixed"])
+                             "prices", "unprices", "upstream", "unupstream", "mixed",
+                             "policy", "unpolicy", "limits"])
         name = rng.choice(sorted(keys))
         if action == "create":
             keys[f"n{step}"] = generate_key()
@@ -127,6 +128,16 @@ async def test_patched_snapshots_match_a_full_build_through_random_changes(
                 "credentials": [{"name": "default", "secretRef": "OPENAI_API_KEY"}]})])
         elif action == "unupstream":
             await counting.delete("Upstream", "extra")
+        elif action == "policy":
+            await counting.apply([document("Policy", f"p{step % 2}", {
+                "selector": {"keys": [name]},
+                "wordLists": [{"name": "w", "words": [f"word{step}"], "action": "block"}]})])
+        elif action == "unpolicy":
+            await counting.delete("Policy", f"p{step % 2}")
+        elif action == "limits":  # several limits in one write, one of them the default name
+            await counting.apply([document("Limit", n, {
+                "type": "Allow", "max": step, "selector": {"keys": [name]}})
+                for n in ("default", f"l{(step + 1) % 3}", "z")])
         else:  # one write touching several kinds
             keys[f"m{step}"] = generate_key()
             await counting.apply([key_doc(f"m{step}", keys[f"m{step}"]),
