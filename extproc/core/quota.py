@@ -274,10 +274,63 @@ def _limit_index(limits: Iterable[LimitSpec]) -> _LimitIndex:
             general.append(limit)
     index = _LimitIndex(by_name, by_key, general)
     if isinstance(limits, tuple):  # immutable: safe to remember (a list could change)
-        if len(_INDEXES) >= 2:
-            _INDEXES.pop(next(iter(_INDEXES)))
-        _INDEXES[id(limits)] = (limits, index)
+        _remember(limits, index)
     return index
+
+
+def _remember(limits: tuple[LimitSpec, ...], index: _LimitIndex) -> None:
+    if len(_INDEXES) >= 2:
+        _INDEXES.pop(next(iter(_INDEXES)))
+    _INDEXES[id(limits)] = (limits, index)
+
+
+def reindex(previous: tuple[LimitSpec, ...], limits: tuple[LimitSpec, ...],
+            changed: Iterable[str]) -> None:
+    """Index `limits` — `previous` with the limits named `changed` built again, added or
+    dropped — from `previous`'s index, if that was built, in time proportional to the change.
+    Indexing 100,000 limits from scratch takes about 0.2 s, which the first request after
+    every configuration change would otherwise wait (and its worker with it)."""
+    cached = _INDEXES.get(id(previous))
+    if cached is None or cached[0] is not previous:
+        return  # never used: built on first use, as usual
+    old = cached[1]
+    names = set(changed)
+    fresh = [limit for name in names if (limit := _find(limits, name)) is not None]
+    by_name = dict(old.by_name)
+    keys: set[str] = set()
+    general = False
+    for limit in [*(old.by_name[n] for n in names if n in old.by_name), *fresh]:
+        by_name.pop(limit.name, None)
+        keys.update(limit.selector.keys)
+        general = general or not limit.selector.keys
+    by_name.update((limit.name, limit) for limit in fresh)
+    by_key = dict(old.by_key)
+    for key in keys:
+        listed = [lim for lim in old.by_key.get(key, ()) if lim.name not in names]
+        listed += [lim for lim in fresh if key in lim.selector.keys]
+        if listed:
+            by_key[key] = listed
+        else:
+            by_key.pop(key, None)
+    rest = old.general
+    if general:
+        rest = [lim for lim in old.general if lim.name not in names]
+        rest += [lim for lim in fresh if not lim.selector.keys]
+    _remember(limits, _LimitIndex(by_name, by_key, rest))
+
+
+def _find(limits: tuple[LimitSpec, ...], name: str) -> LimitSpec | None:
+    """The limit named `name` in a tuple sorted by name ("default" first), by bisection."""
+    lo, hi = 0, len(limits)
+    key = (name != "default", name)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        probe = limits[mid]
+        if (probe.name != "default", probe.name) < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return limits[lo] if lo < len(limits) and limits[lo].name == name else None
 
 
 def applicable(

@@ -17,7 +17,7 @@ from extproc.core.policy.engine import CompiledPolicy, compile_policy
 from extproc.core.policy.matching import IndexFactory
 from extproc.core.pricing import ModelPrice, PriceBook
 from extproc.core.providers.base import Endpoint, Route
-from extproc.core.quota import LimitSpec, RateLimitSpec
+from extproc.core.quota import LimitSpec, RateLimitSpec, reindex
 from extproc.core.resources import (
     KeyRecord,
     Resource,
@@ -164,6 +164,8 @@ def _assemble(
     else:
         limits = _respec(reuse.limits, changed.get("Limit", set()), configured, "Limit",
                          limit_spec)
+        if limits is not reuse.limits:
+            reindex(reuse.limits, limits, changed["Limit"])
         rate_limits = _respec(reuse.rate_limits, changed.get("RateLimit", set()), configured,
                               "RateLimit", rate_limit_spec)
     return Snapshot(

@@ -10,7 +10,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from extproc.core import quota
 from extproc.core.keys import generate_key, hash_key
+from extproc.core.quota import Subject
 from extproc.core.resources import Resource, validate_document
 from extproc.core.snapshot import Snapshot, build_snapshot
 from extproc.server.state import ConfigWatcher, builtin_resources
@@ -137,15 +139,27 @@ async def test_patched_snapshots_match_a_full_build_through_random_changes(
         elif action == "limits":  # several limits in one write, one of them the default name
             await counting.apply([document("Limit", n, {
                 "type": "Allow", "max": step, "selector": {"keys": [name]}})
-                for n in ("default", f"l{(step + 1) % 3}", "z")])
+                for n in ("default", f"l{(step + 1) % 3}")] + [
+                # "z" moves between covering every request and one key's
+                document("Limit", "z", {"type": "Block", "max": step,
+                                        "selector": {} if step % 2 else {"keys": [name]}})])
         else:  # one write touching several kinds
             keys[f"m{step}"] = generate_key()
             await counting.apply([key_doc(f"m{step}", keys[f"m{step}"]),
                                   document("RateLimit", "r", {
                                       "per": "key", "requestsPerMinute": 10 + step})])
+        before = watcher.snapshot
         await watcher.reload()
         assert watcher.snapshot is not None
-        assert view(watcher.snapshot) == view(await full_build(counting, tmp_path)), action
+        full = await full_build(counting, tmp_path)
+        assert view(watcher.snapshot) == view(full), action
+        if watcher.snapshot.limits is not before.limits and before.limits:
+            # Indexed from the previous snapshot's index, not on the next request.
+            assert id(watcher.snapshot.limits) in quota._INDEXES, action
+        for name in [*keys, "nobody"]:  # the limits each key's requests are held to
+            subject = Subject(name, "", "", (), "gpt-4o-mini", "")
+            assert (quota.applicable(watcher.snapshot.limits, subject, ["l1", "gone"])
+                    == quota.applicable(full.limits, subject, ["l1", "gone"])), action
     assert counting.full_loads == 1
 
 
