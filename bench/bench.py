@@ -522,9 +522,29 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
 
 
+def environment(stack: Stack, wrk: str) -> str:
+    """One line naming what was measured on: cores, OS, and the versions of every part."""
+    import redis as redis_sync
+
+    from extproc.launch import envoy_binary
+
+    def first_line(argv: list[str]) -> str:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        lines = (out.stdout or out.stderr).strip().splitlines()
+        return lines[0].strip() if lines else "?"
+
+    envoy = first_line([envoy_binary(), "--version"]).split("version:")[-1].strip()
+    wrk_version = first_line([wrk, "--version"]).split(" [")[0]
+    info = redis_sync.Redis.from_url(stack.redis_url).info("server")
+    return (f"{os.cpu_count()} cores, {platform.platform()}, Python "
+            f"{platform.python_version()}, Envoy {envoy.split('/')[1] if '/' in envoy else envoy}, "
+            f"Redis protocol server {info.get('redis_version')}, {wrk_version}")
+
+
 def run_bench(
     args: argparse.Namespace, stack: Stack, wrk: str, log_dir: Path, redis_url: str | None
 ) -> int:
+    print(f"environment: {environment(stack, wrk)}", flush=True)
     key = create_key(stack.redis_url)
     groups = {p.pid: p.name for p in stack.processes}
     bench = Bench(stack, wrk, args.duration, args.connections,
