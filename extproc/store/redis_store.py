@@ -260,11 +260,13 @@ class Store:
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.get(self.keys.generation)
-                pipe.xrange(self.keys.config_changes, min="(" + self._change_id,
-                            count=CHANGE_LOG_LENGTH + 1)
+                # From the last entry seen, inclusive (exclusive ranges need Redis 6.2).
+                pipe.xrange(self.keys.config_changes, min=self._change_id,
+                            count=CHANGE_LOG_LENGTH + 2)
                 current, entries = await pipe.execute()
         except REDIS_DOWN as exc:
             raise StoreUnavailable(str(exc)) from exc
+        entries = [e for e in entries if _text(e[0]) != self._change_id]
         current = int(current or 0)
         if len(entries) != current - generation or len(entries) > CHANGE_LOG_LENGTH:
             return None
