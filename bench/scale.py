@@ -4,8 +4,9 @@ In-process, against its own Redis (started here, loopback only), with Tollgate's
 config watcher, key directory and ext_proc servicer (driven with the messages Envoy sends; no
 Envoy, no gRPC, so the numbers are Tollgate's own work):
 
-  keys     10 / 1k / 100k virtual keys: apply time, snapshot load time, reload time after one
-           change, RSS growth of the process, key lookup time (KeyDirectory.resolve)
+  keys     10 / 1k / 100k virtual keys: apply time, snapshot load time and the longest the
+           event loop stalled during it, reload time after one change, RSS growth of the
+           process, key lookup time (KeyDirectory.resolve)
   limits   1 / 10 / 100 Block limits applying to one request: request latency through the
            servicer, Redis time per reserve
   stored   1k / 100k Limit resources stored (none applying to the request): apply time, load
@@ -72,9 +73,31 @@ async def apply_batched(store: Store, docs: list[dict[str, object]], batch: int 
 
 
 async def timed_reload(watcher: ConfigWatcher) -> float:
+    return (await stalled_reload(watcher))[0]
+
+
+async def stalled_reload(watcher: ConfigWatcher) -> tuple[float, float]:
+    """Seconds the reload took, and the longest the event loop went without running anything
+    else meanwhile (a ticker that wants to run every millisecond): what requests wait."""
+    stall = 0.0
+    done = False
+
+    async def tick() -> None:
+        nonlocal stall
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            stall, last = max(stall, now - last), now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.005)  # the ticker is running
     t0 = time.perf_counter()
     await watcher.reload()
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    done = True
+    await ticker
+    return elapsed, stall
 
 
 async def keys_row(url: str, tmp: Path, n: int) -> dict[str, Any]:
@@ -85,7 +108,7 @@ async def keys_row(url: str, tmp: Path, n: int) -> dict[str, Any]:
             doc("VirtualKey", f"k{i}", {"keySha256": hash_key(k)}) for i, k in enumerate(keys)])
         watcher = ConfigWatcher(store, str(tmp), 1.0)
         rss0 = rss_mb()
-        load_s = await timed_reload(watcher)
+        load_s, stall_s = await stalled_reload(watcher)
         rss1 = rss_mb()
         await store.apply([validate_document(doc("VirtualKey", "k0", {
             "keySha256": hash_key(keys[0]), "tags": ["changed"]}))])
@@ -103,7 +126,8 @@ async def keys_row(url: str, tmp: Path, n: int) -> dict[str, Any]:
         lookup_us = (time.perf_counter() - t0) / len(sample) * 1e6
         if found != len(sample):
             raise RuntimeError(f"{n} keys: {len(sample) - found} lookups failed")
-        return {"keys": n, "apply_s": apply_s, "load_s": load_s, "reload_s": reload_s,
+        return {"keys": n, "apply_s": apply_s, "load_s": load_s, "stall_ms": stall_s * 1000,
+                "reload_s": reload_s,
                 "rss_mb": rss1 - rss0, "lookup_us": lookup_us}
     finally:
         await store.close()
@@ -180,11 +204,12 @@ async def request_latency(url: str, tmp: Path, limits: int, stored: int,
 async def run(args: argparse.Namespace, url: str, tmp: Path) -> None:
     sizes = [n for n in (10, 1_000, 100_000) if n <= args.max_keys]
     print("\nvirtual keys")
-    print(f"{'keys':>8}{'apply s':>10}{'load s':>10}{'reload s':>10}{'RSS +MB':>9}"
-          f"{'lookup us':>11}")
+    print(f"{'keys':>8}{'apply s':>10}{'load s':>10}{'stall ms':>10}{'reload s':>10}"
+          f"{'RSS +MB':>9}{'lookup us':>11}")
     for n in sizes:
         r = await keys_row(url, tmp, n)
-        print(f"{n:>8}{r['apply_s']:>10.3f}{r['load_s']:>10.3f}{r['reload_s']:>10.3f}"
+        print(f"{n:>8}{r['apply_s']:>10.3f}{r['load_s']:>10.3f}{r['stall_ms']:>10.1f}"
+              f"{r['reload_s']:>10.3f}"
               f"{r['rss_mb']:>9.1f}{r['lookup_us']:>11.2f}", flush=True)
     print("\nlimits applying to one request (request phases through the servicer)")
     print(f"{'limits':>8}{'p50 ms':>10}{'reserve ms':>12}")

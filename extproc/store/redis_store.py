@@ -6,6 +6,7 @@ Redis errors never leave this module raw: they become `StoreUnavailable`, and th
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -217,10 +218,18 @@ class Store:
             raise StoreUnavailable(str(exc)) from exc
         generation = int(replies[0] or 0)
         last = replies[-1]
+        # Decoding, and validating what changed, is the long part with many resources (seconds
+        # for 100,000): in a thread, so that the worker's event loop keeps serving meanwhile
+        # (it gets the GIL back every few milliseconds) instead of stalling.
+        resources = await asyncio.to_thread(self._decode_all, replies[1:-1])
+        self._change_id = _text(last[0][0]) if last else "0-0"
+        return generation, resources
+
+    def _decode_all(self, hashes: list[dict[bytes | str, bytes | str]]) -> list[Resource]:
         resources: list[Resource] = []
         previous = self._decoded
         decoded: dict[str, dict[str, tuple[bytes, Resource]]] = {}
-        for kind, docs in zip(KINDS, replies[1:-1], strict=True):
+        for kind, docs in zip(KINDS, hashes, strict=True):
             before = previous.get(kind, {})
             now = decoded[kind] = {}
             for name, raw in docs.items():
@@ -231,8 +240,7 @@ class Store:
                     now[label] = (digest, resource)
                     resources.append(resource)
         self._decoded = decoded
-        self._change_id = _text(last[0][0]) if last else "0-0"
-        return generation, resources
+        return resources
 
     @staticmethod
     def _decoded_once(kind: str, label: str, raw: bytes | str, digest: bytes,
