@@ -15,6 +15,7 @@ Run from bench.py (same stack, same run). Three measurements:
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -184,20 +185,29 @@ def run_rounds(bench: Bench, stack: Stack, duration: int, log_dir: Path,
 CHUNK_GAP_MS = 2  # the fake upstream writes one event every 2 ms: each is its own chunk
 
 
-def _stream_once(client: httpx.Client, url: str, key: str) -> tuple[float, float, int]:
+_STAMP = re.compile(rb"mock(\d{20})")
+
+
+def _stream_once(client: httpx.Client, url: str, key: str
+                 ) -> tuple[float, float, int, list[int]]:
+    """Time to first byte and total (s), events, and each event's transit time in ns (the fake
+    upstream writes its send time into the event, `x-mock-stamp`; one clock on one machine)."""
     body = {k: v for k, v in BODY.items() if k != "max_tokens"}
     body["stream"] = True
     headers = {"authorization": f"Bearer {key}", "x-mock-words": str(CHUNKS),
-               "x-mock-chunk-delay-ms": str(CHUNK_GAP_MS)}
+               "x-mock-chunk-delay-ms": str(CHUNK_GAP_MS), "x-mock-stamp": "1"}
     t0 = time.perf_counter()
     first = 0.0
     events = 0
+    transits: list[int] = []
     with client.stream("POST", url, json=body, headers=headers, timeout=30) as response:
         for chunk in response.iter_raw():
+            arrived = time.monotonic_ns()
             if not first:
                 first = time.perf_counter() - t0
             events += chunk.count(b"data: ")
-    return first, time.perf_counter() - t0, events
+            transits += [arrived - int(sent) for sent in _STAMP.findall(chunk)]
+    return first, time.perf_counter() - t0, events, transits
 
 
 def run_stream(bench: Bench, stack: Stack) -> dict[str, Any]:
@@ -212,21 +222,30 @@ def run_stream(bench: Bench, stack: Stack) -> dict[str, Any]:
             for _ in range(5):
                 _stream_once(client, url, key)  # warm-up
             samples = [_stream_once(client, url, key) for _ in range(STREAM_REQUESTS)]
+        # Every event but each stream's first (whose transit includes the response headers'
+        # message): what Tollgate adds to one streamed chunk on its way.
+        later = [t for s in samples for t in s[3][1:]]
+        if len(later) < STREAM_REQUESTS * (CHUNKS // 2):
+            raise RuntimeError(f"{scenario}: only {len(later)} stamped events came back")
         out[scenario] = {
             "ttfb_ms": round(1000 * statistics.median(s[0] for s in samples), 3),
             "total_ms": round(1000 * statistics.median(s[1] for s in samples), 3),
             "events": statistics.median(s[2] for s in samples),
+            "chunk_transit_us": round(statistics.median(later) / 1000, 1),
+            "chunk_transit_p90_us": round(statistics.quantiles(later, n=10)[-1] / 1000, 1),
         }
     d, t = out["direct"], out["tollgate"]
-    body_d, body_t = d["total_ms"] - d["ttfb_ms"], t["total_ms"] - t["ttfb_ms"]
     out["added_ttfb_ms"] = round(t["ttfb_ms"] - d["ttfb_ms"], 3)
-    out["added_per_chunk_us"] = round(1000 * (body_t - body_d) / CHUNKS, 1)
-    print(f"  {'path':<9} {'TTFB ms':>9} {'total ms':>9} {'events':>7}")
+    out["added_per_chunk_us"] = round(t["chunk_transit_us"] - d["chunk_transit_us"], 1)
+    print(f"  {'path':<9} {'TTFB ms':>9} {'total ms':>9} {'events':>7} "
+          f"{'chunk transit us (p50 / p90)':>29}")
     for name in ("direct", "tollgate"):
         r = out[name]
-        print(f"  {name:<9} {r['ttfb_ms']:>9.2f} {r['total_ms']:>9.2f} {r['events']:>7.0f}")
+        print(f"  {name:<9} {r['ttfb_ms']:>9.2f} {r['total_ms']:>9.2f} {r['events']:>7.0f} "
+              f"{r['chunk_transit_us']:>14.0f} / {r['chunk_transit_p90_us']:<12.0f}")
     print(f"  added time to first byte: {out['added_ttfb_ms']:.2f} ms; added per chunk: "
-          f"{out['added_per_chunk_us']:.0f} us (body time difference / {CHUNKS} chunks)")
+          f"{out['added_per_chunk_us']:.0f} us (median transit of each event after a stream's "
+          "first, from the fake upstream's write to the client's read)")
     return out
 
 

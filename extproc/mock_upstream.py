@@ -31,7 +31,10 @@ the cap would bill), whatever the reply text is.
 
 Fault injection: ``x-mock-status`` (provider-shaped error, with ``retry-after`` from
 ``x-mock-retry-after``), ``x-mock-delay-ms``; streaming: ``x-mock-chunk-delay-ms`` and
-``x-mock-odd-chunks: 1``. Per credential (the key the request carries):
+``x-mock-odd-chunks: 1``; ``x-mock-stamp: 1`` writes, in the response id of every streamed
+event, the ``time.monotonic_ns()`` at which the event was written (same width, so the events
+keep their size): a benchmark on the same machine reads each event's transit time from it.
+Per credential (the key the request carries):
 ``POST /__mock/faults`` with ``{"credential": KEY, "status": 429, "count": N, "retry_after":
 "1"}`` makes the next N requests with that key (0 or absent: every one, until ``DELETE
 /__mock/faults``) fail with that provider-shaped error. Every API request is kept in a
@@ -49,6 +52,7 @@ import base64
 import itertools
 import math
 import os
+import re
 import signal
 import struct
 import time
@@ -158,6 +162,7 @@ class _Controls:
     cache_write: int
     reasoning: int
     worst: bool = False  # x-mock-bill: worst
+    stamp: bool = False  # x-mock-stamp: the send time of each streamed event in its id
 
 
 def _int_header(headers: Mapping[str, str], name: str, default: int = 0) -> int:
@@ -194,6 +199,7 @@ def _parse_controls(headers: Mapping[str, str]) -> _Controls:
         cache_write=_int_header(headers, "x-mock-cache-write-tokens"),
         reasoning=_int_header(headers, "x-mock-reasoning-tokens"),
         worst=headers.get("x-mock-bill", "").strip() == "worst",
+        stamp=headers.get("x-mock-stamp", "0").strip() not in ("", "0", "false"),
     )
 
 
@@ -356,15 +362,19 @@ def _error(
     return response
 
 
+_ID_DIGITS = re.compile(rb"mock\d{20}")
+
+
 class _SSEWriter:
     """Writes SSE events, optionally slowly (chunk delay) or in odd-sized pieces."""
 
-    __slots__ = ("_carry", "_delay", "_odd", "_resp", "_started")
+    __slots__ = ("_carry", "_delay", "_odd", "_resp", "_stamp", "_started")
 
     def __init__(self, resp: web.StreamResponse, controls: _Controls) -> None:
         self._resp = resp
         self._delay = controls.chunk_delay_s
         self._odd = controls.odd_chunks
+        self._stamp = controls.stamp
         self._carry = b""
         self._started = False
 
@@ -372,6 +382,8 @@ class _SSEWriter:
         if self._started and self._delay:
             await asyncio.sleep(self._delay)
         self._started = True
+        if self._stamp:  # the id's 20 digits (State.new_id) become the send time
+            event = _ID_DIGITS.sub(b"mock%020d" % time.monotonic_ns(), event, count=1)
         if not self._odd:
             await self._resp.write(event)
             return
