@@ -7,6 +7,7 @@ tests/unit/test_golden_files.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -114,6 +115,27 @@ async def test_chat_stream_usage_arrives_in_last_chunk(oai: openai.AsyncOpenAI) 
     last = chunks[-1]
     assert last.choices == []
     assert last.usage is not None and last.usage.completion_tokens == 50
+
+
+async def test_stamped_stream_carries_each_events_send_time(oai: openai.AsyncOpenAI) -> None:
+    """`x-mock-stamp` (the benchmark's per-chunk transit time): each event's id holds the
+    monotonic time it was written, in the id's usual 20 digits."""
+    before = time.monotonic_ns()
+    stream = await oai.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "count"}], stream=True,
+        extra_headers={"x-mock-words": "5", "x-mock-chunk-delay-ms": "2", "x-mock-stamp": "1"},
+    )
+    chunks = [chunk async for chunk in stream]
+    after = time.monotonic_ns()
+    sent = [int(c.id.removeprefix("chatcmpl-mock")) for c in chunks]
+    assert all(len(c.id) == len("chatcmpl-mock") + 20 for c in chunks)
+    assert before < sent[0] and sent[-1] < after
+    assert all(b - a >= 1_900_000 for a, b in itertools.pairwise(sent))  # ~2 ms apart
+    plain = await oai.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "count"}], stream=True,
+        extra_headers={"x-mock-words": "5"})
+    ids = {c.id async for c in plain}
+    assert len(ids) == 1  # unstamped: one id for the whole stream, as a provider sends
 
 
 async def test_chat_stream_without_include_usage_has_no_usage(oai: openai.AsyncOpenAI) -> None:
