@@ -50,9 +50,9 @@ class ConfigWatcher:
     """Keeps `snapshot` current: reload on a pub/sub notice, with polling as the backstop (a
     notice can be missed during a reconnect). A reload applies only what changed when the
     store's change log accounts for every write since the snapshot (a key created among 100,000
-    takes milliseconds, not the second a full rebuild blocks the worker for); otherwise, and
-    every `FULL_RELOAD_S` as a backstop against writes that bypass the log, everything is
-    loaded. Secret files are re-read at least every 30 s."""
+    takes milliseconds, not the seconds of a full load); otherwise, and every `FULL_RELOAD_S` as
+    a backstop against writes that bypass the log, everything is loaded, in a thread, while
+    requests go on with the current snapshot. Secret files are re-read at least every 30 s."""
 
     SECRETS_S = 30.0
     FULL_RELOAD_S = 600.0
