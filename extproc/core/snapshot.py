@@ -93,10 +93,15 @@ class ConfigChange:
     after: Resource | None  # None: deleted (or its stored document is invalid)
 
 
+def _name_order(name: str) -> tuple[bool, str]:
+    # Price tables merge in name order ("default" first), so a later table overrides a model;
+    # every kind's list is kept in that order.
+    return name != "default", name
+
+
 def _order(item: tuple[tuple[str, str], Resource]) -> tuple[str, bool, str]:
-    # Price tables merge in name order ("default" first), so a later table overrides a model.
     kind, name = item[0]
-    return kind, name != "default", name
+    return kind, *_name_order(name)
 
 
 def build_snapshot(
@@ -134,26 +139,23 @@ def _assemble(
     100,000 stored is not 100,000 parsed again."""
     changed = changed or {}
 
-    def fresh(kind: str) -> bool:
-        return kind in changed
-
     def of_kind(kind: str) -> list[Resource]:
         return [r for _, r in sorted(((k, r) for k, r in configured.items() if k[0] == kind),
                                      key=_order)]
 
-    if reuse is None or fresh("PriceTable"):
+    if reuse is None or "PriceTable" in changed:
         prices: dict[str, ModelPrice] = {}
         for table in of_kind("PriceTable"):  # in name order: a later table overrides a model
             prices.update(model_prices(table))
         book = PriceBook(prices)
     else:
         book = reuse.prices
-    if reuse is None or fresh("Upstream"):
+    if reuse is None or "Upstream" in changed:
         upstreams = sorted((upstream_spec(r) for r in of_kind("Upstream")),
                            key=lambda u: (u.priority, u.name))
     else:
         upstreams = list(reuse.upstreams)
-    if reuse is None or fresh("Policy"):
+    if reuse is None or "Policy" in changed:
         policies = tuple(compile_policy(r.id, selector_of(r), r.spec, index_factory)
                          for r in of_kind("Policy"))
     else:
@@ -162,12 +164,12 @@ def _assemble(
         limits = tuple(limit_spec(r) for r in of_kind("Limit"))
         rate_limits = tuple(rate_limit_spec(r) for r in of_kind("RateLimit"))
     else:
-        limits = _respec(reuse.limits, changed.get("Limit", set()), configured, "Limit",
-                         limit_spec)
+        limits, rebuilt = _respec(reuse.limits, changed.get("Limit", set()), configured,
+                                  "Limit", limit_spec)
         if limits is not reuse.limits:
-            reindex(reuse.limits, limits, changed["Limit"])
-        rate_limits = _respec(reuse.rate_limits, changed.get("RateLimit", set()), configured,
-                              "RateLimit", rate_limit_spec)
+            reindex(reuse.limits, limits, changed["Limit"], rebuilt)
+        rate_limits, _ = _respec(reuse.rate_limits, changed.get("RateLimit", set()),
+                                 configured, "RateLimit", rate_limit_spec)
     return Snapshot(
         generation=generation,
         keys_by_hash=keys,
@@ -186,15 +188,15 @@ _Spec = TypeVar("_Spec", LimitSpec, RateLimitSpec)
 
 def _respec(previous: tuple[_Spec, ...], ids: set[str],
             configured: dict[tuple[str, str], Resource], kind: str,
-            build: Callable[[Resource], _Spec]) -> tuple[_Spec, ...]:
+            build: Callable[[Resource], _Spec]) -> tuple[tuple[_Spec, ...], list[_Spec]]:
     """`previous` with the specs of `ids` built again (or dropped, if no longer stored), in
-    the order a full build gives (by name, "default" first)."""
+    the order a full build gives (`_name_order`), and the specs built again."""
     if not ids:
-        return previous
-    kept = [spec for spec in previous if spec.name not in ids]
-    kept += [build(configured[(kind, i)]) for i in ids if (kind, i) in configured]
+        return previous, []
+    rebuilt = [build(configured[(kind, i)]) for i in ids if (kind, i) in configured]
+    kept = [spec for spec in previous if spec.name not in ids] + rebuilt
     # Mostly sorted already: Python's sort merges the appended run in about linear time.
-    return tuple(sorted(kept, key=lambda spec: (spec.name != "default", spec.name)))
+    return tuple(sorted(kept, key=lambda spec: _name_order(spec.name))), rebuilt
 
 
 def _secrets(upstreams: Iterable[UpstreamSpec], secret_lookup: SecretLookup) -> dict[str, str]:
