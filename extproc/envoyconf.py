@@ -84,6 +84,16 @@ TRY_ROLE_METADATA = ("x-tollgate-role", "try")
 #: The same for the streams of the filter that sees every failed try's answer (a 4xx/5xx).
 FAILED_ROLE_METADATA = ("x-tollgate-role", "failed")
 
+#: The same for the streams of the observer filter (`_stream_observer_filter`), which meters a
+#: passthrough stream's events without holding them (extproc/server/observer.py).
+OBSERVE_ROLE_METADATA = ("x-tollgate-role", "observe")
+
+#: Response header the extproc sets on a stream it lets pass through (TOLLGATE_STREAM_PASSTHROUGH):
+#: the observer filter is created only for responses that carry it. The client sees it too: it
+#: says that no result object will follow in the stream.
+STREAM_MODE_HEADER = "x-tollgate-stream"
+STREAM_PASSTHROUGH = "passthrough"
+
 #: Request header on a pooled call that may be retried (`extproc.core.exchange.TRY_HEADER`).
 TRY_HEADER = "x-tollgate-try"
 
@@ -457,6 +467,41 @@ def _ext_proc_filter(message_timeout_ms: int) -> dict[str, Any]:
             },
         },
     }
+
+
+def _stream_observer_filter() -> dict[str, Any]:
+    """An ext_proc filter in observability mode, created only for a response the listener's
+    filter marked `x-tollgate-stream: passthrough` (an SSE stream that needs no rewriting,
+    TOLLGATE_STREAM_PASSTHROUGH). Envoy sends it the response headers and a copy of every body
+    chunk and forwards the chunk to the client at once, without waiting for a reply: the
+    extproc meters the stream and settles it at its end (extproc/server/observer.py). It sits
+    before the listener's ext_proc in the chain, so on the way back it runs after it and sees
+    the marker and the request id that filter set. Both filters' streams leave one Envoy worker
+    thread over one HTTP/2 connection, so they reach the same extproc process."""
+    ext_proc = {
+        "@type": _type_url("envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"),
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
+            "initial_metadata": [{"key": OBSERVE_ROLE_METADATA[0],
+                                  "value": OBSERVE_ROLE_METADATA[1]}],
+        },
+        # It only meters: the stream never waits for it, and never fails because of it.
+        "failure_mode_allow": True,
+        "observability_mode": True,
+        # After the HTTP stream ends, its gRPC stream stays open this long so that the last
+        # chunk reaches the extproc (Envoy's default is 5 s).
+        "deferred_close_timeout": "5s",
+        "processing_mode": {
+            "request_header_mode": "SKIP",
+            "response_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "response_body_mode": "STREAMED",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+    }
+    return _skipped_unless(ext_proc, "envoy.type.matcher.v3.HttpResponseHeaderMatchInput",
+                           STREAM_MODE_HEADER, STREAM_PASSTHROUGH, label="stream")
 
 
 def _per_try_filter() -> dict[str, Any]:
@@ -1004,8 +1049,8 @@ def render_bootstrap(
             _http_connection_manager(
                 stat_prefix="tollgate",
                 route_config=_main_route_config(),
-                http_filters=[_ext_proc_filter(message_timeout_ms), _proxy_filter(),
-                              _router_filter()],
+                http_filters=[_stream_observer_filter(), _ext_proc_filter(message_timeout_ms),
+                              _proxy_filter(), _router_filter()],
                 xff_num_trusted_hops=xff_num_trusted_hops,
                 local_reply=True,
                 request_timeout_ms=request_timeout_ms,

@@ -45,6 +45,9 @@ class Settings:
     workers: int = 1
     max_body_bytes: int = 8 * 1024 * 1024
     result_object: bool = True
+    # SSE streams that need no rewriting reach the client without waiting for the extproc
+    # (metered from a copy; no result object in them): README, "Streaming".
+    stream_passthrough: bool = False
     reload_poll_s: float = 1.0
     usage_stream_maxlen: int = 1_000_000
     secrets_dir: str = "/var/run/secrets/tollgate"
@@ -111,6 +114,7 @@ class Settings:
             "TOLLGATE_WORKERS": ("workers", int),
             "TOLLGATE_MAX_BODY_BYTES": ("max_body_bytes", int),
             "TOLLGATE_RESULT_OBJECT": ("result_object", _bool),
+            "TOLLGATE_STREAM_PASSTHROUGH": ("stream_passthrough", _bool),
             "TOLLGATE_RELOAD_POLL_MS": ("reload_poll_s", lambda v: int(v) / 1000),
             "TOLLGATE_USAGE_STREAM_MAXLEN": ("usage_stream_maxlen", int),
             "TOLLGATE_SECRETS_DIR": ("secrets_dir", str),

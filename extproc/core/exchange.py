@@ -110,6 +110,9 @@ from extproc.core.values import value_type
 ROUTING_HEADER = "x-tollgate-cluster"
 LOGGED_BYTES = 256 * 1024  # per body in the opt-in log stream; longer ones are cut
 REQUEST_ID_HEADER = "x-tollgate-request-id"
+# A stream let through without waiting for the extproc (envoyconf.STREAM_MODE_HEADER).
+STREAM_MODE_HEADER = "x-tollgate-stream"
+STREAM_PASSTHROUGH = "passthrough"
 INTERNAL_PREFIX = "x-tollgate-"
 # Retry on the next credential (docs/providers.md; extproc/server/retry.py). The extproc sets
 # how many further tries Envoy may make; a client can neither raise that nor add retry rules.
@@ -132,6 +135,7 @@ _STRIPPED_OR_PAYI = (*_CLIENT_STRIPPED, payi.PAYI_PREFIX)  # one test for most h
 class Options:
     max_body_bytes: int = 8 * 1024 * 1024
     result_object: bool = True
+    stream_passthrough: bool = False  # streams needing no rewrite are metered from a copy
     default_max_output_tokens: int = 4096  # estimate cap for models without output limits
     hold_seconds: float = 600.0  # a reservation not settled by then is settled at its estimate
     image_tokens: int = 4096  # strict bound of one image for models without `imageTokens`
@@ -230,6 +234,7 @@ class Exchange:
         "offline",
         "options",
         "origin",
+        "passthrough",
         "path",
         "plan",
         "policies",
@@ -306,6 +311,9 @@ class Exchange:
         self._snapshot: Snapshot | None = None
         self.hide_usage_chunk = False  # Tollgate turned include_usage on for this stream
         self.meter: StreamMeter | None = None
+        # The stream goes to the client as the provider sends it; the observer filter's
+        # stream meters a copy and settles (server/observer.py).
+        self.passthrough = False
         self.model_identity = ""  # the model for limits and reports (PriceBook.canonical)
         self.priced_as: str | None = None  # an unpriced model priced as this one
         self.prompt_bound = 0  # strict bound of the prompt, in tokens (core/estimate.py)
@@ -1051,6 +1059,12 @@ class Exchange:
                                     else translation.GeminiStream(self.facts.model))
             self.guard = StreamGuard.for_policies(self.facts.endpoint.value, self.policies,
                                                   self.anthropic_style)
+            if self.options.stream_passthrough and self._unchanged_stream():
+                # No reply is waited for per chunk: the response body stays NONE here and the
+                # observer filter, created for responses with this header, meters a copy.
+                self.passthrough = True
+                return Continue(HeaderEdit(set=sets + ((STREAM_MODE_HEADER,
+                                                         STREAM_PASSTHROUGH),)))
             return Continue(HeaderEdit(set=sets), response_body_mode=BodyMode.STREAMED)
         if 200 <= self.status < 300:
             # A successful response Tollgate cannot read (neither JSON nor SSE): charge the
@@ -1067,6 +1081,22 @@ class Exchange:
             ):
                 self.cooldown_due = retry_after_ms(headers)
         return Continue(HeaderEdit(set=sets))
+
+    def _unchanged_stream(self) -> bool:
+        """True when the client gets the provider's events as they are: no translation, no
+        usage chunk to hide, no inner gateway's report to replace, no response-side policy.
+        (The result object is what passthrough gives up: it would be appended.)"""
+        return (self.translation is None and self.guard is None and not self.hide_usage_chunk
+                and not self.proxied)
+
+    def settlement_unobserved(self) -> Settlement | None:
+        """A passthrough stream whose observer never came (an Envoy configuration without the
+        observer filter): what it produced is unknown, so the estimate is charged, as for a
+        call whose response never came."""
+        if self.settled or not self.admitted:
+            return None
+        self.meter = None  # nothing was metered: not "cut short at what was seen"
+        return self.settlement_on_abort()
 
     def _answered_by(self, name: str, headers: Mapping[str, str]) -> Continue:
         """The answer came from a retry: settle for the credential that answered. An empty

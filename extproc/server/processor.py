@@ -29,6 +29,7 @@ from extproc.core.decisions import Continue, Decision, Deny, HeaderEdit
 from extproc.core.exchange import (
     LOGGED_BYTES,
     MAX_RETRIES_HEADER,
+    REQUEST_ID_HEADER,
     TRY_HEADER,
     Exchange,
     Options,
@@ -53,6 +54,7 @@ from extproc.envoyconf import (
     FAILED_ROLE_METADATA,
     FAILOVER_HEADER,
     METADATA_NAMESPACE,
+    OBSERVE_ROLE_METADATA,
     TRY_ROLE_METADATA,
 )
 from extproc.gen.tollgate.v1 import usage_pb2
@@ -63,6 +65,7 @@ from extproc.server.failover import FailoverBoard, Live
 from extproc.server.ingest import answer_ingest
 from extproc.server.ingest import refuse as ingest_refuse
 from extproc.server.moderation import ModerationClient
+from extproc.server.observer import ObserverBoard
 from extproc.server.policy_hits import PolicyHitRecorder
 from extproc.server.retry import TryHandler
 from extproc.server.settlement import Settler
@@ -134,6 +137,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         # Calls with a backup Upstream, for a failover after their last failed try.
         self.failover = FailoverBoard(release=self._release_failed)
         self.tries = TryHandler(watcher, quota, self.failover)
+        # Passthrough streams, from the listener's stream to the observer's (server/observer.py).
+        self.observers = ObserverBoard(unclaimed=self._unobserved)
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
@@ -149,6 +154,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 # The answer of a try that failed (server/retry.py).
                 async for response in self.tries.observe_failure(request_iterator):
                     yield response
+                return
+            if OBSERVE_ROLE_METADATA in metadata:
+                # A passthrough stream's copy (server/observer.py): Envoy waits for no reply.
+                await self._observe(request_iterator)
                 return
         self.streams += 1
         exchange = Exchange(new_request_id(), self.options)
@@ -203,8 +212,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         finally:
             if counted:
                 self.pending -= 1
-            # A call that moved on to a failover's re-run stream is settled and logged there.
-            if not self.failover.leave(exchange, owner):
+            # A call that moved on to a failover's re-run stream is settled and logged there;
+            # a passthrough stream's, by its observer (or the board, if none comes).
+            if not self.failover.leave(exchange, owner) and not exchange.passthrough:
                 self._finish(exchange, answered, started)
 
     def _finish(self, exchange: Exchange, answered: tuple[int, str] | None,
@@ -218,6 +228,44 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             self.policy_hits.record(exchange.policy_hits)
         if exchange.logged is not None and self.policy_hits is not None:
             self.policy_hits.log_bodies(self._body_log_entry(exchange))
+
+    async def _observe(self, requests: AsyncIterator[ep.ProcessingRequest]) -> None:
+        """The observer filter's stream of a passthrough response: its headers name the call
+        (the request id the listener's filter set), then a copy of every chunk follows, which
+        is metered as a held chunk would be. Nothing is sent back: in observability mode Envoy
+        reads no reply. The end of the stream settles at the price (or, cut short, at what was
+        seen), as the listener's stream does for a held one."""
+        waiting = None
+        try:
+            async for request in requests:
+                phase = request.WhichOneof("request")
+                if phase == "response_headers" and waiting is None:
+                    for h in request.response_headers.headers.headers:
+                        if h.key == REQUEST_ID_HEADER:
+                            waiting = self.observers.take(
+                                h.raw_value.decode("latin-1") if h.raw_value else h.value)
+                            break
+                elif phase == "response_body" and waiting is not None:
+                    exchange = waiting.exchange
+                    message = request.response_body
+                    if exchange.on_stream_chunk(message.body, message.end_of_stream).finished:
+                        due = exchange.take_due()
+                        if due is not None:
+                            await self._settle(exchange, due, waiting.started)
+                            self._count_priced(exchange)
+        except asyncio.CancelledError:
+            pass  # Envoy closes the stream after the response (deferred close): a normal end
+        except Exception:
+            log.exception("bug while observing a stream")
+        finally:
+            if waiting is not None:
+                self._finish(waiting.exchange, None, waiting.started)
+
+    def _unobserved(self, exchange: Exchange, started: float) -> None:
+        due = exchange.settlement_unobserved()
+        if due is not None:
+            self.settler.settle_later(self._settle_call(exchange, due, started))
+        self._finish(exchange, None, started)
 
     def _resumed(self, request: ep.ProcessingRequest) -> Live | None:
         """The call a failover's re-run continues, named by the failover header (only looked
@@ -333,6 +381,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             if phase == "response_headers":
                 headers = adapter.header_map(request.response_headers)
                 decision = exchange.on_response_headers(headers)
+                if exchange.passthrough:  # before the reply: its observer may come at once
+                    self.observers.expect(exchange, started)
                 if exchange.cooldown_due is not None:
                     await self._cool_down(exchange, exchange.cooldown_due)
                 due = exchange.take_due()
