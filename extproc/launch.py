@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -211,6 +212,11 @@ class ExtprocPorts:
     http: int
 
 
+# Ports picked by free_port() are free when picked, not when extproc binds them: something else may
+# take one in between. Picking new ones is tried this many times in all.
+PORT_ATTEMPTS = 3
+
+
 def start_extproc(
     log_dir: Path,
     redis_url: str,
@@ -218,20 +224,51 @@ def start_extproc(
     env: Mapping[str, str] | None = None,
     ports: ExtprocPorts | None = None,
 ) -> tuple[Managed, ExtprocPorts]:
-    ports = ports or ExtprocPorts(free_port(), free_port())
+    """Start `tollgate serve` and wait for /readyz. Without `ports`, free ones are picked, and
+    picked again (up to PORT_ATTEMPTS in all) when one was taken before extproc could bind it;
+    `ports` given and one of them taken: a StartupError at once."""
     child_env = dict(os.environ if env is None else env)
     child_env.pop("TOLLGATE_SETTINGS_JSON", None)
-    argv = [
-        sys.executable, "-m", "extproc", "serve",
-        "--grpc-port", str(ports.grpc),
-        "--http-port", str(ports.http),
-        "--workers", str(workers),
-        "--redis-url", redis_url,
-    ]
-    proc = start_process("extproc", argv, log_dir, child_env)
-    wait_until(lambda: http_ok(f"http://127.0.0.1:{ports.http}/readyz"), proc, 30,
-               "waiting for /readyz")
-    return proc, ports
+    attempts = 1 if ports else PORT_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        chosen = ports or ExtprocPorts(free_port(), free_port())
+        argv = [
+            sys.executable, "-m", "extproc", "serve",
+            "--grpc-port", str(chosen.grpc),
+            "--http-port", str(chosen.http),
+            "--workers", str(workers),
+            "--redis-url", redis_url,
+        ]
+        proc = start_process("extproc", argv, log_dir, child_env)
+        try:
+            wait_until(functools.partial(http_ok, f"http://127.0.0.1:{chosen.http}/readyz"),
+                       proc, 30, "waiting for /readyz")
+        except StartupError:
+            exited = not proc.alive()
+            proc.stop()  # not left running after a time-out; its workers with it
+            taken = _port_taken(proc) if exited else None
+            if taken is None:
+                raise
+            if ports:
+                raise StartupError(f"extproc cannot start: the port it was given is taken "
+                                   f"({taken})") from None
+            if attempt == attempts:
+                raise StartupError(f"extproc cannot start: a port picked for it was taken, "
+                                   f"{attempts} times in a row (last: {taken})") from None
+            continue
+        return proc, chosen
+    raise AssertionError("unreachable")
+
+
+def _port_taken(proc: Managed) -> str | None:
+    """What extproc said when it exited because one of its ports was already in use (the line
+    supervisor.cannot_bind writes, or the one its check of the ports before starting writes)."""
+    try:
+        lines = proc.log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line.removeprefix("tollgate: error: ") for line in lines
+                 if line.startswith("tollgate: error: ") and "already in use" in line), None)
 
 
 def envoy_binary() -> str:

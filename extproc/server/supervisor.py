@@ -6,7 +6,10 @@
   /dashboard  spend, limits, rate-limit pressure, cooldowns; only with TOLLGATE_DASHBOARD=1
             and an admin token (server/dashboard.py)
 
-Health is the AND of its parts, as in envoyproxy/ratelimit. A worker that dies is restarted.
+Health is the AND of its parts, as in envoyproxy/ratelimit. A worker that dies is restarted,
+except one that could not bind the gRPC port (exit status EXIT_CANNOT_BIND: the port is taken or
+not ours to use): a restart would fail the same way, so the server stops with one error line, as it
+does when the HTTP port cannot be bound.
 SIGTERM/SIGINT: forward SIGTERM to the workers, wait for them to drain, then exit.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -33,6 +37,22 @@ from extproc.settings import Settings
 
 log = logging.getLogger("tollgate.supervisor")
 SETTINGS_ENV = "TOLLGATE_SETTINGS_JSON"
+# A worker's exit status when it cannot bind the gRPC port for good (in use, not permitted, not
+# an address of this host): the supervisor then stops instead of restarting it.
+EXIT_CANNOT_BIND = 3
+FATAL_BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+
+
+def bind_reason(exc: OSError) -> str:
+    """'address already in use', 'permission denied', ... (without aiohttp's or Python's
+    decorations)."""
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+
+
+def cannot_bind(what: str, host: str, port: int, reason: str) -> str:
+    """The one line `serve` prints when it cannot listen on a port (launch.py reads it)."""
+    return (f"tollgate: error: cannot bind {what} port {host}:{port}: {reason}; "
+            "stop the other server or choose other ports")
 
 
 class Supervisor:
@@ -147,7 +167,15 @@ class Supervisor:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # taken since busy_ports() looked, or not ours to use
+            print(cannot_bind("HTTP", self.settings.http_host, self.settings.http_port,
+                              bind_reason(exc)), file=sys.stderr, flush=True)
+            await runner.cleanup()
+            if self.own_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            return 1
         for index in range(self.settings.workers):
             await self._spawn(index)
         from extproc.cli_output import redacted
@@ -158,9 +186,13 @@ class Supervisor:
             self.settings.http_host, self.settings.http_port, redacted(self.settings.redis_url),
         )
         announced = False
+        failure = ""
         while not self.stopping.is_set():
             for index, proc in list(self.workers.items()):
-                if proc.returncode is not None and not self.stopping.is_set():
+                if proc.returncode == EXIT_CANNOT_BIND and not self.stopping.is_set():
+                    failure = self._bind_failure(index, proc.pid)
+                    self.stopping.set()  # a restart would fail the same way
+                elif proc.returncode is not None and not self.stopping.is_set():
                     log.error("worker %d exited with %s; restarting", index, proc.returncode)
                     self._mark_dead(proc.pid)
                     await asyncio.sleep(0.5)
@@ -171,11 +203,23 @@ class Supervisor:
                 announced = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=0.2)
+        if failure:
+            print(failure, file=sys.stderr, flush=True)
         await self._stop_workers()
         await runner.cleanup()
         if self.own_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
-        return 0
+        return 1 if failure else 0
+
+    def _bind_failure(self, index: int, pid: int) -> str:
+        """The error line for worker `index` (pid `pid`), which exited with EXIT_CANNOT_BIND; the
+        reason is in its state file."""
+        reason = "see the worker's log"
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            data = json.loads((self.run_dir / f"worker-{index}.json").read_text())
+            if data.get("pid") == pid and data.get("cannot_bind"):
+                reason = str(data["cannot_bind"])
+        return cannot_bind("gRPC", self.settings.grpc_host, self.settings.grpc_port, reason)
 
     def _mark_dead(self, pid: int) -> None:
         from prometheus_client import multiprocess

@@ -3,7 +3,10 @@
 Envoy opens one HTTP/2 connection per Envoy worker thread, so several worker processes bound to
 one port spread the load across cores. On SIGTERM a worker reports NOT_SERVING, stops accepting
 streams, lets in-flight ones finish (up to the grace period), flushes pending settlements and exits.
-A state file in the run directory tells the supervisor whether this worker is ready.
+A state file in the run directory tells the supervisor whether this worker is ready. A worker that
+cannot bind the port (taken, not permitted, not an address of this host) says why in its state file
+(or on stderr when it has none) and exits with EXIT_CANNOT_BIND, which the supervisor does not
+restart.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,12 @@ from extproc.server.policy_hits import PolicyHitRecorder
 from extproc.server.processor import Processor
 from extproc.server.settlement import Settler
 from extproc.server.state import ConfigWatcher, KeyDirectory
+from extproc.server.supervisor import (
+    EXIT_CANNOT_BIND,
+    FATAL_BIND_ERRORS,
+    bind_reason,
+    cannot_bind,
+)
 from extproc.settings import Settings
 from extproc.store.quota_store import QuotaStore
 from extproc.store.redis_store import REDIS_DOWN, Store, connect
@@ -83,16 +94,23 @@ async def run_worker(settings: Settings, index: int) -> None:
     processor = Processor(watcher, keys, quota, settler, options, policy_hits,
                           max_pending=settings.max_pending, lag=lag, moderation=moderation)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
+    state_file = Path(settings.run_dir) / f"worker-{index}.json" if settings.run_dir else None
     try:
         server = await serve_grpc(settings, processor, index)
     except OSError as exc:
-        raise SystemExit(f"tollgate worker {index}: cannot bind {address}: {exc}") from None
+        if exc.errno not in FATAL_BIND_ERRORS:  # e.g. out of file descriptors: a restart may do
+            raise SystemExit(f"tollgate worker {index}: cannot bind {address}: {exc}") from None
+        if state_file is not None:  # the supervisor prints it, once for all its workers
+            _write_state(state_file, ready=False, cannot_bind=bind_reason(exc))
+        else:
+            print(cannot_bind("gRPC", settings.grpc_host, settings.grpc_port, bind_reason(exc)),
+                  file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CANNOT_BIND) from None
     lag.start()
     # A Cluster client must learn the topology before concurrent use (see `ready`). Redis down
     # at start: retried every half second below, before the first burst of requests can race.
     unready = [client for client in (store.redis, hot) if not await _ready(client, warn=True)]
 
-    state_file = Path(settings.run_dir) / f"worker-{index}.json" if settings.run_dir else None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -220,10 +238,29 @@ async def serve_grpc(settings: Settings, processor: Processor, index: int = 0
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}") == 0:
-        raise OSError("address in use or not available")
+    try:
+        bound = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    except RuntimeError:  # grpcio >= 1.56 raises instead of returning 0, and never says why
+        bound = 0
+    if bound == 0:
+        raise _why_not_bound(settings.grpc_host, settings.grpc_port)
     await server.start()
     return _GrpcAio(server, health_servicer)
+
+
+def _why_not_bound(host: str, port: int) -> OSError:
+    """grpcio's bind failed: bind a socket the same way (SO_REUSEPORT) to learn the errno."""
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind(address)
+            probe.listen(1)
+    except OSError as exc:
+        return exc
+    return OSError(f"grpcio could not bind {host}:{port}")
 
 
 async def _ready(client: Any, warn: bool = False) -> bool:
