@@ -496,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     # A journal of this run's own: never adopt settlements another stack left in the shared default
     # directory (they belong to another Redis), nor leave ours for the next `tollgate up`.
     env = dict(os.environ, TOLLGATE_JOURNAL_DIR=str(log_dir / "journal"))
+    # Passthrough streams on: only streams whose client asked for usage itself pass through
+    # (the streaming section measures both kinds); nothing else changes.
+    env.setdefault("TOLLGATE_STREAM_PASSTHROUGH", "true")
     try:
         stack = start_stack(
             log_dir=log_dir,

@@ -188,12 +188,16 @@ CHUNK_GAP_MS = 2  # the fake upstream writes one event every 2 ms: each is its o
 _STAMP = re.compile(rb"mock(\d{20})")
 
 
-def _stream_once(client: httpx.Client, url: str, key: str
+def _stream_once(client: httpx.Client, url: str, key: str, with_usage: bool = False
                  ) -> tuple[float, float, int, list[int]]:
     """Time to first byte and total (s), events, and each event's transit time in ns (the fake
-    upstream writes its send time into the event, `x-mock-stamp`; one clock on one machine)."""
-    body = {k: v for k, v in BODY.items() if k != "max_tokens"}
+    upstream writes its send time into the event, `x-mock-stamp`; one clock on one machine).
+    `with_usage`: the client asks for the usage chunk itself, so Tollgate has nothing to
+    rewrite and (TOLLGATE_STREAM_PASSTHROUGH) lets the stream pass through."""
+    body: dict[str, Any] = {k: v for k, v in BODY.items() if k != "max_tokens"}
     body["stream"] = True
+    if with_usage:
+        body["stream_options"] = {"include_usage": True}
     headers = {"authorization": f"Bearer {key}", "x-mock-words": str(CHUNKS),
                "x-mock-chunk-delay-ms": str(CHUNK_GAP_MS), "x-mock-stamp": "1"}
     t0 = time.perf_counter()
@@ -201,6 +205,9 @@ def _stream_once(client: httpx.Client, url: str, key: str
     events = 0
     transits: list[int] = []
     with client.stream("POST", url, json=body, headers=headers, timeout=30) as response:
+        if with_usage and response.headers.get("x-tollgate-stream") != "passthrough":
+            raise RuntimeError("the passthrough path was held: is TOLLGATE_STREAM_PASSTHROUGH "
+                               "on in the stack?")
         for chunk in response.iter_raw():
             arrived = time.monotonic_ns()
             if not first:
@@ -216,12 +223,17 @@ def run_stream(bench: Bench, stack: Stack) -> dict[str, Any]:
     out: dict[str, Any] = {}
     print(f"\nstreaming: {STREAM_REQUESTS} x {CHUNKS}-chunk responses (one event every "
           f"{CHUNK_GAP_MS} ms) at c=1 per path ...", flush=True)
-    for scenario in ("direct", "tollgate"):
-        url = bench.url(scenario)
+    # "tollgate": each chunk goes through the extproc (held: Tollgate hides the usage chunk
+    # it asked for and appends the result object); "passthrough": the client asks for usage
+    # itself, the chunks go straight on and the observer filter meters a copy.
+    for scenario in ("direct", "tollgate", "passthrough"):
+        url = bench.url("tollgate" if scenario == "passthrough" else scenario)
+        with_usage = scenario == "passthrough"
         with httpx.Client() as client:  # one keep-alive connection, like an SDK client
             for _ in range(5):
-                _stream_once(client, url, key)  # warm-up
-            samples = [_stream_once(client, url, key) for _ in range(STREAM_REQUESTS)]
+                _stream_once(client, url, key, with_usage)  # warm-up
+            samples = [_stream_once(client, url, key, with_usage)
+                       for _ in range(STREAM_REQUESTS)]
         # Every event but each stream's first (whose transit includes the response headers'
         # message): what Tollgate adds to one streamed chunk on its way.
         later = [t for s in samples for t in s[3][1:]]
@@ -234,18 +246,23 @@ def run_stream(bench: Bench, stack: Stack) -> dict[str, Any]:
             "chunk_transit_us": round(statistics.median(later) / 1000, 1),
             "chunk_transit_p90_us": round(statistics.quantiles(later, n=10)[-1] / 1000, 1),
         }
-    d, t = out["direct"], out["tollgate"]
+    d, t, p = out["direct"], out["tollgate"], out["passthrough"]
     out["added_ttfb_ms"] = round(t["ttfb_ms"] - d["ttfb_ms"], 3)
     out["added_per_chunk_us"] = round(t["chunk_transit_us"] - d["chunk_transit_us"], 1)
-    print(f"  {'path':<9} {'TTFB ms':>9} {'total ms':>9} {'events':>7} "
+    out["passthrough_added_ttfb_ms"] = round(p["ttfb_ms"] - d["ttfb_ms"], 3)
+    out["passthrough_added_per_chunk_us"] = round(p["chunk_transit_us"]
+                                                  - d["chunk_transit_us"], 1)
+    print(f"  {'path':<11} {'TTFB ms':>9} {'total ms':>9} {'events':>7} "
           f"{'chunk transit us (p50 / p90)':>29}")
-    for name in ("direct", "tollgate"):
+    for name in ("direct", "tollgate", "passthrough"):
         r = out[name]
-        print(f"  {name:<9} {r['ttfb_ms']:>9.2f} {r['total_ms']:>9.2f} {r['events']:>7.0f} "
+        print(f"  {name:<11} {r['ttfb_ms']:>9.2f} {r['total_ms']:>9.2f} {r['events']:>7.0f} "
               f"{r['chunk_transit_us']:>14.0f} / {r['chunk_transit_p90_us']:<12.0f}")
-    print(f"  added time to first byte: {out['added_ttfb_ms']:.2f} ms; added per chunk: "
-          f"{out['added_per_chunk_us']:.0f} us (median transit of each event after a stream's "
-          "first, from the fake upstream's write to the client's read)")
+    print(f"  added time to first byte: {out['added_ttfb_ms']:.2f} ms held, "
+          f"{out['passthrough_added_ttfb_ms']:.2f} ms passthrough; added per chunk: "
+          f"{out['added_per_chunk_us']:.0f} us held, {out['passthrough_added_per_chunk_us']:.0f}"
+          " us passthrough (median transit of each event after a stream's first, from the fake "
+          "upstream's write to the client's read)")
     return out
 
 

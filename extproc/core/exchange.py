@@ -1063,8 +1063,8 @@ class Exchange:
                 # No reply is waited for per chunk: the response body stays NONE here and the
                 # observer filter, created for responses with this header, meters a copy.
                 self.passthrough = True
-                return Continue(HeaderEdit(set=sets + ((STREAM_MODE_HEADER,
-                                                         STREAM_PASSTHROUGH),)))
+                return Continue(HeaderEdit(set=(*sets, (STREAM_MODE_HEADER,
+                                                        STREAM_PASSTHROUGH))))
             return Continue(HeaderEdit(set=sets), response_body_mode=BodyMode.STREAMED)
         if 200 <= self.status < 300:
             # A successful response Tollgate cannot read (neither JSON nor SSE): charge the

@@ -91,6 +91,13 @@ FAILOVERS = Counter(
     "Calls moved on to a backup Upstream after the last try of this one failed.",
     ["upstream", "status"],
 )
+STREAMS_PASSED = Counter(
+    "tollgate_passthrough_streams_total",
+    "Streams let through without waiting for the extproc (TOLLGATE_STREAM_PASSTHROUGH), by "
+    "who settled them: observer (metered from the copy) or unobserved (no observer came: "
+    "charged at the estimate).",
+    ["settled_by"],
+)
 CRED_RPM = Gauge(
     "tollgate_credential_requests_per_minute",
     "Requests in the credential's current rolling minute (as last seen by a worker).",

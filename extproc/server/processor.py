@@ -259,9 +259,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             log.exception("bug while observing a stream")
         finally:
             if waiting is not None:
+                metrics.STREAMS_PASSED.labels("observer").inc()
                 self._finish(waiting.exchange, None, waiting.started)
 
     def _unobserved(self, exchange: Exchange, started: float) -> None:
+        metrics.STREAMS_PASSED.labels("unobserved").inc()
         due = exchange.settlement_unobserved()
         if due is not None:
             self.settler.settle_later(self._settle_call(exchange, due, started))

@@ -79,6 +79,7 @@ async def run_worker(settings: Settings, index: int) -> None:
     options = Options(
         max_body_bytes=settings.max_body_bytes,
         result_object=settings.result_object,
+        stream_passthrough=settings.stream_passthrough,
         default_max_output_tokens=settings.default_max_output_tokens,
         hold_seconds=settings.hold_seconds,
         image_tokens=settings.image_tokens,
