@@ -103,6 +103,14 @@ def no_forward_proxy(config: Config) -> None:
                            if f["name"] != "envoy.filters.http.dynamic_forward_proxy"]
 
 
+def no_stream_observer(config: Config) -> None:
+    """The passthrough streams' observer filter (match_delegate + composite, created only for
+    a marked response): what it costs a JSON call that never creates it."""
+    hcm = _main_hcm(config)
+    hcm["http_filters"] = [f for f in hcm["http_filters"]
+                           if f["name"] != "envoy.filters.http.match_delegate"]
+
+
 def no_retry(config: Config) -> None:
     _route(config)["route"].pop("retry_policy", None)
     _main_hcm(config)["route_config"]["virtual_hosts"][0].pop(
@@ -296,6 +304,7 @@ VARIANTS: dict[str, Callable[[Config], None]] = {
     "base": lambda _c: None,
     "no_local_reply": no_local_reply,
     "no_forward_proxy": no_forward_proxy,
+    "no_stream_observer": no_stream_observer,
     "no_retry": no_retry,
     "no_upstream_filters": no_upstream_filters,
     "no_per_try_filter": no_per_try_filter,

@@ -99,6 +99,9 @@ def config(mode: dict[str, str], mock_port: int, extproc_port: int, port: int,
                                      extproc_port=extproc_port)
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
         "typed_config"]
+    # The listener's ext_proc alone (the passthrough streams' observer is never created here).
+    hcm["http_filters"] = [f for f in hcm["http_filters"]
+                           if f["name"] != "envoy.filters.http.match_delegate"]
     ext_proc = hcm["http_filters"][0]["typed_config"]
     ext_proc["processing_mode"].update(mode)
     ext_proc["request_attributes"] = ATTRIBUTES

@@ -98,7 +98,7 @@ def test_routes_on_routing_header_and_strips_it() -> None:
 def test_ext_proc_filter_settings() -> None:
     cfg = envoyconf.render_bootstrap(clusters=envoyconf.provider_clusters())
     hcm = _hcm(_listener(cfg, "tollgate"))
-    ext_proc, proxy, router = hcm["http_filters"]
+    observer, ext_proc, proxy, router = hcm["http_filters"]
     assert router["name"] == "envoy.filters.http.router"
     # after ext_proc (which names the cluster and :authority), before the router
     assert proxy["name"] == "envoy.filters.http.dynamic_forward_proxy"
@@ -112,13 +112,27 @@ def test_ext_proc_filter_settings() -> None:
     assert tc["processing_mode"]["response_body_mode"] == "NONE"
     runtime = cfg["layered_runtime"]["layers"][0]["static_layer"]
     assert runtime["envoy.reloadable_features.ext_proc_graceful_grpc_close"] is True
+    # First in the chain, so that on the way back it runs after ext_proc and sees its marker:
+    # the passthrough streams' observer, created only for responses marked passthrough.
+    assert observer["name"] == "envoy.filters.http.match_delegate"
+    matcher = observer["typed_config"]["xds_matcher"]["matcher_list"]["matchers"][0]
+    predicate = matcher["predicate"]["single_predicate"]
+    assert predicate["input"]["typed_config"]["header_name"] == "x-tollgate-stream"
+    assert predicate["value_match"]["safe_regex"]["regex"] == "passthrough"
+    observing = matcher["on_match"]["action"]["typed_config"]["typed_config"]["typed_config"]
+    assert observing["observability_mode"] is True
+    assert observing["failure_mode_allow"] is True  # it must never fail a stream
+    assert observing["grpc_service"]["initial_metadata"] == [
+        {"key": "x-tollgate-role", "value": "observe"}]
+    assert observing["processing_mode"]["request_header_mode"] == "SKIP"
+    assert observing["processing_mode"]["response_body_mode"] == "STREAMED"
     assert _listener(cfg, "tollgate")["per_connection_buffer_limit_bytes"] == 32 * 1024 * 1024
 
 
 def test_message_timeout_formatting() -> None:
     def timeout(ms: int) -> str:
         cfg = envoyconf.render_bootstrap(clusters=[], message_timeout_ms=ms)
-        ext_proc = _hcm(_listener(cfg, "tollgate"))["http_filters"][0]
+        ext_proc = _hcm(_listener(cfg, "tollgate"))["http_filters"][1]
         return str(ext_proc["typed_config"]["message_timeout"])
 
     assert timeout(1000) == "1s"
@@ -195,7 +209,7 @@ def test_client_address_comes_from_envoy_with_configurable_trusted_hops() -> Non
     assert hcm["use_remote_address"] is True
     assert hcm["xff_num_trusted_hops"] == 0
     assert hcm["skip_xff_append"] is True
-    ext_proc = hcm["http_filters"][0]["typed_config"]
+    ext_proc = hcm["http_filters"][1]["typed_config"]
     assert ext_proc["request_attributes"] == ["source.address"]
     assert ext_proc["metadata_options"] == {"receiving_namespaces": {"untyped": ["tollgate"]}}
     two = _hcm(_listener(envoyconf.render_bootstrap(

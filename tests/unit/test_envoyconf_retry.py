@@ -37,7 +37,7 @@ def test_the_route_retries_only_as_many_times_as_the_extproc_says(
     assert set(policy["retry_on"].split(",")) >= {"retriable-status-codes", "5xx", "reset",
                                                   "connect-failure"}
     assert policy["retriable_status_codes"] == [429]
-    ext_proc = _listener_hcm(config)["http_filters"][0]["typed_config"]
+    ext_proc = _listener_hcm(config)["http_filters"][1]["typed_config"]
     # allow_all_routing: the `:authority` of a credential with its own baseUrl (core/targets.py)
     assert ext_proc["mutation_rules"] == {"allow_envoy": True, "allow_all_routing": True}
 
