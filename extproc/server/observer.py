@@ -64,6 +64,15 @@ class ObserverBoard:
             entry.timer.cancel()
         return entry
 
+    def drain(self) -> list[Waiting]:
+        """Every call still waiting (the worker is stopping), taken off the board."""
+        entries = list(self.waiting.values())
+        self.waiting.clear()
+        for entry in entries:
+            if entry.timer is not None:
+                entry.timer.cancel()
+        return entries
+
     def _expire(self, request_id: str) -> None:
         entry = self.waiting.pop(request_id, None)
         if entry is None:

@@ -253,6 +253,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                         if due is not None:
                             await self._settle(exchange, due, waiting.started)
                             self._count_priced(exchange)
+                        # Done now: Envoy would keep this gRPC stream open for its deferred
+                        # close (5 s) after the response ended; ending it here frees it, and
+                        # the access log's latency is the call's, not the close's.
+                        return
         except asyncio.CancelledError:
             pass  # Envoy closes the stream after the response (deferred close): a normal end
         except Exception:
@@ -261,6 +265,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             if waiting is not None:
                 metrics.STREAMS_PASSED.labels("observer").inc()
                 self._finish(waiting.exchange, None, waiting.started)
+
+    def settle_unobserved(self) -> None:
+        """At shutdown, after the streams drained: calls still waiting for their observer
+        are settled as unobserved now, not left for the sweeper."""
+        for waiting in self.observers.drain():
+            self._unobserved(waiting.exchange, waiting.started)
 
     def _unobserved(self, exchange: Exchange, started: float) -> None:
         metrics.STREAMS_PASSED.labels("unobserved").inc()

@@ -141,6 +141,7 @@ async def run_worker(settings: Settings, index: int) -> None:
     _write_state(state_file, ready=False, draining=True, redis_ok=watcher.redis_ok,
                  generation=-1, pending_usage=settler.pending)
     await server.stop(settings.shutdown_grace_s)
+    processor.settle_unobserved()  # before the settler's last flush below
     lag.stop()
     watch_task.cancel()
     hits_task.cancel()

@@ -35,12 +35,26 @@ def nanos(tokens: int, rate: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def gateway(stack: Stack, e2e_env: dict[str, str],
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def replica_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("passthrough")
+
+
+@pytest.fixture(scope="module")
+def gateway(stack: Stack, e2e_env: dict[str, str], replica_logs: Path) -> Iterator[str]:
     """A sidecar replica with passthrough streams on: its base URL."""
     env = {**e2e_env, "TOLLGATE_STREAM_PASSTHROUGH": "true"}
-    with replica(stack, env, tmp_path_factory.mktemp("passthrough"), []) as (url, _):
+    with replica(stack, env, replica_logs, []) as (url, _):
         yield url
+
+
+def access_latency_ms(logs: Path, request_id: str) -> float:
+    deadline = time.monotonic() + 10
+    while True:
+        for line in (logs / "extproc.log").read_text().splitlines():
+            if f"request_id={request_id}" in line:
+                return float(line.rsplit("latency_ms=", 1)[1].split()[0])
+        assert time.monotonic() < deadline, f"no access log line for {request_id}"
+        time.sleep(0.2)
 
 
 def usage_event(cli: CliRunner, request_id: str) -> dict[str, Any]:
@@ -85,7 +99,7 @@ def wait_for_key(url: str, key: str) -> None:
 
 
 def test_a_stream_with_usage_passes_through_and_is_priced(
-    gateway: str, stack: Stack, cli: CliRunner,
+    gateway: str, stack: Stack, cli: CliRunner, replica_logs: Path,
     new_named_key: Callable[..., tuple[str, str]],
 ) -> None:
     limit, key = limited_key(cli, new_named_key)
@@ -117,6 +131,9 @@ def test_a_stream_with_usage_passes_through_and_is_priced(
     assert int(event["tokens"]["output"]) == last.usage.completion_tokens == 12
     spent, held = settled(cli, limit)
     assert held == 0 and spent == Decimal(format_nanos(expected))
+    # The call ends with its stream (12 words, 25 ms apart), not with Envoy's deferred close
+    # of the observer's gRPC stream 5 s later.
+    assert access_latency_ms(replica_logs, request_id) < 3000
 
 
 def test_the_body_is_exactly_what_the_provider_sent(

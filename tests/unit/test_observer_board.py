@@ -49,3 +49,18 @@ def test_a_call_no_observer_takes_is_handed_back_once_after_the_timeout() -> Non
 def test_an_unobserved_call_never_admitted_settles_nothing() -> None:
     call = Exchange("req-1", Options())
     assert call.settlement_unobserved() is None  # never admitted: nothing to settle
+
+
+def test_a_stopping_worker_takes_every_waiting_call_off_the_board() -> None:
+    async def run() -> None:
+        unclaimed: list[Exchange] = []
+        board = ObserverBoard(unclaimed=lambda e, _s: unclaimed.append(e), timeout_s=0.05)
+        calls = [Exchange(f"req-{i}", Options()) for i in range(3)]
+        for call in calls:
+            board.expect(call, 0.0)
+        assert [w.exchange for w in board.drain()] == calls
+        assert board.take("req-0") is None
+        await asyncio.sleep(0.1)
+        assert unclaimed == []  # handed out by drain, not expired a second time
+
+    asyncio.run(run())
