@@ -33,7 +33,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import BODY, PATH
-
 from extproc import envoyconf
 from extproc.launch import free_port, start_envoy, start_mock_upstream
 
