@@ -14,6 +14,8 @@ from typing import Any
 
 import anthropic
 import httpx
+from google import genai
+from google.genai import types
 import openai
 import orjson
 import pytest
@@ -210,6 +212,48 @@ def test_an_anthropic_stream_passes_through_and_is_priced(
     expected = nanos(final.usage.input_tokens, 1_000_000_000) + nanos(12, 5_000_000_000)
     assert int(event["cost"]["total_nanos"]) == expected
     assert held == 0 and spent == Decimal(format_nanos(expected))
+
+
+def test_a_responses_stream_passes_through_and_is_priced(
+    gateway: str, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]],
+) -> None:
+    limit, key = limited_key(cli, new_named_key)
+    wait_for_key(gateway, key)
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=key, max_retries=0)
+    raw = client.responses.with_raw_response.create(
+        model="gpt-4o-mini", input="Tell me something", stream=True, extra_headers=SLOW)
+    assert raw.headers["x-tollgate-stream"] == "passthrough"
+    events = list(raw.parse())
+    usage = next(e for e in events if e.type == "response.completed").response.usage
+    assert usage is not None and usage.output_tokens == 12
+    event = usage_event(cli, raw.headers["x-tollgate-request-id"])
+    expected = nanos(usage.input_tokens, MINI_IN) + nanos(12, MINI_OUT)
+    assert int(event["cost"]["total_nanos"]) == expected
+    spent, held = settled(cli, limit)
+    assert held == 0 and spent == Decimal(format_nanos(expected))
+
+
+def test_a_gemini_stream_passes_through_and_is_priced(
+    gateway: str, cli: CliRunner, new_named_key: Callable[..., tuple[str, str]],
+) -> None:
+    limit, key = limited_key(cli, new_named_key)
+    wait_for_key(gateway, key)
+    client = genai.Client(api_key=key, http_options=types.HttpOptions(
+        base_url=gateway, api_version="v1beta", headers={"x-mock-words": "12"}))
+    chunks = list(client.models.generate_content_stream(model="gemini-2.5-flash",
+                                                         contents="Count to 12"))
+    meta = chunks[-1].usage_metadata
+    assert meta is not None and meta.candidates_token_count == 12
+    # gemini-2.5-flash: $0.30 / $2.50 per 1M tokens, i.e. 300 / 2,500 nano-dollars a token.
+    expected = (meta.prompt_token_count or 0) * 300 + 12 * 2500
+    spent, held = settled(cli, limit)
+    assert held == 0 and spent == Decimal(format_nanos(expected))
+    raw = httpx.post(f"{gateway}/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+                     headers={"x-goog-api-key": key, "x-mock-words": "12"},
+                     json={"contents": [{"role": "user", "parts": [{"text": "Count to 12"}]}]},
+                     timeout=30)
+    assert raw.headers["x-tollgate-stream"] == "passthrough"
+    assert b"xproxy_result" not in raw.content
 
 
 def test_a_client_that_hangs_up_is_settled_on_what_was_seen(
