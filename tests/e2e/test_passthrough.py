@@ -14,11 +14,11 @@ from typing import Any
 
 import anthropic
 import httpx
-from google import genai
-from google.genai import types
 import openai
 import orjson
 import pytest
+from google import genai
+from google.genai import types
 
 from extproc.core.pricing import format_nanos
 from extproc.launch import Stack
