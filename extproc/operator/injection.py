@@ -17,6 +17,9 @@ from typing import Any
 
 INJECT_ANNOTATION = "tollgate.io/inject"
 INJECTED_ANNOTATION = "tollgate.io/injected"
+# Opt-in passthrough streams for this pod's calls (README, "Passthrough streams"): the
+# sidecar's TOLLGATE_STREAM_PASSTHROUGH. The injected Envoy bootstrap has the observer filter.
+PASSTHROUGH_ANNOTATION = "tollgate.io/stream-passthrough"
 SIDECARS = ("tollgate", "envoy")
 
 
@@ -35,7 +38,7 @@ def wants_injection(pod: Mapping[str, Any]) -> bool:
     return str(annotations.get(INJECT_ANNOTATION, "")).lower() == "true"
 
 
-def _sidecars(cfg: SidecarConfig) -> list[dict[str, Any]]:
+def _sidecars(cfg: SidecarConfig, passthrough: bool = False) -> list[dict[str, Any]]:
     locked_down = {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
                    "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
     return [
@@ -50,6 +53,8 @@ def _sidecars(cfg: SidecarConfig) -> list[dict[str, Any]]:
                 {"name": "TOLLGATE_HTTP_HOST", "value": "0.0.0.0"},
                 {"name": "TOLLGATE_HTTP_PORT", "value": str(cfg.metrics_port)},
                 {"name": "TOLLGATE_SECRETS_DIR", "value": "/var/run/secrets/tollgate"},
+                *([{"name": "TOLLGATE_STREAM_PASSTHROUGH", "value": "true"}]
+                  if passthrough else []),
             ],
             "ports": [{"name": "http-metrics", "containerPort": cfg.metrics_port,
                        "protocol": "TCP"}],
@@ -119,11 +124,13 @@ def injection_patch(pod: Mapping[str, Any], cfg: SidecarConfig) -> dict[str, Any
         env += [{"name": n, "value": v} for n, v in base_urls.items() if n not in present]
         changed["env"] = env
         containers.append(changed)
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    passthrough = str(annotations.get(PASSTHROUGH_ANNOTATION, "")).lower() == "true"
     # Sidecars first: native sidecars start in order, before any later init container.
     return {
         "metadata": {"annotations": {INJECTED_ANNOTATION: "true"}},
         "spec": {
-            "initContainers": _sidecars(cfg) + init,
+            "initContainers": _sidecars(cfg, passthrough) + init,
             "volumes": list(spec.get("volumes") or []) + _volumes(cfg),
             "containers": containers,
         },

@@ -39,6 +39,20 @@ def test_only_annotated_pods_get_sidecars() -> None:
     assert injection_patch(pod({"tollgate.io/inject": "true"}), CFG) is not None
 
 
+def test_stream_passthrough_is_asked_for_by_an_annotation() -> None:
+    def sidecar_env(annotations: dict[str, str]) -> dict[str, str]:
+        change = injection_patch(pod({"tollgate.io/inject": "true", **annotations}), CFG)
+        assert change is not None
+        tollgate = change["spec"]["initContainers"][0]
+        return {e["name"]: e.get("value", "") for e in tollgate["env"]}
+
+    assert "TOLLGATE_STREAM_PASSTHROUGH" not in sidecar_env({})
+    assert "TOLLGATE_STREAM_PASSTHROUGH" not in sidecar_env(
+        {"tollgate.io/stream-passthrough": "false"})
+    assert sidecar_env({"tollgate.io/stream-passthrough": "true"})[
+        "TOLLGATE_STREAM_PASSTHROUGH"] == "true"
+
+
 def test_injected_pod_runs_both_sidecars_before_the_app() -> None:
     original = pod({"tollgate.io/inject": "true"},
                    initContainers=[{"name": "migrate", "image": "app:1"}],
