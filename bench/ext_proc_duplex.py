@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ext_proc_modes import config as modes_config
+
 from bench import BODY, PATH
-from extproc import envoyconf
 from extproc.launch import free_port, start_envoy, start_mock_upstream
 
 MODES = ("buffered", "duplex")
@@ -91,23 +92,19 @@ def serve(port: int, duplex: bool, report: Path) -> None:
 
 def config(mode: str, mock_port: int, extproc_port: int, port: int,
            admin: int) -> dict[str, Any]:
-    cfg = envoyconf.render_bootstrap(clusters=envoyconf.mock_clusters("127.0.0.1", mock_port),
-                                     listen_port=port, admin_port=admin,
-                                     extproc_port=extproc_port)
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"]
-    hcm["http_filters"] = [f for f in hcm["http_filters"]
-                           if f["name"] != "envoy.filters.http.match_delegate"]
-    processing = hcm["http_filters"][0]["typed_config"]["processing_mode"]
-    processing.update(response_body_mode="BUFFERED",
-                      request_body_mode="FULL_DUPLEX_STREAMED" if mode == "duplex"
-                      else "BUFFERED")
+    """ext_proc_modes.py's bootstrap (the bare listener filter, a plain route to the fake
+    upstream), with this mode's request body and no attributes."""
+    processing = {"request_header_mode": "SEND", "response_header_mode": "SEND",
+                  "request_body_mode": "FULL_DUPLEX_STREAMED" if mode == "duplex"
+                  else "BUFFERED", "response_body_mode": "BUFFERED"}
     if mode == "duplex":
         processing["request_trailer_mode"] = "SEND"  # Envoy requires it with full duplex
-    # A plain route to the fake upstream (Tollgate's routes need the extproc's headers).
-    hcm["route_config"] = {"name": "bench", "virtual_hosts": [{
-        "name": "bench", "domains": ["*"],
-        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "openai"}}]}]}
+    cfg = modes_config(processing, mock_port, extproc_port, port, admin)
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]
+    ext_proc = hcm["http_filters"][0]["typed_config"]
+    ext_proc.pop("response_attributes")
+    ext_proc["request_attributes"] = ["source.address"]
     return cfg
 
 

@@ -80,6 +80,14 @@ def settled(cli: CliRunner, limit: str) -> tuple[Decimal, Decimal]:
     return spent, held
 
 
+def assert_charged(cli: CliRunner, limit: str, event: dict[str, Any], expected: int) -> None:
+    """The usage event says `expected` nano-dollars, and the limit holds exactly that, with
+    nothing left held."""
+    assert int(event["cost"]["total_nanos"]) == expected
+    spent, held = settled(cli, limit)
+    assert held == 0 and spent == Decimal(format_nanos(expected))
+
+
 def limited_key(cli: CliRunner, new_named_key: Callable[..., tuple[str, str]]) -> tuple[str, str]:
     name, key = new_named_key()
     limit = "pass-" + uuid.uuid4().hex[:6]
@@ -129,10 +137,8 @@ def test_a_stream_with_usage_passes_through_and_is_priced(
                                                                 MINI_OUT)
     event = usage_event(cli, request_id)
     assert event["streamed"] is True and event["priced"] is True
-    assert int(event["cost"]["total_nanos"]) == expected
     assert int(event["tokens"]["output"]) == last.usage.completion_tokens == 12
-    spent, held = settled(cli, limit)
-    assert held == 0 and spent == Decimal(format_nanos(expected))
+    assert_charged(cli, limit, event, expected)
     # The call ends with its stream (12 words, 25 ms apart), not with Envoy's deferred close
     # of the observer's gRPC stream 5 s later.
     assert access_latency_ms(replica_logs, request_id) < 3000
@@ -207,11 +213,9 @@ def test_an_anthropic_stream_passes_through_and_is_priced(
     assert event["streamed"] is True and event["priced"] is True
     assert int(event["tokens"]["output"]) == final.usage.output_tokens == 12
     assert int(event["tokens"]["input"]) == final.usage.input_tokens > 0
-    spent, held = settled(cli, limit)
     # claude-haiku-4-5: $1 input, $5 output per 1M tokens.
     expected = nanos(final.usage.input_tokens, 1_000_000_000) + nanos(12, 5_000_000_000)
-    assert int(event["cost"]["total_nanos"]) == expected
-    assert held == 0 and spent == Decimal(format_nanos(expected))
+    assert_charged(cli, limit, event, expected)
 
 
 def test_a_responses_stream_passes_through_and_is_priced(
@@ -227,10 +231,7 @@ def test_a_responses_stream_passes_through_and_is_priced(
     usage = next(e for e in events if e.type == "response.completed").response.usage
     assert usage is not None and usage.output_tokens == 12
     event = usage_event(cli, raw.headers["x-tollgate-request-id"])
-    expected = nanos(usage.input_tokens, MINI_IN) + nanos(12, MINI_OUT)
-    assert int(event["cost"]["total_nanos"]) == expected
-    spent, held = settled(cli, limit)
-    assert held == 0 and spent == Decimal(format_nanos(expected))
+    assert_charged(cli, limit, event, nanos(usage.input_tokens, MINI_IN) + nanos(12, MINI_OUT))
 
 
 def test_a_gemini_stream_passes_through_and_is_priced(
