@@ -280,6 +280,28 @@ def test_a_client_that_hangs_up_is_settled_on_what_was_seen(
     assert 0 < spent < Decimal(format_nanos(nanos(40, MINI_IN) + nanos(200, MINI_OUT)))
 
 
+def test_passthrough_on_the_grpcio_transport(
+    stack: Stack, e2e_env: dict[str, str], tmp_path: Path, cli: CliRunner,
+    new_named_key: Callable[..., tuple[str, str]],
+) -> None:
+    """The observer's stream is told apart by its gRPC metadata on grpc.aio too."""
+    limit, key = limited_key(cli, new_named_key)
+    env = {**e2e_env, "TOLLGATE_STREAM_PASSTHROUGH": "true", "TOLLGATE_GRPC_TRANSPORT": "grpcio"}
+    with replica(stack, env, tmp_path, []) as (url, _):
+        wait_for_key(url, key)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True,
+            stream_options={"include_usage": True}, extra_headers=SLOW)
+        assert raw.headers["x-tollgate-stream"] == "passthrough"
+        last = list(raw.parse())[-1]
+        assert last.usage is not None
+        expected = nanos(last.usage.prompt_tokens, MINI_IN) + nanos(
+            last.usage.completion_tokens, MINI_OUT)
+        assert_charged(cli, limit, usage_event(cli, raw.headers["x-tollgate-request-id"]),
+                       expected)
+
+
 def test_without_the_observer_filter_the_estimate_is_charged(
     stack: Stack, e2e_env: dict[str, str], tmp_path: Path, cli: CliRunner,
     new_named_key: Callable[..., tuple[str, str]],
