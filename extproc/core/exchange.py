@@ -1019,6 +1019,12 @@ class Exchange:
 
     def on_response_headers(self, headers: Mapping[str, str]) -> Continue:
         proceed = self._on_response_headers(headers)
+        if STREAM_MODE_HEADER in headers and not self.passthrough:
+            # Only this gateway marks a stream passthrough (the marker creates Envoy's
+            # observer filter and tells the client no result object follows): never a
+            # provider's header of that name.
+            proceed = replace(proceed, headers=proceed.headers.plus(
+                HeaderEdit(remove=(STREAM_MODE_HEADER,))))
         if not self.proxied:
             return proceed
         # Another Tollgate's own report (its cost, limits, request id) is not this gateway's:

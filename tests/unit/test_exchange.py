@@ -6,6 +6,7 @@ from a plain dict. Expected costs are worked out by hand from the builtin.yaml r
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -475,6 +476,46 @@ def test_response_headers(
     decision = exchange.on_response_headers({":status": status, "content-type": content_type})
     assert (REQUEST_ID_HEADER, REQUEST_ID) in decision.headers.set
     assert decision.response_body_mode is mode
+
+
+def _stream_body(golden: Callable[[str], bytes], include_usage: bool) -> bytes:
+    doc = orjson.loads(golden("openai_chat.request.json"))
+    doc["stream"] = True
+    if include_usage:
+        doc["stream_options"] = {"include_usage": True}
+    return orjson.dumps(doc)
+
+
+@pytest.mark.parametrize(("setting", "include_usage", "passes"), [
+    (True, True, True),     # the client asked for usage: nothing to rewrite
+    (True, False, False),   # Tollgate asked for it and hides the chunk again: held
+    (False, True, False),   # the setting is off: every stream is held
+])
+def test_a_stream_passes_through_only_when_nothing_in_it_changes(
+    snapshot: Snapshot, golden: Callable[[str], bytes], setting: bool, include_usage: bool,
+    passes: bool,
+) -> None:
+    options = dataclasses.replace(DEFAULT, stream_passthrough=setting)
+    exchange, _ = send_request(snapshot, request_headers(), _stream_body(golden, include_usage),
+                               options)
+    decision = exchange.on_response_headers({":status": "200",
+                                             "content-type": "text/event-stream"})
+    assert exchange.passthrough is passes
+    assert (("x-tollgate-stream", "passthrough") in decision.headers.set) is passes
+    # Held: the body comes to the extproc chunk by chunk; passthrough: Envoy's default, NONE.
+    assert decision.response_body_mode is (None if passes else BodyMode.STREAMED)
+
+
+def test_a_providers_own_passthrough_marker_never_reaches_the_client(
+    snapshot: Snapshot, golden: Callable[[str], bytes],
+) -> None:
+    exchange, _ = send_request(snapshot, request_headers(), _stream_body(golden, False))
+    decision = exchange.on_response_headers({":status": "200",
+                                             "content-type": "text/event-stream",
+                                             "x-tollgate-stream": "passthrough"})
+    assert exchange.passthrough is False
+    assert "x-tollgate-stream" in decision.headers.remove
+    assert decision.response_body_mode is BodyMode.STREAMED
 
 
 # ---- response body ---------------------------------------------------------------------------
