@@ -20,8 +20,10 @@ import pytest
 from google import genai
 from google.genai import types
 
+from extproc import envoyconf
 from extproc.core.pricing import format_nanos
-from extproc.launch import Stack
+from extproc.launch import Stack, free_port, start_envoy, start_extproc
+from extproc.server.observer import CLAIM_TIMEOUT_S
 from tests.e2e.conftest import CliRunner, replica, spent_and_held, upstream_requests
 
 pytestmark = pytest.mark.e2e
@@ -302,6 +304,13 @@ def test_passthrough_on_the_grpcio_transport(
                        expected)
 
 
+def without_observer(config: dict[str, Any]) -> None:
+    """An Envoy bootstrap of one's own, without the passthrough streams' observer filter."""
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = manager["typed_config"]["http_filters"]
+    filters[:] = [f for f in filters if f["name"] != "envoy.filters.http.match_delegate"]
+
+
 def test_without_the_observer_filter_the_estimate_is_charged(
     stack: Stack, e2e_env: dict[str, str], tmp_path: Path, cli: CliRunner,
     new_named_key: Callable[..., tuple[str, str]],
@@ -309,11 +318,6 @@ def test_without_the_observer_filter_the_estimate_is_charged(
     """An Envoy configuration of one's own that lacks the observer filter: the stream still
     reaches the client, and the call is charged its estimate once no observer claimed it,
     never left held."""
-    def without_observer(config: dict[str, Any]) -> None:
-        manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-        filters = manager["typed_config"]["http_filters"]
-        filters[:] = [f for f in filters if f["name"] != "envoy.filters.http.match_delegate"]
-
     limit, key = limited_key(cli, new_named_key)
     env = {**e2e_env, "TOLLGATE_STREAM_PASSTHROUGH": "true"}
     with replica(stack, env, tmp_path, [], edit=without_observer) as (url, _):
@@ -331,3 +335,42 @@ def test_without_the_observer_filter_the_estimate_is_charged(
     assert held == 0
     # The estimate: the prompt bound plus the 50 output tokens asked for, not the 12 produced.
     assert spent >= Decimal(format_nanos(nanos(50, MINI_OUT)))
+
+
+def test_a_stopping_extproc_settles_the_streams_no_observer_claimed(
+    stack: Stack, e2e_env: dict[str, str], tmp_path: Path, cli: CliRunner,
+    new_named_key: Callable[..., tuple[str, str]],
+) -> None:
+    """Stopped (SIGTERM) while a passthrough call still waits for its observer: the call is
+    charged its estimate on the way out, not left held for the sweeper."""
+    limit, key = limited_key(cli, new_named_key)
+    env = {**e2e_env, "TOLLGATE_STREAM_PASSTHROUGH": "true"}
+    extproc, ports = start_extproc(tmp_path, stack.redis_url, 1, env)
+    try:
+        admin, port = free_port(), free_port()
+        config = envoyconf.render_bootstrap(
+            clusters=envoyconf.mock_clusters("127.0.0.1", stack.mock_port or 0),
+            listen_port=port, admin_port=admin, extproc_port=ports.grpc)
+        without_observer(config)
+        envoy = start_envoy(tmp_path, config, admin, concurrency=1)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_for_key(url, key)
+            with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30,
+                              headers={"authorization": f"Bearer {key}", **SLOW},
+                              json={"model": "gpt-4o-mini", "messages": MESSAGES,
+                                    "stream": True, "stream_options": {"include_usage": True},
+                                    "max_tokens": 50}) as r:
+                assert r.headers["x-tollgate-stream"] == "passthrough"
+                b"".join(r.iter_raw())
+            ended = time.monotonic()
+            assert spent_and_held(cli, limit)[1] > 0  # waiting for an observer
+            extproc.stop()
+            spent, held = spent_and_held(cli, limit)
+            # Settled by the stop, before the observer's wait (10 s) ran out.
+            assert time.monotonic() - ended < CLAIM_TIMEOUT_S
+            assert held == 0 and spent >= Decimal(format_nanos(nanos(50, MINI_OUT)))
+        finally:
+            envoy.stop()
+    finally:
+        extproc.stop()
