@@ -469,6 +469,13 @@ def _ext_proc_filter(message_timeout_ms: int) -> dict[str, Any]:
     }
 
 
+def _role_grpc_service(role: tuple[str, str]) -> dict[str, Any]:
+    """The extproc cluster, with gRPC metadata that tells the extproc which of Tollgate's
+    filters a stream comes from (the listener's own filter sends none)."""
+    return {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
+            "initial_metadata": [{"key": role[0], "value": role[1]}]}
+
+
 def _stream_observer_filter() -> dict[str, Any]:
     """An ext_proc filter in observability mode, created only for a response the listener's
     filter marked `x-tollgate-stream: passthrough` (an SSE stream that needs no rewriting,
@@ -480,11 +487,7 @@ def _stream_observer_filter() -> dict[str, Any]:
     thread over one HTTP/2 connection, so they reach the same extproc process."""
     ext_proc = {
         "@type": _type_url("envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"),
-        "grpc_service": {
-            "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
-            "initial_metadata": [{"key": OBSERVE_ROLE_METADATA[0],
-                                  "value": OBSERVE_ROLE_METADATA[1]}],
-        },
+        "grpc_service": _role_grpc_service(OBSERVE_ROLE_METADATA),
         # It only meters: the stream never waits for it, and never fails because of it.
         "failure_mode_allow": True,
         "observability_mode": True,
@@ -516,10 +519,7 @@ def _per_try_filter() -> dict[str, Any]:
     """
     ext_proc = {
         "@type": _type_url("envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"),
-        "grpc_service": {
-            "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
-            "initial_metadata": [{"key": TRY_ROLE_METADATA[0], "value": TRY_ROLE_METADATA[1]}],
-        },
+        "grpc_service": _role_grpc_service(TRY_ROLE_METADATA),
         # The request was admitted and reserved by the listener's filter already: if the
         # extproc cannot answer, the retry goes on with the credential it has.
         "failure_mode_allow": True,
@@ -552,11 +552,7 @@ def _failed_try_filter() -> dict[str, Any]:
                *sorted({p.auth_header for p in providers.REGISTRY}))
     ext_proc = {
         "@type": _type_url("envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"),
-        "grpc_service": {
-            "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
-            "initial_metadata": [{"key": FAILED_ROLE_METADATA[0],
-                                  "value": FAILED_ROLE_METADATA[1]}],
-        },
+        "grpc_service": _role_grpc_service(FAILED_ROLE_METADATA),
         "failure_mode_allow": True,  # it only rests credentials: never hold an answer for it
         "message_timeout": "1s",
         # A failover rewrites the answer's `:status` to 307 (see _internal_redirect_policy).

@@ -33,9 +33,14 @@ class SidecarConfig:
     metrics_port: int = 9464
 
 
-def wants_injection(pod: Mapping[str, Any]) -> bool:
+def _annotated(pod: Mapping[str, Any], name: str) -> bool:
+    """The pod carries the annotation `name: "true"`."""
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    return str(annotations.get(INJECT_ANNOTATION, "")).lower() == "true"
+    return str(annotations.get(name, "")).lower() == "true"
+
+
+def wants_injection(pod: Mapping[str, Any]) -> bool:
+    return _annotated(pod, INJECT_ANNOTATION)
 
 
 def _sidecars(cfg: SidecarConfig, passthrough: bool = False) -> list[dict[str, Any]]:
@@ -124,13 +129,11 @@ def injection_patch(pod: Mapping[str, Any], cfg: SidecarConfig) -> dict[str, Any
         env += [{"name": n, "value": v} for n, v in base_urls.items() if n not in present]
         changed["env"] = env
         containers.append(changed)
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    passthrough = str(annotations.get(PASSTHROUGH_ANNOTATION, "")).lower() == "true"
     # Sidecars first: native sidecars start in order, before any later init container.
     return {
         "metadata": {"annotations": {INJECTED_ANNOTATION: "true"}},
         "spec": {
-            "initContainers": _sidecars(cfg, passthrough) + init,
+            "initContainers": _sidecars(cfg, _annotated(pod, PASSTHROUGH_ANNOTATION)) + init,
             "volumes": list(spec.get("volumes") or []) + _volumes(cfg),
             "containers": containers,
         },

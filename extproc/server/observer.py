@@ -35,7 +35,7 @@ CLAIM_TIMEOUT_S = 10.0
 class Waiting:
     exchange: Exchange
     started: float  # time.monotonic() at the listener stream's start
-    timer: asyncio.TimerHandle | None
+    timer: asyncio.TimerHandle  # the claim timeout
 
 
 @dataclass(slots=True)
@@ -44,23 +44,19 @@ class ObserverBoard:
     unclaimed: Callable[[Exchange, float], None] = field(default=lambda exchange, started: None)
     timeout_s: float = CLAIM_TIMEOUT_S
     waiting: dict[str, Waiting] = field(default_factory=dict)  # by request id
-    expired: int = 0  # calls settled because no observer came (/readyz)
 
     def expect(self, exchange: Exchange, started: float) -> None:
         """The listener's filter let `exchange`'s stream through: its observer comes next.
         Registered before the reply that lets the stream through is sent."""
-        try:
-            timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-                self.timeout_s, self._expire, exchange.request_id)
-        except RuntimeError:  # no running loop (a unit test driving the processor by hand)
-            timer = None
+        timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire,
+                                                      exchange.request_id)
         self.waiting[exchange.request_id] = Waiting(exchange, started, timer)
 
     def take(self, request_id: str) -> Waiting | None:
         """The observer's stream claims its call, once. An unknown id (a provider that sent
         the marker header itself, a call already expired) claims nothing."""
         entry = self.waiting.pop(request_id, None)
-        if entry is not None and entry.timer is not None:
+        if entry is not None:
             entry.timer.cancel()
         return entry
 
@@ -69,15 +65,13 @@ class ObserverBoard:
         entries = list(self.waiting.values())
         self.waiting.clear()
         for entry in entries:
-            if entry.timer is not None:
-                entry.timer.cancel()
+            entry.timer.cancel()
         return entries
 
     def _expire(self, request_id: str) -> None:
         entry = self.waiting.pop(request_id, None)
         if entry is None:
             return
-        self.expired += 1
         log.warning("request %s: its stream passed through but no observer came for %.0f s "
                     "(is the observer filter in Envoy's configuration? `tollgate envoy-config` "
                     "has it); charged at its estimate", request_id, time.monotonic()
