@@ -51,6 +51,13 @@ KEY_READY_TIMEOUT_S = 20.0
 TARGET_RPS = 1000.0
 TARGET_PCT_OF_DIRECT = 25.0
 TARGET_ADDED_P50_MS = 2.0
+# The scale-and-speed goals (issue 12), checked against one full run by `goals` below.
+GOAL_KEY_ONLY_PCT = 30.0
+GOAL_LIMITS_PCT = 25.0
+GOAL_LIMITS_ADDED_P50_MS = 1.5
+GOAL_STREAM_ADDED_TTFB_MS = 1.5
+GOAL_STREAM_ADDED_PER_CHUNK_US = 20.0
+GOAL_WORKER_RSS_MB = 100.0
 # Busy CPU not charged to the stack or wrk above this (% of one core) means something else was
 # running on the machine; loopback softirq alone stays well below it.
 NOISY_OTHER_PCT = 25.0
@@ -407,6 +414,60 @@ def derive(res: dict[str, WrkResult], trouble: dict[str, float] | None) -> dict[
     }
 
 
+def goals(res: dict[str, WrkResult], extra: dict[str, Any],
+          rss: dict[str, list[float]]) -> list[tuple[str, str, bool]]:
+    """Issue 12's goals against this one run: (goal, what was measured, met). One run on a
+    shared machine proves little either way (bench/README.md): the verdicts are printed so
+    that a run is never read as meeting a goal it did not meet, and `--rounds` gives medians."""
+    direct, direct1 = res["direct/load"], res["direct/c1"]
+
+    def share(rps: float) -> float:
+        return 100.0 * rps / direct.rps if direct.rps else 0.0
+
+    out: list[tuple[str, str, bool]] = []
+    key_only = share(res["tollgate/load"].rps)
+    out.append((f"key-only path >= {GOAL_KEY_ONLY_PCT:.0f} % of Envoy direct",
+                f"{key_only:.1f} %", key_only >= GOAL_KEY_ONLY_PCT))
+    limits = extra.get("limits")
+    if limits:
+        pct = share(limits["limits/load"]["rps"])
+        out.append((f"full limits path >= {GOAL_LIMITS_PCT:.0f} % of Envoy direct",
+                    f"{pct:.1f} %", pct >= GOAL_LIMITS_PCT))
+        p50, d50 = limits["limits/c1"]["p50_ms"], direct1.p50_ms
+        if p50 is not None and d50 is not None:
+            out.append((f"full limits path: added p50 at c=1 <= {GOAL_LIMITS_ADDED_P50_MS} ms",
+                        f"{p50 - d50:.2f} ms", p50 - d50 <= GOAL_LIMITS_ADDED_P50_MS))
+        allowed, refused = (limits["script_calls_per_allowed_request"],
+                            limits["script_calls_per_refused_request"])
+        out.append(("Redis round trips <= 2 per allowed request, 1 per refused one",
+                    f"{allowed:.2f} / {refused:.2f}", allowed <= 2.05 and refused <= 1.05))
+    stream = extra.get("streaming")
+    if stream:
+        ttfb = min(stream["added_ttfb_ms"], stream["passthrough_added_ttfb_ms"])
+        out.append((f"streaming: added time to first byte <= {GOAL_STREAM_ADDED_TTFB_MS} ms",
+                    f"held {stream['added_ttfb_ms']:.2f} ms, passthrough "
+                    f"{stream['passthrough_added_ttfb_ms']:.2f} ms",
+                    ttfb <= GOAL_STREAM_ADDED_TTFB_MS))
+        chunk = min(stream["added_per_chunk_us"], stream["passthrough_added_per_chunk_us"])
+        out.append((f"streaming: added per chunk <= {GOAL_STREAM_ADDED_PER_CHUNK_US:.0f} us",
+                    f"held {stream['added_per_chunk_us']:.0f} us, passthrough "
+                    f"{stream['passthrough_added_per_chunk_us']:.0f} us",
+                    chunk <= GOAL_STREAM_ADDED_PER_CHUNK_US))
+    extproc = sorted(rss.get("extproc", []))
+    workers = extproc[1:] if len(extproc) > 1 else extproc  # the smallest: the supervisor
+    if workers:
+        out.append((f"extproc RSS <= {GOAL_WORKER_RSS_MB:.0f} MB per worker under load",
+                    ", ".join(f"{v:.0f} MB" for v in workers),
+                    max(workers) <= GOAL_WORKER_RSS_MB))
+    return out
+
+
+def print_goals(verdicts: list[tuple[str, str, bool]]) -> None:
+    print("\nissue 12 goals, this run (one run swings; see bench/README.md for medians):")
+    for name, measured, met in verdicts:
+        print(f"  {'met ' if met else 'MISS'}  {name}: {measured}")
+
+
 def print_report(res: dict[str, WrkResult], derived: dict[str, Any]) -> None:
     print()
     print("latency in ms")
@@ -605,6 +666,8 @@ def run_bench(
     import extended
 
     extra = {} if args.quick else extended.run_all(bench, stack, args.duration, log_dir)
+    verdicts = goals(results, extra, rss)
+    print_goals(verdicts)
 
     if args.json:
         doc = {
@@ -624,6 +687,8 @@ def run_bench(
             "cpu_us_per_request": {k: cpu_us_per_request(r) for k, r in results.items()
                                    if r.mode == "load" and r.rps},
             "extended": extra,
+            "goals": [{"goal": name, "measured": measured, "met": met}
+                      for name, measured, met in verdicts],
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nwrote {args.json}")

@@ -38,6 +38,9 @@ from extproc import envoyconf
 from extproc.launch import free_port, start_envoy, start_mock_upstream
 
 MODES: dict[str, dict[str, str]] = {
+    # No ext_proc filter at all (Envoy direct to the fake upstream): the same sitting's
+    # denominator for the issue's "% of Envoy direct" goals.
+    "0 messages": {},
     "4 messages": {"request_header_mode": "SEND", "response_header_mode": "SEND",
                    "request_body_mode": "BUFFERED", "response_body_mode": "BUFFERED"},
     "2 messages": {"request_header_mode": "SKIP", "response_header_mode": "SKIP",
@@ -102,7 +105,10 @@ def config(mode: dict[str, str], mock_port: int, extproc_port: int, port: int,
     # The listener's ext_proc alone (the passthrough streams' observer is never created here).
     hcm["http_filters"] = [f for f in hcm["http_filters"]
                            if f["name"] != "envoy.filters.http.match_delegate"]
-    ext_proc = hcm["http_filters"][0]["typed_config"]
+    if not mode:
+        hcm["http_filters"] = [f for f in hcm["http_filters"]
+                               if f["name"] != "envoy.filters.http.ext_proc"]
+    ext_proc = hcm["http_filters"][0]["typed_config"] if mode else {"processing_mode": {}}
     ext_proc["processing_mode"].update(mode)
     ext_proc["request_attributes"] = ATTRIBUTES
     ext_proc["response_attributes"] = ["response.code"]
@@ -151,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     script = write_lua_script(log_dir / "post.lua", json.dumps(BODY).encode(),
                               {"Content-Type": "application/json",
                                "Authorization": "Bearer tg-bench"})
-    combos = [(f"{mode} / {transport}", mode, transport) for mode in modes
-              for transport in transports]
+    combos = [(f"{mode} / {transport}" if MODES[mode] else "Envoy direct", mode, transport)
+              for mode in modes for transport in (transports if MODES[mode] else transports[:1])]
     rows: dict[str, list[dict[str, float]]] = {name: [] for name, _m, _t in combos}
     try:
         time.sleep(1.0)
@@ -171,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                     e0, x0 = cpu_ticks(envoy.pid), cpu_ticks(extproc.pid)
                     t0 = time.monotonic()
                     out = subprocess.run(
-                        [wrk, "-t2", f"-c{args.connections}", f"-d{args.duration}s",
+                        [wrk, f"-t{min(2, args.connections)}", f"-c{args.connections}",
+                         f"-d{args.duration}s",
                          "--latency", "-s", str(script), url],
                         capture_output=True, text=True, timeout=args.duration + 30, check=False)
                     elapsed = time.monotonic() - t0
@@ -201,16 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         mock.stop()
     print(f"\nmedians of {args.rounds} runs")
     print(f"{'mode':<22}{'req/s':>9}{'extproc us/req':>16}{'envoy us/req':>14}{'msgs/req':>10}"
-          f"{'p50 ms':>8}")
+          f"{'p50 ms':>8}{'% of direct':>13}")
+    direct = statistics.median(r["rps"] for r in rows["Envoy direct"]) if "Envoy direct" in rows \
+        else None
     for name, runs in rows.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        expected = int(name.split()[0])
+        expected = 0 if name == "Envoy direct" else int(name.split()[0])
         if abs(med["messages"] - expected) > 0.2:
             print(f"{name}: measured {med['messages']:.2f} messages per request, not "
                   f"{expected}: the mode was not applied; not reported", file=sys.stderr)
             return 1
+        share = f"{100 * med['rps'] / direct:.1f} %" if direct else "-"
         print(f"{name:<22}{med['rps']:>9.0f}{med['extproc_us']:>16.0f}{med['envoy_us']:>14.0f}"
-              f"{med['messages']:>10.2f}{med['p50_ms']:>8.2f}")
+              f"{med['messages']:>10.2f}{med['p50_ms']:>8.2f}{share:>13}")
     return 0
 
 
