@@ -166,7 +166,7 @@ class KeyDirectory:
         digest = hash_key(presented.value)
         record = snapshot.keys_by_hash.get(digest)
         if record is not None:
-            metrics.labelled(metrics.KEY_LOOKUPS, "snapshot").inc()
+            metrics.count(metrics.labelled(metrics.KEY_LOOKUPS, "snapshot"))
             return record
         late = self._late.get(digest)
         if late is not None and late[0] == snapshot.generation:

@@ -371,3 +371,29 @@ def test_metrics_and_health(stack: Stack) -> None:
     # Counted by whichever worker answered, summed over the workers in /metrics.
     assert refusals() == before + 3
     assert "tollgate_phase_seconds_bucket" in httpx.get(f"{base}/metrics", timeout=5).text
+
+
+def test_key_lookups_answered_from_the_snapshot_are_counted(
+    stack: Stack, new_key: Callable[..., str]
+) -> None:
+    base = f"http://127.0.0.1:{stack.extproc.http}"
+    hits = 'tollgate_key_lookups_total{source="snapshot"}'
+
+    def snapshot_hits() -> float:
+        for line in httpx.get(f"{base}/metrics", timeout=5).text.splitlines():
+            if line.startswith(hits + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    client = openai_client(stack, new_key())
+    # A new key may first be found in Redis, by each worker until it has reloaded its snapshot
+    # (right after the change); from then on every request is answered from the snapshot and
+    # counted there once: three requests in a row add exactly three.
+    added: list[float] = []
+    deadline = time.monotonic() + 15
+    while added[-1:] != [3] and time.monotonic() < deadline:
+        start = snapshot_hits()
+        for _ in range(3):
+            client.chat.completions.create(**chat_body())
+        added.append(snapshot_hits() - start)
+    assert added[-1:] == [3], added
