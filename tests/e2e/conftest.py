@@ -189,6 +189,14 @@ def every_worker_has_loaded_the_latest_configuration(stack: Stack, e2e_env: dict
         time.sleep(0.05)
 
 
+def metric_value(stack: Stack, series: str) -> float:
+    """One series' value in the extproc's /metrics (summed over the workers there), 0 if it has
+    none yet. `series` is the name with its labels as exposed, e.g. `x_total{a="b"}`."""
+    prefix = series + " "
+    text = httpx.get(f"http://127.0.0.1:{stack.extproc.http}/metrics", timeout=5).text
+    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def upstream_requests(stack: Stack) -> list[dict[str, Any]]:
     response = httpx.get(f"http://127.0.0.1:{stack.mock_port}/__mock/requests", timeout=5)
     response.raise_for_status()

@@ -25,6 +25,7 @@ from tests.e2e.conftest import (
     chat_body,
     clear_upstream,
     every_worker_has_loaded_the_latest_configuration,
+    metric_value,
     upstream_requests,
     wait_for_status,
 )
@@ -359,10 +360,7 @@ def test_metrics_and_health(stack: Stack) -> None:
     denied = 'tollgate_requests_total{decision="denied",reason="invalid_api_key"}'
 
     def refusals() -> float:
-        for line in httpx.get(f"{base}/metrics", timeout=5).text.splitlines():
-            if line.startswith(denied + " "):
-                return float(line.split()[-1])
-        return 0.0
+        return metric_value(stack, denied)
 
     before = refusals()
     for _ in range(3):
@@ -376,14 +374,8 @@ def test_metrics_and_health(stack: Stack) -> None:
 def test_key_lookups_answered_from_the_snapshot_are_counted(
     stack: Stack, new_key: Callable[..., str]
 ) -> None:
-    base = f"http://127.0.0.1:{stack.extproc.http}"
-    hits = 'tollgate_key_lookups_total{source="snapshot"}'
-
     def snapshot_hits() -> float:
-        for line in httpx.get(f"{base}/metrics", timeout=5).text.splitlines():
-            if line.startswith(hits + " "):
-                return float(line.split()[-1])
-        return 0.0
+        return metric_value(stack, 'tollgate_key_lookups_total{source="snapshot"}')
 
     client = openai_client(stack, new_key())
     # A new key may first be found in Redis, by each worker until it has reloaded its snapshot

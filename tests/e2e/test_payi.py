@@ -33,7 +33,13 @@ from payi.types.shared import XproxyResult
 from extproc.gen.tollgate.v1 import usage_pb2
 from extproc.launch import Stack
 from extproc.store.keyschema import KeySchema
-from tests.e2e.conftest import CliRunner, chat_body, clear_upstream, upstream_requests
+from tests.e2e.conftest import (
+    CliRunner,
+    chat_body,
+    clear_upstream,
+    metric_value,
+    upstream_requests,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -491,11 +497,8 @@ def test_ingest_refusals_before_the_body_use_the_pay_i_error_model(stack: Stack)
 def test_spend_metrics_by_key_model_and_upstream(stack: Stack, payi_key: Setup) -> None:
     """Proxied calls count under their upstream, ingested ones under `ingest`."""
     def spend(upstream: str) -> float:
-        text = httpx.get(f"http://127.0.0.1:{stack.extproc.http}/metrics", timeout=5).text
-        prefix = (f'tollgate_spend_nanos_total{{key="{payi_key.name}",model="gpt-4o",'
-                  f'upstream="{upstream}"}} ')
-        return sum(float(line[len(prefix):]) for line in text.splitlines()
-                   if line.startswith(prefix))
+        return metric_value(stack, f'tollgate_spend_nanos_total{{key="{payi_key.name}",'
+                                   f'model="gpt-4o",upstream="{upstream}"}}')
 
     before_proxy, before_ingest = spend("openai"), spend("ingest")
     raw = openai_client(stack, payi_key).chat.completions.with_raw_response.create(
