@@ -551,9 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
     redis_url = os.environ.get("REDIS_URL") or None
     transport = os.environ.get("TOLLGATE_GRPC_TRANSPORT") or "native"
+    busy_poll = os.environ.get("TOLLGATE_BUSY_POLL_US") or "0"
     print(f"starting stack (workers={args.workers}, envoy concurrency={args.envoy_concurrency}, "
-          f"gRPC transport={transport}, redis={'$REDIS_URL' if redis_url else 'embedded'}; "
-          f"logs in {log_dir}) ...", flush=True)
+          f"gRPC transport={transport}, redis={'$REDIS_URL' if redis_url else 'embedded'}, "
+          f"busy poll={busy_poll} us; logs in {log_dir}) ...", flush=True)
     # A journal of this run's own: never adopt settlements another stack left in the shared default
     # directory (they belong to another Redis), nor leave ours for the next `tollgate up`.
     env = dict(os.environ, TOLLGATE_JOURNAL_DIR=str(log_dir / "journal"))
@@ -679,6 +680,7 @@ def run_bench(
                        "workers": args.workers,
                        "envoy_concurrency": args.envoy_concurrency,
                        "grpc_transport": os.environ.get("TOLLGATE_GRPC_TRANSPORT") or "native",
+                       "busy_poll_us": int(os.environ.get("TOLLGATE_BUSY_POLL_US") or 0),
                        "redis": "REDIS_URL" if redis_url else "embedded"},
             "results": {k: {**asdict(r), "clean": r.clean} for k, r in results.items()},
             "derived": derived,

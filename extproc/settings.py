@@ -88,6 +88,10 @@ class Settings:
     # ... and while the worker's event loop runs this late (a quarter of Envoy's 1 s message
     # timeout), new requests get the 503 too. 0 = off.
     max_lag_s: float = 0.25
+    # Opt-in: after each read from Envoy or Redis a worker polls on instead of sleeping for
+    # this many microseconds (0 = off, at most 10,000). Lower latency at low concurrency for
+    # up to a core per worker while traffic flows (extproc/busypoll.py, docs/performance.md).
+    busy_poll_us: int = 0
     # The built-in dashboard on the HTTP port (/dashboard, docs/reports.md): off unless asked,
     # and then only behind the admin token (never printed: repr=False; workers never get it).
     dashboard: bool = False
@@ -139,6 +143,7 @@ class Settings:
             "TOLLGATE_BODY_LOG_FILE_BACKUPS": ("body_log_file_backups", int),
             "TOLLGATE_MAX_PENDING": ("max_pending", int),
             "TOLLGATE_MAX_LAG_MS": ("max_lag_s", lambda v: int(v) / 1000),
+            "TOLLGATE_BUSY_POLL_US": ("busy_poll_us", _busy_poll_us),
             "TOLLGATE_DASHBOARD": ("dashboard", _bool),
             "TOLLGATE_ADMIN_TOKEN": ("admin_token", str),
         }
@@ -151,6 +156,15 @@ class Settings:
                     raise SystemExit(f"tollgate: invalid value for {var}: {raw!r}") from None
         settings = cls(**values)
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _busy_poll_us(value: str) -> int:
+    from extproc.busypoll import MAX_WINDOW_US
+
+    window = int(value)
+    if not 0 <= window <= MAX_WINDOW_US:
+        raise ValueError(value)
+    return window
 
 
 def _origins(value: str) -> tuple[str, ...]:

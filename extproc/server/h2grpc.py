@@ -38,6 +38,7 @@ from typing import Any, cast
 
 import hpack
 
+from extproc import busypoll
 from extproc.server.balance import Balancer
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,7 @@ class _Connection(asyncio.Protocol):
         self.server.check_idle()
 
     def data_received(self, data: bytes) -> None:
+        busypoll.kick()  # opt-in: poll on for the next message instead of sleeping
         if self.inbuf:
             # A frame spread over reads: collected until it is whole, then parsed from one
             # bytes object (never re-copied per read, so a multi-MiB body stays linear).

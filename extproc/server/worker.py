@@ -28,6 +28,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc import busypoll
 from extproc.core.exchange import Options
 from extproc.core.policy.cors import Cors
 from extproc.server import h2grpc, logfilter
@@ -108,6 +109,13 @@ async def run_worker(settings: Settings, index: int) -> None:
                   file=sys.stderr, flush=True)
         raise SystemExit(EXIT_CANNOT_BIND) from None
     lag.start()
+    if settings.busy_poll_us and settings.grpc_transport == "native":
+        busypoll.start(settings.busy_poll_us)
+        log.info("worker %d polls on for %d us after each read (TOLLGATE_BUSY_POLL_US)",
+                 index, settings.busy_poll_us)
+    elif settings.busy_poll_us:
+        log.warning("TOLLGATE_BUSY_POLL_US is ignored with the grpcio transport (its reads "
+                    "happen in grpc's own threads)")
     # A Cluster client must learn the topology before concurrent use (see `ready`). Redis down
     # at start: retried every half second below, before the first burst of requests can race.
     unready = [client for client in (store.redis, hot) if not await _ready(client, warn=True)]
@@ -143,6 +151,7 @@ async def run_worker(settings: Settings, index: int) -> None:
     await server.stop(settings.shutdown_grace_s)
     processor.settle_unobserved()  # before the settler's last flush below
     lag.stop()
+    busypoll.stop()
     watch_task.cancel()
     hits_task.cancel()
     await policy_hits.close()

@@ -43,6 +43,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from extproc import busypoll
+
 _NOT_READY = object()  # hiredis' "no complete reply buffered yet" (RESP2 has no False reply)
 
 
@@ -100,6 +102,7 @@ class _Link(asyncio.Protocol):
                                            f"{exc!r}"))
 
     def data_received(self, data: bytes) -> None:
+        busypoll.kick()  # opt-in (extproc/busypoll.py)
         self.reader.feed(data)
         waiting = self.waiting
         while True:

@@ -1,0 +1,75 @@
+"""Busy polling (opt-in, `TOLLGATE_BUSY_POLL_US`): after a worker reads from Envoy or Redis, its
+event loop keeps polling its sockets instead of sleeping, for that many microseconds.
+
+Why: at low concurrency each request is a chain of hand-overs between processes (Envoy, the
+worker, Redis: about ten per request on the full limits path), and every hand-over to a process
+that sleeps pays for waking it up, its CPU's way out of idle included. On a VM that is tens of
+microseconds a time, most of the latency Tollgate adds at one request at a time
+(docs/performance.md, "Busy polling"). A worker that is still polling when the next message
+comes saves its side of that.
+
+What it costs: CPU. While traffic flows the worker's CPU stays busy (up to one core per worker
+at one request at a time); within the window after the last read it never sleeps. Idle, it costs
+nothing: polling stops one window after the last read. Each polling turn yields the CPU
+(`sched_yield`) so that a process waiting for this CPU (Envoy, Redis) runs first: under load the
+loop is busy anyway and throughput stays where it was. Off by default; for nodes with CPU to
+spare for latency. Native gRPC transport only (grpc.aio reads in its own threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+MAX_WINDOW_US = 10_000  # a longer window only burns more CPU between bursts
+
+_active: BusyPoll | None = None
+
+
+class BusyPoll:
+    """Keeps `loop` from sleeping until `window_s` after the last `kick`: a callback that
+    re-schedules itself makes the loop poll its sockets without a timeout each turn."""
+
+    __slots__ = ("last", "loop", "polling", "turns", "window_s")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, window_us: int) -> None:
+        self.loop = loop
+        self.window_s = window_us / 1e6
+        self.last = 0.0
+        self.polling = False
+        self.turns = 0  # polling turns so far (tests, and a sign that it runs)
+
+    def kick(self) -> None:
+        self.last = time.perf_counter()
+        if not self.polling:
+            self.polling = True
+            self.loop.call_soon(self._turn)
+
+    def _turn(self) -> None:
+        if time.perf_counter() - self.last >= self.window_s:
+            self.polling = False
+            return
+        self.turns += 1
+        os.sched_yield()  # whoever else wants this CPU runs first
+        self.loop.call_soon(self._turn)
+
+
+def start(window_us: int) -> BusyPoll | None:
+    """Busy polling for this process's running loop; None (off) for a window of 0."""
+    global _active
+    if not 0 <= window_us <= MAX_WINDOW_US:
+        raise ValueError(f"busy poll window must be 0-{MAX_WINDOW_US} us, not {window_us}")
+    _active = BusyPoll(asyncio.get_running_loop(), window_us) if window_us else None
+    return _active
+
+
+def stop() -> None:
+    global _active
+    _active = None
+
+
+def kick() -> None:
+    """Called when a connection has read something: poll on for the window."""
+    if _active is not None:
+        _active.kick()
