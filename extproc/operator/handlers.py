@@ -30,7 +30,7 @@ from extproc.core.resources import (
     resource_id,
     validate_document,
 )
-from extproc.operator.injection import injection_patch
+from extproc.operator.injection import InvalidAnnotation, injection_patch
 from extproc.operator.secrets import (
     ForeignSecret,
     default_secret_name,
@@ -238,7 +238,10 @@ async def live_status(store: Store, resource: Resource) -> dict[str, Any]:
 
 async def inject_sidecars(body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any) -> None:
     """Pods annotated `tollgate.io/inject: "true"` get the two sidecars and the base URLs."""
-    change = injection_patch(body, memo.sidecars)
+    try:
+        change = injection_patch(body, memo.sidecars)
+    except InvalidAnnotation as exc:
+        raise kopf.AdmissionError(str(exc), code=400) from None
     if change is not None:
         for name, value in change.items():
             patch[name] = value

@@ -15,11 +15,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from extproc.busypoll import MAX_WINDOW_US
+
 INJECT_ANNOTATION = "tollgate.io/inject"
 INJECTED_ANNOTATION = "tollgate.io/injected"
 # Opt-in passthrough streams for this pod's calls (README, "Passthrough streams"): the
 # sidecar's TOLLGATE_STREAM_PASSTHROUGH. The injected Envoy bootstrap has the observer filter.
 PASSTHROUGH_ANNOTATION = "tollgate.io/stream-passthrough"
+# Opt-in busy polling for this pod's sidecar (docs/performance.md, "Busy polling"): the
+# sidecar's TOLLGATE_BUSY_POLL_US, microseconds. A value the sidecar would refuse is refused
+# here, at admission, where `kubectl` shows why, rather than by a sidecar that never starts.
+BUSY_POLL_ANNOTATION = "tollgate.io/busy-poll-us"
 SIDECARS = ("tollgate", "envoy")
 
 
@@ -43,7 +49,25 @@ def wants_injection(pod: Mapping[str, Any]) -> bool:
     return _annotated(pod, INJECT_ANNOTATION)
 
 
-def _sidecars(cfg: SidecarConfig, passthrough: bool = False) -> list[dict[str, Any]]:
+class InvalidAnnotation(ValueError):
+    """A pod annotation the sidecar could not run with (the message says which and why)."""
+
+
+def _busy_poll_us(pod: Mapping[str, Any]) -> str | None:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    raw = annotations.get(BUSY_POLL_ANNOTATION)
+    if raw is None:
+        return None
+    value = str(raw).strip()
+    if not value.isdigit() or int(value) > MAX_WINDOW_US:
+        raise InvalidAnnotation(
+            f"annotation {BUSY_POLL_ANNOTATION}: {raw!r} is not a whole number of "
+            f"microseconds from 0 to {MAX_WINDOW_US}")
+    return str(int(value))
+
+
+def _sidecars(cfg: SidecarConfig, passthrough: bool = False,
+              busy_poll_us: str | None = None) -> list[dict[str, Any]]:
     locked_down = {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
                    "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
     return [
@@ -60,6 +84,8 @@ def _sidecars(cfg: SidecarConfig, passthrough: bool = False) -> list[dict[str, A
                 {"name": "TOLLGATE_SECRETS_DIR", "value": "/var/run/secrets/tollgate"},
                 *([{"name": "TOLLGATE_STREAM_PASSTHROUGH", "value": "true"}]
                   if passthrough else []),
+                *([{"name": "TOLLGATE_BUSY_POLL_US", "value": busy_poll_us}]
+                  if busy_poll_us is not None else []),
             ],
             "ports": [{"name": "http-metrics", "containerPort": cfg.metrics_port,
                        "protocol": "TCP"}],
@@ -113,6 +139,7 @@ def injection_patch(pod: Mapping[str, Any], cfg: SidecarConfig) -> dict[str, Any
     (admission may run twice for one pod)."""
     if not wants_injection(pod):
         return None
+    busy_poll_us = _busy_poll_us(pod)  # first: an invalid annotation refuses the pod as is
     spec = pod.get("spec") or {}
     init = list(spec.get("initContainers") or [])
     if any(c.get("name") in SIDECARS for c in init + list(spec.get("containers") or [])):
@@ -133,7 +160,8 @@ def injection_patch(pod: Mapping[str, Any], cfg: SidecarConfig) -> dict[str, Any
     return {
         "metadata": {"annotations": {INJECTED_ANNOTATION: "true"}},
         "spec": {
-            "initContainers": _sidecars(cfg, _annotated(pod, PASSTHROUGH_ANNOTATION)) + init,
+            "initContainers": _sidecars(cfg, _annotated(pod, PASSTHROUGH_ANNOTATION),
+                                        busy_poll_us) + init,
             "volumes": list(spec.get("volumes") or []) + _volumes(cfg),
             "containers": containers,
         },

@@ -10,7 +10,7 @@ import kopf
 import pytest
 
 from extproc.operator import handlers
-from extproc.operator.injection import SidecarConfig, injection_patch
+from extproc.operator.injection import InvalidAnnotation, SidecarConfig, injection_patch
 
 pytestmark = pytest.mark.unit
 CFG = SidecarConfig(image="registry.example/tollgate:1.2.3", listener_port=10000)
@@ -39,18 +39,46 @@ def test_only_annotated_pods_get_sidecars() -> None:
     assert injection_patch(pod({"tollgate.io/inject": "true"}), CFG) is not None
 
 
-def test_stream_passthrough_is_asked_for_by_an_annotation() -> None:
-    def sidecar_env(annotations: dict[str, str]) -> dict[str, str]:
-        change = injection_patch(pod({"tollgate.io/inject": "true", **annotations}), CFG)
-        assert change is not None
-        tollgate = change["spec"]["initContainers"][0]
-        return {e["name"]: e.get("value", "") for e in tollgate["env"]}
+def sidecar_env(annotations: dict[str, str]) -> dict[str, str]:
+    """The `tollgate` sidecar's environment for a pod with `annotations` (and inject)."""
+    change = injection_patch(pod({"tollgate.io/inject": "true", **annotations}), CFG)
+    assert change is not None
+    tollgate = change["spec"]["initContainers"][0]
+    return {e["name"]: e.get("value", "") for e in tollgate["env"]}
 
+
+def test_stream_passthrough_is_asked_for_by_an_annotation() -> None:
     assert "TOLLGATE_STREAM_PASSTHROUGH" not in sidecar_env({})
     assert "TOLLGATE_STREAM_PASSTHROUGH" not in sidecar_env(
         {"tollgate.io/stream-passthrough": "false"})
     assert sidecar_env({"tollgate.io/stream-passthrough": "true"})[
         "TOLLGATE_STREAM_PASSTHROUGH"] == "true"
+
+
+def test_busy_polling_is_asked_for_by_an_annotation() -> None:
+    assert "TOLLGATE_BUSY_POLL_US" not in sidecar_env({})
+    assert sidecar_env({"tollgate.io/busy-poll-us": "2000"})["TOLLGATE_BUSY_POLL_US"] == "2000"
+    assert sidecar_env({"tollgate.io/busy-poll-us": " 0 "})["TOLLGATE_BUSY_POLL_US"] == "0"
+
+
+@pytest.mark.parametrize("value", ["fast", "-5", "1.5", "10001", ""])
+def test_a_busy_poll_annotation_the_sidecar_would_refuse_is_refused_at_admission(
+    value: str,
+) -> None:
+    with pytest.raises(InvalidAnnotation, match=r"tollgate\.io/busy-poll-us"):
+        injection_patch(pod({"tollgate.io/inject": "true",
+                             "tollgate.io/busy-poll-us": value}), CFG)
+
+
+async def test_the_handler_turns_an_invalid_annotation_into_a_denial_kubectl_shows() -> None:
+    body = kopf.Body(pod({"tollgate.io/inject": "true",  # type: ignore[arg-type]
+                          "tollgate.io/busy-poll-us": "lots"}))
+    patch = kopf.Patch(body=body)
+    with pytest.raises(kopf.AdmissionError) as denied:
+        await handlers.inject_sidecars(body=body, patch=patch, memo=kopf.Memo(sidecars=CFG))
+    assert denied.value.code == 400
+    assert "'lots' is not a whole number of microseconds from 0 to 10000" in str(denied.value)
+    assert not patch
 
 
 def test_injected_pod_runs_both_sidecars_before_the_app() -> None:
