@@ -140,7 +140,8 @@ def run_rounds(bench: Bench, stack: Stack, duration: int, log_dir: Path,
                rounds: int) -> dict[str, Any]:
     """`rounds` alternating load runs of Envoy direct and the full limits path: req/s, the
     ratio of the two from the same round, and CPU time per request by component (the figure
-    that stays put on a shared machine); medians over the rounds."""
+    that stays put on a shared machine); then, per round, a c=1 run of each, for the added
+    p50 of one request at a time; medians over the rounds."""
     limited, _blocked = _setup_keys(bench, stack)
     script = write_lua_script(log_dir / "limited.lua", json.dumps(BODY).encode(),
                               {"Content-Type": "application/json",
@@ -151,19 +152,25 @@ def run_rounds(bench: Bench, stack: Stack, duration: int, log_dir: Path,
     for n in range(rounds):
         direct = bench.run("direct", "load", duration)
         limits = bench.run("limits", "load", duration, script=script)
-        if not (direct.clean and limits.clean):
-            raise RuntimeError(f"round {n + 1} had errors: {direct.problems()} "
-                               f"{limits.problems()}")
+        direct1 = bench.run("direct", "c1", duration)
+        limits1 = bench.run("limits", "c1", duration, script=script)
+        runs = (direct, limits, direct1, limits1)
+        if not all(r.clean for r in runs):
+            raise RuntimeError(f"round {n + 1} had errors: "
+                               + " ".join(str(r.problems()) for r in runs))
         cpu = {k: round(v * 1e4 / limits.rps, 1) for k, v in limits.cpu_pct.items()
                if k not in ("idle", "other")}
+        added = (limits1.p50_ms or 0.0) - (direct1.p50_ms or 0.0)
         row = {"direct_rps": direct.rps, "limits_rps": limits.rps,
                "pct_of_direct": round(100 * limits.rps / direct.rps, 1), "cpu_us": cpu,
-               "other_pct": limits.cpu_pct.get("other", 0.0)}
+               "other_pct": limits.cpu_pct.get("other", 0.0),
+               "c1_added_p50_ms": round(added, 2)}
         rows.append(row)
         print(f"round {n + 1}: direct {direct.rps:.0f} req/s, limits {limits.rps:.0f} req/s "
               f"({row['pct_of_direct']} %), CPU us/request "
               + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
-              + f"; other load {row['other_pct']:.0f} % of a core", flush=True)
+              + f"; other load {row['other_pct']:.0f} % of a core; "
+              f"c=1 added p50 {added:.2f} ms", flush=True)
 
     def med(values: list[float]) -> float:
         return round(statistics.median(values), 1)
@@ -174,11 +181,14 @@ def run_rounds(bench: Bench, stack: Stack, duration: int, log_dir: Path,
         "median_limits_rps": med([r["limits_rps"] for r in rows]),
         "median_pct_of_direct": med([r["pct_of_direct"] for r in rows]),
         "median_cpu_us": {k: med([r["cpu_us"][k] for r in rows]) for k in rows[0]["cpu_us"]},
+        "median_c1_added_p50_ms": round(statistics.median(
+            [r["c1_added_p50_ms"] for r in rows]), 2),
     }
     print(f"\nmedians over {rounds} rounds: direct {summary['median_direct_rps']:.0f} req/s, "
           f"full limits path {summary['median_limits_rps']:.0f} req/s "
           f"({summary['median_pct_of_direct']} % of direct); CPU us per request: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in summary["median_cpu_us"].items()))
+          + ", ".join(f"{k} {v:.0f}" for k, v in summary["median_cpu_us"].items())
+          + f"; added p50 at c=1 {summary['median_c1_added_p50_ms']:.2f} ms")
     return summary
 
 
