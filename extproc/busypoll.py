@@ -11,9 +11,10 @@ comes saves its side of that.
 What it costs: CPU. While traffic flows the worker's CPU stays busy (up to one core per worker
 at one request at a time); within the window after the last read it never sleeps. Idle, it costs
 nothing: polling stops one window after the last read. Each polling turn yields the CPU
-(`sched_yield`) so that a process waiting for this CPU (Envoy, Redis) runs first: under load the
-loop is busy anyway and throughput stays where it was. Off by default; for nodes with CPU to
-spare for latency. Native gRPC transport only (grpc.aio reads in its own threads).
+(`sched_yield`) so that a process waiting for this CPU (Envoy, Redis) runs first; under load the
+loop is busy anyway, and polling in its short gaps cost 0-10 % of the throughput on the 2-core
+test machine (bench/README.md). Off by default; for nodes with CPU to spare for latency.
+Native gRPC transport only (grpc.aio reads in its own threads).
 """
 
 from __future__ import annotations
