@@ -1,5 +1,6 @@
 """Busy polling (opt-in, `TOLLGATE_BUSY_POLL_US`): after a worker reads from Envoy or Redis, its
-event loop keeps polling its sockets instead of sleeping, for that many microseconds.
+event loop keeps polling its sockets instead of sleeping, for that many microseconds, while
+it serves few calls at once (under load the loop is busy anyway).
 
 Why: at low concurrency each request is a chain of hand-overs between processes (Envoy, the
 worker, Redis: about ten per request on the full limits path), and every hand-over to a process
@@ -8,13 +9,14 @@ microseconds a time, most of the latency Tollgate adds at one request at a time
 (docs/performance.md, "Busy polling"). A worker that is still polling when the next message
 comes saves its side of that.
 
-What it costs: CPU. While traffic flows the worker's CPU stays busy (up to one core per worker
-at one request at a time); within the window after the last read it never sleeps. Idle, it costs
+What it costs: CPU. While calls come one or two at a time the worker's CPU stays busy (up to
+one core per worker); within the window after the last read it never sleeps. Idle, it costs
 nothing: polling stops one window after the last read. Each polling turn yields the CPU
-(`sched_yield`) so that a process waiting for this CPU (Envoy, Redis) runs first; under load the
-loop is busy anyway, and polling in its short gaps cost 0-10 % of the throughput on the 2-core
-test machine (bench/README.md). Off by default; for nodes with CPU to spare for latency.
-Native gRPC transport only (grpc.aio reads in its own threads).
+(`sched_yield`) so that a process waiting for this CPU (Envoy, Redis) runs first. Under load it
+does not start at all (`QUIET_STREAMS`): the loop is busy anyway, and polling in its short gaps
+cost up to 10 % of the throughput on the 2-core test machine when it did. Off by default; for
+nodes with CPU to spare for latency. Native gRPC transport only (grpc.aio reads in its own
+threads).
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ import os
 import time
 
 MAX_WINDOW_US = 10_000  # a longer window only burns more CPU between bursts
+# Polling starts only while an Envoy connection has at most this many calls open: one request
+# at a time (plus the one whose stream is closing). With more, the loop has work queued
+# anyway, and polling in its short gaps cost throughput (bench/README.md, "Busy polling").
+QUIET_STREAMS = 2
 
 _active: BusyPoll | None = None
 
@@ -46,6 +52,10 @@ class BusyPoll:
         if not self.polling:
             self.polling = True
             self.loop.call_soon(self._turn)
+
+    def extend(self) -> None:
+        if self.polling:
+            self.last = time.perf_counter()
 
     def _turn(self) -> None:
         if time.perf_counter() - self.last >= self.window_s:
@@ -70,7 +80,15 @@ def stop() -> None:
     _active = None
 
 
-def kick() -> None:
-    """Called when a connection has read something: poll on for the window."""
-    if _active is not None:
+def kick(open_streams: int) -> None:
+    """An Envoy connection with `open_streams` calls has read something: poll on for the
+    window, if the connection is quiet enough for polling to pay (`QUIET_STREAMS`)."""
+    if _active is not None and open_streams <= QUIET_STREAMS:
         _active.kick()
+
+
+def extend() -> None:
+    """Redis has answered: poll on for the window if polling already (a Redis reply never
+    starts it: under load, settle batches would)."""
+    if _active is not None:
+        _active.extend()

@@ -261,7 +261,7 @@ class _Connection(asyncio.Protocol):
         self.server.check_idle()
 
     def data_received(self, data: bytes) -> None:
-        busypoll.kick()  # opt-in: poll on for the next message instead of sleeping
+        busypoll.kick(len(self.streams))  # opt-in: poll for the next message, not sleep
         if self.inbuf:
             # A frame spread over reads: collected until it is whole, then parsed from one
             # bytes object (never re-copied per read, so a multi-MiB body stays linear).

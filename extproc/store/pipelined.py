@@ -102,7 +102,7 @@ class _Link(asyncio.Protocol):
                                            f"{exc!r}"))
 
     def data_received(self, data: bytes) -> None:
-        busypoll.kick()  # opt-in (extproc/busypoll.py)
+        busypoll.extend()  # opt-in (extproc/busypoll.py)
         self.reader.feed(data)
         waiting = self.waiting
         while True:

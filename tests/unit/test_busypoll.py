@@ -48,7 +48,7 @@ def test_start_polls_for_the_setting_through_kick() -> None:
         poller = busypoll.start(busypoll.MAX_WINDOW_US)
         assert poller is not None
         try:
-            busypoll.kick()  # what a connection's read calls
+            busypoll.kick(1)  # what an Envoy connection's read calls (one call open)
             await asyncio.sleep(0.03)
             return poller.turns, poller.polling
         finally:
@@ -61,7 +61,8 @@ def test_start_polls_for_the_setting_through_kick() -> None:
 def test_off_nothing_polls() -> None:
     async def scenario() -> float:
         assert busypoll.start(0) is None
-        busypoll.kick()  # every read calls it: a no-op when off
+        busypoll.kick(1)  # every read calls it: a no-op when off
+        busypoll.extend()
         return await _cpu_during_sleep(0.05)
 
     assert asyncio.run(scenario()) < 0.005
@@ -81,6 +82,39 @@ def test_each_read_extends_the_window() -> None:
 
     still, after = asyncio.run(scenario())
     assert all(still) and not after
+
+
+def test_a_busy_connection_or_a_redis_reply_does_not_start_polling() -> None:
+    async def scenario() -> tuple[bool, bool, bool]:
+        poller = busypoll.start(busypoll.MAX_WINDOW_US)
+        assert poller is not None
+        try:
+            busypoll.kick(busypoll.QUIET_STREAMS + 1)  # a loaded connection: its loop is busy
+            loaded = poller.polling
+            busypoll.extend()  # a Redis reply (e.g. a settle batch's) while not polling
+            redis = poller.polling
+            busypoll.kick(busypoll.QUIET_STREAMS)  # a quiet one: polls
+            return loaded, redis, poller.polling
+        finally:
+            busypoll.stop()
+
+    assert asyncio.run(scenario()) == (False, False, True)
+
+
+def test_a_redis_reply_extends_a_running_poll() -> None:
+    async def scenario() -> list[bool]:
+        poller = busypoll.BusyPoll(asyncio.get_running_loop(), 50_000)
+        poller.kick()
+        still = []
+        for _ in range(6):  # replies every 10 ms, 60 ms in all: longer than one window
+            await asyncio.sleep(0.01)
+            still.append(poller.polling)
+            poller.extend()
+        await asyncio.sleep(0.1)
+        return [*still, poller.polling]
+
+    *during, after = asyncio.run(scenario())
+    assert all(during) and not after
 
 
 @pytest.mark.parametrize("value", ["-1", "10001", "fast"])
