@@ -66,12 +66,21 @@ class BusyPoll:
         self.loop.call_soon(self._turn)
 
 
-def start(window_us: int) -> BusyPoll | None:
+def window_us(value: str | int) -> int:
+    """The window as the setting gives it (`TOLLGATE_BUSY_POLL_US`, the operator's pod
+    annotation): a whole number of microseconds from 0 to `MAX_WINDOW_US`, else ValueError.
+    The one rule for every place that takes it."""
+    window = int(value)  # "1.5" and "fast" raise here
+    if not 0 <= window <= MAX_WINDOW_US:
+        raise ValueError(f"busy poll window must be 0-{MAX_WINDOW_US} us, not {window}")
+    return window
+
+
+def start(window: int) -> BusyPoll | None:
     """Busy polling for this process's running loop; None (off) for a window of 0."""
     global _active
-    if not 0 <= window_us <= MAX_WINDOW_US:
-        raise ValueError(f"busy poll window must be 0-{MAX_WINDOW_US} us, not {window_us}")
-    _active = BusyPoll(asyncio.get_running_loop(), window_us) if window_us else None
+    window = window_us(window)
+    _active = BusyPoll(asyncio.get_running_loop(), window) if window else None
     return _active
 
 

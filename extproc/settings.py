@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from extproc import busypoll
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -143,7 +145,7 @@ class Settings:
             "TOLLGATE_BODY_LOG_FILE_BACKUPS": ("body_log_file_backups", int),
             "TOLLGATE_MAX_PENDING": ("max_pending", int),
             "TOLLGATE_MAX_LAG_MS": ("max_lag_s", lambda v: int(v) / 1000),
-            "TOLLGATE_BUSY_POLL_US": ("busy_poll_us", _busy_poll_us),
+            "TOLLGATE_BUSY_POLL_US": ("busy_poll_us", busypoll.window_us),
             "TOLLGATE_DASHBOARD": ("dashboard", _bool),
             "TOLLGATE_ADMIN_TOKEN": ("admin_token", str),
         }
@@ -156,15 +158,6 @@ class Settings:
                     raise SystemExit(f"tollgate: invalid value for {var}: {raw!r}") from None
         settings = cls(**values)
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def _busy_poll_us(value: str) -> int:
-    from extproc.busypoll import MAX_WINDOW_US
-
-    window = int(value)
-    if not 0 <= window <= MAX_WINDOW_US:
-        raise ValueError(value)
-    return window
 
 
 def _origins(value: str) -> tuple[str, ...]:

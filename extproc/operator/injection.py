@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.busypoll import MAX_WINDOW_US
+from extproc.busypoll import MAX_WINDOW_US, window_us
 
 INJECT_ANNOTATION = "tollgate.io/inject"
 INJECTED_ANNOTATION = "tollgate.io/injected"
@@ -39,10 +39,13 @@ class SidecarConfig:
     metrics_port: int = 9464
 
 
+def _annotations(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    return (pod.get("metadata") or {}).get("annotations") or {}
+
+
 def _annotated(pod: Mapping[str, Any], name: str) -> bool:
     """The pod carries the annotation `name: "true"`."""
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    return str(annotations.get(name, "")).lower() == "true"
+    return str(_annotations(pod).get(name, "")).lower() == "true"
 
 
 def wants_injection(pod: Mapping[str, Any]) -> bool:
@@ -54,16 +57,15 @@ class InvalidAnnotation(ValueError):
 
 
 def _busy_poll_us(pod: Mapping[str, Any]) -> str | None:
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    raw = annotations.get(BUSY_POLL_ANNOTATION)
+    raw = _annotations(pod).get(BUSY_POLL_ANNOTATION)
     if raw is None:
         return None
-    value = str(raw).strip()
-    if not value.isdigit() or int(value) > MAX_WINDOW_US:
+    try:  # the sidecar's own rule for TOLLGATE_BUSY_POLL_US
+        return str(window_us(str(raw)))
+    except ValueError:
         raise InvalidAnnotation(
             f"annotation {BUSY_POLL_ANNOTATION}: {raw!r} is not a whole number of "
-            f"microseconds from 0 to {MAX_WINDOW_US}")
-    return str(int(value))
+            f"microseconds from 0 to {MAX_WINDOW_US}") from None
 
 
 def _sidecars(cfg: SidecarConfig, passthrough: bool = False,
